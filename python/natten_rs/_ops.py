@@ -1,0 +1,222 @@
+"""torch.library custom ops over the Rust core: forward and backward ops, fakes, autograd.
+
+Layouts (unfused ops, heads-first): tokens ``[B, heads, *spatial, D]``; attention weights
+``[B, heads, *spatial, prod(kernel_size) + n_extra]``; additional tokens ``[B, heads, n_extra, D]``;
+rpb ``[heads, 2*K0-1, ...]``. Every argument is already in its normal form here: one int/bool per
+spatial axis. Validation happens in Rust; this module only allocates outputs and wires autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from . import _core
+
+
+def dlpack(t: Optional[Tensor]):
+    """A DLPack capsule lending ``t``'s memory (no copy), or None."""
+    if t is None:
+        return None
+    t = t.detach()
+    try:
+        return t.__dlpack__(max_version=(1, 0))
+    except TypeError:  # torch without versioned DLPack
+        return t.__dlpack__()
+
+
+def _empty_like_rows(t: Tensor) -> Tensor:
+    """Placeholder for an absent optional gradient (ops cannot return None)."""
+    return t.new_empty(0)
+
+
+def _extra_count(extra: Optional[Tensor]) -> int:
+    return 0 if extra is None else extra.shape[-2]
+
+
+def _attn_shape(query: Tensor, kernel_size: List[int], extra: Optional[Tensor]) -> list:
+    return [*query.shape[:-1], math.prod(kernel_size) + _extra_count(extra)]
+
+
+def _rpb_shape(query: Tensor, kernel_size: List[int]) -> list:
+    return [query.shape[1], *(2 * k - 1 for k in kernel_size)]
+
+
+# --- qk ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("natten_rs::na_qk", mutates_args=())
+def na_qk(
+    query: Tensor,
+    key: Tensor,
+    rpb: Optional[Tensor],
+    additional_keys: Optional[Tensor],
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tensor:
+    """Neighborhood logits ``attn[..., slot] = query . key[neighbor(slot)] (+ rpb)``."""
+    params = (kernel_size, dilation, is_causal)
+    inputs = (dlpack(query), dlpack(key), dlpack(rpb), dlpack(additional_keys))
+    attn = query.new_empty(_core.qk_output_shape(*inputs, *params))
+    _core.na_qk(*inputs, dlpack(attn), *params)
+    return attn
+
+
+@na_qk.register_fake
+def _(query, key, rpb, additional_keys, kernel_size, dilation, is_causal):
+    return query.new_empty(_attn_shape(query, kernel_size, additional_keys))
+
+
+@torch.library.custom_op("natten_rs::na_qk_backward", mutates_args=())
+def na_qk_backward(
+    d_attn: Tensor,
+    query: Tensor,
+    key: Tensor,
+    additional_keys: Optional[Tensor],
+    with_rpb: bool,
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(d_query, d_key, d_rpb, d_additional_keys)``; absent ones are empty tensors."""
+    d_query, d_key, d_rpb, d_extra = _qk_grads(query, key, additional_keys, with_rpb, kernel_size)
+    _core.na_qk_backward(
+        dlpack(d_attn),
+        dlpack(query),
+        dlpack(key),
+        dlpack(additional_keys),
+        dlpack(d_query),
+        dlpack(d_key),
+        dlpack(d_rpb) if with_rpb else None,
+        dlpack(d_extra) if additional_keys is not None else None,
+        kernel_size,
+        dilation,
+        is_causal,
+    )
+    return d_query, d_key, d_rpb, d_extra
+
+
+def _qk_grads(query, key, additional_keys, with_rpb, kernel_size):
+    d_rpb = query.new_empty(_rpb_shape(query, kernel_size)) if with_rpb else _empty_like_rows(query)
+    extra = _empty_like_rows(query) if additional_keys is None else torch.empty_like(
+        additional_keys, memory_format=torch.contiguous_format
+    )
+    contiguous = torch.contiguous_format
+    d_query = torch.empty_like(query, memory_format=contiguous)
+    return d_query, torch.empty_like(key, memory_format=contiguous), d_rpb, extra
+
+
+@na_qk_backward.register_fake
+def _(d_attn, query, key, additional_keys, with_rpb, kernel_size, dilation, is_causal):
+    return _qk_grads(query, key, additional_keys, with_rpb, kernel_size)
+
+
+def _qk_setup(ctx, inputs, output):
+    query, key, rpb, additional_keys, kernel_size, dilation, is_causal = inputs
+    ctx.save_for_backward(query, key, additional_keys)
+    ctx.with_rpb = rpb is not None
+    ctx.params = (kernel_size, dilation, is_causal)
+
+
+def _qk_backward(ctx, d_attn):
+    query, key, additional_keys = ctx.saved_tensors
+    d_query, d_key, d_rpb, d_extra = na_qk_backward(
+        d_attn, query, key, additional_keys, ctx.with_rpb, *ctx.params
+    )
+    return (
+        d_query,
+        d_key,
+        d_rpb if ctx.with_rpb else None,
+        d_extra if additional_keys is not None else None,
+        None,
+        None,
+        None,
+    )
+
+
+na_qk.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+# --- av ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("natten_rs::na_av", mutates_args=())
+def na_av(
+    attn: Tensor,
+    value: Tensor,
+    additional_values: Optional[Tensor],
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> Tensor:
+    """Neighborhood weighted sum ``out = sum_slot attn[..., slot] value[neighbor(slot)]``."""
+    params = (kernel_size, dilation, is_causal)
+    inputs = (dlpack(attn), dlpack(value), dlpack(additional_values))
+    out = value.new_empty(_core.av_output_shape(*inputs, *params))
+    _core.na_av(*inputs, dlpack(out), *params)
+    return out
+
+
+@na_av.register_fake
+def _(attn, value, additional_values, kernel_size, dilation, is_causal):
+    return torch.empty_like(value, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("natten_rs::na_av_backward", mutates_args=())
+def na_av_backward(
+    d_out: Tensor,
+    attn: Tensor,
+    value: Tensor,
+    additional_values: Optional[Tensor],
+    kernel_size: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(d_attn, d_value, d_additional_values)``; the last is empty when absent."""
+    d_attn, d_value, d_extra = _av_grads(attn, value, additional_values)
+    _core.na_av_backward(
+        dlpack(d_out),
+        dlpack(attn),
+        dlpack(value),
+        dlpack(additional_values),
+        dlpack(d_attn),
+        dlpack(d_value),
+        dlpack(d_extra) if additional_values is not None else None,
+        kernel_size,
+        dilation,
+        is_causal,
+    )
+    return d_attn, d_value, d_extra
+
+
+def _av_grads(attn, value, additional_values):
+    contiguous = torch.contiguous_format
+    extra = _empty_like_rows(value) if additional_values is None else torch.empty_like(
+        additional_values, memory_format=contiguous
+    )
+    d_attn = torch.empty_like(attn, memory_format=contiguous)
+    return d_attn, torch.empty_like(value, memory_format=contiguous), extra
+
+
+@na_av_backward.register_fake
+def _(d_out, attn, value, additional_values, kernel_size, dilation, is_causal):
+    return _av_grads(attn, value, additional_values)
+
+
+def _av_setup(ctx, inputs, output):
+    attn, value, additional_values, kernel_size, dilation, is_causal = inputs
+    ctx.save_for_backward(attn, value, additional_values)
+    ctx.params = (kernel_size, dilation, is_causal)
+
+
+def _av_backward(ctx, d_out):
+    attn, value, additional_values = ctx.saved_tensors
+    d_attn, d_value, d_extra = na_av_backward(d_out, attn, value, additional_values, *ctx.params)
+    return d_attn, d_value, d_extra if additional_values is not None else None, None, None, None
+
+
+na_av.register_autograd(_av_backward, setup_context=_av_setup)

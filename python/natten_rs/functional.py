@@ -1,0 +1,199 @@
+"""Neighborhood attention ops under NATTEN's names.
+
+Unfused (legacy) ops, heads-first layout:
+  * ``query``, ``key``, ``value``: ``[B, heads, *spatial, D]`` (any strides, e.g. permuted views)
+  * ``attn``: ``[B, heads, *spatial, prod(kernel_size) + n_extra]``; ``qk`` returns raw logits
+    (no scale, no softmax) with ``-inf`` in the empty slots of causal windows
+  * ``rpb``: ``[heads, 2*K0-1 (, 2*K1-1 (, 2*K2-1))]``
+  * ``additional_keys`` / ``additional_values``: ``[B, heads, n_extra, D]``
+
+``kernel_size`` and ``dilation`` take an int (every axis) or one int per axis; ``is_causal`` a
+bool or one bool per axis. This module only brings arguments to that per-axis form; every value
+rule is checked by the Rust core.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+
+from torch import Tensor
+
+from . import _ops
+
+IntOrInts = Union[int, Sequence[int]]
+BoolOrBools = Union[bool, Sequence[bool]]
+
+__all__ = [
+    *(f"na{r}d_{op}" for r in (1, 2, 3) for op in ("qk", "av", "qk_with_bias")),
+    *(f"natten{r}d{op}" for r in (1, 2, 3) for op in ("qkrpb", "qk", "av")),
+]
+
+
+def per_axis(name: str, value, rank: int, kind: type) -> list:
+    """``value`` as a list of ``rank`` items of ``kind`` (an int or bool repeats)."""
+    if _is(value, kind):
+        return [kind(value)] * rank
+    if not isinstance(value, (tuple, list)) or not all(_is(v, kind) for v in value):
+        expected = f"{kind.__name__} or a tuple of {rank} {kind.__name__}s"
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if len(value) != rank:
+        raise ValueError(f"{name}: expected {rank} values (one per spatial axis), got {len(value)}")
+    return [kind(v) for v in value]
+
+
+def _is(value, kind: type) -> bool:
+    # bool is an int in Python; refuse it where an int is meant.
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def tensor_arg(name: str, value, optional: bool = False) -> Optional[Tensor]:
+    """Check that ``value`` is a tensor (or None where allowed)."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, Tensor):
+        expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    return value
+
+
+def _neighborhood(rank: int, kernel_size, dilation, is_causal) -> tuple[list, list, list]:
+    return (
+        per_axis("kernel_size", kernel_size, rank, int),
+        per_axis("dilation", 1 if dilation is None else dilation, rank, int),
+        per_axis("is_causal", False if is_causal is None else is_causal, rank, bool),
+    )
+
+
+def _qk(rank, query, key, kernel_size, dilation, additional_keys, is_causal, rpb) -> Tensor:
+    return _ops.na_qk(
+        tensor_arg("query", query),
+        tensor_arg("key", key),
+        tensor_arg("rpb", rpb, optional=True),
+        tensor_arg("additional_keys", additional_keys, optional=True),
+        *_neighborhood(rank, kernel_size, dilation, is_causal),
+    )
+
+
+def _av(rank, attn, value, kernel_size, dilation, additional_values, is_causal) -> Tensor:
+    return _ops.na_av(
+        tensor_arg("attn", attn),
+        tensor_arg("value", value),
+        tensor_arg("additional_values", additional_values, optional=True),
+        *_neighborhood(rank, kernel_size, dilation, is_causal),
+    )
+
+
+def na1d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """1-D neighborhood logits: ``[B, heads, L, D] x [B, heads, L, D] -> [B, heads, L, K+n]``."""
+    return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """2-D neighborhood logits: ``[B, heads, H, W, D] -> [B, heads, H, W, K0*K1+n]``."""
+    return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na3d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
+            rpb: Optional[Tensor] = None) -> Tensor:
+    """3-D neighborhood logits: ``[B, heads, T, H, W, D] -> [B, heads, T, H, W, K0*K1*K2+n]``."""
+    return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
+
+
+def na1d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_values: Optional[Tensor] = None,
+            is_causal: BoolOrBools = False) -> Tensor:
+    """1-D neighborhood weighted sum: ``[B, heads, L, K+n] x [B, heads, L, D] -> [B, heads, L, D]``."""
+    return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_values: Optional[Tensor] = None,
+            is_causal: BoolOrBools = False) -> Tensor:
+    """2-D neighborhood weighted sum: ``[B, heads, H, W, K0*K1+n] -> [B, heads, H, W, D]``."""
+    return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+def na3d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
+            additional_values: Optional[Tensor] = None,
+            is_causal: BoolOrBools = False) -> Tensor:
+    """3-D neighborhood weighted sum: ``[B, heads, T, H, W, K0*K1*K2+n] -> [B, heads, T, H, W, D]``."""
+    return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal)
+
+
+# NATTEN 0.15 names: the bias comes third, positionally.
+def na1d_qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
+    """``na1d_qk`` with ``rpb=bias``."""
+    return na1d_qk(query, key, kernel_size, dilation, additional_keys, rpb=bias)
+
+
+def na2d_qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
+    """``na2d_qk`` with ``rpb=bias``."""
+    return na2d_qk(query, key, kernel_size, dilation, additional_keys, rpb=bias)
+
+
+def na3d_qk_with_bias(query, key, bias, kernel_size, dilation, additional_keys=None):
+    """``na3d_qk`` with ``rpb=bias``."""
+    return na3d_qk(query, key, kernel_size, dilation, additional_keys, rpb=bias)
+
+
+# NATTEN 0.14 - 0.17.4 names: positional, one int for every axis (3-D: depth given apart).
+def natten1dqkrpb(query, key, rpb, kernel_size, dilation):
+    """``na1d_qk(query, key, kernel_size, dilation, rpb=rpb)``; ``rpb`` may be None."""
+    return na1d_qk(query, key, kernel_size, dilation, rpb=rpb)
+
+
+def natten1dqk(query, key, kernel_size, dilation):
+    """``na1d_qk`` without bias."""
+    return na1d_qk(query, key, kernel_size, dilation)
+
+
+def natten1dav(attn, value, kernel_size, dilation):
+    """``na1d_av``."""
+    return na1d_av(attn, value, kernel_size, dilation)
+
+
+def natten2dqkrpb(query, key, rpb, kernel_size, dilation):
+    """``na2d_qk(query, key, kernel_size, dilation, rpb=rpb)``; ``rpb`` may be None."""
+    return na2d_qk(query, key, kernel_size, dilation, rpb=rpb)
+
+
+def natten2dqk(query, key, kernel_size, dilation):
+    """``na2d_qk`` without bias."""
+    return na2d_qk(query, key, kernel_size, dilation)
+
+
+def natten2dav(attn, value, kernel_size, dilation):
+    """``na2d_av``."""
+    return na2d_av(attn, value, kernel_size, dilation)
+
+
+def natten3dqkrpb(query, key, rpb, kernel_size_d, kernel_size, dilation_d, dilation):
+    """``na3d_qk`` with kernel ``(kernel_size_d, kernel_size, kernel_size)``, same for dilation."""
+    return na3d_qk(query, key, _depth_first(kernel_size_d, kernel_size),
+                   _depth_first(dilation_d, dilation), rpb=rpb)
+
+
+def natten3dqk(query, key, kernel_size_d, kernel_size, dilation_d, dilation):
+    """``natten3dqkrpb`` without bias."""
+    return natten3dqkrpb(query, key, None, kernel_size_d, kernel_size, dilation_d, dilation)
+
+
+def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
+    """``na3d_av`` with kernel ``(kernel_size_d, kernel_size, kernel_size)``, same for dilation."""
+    return na3d_av(attn, value, _depth_first(kernel_size_d, kernel_size),
+                   _depth_first(dilation_d, dilation))
+
+
+def _depth_first(depth, plane):
+    # 3-D legacy ops take the depth size apart and one int for both planar axes.
+    return (depth, plane, plane) if _is(depth, int) and _is(plane, int) else (depth, plane)
+
+

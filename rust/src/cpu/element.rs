@@ -1,0 +1,151 @@
+//! Element types and the row operations every CPU kernel is built from. Half types are widened
+//! to `f32` as they are read; every sum runs in the accumulator type.
+
+use std::ops::{Add, AddAssign, Mul};
+
+use half::{bf16, f16};
+
+/// The type sums are carried in: `f32`, or `f64` for `f64` tensors.
+pub trait Accum:
+    Copy + Send + Sync + Add<Output = Self> + Mul<Output = Self> + AddAssign + 'static
+{
+    /// Additive identity.
+    const ZERO: Self;
+    /// Logit of a masked slot.
+    const NEG_INF: Self;
+}
+
+impl Accum for f32 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f32::NEG_INFINITY;
+}
+
+impl Accum for f64 {
+    const ZERO: Self = 0.0;
+    const NEG_INF: Self = f64::NEG_INFINITY;
+}
+
+/// A tensor element type the kernels compute with.
+pub trait Element: Copy + Send + Sync + 'static {
+    /// Accumulator type.
+    type Acc: Accum;
+    /// Widen to the accumulator.
+    fn to_acc(self) -> Self::Acc;
+    /// Round from the accumulator.
+    fn from_acc(a: Self::Acc) -> Self;
+}
+
+impl Element for f32 {
+    type Acc = f32;
+    fn to_acc(self) -> f32 {
+        self
+    }
+    fn from_acc(a: f32) -> Self {
+        a
+    }
+}
+
+impl Element for f64 {
+    type Acc = f64;
+    fn to_acc(self) -> f64 {
+        self
+    }
+    fn from_acc(a: f64) -> Self {
+        a
+    }
+}
+
+impl Element for f16 {
+    type Acc = f32;
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_acc(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+impl Element for bf16 {
+    type Acc = f32;
+    fn to_acc(self) -> f32 {
+        self.to_f32()
+    }
+    fn from_acc(a: f32) -> Self {
+        bf16::from_f32(a)
+    }
+}
+
+/// Independent partial sums per dot product: lets the compiler keep a vector register of
+/// them without reassociating a single float sum (which it may not do on its own).
+const LANES: usize = 8;
+
+/// Read `dst.len()` elements at `src`, `stride` apart, widened.
+///
+/// # Safety
+/// `src + n * stride` must be readable for every `n < dst.len()`.
+pub unsafe fn load<T: Element>(dst: &mut [T::Acc], src: *const T, stride: isize) {
+    for (n, d) in dst.iter_mut().enumerate() {
+        // SAFETY: in bounds by the caller's contract.
+        *d = unsafe { *src.offset(n as isize * stride) }.to_acc();
+    }
+}
+
+/// `sum_n a[n] * b[n * stride]`.
+///
+/// # Safety
+/// `b + n * stride` must be readable for every `n < a.len()`.
+pub unsafe fn dot<T: Element>(a: &[T::Acc], b: *const T, stride: isize) -> T::Acc {
+    if stride != 1 {
+        let mut sum = T::Acc::ZERO;
+        for (n, &x) in a.iter().enumerate() {
+            // SAFETY: in bounds by the caller's contract.
+            sum += x * unsafe { *b.offset(n as isize * stride) }.to_acc();
+        }
+        return sum;
+    }
+    // SAFETY: stride 1, so the caller's contract makes `a.len()` elements readable.
+    let b = unsafe { std::slice::from_raw_parts(b, a.len()) };
+    let mut lanes = [T::Acc::ZERO; LANES];
+    let (a_body, a_tail) = a.split_at(a.len() - a.len() % LANES);
+    let (b_body, b_tail) = b.split_at(a_body.len());
+    for (ca, cb) in a_body.chunks_exact(LANES).zip(b_body.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] += ca[l] * cb[l].to_acc();
+        }
+    }
+    for (&x, &y) in a_tail.iter().zip(b_tail) {
+        lanes[0] += x * y.to_acc();
+    }
+    lanes.iter().fold(T::Acc::ZERO, |s, &x| s + x)
+}
+
+/// `acc[n] += w * b[n * stride]`.
+///
+/// # Safety
+/// `b + n * stride` must be readable for every `n < acc.len()`.
+pub unsafe fn axpy<T: Element>(acc: &mut [T::Acc], w: T::Acc, b: *const T, stride: isize) {
+    if stride == 1 {
+        // SAFETY: stride 1, so the caller's contract makes `acc.len()` elements readable.
+        let b = unsafe { std::slice::from_raw_parts(b, acc.len()) };
+        for (s, &x) in acc.iter_mut().zip(b) {
+            *s += w * x.to_acc();
+        }
+        return;
+    }
+    for (n, s) in acc.iter_mut().enumerate() {
+        // SAFETY: in bounds by the caller's contract.
+        *s += w * unsafe { *b.offset(n as isize * stride) }.to_acc();
+    }
+}
+
+/// Write `src` rounded to `dst`, `stride` apart.
+///
+/// # Safety
+/// `dst + n * stride` must be writable for every `n < src.len()`, and no other thread may
+/// access those elements meanwhile.
+pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
+    for (n, &x) in src.iter().enumerate() {
+        // SAFETY: in bounds and exclusive by the caller's contract.
+        unsafe { *dst.offset(n as isize * stride) = T::from_acc(x) };
+    }
+}

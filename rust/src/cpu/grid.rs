@@ -1,0 +1,143 @@
+//! The token grid of a problem with its forward and inverse windows precomputed, and the
+//! parallel loop over `(batch, head, token)` rows that every CPU kernel runs in.
+
+use rayon::prelude::*;
+
+use crate::problem::Problem;
+use crate::window::{Axis, Span};
+
+/// Rows handed to one rayon task at least: enough work to amortise scheduling.
+const MIN_ROWS_PER_TASK: usize = 16;
+
+/// Windows of every position on the three (padded) axes.
+pub struct Grid {
+    /// The axes.
+    pub axes: [Axis; 3],
+    forward: [Vec<Span>; 3],
+    inverse: [Vec<Span>; 3],
+    /// Batch size.
+    pub batch: usize,
+    /// Heads.
+    pub heads: usize,
+    /// Channels of the rows a kernel sums.
+    pub dim: usize,
+    /// Window slots per query (product of the kernel sizes).
+    pub slots: usize,
+    /// Additional tokens after the window slots.
+    pub extra: usize,
+}
+
+/// A `(batch, head, token)` row.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    /// Batch index.
+    pub b: usize,
+    /// Head index.
+    pub h: usize,
+    /// Spatial coordinates on the three axes.
+    pub x: [usize; 3],
+}
+
+impl Grid {
+    /// Precompute the windows of `p`.
+    pub fn new(p: &Problem) -> Grid {
+        Grid {
+            axes: p.axes,
+            forward: p.axes.map(|a| a.windows()),
+            inverse: p.axes.map(|a| a.inverse_windows()),
+            batch: p.batch,
+            heads: p.heads,
+            dim: p.dim,
+            slots: p.slots(),
+            extra: p.extra,
+        }
+    }
+
+    /// Number of `(batch, head, token)` rows.
+    pub fn rows(&self) -> usize {
+        self.batch * self.heads * self.tokens()
+    }
+
+    /// Tokens per batch and head.
+    pub fn tokens(&self) -> usize {
+        self.axes.iter().map(|a| a.length).product()
+    }
+
+    /// Row number `r` of the flattened `(batch, head, token)` space, token row-major.
+    pub fn row(&self, r: usize) -> Row {
+        let [_, l1, l2] = self.axes.map(|a| a.length);
+        let (bh, n) = (r / self.tokens(), r % self.tokens());
+        Row {
+            b: bh / self.heads,
+            h: bh % self.heads,
+            x: [n / (l1 * l2), (n / l2) % l1, n % l2],
+        }
+    }
+
+    /// Keys seen by the query at `x`, per axis.
+    pub fn window(&self, x: [usize; 3]) -> [Span; 3] {
+        [0, 1, 2].map(|a| self.forward[a][x[a]])
+    }
+
+    /// Queries that see the key at `y`, per axis.
+    pub fn inverse(&self, y: [usize; 3]) -> [Span; 3] {
+        [0, 1, 2].map(|a| self.inverse[a][y[a]])
+    }
+
+    /// Calls `f(slot, key)` for every slot of the window of the query at `x`, row-major over the
+    /// kernel; `key` is `None` for slots past a causal window's end.
+    pub fn for_each_slot(&self, x: [usize; 3], mut f: impl FnMut(usize, Option<[usize; 3]>)) {
+        let w = self.window(x);
+        let [k0, k1, k2] = self.axes.map(|a| a.kernel);
+        let d = self.axes.map(|a| a.dilation);
+        for s0 in 0..k0 {
+            for s1 in 0..k1 {
+                for s2 in 0..k2 {
+                    let slot = (s0 * k1 + s1) * k2 + s2;
+                    let valid = s0 < w[0].count && s1 < w[1].count && s2 < w[2].count;
+                    let key = [
+                        w[0].first + s0 * d[0],
+                        w[1].first + s1 * d[1],
+                        w[2].first + s2 * d[2],
+                    ];
+                    f(slot, valid.then_some(key));
+                }
+            }
+        }
+    }
+
+    /// Calls `f(query, slot)` for every query whose window holds the key at `y`, with the slot
+    /// that key occupies in that query's window.
+    pub fn for_each_query_of(&self, y: [usize; 3], mut f: impl FnMut([usize; 3], usize)) {
+        let inv = self.inverse(y);
+        let [_, k1, k2] = self.axes.map(|a| a.kernel);
+        let d = self.axes.map(|a| a.dilation);
+        for n0 in 0..inv[0].count {
+            let x0 = inv[0].first + n0 * d[0];
+            let s0 = (y[0] - self.forward[0][x0].first) / d[0];
+            for n1 in 0..inv[1].count {
+                let x1 = inv[1].first + n1 * d[1];
+                let s1 = (y[1] - self.forward[1][x1].first) / d[1];
+                for n2 in 0..inv[2].count {
+                    let x2 = inv[2].first + n2 * d[2];
+                    let s2 = (y[2] - self.forward[2][x2].first) / d[2];
+                    f([x0, x1, x2], (s0 * k1 + s1) * k2 + s2);
+                }
+            }
+        }
+    }
+}
+
+/// Run `f(row, scratch)` for rows `0..rows` in parallel; `scratch` is a per-task buffer of
+/// `width` accumulators that `f` may overwrite.
+pub fn par_rows<A: Copy + Send + Sync>(
+    rows: usize,
+    width: usize,
+    zero: A,
+    f: impl Fn(usize, &mut [A]) + Sync + Send,
+) {
+    (0..rows)
+        .into_par_iter()
+        .with_min_len(MIN_ROWS_PER_TASK)
+        .for_each_init(|| vec![zero; width], |scratch, r| f(r, scratch));
+}

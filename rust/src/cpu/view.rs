@@ -1,0 +1,81 @@
+//! Strided views of borrowed tensors in the kernels' logical index order. Indexing by strides is
+//! what lets permuted torch views (heads-first or heads-last) in without a copy.
+
+use crate::dlpack::TensorRef;
+
+/// A tensor viewed as `N` logical axes with element strides.
+pub struct View<T, const N: usize> {
+    ptr: *mut T,
+    strides: [isize; N],
+}
+
+impl<T, const N: usize> Clone for View<T, N> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T, const N: usize> Copy for View<T, N> {}
+
+// SAFETY: a view is an address plus strides. Kernels only read inputs, and write each output
+// element from exactly one task; `Problem::expect_output` rules out outputs aliasing inputs.
+unsafe impl<T, const N: usize> Send for View<T, N> {}
+// SAFETY: as above.
+unsafe impl<T, const N: usize> Sync for View<T, N> {}
+
+impl<T, const N: usize> View<T, N> {
+    /// View `t`, whose last `tail` axes map to the last `tail` logical axes and whose leading
+    /// `lead` axes map to the first ones; the logical axes between (rank padding) get stride 0.
+    pub fn new(t: &TensorRef, lead: usize) -> Self {
+        let mut strides = [0isize; N];
+        let tail = t.strides.len() - lead;
+        strides[..lead].copy_from_slice(&t.strides[..lead]);
+        strides[N - tail..].copy_from_slice(&t.strides[lead..]);
+        View {
+            ptr: t.data as *mut T,
+            strides,
+        }
+    }
+
+    /// Stride of the last logical axis.
+    pub fn inner_stride(&self) -> isize {
+        self.strides[N - 1]
+    }
+
+    /// Address of the element at `index`.
+    ///
+    /// # Safety
+    /// `index` must be within the validated shape of the viewed tensor.
+    pub unsafe fn at(&self, index: [usize; N]) -> *mut T {
+        let offset: isize = index
+            .iter()
+            .zip(&self.strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
+        // SAFETY: an in-shape index lands inside the tensor's memory.
+        unsafe { self.ptr.offset(offset) }
+    }
+}
+
+/// Token tensors `[batch, heads, s0, s1, s2, channel]` (queries, keys, values, attention weights
+/// with channel = window slot, and their gradients).
+pub type Tokens<T> = View<T, 6>;
+/// Additional tokens `[batch, heads, n, channel]`.
+pub type Extras<T> = View<T, 4>;
+/// Relative positional bias `[heads, r0, r1, r2]`.
+pub type Bias<T> = View<T, 4>;
+
+/// View a heads-first token tensor `[B, heads, *spatial, C]` of any rank.
+pub fn tokens<T>(t: &TensorRef) -> Tokens<T> {
+    View::new(t, 2)
+}
+
+/// View an additional-token tensor `[B, heads, n, C]`.
+pub fn extras<T>(t: &TensorRef) -> Extras<T> {
+    View::new(t, 4)
+}
+
+/// View a bias tensor `[heads, 2K-1, ...]` of any rank.
+pub fn bias<T>(t: &TensorRef) -> Bias<T> {
+    View::new(t, 1)
+}
