@@ -1,0 +1,121 @@
+"""Run a neighborhood-attention problem through natten_rs and through the dense reference.
+
+``python -m natten_rs.profiler`` runs the default problem (2-D, B=8, heads=2, 56x56, head_dim=32,
+kernel 7, dilations 1 and 4) through natten_rs's unfused ops (qk -> softmax -> av), checks that
+the result agrees with the dense PyTorch reference, and prints a table of times, speed-ups and
+errors. Exit status 1 when a result disagrees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from . import functional, reference
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
+# Largest max-abs error, relative to the output's scale, accepted per dtype.
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m natten_rs.profiler", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--size", type=int, nargs="+", default=[56, 56],
+                   help="spatial shape, 1 to 3 axes (default 56 56)")
+    p.add_argument("--dim", type=int, default=32, help="head dim")
+    p.add_argument("--kernel", type=int, default=7)
+    p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs of natten_rs (best taken)")
+    return p.parse_args(argv)
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, in seconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def natten_rs_attention(q, k, v, kernel, dilation, causal):
+    """Neighborhood attention through the unfused ops: heads-first ``[B, heads, *spatial, D]``."""
+    rank = q.dim() - 3
+    qk = getattr(functional, f"na{rank}d_qk")
+    av = getattr(functional, f"na{rank}d_av")
+    attn = qk(q * q.shape[-1] ** -0.5, k, kernel, dilation, is_causal=causal)
+    return av(attn.softmax(-1), v, kernel, dilation, is_causal=causal)
+
+
+def reference_attention(q, k, v, kernel, dilation, causal):
+    """The same through the dense oracle (heads-last, float64 inside)."""
+    def heads_last(t):
+        return t.movedim(1, -2)
+    out = reference.na(heads_last(q), heads_last(k), heads_last(v), kernel, dilation=dilation,
+                       is_causal=causal)
+    return out.movedim(-2, 1)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    gen = torch.Generator().manual_seed(0)
+    shape = (args.batch, args.heads, *args.size, args.dim)
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
+    rows = []
+    for dilation in args.dilations:
+        def ours():
+            return natten_rs_attention(q, k, v, args.kernel, dilation, args.causal)
+
+        def dense():
+            return reference_attention(q, k, v, args.kernel, dilation, args.causal)
+
+        with torch.no_grad():
+            t_ours = best_time(ours, args.repeats)
+            t_ref = best_time(dense, 1)
+            expected = dense().double()
+            error = (ours().double() - expected).abs().max().item()
+        scale = max(expected.abs().max().item(), 1.0)
+        rows.append({"dilation": dilation, "natten_rs": t_ours, "reference": t_ref,
+                     "error": error, "ok": error <= TOLERANCE[dtype] * scale})
+    return rows
+
+
+def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
+    tokens = math.prod(args.size)
+    print(f"problem: {len(args.size)}-D {'x'.join(map(str, args.size))} ({tokens} tokens), "
+          f"B={args.batch}, heads={args.heads}, head_dim={args.dim}, kernel={args.kernel}, "
+          f"causal={args.causal}, {args.dtype}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("natten_rs: unfused qk -> softmax -> av; reference: dense masked attention (float64)")
+    header = f"{'dilation':>8} {'natten_rs ms':>13} {'reference ms':>13} {'speed-up':>9} " \
+             f"{'max error':>10}  agree"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['dilation']:>8} {r['natten_rs'] * 1e3:>13.2f} {r['reference'] * 1e3:>13.1f} "
+              f"{r['reference'] / r['natten_rs']:>8.1f}x {r['error']:>10.2e}  "
+              f"{'yes' if r['ok'] else 'NO'}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rows = run(args)
+    print_table(args, rows)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
