@@ -1,0 +1,79 @@
+"""The torch surface: custom ops pass torch.library.opcheck, trace under torch.compile, and
+report errors with the right exception classes."""
+
+import pytest
+import torch
+
+import natten_rs
+from natten_rs import _ops
+from natten_rs.functional import na1d_qk, na2d_av, na2d_qk
+
+
+def tensors(*shape, dtype=torch.float64, grad=True):
+    return torch.randn(*shape, dtype=dtype, requires_grad=grad)
+
+
+def qk_cases():
+    q, k = tensors(2, 2, 7, 6, 4), tensors(2, 2, 7, 6, 4)
+    rpb, extra = tensors(2, 5, 5), tensors(2, 2, 3, 4)
+    yield "plain", (q, k, None, None, [3, 3], [2, 1], [False, False])
+    yield "rpb+extra", (q, k, rpb, extra, [3, 3], [1, 2], [False, False])
+    yield "causal", (q, k, None, None, [3, 3], [1, 1], [True, False])
+
+
+def av_cases():
+    v, extra = tensors(2, 2, 7, 6, 4), tensors(2, 2, 3, 4)
+    yield "plain", (tensors(2, 2, 7, 6, 9).softmax(-1), v, None, [3, 3], [2, 1], [False, False])
+    yield "extra", (tensors(2, 2, 7, 6, 12), v, extra, [3, 3], [1, 1], [False, True])
+
+
+@pytest.mark.parametrize("name,args", list(qk_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck_qk(name, args):
+    torch.library.opcheck(_ops.na_qk, args)
+
+
+@pytest.mark.parametrize("name,args", list(av_cases()), ids=lambda x: x if isinstance(x, str) else "")
+def test_opcheck_av(name, args):
+    torch.library.opcheck(_ops.na_av, args)
+
+
+def test_opcheck_backward_ops():
+    # The backward ops have no autograd formula of their own (no double backward).
+    q, k = tensors(1, 2, 6, 5, 4, grad=False), tensors(1, 2, 6, 5, 4, grad=False)
+    extra = tensors(1, 2, 2, 4, grad=False)
+    params = ([3, 3], [1, 1], [False, True])
+    d_attn = tensors(1, 2, 6, 5, 11, grad=False)
+    torch.library.opcheck(_ops.na_qk_backward, (d_attn, q, k, extra, True, *params))
+    attn, v = tensors(1, 2, 6, 5, 11, grad=False), tensors(1, 2, 6, 5, 4, grad=False)
+    d_out = tensors(1, 2, 6, 5, 4, grad=False)
+    torch.library.opcheck(_ops.na_av_backward, (d_out, attn, v, extra, *params))
+
+
+def block(q, k, v, rpb):
+    attn = na2d_qk(q * q.shape[-1] ** -0.5, k, 3, (1, 2), rpb=rpb).softmax(-1)
+    return na2d_av(attn, v, 3, (1, 2))
+
+
+def test_compile_fullgraph_matches_eager_forward_and_backward():
+    inputs = [tensors(2, 2, 8, 9, 4, dtype=torch.float32) for _ in range(3)]
+    inputs.append(tensors(2, 5, 5, dtype=torch.float32))
+    eager_out = block(*inputs)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), inputs)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(*inputs)
+    grads = torch.autograd.grad(out.square().sum(), inputs)
+    torch.testing.assert_close(out, eager_out)
+    for g, e in zip(grads, eager_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_kernel_error_is_a_runtime_error():
+    assert issubclass(natten_rs.KernelError, RuntimeError)
+
+
+def test_errors_raised_inside_the_op_keep_their_class():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(ValueError, match="kernel_size"):
+        na1d_qk(q, q, 4)
+    with pytest.raises(TypeError, match="kernel_size"):
+        na1d_qk(q, q, "3")
