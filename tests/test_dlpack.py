@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from natten_rs import _core
 from natten_rs._ops import dlpack
 from natten_rs.functional import na2d_av, na2d_qk
+from torch.profiler import ProfilerActivity, profile
 
 COPY_OPS = {"aten::copy_", "aten::clone", "aten::contiguous", "aten::to", "aten::_to_copy"}
 
@@ -89,7 +88,9 @@ def test_core_rejects_outputs_that_alias_inputs():
     q_alias.copy_(q)
     out = storage[: torch.Size(shape).numel()].view(shape)
     with pytest.raises(ValueError, match="attn"):
-        _core.na_qk(dlpack(q_alias), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2)
+        _core.na_qk(
+            dlpack(q_alias), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2
+        )
 
 
 def test_core_rejects_non_contiguous_outputs():

@@ -1,10 +1,9 @@
 """The torch surface: custom ops pass torch.library.opcheck, trace under torch.compile, and
 report errors with the right exception classes."""
 
+import natten_rs
 import pytest
 import torch
-
-import natten_rs
 from natten_rs import _ops
 from natten_rs.functional import na1d_qk, na2d_av, na2d_qk
 
@@ -27,12 +26,16 @@ def av_cases():
     yield "extra", (tensors(2, 2, 7, 6, 12), v, extra, [3, 3], [1, 1], [False, True])
 
 
-@pytest.mark.parametrize("name,args", list(qk_cases()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "name,args", list(qk_cases()), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_opcheck_qk(name, args):
     torch.library.opcheck(_ops.na_qk, args)
 
 
-@pytest.mark.parametrize("name,args", list(av_cases()), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(
+    "name,args", list(av_cases()), ids=lambda x: x if isinstance(x, str) else ""
+)
 def test_opcheck_av(name, args):
     torch.library.opcheck(_ops.na_av, args)
 

@@ -102,8 +102,10 @@ def na_qk_backward(
 
 def _qk_grads(query, key, additional_keys, with_rpb, kernel_size):
     d_rpb = query.new_empty(_rpb_shape(query, kernel_size)) if with_rpb else _empty_like_rows(query)
-    extra = _empty_like_rows(query) if additional_keys is None else torch.empty_like(
-        additional_keys, memory_format=torch.contiguous_format
+    extra = (
+        _empty_like_rows(query)
+        if additional_keys is None
+        else torch.empty_like(additional_keys, memory_format=torch.contiguous_format)
     )
     contiguous = torch.contiguous_format
     d_query = torch.empty_like(query, memory_format=contiguous)
@@ -195,8 +197,10 @@ def na_av_backward(
 
 def _av_grads(attn, value, additional_values):
     contiguous = torch.contiguous_format
-    extra = _empty_like_rows(value) if additional_values is None else torch.empty_like(
-        additional_values, memory_format=contiguous
+    extra = (
+        _empty_like_rows(value)
+        if additional_values is None
+        else torch.empty_like(additional_values, memory_format=contiguous)
     )
     d_attn = torch.empty_like(attn, memory_format=contiguous)
     return d_attn, torch.empty_like(value, memory_format=contiguous), extra

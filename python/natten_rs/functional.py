@@ -14,19 +14,34 @@ rule is checked by the Rust core.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
-
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from . import _ops
 
-IntOrInts = Union[int, Sequence[int]]
-BoolOrBools = Union[bool, Sequence[bool]]
+IntOrInts = int | Sequence[int]
+BoolOrBools = bool | Sequence[bool]
 
 __all__ = [
-    *(f"na{r}d_{op}" for r in (1, 2, 3) for op in ("qk", "av", "qk_with_bias")),
-    *(f"natten{r}d{op}" for r in (1, 2, 3) for op in ("qkrpb", "qk", "av")),
+    "na1d_av",
+    "na1d_qk",
+    "na1d_qk_with_bias",
+    "na2d_av",
+    "na2d_qk",
+    "na2d_qk_with_bias",
+    "na3d_av",
+    "na3d_qk",
+    "na3d_qk_with_bias",
+    "natten1dav",
+    "natten1dqk",
+    "natten1dqkrpb",
+    "natten2dav",
+    "natten2dqk",
+    "natten2dqkrpb",
+    "natten3dav",
+    "natten3dqk",
+    "natten3dqkrpb",
 ]
 
 
@@ -49,7 +64,7 @@ def _is(value, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def tensor_arg(name: str, value, optional: bool = False) -> Optional[Tensor]:
+def tensor_arg(name: str, value, optional: bool = False) -> Tensor | None:
     """Check that ``value`` is a tensor (or None where allowed)."""
     if value is None and optional:
         return None
@@ -86,44 +101,77 @@ def _av(rank, attn, value, kernel_size, dilation, additional_values, is_causal) 
     )
 
 
-def na1d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
+def na1d_qk(
+    query: Tensor,
+    key: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_keys: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+    rpb: Tensor | None = None,
+) -> Tensor:
     """1-D neighborhood logits: ``[B, heads, L, D] x [B, heads, L, D] -> [B, heads, L, K+n]``."""
     return _qk(1, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
-def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
+def na2d_qk(
+    query: Tensor,
+    key: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_keys: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+    rpb: Tensor | None = None,
+) -> Tensor:
     """2-D neighborhood logits: ``[B, heads, H, W, D] -> [B, heads, H, W, K0*K1+n]``."""
     return _qk(2, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
-def na3d_qk(query: Tensor, key: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_keys: Optional[Tensor] = None, is_causal: BoolOrBools = False,
-            rpb: Optional[Tensor] = None) -> Tensor:
+def na3d_qk(
+    query: Tensor,
+    key: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_keys: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+    rpb: Tensor | None = None,
+) -> Tensor:
     """3-D neighborhood logits: ``[B, heads, T, H, W, D] -> [B, heads, T, H, W, K0*K1*K2+n]``."""
     return _qk(3, query, key, kernel_size, dilation, additional_keys, is_causal, rpb)
 
 
-def na1d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_values: Optional[Tensor] = None,
-            is_causal: BoolOrBools = False) -> Tensor:
+def na1d_av(
+    attn: Tensor,
+    value: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_values: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+) -> Tensor:
     """1-D neighborhood weighted sum: ``[B, heads, L, K+n] x [B, heads, L, D] -> [B, heads, L, D]``."""
     return _av(1, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
-def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_values: Optional[Tensor] = None,
-            is_causal: BoolOrBools = False) -> Tensor:
+def na2d_av(
+    attn: Tensor,
+    value: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_values: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+) -> Tensor:
     """2-D neighborhood weighted sum: ``[B, heads, H, W, K0*K1+n] -> [B, heads, H, W, D]``."""
     return _av(2, attn, value, kernel_size, dilation, additional_values, is_causal)
 
 
-def na3d_av(attn: Tensor, value: Tensor, kernel_size: IntOrInts, dilation: IntOrInts = 1,
-            additional_values: Optional[Tensor] = None,
-            is_causal: BoolOrBools = False) -> Tensor:
+def na3d_av(
+    attn: Tensor,
+    value: Tensor,
+    kernel_size: IntOrInts,
+    dilation: IntOrInts = 1,
+    additional_values: Tensor | None = None,
+    is_causal: BoolOrBools = False,
+) -> Tensor:
     """3-D neighborhood weighted sum: ``[B, heads, T, H, W, K0*K1*K2+n] -> [B, heads, T, H, W, D]``."""
     return _av(3, attn, value, kernel_size, dilation, additional_values, is_causal)
 
@@ -177,8 +225,13 @@ def natten2dav(attn, value, kernel_size, dilation):
 
 def natten3dqkrpb(query, key, rpb, kernel_size_d, kernel_size, dilation_d, dilation):
     """``na3d_qk`` with kernel ``(kernel_size_d, kernel_size, kernel_size)``, same for dilation."""
-    return na3d_qk(query, key, _depth_first(kernel_size_d, kernel_size),
-                   _depth_first(dilation_d, dilation), rpb=rpb)
+    return na3d_qk(
+        query,
+        key,
+        _depth_first(kernel_size_d, kernel_size),
+        _depth_first(dilation_d, dilation),
+        rpb=rpb,
+    )
 
 
 def natten3dqk(query, key, kernel_size_d, kernel_size, dilation_d, dilation):
@@ -188,12 +241,11 @@ def natten3dqk(query, key, kernel_size_d, kernel_size, dilation_d, dilation):
 
 def natten3dav(attn, value, kernel_size_d, kernel_size, dilation_d, dilation):
     """``na3d_av`` with kernel ``(kernel_size_d, kernel_size, kernel_size)``, same for dilation."""
-    return na3d_av(attn, value, _depth_first(kernel_size_d, kernel_size),
-                   _depth_first(dilation_d, dilation))
+    return na3d_av(
+        attn, value, _depth_first(kernel_size_d, kernel_size), _depth_first(dilation_d, dilation)
+    )
 
 
 def _depth_first(depth, plane):
     # 3-D legacy ops take the depth size apart and one int for both planar axes.
     return (depth, plane, plane) if _is(depth, int) and _is(plane, int) else (depth, plane)
-
-

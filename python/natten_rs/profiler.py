@@ -12,25 +12,37 @@ import argparse
 import math
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import functional, reference
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-          "bfloat16": torch.bfloat16}
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 # Largest max-abs error, relative to the output's scale, accepted per dtype.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m natten_rs.profiler", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m natten_rs.profiler",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--size", type=int, nargs="+", default=[56, 56],
-                   help="spatial shape, 1 to 3 axes (default 56 56)")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs="+",
+        default=[56, 56],
+        help="spatial shape, 1 to 3 axes (default 56 56)",
+    )
     p.add_argument("--dim", type=int, default=32, help="head dim")
     p.add_argument("--kernel", type=int, default=7)
     p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
@@ -62,10 +74,13 @@ def natten_rs_attention(q, k, v, kernel, dilation, causal):
 
 def reference_attention(q, k, v, kernel, dilation, causal):
     """The same through the dense oracle (heads-last, float64 inside)."""
+
     def heads_last(t):
         return t.movedim(1, -2)
-    out = reference.na(heads_last(q), heads_last(k), heads_last(v), kernel, dilation=dilation,
-                       is_causal=causal)
+
+    out = reference.na(
+        heads_last(q), heads_last(k), heads_last(v), kernel, dilation=dilation, is_causal=causal
+    )
     return out.movedim(-2, 1)
 
 
@@ -76,10 +91,11 @@ def run(args: argparse.Namespace) -> list[dict]:
     q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     rows = []
     for dilation in args.dilations:
-        def ours():
+
+        def ours(dilation=dilation):
             return natten_rs_attention(q, k, v, args.kernel, dilation, args.causal)
 
-        def dense():
+        def dense(dilation=dilation):
             return reference_attention(q, k, v, args.kernel, dilation, args.causal)
 
         with torch.no_grad():
@@ -88,26 +104,39 @@ def run(args: argparse.Namespace) -> list[dict]:
             expected = dense().double()
             error = (ours().double() - expected).abs().max().item()
         scale = max(expected.abs().max().item(), 1.0)
-        rows.append({"dilation": dilation, "natten_rs": t_ours, "reference": t_ref,
-                     "error": error, "ok": error <= TOLERANCE[dtype] * scale})
+        rows.append(
+            {
+                "dilation": dilation,
+                "natten_rs": t_ours,
+                "reference": t_ref,
+                "error": error,
+                "ok": error <= TOLERANCE[dtype] * scale,
+            }
+        )
     return rows
 
 
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     tokens = math.prod(args.size)
-    print(f"problem: {len(args.size)}-D {'x'.join(map(str, args.size))} ({tokens} tokens), "
-          f"B={args.batch}, heads={args.heads}, head_dim={args.dim}, kernel={args.kernel}, "
-          f"causal={args.causal}, {args.dtype}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"problem: {len(args.size)}-D {'x'.join(map(str, args.size))} ({tokens} tokens), "
+        f"B={args.batch}, heads={args.heads}, head_dim={args.dim}, kernel={args.kernel}, "
+        f"causal={args.causal}, {args.dtype}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("natten_rs: unfused qk -> softmax -> av; reference: dense masked attention (float64)")
-    header = f"{'dilation':>8} {'natten_rs ms':>13} {'reference ms':>13} {'speed-up':>9} " \
-             f"{'max error':>10}  agree"
+    header = (
+        f"{'dilation':>8} {'natten_rs ms':>13} {'reference ms':>13} {'speed-up':>9} "
+        f"{'max error':>10}  agree"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['dilation']:>8} {r['natten_rs'] * 1e3:>13.2f} {r['reference'] * 1e3:>13.1f} "
-              f"{r['reference'] / r['natten_rs']:>8.1f}x {r['error']:>10.2e}  "
-              f"{'yes' if r['ok'] else 'NO'}")
+        print(
+            f"{r['dilation']:>8} {r['natten_rs'] * 1e3:>13.2f} {r['reference'] * 1e3:>13.1f} "
+            f"{r['reference'] / r['natten_rs']:>8.1f}x {r['error']:>10.2e}  "
+            f"{'yes' if r['ok'] else 'NO'}"
+        )
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,8 @@
 use rayon::prelude::*;
 
 use super::element::{axpy, store, Accum, Element};
-use super::grid::{par_rows, Grid};
+use super::grid::Grid;
+use super::isa::{par_rows, RowKernel};
 use super::view::{Extras, Tokens};
 
 /// `out[x] = sum_slot w[x, slot] b[key] + sum_e w[x, slots + e] extra[e]`.
@@ -16,46 +17,114 @@ pub fn gather<T: Element>(
     extra: Option<Extras<T>>,
     out: Tokens<T>,
 ) {
-    let slots = g.slots;
-    par_rows(g.rows(), g.dim, T::Acc::ZERO, |r, acc| {
-        acc.fill(T::Acc::ZERO);
+    let kernel = GatherRows {
+        g,
+        w,
+        b,
+        extra,
+        out,
+    };
+    // SAFETY: `GatherRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
+    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+}
+
+struct GatherRows<'a, T> {
+    g: &'a Grid,
+    w: Tokens<T>,
+    b: Tokens<T>,
+    extra: Option<Extras<T>>,
+    out: Tokens<T>,
+}
+
+impl<T: Element> RowKernel for GatherRows<'_, T> {
+    type Acc = T::Acc;
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, acc: &mut [T::Acc]) {
+        let g = self.g;
         let row = g.row(r);
         let (bi, h, [x0, x1, x2]) = (row.b, row.h, row.x);
-        // SAFETY: rows of a validated problem are in shape; each output row has one writer.
+        let win = g.window(row.x);
+        let k = g.axes.map(|a| a.kernel);
+        let key_step = [0, 1, 2].map(|a| (g.axes[a].dilation as isize) * self.b.stride(2 + a));
+        acc.fill(T::Acc::ZERO);
+        // SAFETY (whole block): indices come from a validated problem, so every address is in
+        // its tensor; row `r` of `out` is written by this call only.
         unsafe {
-            g.for_each_slot(row.x, |slot, key| {
-                if let Some([y0, y1, y2]) = key {
-                    let weight = (*w.at([bi, h, x0, x1, x2, slot])).to_acc();
-                    axpy(acc, weight, b.at([bi, h, y0, y1, y2, 0]), b.inner_stride());
+            let weights = self.w.at([bi, h, x0, x1, x2, 0]);
+            let w_step = self.w.inner_stride();
+            let first_key = self
+                .b
+                .at([bi, h, win[0].first, win[1].first, win[2].first, 0]);
+            for s0 in 0..win[0].count {
+                for s1 in 0..win[1].count {
+                    for s2 in 0..win[2].count {
+                        let slot = ((s0 * k[1] + s1) * k[2] + s2) as isize;
+                        let weight = (*weights.offset(slot * w_step)).to_acc();
+                        let s = [s0 as isize, s1 as isize, s2 as isize];
+                        let key = first_key
+                            .offset(s[0] * key_step[0] + s[1] * key_step[1] + s[2] * key_step[2]);
+                        axpy(acc, weight, key, self.b.inner_stride());
+                    }
                 }
-            });
-            if let Some(extra) = extra {
+            }
+            if let Some(extra) = self.extra {
                 for e in 0..g.extra {
-                    let weight = (*w.at([bi, h, x0, x1, x2, slots + e])).to_acc();
+                    let weight = (*weights.offset((g.slots + e) as isize * w_step)).to_acc();
                     axpy(acc, weight, extra.at([bi, h, e, 0]), extra.inner_stride());
                 }
             }
-            store(out.at([bi, h, x0, x1, x2, 0]), out.inner_stride(), acc);
+            store(
+                self.out.at([bi, h, x0, x1, x2, 0]),
+                self.out.inner_stride(),
+                acc,
+            );
         }
-    });
+    }
 }
 
 /// `out[y] = sum over queries x whose window holds y of w[x, slot(x, y)] a[x]`.
 pub fn scatter<T: Element>(g: &Grid, w: Tokens<T>, a: Tokens<T>, out: Tokens<T>) {
-    par_rows(g.rows(), g.dim, T::Acc::ZERO, |r, acc| {
-        acc.fill(T::Acc::ZERO);
-        let row = g.row(r);
+    let kernel = ScatterRows { g, w, a, out };
+    // SAFETY: `ScatterRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
+    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+}
+
+struct ScatterRows<'a, T> {
+    g: &'a Grid,
+    w: Tokens<T>,
+    a: Tokens<T>,
+    out: Tokens<T>,
+}
+
+impl<T: Element> RowKernel for ScatterRows<'_, T> {
+    type Acc = T::Acc;
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, acc: &mut [T::Acc]) {
+        let row = self.g.row(r);
         let (bi, h) = (row.b, row.h);
-        // SAFETY: rows of a validated problem are in shape; each output row has one writer.
+        acc.fill(T::Acc::ZERO);
+        // SAFETY (whole block): indices come from a validated problem, so every address is in
+        // its tensor; row `r` of `out` is written by this call only.
         unsafe {
-            g.for_each_query_of(row.x, |[x0, x1, x2], slot| {
-                let weight = (*w.at([bi, h, x0, x1, x2, slot])).to_acc();
-                axpy(acc, weight, a.at([bi, h, x0, x1, x2, 0]), a.inner_stride());
+            self.g.for_each_query_of(row.x, |[x0, x1, x2], slot| {
+                let weight = (*self.w.at([bi, h, x0, x1, x2, slot])).to_acc();
+                axpy(
+                    acc,
+                    weight,
+                    self.a.at([bi, h, x0, x1, x2, 0]),
+                    self.a.inner_stride(),
+                );
             });
             let [y0, y1, y2] = row.x;
-            store(out.at([bi, h, y0, y1, y2, 0]), out.inner_stride(), acc);
+            store(
+                self.out.at([bi, h, y0, y1, y2, 0]),
+                self.out.inner_stride(),
+                acc,
+            );
         }
-    });
+    }
 }
 
 /// `out[e] = sum_x w[x, slots + e] a[x]`, per batch and head.

@@ -83,6 +83,7 @@ const LANES: usize = 8;
 ///
 /// # Safety
 /// `src + n * stride` must be readable for every `n < dst.len()`.
+#[inline(always)]
 pub unsafe fn load<T: Element>(dst: &mut [T::Acc], src: *const T, stride: isize) {
     for (n, d) in dst.iter_mut().enumerate() {
         // SAFETY: in bounds by the caller's contract.
@@ -94,6 +95,7 @@ pub unsafe fn load<T: Element>(dst: &mut [T::Acc], src: *const T, stride: isize)
 ///
 /// # Safety
 /// `b + n * stride` must be readable for every `n < a.len()`.
+#[inline(always)]
 pub unsafe fn dot<T: Element>(a: &[T::Acc], b: *const T, stride: isize) -> T::Acc {
     if stride != 1 {
         let mut sum = T::Acc::ZERO;
@@ -123,6 +125,7 @@ pub unsafe fn dot<T: Element>(a: &[T::Acc], b: *const T, stride: isize) -> T::Ac
 ///
 /// # Safety
 /// `b + n * stride` must be readable for every `n < acc.len()`.
+#[inline(always)]
 pub unsafe fn axpy<T: Element>(acc: &mut [T::Acc], w: T::Acc, b: *const T, stride: isize) {
     if stride == 1 {
         // SAFETY: stride 1, so the caller's contract makes `acc.len()` elements readable.
@@ -143,6 +146,7 @@ pub unsafe fn axpy<T: Element>(acc: &mut [T::Acc], w: T::Acc, b: *const T, strid
 /// # Safety
 /// `dst + n * stride` must be writable for every `n < src.len()`, and no other thread may
 /// access those elements meanwhile.
+#[inline(always)]
 pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
     for (n, &x) in src.iter().enumerate() {
         // SAFETY: in bounds and exclusive by the caller's contract.

@@ -1,13 +1,8 @@
 //! The token grid of a problem with its forward and inverse windows precomputed, and the
-//! parallel loop over `(batch, head, token)` rows that every CPU kernel runs in.
-
-use rayon::prelude::*;
+//! `(batch, head, token)` rows that the CPU kernels compute one at a time.
 
 use crate::problem::Problem;
 use crate::window::{Axis, Span};
-
-/// Rows handed to one rayon task at least: enough work to amortise scheduling.
-const MIN_ROWS_PER_TASK: usize = 16;
 
 /// Windows of every position on the three (padded) axes.
 pub struct Grid {
@@ -126,18 +121,4 @@ impl Grid {
             }
         }
     }
-}
-
-/// Run `f(row, scratch)` for rows `0..rows` in parallel; `scratch` is a per-task buffer of
-/// `width` accumulators that `f` may overwrite.
-pub fn par_rows<A: Copy + Send + Sync>(
-    rows: usize,
-    width: usize,
-    zero: A,
-    f: impl Fn(usize, &mut [A]) + Sync + Send,
-) {
-    (0..rows)
-        .into_par_iter()
-        .with_min_len(MIN_ROWS_PER_TASK)
-        .for_each_init(|| vec![zero; width], |scratch, r| f(r, scratch));
 }

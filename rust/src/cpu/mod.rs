@@ -6,6 +6,7 @@
 mod av;
 mod element;
 mod grid;
+mod isa;
 mod qk;
 mod view;
 

@@ -4,7 +4,8 @@
 use rayon::prelude::*;
 
 use super::element::{dot, load, Accum, Element};
-use super::grid::{par_rows, Grid};
+use super::grid::Grid;
+use super::isa::{par_rows, RowKernel};
 use super::view::{Bias, Extras, Tokens};
 
 /// Inputs of a window dot product.
@@ -21,42 +22,79 @@ pub struct Pairwise<T> {
     pub mask_with_neg_inf: bool,
 }
 
-/// `out[x, slot] = a[x] . b[key] (+ bias)`; slots past the window hold `fill`.
+/// `out[x, slot] = a[x] . b[key] (+ bias)`; slots past the window hold `-inf` or 0.
 pub fn pairwise<T: Element>(g: &Grid, op: &Pairwise<T>, out: Tokens<T>) {
     let fill = T::from_acc(if op.mask_with_neg_inf {
         T::Acc::NEG_INF
     } else {
         T::Acc::ZERO
     });
-    let (ca, cb) = (op.a.inner_stride(), op.b.inner_stride());
-    par_rows(g.rows(), g.dim, T::Acc::ZERO, |r, query| {
+    let kernel = PairwiseRows { g, op, out, fill };
+    // SAFETY: `PairwiseRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
+    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+}
+
+struct PairwiseRows<'a, T> {
+    g: &'a Grid,
+    op: &'a Pairwise<T>,
+    out: Tokens<T>,
+    fill: T,
+}
+
+impl<T: Element> RowKernel for PairwiseRows<'_, T> {
+    type Acc = T::Acc;
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, query: &mut [T::Acc]) {
+        let (g, op) = (self.g, self.op);
         let row = g.row(r);
         let (b, h, [x0, x1, x2]) = (row.b, row.h, row.x);
-        // SAFETY: rows of a validated problem are in shape; each output row has one writer.
+        let w = g.window(row.x);
+        let k = g.axes.map(|a| a.kernel);
+        let key_step = [0, 1, 2].map(|a| (g.axes[a].dilation as isize) * op.b.stride(2 + a));
+        // SAFETY (whole block): indices come from a validated problem, so every address is in
+        // its tensor; row `r` of `out` is written by this call only.
         unsafe {
-            load(query, op.a.at([b, h, x0, x1, x2, 0]), ca);
-            g.for_each_slot(row.x, |slot, key| {
-                let dst = out.at([b, h, x0, x1, x2, slot]);
-                *dst = match key {
-                    None => fill,
-                    Some([y0, y1, y2]) => {
-                        let mut logit = dot(query, op.b.at([b, h, y0, y1, y2, 0]), cb);
-                        if let Some(bias) = &op.bias {
-                            let idx = bias_index(g, row.x, [y0, y1, y2]);
-                            logit += (*bias.at([h, idx[0], idx[1], idx[2]])).to_acc();
-                        }
-                        T::from_acc(logit)
-                    }
-                };
+            load(query, op.a.at([b, h, x0, x1, x2, 0]), op.a.inner_stride());
+            let first_key = op.b.at([b, h, w[0].first, w[1].first, w[2].first, 0]);
+            let first_bias = op.bias.map(|bias| {
+                let [i0, i1, i2] = [0, 1, 2].map(|a| g.axes[a].bias_index(row.x[a], w[a].first));
+                (bias.at([h, i0, i1, i2]), [1, 2, 3].map(|a| bias.stride(a)))
             });
-            if let Some(extra) = &op.extra {
+            let dst = self.out.at([b, h, x0, x1, x2, 0]);
+            let dst_step = self.out.inner_stride();
+            let mut slot = 0isize;
+            for s0 in 0..k[0] {
+                for s1 in 0..k[1] {
+                    for s2 in 0..k[2] {
+                        let valid = s0 < w[0].count && s1 < w[1].count && s2 < w[2].count;
+                        let s = [s0 as isize, s1 as isize, s2 as isize];
+                        *dst.offset(slot * dst_step) = if valid {
+                            let key = first_key.offset(
+                                s[0] * key_step[0] + s[1] * key_step[1] + s[2] * key_step[2],
+                            );
+                            let mut logit = dot(query, key, op.b.inner_stride());
+                            if let Some((bias, step)) = first_bias {
+                                logit += (*bias
+                                    .offset(s[0] * step[0] + s[1] * step[1] + s[2] * step[2]))
+                                .to_acc();
+                            }
+                            T::from_acc(logit)
+                        } else {
+                            self.fill
+                        };
+                        slot += 1;
+                    }
+                }
+            }
+            if let Some(extra) = op.extra {
                 for e in 0..g.extra {
                     let logit = dot(query, extra.at([b, h, e, 0]), extra.inner_stride());
-                    *out.at([b, h, x0, x1, x2, g.slots + e]) = T::from_acc(logit);
+                    *dst.offset((g.slots + e) as isize * dst_step) = T::from_acc(logit);
                 }
             }
         }
-    });
+    }
 }
 
 /// `d_bias[h, offset] = sum over batch and queries of d_logits[.., slot]` at that offset,
@@ -74,7 +112,7 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
                 let x = g.row(n).x;
                 g.for_each_slot(x, |slot, key| {
                     if let Some(y) = key {
-                        let [i0, i1, i2] = bias_index(g, x, y);
+                        let [i0, i1, i2] = [0, 1, 2].map(|a| g.axes[a].bias_index(x[a], y[a]));
                         // SAFETY: in-shape index of a validated problem.
                         let w = unsafe { *d_logits.at([b, h, x[0], x[1], x[2], slot]) };
                         sums[(i0 * span[1] + i1) * span[2] + i2] += w.to_acc();
@@ -101,8 +139,4 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
             unsafe { *d_bias.at([h, idx[0], idx[1], idx[2]]) = T::from_acc(sum) };
         }
     }
-}
-
-fn bias_index(g: &Grid, x: [usize; 3], y: [usize; 3]) -> [usize; 3] {
-    [0, 1, 2].map(|a| g.axes[a].bias_index(x[a], y[a]))
 }

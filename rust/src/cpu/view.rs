@@ -42,10 +42,16 @@ impl<T, const N: usize> View<T, N> {
         self.strides[N - 1]
     }
 
+    /// Stride of logical axis `axis`.
+    pub fn stride(&self, axis: usize) -> isize {
+        self.strides[axis]
+    }
+
     /// Address of the element at `index`.
     ///
     /// # Safety
     /// `index` must be within the validated shape of the viewed tensor.
+    #[inline(always)]
     pub unsafe fn at(&self, index: [usize; N]) -> *mut T {
         let offset: isize = index
             .iter()
