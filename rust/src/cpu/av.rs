@@ -2,12 +2,61 @@
 //! the query gradient), its transpose over inverse windows (key and value gradients), and the
 //! reduction onto additional tokens.
 
-use rayon::prelude::*;
-
-use super::element::{axpy, store, Accum, Element};
-use super::grid::Grid;
-use super::isa::{par_rows, RowKernel};
+use super::element::{axpy, axpy_chunk, store, Accum, Element, CHUNK};
+use super::grid::{Grid, Row};
+use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::view::{Extras, Tokens};
+
+/// A row kernel whose output row is a weighted sum of input rows (`terms`).
+trait WeightedSum<T: Element> {
+    /// Calls `f(weight, row, channel_stride)` for every term of row `row`'s sum.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem.
+    unsafe fn terms(&self, row: Row, f: impl FnMut(T::Acc, *const T, isize));
+    /// Whether every term row has channel stride 1 (register-chunked sums apply).
+    fn dense_terms(&self) -> bool;
+    /// The output token view.
+    fn out(&self) -> Tokens<T>;
+}
+
+/// Compute output row `r` of `sum`: channel chunks summed in registers, the rest in `scratch`.
+///
+/// # Safety
+/// `r` must be a row of the validated problem; only row `r` of the output is written.
+#[inline(always)]
+unsafe fn weighted_sum_row<T: Element, S: WeightedSum<T>>(
+    sum: &S,
+    g: &Grid,
+    r: usize,
+    scratch: &mut [T::Acc],
+) {
+    let row = g.row(r);
+    let [x0, x1, x2] = row.x;
+    let out = sum.out();
+    let (dst, dst_step) = (out.at([row.b, row.h, x0, x1, x2, 0]), out.inner_stride());
+    let body = if sum.dense_terms() {
+        g.dim - g.dim % CHUNK
+    } else {
+        0
+    };
+    // SAFETY (whole block): terms point at rows of `dim` channels; `dst` is row `r`.
+    unsafe {
+        for c in (0..body).step_by(CHUNK) {
+            let mut acc = [T::Acc::ZERO; CHUNK];
+            sum.terms(row, |w, src, _| axpy_chunk(&mut acc, w, src.add(c)));
+            store(dst.offset(c as isize * dst_step), dst_step, &acc);
+        }
+        if body < g.dim {
+            let tail = &mut scratch[..g.dim - body];
+            tail.fill(T::Acc::ZERO);
+            sum.terms(row, |w, src, step| {
+                axpy(tail, w, src.offset(body as isize * step), step)
+            });
+            store(dst.offset(body as isize * dst_step), dst_step, tail);
+        }
+    }
+}
 
 /// `out[x] = sum_slot w[x, slot] b[key] + sum_e w[x, slots + e] extra[e]`.
 pub fn gather<T: Element>(
@@ -36,20 +85,16 @@ struct GatherRows<'a, T> {
     out: Tokens<T>,
 }
 
-impl<T: Element> RowKernel for GatherRows<'_, T> {
-    type Acc = T::Acc;
-
+impl<T: Element> WeightedSum<T> for GatherRows<'_, T> {
     #[inline(always)]
-    unsafe fn row(&self, r: usize, acc: &mut [T::Acc]) {
+    unsafe fn terms(&self, row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
         let g = self.g;
-        let row = g.row(r);
         let (bi, h, [x0, x1, x2]) = (row.b, row.h, row.x);
         let win = g.window(row.x);
         let k = g.axes.map(|a| a.kernel);
         let key_step = [0, 1, 2].map(|a| (g.axes[a].dilation as isize) * self.b.stride(2 + a));
-        acc.fill(T::Acc::ZERO);
-        // SAFETY (whole block): indices come from a validated problem, so every address is in
-        // its tensor; row `r` of `out` is written by this call only.
+        let cb = self.b.inner_stride();
+        // SAFETY (whole block): indices come from a validated problem.
         unsafe {
             let weights = self.w.at([bi, h, x0, x1, x2, 0]);
             let w_step = self.w.inner_stride();
@@ -58,28 +103,40 @@ impl<T: Element> RowKernel for GatherRows<'_, T> {
                 .at([bi, h, win[0].first, win[1].first, win[2].first, 0]);
             for s0 in 0..win[0].count {
                 for s1 in 0..win[1].count {
-                    for s2 in 0..win[2].count {
-                        let slot = ((s0 * k[1] + s1) * k[2] + s2) as isize;
-                        let weight = (*weights.offset(slot * w_step)).to_acc();
-                        let s = [s0 as isize, s1 as isize, s2 as isize];
-                        let key = first_key
-                            .offset(s[0] * key_step[0] + s[1] * key_step[1] + s[2] * key_step[2]);
-                        axpy(acc, weight, key, self.b.inner_stride());
+                    let first_slot = ((s0 * k[1] + s1) * k[2]) as isize;
+                    let row_key =
+                        first_key.offset(s0 as isize * key_step[0] + s1 as isize * key_step[1]);
+                    for s2 in 0..win[2].count as isize {
+                        let weight = (*weights.offset((first_slot + s2) * w_step)).to_acc();
+                        f(weight, row_key.offset(s2 * key_step[2]), cb);
                     }
                 }
             }
             if let Some(extra) = self.extra {
                 for e in 0..g.extra {
                     let weight = (*weights.offset((g.slots + e) as isize * w_step)).to_acc();
-                    axpy(acc, weight, extra.at([bi, h, e, 0]), extra.inner_stride());
+                    f(weight, extra.at([bi, h, e, 0]), extra.inner_stride());
                 }
             }
-            store(
-                self.out.at([bi, h, x0, x1, x2, 0]),
-                self.out.inner_stride(),
-                acc,
-            );
         }
+    }
+
+    fn dense_terms(&self) -> bool {
+        self.b.inner_stride() == 1 && self.extra.is_none_or(|e| e.inner_stride() == 1)
+    }
+
+    fn out(&self) -> Tokens<T> {
+        self.out
+    }
+}
+
+impl<T: Element> RowKernel for GatherRows<'_, T> {
+    type Acc = T::Acc;
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+        // SAFETY: forwarded contract.
+        unsafe { weighted_sum_row(self, self.g, r, scratch) }
     }
 }
 
@@ -97,56 +154,80 @@ struct ScatterRows<'a, T> {
     out: Tokens<T>,
 }
 
+impl<T: Element> WeightedSum<T> for ScatterRows<'_, T> {
+    #[inline(always)]
+    unsafe fn terms(&self, row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
+        let (g, w, a) = (self.g, self.w, self.a);
+        let [_, k1, k2] = g.axes.map(|a| a.kernel);
+        let [y0, y1, y2] = row.x;
+        let (w_step, a_step) = (w.inner_stride(), a.inner_stride());
+        // SAFETY (whole block): queries of a key of a validated problem are in shape, and so
+        // are their slots.
+        unsafe {
+            let (w_bh, a_bh) = (
+                w.at([row.b, row.h, 0, 0, 0, 0]),
+                a.at([row.b, row.h, 0, 0, 0, 0]),
+            );
+            for &(x0, s0) in g.queries_of(0, y0) {
+                let (w0, a0) = (x0 as isize * w.stride(2), x0 as isize * a.stride(2));
+                for &(x1, s1) in g.queries_of(1, y1) {
+                    let (w1, a1) = (
+                        w0 + x1 as isize * w.stride(3),
+                        a0 + x1 as isize * a.stride(3),
+                    );
+                    let slot01 = (s0 * k1 + s1) * k2;
+                    for &(x2, s2) in g.queries_of(2, y2) {
+                        let slot = (slot01 + s2) as isize;
+                        let weight = *w_bh.offset(w1 + x2 as isize * w.stride(4) + slot * w_step);
+                        f(
+                            weight.to_acc(),
+                            a_bh.offset(a1 + x2 as isize * a.stride(4)),
+                            a_step,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn dense_terms(&self) -> bool {
+        self.a.inner_stride() == 1
+    }
+
+    fn out(&self) -> Tokens<T> {
+        self.out
+    }
+}
+
 impl<T: Element> RowKernel for ScatterRows<'_, T> {
     type Acc = T::Acc;
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, acc: &mut [T::Acc]) {
-        let row = self.g.row(r);
-        let (bi, h) = (row.b, row.h);
-        acc.fill(T::Acc::ZERO);
-        // SAFETY (whole block): indices come from a validated problem, so every address is in
-        // its tensor; row `r` of `out` is written by this call only.
-        unsafe {
-            self.g.for_each_query_of(row.x, |[x0, x1, x2], slot| {
-                let weight = (*self.w.at([bi, h, x0, x1, x2, slot])).to_acc();
-                axpy(
-                    acc,
-                    weight,
-                    self.a.at([bi, h, x0, x1, x2, 0]),
-                    self.a.inner_stride(),
-                );
-            });
-            let [y0, y1, y2] = row.x;
-            store(
-                self.out.at([bi, h, y0, y1, y2, 0]),
-                self.out.inner_stride(),
-                acc,
-            );
-        }
+    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+        // SAFETY: forwarded contract.
+        unsafe { weighted_sum_row(self, self.g, r, scratch) }
     }
 }
 
 /// `out[e] = sum_x w[x, slots + e] a[x]`, per batch and head.
 pub fn extra_grad<T: Element>(g: &Grid, w: Tokens<T>, a: Tokens<T>, out: Extras<T>) {
     let (slots, heads, count) = (g.slots, g.heads, g.extra);
-    (0..g.batch * heads * count).into_par_iter().for_each(|r| {
-        let (bi, h, e) = (r / (heads * count), (r / count) % heads, r % count);
-        let mut acc = vec![T::Acc::ZERO; g.dim];
-        for n in 0..g.tokens() {
-            let [x0, x1, x2] = g.row(n).x;
-            // SAFETY: in-shape indices of a validated problem; output row `r` has one writer.
-            unsafe {
-                let weight = (*w.at([bi, h, x0, x1, x2, slots + e])).to_acc();
-                axpy(
-                    &mut acc,
-                    weight,
-                    a.at([bi, h, x0, x1, x2, 0]),
-                    a.inner_stride(),
-                );
+    for_each_with(
+        g.batch * heads * count,
+        || vec![T::Acc::ZERO; g.dim],
+        |r, acc| {
+            let (bi, h, e) = (r / (heads * count), (r / count) % heads, r % count);
+            acc.fill(T::Acc::ZERO);
+            for n in 0..g.tokens() {
+                let [x0, x1, x2] = g.row(n).x;
+                // SAFETY: in-shape indices of a validated problem; output row `r` has one writer.
+                unsafe {
+                    let weight = (*w.at([bi, h, x0, x1, x2, slots + e])).to_acc();
+                    axpy(acc, weight, a.at([bi, h, x0, x1, x2, 0]), a.inner_stride());
+                }
             }
-        }
-        // SAFETY: as above.
-        unsafe { store(out.at([bi, h, e, 0]), out.inner_stride(), &acc) };
-    });
+            // SAFETY: as above.
+            unsafe { store(out.at([bi, h, e, 0]), out.inner_stride(), acc) };
+        },
+    );
 }

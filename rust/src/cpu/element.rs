@@ -118,7 +118,30 @@ pub unsafe fn dot<T: Element>(a: &[T::Acc], b: *const T, stride: isize) -> T::Ac
     for (&x, &y) in a_tail.iter().zip(b_tail) {
         lanes[0] += x * y.to_acc();
     }
-    lanes.iter().fold(T::Acc::ZERO, |s, &x| s + x)
+    sum_lanes(lanes)
+}
+
+/// Sum of the lanes as a tree (halves added pairwise), which vectorizes, unlike a running sum.
+#[inline(always)]
+fn sum_lanes<A: Accum>(l: [A; LANES]) -> A {
+    let quads = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
+    let pairs = [quads[0] + quads[2], quads[1] + quads[3]];
+    pairs[0] + pairs[1]
+}
+
+/// Channels a gather keeps in registers at once.
+pub const CHUNK: usize = 16;
+
+/// `acc[l] += w * b[l]` for one register-resident chunk of channels.
+///
+/// # Safety
+/// `b + l` must be readable for every `l < CHUNK`.
+#[inline(always)]
+pub unsafe fn axpy_chunk<T: Element>(acc: &mut [T::Acc; CHUNK], w: T::Acc, b: *const T) {
+    for (l, s) in acc.iter_mut().enumerate() {
+        // SAFETY: in bounds by the caller's contract.
+        *s += w * unsafe { *b.add(l) }.to_acc();
+    }
 }
 
 /// `acc[n] += w * b[n * stride]`.

@@ -9,7 +9,7 @@ pub struct Grid {
     /// The axes.
     pub axes: [Axis; 3],
     forward: [Vec<Span>; 3],
-    inverse: [Vec<Span>; 3],
+    inverse: [InverseAxis; 3],
     /// Batch size.
     pub batch: usize,
     /// Heads.
@@ -39,7 +39,7 @@ impl Grid {
         Grid {
             axes: p.axes,
             forward: p.axes.map(|a| a.windows()),
-            inverse: p.axes.map(|a| a.inverse_windows()),
+            inverse: p.axes.map(InverseAxis::new),
             batch: p.batch,
             heads: p.heads,
             dim: p.dim,
@@ -74,9 +74,9 @@ impl Grid {
         [0, 1, 2].map(|a| self.forward[a][x[a]])
     }
 
-    /// Queries that see the key at `y`, per axis.
-    pub fn inverse(&self, y: [usize; 3]) -> [Span; 3] {
-        [0, 1, 2].map(|a| self.inverse[a][y[a]])
+    /// `(query position, slot)` of every query that sees key position `j` on axis `axis`.
+    pub fn queries_of(&self, axis: usize, j: usize) -> &[(usize, usize)] {
+        self.inverse[axis].of(j)
     }
 
     /// Calls `f(slot, key)` for every slot of the window of the query at `x`, row-major over the
@@ -100,25 +100,32 @@ impl Grid {
             }
         }
     }
+}
 
-    /// Calls `f(query, slot)` for every query whose window holds the key at `y`, with the slot
-    /// that key occupies in that query's window.
-    pub fn for_each_query_of(&self, y: [usize; 3], mut f: impl FnMut([usize; 3], usize)) {
-        let inv = self.inverse(y);
-        let [_, k1, k2] = self.axes.map(|a| a.kernel);
-        let d = self.axes.map(|a| a.dilation);
-        for n0 in 0..inv[0].count {
-            let x0 = inv[0].first + n0 * d[0];
-            let s0 = (y[0] - self.forward[0][x0].first) / d[0];
-            for n1 in 0..inv[1].count {
-                let x1 = inv[1].first + n1 * d[1];
-                let s1 = (y[1] - self.forward[1][x1].first) / d[1];
-                for n2 in 0..inv[2].count {
-                    let x2 = inv[2].first + n2 * d[2];
-                    let s2 = (y[2] - self.forward[2][x2].first) / d[2];
-                    f([x0, x1, x2], (s0 * k1 + s1) * k2 + s2);
-                }
+/// Inverse windows of one axis, flattened: for each key position, the queries that see it and
+/// the slot (along this axis) the key takes in each of their windows.
+struct InverseAxis {
+    /// `terms[offsets[j]..offsets[j + 1]]` belong to key `j`.
+    offsets: Vec<usize>,
+    terms: Vec<(usize, usize)>,
+}
+
+impl InverseAxis {
+    fn new(axis: Axis) -> InverseAxis {
+        let d = axis.dilation;
+        let mut offsets = vec![0];
+        let mut terms = Vec::new();
+        for (j, run) in axis.inverse_windows().into_iter().enumerate() {
+            for n in 0..run.count {
+                let x = run.first + n * d;
+                terms.push((x, (j - axis.window(x).first) / d));
             }
+            offsets.push(terms.len());
         }
+        InverseAxis { offsets, terms }
+    }
+
+    fn of(&self, j: usize) -> &[(usize, usize)] {
+        &self.terms[self.offsets[j]..self.offsets[j + 1]]
     }
 }

@@ -6,7 +6,7 @@
 mod av;
 mod element;
 mod grid;
-mod isa;
+mod parallel;
 mod qk;
 mod view;
 

@@ -1,11 +1,11 @@
 //! Window dot products: `out[x, slot] = a[x] . b[key(x, slot)]` (attention logits, and the
 //! gradient of attention weights), and the reduction of logit gradients onto the bias.
 
-use rayon::prelude::*;
+use std::sync::Mutex;
 
 use super::element::{dot, load, Accum, Element};
 use super::grid::Grid;
-use super::isa::{par_rows, RowKernel};
+use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::view::{Bias, Extras, Tokens};
 
 /// Inputs of a window dot product.
@@ -63,27 +63,33 @@ impl<T: Element> RowKernel for PairwiseRows<'_, T> {
             });
             let dst = self.out.at([b, h, x0, x1, x2, 0]);
             let dst_step = self.out.inner_stride();
-            let mut slot = 0isize;
+            let cb = op.b.inner_stride();
             for s0 in 0..k[0] {
                 for s1 in 0..k[1] {
-                    for s2 in 0..k[2] {
-                        let valid = s0 < w[0].count && s1 < w[1].count && s2 < w[2].count;
-                        let s = [s0 as isize, s1 as isize, s2 as isize];
-                        *dst.offset(slot * dst_step) = if valid {
-                            let key = first_key.offset(
-                                s[0] * key_step[0] + s[1] * key_step[1] + s[2] * key_step[2],
-                            );
-                            let mut logit = dot(query, key, op.b.inner_stride());
-                            if let Some((bias, step)) = first_bias {
-                                logit += (*bias
-                                    .offset(s[0] * step[0] + s[1] * step[1] + s[2] * step[2]))
-                                .to_acc();
+                    let (s0i, s1i) = (s0 as isize, s1 as isize);
+                    let first_slot = ((s0 * k[1] + s1) * k[2]) as isize;
+                    let write = |s2: usize, logit: T::Acc| {
+                        let biased = match first_bias {
+                            None => logit,
+                            Some((bias, st)) => {
+                                let at = s0i * st[0] + s1i * st[1] + s2 as isize * st[2];
+                                logit + (*bias.offset(at)).to_acc()
                             }
-                            T::from_acc(logit)
-                        } else {
-                            self.fill
                         };
-                        slot += 1;
+                        *dst.offset((first_slot + s2 as isize) * dst_step) = T::from_acc(biased);
+                    };
+                    let valid = if s0 < w[0].count && s1 < w[1].count {
+                        w[2].count
+                    } else {
+                        0
+                    };
+                    let row_key = first_key.offset(s0i * key_step[0] + s1i * key_step[1]);
+                    let key = |s2: usize| row_key.offset(s2 as isize * key_step[2]) as *const T;
+                    for s2 in 0..valid {
+                        write(s2, dot(query, key(s2), cb));
+                    }
+                    for s2 in valid..k[2] {
+                        *dst.offset((first_slot + s2 as isize) * dst_step) = self.fill;
                     }
                 }
             }
@@ -103,11 +109,15 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
     let (batch, heads) = (g.batch, g.heads);
     let span = g.axes.map(|a| 2 * a.kernel - 1);
     let size = span.iter().product::<usize>();
-    let partials: Vec<Vec<T::Acc>> = (0..batch * heads)
-        .into_par_iter()
-        .map(|bh| {
+    let partials: Vec<Mutex<Vec<T::Acc>>> = (0..batch * heads)
+        .map(|_| Mutex::new(vec![T::Acc::ZERO; size]))
+        .collect();
+    for_each_with(
+        batch * heads,
+        || (),
+        |bh, _| {
             let (b, h) = (bh / heads, bh % heads);
-            let mut sums = vec![T::Acc::ZERO; size];
+            let mut sums = partials[bh].lock().unwrap_or_else(|e| e.into_inner());
             for n in 0..g.tokens() {
                 let x = g.row(n).x;
                 g.for_each_slot(x, |slot, key| {
@@ -119,8 +129,11 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
                     }
                 });
             }
-            sums
-        })
+        },
+    );
+    let partials: Vec<Vec<T::Acc>> = partials
+        .into_iter()
+        .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect();
     for h in 0..heads {
         let mut total = vec![T::Acc::ZERO; size];

@@ -1,0 +1,168 @@
+//! Where CPU work runs. When the process has an OpenMP runtime (torch's CPU ops run on one),
+//! rows are spread over its thread team, so torch ops and natten_rs ops share one set of threads
+//! instead of two pools fighting over the cores (OpenMP workers spin for milliseconds after each
+//! torch op). Without one, rayon. Row kernels are compiled for the best instruction set the CPU
+//! has, chosen once at run time, so one wheel runs everywhere and fast where it can.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Indices handed out at once: enough work to amortise the hand-out.
+const GRAIN: usize = 16;
+
+/// Run `f(i, state)` for every `i < n` in parallel; every worker thread gets its own `state`
+/// from `init`.
+pub fn for_each_with<S>(n: usize, init: impl Fn() -> S + Sync, f: impl Fn(usize, &mut S) + Sync) {
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut state = init();
+        loop {
+            let start = next.fetch_add(GRAIN, Ordering::Relaxed);
+            if start >= n {
+                break;
+            }
+            for i in start..(start + GRAIN).min(n) {
+                f(i, &mut state);
+            }
+        }
+    };
+    if !openmp::run_on_team(&worker) {
+        (0..n)
+            .into_par_iter()
+            .with_min_len(GRAIN)
+            .for_each_init(&init, |s, i| f(i, s));
+    }
+}
+
+/// A kernel that computes one output row at a time.
+pub trait RowKernel: Sync {
+    /// Scratch element type.
+    type Acc: Copy + Send + Sync;
+
+    /// Compute row `r`, using `scratch` freely.
+    ///
+    /// # Safety
+    /// `r` must be below the row count the kernel was built for; implementations must write
+    /// only memory that belongs to row `r`.
+    unsafe fn row(&self, r: usize, scratch: &mut [Self::Acc]);
+}
+
+/// Run `kernel` on rows `0..rows` in parallel, each worker with a scratch buffer of `width`.
+///
+/// # Safety
+/// `kernel.row(r, _)` must be sound for every `r < rows`.
+pub unsafe fn par_rows<K: RowKernel>(rows: usize, width: usize, zero: K::Acc, kernel: &K) {
+    let isa = isa();
+    for_each_with(
+        rows,
+        || vec![zero; width],
+        |r, scratch| match isa {
+            // SAFETY: `r < rows`; the caller vouches for the kernel.
+            Isa::Baseline => unsafe { kernel.row(r, scratch) },
+            // SAFETY: as above, and the CPU has AVX2 and FMA (detected).
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2Fma => unsafe { row_avx2_fma(kernel, r, scratch) },
+        },
+    );
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Isa {
+    Baseline,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+}
+
+fn isa() -> Isa {
+    static ISA: OnceLock<Isa> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Baseline
+    })
+}
+
+/// `kernel.row` inlined and compiled with AVX2 and FMA enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut [K::Acc]) {
+    // SAFETY: forwarded contract of `par_rows`.
+    unsafe { kernel.row(r, scratch) }
+}
+
+/// The process's OpenMP runtime (libgomp, as torch's Linux wheels carry), found by symbol.
+#[cfg(all(target_os = "linux", not(test)))]
+mod openmp {
+    use std::ffi::{c_char, c_uint, c_void};
+    use std::sync::OnceLock;
+
+    type Body = unsafe extern "C" fn(*mut c_void);
+    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    fn gomp_parallel() -> Option<Parallel> {
+        static PARALLEL: OnceLock<Option<Parallel>> = OnceLock::new();
+        *PARALLEL.get_or_init(|| {
+            // SAFETY: RTLD_DEFAULT (null) searches the loaded objects; the name is a C string.
+            let symbol = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
+            // SAFETY: libgomp's `GOMP_parallel(fn, data, num_threads, flags)` has this ABI.
+            (!symbol.is_null())
+                .then(|| unsafe { std::mem::transmute::<*mut c_void, Parallel>(symbol) })
+        })
+    }
+
+    unsafe extern "C" fn trampoline(data: *mut c_void) {
+        // SAFETY: `data` is the `&&dyn Fn` that `run_on_team` passed and keeps alive.
+        let worker = unsafe { &*(data as *const &(dyn Fn() + Sync)) };
+        worker();
+    }
+
+    /// Run `worker` once on every thread of the OpenMP team (the caller included); false when
+    /// the process has no OpenMP runtime.
+    pub fn run_on_team(worker: &(dyn Fn() + Sync)) -> bool {
+        let Some(parallel) = gomp_parallel() else {
+            return false;
+        };
+        let data = &worker as *const &(dyn Fn() + Sync) as *mut c_void;
+        // SAFETY: GOMP_parallel calls `trampoline(data)` on each team thread and returns after
+        // all have finished, so `worker` outlives every call; 0 threads means the team's default
+        // size (torch.set_num_threads sets it).
+        unsafe { parallel(trampoline, data, 0, 0) };
+        true
+    }
+}
+
+/// No OpenMP runtime to share (other systems, and Rust unit tests): rayon runs everything.
+#[cfg(any(not(target_os = "linux"), test))]
+mod openmp {
+    pub fn run_on_team(_worker: &(dyn Fn() + Sync)) -> bool {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_index_runs_exactly_once_with_per_worker_state() {
+        for n in [0, 1, GRAIN - 1, GRAIN, 1000] {
+            let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            for_each_with(n, Vec::<usize>::new, |i, seen| {
+                seen.push(i);
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "n = {n}"
+            );
+        }
+    }
+}
