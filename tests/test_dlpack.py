@@ -99,3 +99,25 @@ def test_core_rejects_non_contiguous_outputs():
     out = torch.empty(*shape[:-1], 2 * shape[-1])[..., ::2]
     with pytest.raises(ValueError, match="attn"):
         _core.na_qk(dlpack(q), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2)
+
+
+def test_versioned_and_legacy_capsules_are_both_read():
+    q = heads_first_view()
+    legacy = q.__dlpack__()
+    assert "dltensor" in repr(legacy)
+    assert _core.dlpack_info(legacy)[0] == q.data_ptr()
+    capsule = dlpack(q)
+    try:
+        q.__dlpack__(max_version=(1, 0))
+    except TypeError:
+        pytest.skip("this torch exports only unversioned DLPack")
+    assert "dltensor_versioned" in repr(capsule)
+    assert _core.dlpack_info(capsule)[0] == q.data_ptr()
+
+
+def test_a_consumed_capsule_is_refused():
+    q = heads_first_view()
+    capsule = q.__dlpack__()
+    torch.from_dlpack(capsule)  # consumes it (renames it "used_dltensor")
+    with pytest.raises(ValueError, match="capsule"):
+        _core.dlpack_info(capsule)
