@@ -2,6 +2,7 @@
 
 from . import functional
 from ._core import KernelError
+from .functional import attention, merge_attentions, na1d, na2d, na3d
 
-__all__ = ["KernelError", "functional"]
+__all__ = ["KernelError", "attention", "functional", "merge_attentions", "na1d", "na2d", "na3d"]
 __version__ = "0.1.0"

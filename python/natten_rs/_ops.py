@@ -224,3 +224,118 @@ def _av_backward(ctx, d_out):
 
 
 na_av.register_autograd(_av_backward, setup_context=_av_setup)
+
+
+# --- fused ---------------------------------------------------------------------------------------
+# Layouts (heads-last): query [B, *spatial, heads, D]; key [B, *spatial, heads_kv, D]; value
+# [B, *spatial, heads_kv, Dv]; additional keys/values [B, n_extra, heads_kv, D/Dv]; rpb
+# [heads, 2K-1, ...]; out [B, *spatial, heads, Dv]; lse [B, *spatial, heads] float32. An empty
+# kernel_size means dense attention: no key/value, every query attends the additional tokens.
+
+
+def _fused_inputs(query, key, value, additional_keys, additional_values, rpb) -> tuple:
+    return tuple(dlpack(t) for t in (query, key, value, additional_keys, additional_values, rpb))
+
+
+def _fused_shapes(query, value, additional_values) -> tuple[list, list]:
+    dim_v = (value if value is not None else additional_values).shape[-1]
+    return [*query.shape[:-1], dim_v], list(query.shape[:-1])
+
+
+@torch.library.custom_op("natten_rs::na_fused", mutates_args=())
+def na_fused(
+    query: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    additional_keys: Optional[Tensor],
+    additional_values: Optional[Tensor],
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Fused neighborhood attention: ``(out, lse)``."""
+    inputs = _fused_inputs(query, key, value, additional_keys, additional_values, rpb)
+    nbhd = (kernel_size, stride, dilation, is_causal)
+    out_shape, lse_shape = _core.fused_output_shapes(inputs, nbhd, scale)
+    out = query.new_empty(out_shape)
+    lse = query.new_empty(lse_shape, dtype=torch.float32)
+    _core.na_fused(inputs, nbhd, scale, dlpack(out), dlpack(lse))
+    return out, lse
+
+
+@na_fused.register_fake
+def _(query, key, value, additional_keys, additional_values, rpb, *params):
+    out_shape, lse_shape = _fused_shapes(query, value, additional_values)
+    return query.new_empty(out_shape), query.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("natten_rs::na_fused_backward", mutates_args=())
+def na_fused_backward(
+    d_out: Tensor,
+    d_lse: Optional[Tensor],
+    out: Tensor,
+    query: Tensor,
+    key: Optional[Tensor],
+    value: Optional[Tensor],
+    additional_keys: Optional[Tensor],
+    additional_values: Optional[Tensor],
+    rpb: Optional[Tensor],
+    kernel_size: List[int],
+    stride: List[int],
+    dilation: List[int],
+    is_causal: List[bool],
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients wrt ``(query, key, value, additional_keys, additional_values, rpb)``; absent
+    inputs get empty tensors."""
+    inputs = (query, key, value, additional_keys, additional_values, rpb)
+    grads = _fused_grads(*inputs)
+    _core.na_fused_backward(
+        _fused_inputs(*inputs),
+        (kernel_size, stride, dilation, is_causal),
+        scale,
+        (dlpack(out), dlpack(d_out), dlpack(d_lse)),
+        tuple(None if t is None else dlpack(g) for t, g in zip(inputs, grads)),
+    )
+    return grads
+
+
+def _fused_grads(*inputs) -> tuple:
+    query = inputs[0]
+    return tuple(
+        _empty_like_rows(query)
+        if t is None
+        else torch.empty_like(t, memory_format=torch.contiguous_format)
+        for t in inputs
+    )
+
+
+@na_fused_backward.register_fake
+def _(d_out, d_lse, out, query, key, value, additional_keys, additional_values, rpb, *params):
+    return _fused_grads(query, key, value, additional_keys, additional_values, rpb)
+
+
+def _fused_setup(ctx, inputs, output):
+    *tensors, kernel_size, stride, dilation, is_causal, scale = inputs
+    out, _ = output
+    ctx.save_for_backward(*tensors, out)
+    ctx.params = (kernel_size, stride, dilation, is_causal, scale)
+
+
+def _fused_backward(ctx, d_out, d_lse):
+    *tensors, out = ctx.saved_tensors
+    grads = na_fused_backward(d_out, d_lse, out, *tensors, *ctx.params)
+    return (
+        *(None if t is None else g for t, g in zip(tensors, grads)),
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+na_fused.register_autograd(_fused_backward, setup_context=_fused_setup)

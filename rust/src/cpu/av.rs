@@ -7,8 +7,8 @@ use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::view::{Extras, Tokens};
 
-/// A row kernel whose output row is a weighted sum of input rows (`terms`).
-trait WeightedSum<T: Element> {
+/// An output row that is a weighted sum of input rows (`terms`).
+pub trait WeightedSum<T: Element> {
     /// Calls `f(weight, row, channel_stride)` for every term of row `row`'s sum.
     ///
     /// # Safety
@@ -16,46 +16,54 @@ trait WeightedSum<T: Element> {
     unsafe fn terms(&self, row: Row, f: impl FnMut(T::Acc, *const T, isize));
     /// Whether every term row has channel stride 1 (register-chunked sums apply).
     fn dense_terms(&self) -> bool;
-    /// The output token view.
-    fn out(&self) -> Tokens<T>;
 }
 
-/// Compute output row `r` of `sum`: channel chunks summed in registers, the rest in `scratch`.
+/// Write `scale * sum` for row `row` to `dim` channels at `dst`: channel chunks summed in
+/// registers, the rest in `scratch` (at least `dim` long).
 ///
 /// # Safety
-/// `r` must be a row of the validated problem; only row `r` of the output is written.
+/// `row` must be a row of the validated problem; `dst` must be writable for `dim` channels
+/// `dst_step` apart and written by this call only.
 #[inline(always)]
-unsafe fn weighted_sum_row<T: Element, S: WeightedSum<T>>(
+pub unsafe fn weighted_sum<T: Element, S: WeightedSum<T>>(
     sum: &S,
-    g: &Grid,
-    r: usize,
+    row: Row,
+    (dst, dst_step, dim): (*mut T, isize, usize),
+    scale: T::Acc,
     scratch: &mut [T::Acc],
 ) {
-    let row = g.row(r);
-    let [x0, x1, x2] = row.x;
-    let out = sum.out();
-    let (dst, dst_step) = (out.at([row.b, row.h, x0, x1, x2, 0]), out.inner_stride());
     let body = if sum.dense_terms() {
-        g.dim - g.dim % CHUNK
+        dim - dim % CHUNK
     } else {
         0
     };
-    // SAFETY (whole block): terms point at rows of `dim` channels; `dst` is row `r`.
+    // SAFETY (whole block): terms point at rows of `dim` channels; `dst` is this row's output.
     unsafe {
         for c in (0..body).step_by(CHUNK) {
             let mut acc = [T::Acc::ZERO; CHUNK];
             sum.terms(row, |w, src, _| axpy_chunk(&mut acc, w, src.add(c)));
+            acc.iter_mut().for_each(|a| *a = *a * scale);
             store(dst.offset(c as isize * dst_step), dst_step, &acc);
         }
-        if body < g.dim {
-            let tail = &mut scratch[..g.dim - body];
+        if body < dim {
+            let tail = &mut scratch[..dim - body];
             tail.fill(T::Acc::ZERO);
             sum.terms(row, |w, src, step| {
                 axpy(tail, w, src.offset(body as isize * step), step)
             });
+            tail.iter_mut().for_each(|a| *a = *a * scale);
             store(dst.offset(body as isize * dst_step), dst_step, tail);
         }
     }
+}
+
+/// Output row `r` of a token view, as `weighted_sum` takes it.
+fn out_row<T>(g: &Grid, out: Tokens<T>, r: usize) -> (Row, (*mut T, isize, usize)) {
+    let row = g.row(r);
+    let [x0, x1, x2] = row.x;
+    // SAFETY: rows of a validated problem are in shape.
+    let dst = unsafe { out.at([row.b, row.h, x0, x1, x2, 0]) };
+    (row, (dst, out.inner_stride(), g.dim))
 }
 
 /// `out[x] = sum_slot w[x, slot] b[key] + sum_e w[x, slots + e] extra[e]`.
@@ -124,10 +132,6 @@ impl<T: Element> WeightedSum<T> for GatherRows<'_, T> {
     fn dense_terms(&self) -> bool {
         self.b.inner_stride() == 1 && self.extra.is_none_or(|e| e.inner_stride() == 1)
     }
-
-    fn out(&self) -> Tokens<T> {
-        self.out
-    }
 }
 
 impl<T: Element> RowKernel for GatherRows<'_, T> {
@@ -135,8 +139,9 @@ impl<T: Element> RowKernel for GatherRows<'_, T> {
 
     #[inline(always)]
     unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+        let (row, dst) = out_row(self.g, self.out, r);
         // SAFETY: forwarded contract.
-        unsafe { weighted_sum_row(self, self.g, r, scratch) }
+        unsafe { weighted_sum(self, row, dst, T::Acc::ONE, scratch) }
     }
 }
 
@@ -193,10 +198,6 @@ impl<T: Element> WeightedSum<T> for ScatterRows<'_, T> {
     fn dense_terms(&self) -> bool {
         self.a.inner_stride() == 1
     }
-
-    fn out(&self) -> Tokens<T> {
-        self.out
-    }
 }
 
 impl<T: Element> RowKernel for ScatterRows<'_, T> {
@@ -204,8 +205,9 @@ impl<T: Element> RowKernel for ScatterRows<'_, T> {
 
     #[inline(always)]
     unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+        let (row, dst) = out_row(self.g, self.out, r);
         // SAFETY: forwarded contract.
-        unsafe { weighted_sum_row(self, self.g, r, scratch) }
+        unsafe { weighted_sum(self, row, dst, T::Acc::ONE, scratch) }
     }
 }
 

@@ -1,28 +1,95 @@
 //! Element types and the row operations every CPU kernel is built from. Half types are widened
 //! to `f32` as they are read; every sum runs in the accumulator type.
 
-use std::ops::{Add, AddAssign, Mul};
+use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use half::{bf16, f16};
 
 /// The type sums are carried in: `f32`, or `f64` for `f64` tensors.
 pub trait Accum:
-    Copy + Send + Sync + Add<Output = Self> + Mul<Output = Self> + AddAssign + 'static
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + AddAssign
+    + 'static
 {
     /// Additive identity.
     const ZERO: Self;
+    /// Multiplicative identity.
+    const ONE: Self;
     /// Logit of a masked slot.
     const NEG_INF: Self;
+    /// Nearest value to `x`.
+    fn from_f64(x: f64) -> Self;
+    /// Nearest `f32` (the dtype of lse).
+    fn to_f32(self) -> f32;
+    /// Natural logarithm.
+    fn ln(self) -> Self;
+    /// `e^self`.
+    fn exp(self) -> Self;
+    /// The larger of the two.
+    fn max(self, other: Self) -> Self;
+    /// `xs[i] = exp(xs[i] - shift)`; returns the sum of the results.
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self;
 }
 
 impl Accum for f32 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     const NEG_INF: Self = f32::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn ln(self) -> Self {
+        f32::ln(self)
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        super::math::exp_f32(self)
+    }
+    #[inline(always)]
+    fn max(self, other: Self) -> Self {
+        f32::max(self, other)
+    }
+    #[inline(always)]
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
+        super::math::exp_shifted_f32(xs, shift)
+    }
 }
 
 impl Accum for f64 {
     const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
     const NEG_INF: Self = f64::NEG_INFINITY;
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn ln(self) -> Self {
+        f64::ln(self)
+    }
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    fn max(self, other: Self) -> Self {
+        f64::max(self, other)
+    }
+    fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
+        xs.iter_mut().fold(0.0, |sum, x| {
+            *x = (*x - shift).exp();
+            sum + *x
+        })
+    }
 }
 
 /// A tensor element type the kernels compute with.

@@ -36,15 +36,20 @@ pub struct Row {
 impl Grid {
     /// Precompute the windows of `p`.
     pub fn new(p: &Problem) -> Grid {
+        Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra)
+    }
+
+    /// Precompute the windows of `axes`, for rows over `(batch, heads)` summing `dim` channels.
+    pub fn with(axes: [Axis; 3], (batch, heads): (usize, usize), dim: usize, extra: usize) -> Grid {
         Grid {
-            axes: p.axes,
-            forward: p.axes.map(|a| a.windows()),
-            inverse: p.axes.map(InverseAxis::new),
-            batch: p.batch,
-            heads: p.heads,
-            dim: p.dim,
-            slots: p.slots(),
-            extra: p.extra,
+            axes,
+            forward: axes.map(|a| a.windows()),
+            inverse: axes.map(InverseAxis::new),
+            batch,
+            heads,
+            dim,
+            slots: axes.iter().map(|a| a.kernel).product(),
+            extra,
         }
     }
 
@@ -67,6 +72,12 @@ impl Grid {
             h: bh % self.heads,
             x: [n / (l1 * l2), (n / l2) % l1, n % l2],
         }
+    }
+
+    /// Row number of `(b, h, x)`: the inverse of `row`.
+    pub fn row_index(&self, b: usize, h: usize, x: [usize; 3]) -> usize {
+        let [_, l1, l2] = self.axes.map(|a| a.length);
+        (b * self.heads + h) * self.tokens() + (x[0] * l1 + x[1]) * l2 + x[2]
     }
 
     /// Keys seen by the query at `x`, per axis.

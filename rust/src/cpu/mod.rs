@@ -5,7 +5,10 @@
 
 mod av;
 mod element;
+mod fused;
+mod fused_bwd;
 mod grid;
+mod math;
 mod parallel;
 mod qk;
 mod view;
@@ -13,7 +16,7 @@ mod view;
 use half::{bf16, f16};
 
 use crate::dlpack::{DType, TensorRef};
-use crate::problem::Problem;
+use crate::problem::{FusedProblem, Problem};
 use av::{extra_grad, gather, scatter};
 use grid::Grid;
 use qk::{bias_grad, pairwise, Pairwise};
@@ -143,4 +146,17 @@ pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, grads: &AvGrad
             extra_grad::<T>(&g, tokens(t.attn), tokens(d_out), extras(d_extra));
         }
     })
+}
+
+pub use fused::FusedTensors;
+pub use fused_bwd::{FusedGrads, Saved};
+
+/// Fused forward into `out` and `lse`.
+pub fn fused_forward(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, lse: &TensorRef) {
+    with_element!(p.dtype, T => fused::forward::<T>(p, t, out, lse))
+}
+
+/// Fused backward: every gradient in `grads`.
+pub fn fused_backward(p: &FusedProblem, t: &FusedTensors, saved: &Saved, grads: &FusedGrads) {
+    with_element!(p.dtype, T => fused_bwd::backward::<T>(p, t, saved, grads))
 }

@@ -71,6 +71,32 @@ pub type Extras<T> = View<T, 4>;
 /// Relative positional bias `[heads, r0, r1, r2]`.
 pub type Bias<T> = View<T, 4>;
 
+/// View a heads-last token tensor `[B, *spatial, heads, C]` of `rank` spatial axes; with
+/// `channels == false`, a per-token tensor `[B, *spatial, heads]` (channel index 0 only).
+pub fn tokens_heads_last<T>(t: &TensorRef, rank: usize, channels: bool) -> Tokens<T> {
+    let s = &t.strides;
+    let mut strides = [0isize; 6];
+    strides[0] = s[0];
+    strides[1] = s[rank + 1];
+    strides[5 - rank..5].copy_from_slice(&s[1..=rank]);
+    if channels {
+        strides[5] = s[rank + 2];
+    }
+    View {
+        ptr: t.data as *mut T,
+        strides,
+    }
+}
+
+/// View a heads-last additional-token tensor `[B, n, heads, C]` as `[B, heads, n, C]`.
+pub fn extras_heads_last<T>(t: &TensorRef) -> Extras<T> {
+    let s = &t.strides;
+    View {
+        ptr: t.data as *mut T,
+        strides: [s[0], s[2], s[1], s[3]],
+    }
+}
+
 /// View a heads-first token tensor `[B, heads, *spatial, C]` of any rank.
 pub fn tokens<T>(t: &TensorRef) -> Tokens<T> {
     View::new(t, 2)

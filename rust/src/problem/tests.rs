@@ -11,6 +11,7 @@ fn nbhd(kernel: &[i64], dilation: &[i64], causal: &[bool]) -> Neighborhood {
         kernel: kernel.to_vec(),
         dilation: dilation.to_vec(),
         causal: causal.to_vec(),
+        ..Default::default()
     }
 }
 
