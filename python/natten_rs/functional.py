@@ -495,9 +495,11 @@ def merge_attentions(outputs: Sequence[Tensor], lse_tensors: Sequence[Tensor]):
                 f"and {tuple(outputs[0].shape[:-1])}, got {tuple(out.shape)} and "
                 f"{tuple(lse.shape)}"
             )
-    lses = torch.stack([lse.float() for lse in lse_tensors])
+    # Half outputs are merged in float32, float64 ones in float64.
+    dtype = torch.promote_types(outputs[0].dtype, torch.float32)
+    lses = torch.stack([lse.to(dtype) for lse in lse_tensors])
     lse = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - lse).unsqueeze(-1)
-    stacked = torch.stack([out.float() for out in outputs])
+    stacked = torch.stack([out.to(dtype) for out in outputs])
     out = (weights * stacked).sum(dim=0).to(outputs[0].dtype)
-    return out, lse
+    return out, lse.float()
