@@ -82,7 +82,7 @@ pub fn gather<T: Element>(
         out,
     };
     // SAFETY: `GatherRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+    unsafe { par_rows(g.rows(), &kernel) };
 }
 
 struct GatherRows<'a, T> {
@@ -135,10 +135,14 @@ impl<T: Element> WeightedSum<T> for GatherRows<'_, T> {
 }
 
 impl<T: Element> RowKernel for GatherRows<'_, T> {
-    type Acc = T::Acc;
+    type Scratch = Vec<T::Acc>;
+
+    fn scratch(&self) -> Vec<T::Acc> {
+        vec![T::Acc::ZERO; self.g.dim]
+    }
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+    unsafe fn row(&self, r: usize, scratch: &mut Vec<T::Acc>) {
         let (row, dst) = out_row(self.g, self.out, r);
         // SAFETY: forwarded contract.
         unsafe { weighted_sum(self, row, dst, T::Acc::ONE, scratch) }
@@ -149,7 +153,7 @@ impl<T: Element> RowKernel for GatherRows<'_, T> {
 pub fn scatter<T: Element>(g: &Grid, w: Tokens<T>, a: Tokens<T>, out: Tokens<T>) {
     let kernel = ScatterRows { g, w, a, out };
     // SAFETY: `ScatterRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+    unsafe { par_rows(g.rows(), &kernel) };
 }
 
 struct ScatterRows<'a, T> {
@@ -201,10 +205,14 @@ impl<T: Element> WeightedSum<T> for ScatterRows<'_, T> {
 }
 
 impl<T: Element> RowKernel for ScatterRows<'_, T> {
-    type Acc = T::Acc;
+    type Scratch = Vec<T::Acc>;
+
+    fn scratch(&self) -> Vec<T::Acc> {
+        vec![T::Acc::ZERO; self.g.dim]
+    }
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+    unsafe fn row(&self, r: usize, scratch: &mut Vec<T::Acc>) {
         let (row, dst) = out_row(self.g, self.out, r);
         // SAFETY: forwarded contract.
         unsafe { weighted_sum(self, row, dst, T::Acc::ONE, scratch) }

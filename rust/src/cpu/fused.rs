@@ -27,16 +27,37 @@ pub struct FusedTensors<'a> {
     pub rpb: Option<&'a TensorRef>,
 }
 
-/// One key a query attends: a neighbor at spatial coordinates, or additional token `e`.
-#[derive(Clone, Copy)]
-pub enum Key {
-    /// A neighbor.
-    At([usize; 3]),
-    /// An additional token.
-    Extra(usize),
+/// The keys of one query row, gathered once and walked by every loop over them: window
+/// neighbors first, then the additional tokens.
+pub struct KeyList<A> {
+    /// Addresses of the key rows.
+    pub keys: Vec<usize>,
+    /// Addresses of the value rows.
+    pub values: Vec<usize>,
+    /// The bias each key's logit gets (0 without rpb).
+    pub bias: Vec<A>,
+    /// For neighbors with rpb: flat index into the `(2K0-1) x (2K1-1) x (2K2-1)` bias box.
+    pub bias_bin: Vec<usize>,
+    /// Number of keys.
+    pub len: usize,
+    /// Number of neighbors (the first `window` keys).
+    pub window: usize,
 }
 
-/// Views of the inputs of a fused problem, and the walk over each query's keys.
+impl<A: Accum> KeyList<A> {
+    fn new(capacity: usize) -> Self {
+        KeyList {
+            keys: vec![0; capacity],
+            values: vec![0; capacity],
+            bias: vec![A::ZERO; capacity],
+            bias_bin: vec![0; capacity],
+            len: 0,
+            window: 0,
+        }
+    }
+}
+
+/// Views of the inputs of a fused problem.
 pub struct Attention<'g, T: Element> {
     /// Windows of the query grid (rows over query heads, `dim` = D).
     pub g: &'g Grid,
@@ -75,71 +96,97 @@ impl<'g, T: Element> Attention<'g, T> {
         }
     }
 
-    /// Most keys a query attends.
-    pub fn max_keys(&self) -> usize {
-        usize::from(self.window) * self.g.slots + self.g.extra
+    /// An empty key list large enough for any query.
+    pub fn key_list(&self) -> KeyList<T::Acc> {
+        KeyList::new(usize::from(self.window) * self.g.slots + self.g.extra)
     }
 
-    /// Calls `f(n, key)` for the keys of the query at `x`: window slots row-major, then extras.
+    /// Channel strides of key rows: `(neighbors, extras)`.
+    pub fn key_steps(&self) -> (isize, isize) {
+        (
+            self.k.map_or(1, |k| k.inner_stride()),
+            self.ek.map_or(1, |k| k.inner_stride()),
+        )
+    }
+
+    /// Channel strides of value rows: `(neighbors, extras)`.
+    pub fn value_steps(&self) -> (isize, isize) {
+        (
+            self.v.map_or(1, |v| v.inner_stride()),
+            self.ev.map_or(1, |v| v.inner_stride()),
+        )
+    }
+
+    /// Gather the keys of query row `row` into `list`.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem.
     #[inline(always)]
-    pub fn for_each_key(&self, x: [usize; 3], mut f: impl FnMut(usize, Key)) {
+    pub unsafe fn collect_keys(&self, row: Row, list: &mut KeyList<T::Acc>) {
+        let Row { b, h, x } = row;
+        let hk = h / self.group;
         let mut n = 0;
-        if self.window {
-            let w = self.g.window(x);
-            let d = self.g.axes.map(|a| a.dilation);
-            for s0 in 0..w[0].count {
-                for s1 in 0..w[1].count {
-                    for s2 in 0..w[2].count {
-                        let y = [
-                            w[0].first + s0 * d[0],
-                            w[1].first + s1 * d[1],
-                            w[2].first + s2 * d[2],
-                        ];
-                        f(n, Key::At(y));
-                        n += 1;
+        // SAFETY (whole block): window keys of a validated row, and its extras, are in shape.
+        unsafe {
+            if let (Some(k), Some(v)) = (self.k, self.v) {
+                let w = self.g.window(x);
+                let d = self.g.axes.map(|a| a.dilation as isize);
+                let k0 = k.at([b, hk, w[0].first, w[1].first, w[2].first, 0]);
+                let v0 = v.at([b, hk, w[0].first, w[1].first, w[2].first, 0]);
+                let bias = self.bias.map(|bias| {
+                    let first = [0, 1, 2].map(|a| self.g.axes[a].bias_index(x[a], w[a].first));
+                    (bias.at([h, first[0], first[1], first[2]]), first)
+                });
+                let span = self.g.axes.map(|a| 2 * a.kernel - 1);
+                for s0 in 0..w[0].count {
+                    for s1 in 0..w[1].count {
+                        for s2 in 0..w[2].count {
+                            let s = [s0 as isize, s1 as isize, s2 as isize];
+                            let ko = (0..3).map(|a| s[a] * d[a] * k.stride(2 + a)).sum::<isize>();
+                            let vo = (0..3).map(|a| s[a] * d[a] * v.stride(2 + a)).sum::<isize>();
+                            list.keys[n] = k0.offset(ko) as usize;
+                            list.values[n] = v0.offset(vo) as usize;
+                            list.bias[n] = match (bias, self.bias) {
+                                (Some((at, first)), Some(view)) => {
+                                    let bo =
+                                        (0..3).map(|a| s[a] * view.stride(1 + a)).sum::<isize>();
+                                    let i = [first[0] + s0, first[1] + s1, first[2] + s2];
+                                    list.bias_bin[n] = (i[0] * span[1] + i[1]) * span[2] + i[2];
+                                    (*at.offset(bo)).to_acc()
+                                }
+                                _ => T::Acc::ZERO,
+                            };
+                            n += 1;
+                        }
                     }
                 }
             }
+            list.window = n;
+            if let (Some(ek), Some(ev)) = (self.ek, self.ev) {
+                for e in 0..self.g.extra {
+                    list.keys[n] = ek.at([b, hk, e, 0]) as usize;
+                    list.values[n] = ev.at([b, hk, e, 0]) as usize;
+                    list.bias[n] = T::Acc::ZERO;
+                    n += 1;
+                }
+            }
         }
-        for e in 0..self.g.extra {
-            f(n, Key::Extra(e));
-            n += 1;
-        }
+        list.len = n;
     }
 
-    /// The key row of `key` for batch `b`, kv head `hk`, and its channel stride.
+    /// The bias head `h`'s query at `x` gets for its neighbor `y` (0 without rpb).
     ///
     /// # Safety
-    /// `key` must be a key of a query of the validated problem.
+    /// `y` must be in the window of the query at `x`.
     #[inline(always)]
-    pub unsafe fn key_row(&self, b: usize, hk: usize, key: Key) -> (*const T, isize) {
-        // SAFETY: in shape by the caller's contract; window keys exist only with `key` given.
-        unsafe { row_of(self.k, self.ek, b, hk, key) }
-    }
-
-    /// The value row of `key` for batch `b`, kv head `hk`, and its channel stride.
-    ///
-    /// # Safety
-    /// As `key_row`.
-    #[inline(always)]
-    pub unsafe fn value_row(&self, b: usize, hk: usize, key: Key) -> (*const T, isize) {
-        // SAFETY: as `key_row`.
-        unsafe { row_of(self.v, self.ev, b, hk, key) }
-    }
-
-    /// The bias head `h`'s query at `x` gets for `key` (0 without rpb and for extra tokens).
-    ///
-    /// # Safety
-    /// `key` must be a key of the query at `x`.
-    #[inline(always)]
-    pub unsafe fn bias_of(&self, h: usize, x: [usize; 3], key: Key) -> T::Acc {
-        match (self.bias, key) {
-            (Some(bias), Key::At(y)) => {
+    pub unsafe fn bias_at(&self, h: usize, x: [usize; 3], y: [usize; 3]) -> T::Acc {
+        match self.bias {
+            None => T::Acc::ZERO,
+            Some(bias) => {
                 let [i0, i1, i2] = [0, 1, 2].map(|a| self.g.axes[a].bias_index(x[a], y[a]));
                 // SAFETY: offsets inside a window index the validated `[heads, 2K-1, ...]`.
                 unsafe { (*bias.at([h, i0, i1, i2])).to_acc() }
             }
-            _ => T::Acc::ZERO,
         }
     }
 
@@ -161,99 +208,85 @@ impl<'g, T: Element> Attention<'g, T> {
         q.iter_mut().for_each(|v| *v = *v * self.scale);
     }
 
-    /// `logits[n] = q . key_n + bias_n` for the keys of `row` (`q` already scaled); returns
-    /// the number of keys.
+    /// `logits[n] = q . key_n + bias_n` over `list` (`q` already scaled).
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem; `logits` at least `max_keys` long.
+    /// `list` must hold the keys of a row of the validated problem.
     #[inline(always)]
-    pub unsafe fn scores(&self, row: Row, q: &[T::Acc], logits: &mut [T::Acc]) -> usize {
-        let hk = row.h / self.group;
-        let mut count = 0;
-        self.for_each_key(row.x, |n, key| {
-            // SAFETY: keys of a row of the validated problem.
-            unsafe {
-                let (k, step) = self.key_row(row.b, hk, key);
-                logits[n] = dot(q, k, step) + self.bias_of(row.h, row.x, key);
-            }
-            count = n + 1;
-        });
-        count
-    }
-
-    /// Whether value rows have channel stride 1.
-    fn dense_values(&self) -> bool {
-        self.v.is_none_or(|v| v.inner_stride() == 1)
-            && self.ev.is_none_or(|v| v.inner_stride() == 1)
-    }
-
-    /// Whether key rows have channel stride 1.
-    pub fn dense_keys(&self) -> bool {
-        self.k.is_none_or(|v| v.inner_stride() == 1)
-            && self.ek.is_none_or(|v| v.inner_stride() == 1)
-    }
-}
-
-/// Row of `key` in `tokens` (neighbors) or `extras`.
-///
-/// # Safety
-/// `key` must be in shape; `tokens` given whenever `key` is a neighbor, `extras` for extras.
-#[inline(always)]
-unsafe fn row_of<T>(
-    tokens: Option<Tokens<T>>,
-    extras: Option<Extras<T>>,
-    b: usize,
-    h: usize,
-    key: Key,
-) -> (*const T, isize) {
-    // SAFETY: in shape by the caller's contract.
-    unsafe {
-        match key {
-            Key::At([y0, y1, y2]) => {
-                let t = tokens.expect("neighbors exist only with key/value tensors");
-                (t.at([b, h, y0, y1, y2, 0]), t.inner_stride())
-            }
-            Key::Extra(e) => {
-                let t = extras.expect("extra keys exist only with extra tensors");
-                (t.at([b, h, e, 0]), t.inner_stride())
-            }
+    pub unsafe fn scores(&self, list: &KeyList<T::Acc>, q: &[T::Acc], logits: &mut [T::Acc]) {
+        // SAFETY: the list's addresses are rows of `q.len()` channels.
+        unsafe { dots::<T>(list, &list.keys, self.key_steps(), q, logits) };
+        for (l, &b) in logits[..list.len].iter_mut().zip(&list.bias) {
+            *l += b;
         }
     }
+
+    /// `out[n] = a . value_n` over `list`.
+    ///
+    /// # Safety
+    /// `list` must hold the keys of a row of the validated problem; `a` has `dim_v` channels.
+    #[inline(always)]
+    pub unsafe fn value_dots(&self, list: &KeyList<T::Acc>, a: &[T::Acc], out: &mut [T::Acc]) {
+        // SAFETY: the list's value addresses are rows of `dim_v` channels.
+        unsafe { dots::<T>(list, &list.values, self.value_steps(), a, out) };
+    }
 }
 
-/// `sum_n w[n] value_n` (or `key_n`) over the keys of one query row.
-pub struct KeyTerms<'a, 'g, T: Element> {
-    /// The problem.
-    pub a: &'a Attention<'g, T>,
-    /// Weights, one per key in `for_each_key` order.
+/// `out[n] = a . row_n` for the rows at `addresses` (neighbors, then extras).
+///
+/// # Safety
+/// Every address must be a row of `a.len()` channels `steps` apart.
+#[inline(always)]
+unsafe fn dots<T: Element>(
+    list: &KeyList<T::Acc>,
+    addresses: &[usize],
+    (window_step, extra_step): (isize, isize),
+    a: &[T::Acc],
+    out: &mut [T::Acc],
+) {
+    for n in 0..list.len {
+        let step = if n < list.window {
+            window_step
+        } else {
+            extra_step
+        };
+        // SAFETY: by the caller's contract.
+        out[n] = unsafe { dot(a, addresses[n] as *const T, step) };
+    }
+}
+
+/// `sum_n w[n] value_n` (or `key_n`) over a key list.
+pub struct KeyTerms<'a, T: Element> {
+    /// The keys.
+    pub list: &'a KeyList<T::Acc>,
+    /// Weights, one per key.
     pub w: &'a [T::Acc],
     /// Sum value rows (true) or key rows (false).
     pub values: bool,
+    /// Channel strides `(neighbors, extras)` of the summed rows.
+    pub steps: (isize, isize),
 }
 
-impl<T: Element> WeightedSum<T> for KeyTerms<'_, '_, T> {
+impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
     #[inline(always)]
-    unsafe fn terms(&self, row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
-        let hk = row.h / self.a.group;
-        self.a.for_each_key(row.x, |n, key| {
-            // SAFETY: keys of a row of the validated problem.
-            let (src, step) = unsafe {
-                if self.values {
-                    self.a.value_row(row.b, hk, key)
-                } else {
-                    self.a.key_row(row.b, hk, key)
-                }
+    unsafe fn terms(&self, _row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
+        let rows = if self.values {
+            &self.list.values
+        } else {
+            &self.list.keys
+        };
+        for n in 0..self.list.len {
+            let step = if n < self.list.window {
+                self.steps.0
+            } else {
+                self.steps.1
             };
-            f(self.w[n], src, step);
-        });
+            f(self.w[n], rows[n] as *const T, step);
+        }
     }
 
     fn dense_terms(&self) -> bool {
-        if self.values {
-            self.a.dense_values()
-        } else {
-            self.a.dense_keys()
-        }
+        self.steps == (1, 1)
     }
 }
 
@@ -266,9 +299,8 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         out: tokens_heads_last(out, p.rank, true),
         lse: tokens_heads_last(lse, p.rank, false),
     };
-    let width = p.dim + a.max_keys() + p.dim.max(p.dim_v);
     // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), width, T::Acc::ZERO, &kernel) };
+    unsafe { par_rows(g.rows(), &kernel) };
 }
 
 struct Forward<'a, 'g, T: Element> {
@@ -277,41 +309,80 @@ struct Forward<'a, 'g, T: Element> {
     lse: Tokens<f32>,
 }
 
+/// Per-worker scratch of the forward pass.
+pub struct RowScratch<A> {
+    /// The scaled query.
+    pub q: Vec<A>,
+    /// Logits, then probabilities (or their gradients), per key.
+    pub logits: Vec<A>,
+    /// Channels a weighted sum keeps outside registers.
+    pub tail: Vec<A>,
+    /// The row's keys.
+    pub keys: KeyList<A>,
+}
+
+impl<T: Element> Attention<'_, T> {
+    /// Scratch for one worker of a query-row pass.
+    pub fn row_scratch(&self) -> RowScratch<T::Acc> {
+        let keys = self.key_list();
+        RowScratch {
+            q: vec![T::Acc::ZERO; self.g.dim],
+            logits: vec![T::Acc::ZERO; keys.keys.len()],
+            tail: vec![T::Acc::ZERO; self.g.dim.max(self.dim_v)],
+            keys,
+        }
+    }
+
+    /// The softmax of row `row`'s logits into `s.logits`; returns the logsumexp.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem.
+    #[inline(always)]
+    pub unsafe fn probabilities(&self, row: Row, s: &mut RowScratch<T::Acc>) -> T::Acc {
+        // SAFETY: forwarded contract.
+        unsafe {
+            self.load_query(row, &mut s.q);
+            self.collect_keys(row, &mut s.keys);
+            self.scores(&s.keys, &s.q, &mut s.logits);
+        }
+        let p = &mut s.logits[..s.keys.len];
+        let max = p.iter().fold(T::Acc::NEG_INF, |m, &x| m.max(x));
+        let sum = T::Acc::exp_shifted(p, max);
+        let inv = T::Acc::ONE / sum;
+        p.iter_mut().for_each(|x| *x = *x * inv);
+        max + sum.ln()
+    }
+}
+
 impl<T: Element> RowKernel for Forward<'_, '_, T> {
-    type Acc = T::Acc;
+    type Scratch = RowScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.a.row_scratch()
+    }
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+    unsafe fn row(&self, r: usize, s: &mut RowScratch<T::Acc>) {
         let a = self.a;
         let row = a.g.row(r);
         let [x0, x1, x2] = row.x;
-        let (q, rest) = scratch.split_at_mut(a.g.dim);
-        let (logits, tail) = rest.split_at_mut(a.max_keys());
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.
         unsafe {
-            a.load_query(row, q);
-            let n = a.scores(row, q, logits);
-            let p = &mut logits[..n];
-            let max = p.iter().fold(T::Acc::NEG_INF, |m, &x| m.max(x));
-            let sum = T::Acc::exp_shifted(p, max);
+            let lse = a.probabilities(row, s);
+            let terms = KeyTerms {
+                list: &s.keys,
+                w: &s.logits,
+                values: true,
+                steps: a.value_steps(),
+            };
             let dst = (
                 self.out.at([row.b, row.h, x0, x1, x2, 0]),
                 self.out.inner_stride(),
                 a.dim_v,
             );
-            weighted_sum(
-                &KeyTerms {
-                    a,
-                    w: p,
-                    values: true,
-                },
-                row,
-                dst,
-                T::Acc::ONE / sum,
-                tail,
-            );
-            *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = (max + sum.ln()).to_f32();
+            weighted_sum(&terms, row, dst, T::Acc::ONE, &mut s.tail);
+            *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32();
         }
     }
 }

@@ -9,10 +9,10 @@ use std::sync::Mutex;
 
 use super::av::weighted_sum;
 use super::element::{axpy, dot, load, store, Accum, Element};
-use super::fused::{Attention, FusedTensors, Key, KeyTerms};
+use super::fused::{Attention, FusedTensors, KeyTerms, RowScratch};
 use super::grid::{Grid, Row};
-use super::parallel::{for_each_with, par_rows, RowKernel};
-use super::view::{bias, extras_heads_last, tokens_heads_last, Tokens};
+use super::parallel::{par_rows, RowKernel};
+use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
 
@@ -40,6 +40,65 @@ pub struct Saved<'a> {
     pub d_out: &'a TensorRef,
     /// `[B, *spatial, heads]`, float32: the gradient flowing into `lse`, when it was used.
     pub d_lse: Option<&'a TensorRef>,
+}
+
+/// All gradients of a fused problem.
+pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, grads: &FusedGrads) {
+    let g = Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra);
+    let a = Attention::<T>::new(p, &g, t);
+    let tokens = |t: &TensorRef| tokens_heads_last::<T>(t, p.rank, true);
+    let bwd = Backward {
+        a: &a,
+        d_out: tokens(saved.d_out),
+        out: tokens(saved.out),
+        d_lse: saved.d_lse.map(|t| tokens_heads_last(t, p.rank, false)),
+        delta: PerRow {
+            values: vec![T::Acc::ZERO; g.rows()],
+        },
+        lse: PerRow {
+            values: vec![T::Acc::ZERO; g.rows()],
+        },
+    };
+    let pass = QueryPass {
+        bwd: &bwd,
+        d_query: tokens(grads.d_query),
+    };
+    // SAFETY: `QueryPass::row` writes only row `r` of `d_query`, `delta` and `lse`.
+    unsafe { par_rows(g.rows(), &pass) };
+    if let (Some(k), Some(v), Some(dk), Some(dv)) = (t.key, t.value, grads.d_key, grads.d_value) {
+        let kv = Grid::with(p.axes, (p.batch, p.heads_kv), p.dim, 0);
+        let pass = KeyPass {
+            bwd: &bwd,
+            kv: &kv,
+            k: tokens(k),
+            v: tokens(v),
+            d_k: tokens(dk),
+            d_v: tokens(dv),
+        };
+        // SAFETY: `KeyPass::row` writes only row `r` of `d_key` and `d_value`.
+        unsafe { par_rows(kv.rows(), &pass) };
+    }
+    let extras = (
+        t.additional_keys,
+        t.additional_values,
+        grads.d_additional_keys,
+        grads.d_additional_values,
+    );
+    if let (Some(ek), Some(ev), Some(dek), Some(dev)) = extras {
+        let pass = ExtraPass {
+            bwd: &bwd,
+            heads_kv: p.heads_kv,
+            ek: extras_heads_last(ek),
+            ev: extras_heads_last(ev),
+            d_ek: extras_heads_last(dek),
+            d_ev: extras_heads_last(dev),
+        };
+        // SAFETY: `ExtraPass::row` writes only row `r` of the extra-token gradients.
+        unsafe { par_rows(p.batch * p.heads_kv * p.extra, &pass) };
+    }
+    if let Some(d_rpb) = grads.d_rpb {
+        bwd.bias_grad(p, bias(d_rpb));
+    }
 }
 
 /// Per-query-row values, written by the query pass (one task per row) and read after it.
@@ -74,104 +133,71 @@ struct Backward<'a, 'g, T: Element> {
     lse: PerRow<T::Acc>,
 }
 
-/// All gradients of a fused problem.
-pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, grads: &FusedGrads) {
-    let g = Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra);
-    let a = Attention::<T>::new(p, &g, t);
-    let bwd = Backward {
-        a: &a,
-        d_out: tokens_heads_last(saved.d_out, p.rank, true),
-        out: tokens_heads_last(saved.out, p.rank, true),
-        d_lse: saved.d_lse.map(|t| tokens_heads_last(t, p.rank, false)),
-        delta: PerRow {
-            values: vec![T::Acc::ZERO; g.rows()],
-        },
-        lse: PerRow {
-            values: vec![T::Acc::ZERO; g.rows()],
-        },
-    };
-    let query_pass = QueryPass {
-        bwd: &bwd,
-        d_query: tokens_heads_last(grads.d_query, p.rank, true),
-    };
-    let width = p.dim + p.dim_v + a.max_keys() + p.dim.max(p.dim_v);
-    // SAFETY: `QueryPass::row` writes only row `r` of `d_query`, `delta` and `lse`.
-    unsafe { par_rows(g.rows(), width, T::Acc::ZERO, &query_pass) };
-    if let (Some(d_key), Some(d_value)) = (grads.d_key, grads.d_value) {
-        bwd.key_pass(
-            p,
-            t,
-            tokens_heads_last(d_key, p.rank, true),
-            tokens_heads_last(d_value, p.rank, true),
-        );
-    }
-    if let (Some(dk), Some(dv)) = (grads.d_additional_keys, grads.d_additional_values) {
-        bwd.extra_pass(p, t, (extras_heads_last(dk), extras_heads_last(dv)));
-    }
-    if let Some(d_rpb) = grads.d_rpb {
-        bwd.bias_pass(p, bias(d_rpb));
-    }
+/// Scratch of a pass over query rows.
+struct QueryScratch<A> {
+    row: RowScratch<A>,
+    d_o: Vec<A>,
+    dp: Vec<A>,
 }
 
 impl<T: Element> Backward<'_, '_, T> {
-    /// `ds[n] = p[n] (d_out . value_n - delta)` for the keys of query row `row`, with `p` the
-    /// softmax of its logits; returns `(keys, lse, delta)`. `q` and `d_o` are scratch.
+    fn query_scratch(&self) -> QueryScratch<T::Acc> {
+        let row = self.a.row_scratch();
+        let keys = row.logits.len();
+        QueryScratch {
+            row,
+            d_o: vec![T::Acc::ZERO; self.a.dim_v],
+            dp: vec![T::Acc::ZERO; keys],
+        }
+    }
+
+    /// `ds[n] = p[n] (d_out . value_n - delta)` into `s.row.logits` for the keys of query row
+    /// `row`; returns `(lse, delta)`.
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem; `ds` at least `max_keys` long.
+    /// `row` must be a row of the validated problem.
     #[inline(always)]
-    unsafe fn logit_grads(
-        &self,
-        row: Row,
-        (q, d_o): (&mut [T::Acc], &mut [T::Acc]),
-        ds: &mut [T::Acc],
-    ) -> (usize, T::Acc, T::Acc) {
+    unsafe fn logit_grads(&self, row: Row, s: &mut QueryScratch<T::Acc>) -> (T::Acc, T::Acc) {
         let a = self.a;
         let Row {
             b,
             h,
             x: [x0, x1, x2],
         } = row;
-        let hk = h / a.group;
         // SAFETY (whole block): in shape by the caller's contract.
         unsafe {
             load(
-                d_o,
+                &mut s.d_o,
                 self.d_out.at([b, h, x0, x1, x2, 0]),
                 self.d_out.inner_stride(),
             );
             let mut delta = dot(
-                d_o,
+                &s.d_o,
                 self.out.at([b, h, x0, x1, x2, 0]),
                 self.out.inner_stride(),
             );
             if let Some(d_lse) = self.d_lse {
                 delta = delta - T::Acc::from_f64(f64::from(*d_lse.at([b, h, x0, x1, x2, 0])));
             }
-            a.load_query(row, q);
-            let n = a.scores(row, q, ds);
-            let max = ds[..n].iter().fold(T::Acc::NEG_INF, |m, &x| m.max(x));
-            let sum = T::Acc::exp_shifted(&mut ds[..n], max);
-            let inv = T::Acc::ONE / sum;
-            a.for_each_key(row.x, |m, key| {
-                let (v, step) = a.value_row(b, hk, key);
-                ds[m] = ds[m] * inv * (dot(d_o, v, step) - delta);
-            });
-            (n, max + sum.ln(), delta)
+            let lse = a.probabilities(row, &mut s.row);
+            a.value_dots(&s.row.keys, &s.d_o, &mut s.dp);
+            for (p, &dp) in s.row.logits[..s.row.keys.len].iter_mut().zip(&s.dp) {
+                *p = *p * (dp - delta);
+            }
+            (lse, delta)
         }
     }
 
     /// Add the contributions of head `h`'s query at `x` to the gradients of one key-side row
-    /// (`k`, `v` loaded): `d_k += ds q`, `d_v += p d_out`.
+    /// (`k`, `v` loaded, `bias` its bias for this query): `d_k += ds q`, `d_v += p d_out`.
     ///
     /// # Safety
-    /// `key` must be a key of the query at `x`, which must be in shape.
+    /// The key must be one the query at `x` attends; `x` must be in shape.
     #[inline(always)]
     unsafe fn add_pair(
         &self,
         (b, h, x): (usize, usize, [usize; 3]),
-        key: Key,
-        (k, v): (&[T::Acc], &[T::Acc]),
+        (k, v, bias): (&[T::Acc], &[T::Acc], T::Acc),
         (d_k, d_v): (&mut [T::Acc], &mut [T::Acc]),
     ) {
         let a = self.a;
@@ -180,138 +206,30 @@ impl<T: Element> Backward<'_, '_, T> {
         unsafe {
             let q = a.q.at([b, h, x0, x1, x2, 0]);
             let d_o = self.d_out.at([b, h, x0, x1, x2, 0]);
-            let logit = a.scale * dot(k, q, a.q.inner_stride()) + a.bias_of(h, x, key);
             let r = a.g.row_index(b, h, x);
+            let logit = a.scale * dot(k, q, a.q.inner_stride()) + bias;
             let p = (logit - self.lse.values[r]).exp();
             let dp = dot(v, d_o, self.d_out.inner_stride());
-            let ds = p * (dp - self.delta.values[r]);
-            axpy(d_k, ds, q, a.q.inner_stride());
+            axpy(d_k, p * (dp - self.delta.values[r]), q, a.q.inner_stride());
             axpy(d_v, p, d_o, self.d_out.inner_stride());
         }
     }
 
-    /// `d_key`, `d_value` over inverse windows: one task per key row `(b, kv head, y)`.
-    fn key_pass(&self, p: &FusedProblem, t: &FusedTensors, d_key: Tokens<T>, d_value: Tokens<T>) {
-        let kv = Grid::with(p.axes, (p.batch, p.heads_kv), p.dim, 0);
-        let (k, v) = (
-            tokens_heads_last::<T>(t.key.unwrap(), p.rank, true),
-            tokens_heads_last::<T>(t.value.unwrap(), p.rank, true),
-        );
-        let (dim, dim_v) = (p.dim, p.dim_v);
-        for_each_with(
-            kv.rows(),
-            || vec![T::Acc::ZERO; 2 * (dim + dim_v)],
-            |r, scratch| {
-                let Row { b, h: hk, x: y } = kv.row(r);
-                let (kb, rest) = scratch.split_at_mut(dim);
-                let (vb, rest) = rest.split_at_mut(dim_v);
-                let (dk, dv) = rest.split_at_mut(dim);
-                dk.fill(T::Acc::ZERO);
-                dv.fill(T::Acc::ZERO);
-                let [y0, y1, y2] = y;
-                // SAFETY: key rows and their inverse windows are in shape; row `r` of the outputs
-                // is written by this task only.
-                unsafe {
-                    load(kb, k.at([b, hk, y0, y1, y2, 0]), k.inner_stride());
-                    load(vb, v.at([b, hk, y0, y1, y2, 0]), v.inner_stride());
-                    for h in hk * self.a.group..(hk + 1) * self.a.group {
-                        for &(x0, _) in kv.queries_of(0, y0) {
-                            for &(x1, _) in kv.queries_of(1, y1) {
-                                for &(x2, _) in kv.queries_of(2, y2) {
-                                    self.add_pair(
-                                        (b, h, [x0, x1, x2]),
-                                        Key::At(y),
-                                        (kb, vb),
-                                        (dk, dv),
-                                    );
-                                }
-                            }
-                        }
-                    }
-                    dk.iter_mut().for_each(|d| *d = *d * self.a.scale);
-                    store(d_key.at([b, hk, y0, y1, y2, 0]), d_key.inner_stride(), dk);
-                    store(
-                        d_value.at([b, hk, y0, y1, y2, 0]),
-                        d_value.inner_stride(),
-                        dv,
-                    );
-                }
-            },
-        );
-    }
-
-    /// Gradients of the additional tokens: one task per `(b, kv head, e)`.
-    fn extra_pass(
-        &self,
-        p: &FusedProblem,
-        t: &FusedTensors,
-        (d_ek, d_ev): (super::view::Extras<T>, super::view::Extras<T>),
-    ) {
-        let (ek, ev) = (
-            extras_heads_last::<T>(t.additional_keys.unwrap()),
-            extras_heads_last::<T>(t.additional_values.unwrap()),
-        );
-        let (dim, dim_v, extra, heads_kv) = (p.dim, p.dim_v, p.extra, p.heads_kv);
-        let g = self.a.g;
-        for_each_with(
-            p.batch * heads_kv * extra,
-            || vec![T::Acc::ZERO; 2 * (dim + dim_v)],
-            |r, scratch| {
-                let (b, hk, e) = (r / (heads_kv * extra), (r / extra) % heads_kv, r % extra);
-                let (kb, rest) = scratch.split_at_mut(dim);
-                let (vb, rest) = rest.split_at_mut(dim_v);
-                let (dk, dv) = rest.split_at_mut(dim);
-                dk.fill(T::Acc::ZERO);
-                dv.fill(T::Acc::ZERO);
-                // SAFETY: extra rows and every query are in shape; this task alone writes row `r`.
-                unsafe {
-                    load(kb, ek.at([b, hk, e, 0]), ek.inner_stride());
-                    load(vb, ev.at([b, hk, e, 0]), ev.inner_stride());
-                    for h in hk * self.a.group..(hk + 1) * self.a.group {
-                        for n in 0..g.tokens() {
-                            self.add_pair((b, h, g.row(n).x), Key::Extra(e), (kb, vb), (dk, dv));
-                        }
-                    }
-                    dk.iter_mut().for_each(|d| *d = *d * self.a.scale);
-                    store(d_ek.at([b, hk, e, 0]), d_ek.inner_stride(), dk);
-                    store(d_ev.at([b, hk, e, 0]), d_ev.inner_stride(), dv);
-                }
-            },
-        );
-    }
-
-    /// `d_rpb[h, offset] = sum of ds` at that offset, per `(b, h)` in parallel, then summed over
+    /// `d_rpb[h, offset] = sum of ds` at that offset: per `(b, h)` in parallel, then summed over
     /// the batch in a fixed order.
-    fn bias_pass(&self, p: &FusedProblem, d_bias: super::view::Bias<T>) {
-        let g = self.a.g;
+    fn bias_grad(&self, p: &FusedProblem, d_bias: Bias<T>) {
         let span = p.axes.map(|a| 2 * a.kernel - 1);
         let size = span.iter().product::<usize>();
-        let partials: Vec<Mutex<Vec<T::Acc>>> = (0..p.batch * p.heads)
-            .map(|_| Mutex::new(vec![T::Acc::ZERO; size]))
-            .collect();
-        let width = p.dim + p.dim_v + self.a.max_keys();
-        for_each_with(
-            p.batch * p.heads,
-            || vec![T::Acc::ZERO; width],
-            |bh, scratch| {
-                let mut sums = partials[bh].lock().unwrap_or_else(|e| e.into_inner());
-                let (q, rest) = scratch.split_at_mut(p.dim);
-                let (d_o, ds) = rest.split_at_mut(p.dim_v);
-                for n in 0..g.tokens() {
-                    let row = g.row(bh * g.tokens() + n);
-                    // SAFETY: rows of the validated problem.
-                    unsafe { self.logit_grads(row, (&mut *q, &mut *d_o), ds) };
-                    self.a.for_each_key(row.x, |m, key| {
-                        if let Key::At(y) = key {
-                            let [i0, i1, i2] =
-                                [0, 1, 2].map(|a| g.axes[a].bias_index(row.x[a], y[a]));
-                            sums[(i0 * span[1] + i1) * span[2] + i2] += ds[m];
-                        }
-                    });
-                }
-            },
-        );
-        let partials: Vec<Vec<T::Acc>> = partials
+        let pass = BiasPass {
+            bwd: self,
+            partials: (0..p.batch * p.heads)
+                .map(|_| Mutex::new(vec![T::Acc::ZERO; size]))
+                .collect(),
+        };
+        // SAFETY: `BiasPass::row` writes only partial `r`.
+        unsafe { par_rows(p.batch * p.heads, &pass) };
+        let partials: Vec<Vec<T::Acc>> = pass
+            .partials
             .into_iter()
             .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
             .collect();
@@ -335,45 +253,224 @@ impl<T: Element> Backward<'_, '_, T> {
     }
 }
 
-/// Pass 1: `d_query = scale * sum_n ds_n key_n`, one task per query row.
+/// `d_query = scale * sum_n ds_n key_n`, one task per query row.
 struct QueryPass<'a, 'b, 'g, T: Element> {
     bwd: &'a Backward<'b, 'g, T>,
     d_query: Tokens<T>,
 }
 
 impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
-    type Acc = T::Acc;
+    type Scratch = QueryScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.bwd.query_scratch()
+    }
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, scratch: &mut [T::Acc]) {
+    unsafe fn row(&self, r: usize, s: &mut QueryScratch<T::Acc>) {
         let a = self.bwd.a;
         let row = a.g.row(r);
         let [x0, x1, x2] = row.x;
-        let (q, rest) = scratch.split_at_mut(a.g.dim);
-        let (d_o, rest) = rest.split_at_mut(a.dim_v);
-        let (ds, tail) = rest.split_at_mut(a.max_keys());
         // SAFETY: `row` is a row of the validated problem; row `r` of `d_query`, `delta` and
         // `lse` is ours.
         unsafe {
-            let (n, lse, delta) = self.bwd.logit_grads(row, (q, d_o), ds);
+            let (lse, delta) = self.bwd.logit_grads(row, s);
             self.bwd.lse.set(r, lse);
             self.bwd.delta.set(r, delta);
+            let terms = KeyTerms {
+                list: &s.row.keys,
+                w: &s.row.logits,
+                values: false,
+                steps: a.key_steps(),
+            };
             let dst = (
                 self.d_query.at([row.b, row.h, x0, x1, x2, 0]),
                 self.d_query.inner_stride(),
                 a.g.dim,
             );
-            weighted_sum(
-                &KeyTerms {
-                    a,
-                    w: &ds[..n],
-                    values: false,
-                },
-                row,
-                dst,
-                a.scale,
-                tail,
+            weighted_sum(&terms, row, dst, a.scale, &mut s.row.tail);
+        }
+    }
+}
+
+/// Scratch of a pass over key-side rows: the row's key and value, and their gradients.
+struct KeyScratch<A> {
+    k: Vec<A>,
+    v: Vec<A>,
+    d_k: Vec<A>,
+    d_v: Vec<A>,
+}
+
+impl<T: Element> Backward<'_, '_, T> {
+    fn key_scratch(&self) -> KeyScratch<T::Acc> {
+        let (dim, dim_v) = (self.a.g.dim, self.a.dim_v);
+        let zeros = |n| vec![T::Acc::ZERO; n];
+        KeyScratch {
+            k: zeros(dim),
+            v: zeros(dim_v),
+            d_k: zeros(dim),
+            d_v: zeros(dim_v),
+        }
+    }
+
+    /// Load one key-side row and clear its gradients.
+    ///
+    /// # Safety
+    /// `k` and `v` must be rows of `dim` and `dim_v` channels, `steps` apart.
+    #[inline(always)]
+    unsafe fn start_key_row(
+        &self,
+        s: &mut KeyScratch<T::Acc>,
+        (k, v): (*const T, *const T),
+        steps: (isize, isize),
+    ) {
+        // SAFETY: by the caller's contract.
+        unsafe {
+            load(&mut s.k, k, steps.0);
+            load(&mut s.v, v, steps.1);
+        }
+        s.d_k.fill(T::Acc::ZERO);
+        s.d_v.fill(T::Acc::ZERO);
+    }
+
+    /// Store a key-side row's gradients (`d_k` times the scale).
+    ///
+    /// # Safety
+    /// `d_k`, `d_v` must be rows written by this task only.
+    #[inline(always)]
+    unsafe fn finish_key_row(
+        &self,
+        s: &mut KeyScratch<T::Acc>,
+        (d_k, d_v): (*mut T, *mut T),
+        steps: (isize, isize),
+    ) {
+        s.d_k.iter_mut().for_each(|d| *d = *d * self.a.scale);
+        // SAFETY: by the caller's contract.
+        unsafe {
+            store(d_k, steps.0, &s.d_k);
+            store(d_v, steps.1, &s.d_v);
+        }
+    }
+}
+
+/// `d_key`, `d_value` over inverse windows: one task per key row `(b, kv head, y)`.
+struct KeyPass<'a, 'b, 'g, T: Element> {
+    bwd: &'a Backward<'b, 'g, T>,
+    kv: &'a Grid,
+    k: Tokens<T>,
+    v: Tokens<T>,
+    d_k: Tokens<T>,
+    d_v: Tokens<T>,
+}
+
+impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
+    type Scratch = KeyScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.bwd.key_scratch()
+    }
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, s: &mut KeyScratch<T::Acc>) {
+        let (bwd, kv) = (self.bwd, self.kv);
+        let Row { b, h: hk, x: y } = kv.row(r);
+        let at = [b, hk, y[0], y[1], y[2], 0];
+        // SAFETY (whole block): key rows and their inverse windows are in shape; row `r` of the
+        // outputs is written by this task only.
+        unsafe {
+            let steps = (self.k.inner_stride(), self.v.inner_stride());
+            bwd.start_key_row(s, (self.k.at(at), self.v.at(at)), steps);
+            for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
+                for &(x0, _) in kv.queries_of(0, y[0]) {
+                    for &(x1, _) in kv.queries_of(1, y[1]) {
+                        for &(x2, _) in kv.queries_of(2, y[2]) {
+                            let x = [x0, x1, x2];
+                            let key = (&s.k[..], &s.v[..], bwd.a.bias_at(h, x, y));
+                            bwd.add_pair((b, h, x), key, (&mut s.d_k, &mut s.d_v));
+                        }
+                    }
+                }
+            }
+            let steps = (self.d_k.inner_stride(), self.d_v.inner_stride());
+            bwd.finish_key_row(s, (self.d_k.at(at), self.d_v.at(at)), steps);
+        }
+    }
+}
+
+/// Gradients of the additional tokens: one task per `(b, kv head, e)`.
+struct ExtraPass<'a, 'b, 'g, T: Element> {
+    bwd: &'a Backward<'b, 'g, T>,
+    heads_kv: usize,
+    ek: Extras<T>,
+    ev: Extras<T>,
+    d_ek: Extras<T>,
+    d_ev: Extras<T>,
+}
+
+impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
+    type Scratch = KeyScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.bwd.key_scratch()
+    }
+
+    #[inline(always)]
+    unsafe fn row(&self, r: usize, s: &mut KeyScratch<T::Acc>) {
+        let (bwd, g) = (self.bwd, self.bwd.a.g);
+        let (b, hk, e) = (
+            r / (self.heads_kv * g.extra),
+            (r / g.extra) % self.heads_kv,
+            r % g.extra,
+        );
+        // SAFETY (whole block): extra rows and every query are in shape; this task alone
+        // writes row `r` of the outputs.
+        unsafe {
+            let steps = (self.ek.inner_stride(), self.ev.inner_stride());
+            bwd.start_key_row(
+                s,
+                (self.ek.at([b, hk, e, 0]), self.ev.at([b, hk, e, 0])),
+                steps,
             );
+            for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
+                for n in 0..g.tokens() {
+                    let key = (&s.k[..], &s.v[..], T::Acc::ZERO);
+                    bwd.add_pair((b, h, g.row(n).x), key, (&mut s.d_k, &mut s.d_v));
+                }
+            }
+            let steps = (self.d_ek.inner_stride(), self.d_ev.inner_stride());
+            bwd.finish_key_row(
+                s,
+                (self.d_ek.at([b, hk, e, 0]), self.d_ev.at([b, hk, e, 0])),
+                steps,
+            );
+        }
+    }
+}
+
+/// Bias gradient per `(b, h)`: its queries' `ds` binned by relative offset.
+struct BiasPass<'a, 'b, 'g, T: Element> {
+    bwd: &'a Backward<'b, 'g, T>,
+    partials: Vec<Mutex<Vec<T::Acc>>>,
+}
+
+impl<T: Element> RowKernel for BiasPass<'_, '_, '_, T> {
+    type Scratch = QueryScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.bwd.query_scratch()
+    }
+
+    #[inline(always)]
+    unsafe fn row(&self, bh: usize, s: &mut QueryScratch<T::Acc>) {
+        let g = self.bwd.a.g;
+        let mut bins = self.partials[bh].lock().unwrap_or_else(|e| e.into_inner());
+        for n in 0..g.tokens() {
+            // SAFETY: rows of the validated problem.
+            unsafe { self.bwd.logit_grads(g.row(bh * g.tokens() + n), s) };
+            let keys = &s.row.keys;
+            for (&bin, &ds) in keys.bias_bin[..keys.window].iter().zip(&s.row.logits) {
+                bins[bin] += ds;
+            }
         }
     }
 }

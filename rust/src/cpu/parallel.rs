@@ -38,26 +38,29 @@ pub fn for_each_with<S>(n: usize, init: impl Fn() -> S + Sync, f: impl Fn(usize,
 
 /// A kernel that computes one output row at a time.
 pub trait RowKernel: Sync {
-    /// Scratch element type.
-    type Acc: Copy + Send + Sync;
+    /// Per-worker scratch space.
+    type Scratch;
+
+    /// Fresh scratch space for one worker.
+    fn scratch(&self) -> Self::Scratch;
 
     /// Compute row `r`, using `scratch` freely.
     ///
     /// # Safety
     /// `r` must be below the row count the kernel was built for; implementations must write
     /// only memory that belongs to row `r`.
-    unsafe fn row(&self, r: usize, scratch: &mut [Self::Acc]);
+    unsafe fn row(&self, r: usize, scratch: &mut Self::Scratch);
 }
 
-/// Run `kernel` on rows `0..rows` in parallel, each worker with a scratch buffer of `width`.
+/// Run `kernel` on rows `0..rows` in parallel.
 ///
 /// # Safety
 /// `kernel.row(r, _)` must be sound for every `r < rows`.
-pub unsafe fn par_rows<K: RowKernel>(rows: usize, width: usize, zero: K::Acc, kernel: &K) {
+pub unsafe fn par_rows<K: RowKernel>(rows: usize, kernel: &K) {
     let isa = isa();
     for_each_with(
         rows,
-        || vec![zero; width],
+        || kernel.scratch(),
         |r, scratch| match isa {
             // SAFETY: `r < rows`; the caller vouches for the kernel.
             Isa::Baseline => unsafe { kernel.row(r, scratch) },
@@ -89,7 +92,7 @@ fn isa() -> Isa {
 /// `kernel.row` inlined and compiled with AVX2 and FMA enabled.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut [K::Acc]) {
+unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut K::Scratch) {
     // SAFETY: forwarded contract of `par_rows`.
     unsafe { kernel.row(r, scratch) }
 }

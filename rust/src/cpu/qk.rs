@@ -31,7 +31,7 @@ pub fn pairwise<T: Element>(g: &Grid, op: &Pairwise<T>, out: Tokens<T>) {
     });
     let kernel = PairwiseRows { g, op, out, fill };
     // SAFETY: `PairwiseRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), g.dim, T::Acc::ZERO, &kernel) };
+    unsafe { par_rows(g.rows(), &kernel) };
 }
 
 struct PairwiseRows<'a, T> {
@@ -42,10 +42,14 @@ struct PairwiseRows<'a, T> {
 }
 
 impl<T: Element> RowKernel for PairwiseRows<'_, T> {
-    type Acc = T::Acc;
+    type Scratch = Vec<T::Acc>;
+
+    fn scratch(&self) -> Vec<T::Acc> {
+        vec![T::Acc::ZERO; self.g.dim]
+    }
 
     #[inline(always)]
-    unsafe fn row(&self, r: usize, query: &mut [T::Acc]) {
+    unsafe fn row(&self, r: usize, query: &mut Vec<T::Acc>) {
         let (g, op) = (self.g, self.op);
         let row = g.row(r);
         let (b, h, [x0, x1, x2]) = (row.b, row.h, row.x);
