@@ -100,6 +100,12 @@ FIXED_CASES = [
          n_extra=2, expanded_extras=True, form="list"),
     Case((5, 5, 5), (3, 3, 3), (1, 1, 1), (1, 1, 1), (True,) * 3, 1, 2, 2, 8, 8, rpb=True,
          form="scalar"),
+    # Longer axes, wide and odd head dims, a peaked softmax (large scale), many extras.
+    Case((70,), (9,), (3,), (4,), (False,), 1, 2, 1, 65, 64, n_extra=4, scale=3.0),
+    Case((12, 14), (5, 7), (1, 1), (2, 2), (False, True), 1, 2, 2, 128, 32, rpb=True,
+         layout="permuted"),
+    Case((6, 8, 9), (4, 5, 3), (4, 2, 3), (1, 1, 3), (True, False, False), 1, 6, 2, 33, 17,
+         n_extra=9, expanded_extras=True, layout="sliced"),
 ]  # fmt: skip
 
 MAX_SHAPE = {1: (24,), 2: (10, 11), 3: (5, 6, 7)}
@@ -268,6 +274,38 @@ def test_backward_through_out_and_lse(case, device, dtype):
     )
     for name, leaf in t.items():
         assert_close(leaf.grad, expected[name].grad, lse_tolerance(dtype), what=f"d{name}")
+
+
+UPSTREAM = ("strided", "expanded", "lse_only", "out_only")
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS[:2])
+@pytest.mark.parametrize("device", DEVICE_PARAMS)
+@pytest.mark.parametrize("upstream", UPSTREAM)
+def test_backward_with_any_upstream_gradient(upstream, device, dtype):
+    """Autograd may hand the op a strided or stride-0 gradient, or none for one output."""
+    case = FIXED_CASES[9]
+    t = leaves(case, dtype, device, requires_grad=True)
+    ref = as_oracle(t)
+    outputs = guarded(device, dtype, lambda: call(case, t, return_lse=True))
+    for (out, lse), cast in (
+        (outputs, lambda g: g),
+        (oracle(case, ref, True), torch.Tensor.double),
+    ):
+        if upstream == "strided":  # a heads-first gradient, seen through the movedim
+            grad = random_grad(out.movedim(-2, 1).shape, dtype, device)
+            (out.movedim(-2, 1) * cast(grad.to(out.device))).sum().backward()
+        elif upstream == "expanded":
+            out.sum().backward()
+        elif upstream == "lse_only":
+            lse.backward(cast(random_grad(lse.shape, torch.float32, device).to(lse.device)))
+        else:
+            out.backward(cast(random_grad(out.shape, dtype, device).to(out.device)))
+    for name, leaf in t.items():
+        if upstream == "lse_only" and name in ("value", "additional_values"):
+            assert leaf.grad is None or not leaf.grad.any(), f"d{name} should be zero"
+        else:
+            assert_close(leaf.grad, ref[name].grad, lse_tolerance(dtype), what=f"d{name}")
 
 
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
@@ -500,6 +538,23 @@ def test_na_with_extras_is_merge_of_na_and_attention(device, dtype):
     assert_close(merged[1], with_extras[1].double(), torch.float32, what="lse")
 
 
+def test_compile_fullgraph_matches_eager():
+    case = FIXED_CASES[9]
+    t = leaves(case, torch.float32, "cpu", requires_grad=True)
+    names = list(t)
+
+    def block(*tensors):
+        out, lse = call(case, dict(zip(names, tensors)), return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    eager = block(*t.values())
+    expected = torch.autograd.grad(eager, tuple(t.values()))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")(*t.values())
+    torch.testing.assert_close(compiled, eager)
+    for name, grad, want in zip(names, torch.autograd.grad(compiled, tuple(t.values())), expected):
+        torch.testing.assert_close(grad, want, msg=lambda m, name=name: f"d{name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Argument forms: positional order, module paths, NATTEN's tuning keywords
 # ---------------------------------------------------------------------------------------------
@@ -631,6 +686,8 @@ VALUE_ERRORS = {
     "additional_keys_dtype": ("additional_keys", lambda: _na(
         additional_keys=_t(1, 3, 2, 4, dtype=F64), additional_values=_t(1, 3, 2, 4))),
     "int_tensors": ("query", lambda: _na(q=_int(), k=_int(), v=_int())),
+    "stride_beyond_int64": ("stride", lambda: _na(stride=2**70)),
+    "head_dim_0": ("query|scale|dim", lambda: _na(q=_t(1, 9, 2, 0), k=_t(1, 9, 2, 0))),
     "kernel_tuple_length": ("kernel_size", lambda: _na(2, kernel=(3, 3, 3))),
     "stride_tuple_length": ("stride", lambda: _na(2, stride=(1,))),
     "dilation_tuple_length": ("dilation", lambda: _na(3, dilation=(1, 1))),

@@ -275,13 +275,14 @@ impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
         } else {
             &self.list.keys
         };
-        for n in 0..self.list.len {
+        let len = self.list.len;
+        for (n, (&w, &row)) in self.w[..len].iter().zip(&rows[..len]).enumerate() {
             let step = if n < self.list.window {
                 self.steps.0
             } else {
                 self.steps.1
             };
-            f(self.w[n], rows[n] as *const T, step);
+            f(w, row as *const T, step);
         }
     }
 

@@ -157,8 +157,8 @@ mod tests {
     fn shifted_exp_sums_what_it_writes_on_every_path() {
         let inputs: Vec<f32> = (0..19).map(|i| i as f32 * 7.37 - 90.0).collect();
         let expected: Vec<f64> = inputs.iter().map(|&x| (x as f64 - 1.5).exp()).collect();
-        let mut paths: Vec<(&str, fn(&mut [f32], f32) -> f32)> =
-            vec![("portable", exp_shifted_portable)];
+        type ExpShifted = fn(&mut [f32], f32) -> f32;
+        let mut paths: Vec<(&str, ExpShifted)> = vec![("portable", exp_shifted_portable)];
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
