@@ -54,13 +54,18 @@ __all__ = [
 def per_axis(name: str, value, rank: int, kind: type) -> list:
     """``value`` as a list of ``rank`` items of ``kind`` (an int or bool repeats)."""
     if _is(value, kind):
-        return [kind(value)] * rank
+        value = [value] * rank
     if not isinstance(value, (tuple, list)) or not all(_is(v, kind) for v in value):
         expected = f"{kind.__name__} or a tuple of {rank} {kind.__name__}s"
         raise TypeError(f"{name}: expected {expected}, got {value!r}")
     if len(value) != rank:
         raise ValueError(f"{name}: expected {rank} values (one per spatial axis), got {len(value)}")
+    if kind is int and any(not INT64_MIN <= v <= INT64_MAX for v in value):
+        raise ValueError(f"{name}: expected values that fit in 64 bits, got {value!r}")
     return [kind(v) for v in value]
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _is(value, kind: type) -> bool:
@@ -290,7 +295,8 @@ def _check_tuning(function: str, tuning: dict) -> None:
 
 def _scale(scale, query: Tensor) -> float:
     if scale is None:
-        return query.shape[-1] ** -0.5
+        # A head dim of 0 is refused by the core, which names it; any scale will do until then.
+        return query.shape[-1] ** -0.5 if query.shape[-1] > 0 else 1.0
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a float or None, got {type(scale).__name__}")
     return float(scale)

@@ -95,6 +95,10 @@ impl FusedProblem {
             dtype,
             device: query.device,
         };
+        if p.dim == 0 {
+            let got = format!("shape {:?}", query.shape);
+            return Err(Error::invalid("query", "a head dim of at least 1", got));
+        }
         if !scale.is_finite() {
             return Err(Error::invalid(
                 "scale",
@@ -193,6 +197,10 @@ impl FusedProblem {
         self.heads_kv = self.kv_heads("key", key)?;
         self.expect("key", key, &self.token_shape(self.heads_kv, self.dim))?;
         self.dim_v = value.shape.last().copied().unwrap_or(0);
+        if self.dim_v == 0 {
+            let got = format!("shape {:?}", value.shape);
+            return Err(Error::invalid("value", "a head dim of at least 1", got));
+        }
         self.expect("value", value, &self.token_shape(self.heads_kv, self.dim_v))
     }
 
