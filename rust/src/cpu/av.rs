@@ -82,7 +82,7 @@ pub fn gather<T: Element>(
         out,
     };
     // SAFETY: `GatherRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), &kernel) };
+    unsafe { par_rows((g.rows(), g.row_cost()), &kernel) };
 }
 
 struct GatherRows<'a, T> {
@@ -153,7 +153,7 @@ impl<T: Element> RowKernel for GatherRows<'_, T> {
 pub fn scatter<T: Element>(g: &Grid, w: Tokens<T>, a: Tokens<T>, out: Tokens<T>) {
     let kernel = ScatterRows { g, w, a, out };
     // SAFETY: `ScatterRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), &kernel) };
+    unsafe { par_rows((g.rows(), g.row_cost()), &kernel) };
 }
 
 struct ScatterRows<'a, T> {
@@ -223,7 +223,7 @@ impl<T: Element> RowKernel for ScatterRows<'_, T> {
 pub fn extra_grad<T: Element>(g: &Grid, w: Tokens<T>, a: Tokens<T>, out: Extras<T>) {
     let (slots, heads, count) = (g.slots, g.heads, g.extra);
     for_each_with(
-        g.batch * heads * count,
+        (g.batch * heads * count, g.tokens() * g.dim),
         || vec![T::Acc::ZERO; g.dim],
         |r, acc| {
             let (bi, h, e) = (r / (heads * count), (r / count) % heads, r % count);

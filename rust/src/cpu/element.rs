@@ -100,15 +100,112 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn to_acc(self) -> Self::Acc;
     /// Round from the accumulator.
     fn from_acc(a: Self::Acc) -> Self;
+
+    /// `out[n] = a . row_n` for dense rows of `a.len()` elements at the addresses `rows`.
+    ///
+    /// # Safety
+    /// Every address must hold `a.len()` readable elements; `out` is as long as `rows`.
+    #[inline(always)]
+    unsafe fn dot_rows(a: &[Self::Acc], rows: &[usize], out: &mut [Self::Acc]) {
+        for (o, &row) in out.iter_mut().zip(rows) {
+            // SAFETY: by the caller's contract.
+            *o = unsafe { dot(a, row as *const Self, 1) };
+        }
+    }
+
+    /// `acc[c] += sum_n w[n] row_n[c]` for dense rows of `acc.len()` elements at `rows`.
+    ///
+    /// # Safety
+    /// Every address must hold `acc.len()` readable elements.
+    #[inline(always)]
+    unsafe fn sum_rows(w: &[Self::Acc], rows: &[usize], acc: &mut [Self::Acc]) {
+        for (&weight, &row) in w.iter().zip(rows) {
+            // SAFETY: by the caller's contract.
+            unsafe { axpy(acc, weight, row as *const Self, 1) };
+        }
+    }
 }
 
-impl Element for f32 {
-    type Acc = f32;
-    fn to_acc(self) -> f32 {
+/// Element types whose row loops have explicit SIMD kernels (`simd`), used when the CPU has
+/// them.
+macro_rules! wide_rows {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            type Acc = f32;
+            #[inline(always)]
+            fn to_acc(self) -> f32 {
+                self.into_f32()
+            }
+            #[inline(always)]
+            fn from_acc(a: f32) -> Self {
+                <$t>::from_f32_acc(a)
+            }
+            #[inline(always)]
+            unsafe fn dot_rows(a: &[f32], rows: &[usize], out: &mut [f32]) {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    // SAFETY: the CPU has the kernels' features; the rest is the caller's.
+                    return unsafe { super::simd::dot_rows::<$t>(a, rows, out) };
+                }
+                for (o, &row) in out.iter_mut().zip(rows) {
+                    // SAFETY: by the caller's contract.
+                    *o = unsafe { dot(a, row as *const Self, 1) };
+                }
+            }
+            #[inline(always)]
+            unsafe fn sum_rows(w: &[f32], rows: &[usize], acc: &mut [f32]) {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    // SAFETY: the CPU has the kernels' features; the rest is the caller's.
+                    return unsafe { super::simd::sum_rows::<$t>(w, rows, acc) };
+                }
+                for (&weight, &row) in w.iter().zip(rows) {
+                    // SAFETY: by the caller's contract.
+                    unsafe { axpy(acc, weight, row as *const Self, 1) };
+                }
+            }
+        }
+    )*};
+}
+
+wide_rows!(f32, f16, bf16);
+
+/// Conversions of the widened types to and from `f32`.
+trait F32Convert {
+    fn into_f32(self) -> f32;
+    fn from_f32_acc(a: f32) -> Self;
+}
+
+impl F32Convert for f32 {
+    #[inline(always)]
+    fn into_f32(self) -> f32 {
         self
     }
-    fn from_acc(a: f32) -> Self {
+    #[inline(always)]
+    fn from_f32_acc(a: f32) -> Self {
         a
+    }
+}
+
+impl F32Convert for f16 {
+    #[inline(always)]
+    fn into_f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_f32_acc(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+impl F32Convert for bf16 {
+    #[inline(always)]
+    fn into_f32(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_f32_acc(a: f32) -> Self {
+        bf16::from_f32(a)
     }
 }
 
@@ -119,26 +216,6 @@ impl Element for f64 {
     }
     fn from_acc(a: f64) -> Self {
         a
-    }
-}
-
-impl Element for f16 {
-    type Acc = f32;
-    fn to_acc(self) -> f32 {
-        self.to_f32()
-    }
-    fn from_acc(a: f32) -> Self {
-        f16::from_f32(a)
-    }
-}
-
-impl Element for bf16 {
-    type Acc = f32;
-    fn to_acc(self) -> f32 {
-        self.to_f32()
-    }
-    fn from_acc(a: f32) -> Self {
-        bf16::from_f32(a)
     }
 }
 

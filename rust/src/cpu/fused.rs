@@ -3,7 +3,7 @@
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
 use super::av::{weighted_sum, WeightedSum};
-use super::element::{dot, load, Accum, Element};
+use super::element::{dot, load, store, Accum, Element};
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
@@ -244,6 +244,10 @@ unsafe fn dots<T: Element>(
     a: &[T::Acc],
     out: &mut [T::Acc],
 ) {
+    if (window_step, extra_step) == (1, 1) {
+        // SAFETY: by the caller's contract, with every row dense.
+        return unsafe { T::dot_rows(a, &addresses[..list.len], &mut out[..list.len]) };
+    }
     for n in 0..list.len {
         let step = if n < list.window {
             window_step
@@ -291,6 +295,48 @@ impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
     }
 }
 
+impl<T: Element> Attention<'_, T> {
+    /// Write `scale * sum_n w[n] row_n` (value rows, or key rows) over `list` to `dim`
+    /// channels at `dst`, `step` apart; `tail` is scratch of at least `dim`.
+    ///
+    /// # Safety
+    /// `list` must hold the keys of `row`, a row of the validated problem; `dst` must be
+    /// writable and written by this task only.
+    #[inline(always)]
+    pub unsafe fn store_weighted_sum(
+        &self,
+        (row, list, w, values): (Row, &KeyList<T::Acc>, &[T::Acc], bool),
+        dst: (*mut T, isize, usize),
+        scale: T::Acc,
+        tail: &mut [T::Acc],
+    ) {
+        let steps = if values {
+            self.value_steps()
+        } else {
+            self.key_steps()
+        };
+        let rows = if values { &list.values } else { &list.keys };
+        let (ptr, step, dim) = dst;
+        // SAFETY (whole block): the list's rows hold `dim` channels; `dst` is ours.
+        unsafe {
+            if steps != (1, 1) {
+                let terms = KeyTerms {
+                    list,
+                    w,
+                    values,
+                    steps,
+                };
+                return weighted_sum(&terms, row, dst, scale, tail);
+            }
+            let acc = &mut tail[..dim];
+            acc.fill(T::Acc::ZERO);
+            T::sum_rows(&w[..list.len], &rows[..list.len], acc);
+            acc.iter_mut().for_each(|a| *a = *a * scale);
+            store(ptr, step, acc);
+        }
+    }
+}
+
 /// Forward into `out` `[B, *spatial, heads, Dv]` and `lse` `[B, *spatial, heads]` (float32).
 pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, lse: &TensorRef) {
     let g = Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra);
@@ -301,7 +347,7 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         lse: tokens_heads_last(lse, p.rank, false),
     };
     // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), &kernel) };
+    unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) };
 }
 
 struct Forward<'a, 'g, T: Element> {
@@ -371,18 +417,17 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         // written by this call only.
         unsafe {
             let lse = a.probabilities(row, s);
-            let terms = KeyTerms {
-                list: &s.keys,
-                w: &s.logits,
-                values: true,
-                steps: a.value_steps(),
-            };
             let dst = (
                 self.out.at([row.b, row.h, x0, x1, x2, 0]),
                 self.out.inner_stride(),
                 a.dim_v,
             );
-            weighted_sum(&terms, row, dst, T::Acc::ONE, &mut s.tail);
+            a.store_weighted_sum(
+                (row, &s.keys, &s.logits, true),
+                dst,
+                T::Acc::ONE,
+                &mut s.tail,
+            );
             *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32();
         }
     }

@@ -7,9 +7,8 @@
 
 use std::sync::Mutex;
 
-use super::av::weighted_sum;
 use super::element::{axpy, dot, load, store, Accum, Element};
-use super::fused::{Attention, FusedTensors, KeyTerms, RowScratch};
+use super::fused::{Attention, FusedTensors, RowScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
@@ -64,7 +63,7 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
         d_query: tokens(grads.d_query),
     };
     // SAFETY: `QueryPass::row` writes only row `r` of `d_query`, `delta` and `lse`.
-    unsafe { par_rows(g.rows(), &pass) };
+    unsafe { par_rows((g.rows(), g.row_cost() * 4), &pass) };
     if let (Some(k), Some(v), Some(dk), Some(dv)) = (t.key, t.value, grads.d_key, grads.d_value) {
         let kv = Grid::with(p.axes, (p.batch, p.heads_kv), p.dim, 0);
         let pass = KeyPass {
@@ -76,7 +75,7 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
             d_v: tokens(dv),
         };
         // SAFETY: `KeyPass::row` writes only row `r` of `d_key` and `d_value`.
-        unsafe { par_rows(kv.rows(), &pass) };
+        unsafe { par_rows((kv.rows(), g.row_cost() * 4 * a.group), &pass) };
     }
     let extras = (
         t.additional_keys,
@@ -94,7 +93,15 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
             d_ev: extras_heads_last(dev),
         };
         // SAFETY: `ExtraPass::row` writes only row `r` of the extra-token gradients.
-        unsafe { par_rows(p.batch * p.heads_kv * p.extra, &pass) };
+        unsafe {
+            par_rows(
+                (
+                    p.batch * p.heads_kv * p.extra,
+                    g.tokens() * g.dim * 4 * a.group,
+                ),
+                &pass,
+            )
+        };
     }
     if let Some(d_rpb) = grads.d_rpb {
         bwd.bias_grad(p, bias(d_rpb));
@@ -227,7 +234,15 @@ impl<T: Element> Backward<'_, '_, T> {
                 .collect(),
         };
         // SAFETY: `BiasPass::row` writes only partial `r`.
-        unsafe { par_rows(p.batch * p.heads, &pass) };
+        unsafe {
+            par_rows(
+                (
+                    p.batch * p.heads,
+                    self.a.g.tokens() * self.a.g.row_cost() * 4,
+                ),
+                &pass,
+            )
+        };
         let partials: Vec<Vec<T::Acc>> = pass
             .partials
             .into_iter()
@@ -277,18 +292,10 @@ impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
             let (lse, delta) = self.bwd.logit_grads(row, s);
             self.bwd.lse.set(r, lse);
             self.bwd.delta.set(r, delta);
-            let terms = KeyTerms {
-                list: &s.row.keys,
-                w: &s.row.logits,
-                values: false,
-                steps: a.key_steps(),
-            };
-            let dst = (
-                self.d_query.at([row.b, row.h, x0, x1, x2, 0]),
-                self.d_query.inner_stride(),
-                a.g.dim,
-            );
-            weighted_sum(&terms, row, dst, a.scale, &mut s.row.tail);
+            let d_query = self.d_query.at([row.b, row.h, x0, x1, x2, 0]);
+            let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
+            let terms = (row, &s.row.keys, &s.row.logits[..], false);
+            a.store_weighted_sum(terms, dst, a.scale, &mut s.row.tail);
         }
     }
 }

@@ -58,6 +58,11 @@ impl Grid {
         self.batch * self.heads * self.tokens()
     }
 
+    /// Multiply-adds of one row of a window kernel (for choosing between serial and parallel).
+    pub fn row_cost(&self) -> usize {
+        (self.slots + self.extra) * self.dim.max(1)
+    }
+
     /// Tokens per batch and head.
     pub fn tokens(&self) -> usize {
         self.axes.iter().map(|a| a.length).product()

@@ -11,6 +11,7 @@ mod grid;
 mod math;
 mod parallel;
 mod qk;
+mod simd;
 mod view;
 
 use half::{bf16, f16};

@@ -31,7 +31,7 @@ pub fn pairwise<T: Element>(g: &Grid, op: &Pairwise<T>, out: Tokens<T>) {
     });
     let kernel = PairwiseRows { g, op, out, fill };
     // SAFETY: `PairwiseRows::row` touches only row `r` of `out`, for any `r < g.rows()`.
-    unsafe { par_rows(g.rows(), &kernel) };
+    unsafe { par_rows((g.rows(), g.row_cost()), &kernel) };
 }
 
 struct PairwiseRows<'a, T> {
@@ -117,7 +117,7 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
         .map(|_| Mutex::new(vec![T::Acc::ZERO; size]))
         .collect();
     for_each_with(
-        batch * heads,
+        (batch * heads, g.tokens() * g.slots),
         || (),
         |bh, _| {
             let (b, h) = (bh / heads, bh % heads);
