@@ -768,3 +768,18 @@ def _error_params():
 def test_bad_arguments_raise(error, match, call):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_merging_parts_that_attend_nothing_gives_zero_not_nan():
+    q = torch.randn(1, 3, 2, 4)
+    empty = torch.randn(1, 0, 2, 4)
+    out, lse = natten_rs.attention(q, empty, empty, return_lse=True)
+    merged, merged_lse = natten_rs.merge_attentions([out, out], [lse, lse])
+    assert torch.equal(merged, torch.zeros_like(merged))
+    assert torch.isneginf(merged_lse).all()
+
+
+def test_dense_attention_names_the_ranks_it_takes():
+    t = torch.randn(9, 2, 4)
+    with pytest.raises(ValueError, match=r"query: expected a 4-D to 6-D tensor"):
+        natten_rs.attention(t, t, t)

@@ -80,3 +80,30 @@ def test_errors_raised_inside_the_op_keep_their_class():
         na1d_qk(q, q, 4)
     with pytest.raises(TypeError, match="kernel_size"):
         na1d_qk(q, q, "3")
+
+
+def fused_cases():
+    q = tensors(2, 6, 5, 4, 8)
+    k, v = tensors(2, 6, 5, 2, 8), tensors(2, 6, 5, 2, 6)
+    ek, ev = tensors(2, 3, 2, 8), tensors(2, 3, 2, 6)
+    rpb = tensors(4, 5, 5)
+    params = ([3, 3], [1, 1], [2, 1], [False, True], 0.3)
+    yield "gqa+extras+rpb", (q, k, v, ek, ev, rpb, *params)
+    yield "stride+even", (q, k, v, None, None, None, [2, 4], [2, 3], [1, 1], [True, False], 0.5)
+    yield "dense", (tensors(2, 7, 4, 8), None, None, ek, ev, None, [], [], [], [], 0.3)
+
+
+@pytest.mark.parametrize(
+    "name,args", list(fused_cases()), ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_opcheck_fused(name, args):
+    torch.library.opcheck(_ops.na_fused, args)
+
+
+def test_opcheck_fused_backward():
+    # The backward op has no autograd formula of its own (no double backward).
+    for _, args in fused_cases():
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        out, lse = _ops.na_fused(*args)
+        d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
+        torch.library.opcheck(_ops.na_fused_backward, (d_out, d_lse, out, *args))

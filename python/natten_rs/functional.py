@@ -505,7 +505,9 @@ def merge_attentions(outputs: Sequence[Tensor], lse_tensors: Sequence[Tensor]):
     dtype = torch.promote_types(outputs[0].dtype, torch.float32)
     lses = torch.stack([lse.to(dtype) for lse in lse_tensors])
     lse = torch.logsumexp(lses, dim=0)
-    weights = torch.exp(lses - lse).unsqueeze(-1)
+    # Where every part attended nothing (lse -inf) the merge attends nothing too: output 0.
+    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lses - finite).unsqueeze(-1)
     stacked = torch.stack([out.to(dtype) for out in outputs])
     out = (weights * stacked).sum(dim=0).to(outputs[0].dtype)
     return out, lse.float()

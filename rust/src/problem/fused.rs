@@ -70,12 +70,17 @@ impl FusedProblem {
         };
         let dtype = query.float_dtype("query")?;
         if query.shape.len() != rank + 3 || rank == 0 {
-            return Err(Error::invalid(
-                "query",
+            let expected = if window {
                 format!(
                     "a {}-D tensor [batch, {rank} spatial axes, heads, dim]",
                     rank + 3
-                ),
+                )
+            } else {
+                "a 4-D to 6-D tensor [batch, tokens (1 to 3 axes), heads, dim]".into()
+            };
+            return Err(Error::invalid(
+                "query",
+                expected,
                 format!("shape {:?}", query.shape),
             ));
         }
