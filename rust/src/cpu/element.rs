@@ -30,10 +30,6 @@ pub trait Accum:
     fn to_f32(self) -> f32;
     /// Natural logarithm.
     fn ln(self) -> Self;
-    /// `e^self`.
-    fn exp(self) -> Self;
-    /// The larger of the two.
-    fn max(self, other: Self) -> Self;
     /// `xs[i] = exp(xs[i] - shift)`; returns the sum of the results.
     fn exp_shifted(xs: &mut [Self], shift: Self) -> Self;
 }
@@ -50,14 +46,6 @@ impl Accum for f32 {
     }
     fn ln(self) -> Self {
         f32::ln(self)
-    }
-    #[inline(always)]
-    fn exp(self) -> Self {
-        super::math::exp_f32(self)
-    }
-    #[inline(always)]
-    fn max(self, other: Self) -> Self {
-        f32::max(self, other)
     }
     #[inline(always)]
     fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
@@ -77,12 +65,6 @@ impl Accum for f64 {
     }
     fn ln(self) -> Self {
         f64::ln(self)
-    }
-    fn exp(self) -> Self {
-        f64::exp(self)
-    }
-    fn max(self, other: Self) -> Self {
-        f64::max(self, other)
     }
     fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
         xs.iter_mut().fold(0.0, |sum, x| {

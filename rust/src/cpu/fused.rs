@@ -9,6 +9,7 @@ use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
+use crate::window::Span;
 
 /// The borrowed tensors of a fused problem.
 #[derive(Clone, Copy)]
@@ -130,35 +131,25 @@ impl<'g, T: Element> Attention<'g, T> {
         unsafe {
             if let (Some(k), Some(v)) = (self.k, self.v) {
                 let w = self.g.window(x);
+                let at = [b, hk, w[0].first, w[1].first, w[2].first, 0];
+                let (k0, v0) = (k.at(at) as usize, v.at(at) as usize);
+                let size = std::mem::size_of::<T>() as isize;
                 let d = self.g.axes.map(|a| a.dilation as isize);
-                let k0 = k.at([b, hk, w[0].first, w[1].first, w[2].first, 0]);
-                let v0 = v.at([b, hk, w[0].first, w[1].first, w[2].first, 0]);
-                let bias = self.bias.map(|bias| {
-                    let first = [0, 1, 2].map(|a| self.g.axes[a].bias_index(x[a], w[a].first));
-                    (bias.at([h, first[0], first[1], first[2]]), first)
-                });
-                let span = self.g.axes.map(|a| 2 * a.kernel - 1);
-                for s0 in 0..w[0].count {
-                    for s1 in 0..w[1].count {
-                        for s2 in 0..w[2].count {
-                            let s = [s0 as isize, s1 as isize, s2 as isize];
-                            let ko = (0..3).map(|a| s[a] * d[a] * k.stride(2 + a)).sum::<isize>();
-                            let vo = (0..3).map(|a| s[a] * d[a] * v.stride(2 + a)).sum::<isize>();
-                            list.keys[n] = k0.offset(ko) as usize;
-                            list.values[n] = v0.offset(vo) as usize;
-                            list.bias[n] = match (bias, self.bias) {
-                                (Some((at, first)), Some(view)) => {
-                                    let bo =
-                                        (0..3).map(|a| s[a] * view.stride(1 + a)).sum::<isize>();
-                                    let i = [first[0] + s0, first[1] + s1, first[2] + s2];
-                                    list.bias_bin[n] = (i[0] * span[1] + i[1]) * span[2] + i[2];
-                                    (*at.offset(bo)).to_acc()
-                                }
-                                _ => T::Acc::ZERO,
-                            };
+                let k_step = [0, 1, 2].map(|a| d[a] * k.stride(2 + a) * size);
+                let v_step = [0, 1, 2].map(|a| d[a] * v.stride(2 + a) * size);
+                for s0 in 0..w[0].count as isize {
+                    for s1 in 0..w[1].count as isize {
+                        let k1 = k0.wrapping_add_signed(s0 * k_step[0] + s1 * k_step[1]);
+                        let v1 = v0.wrapping_add_signed(s0 * v_step[0] + s1 * v_step[1]);
+                        for s2 in 0..w[2].count as isize {
+                            list.keys[n] = k1.wrapping_add_signed(s2 * k_step[2]);
+                            list.values[n] = v1.wrapping_add_signed(s2 * v_step[2]);
                             n += 1;
                         }
                     }
+                }
+                if let Some(bias) = self.bias {
+                    self.collect_bias(bias, row, w, list);
                 }
             }
             list.window = n;
@@ -166,12 +157,39 @@ impl<'g, T: Element> Attention<'g, T> {
                 for e in 0..self.g.extra {
                     list.keys[n] = ek.at([b, hk, e, 0]) as usize;
                     list.values[n] = ev.at([b, hk, e, 0]) as usize;
-                    list.bias[n] = T::Acc::ZERO;
                     n += 1;
                 }
             }
         }
         list.len = n;
+    }
+
+    /// The bias (and its bin in the `(2K-1)^3` box) of every neighbor of `row`, window order.
+    ///
+    /// # Safety
+    /// `w` must be the window of `row`, a row of the validated problem.
+    #[inline(always)]
+    unsafe fn collect_bias(
+        &self,
+        bias: Bias<T>,
+        row: Row,
+        w: [Span; 3],
+        list: &mut KeyList<T::Acc>,
+    ) {
+        let first = [0, 1, 2].map(|a| self.g.axes[a].bias_index(row.x[a], w[a].first));
+        let span = self.g.axes.map(|a| 2 * a.kernel - 1);
+        let mut n = 0;
+        for s0 in 0..w[0].count {
+            for s1 in 0..w[1].count {
+                for s2 in 0..w[2].count {
+                    let i = [first[0] + s0, first[1] + s1, first[2] + s2];
+                    list.bias_bin[n] = (i[0] * span[1] + i[1]) * span[2] + i[2];
+                    // SAFETY: offsets inside a window index the validated `[heads, 2K-1, ...]`.
+                    list.bias[n] = unsafe { (*bias.at([row.h, i[0], i[1], i[2]])).to_acc() };
+                    n += 1;
+                }
+            }
+        }
     }
 
     /// The bias head `h`'s query at `x` gets for its neighbor `y` (0 without rpb).
@@ -216,8 +234,10 @@ impl<'g, T: Element> Attention<'g, T> {
     pub unsafe fn scores(&self, list: &KeyList<T::Acc>, q: &[T::Acc], logits: &mut [T::Acc]) {
         // SAFETY: the list's addresses are rows of `q.len()` channels.
         unsafe { dots::<T>(list, &list.keys, self.key_steps(), q, logits) };
-        for (l, &b) in logits[..list.len].iter_mut().zip(&list.bias) {
-            *l += b;
+        if self.bias.is_some() {
+            for (l, &b) in logits[..list.window].iter_mut().zip(&list.bias) {
+                *l += b;
+            }
         }
     }
 
@@ -393,7 +413,9 @@ impl<T: Element> Attention<'_, T> {
             self.scores(&s.keys, &s.q, &mut s.logits);
         }
         let p = &mut s.logits[..s.keys.len];
-        let max = p.iter().fold(T::Acc::NEG_INF, |m, &x| m.max(x));
+        let max = p
+            .iter()
+            .fold(T::Acc::NEG_INF, |m, &x| if x > m { x } else { m });
         let sum = T::Acc::exp_shifted(p, max);
         let inv = T::Acc::ONE / sum;
         p.iter_mut().for_each(|x| *x = *x * inv);

@@ -195,31 +195,76 @@ impl<T: Element> Backward<'_, '_, T> {
         }
     }
 
-    /// Add the contributions of head `h`'s query at `x` to the gradients of one key-side row
-    /// (`k`, `v` loaded, `bias` its bias for this query): `d_k += ds q`, `d_v += p d_out`.
+    /// Queue head `h`'s query at `x` (whose logit for the key-side row gets `bias`), adding
+    /// the queue's contributions whenever it is full.
     ///
     /// # Safety
-    /// The key must be one the query at `x` attends; `x` must be in shape.
+    /// The query at `x` must be in shape and attend the row.
     #[inline(always)]
-    unsafe fn add_pair(
+    unsafe fn queue_pair(
         &self,
+        s: &mut KeyScratch<T::Acc>,
         (b, h, x): (usize, usize, [usize; 3]),
-        (k, v, bias): (&[T::Acc], &[T::Acc], T::Acc),
-        (d_k, d_v): (&mut [T::Acc], &mut [T::Acc]),
+        bias: T::Acc,
     ) {
-        let a = self.a;
         let [x0, x1, x2] = x;
-        // SAFETY (whole block): in shape by the caller's contract.
+        let pairs = &mut s.pairs;
+        let n = pairs.len;
+        // SAFETY: in shape by the caller's contract.
         unsafe {
-            let q = a.q.at([b, h, x0, x1, x2, 0]);
-            let d_o = self.d_out.at([b, h, x0, x1, x2, 0]);
-            let r = a.g.row_index(b, h, x);
-            let logit = a.scale * dot(k, q, a.q.inner_stride()) + bias;
-            let p = (logit - self.lse.values[r]).exp();
-            let dp = dot(v, d_o, self.d_out.inner_stride());
-            axpy(d_k, p * (dp - self.delta.values[r]), q, a.q.inner_stride());
-            axpy(d_v, p, d_o, self.d_out.inner_stride());
+            pairs.q[n] = self.a.q.at([b, h, x0, x1, x2, 0]) as usize;
+            pairs.d_o[n] = self.d_out.at([b, h, x0, x1, x2, 0]) as usize;
         }
+        pairs.row[n] = self.a.g.row_index(b, h, x);
+        pairs.bias[n] = bias;
+        pairs.len = n + 1;
+        if pairs.len == pairs.q.len() {
+            // SAFETY: the queue holds queries of this row.
+            unsafe { self.flush_pairs(s) };
+        }
+    }
+
+    /// Add the queued queries' contributions to one key-side row's gradients (`s.k`, `s.v`
+    /// loaded): `d_k += ds q`, `d_v += p d_out`, and empty the queue.
+    ///
+    /// # Safety
+    /// The queue must hold queries pushed by `push_pair` for this row.
+    #[inline(always)]
+    unsafe fn flush_pairs(&self, s: &mut KeyScratch<T::Acc>) {
+        let a = self.a;
+        let n = s.pairs.len;
+        let (q_step, o_step) = (a.q.inner_stride(), self.d_out.inner_stride());
+        let (p, dp) = (&mut s.p[..n], &mut s.dp[..n]);
+        let pairs = &s.pairs;
+        // SAFETY (whole block): queued rows hold `dim` / `dim_v` channels.
+        unsafe {
+            if (q_step, o_step) == (1, 1) {
+                T::dot_rows(&s.k, &pairs.q[..n], p);
+                T::dot_rows(&s.v, &pairs.d_o[..n], dp);
+            } else {
+                for i in 0..n {
+                    p[i] = dot(&s.k, pairs.q[i] as *const T, q_step);
+                    dp[i] = dot(&s.v, pairs.d_o[i] as *const T, o_step);
+                }
+            }
+            for i in 0..n {
+                p[i] = a.scale * p[i] + pairs.bias[i] - self.lse.values[pairs.row[i]];
+            }
+            T::Acc::exp_shifted(p, T::Acc::ZERO);
+            for i in 0..n {
+                dp[i] = p[i] * (dp[i] - self.delta.values[pairs.row[i]]);
+            }
+            if (q_step, o_step) == (1, 1) {
+                T::sum_rows(dp, &pairs.q[..n], &mut s.d_k);
+                T::sum_rows(p, &pairs.d_o[..n], &mut s.d_v);
+            } else {
+                for i in 0..n {
+                    axpy(&mut s.d_k, dp[i], pairs.q[i] as *const T, q_step);
+                    axpy(&mut s.d_v, p[i], pairs.d_o[i] as *const T, o_step);
+                }
+            }
+        }
+        s.pairs.len = 0;
     }
 
     /// `d_rpb[h, offset] = sum of ds` at that offset: per `(b, h)` in parallel, then summed over
@@ -300,23 +345,51 @@ impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
     }
 }
 
-/// Scratch of a pass over key-side rows: the row's key and value, and their gradients.
+/// Queries queued against a key-side row before their contributions are added in one go.
+const PAIR_BATCH: usize = 256;
+
+/// Queries queued against one key-side row: addresses of their query and output-gradient
+/// rows, their row index (for `lse` and `delta`), and the bias of their logit.
+struct PairList<A> {
+    q: Vec<usize>,
+    d_o: Vec<usize>,
+    row: Vec<usize>,
+    bias: Vec<A>,
+    len: usize,
+}
+
+/// Scratch of a pass over key-side rows: the row's key and value, their gradients, and the
+/// queries that attend the row with their probabilities and logit gradients.
 struct KeyScratch<A> {
     k: Vec<A>,
     v: Vec<A>,
     d_k: Vec<A>,
     d_v: Vec<A>,
+    pairs: PairList<A>,
+    p: Vec<A>,
+    dp: Vec<A>,
 }
 
 impl<T: Element> Backward<'_, '_, T> {
-    fn key_scratch(&self) -> KeyScratch<T::Acc> {
+    /// Scratch for key-side rows attended by at most `queries` queries.
+    fn key_scratch(&self, queries: usize) -> KeyScratch<T::Acc> {
         let (dim, dim_v) = (self.a.g.dim, self.a.dim_v);
         let zeros = |n| vec![T::Acc::ZERO; n];
+        let pairs = PairList {
+            q: vec![0; queries],
+            d_o: vec![0; queries],
+            row: vec![0; queries],
+            bias: zeros(queries),
+            len: 0,
+        };
         KeyScratch {
             k: zeros(dim),
             v: zeros(dim_v),
             d_k: zeros(dim),
             d_v: zeros(dim_v),
+            pairs,
+            p: zeros(queries),
+            dp: zeros(queries),
         }
     }
 
@@ -374,7 +447,7 @@ impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
     type Scratch = KeyScratch<T::Acc>;
 
     fn scratch(&self) -> Self::Scratch {
-        self.bwd.key_scratch()
+        self.bwd.key_scratch(PAIR_BATCH)
     }
 
     #[inline(always)]
@@ -392,12 +465,12 @@ impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
                     for &(x1, _) in kv.queries_of(1, y[1]) {
                         for &(x2, _) in kv.queries_of(2, y[2]) {
                             let x = [x0, x1, x2];
-                            let key = (&s.k[..], &s.v[..], bwd.a.bias_at(h, x, y));
-                            bwd.add_pair((b, h, x), key, (&mut s.d_k, &mut s.d_v));
+                            bwd.queue_pair(s, (b, h, x), bwd.a.bias_at(h, x, y));
                         }
                     }
                 }
             }
+            bwd.flush_pairs(s);
             let steps = (self.d_k.inner_stride(), self.d_v.inner_stride());
             bwd.finish_key_row(s, (self.d_k.at(at), self.d_v.at(at)), steps);
         }
@@ -418,7 +491,7 @@ impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
     type Scratch = KeyScratch<T::Acc>;
 
     fn scratch(&self) -> Self::Scratch {
-        self.bwd.key_scratch()
+        self.bwd.key_scratch(PAIR_BATCH)
     }
 
     #[inline(always)]
@@ -440,10 +513,10 @@ impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
             );
             for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
                 for n in 0..g.tokens() {
-                    let key = (&s.k[..], &s.v[..], T::Acc::ZERO);
-                    bwd.add_pair((b, h, g.row(n).x), key, (&mut s.d_k, &mut s.d_v));
+                    bwd.queue_pair(s, (b, h, g.row(n).x), T::Acc::ZERO);
                 }
             }
+            bwd.flush_pairs(s);
             let steps = (self.d_ek.inner_stride(), self.d_ev.inner_stride());
             bwd.finish_key_row(
                 s,

@@ -94,29 +94,47 @@ mod x86 {
     /// The CPU must pass `available()`; every address must hold `a.len()` readable elements.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows<T: Wide>(a: &[f32], rows: &[usize], out: &mut [f32]) {
-        let body = a.len() - a.len() % 8;
+        let Some(&first) = rows.first() else { return };
         for (group, sums) in rows.chunks(8).zip(out.chunks_mut(8)) {
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for c in (0..body).step_by(8) {
-                // SAFETY: `c + 8 <= a.len()`; rows hold `a.len()` elements.
-                unsafe {
-                    let x = _mm256_loadu_ps(a.as_ptr().add(c));
-                    for (j, &row) in group.iter().enumerate() {
-                        acc[j] = _mm256_fmadd_ps(x, load8((row as *const T).add(c)), acc[j]);
-                    }
+            // A short last group is padded with the first row (results dropped), so that the
+            // eight accumulators are always the same eight registers.
+            let mut padded = [first; 8];
+            padded[..group.len()].copy_from_slice(group);
+            // SAFETY: every padded address holds `a.len()` elements.
+            let lanes = unsafe { dot8::<T>(a, padded) };
+            sums.copy_from_slice(&lanes[..group.len()]);
+        }
+    }
+
+    /// `a . row_j` for eight rows.
+    ///
+    /// # Safety
+    /// Every address must hold `a.len()` readable elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn dot8<T: Wide>(a: &[f32], rows: [usize; 8]) -> [f32; 8] {
+        let body = a.len() - a.len() % 8;
+        let rows = rows.map(|r| r as *const T);
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..body).step_by(8) {
+            // SAFETY: `c + 8 <= a.len()`; rows hold `a.len()` elements.
+            unsafe {
+                let x = _mm256_loadu_ps(a.as_ptr().add(c));
+                for j in 0..8 {
+                    acc[j] = _mm256_fmadd_ps(x, load8(rows[j].add(c)), acc[j]);
                 }
             }
-            let mut lanes = [0.0f32; 8];
-            // SAFETY: `lanes` holds 8 floats.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum8(acc)) };
-            for (j, (&row, sum)) in group.iter().zip(sums.iter_mut()).enumerate() {
-                let tail = (body..a.len()).map(|c| {
-                    // SAFETY: `c < a.len()`.
-                    a[c] * unsafe { *(row as *const T).add(c) }.to_acc()
-                });
-                *sum = lanes[j] + tail.sum::<f32>();
+        }
+        let mut lanes = [0.0f32; 8];
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum8(acc)) };
+        for c in body..a.len() {
+            for (lane, row) in lanes.iter_mut().zip(rows) {
+                // SAFETY: `c < a.len()`.
+                *lane += a[c] * unsafe { *row.add(c) }.to_acc();
             }
         }
+        lanes
     }
 
     /// `acc[c] += sum_n w[n] row_n[c]` for dense rows of `acc.len()` elements at `rows`.
@@ -126,55 +144,85 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_rows<T: Wide>(w: &[f32], rows: &[usize], acc: &mut [f32]) {
         let dim = acc.len();
+        let n = w.len().min(rows.len());
         let mut c = 0;
-        // Blocks of 32 channels, rows alternating between two sets of four accumulators so
+        // Blocks of 32 channels; rows two at a time into two sets of four accumulators, so
         // that consecutive FMAs do not wait on each other.
         while c + 32 <= dim {
-            let mut sets = [[_mm256_setzero_ps(); 4]; 2];
-            for (n, (&wn, &row)) in w.iter().zip(rows).enumerate() {
-                let weight = _mm256_set1_ps(wn);
-                let set = &mut sets[n & 1];
-                for (i, s) in set.iter_mut().enumerate() {
-                    // SAFETY: `c + 32 <= dim`; rows hold `dim` elements.
-                    *s = _mm256_fmadd_ps(
-                        weight,
-                        unsafe { load8((row as *const T).add(c + 8 * i)) },
-                        *s,
-                    );
+            let (mut even, mut odd) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            let mut k = 0;
+            while k + 2 <= n {
+                // SAFETY: `c + 32 <= dim`; rows hold `dim` elements.
+                unsafe {
+                    add_row::<T, 4>(&mut even, w[k], rows[k], c);
+                    add_row::<T, 4>(&mut odd, w[k + 1], rows[k + 1], c);
                 }
+                k += 2;
             }
-            for (i, (&even, &odd)) in sets[0].iter().zip(&sets[1]).enumerate() {
+            if k < n {
+                // SAFETY: as above.
+                unsafe { add_row::<T, 4>(&mut even, w[k], rows[k], c) };
+            }
+            for i in 0..4 {
                 // SAFETY: `c + 8 * i + 8 <= dim`.
                 unsafe {
-                    let dst = acc.as_mut_ptr().add(c + 8 * i);
-                    let total = _mm256_add_ps(even, odd);
-                    _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), total));
-                }
+                    add_into(
+                        acc.as_mut_ptr().add(c + 8 * i),
+                        _mm256_add_ps(even[i], odd[i]),
+                    )
+                };
             }
             c += 32;
         }
         while c + 8 <= dim {
-            let mut s = _mm256_setzero_ps();
-            for (&wn, &row) in w.iter().zip(rows) {
+            let mut s = [_mm256_setzero_ps(); 1];
+            for k in 0..n {
                 // SAFETY: `c + 8 <= dim`.
-                s = _mm256_fmadd_ps(
-                    _mm256_set1_ps(wn),
-                    unsafe { load8((row as *const T).add(c)) },
-                    s,
-                );
+                unsafe { add_row::<T, 1>(&mut s, w[k], rows[k], c) };
             }
             // SAFETY: `c + 8 <= dim`.
-            unsafe {
-                let dst = acc.as_mut_ptr().add(c);
-                _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), s));
-            }
+            unsafe { add_into(acc.as_mut_ptr().add(c), s[0]) };
             c += 8;
         }
-        for (k, a) in acc.iter_mut().enumerate().skip(c) {
-            for (&wn, &row) in w.iter().zip(rows) {
-                // SAFETY: `k < dim`.
-                *a += wn * unsafe { *(row as *const T).add(k) }.to_acc();
+        for (j, a) in acc.iter_mut().enumerate().skip(c) {
+            for k in 0..n {
+                // SAFETY: `j < dim`.
+                *a += w[k] * unsafe { *(rows[k] as *const T).add(j) }.to_acc();
             }
         }
+    }
+
+    /// `sums[i] += weight * row[c + 8i .. c + 8i + 8]` for `i < N`.
+    ///
+    /// # Safety
+    /// `row` must hold at least `c + 8 N` elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_row<T: Wide, const N: usize>(
+        sums: &mut [__m256; N],
+        weight: f32,
+        row: usize,
+        c: usize,
+    ) {
+        let weight = _mm256_set1_ps(weight);
+        for (i, s) in sums.iter_mut().enumerate() {
+            // SAFETY: by the caller's contract.
+            *s = _mm256_fmadd_ps(
+                weight,
+                unsafe { load8((row as *const T).add(c + 8 * i)) },
+                *s,
+            );
+        }
+    }
+
+    /// `*dst[0..8] += v`.
+    ///
+    /// # Safety
+    /// `dst` must hold 8 writable floats.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_into(dst: *mut f32, v: __m256) {
+        // SAFETY: by the caller's contract.
+        unsafe { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), v)) };
     }
 }

@@ -1,0 +1,136 @@
+"""Fused neighborhood attention on the CPU against dense attention and the unfused ops.
+
+Side by side in one process, interleaved round by round (machine noise hits every contender
+alike), median of the rounds. For each problem it prints each contender's time and its ratio to
+the fused forward (or forward + backward):
+  * fused: ``natten_rs.na{1,2,3}d`` (heads-last)
+  * sdpa: ``torch.nn.functional.scaled_dot_product_attention`` over all tokens
+  * unfused: ``na*d_qk`` -> softmax -> ``na*d_av`` on the same memory (heads-first views)
+and, for P1, the bf16 fused forward against the fp32 one.
+
+    python benches/bench_fused.py [--problems p1 3d 1d] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import natten_rs
+import torch
+import torch.nn.functional as F
+from natten_rs import functional
+
+
+@dataclass
+class Problem:
+    name: str
+    batch: int
+    heads: int
+    spatial: tuple
+    dim: int
+    kernel: int
+    dilation: int = 1
+
+    def inputs(self, dtype=torch.float32, grad=False):
+        gen = torch.Generator().manual_seed(0)
+        shape = (self.batch, *self.spatial, self.heads, self.dim)
+        return [torch.randn(shape, generator=gen).to(dtype).requires_grad_(grad) for _ in range(3)]
+
+
+PROBLEMS = {
+    "p1": [Problem("P1 2-D 56x56 K7", 8, 2, (56, 56), 32, 7)],
+    "3d": [Problem("3-D 16x32x32 K7", 1, 4, (16, 32, 32), 64, 7)],
+    "1d": [
+        Problem("1-D L8192 K127 d1", 4, 8, (8192,), 64, 127, 1),
+        Problem("1-D L8192 K127 d8", 4, 8, (8192,), 64, 127, 8),
+    ],
+}
+
+
+def fused(p, q, k, v):
+    return getattr(natten_rs, f"na{len(p.spatial)}d")(q, k, v, p.kernel, dilation=p.dilation)
+
+
+def sdpa(p, q, k, v):
+    def heads_first(t):
+        return t.flatten(1, -3).transpose(1, 2)
+
+    return F.scaled_dot_product_attention(heads_first(q), heads_first(k), heads_first(v))
+
+
+def unfused(p, q, k, v):
+    rank = len(p.spatial)
+    qk = getattr(functional, f"na{rank}d_qk")
+    av = getattr(functional, f"na{rank}d_av")
+
+    def heads_first(t):
+        return t.movedim(-2, 1)
+
+    attn = qk(heads_first(q) * p.dim**-0.5, heads_first(k), p.kernel, p.dilation).softmax(-1)
+    return av(attn, heads_first(v), p.kernel, p.dilation)
+
+
+def measure(calls: dict, rounds: int) -> dict:
+    for call in calls.values():
+        call()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def forward_calls(p):
+    q, k, v = p.inputs()
+    calls = {
+        name: (lambda fn=fn: fn(p, q, k, v))
+        for name, fn in (("fused", fused), ("sdpa", sdpa), ("unfused", unfused))
+    }
+    if p.name.startswith("P1"):
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        calls["fused bf16"] = lambda: fused(p, qb, kb, vb)
+    return calls
+
+
+def backward_calls(p):
+    q, k, v = p.inputs(grad=True)
+
+    def step(fn):
+        out = fn(p, q, k, v)
+        out.backward(torch.ones_like(out))
+
+    return {
+        name: (lambda fn=fn: step(fn))
+        for name, fn in (("fused", fused), ("sdpa", sdpa), ("unfused", unfused))
+    }
+
+
+def report(p, label, times):
+    base = times["fused"]
+    for name, t in times.items():
+        print(f"{p.name:>20} {label:>8} {name:>11} {t * 1e3:>10.2f} ms {t / base:>8.3f}x fused")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 unless "
+        f"marked, median of {args.rounds} rounds"
+    )
+    for key in args.problems:
+        for p in PROBLEMS[key]:
+            with torch.no_grad():
+                report(p, "fwd", measure(forward_calls(p), args.rounds))
+            report(p, "fwd+bwd", measure(backward_calls(p), args.rounds))
+
+
+if __name__ == "__main__":
+    main()
