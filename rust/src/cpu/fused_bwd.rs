@@ -238,29 +238,36 @@ impl<T: Element> Backward<'_, '_, T> {
         let pairs = &s.pairs;
         // SAFETY (whole block): queued rows hold `dim` / `dim_v` channels.
         unsafe {
-            if (q_step, o_step) == (1, 1) {
+            let dense = (q_step, o_step) == (1, 1);
+            if dense {
                 T::dot_rows(&s.k, &pairs.q[..n], p);
                 T::dot_rows(&s.v, &pairs.d_o[..n], dp);
             } else {
-                for i in 0..n {
-                    p[i] = dot(&s.k, pairs.q[i] as *const T, q_step);
-                    dp[i] = dot(&s.v, pairs.d_o[i] as *const T, o_step);
+                for ((p, dp), (&q, &d_o)) in p
+                    .iter_mut()
+                    .zip(dp.iter_mut())
+                    .zip(pairs.q.iter().zip(&pairs.d_o))
+                {
+                    *p = dot(&s.k, q as *const T, q_step);
+                    *dp = dot(&s.v, d_o as *const T, o_step);
                 }
             }
-            for i in 0..n {
-                p[i] = a.scale * p[i] + pairs.bias[i] - self.lse.values[pairs.row[i]];
+            for ((p, &bias), &row) in p.iter_mut().zip(&pairs.bias).zip(&pairs.row) {
+                *p = a.scale * *p + bias - self.lse.values[row];
             }
             T::Acc::exp_shifted(p, T::Acc::ZERO);
-            for i in 0..n {
-                dp[i] = p[i] * (dp[i] - self.delta.values[pairs.row[i]]);
+            for ((dp, &p), &row) in dp.iter_mut().zip(p.iter()).zip(&pairs.row) {
+                *dp = p * (*dp - self.delta.values[row]);
             }
-            if (q_step, o_step) == (1, 1) {
+            if dense {
                 T::sum_rows(dp, &pairs.q[..n], &mut s.d_k);
                 T::sum_rows(p, &pairs.d_o[..n], &mut s.d_v);
             } else {
-                for i in 0..n {
-                    axpy(&mut s.d_k, dp[i], pairs.q[i] as *const T, q_step);
-                    axpy(&mut s.d_v, p[i], pairs.d_o[i] as *const T, o_step);
+                for ((&ds, &p), (&q, &d_o)) in
+                    dp.iter().zip(p.iter()).zip(pairs.q.iter().zip(&pairs.d_o))
+                {
+                    axpy(&mut s.d_k, ds, q as *const T, q_step);
+                    axpy(&mut s.d_v, p, d_o as *const T, o_step);
                 }
             }
         }

@@ -128,10 +128,10 @@ mod x86 {
         let mut lanes = [0.0f32; 8];
         // SAFETY: `lanes` holds 8 floats.
         unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum8(acc)) };
-        for c in body..a.len() {
+        for (c, &x) in a.iter().enumerate().skip(body) {
             for (lane, row) in lanes.iter_mut().zip(rows) {
                 // SAFETY: `c < a.len()`.
-                *lane += a[c] * unsafe { *row.add(c) }.to_acc();
+                *lane += x * unsafe { *row.add(c) }.to_acc();
             }
         }
         lanes
