@@ -1,7 +1,12 @@
-//! Where CPU work runs: rayon's pool, or the calling thread alone for problems too small to
-//! repay waking other threads. Row kernels are compiled for the best instruction set the CPU
-//! has, chosen once at run time, so one wheel runs everywhere and fast where it can.
+//! Where CPU work runs. Problems too small to repay waking other threads run on the calling
+//! thread. Otherwise, when the process has an OpenMP runtime (torch's CPU ops run on one), rows
+//! are spread over its thread team, so torch ops and natten_rs ops share one set of threads
+//! instead of two pools fighting over the cores (OpenMP workers spin for milliseconds after each
+//! torch op, which halves the speed of a second pool). Without one, rayon. Row kernels are
+//! compiled for the best instruction set the CPU has, chosen once at run time, so one wheel
+//! runs everywhere and fast where it can.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
@@ -25,10 +30,25 @@ pub fn for_each_with<S>(
         (0..n).for_each(|i| f(i, &mut state));
         return;
     }
-    (0..n)
-        .into_par_iter()
-        .with_min_len(GRAIN)
-        .for_each_init(&init, |s, i| f(i, s));
+    let next = AtomicUsize::new(0);
+    let worker = || {
+        let mut state = init();
+        loop {
+            let start = next.fetch_add(GRAIN, Ordering::Relaxed);
+            if start >= n {
+                break;
+            }
+            for i in start..(start + GRAIN).min(n) {
+                f(i, &mut state);
+            }
+        }
+    };
+    if !openmp::run_on_team(&worker) {
+        (0..n)
+            .into_par_iter()
+            .with_min_len(GRAIN)
+            .for_each_init(&init, |s, i| f(i, s));
+    }
 }
 
 /// A kernel that computes one output row at a time.
@@ -93,10 +113,62 @@ unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut K::Scra
     unsafe { kernel.row(r, scratch) }
 }
 
+/// The process's OpenMP runtime (libgomp, as torch's Linux wheels carry), found by symbol.
+#[cfg(all(target_os = "linux", not(test)))]
+mod openmp {
+    use std::ffi::{c_char, c_uint, c_void};
+    use std::sync::OnceLock;
+
+    type Body = unsafe extern "C" fn(*mut c_void);
+    type Parallel = unsafe extern "C" fn(Body, *mut c_void, c_uint, c_uint);
+
+    extern "C" {
+        fn dlsym(handle: *mut c_void, symbol: *const c_char) -> *mut c_void;
+    }
+
+    fn gomp_parallel() -> Option<Parallel> {
+        static PARALLEL: OnceLock<Option<Parallel>> = OnceLock::new();
+        *PARALLEL.get_or_init(|| {
+            // SAFETY: RTLD_DEFAULT (null) searches the loaded objects; the name is a C string.
+            let symbol = unsafe { dlsym(std::ptr::null_mut(), c"GOMP_parallel".as_ptr()) };
+            // SAFETY: libgomp's `GOMP_parallel(fn, data, num_threads, flags)` has this ABI.
+            (!symbol.is_null())
+                .then(|| unsafe { std::mem::transmute::<*mut c_void, Parallel>(symbol) })
+        })
+    }
+
+    unsafe extern "C" fn trampoline(data: *mut c_void) {
+        // SAFETY: `data` is the `&&dyn Fn` that `run_on_team` passed and keeps alive.
+        let worker = unsafe { &*(data as *const &(dyn Fn() + Sync)) };
+        worker();
+    }
+
+    /// Run `worker` once on every thread of the OpenMP team (the caller included); false when
+    /// the process has no OpenMP runtime.
+    pub fn run_on_team(worker: &(dyn Fn() + Sync)) -> bool {
+        let Some(parallel) = gomp_parallel() else {
+            return false;
+        };
+        let data = &worker as *const &(dyn Fn() + Sync) as *mut c_void;
+        // SAFETY: GOMP_parallel calls `trampoline(data)` on each team thread and returns after
+        // all have finished, so `worker` outlives every call; 0 threads means the team's default
+        // size (torch.set_num_threads sets it).
+        unsafe { parallel(trampoline, data, 0, 0) };
+        true
+    }
+}
+
+/// No OpenMP runtime to share (other systems, and Rust unit tests): rayon runs everything.
+#[cfg(any(not(target_os = "linux"), test))]
+mod openmp {
+    pub fn run_on_team(_worker: &(dyn Fn() + Sync)) -> bool {
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn every_index_runs_exactly_once_serial_or_parallel() {
