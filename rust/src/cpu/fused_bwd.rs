@@ -11,6 +11,7 @@ use super::element::{axpy, dot, load, store, Accum, Element};
 use super::fused::{Attention, FusedTensors, RowScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
+use super::qk::store_bias_grad;
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -295,28 +296,7 @@ impl<T: Element> Backward<'_, '_, T> {
                 &pass,
             )
         };
-        let partials: Vec<Vec<T::Acc>> = pass
-            .partials
-            .into_iter()
-            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
-            .collect();
-        for h in 0..p.heads {
-            let mut total = vec![T::Acc::ZERO; size];
-            for b in 0..p.batch {
-                for (t, &x) in total.iter_mut().zip(&partials[b * p.heads + h]) {
-                    *t += x;
-                }
-            }
-            for (i, &sum) in total.iter().enumerate() {
-                let idx = [
-                    i / (span[1] * span[2]),
-                    (i / span[2]) % span[1],
-                    i % span[2],
-                ];
-                // SAFETY: in-shape index of the validated bias gradient, written by this thread.
-                unsafe { *d_bias.at([h, idx[0], idx[1], idx[2]]) = T::from_acc(sum) };
-            }
-        }
+        store_bias_grad(pass.partials, p.batch, span, d_bias);
     }
 }
 

@@ -135,12 +135,24 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
             }
         },
     );
+    store_bias_grad(partials, batch, span, d_bias);
+}
+
+/// Write `d_bias[h] = sum over b of partials[b * heads + h]`, summed in batch order (so the
+/// result does not depend on how the partials were scheduled).
+pub fn store_bias_grad<T: Element>(
+    partials: Vec<Mutex<Vec<T::Acc>>>,
+    batch: usize,
+    span: [usize; 3],
+    d_bias: Bias<T>,
+) {
+    let heads = partials.len() / batch.max(1);
     let partials: Vec<Vec<T::Acc>> = partials
         .into_iter()
         .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
         .collect();
     for h in 0..heads {
-        let mut total = vec![T::Acc::ZERO; size];
+        let mut total = vec![T::Acc::ZERO; span.iter().product()];
         for b in 0..batch {
             for (t, &p) in total.iter_mut().zip(&partials[b * heads + h]) {
                 *t += p;
@@ -152,7 +164,7 @@ pub fn bias_grad<T: Element>(g: &Grid, d_logits: Tokens<T>, d_bias: Bias<T>) {
                 (i / span[2]) % span[1],
                 i % span[2],
             ];
-            // SAFETY: in-shape index of the validated bias output, written by this thread only.
+            // SAFETY: in-shape index of the validated bias gradient, written by this thread only.
             unsafe { *d_bias.at([h, idx[0], idx[1], idx[2]]) = T::from_acc(sum) };
         }
     }
