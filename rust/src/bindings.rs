@@ -70,12 +70,7 @@ fn na_qk(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<()> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (q, k) = (borrow("query", query)?, borrow("key", key)?);
     let rpb = borrow_opt("rpb", rpb)?;
     let extra = borrow_opt("additional_keys", additional_keys)?;
@@ -107,12 +102,7 @@ fn na_av(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<()> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (a, v) = (borrow("attn", attn)?, borrow("value", value)?);
     let extra = borrow_opt("additional_values", additional_values)?;
     let out = borrow("out", out)?;
@@ -146,12 +136,7 @@ fn na_qk_backward(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<()> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let grad = borrow("d_attn", d_attn)?;
     let (q, k) = (borrow("query", query)?, borrow("key", key)?);
     let extra = borrow_opt("additional_keys", additional_keys)?;
@@ -210,12 +195,7 @@ fn na_av_backward(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<()> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let grad = borrow("d_out", d_out)?;
     let (a, v) = (borrow("attn", attn)?, borrow("value", value)?);
     let extra = borrow_opt("additional_values", additional_values)?;
@@ -264,12 +244,7 @@ fn qk_output_shape(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<Vec<usize>> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (q, k) = (borrow("query", query)?, borrow("key", key)?);
     let rpb = borrow_opt("rpb", rpb)?;
     let extra = borrow_opt("additional_keys", additional_keys)?;
@@ -286,12 +261,7 @@ fn av_output_shape(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
 ) -> PyResult<Vec<usize>> {
-    let nbhd = Neighborhood {
-        kernel: kernel_size,
-        dilation,
-        causal: is_causal,
-        ..Default::default()
-    };
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (a, v) = (borrow("attn", attn)?, borrow("value", value)?);
     let extra = borrow_opt("additional_values", additional_values)?;
     let p = Problem::for_av(&a, &v, extra.as_ref(), &nbhd)?;

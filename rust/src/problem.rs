@@ -25,6 +25,18 @@ pub struct Neighborhood {
     pub causal: Vec<bool>,
 }
 
+impl Neighborhood {
+    /// The arguments of an unfused op (which takes no stride).
+    pub fn unfused(kernel: Vec<i64>, dilation: Vec<i64>, causal: Vec<bool>) -> Self {
+        Neighborhood {
+            kernel,
+            stride: Vec::new(),
+            dilation,
+            causal,
+        }
+    }
+}
+
 /// Which op family's kernel rules apply.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Family {

@@ -7,6 +7,7 @@ mod av;
 mod element;
 mod fused;
 mod fused_bwd;
+mod fused_kv;
 mod grid;
 mod math;
 mod parallel;
