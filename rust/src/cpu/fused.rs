@@ -433,7 +433,7 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
     #[inline(always)]
     unsafe fn row(&self, r: usize, s: &mut RowScratch<T::Acc>) {
         let a = self.a;
-        let row = a.g.row(r);
+        let row = a.g.tiled_row(r);
         let [x0, x1, x2] = row.x;
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.

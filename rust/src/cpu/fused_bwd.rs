@@ -210,14 +210,15 @@ impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
     #[inline(always)]
     unsafe fn row(&self, r: usize, s: &mut QueryScratch<T::Acc>) {
         let a = self.bwd.a;
-        let row = a.g.row(r);
+        let row = a.g.tiled_row(r);
         let [x0, x1, x2] = row.x;
-        // SAFETY: `row` is a row of the validated problem; row `r` of `d_query`, `delta` and
-        // `lse` is ours.
+        // SAFETY: `row` is a row of the validated problem (tiled rows are a permutation); its
+        // rows of `d_query`, `delta` and `lse` are ours.
         unsafe {
             let (lse, delta) = self.bwd.logit_grads(row, s);
-            self.bwd.lse.set(r, lse);
-            self.bwd.delta.set(r, delta);
+            let index = a.g.row_index(row.b, row.h, row.x);
+            self.bwd.lse.set(index, lse);
+            self.bwd.delta.set(index, delta);
             let d_query = self.d_query.at([row.b, row.h, x0, x1, x2, 0]);
             let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
             let terms = (row, &s.row.keys, &s.row.logits[..], false);
