@@ -98,11 +98,13 @@ mod x86 {
         for (group, sums) in rows.chunks(8).zip(out.chunks_mut(8)) {
             // A short last group is padded with the first row (results dropped), so that the
             // eight accumulators are always the same eight registers.
-            let mut padded = [first; 8];
-            padded[..group.len()].copy_from_slice(group);
+            let padded: [usize; 8] =
+                std::array::from_fn(|j| group.get(j).copied().unwrap_or(first));
             // SAFETY: every padded address holds `a.len()` elements.
             let lanes = unsafe { dot8::<T>(a, padded) };
-            sums.copy_from_slice(&lanes[..group.len()]);
+            for (sum, lane) in sums.iter_mut().zip(lanes) {
+                *sum = lane;
+            }
         }
     }
 
