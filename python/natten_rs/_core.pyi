@@ -82,5 +82,32 @@ def na_av_backward(
 ) -> None:
     """Write the gradients of ``na_av`` (``d_additional_values`` when given)."""
 
+FusedInputs = tuple[
+    Capsule, Capsule | None, Capsule | None, Capsule | None, Capsule | None, Capsule | None
+]
+"""``(query, key, value, additional_keys, additional_values, rpb)``, heads-last."""
+Neighborhood = tuple[list[int], list[int], list[int], list[bool]]
+"""``(kernel_size, stride, dilation, is_causal)``; an empty kernel means dense attention."""
+
+def fused_output_shapes(
+    inputs: FusedInputs, nbhd: Neighborhood, scale: float
+) -> tuple[list[int], list[int]]:
+    """Validate the inputs of a fused op; the shapes of ``(out, lse)``."""
+
+def na_fused(
+    inputs: FusedInputs, nbhd: Neighborhood, scale: float, out: Capsule, lse: Capsule
+) -> None:
+    """Fused attention into ``out`` ``[B, *spatial, heads, Dv]`` and ``lse`` (float32)."""
+
+def na_fused_backward(
+    inputs: FusedInputs,
+    nbhd: Neighborhood,
+    scale: float,
+    saved: tuple[Capsule, Capsule, Capsule | None],
+    grads: FusedInputs,
+) -> None:
+    """Gradients of a fused op. ``saved`` is ``(out, d_out, d_lse)``; ``grads`` holds the
+    gradient outputs in ``inputs`` order, each written when given."""
+
 def dlpack_info(capsule: Capsule) -> tuple[int, list[int], list[int], str, str]:
     """``(data address, shape, strides, dtype, device)`` as natten_rs reads the capsule."""
