@@ -82,11 +82,11 @@ def na_av_backward(
 ) -> None:
     """Write the gradients of ``na_av`` (``d_additional_values`` when given)."""
 
-FusedInputs = tuple[
+FusedInputs: TypeAlias = tuple[
     Capsule, Capsule | None, Capsule | None, Capsule | None, Capsule | None, Capsule | None
 ]
 """``(query, key, value, additional_keys, additional_values, rpb)``, heads-last."""
-Neighborhood = tuple[list[int], list[int], list[int], list[bool]]
+Neighborhood: TypeAlias = tuple[list[int], list[int], list[int], list[bool]]
 """``(kernel_size, stride, dilation, is_causal)``; an empty kernel means dense attention."""
 
 def fused_output_shapes(
