@@ -1,9 +1,9 @@
 """Run a neighborhood-attention problem through natten_rs and through the dense reference.
 
 ``python -m natten_rs.profiler`` runs the default problem (2-D, B=8, heads=2, 56x56, head_dim=32,
-kernel 7, dilations 1 and 4) through natten_rs's unfused ops (qk -> softmax -> av), checks that
-the result agrees with the dense PyTorch reference, and prints a table of times, speed-ups and
-errors. Exit status 1 when a result disagrees.
+kernel 7, dilations 1 and 4) through natten_rs's unfused ops (qk -> softmax -> av) and its fused
+op, checks that both agree with the dense PyTorch reference, and prints a table of times,
+speed-ups and errors. Exit status 1 when a result disagrees.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def natten_rs_attention(q, k, v, kernel, dilation, causal):
+def unfused_attention(q, k, v, kernel, dilation, causal):
     """Neighborhood attention through the unfused ops: heads-first ``[B, heads, *spatial, D]``."""
     rank = q.dim() - 3
     qk = getattr(functional, f"na{rank}d_qk")
@@ -72,16 +72,42 @@ def natten_rs_attention(q, k, v, kernel, dilation, causal):
     return av(attn.softmax(-1), v, kernel, dilation, is_causal=causal)
 
 
+def heads_last(t):
+    return t.movedim(1, -2)
+
+
+def fused_attention(q, k, v, kernel, dilation, causal):
+    """The same through the fused op (heads-last views of the same memory)."""
+    na = getattr(functional, f"na{q.dim() - 3}d")
+    out = na(
+        heads_last(q), heads_last(k), heads_last(v), kernel, dilation=dilation, is_causal=causal
+    )
+    return out.movedim(-2, 1)
+
+
 def reference_attention(q, k, v, kernel, dilation, causal):
     """The same through the dense oracle (heads-last, float64 inside)."""
-
-    def heads_last(t):
-        return t.movedim(1, -2)
-
     out = reference.na(
         heads_last(q), heads_last(k), heads_last(v), kernel, dilation=dilation, is_causal=causal
     )
     return out.movedim(-2, 1)
+
+
+IMPLEMENTATIONS = {"unfused": unfused_attention, "fused": fused_attention}
+
+
+def measure(problem: tuple, dtype: torch.dtype, repeats: int) -> dict:
+    """Times and errors of every implementation on one problem."""
+    with torch.no_grad():
+        expected = reference_attention(*problem).double()
+        row = {"reference": best_time(lambda: reference_attention(*problem), 1)}
+        scale = max(expected.abs().max().item(), 1.0)
+        for name, fn in IMPLEMENTATIONS.items():
+            row[name] = best_time(lambda fn=fn: fn(*problem), repeats)
+            error = (fn(*problem).double() - expected).abs().max().item()
+            row[f"{name} error"] = error
+            row[f"{name} ok"] = error <= TOLERANCE[dtype] * scale
+    return row
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -89,31 +115,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     shape = (args.batch, args.heads, *args.size, args.dim)
     q, k, v = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
-    rows = []
-    for dilation in args.dilations:
-
-        def ours(dilation=dilation):
-            return natten_rs_attention(q, k, v, args.kernel, dilation, args.causal)
-
-        def dense(dilation=dilation):
-            return reference_attention(q, k, v, args.kernel, dilation, args.causal)
-
-        with torch.no_grad():
-            t_ours = best_time(ours, args.repeats)
-            t_ref = best_time(dense, 1)
-            expected = dense().double()
-            error = (ours().double() - expected).abs().max().item()
-        scale = max(expected.abs().max().item(), 1.0)
-        rows.append(
-            {
-                "dilation": dilation,
-                "natten_rs": t_ours,
-                "reference": t_ref,
-                "error": error,
-                "ok": error <= TOLERANCE[dtype] * scale,
-            }
-        )
-    return rows
+    return [
+        {"dilation": d, **measure((q, k, v, args.kernel, d, args.causal), dtype, args.repeats)}
+        for d in args.dilations
+    ]
 
 
 def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -124,26 +129,30 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
         f"causal={args.causal}, {args.dtype}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    print("natten_rs: unfused qk -> softmax -> av; reference: dense masked attention (float64)")
+    print(
+        "natten_rs unfused: qk -> softmax -> av; natten_rs fused: na*d; "
+        "reference: dense masked attention (float64)"
+    )
     header = (
-        f"{'dilation':>8} {'natten_rs ms':>13} {'reference ms':>13} {'speed-up':>9} "
-        f"{'max error':>10}  agree"
+        f"{'dilation':>8} {'path':>8} {'natten_rs ms':>13} {'reference ms':>13} "
+        f"{'speed-up':>9} {'max error':>10}  agree"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
-            f"{r['dilation']:>8} {r['natten_rs'] * 1e3:>13.2f} {r['reference'] * 1e3:>13.1f} "
-            f"{r['reference'] / r['natten_rs']:>8.1f}x {r['error']:>10.2e}  "
-            f"{'yes' if r['ok'] else 'NO'}"
-        )
+        for name in IMPLEMENTATIONS:
+            print(
+                f"{r['dilation']:>8} {name:>8} {r[name] * 1e3:>13.2f} "
+                f"{r['reference'] * 1e3:>13.1f} {r['reference'] / r[name]:>8.1f}x "
+                f"{r[f'{name} error']:>10.2e}  {'yes' if r[f'{name} ok'] else 'NO'}"
+            )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     rows = run(args)
     print_table(args, rows)
-    return 0 if all(r["ok"] for r in rows) else 1
+    return 0 if all(r[f"{name} ok"] for r in rows for name in IMPLEMENTATIONS) else 1
 
 
 if __name__ == "__main__":
