@@ -1,7 +1,9 @@
-//! CPU kernels (rayon over `(batch, head, token)` rows). The unfused ops and all their
-//! gradients are compositions of four window primitives:
+//! CPU kernels, one task per `(batch, head, token)` row (`parallel` says on which threads).
+//! The unfused ops and all their gradients are compositions of four window primitives:
 //! `pairwise` (dots over a window), `gather` (weighted sum over a window), `scatter` (its
-//! transpose, over inverse windows) and the reductions onto extra tokens and the bias.
+//! transpose, over inverse windows) and the reductions onto extra tokens and the bias. The fused
+//! op (`fused`, `fused_bwd`, `fused_kv`) keeps one query's logits in scratch and never builds
+//! the attention matrix; `simd` holds the explicit AVX2 loops both families run on.
 
 mod av;
 mod element;
