@@ -2,7 +2,7 @@
 //! the query gradient), its transpose over inverse windows (key and value gradients), and the
 //! reduction onto additional tokens.
 
-use super::element::{axpy, axpy_chunk, store, Accum, Element, CHUNK};
+use super::element::{axpy, axpy_chunk, store, Accum, Element};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::view::{Extras, Tokens};
@@ -18,8 +18,8 @@ pub trait WeightedSum<T: Element> {
     fn dense_terms(&self) -> bool;
 }
 
-/// Write `scale * sum` for row `row` to `dim` channels at `dst`: channel chunks summed in
-/// registers, the rest in `scratch` (at least `dim` long).
+/// Write `scale * sum` for row `row` to `dim` channels at `dst`: chunks of 32, then 16
+/// channels summed in registers (one pass over the terms each), the rest in `scratch`.
 ///
 /// # Safety
 /// `row` must be a row of the validated problem; `dst` must be writable for `dim` channels
@@ -32,28 +32,49 @@ pub unsafe fn weighted_sum<T: Element, S: WeightedSum<T>>(
     scale: T::Acc,
     scratch: &mut [T::Acc],
 ) {
-    let body = if sum.dense_terms() {
-        dim - dim % CHUNK
-    } else {
-        0
-    };
+    let mut c = 0;
     // SAFETY (whole block): terms point at rows of `dim` channels; `dst` is this row's output.
     unsafe {
-        for c in (0..body).step_by(CHUNK) {
-            let mut acc = [T::Acc::ZERO; CHUNK];
-            sum.terms(row, |w, src, _| axpy_chunk(&mut acc, w, src.add(c)));
-            acc.iter_mut().for_each(|a| *a = *a * scale);
-            store(dst.offset(c as isize * dst_step), dst_step, &acc);
+        if sum.dense_terms() {
+            while c + 32 <= dim {
+                sum_chunk::<T, S, 32>(sum, row, c, (dst, dst_step), scale);
+                c += 32;
+            }
+            if c + 16 <= dim {
+                sum_chunk::<T, S, 16>(sum, row, c, (dst, dst_step), scale);
+                c += 16;
+            }
         }
-        if body < dim {
-            let tail = &mut scratch[..dim - body];
+        if c < dim {
+            let tail = &mut scratch[..dim - c];
             tail.fill(T::Acc::ZERO);
             sum.terms(row, |w, src, step| {
-                axpy(tail, w, src.offset(body as isize * step), step)
+                axpy(tail, w, src.offset(c as isize * step), step)
             });
             tail.iter_mut().for_each(|a| *a = *a * scale);
-            store(dst.offset(body as isize * dst_step), dst_step, tail);
+            store(dst.offset(c as isize * dst_step), dst_step, tail);
         }
+    }
+}
+
+/// Channels `c..c + N` of `weighted_sum`, accumulated in registers.
+///
+/// # Safety
+/// As `weighted_sum`, with dense terms and `c + N <= dim`.
+#[inline(always)]
+unsafe fn sum_chunk<T: Element, S: WeightedSum<T>, const N: usize>(
+    sum: &S,
+    row: Row,
+    c: usize,
+    (dst, dst_step): (*mut T, isize),
+    scale: T::Acc,
+) {
+    let mut acc = [T::Acc::ZERO; N];
+    // SAFETY: by the caller's contract.
+    unsafe {
+        sum.terms(row, |w, src, _| axpy_chunk(&mut acc, w, src.add(c)));
+        acc.iter_mut().for_each(|a| *a = *a * scale);
+        store(dst.offset(c as isize * dst_step), dst_step, &acc);
     }
 }
 

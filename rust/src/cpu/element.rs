@@ -255,15 +255,16 @@ fn sum_lanes<A: Accum>(l: [A; LANES]) -> A {
     pairs[0] + pairs[1]
 }
 
-/// Channels a gather keeps in registers at once.
-pub const CHUNK: usize = 16;
-
-/// `acc[l] += w * b[l]` for one register-resident chunk of channels.
+/// `acc[l] += w * b[l]` for one register-resident chunk of `N` channels.
 ///
 /// # Safety
-/// `b + l` must be readable for every `l < CHUNK`.
+/// `b + l` must be readable for every `l < N`.
 #[inline(always)]
-pub unsafe fn axpy_chunk<T: Element>(acc: &mut [T::Acc; CHUNK], w: T::Acc, b: *const T) {
+pub unsafe fn axpy_chunk<T: Element, const N: usize>(
+    acc: &mut [T::Acc; N],
+    w: T::Acc,
+    b: *const T,
+) {
     for (l, s) in acc.iter_mut().enumerate() {
         // SAFETY: in bounds by the caller's contract.
         *s += w * unsafe { *b.add(l) }.to_acc();
