@@ -39,7 +39,7 @@ pub fn exp_f32(x: f32) -> f32 {
 #[inline(always)]
 pub fn exp_shifted_f32(xs: &mut [f32], shift: f32) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+    if super::simd::available() {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::exp_shifted(xs, shift) };
     }
@@ -101,6 +101,7 @@ mod avx2 {
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA.
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted(xs: &mut [f32], shift: f32) -> f32 {
         let mut sum = _mm256_setzero_ps();

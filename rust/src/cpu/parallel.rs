@@ -80,7 +80,7 @@ pub unsafe fn par_rows<K: RowKernel>((rows, cost): (usize, usize), kernel: &K) {
         |r, scratch| match isa {
             // SAFETY: `r < rows`; the caller vouches for the kernel.
             Isa::Baseline => unsafe { kernel.row(r, scratch) },
-            // SAFETY: as above, and the CPU has AVX2 and FMA (detected).
+            // SAFETY: as above, and the CPU has AVX2, FMA and F16C (detected).
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2Fma => unsafe { row_avx2_fma(kernel, r, scratch) },
         },
@@ -98,16 +98,16 @@ fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        if super::simd::available() {
             return Isa::Avx2Fma;
         }
         Isa::Baseline
     })
 }
 
-/// `kernel.row` inlined and compiled with AVX2 and FMA enabled.
+/// `kernel.row` inlined and compiled with AVX2, FMA and F16C enabled.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut K::Scratch) {
     // SAFETY: forwarded contract of `par_rows`.
     unsafe { kernel.row(r, scratch) }

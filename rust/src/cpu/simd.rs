@@ -92,6 +92,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must pass `available()`; every address must hold `a.len()` readable elements.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_rows<T: Wide>(a: &[f32], rows: &[usize], out: &mut [f32]) {
         let Some(&first) = rows.first() else { return };
@@ -143,6 +144,7 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must pass `available()`; every address must hold `acc.len()` readable elements.
+    #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn sum_rows<T: Wide>(w: &[f32], rows: &[usize], acc: &mut [f32]) {
         let dim = acc.len();
