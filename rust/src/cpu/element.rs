@@ -74,6 +74,47 @@ impl Accum for f64 {
     }
 }
 
+/// The addresses of a sequence of dense rows.
+pub trait Rows: Copy {
+    /// Number of rows.
+    fn len(&self) -> usize;
+    /// Address of row `i < len()`.
+    fn at(&self, i: usize) -> usize;
+}
+
+impl Rows for &[usize] {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        <[usize]>::len(self)
+    }
+    #[inline(always)]
+    fn at(&self, i: usize) -> usize {
+        self[i]
+    }
+}
+
+/// `len` rows `step` bytes apart from `first`: the keys of a window along its last axis.
+#[derive(Clone, Copy, Debug)]
+pub struct Run {
+    /// Address of the first row.
+    pub first: usize,
+    /// Bytes from one row to the next.
+    pub step: isize,
+    /// Number of rows.
+    pub len: usize,
+}
+
+impl Rows for Run {
+    #[inline(always)]
+    fn len(&self) -> usize {
+        self.len
+    }
+    #[inline(always)]
+    fn at(&self, i: usize) -> usize {
+        self.first.wrapping_add_signed(i as isize * self.step)
+    }
+}
+
 /// A tensor element type the kernels compute with.
 pub trait Element: Copy + Send + Sync + 'static {
     /// Accumulator type.
@@ -88,10 +129,10 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// # Safety
     /// Every address must hold `a.len()` readable elements; `out` is as long as `rows`.
     #[inline(always)]
-    unsafe fn dot_rows(a: &[Self::Acc], rows: &[usize], out: &mut [Self::Acc]) {
-        for (o, &row) in out.iter_mut().zip(rows) {
+    unsafe fn dot_rows<R: Rows>(a: &[Self::Acc], rows: R, out: &mut [Self::Acc]) {
+        for (i, o) in out.iter_mut().enumerate().take(rows.len()) {
             // SAFETY: by the caller's contract.
-            *o = unsafe { dot(a, row as *const Self, 1) };
+            *o = unsafe { dot(a, rows.at(i) as *const Self, 1) };
         }
     }
 
@@ -100,10 +141,10 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// # Safety
     /// Every address must hold `acc.len()` readable elements.
     #[inline(always)]
-    unsafe fn sum_rows(w: &[Self::Acc], rows: &[usize], acc: &mut [Self::Acc]) {
-        for (&weight, &row) in w.iter().zip(rows) {
+    unsafe fn sum_rows<R: Rows>(w: &[Self::Acc], rows: R, acc: &mut [Self::Acc]) {
+        for (i, &weight) in w.iter().enumerate().take(rows.len()) {
             // SAFETY: by the caller's contract.
-            unsafe { axpy(acc, weight, row as *const Self, 1) };
+            unsafe { axpy(acc, weight, rows.at(i) as *const Self, 1) };
         }
     }
 }
@@ -123,27 +164,27 @@ macro_rules! wide_rows {
                 <$t>::from_f32_acc(a)
             }
             #[inline(always)]
-            unsafe fn dot_rows(a: &[f32], rows: &[usize], out: &mut [f32]) {
+            unsafe fn dot_rows<R: Rows>(a: &[f32], rows: R, out: &mut [f32]) {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
                     // SAFETY: the CPU has the kernels' features; the rest is the caller's.
-                    return unsafe { super::simd::dot_rows::<$t>(a, rows, out) };
+                    return unsafe { super::simd::dot_rows::<$t, R>(a, rows, out) };
                 }
-                for (o, &row) in out.iter_mut().zip(rows) {
+                for (i, o) in out.iter_mut().enumerate().take(rows.len()) {
                     // SAFETY: by the caller's contract.
-                    *o = unsafe { dot(a, row as *const Self, 1) };
+                    *o = unsafe { dot(a, rows.at(i) as *const Self, 1) };
                 }
             }
             #[inline(always)]
-            unsafe fn sum_rows(w: &[f32], rows: &[usize], acc: &mut [f32]) {
+            unsafe fn sum_rows<R: Rows>(w: &[f32], rows: R, acc: &mut [f32]) {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
                     // SAFETY: the CPU has the kernels' features; the rest is the caller's.
-                    return unsafe { super::simd::sum_rows::<$t>(w, rows, acc) };
+                    return unsafe { super::simd::sum_rows::<$t, R>(w, rows, acc) };
                 }
-                for (&weight, &row) in w.iter().zip(rows) {
+                for (i, &weight) in w.iter().enumerate().take(rows.len()) {
                     // SAFETY: by the caller's contract.
-                    unsafe { axpy(acc, weight, row as *const Self, 1) };
+                    unsafe { axpy(acc, weight, rows.at(i) as *const Self, 1) };
                 }
             }
         }

@@ -3,7 +3,7 @@
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
 use super::av::{weighted_sum, WeightedSum};
-use super::element::{dot, load, store, Accum, Element};
+use super::element::{dot, load, store, Accum, Element, Rows, Run};
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
@@ -29,13 +29,20 @@ pub struct FusedTensors<'a> {
 }
 
 /// The keys of one query row, gathered once and walked by every loop over them: window
-/// neighbors first, then the additional tokens.
+/// neighbors first (as runs along the window's last axis, whose keys lie a fixed step apart),
+/// then the additional tokens.
 pub struct KeyList<A> {
-    /// Addresses of the key rows.
-    pub keys: Vec<usize>,
-    /// Addresses of the value rows.
-    pub values: Vec<usize>,
-    /// The bias each key's logit gets (0 without rpb).
+    /// Per run: addresses of its first key row and first value row.
+    runs: Vec<(usize, usize)>,
+    run_count: usize,
+    /// Keys per run.
+    run_len: usize,
+    /// Bytes between consecutive key rows, and value rows, of a run.
+    steps: (isize, isize),
+    /// Addresses of the additional tokens' key rows and value rows.
+    extra_keys: Vec<usize>,
+    extra_values: Vec<usize>,
+    /// The bias each neighbor's logit gets (filled only with rpb).
     pub bias: Vec<A>,
     /// For neighbors with rpb: flat index into the `(2K0-1) x (2K1-1) x (2K2-1)` bias box.
     pub bias_bin: Vec<usize>,
@@ -46,15 +53,50 @@ pub struct KeyList<A> {
 }
 
 impl<A: Accum> KeyList<A> {
-    fn new(capacity: usize) -> Self {
+    fn new(runs: usize, neighbors: usize, extra: usize) -> Self {
         KeyList {
-            keys: vec![0; capacity],
-            values: vec![0; capacity],
-            bias: vec![A::ZERO; capacity],
-            bias_bin: vec![0; capacity],
+            runs: vec![(0, 0); runs],
+            run_count: 0,
+            run_len: 0,
+            steps: (0, 0),
+            extra_keys: vec![0; extra],
+            extra_values: vec![0; extra],
+            bias: vec![A::ZERO; neighbors],
+            bias_bin: vec![0; neighbors],
             len: 0,
             window: 0,
         }
+    }
+
+    /// The neighbors' key rows (or value rows) as runs, each with the index of its first key.
+    #[inline(always)]
+    pub fn runs(&self, values: bool) -> impl Iterator<Item = (usize, Run)> + '_ {
+        let step = if values { self.steps.1 } else { self.steps.0 };
+        self.runs[..self.run_count]
+            .iter()
+            .enumerate()
+            .map(move |(i, &(k, v))| {
+                let first = if values { v } else { k };
+                (
+                    i * self.run_len,
+                    Run {
+                        first,
+                        step,
+                        len: self.run_len,
+                    },
+                )
+            })
+    }
+
+    /// The additional tokens' key rows (or value rows).
+    #[inline(always)]
+    pub fn extra_rows(&self, values: bool) -> &[usize] {
+        let rows = if values {
+            &self.extra_values
+        } else {
+            &self.extra_keys
+        };
+        &rows[..self.len - self.window]
     }
 }
 
@@ -99,7 +141,9 @@ impl<'g, T: Element> Attention<'g, T> {
 
     /// An empty key list large enough for any query.
     pub fn key_list(&self) -> KeyList<T::Acc> {
-        KeyList::new(usize::from(self.window) * self.g.slots + self.g.extra)
+        let [k0, k1, _] = self.g.axes.map(|a| a.kernel);
+        let window = usize::from(self.window);
+        KeyList::new(window * k0 * k1, window * self.g.slots, self.g.extra)
     }
 
     /// Channel strides of key rows: `(neighbors, extras)`.
@@ -126,7 +170,8 @@ impl<'g, T: Element> Attention<'g, T> {
     pub unsafe fn collect_keys(&self, row: Row, list: &mut KeyList<T::Acc>) {
         let Row { b, h, x } = row;
         let hk = h / self.group;
-        let mut n = 0;
+        list.run_count = 0;
+        list.window = 0;
         // SAFETY (whole block): window keys of a validated row, and its extras, are in shape.
         unsafe {
             if let (Some(k), Some(v)) = (self.k, self.v) {
@@ -141,27 +186,26 @@ impl<'g, T: Element> Attention<'g, T> {
                     for s1 in 0..w[1].count as isize {
                         let k1 = k0.wrapping_add_signed(s0 * k_step[0] + s1 * k_step[1]);
                         let v1 = v0.wrapping_add_signed(s0 * v_step[0] + s1 * v_step[1]);
-                        for s2 in 0..w[2].count as isize {
-                            list.keys[n] = k1.wrapping_add_signed(s2 * k_step[2]);
-                            list.values[n] = v1.wrapping_add_signed(s2 * v_step[2]);
-                            n += 1;
-                        }
+                        list.runs[list.run_count] = (k1, v1);
+                        list.run_count += 1;
                     }
                 }
+                list.run_len = w[2].count;
+                list.steps = (k_step[2], v_step[2]);
+                list.window = list.run_count * list.run_len;
                 if let Some(bias) = self.bias {
                     self.collect_bias(bias, row, w, list);
                 }
             }
-            list.window = n;
+            let extra = if self.ek.is_some() { self.g.extra } else { 0 };
             if let (Some(ek), Some(ev)) = (self.ek, self.ev) {
-                for e in 0..self.g.extra {
-                    list.keys[n] = ek.at([b, hk, e, 0]) as usize;
-                    list.values[n] = ev.at([b, hk, e, 0]) as usize;
-                    n += 1;
+                for e in 0..extra {
+                    list.extra_keys[e] = ek.at([b, hk, e, 0]) as usize;
+                    list.extra_values[e] = ev.at([b, hk, e, 0]) as usize;
                 }
             }
+            list.len = list.window + extra;
         }
-        list.len = n;
     }
 
     /// The bias (and its bin in the `(2K-1)^3` box) of every neighbor of `row`, window order.
@@ -232,8 +276,8 @@ impl<'g, T: Element> Attention<'g, T> {
     /// `list` must hold the keys of a row of the validated problem.
     #[inline(always)]
     pub unsafe fn scores(&self, list: &KeyList<T::Acc>, q: &[T::Acc], logits: &mut [T::Acc]) {
-        // SAFETY: the list's addresses are rows of `q.len()` channels.
-        unsafe { dots::<T>(list, &list.keys, self.key_steps(), q, logits) };
+        // SAFETY: the list's rows hold `q.len()` channels.
+        unsafe { self.dots(list, false, q, logits) };
         if self.bias.is_some() {
             for (l, &b) in logits[..list.window].iter_mut().zip(&list.bias) {
                 *l += b;
@@ -247,35 +291,43 @@ impl<'g, T: Element> Attention<'g, T> {
     /// `list` must hold the keys of a row of the validated problem; `a` has `dim_v` channels.
     #[inline(always)]
     pub unsafe fn value_dots(&self, list: &KeyList<T::Acc>, a: &[T::Acc], out: &mut [T::Acc]) {
-        // SAFETY: the list's value addresses are rows of `dim_v` channels.
-        unsafe { dots::<T>(list, &list.values, self.value_steps(), a, out) };
+        // SAFETY: the list's value rows hold `dim_v` channels.
+        unsafe { self.dots(list, true, a, out) };
     }
-}
 
-/// `out[n] = a . row_n` for the rows at `addresses` (neighbors, then extras).
-///
-/// # Safety
-/// Every address must be a row of `a.len()` channels `steps` apart.
-#[inline(always)]
-unsafe fn dots<T: Element>(
-    list: &KeyList<T::Acc>,
-    addresses: &[usize],
-    (window_step, extra_step): (isize, isize),
-    a: &[T::Acc],
-    out: &mut [T::Acc],
-) {
-    if (window_step, extra_step) == (1, 1) {
-        // SAFETY: by the caller's contract, with every row dense.
-        return unsafe { T::dot_rows(a, &addresses[..list.len], &mut out[..list.len]) };
-    }
-    for n in 0..list.len {
-        let step = if n < list.window {
-            window_step
+    /// `out[n] = a . row_n` over the key rows (or value rows) of `list`.
+    ///
+    /// # Safety
+    /// The rows must hold `a.len()` channels.
+    #[inline(always)]
+    unsafe fn dots(&self, list: &KeyList<T::Acc>, values: bool, a: &[T::Acc], out: &mut [T::Acc]) {
+        let (window_step, extra_step) = if values {
+            self.value_steps()
         } else {
-            extra_step
+            self.key_steps()
         };
-        // SAFETY: by the caller's contract.
-        out[n] = unsafe { dot(a, addresses[n] as *const T, step) };
+        let extra = list.extra_rows(values);
+        // SAFETY (whole block): by the caller's contract.
+        unsafe {
+            for (n, run) in list.runs(values) {
+                let out = &mut out[n..n + run.len];
+                if window_step == 1 {
+                    T::dot_rows(a, run, out);
+                } else {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = dot(a, run.at(i) as *const T, window_step);
+                    }
+                }
+            }
+            let out = &mut out[list.window..list.len];
+            if extra_step == 1 {
+                T::dot_rows(a, extra, out);
+            } else {
+                for (o, &row) in out.iter_mut().zip(extra) {
+                    *o = dot(a, row as *const T, extra_step);
+                }
+            }
+        }
     }
 }
 
@@ -294,19 +346,14 @@ pub struct KeyTerms<'a, T: Element> {
 impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
     #[inline(always)]
     unsafe fn terms(&self, _row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
-        let rows = if self.values {
-            &self.list.values
-        } else {
-            &self.list.keys
-        };
-        let len = self.list.len;
-        for (n, (&w, &row)) in self.w[..len].iter().zip(&rows[..len]).enumerate() {
-            let step = if n < self.list.window {
-                self.steps.0
-            } else {
-                self.steps.1
-            };
-            f(w, row as *const T, step);
+        for (n, run) in self.list.runs(self.values) {
+            for i in 0..run.len {
+                f(self.w[n + i], run.at(i) as *const T, self.steps.0);
+            }
+        }
+        let extra = self.list.extra_rows(self.values);
+        for (&w, &row) in self.w[self.list.window..].iter().zip(extra) {
+            f(w, row as *const T, self.steps.1);
         }
     }
 
@@ -335,7 +382,6 @@ impl<T: Element> Attention<'_, T> {
         } else {
             self.key_steps()
         };
-        let rows = if values { &list.values } else { &list.keys };
         let (ptr, step, dim) = dst;
         // SAFETY (whole block): the list's rows hold `dim` channels; `dst` is ours.
         unsafe {
@@ -350,7 +396,10 @@ impl<T: Element> Attention<'_, T> {
             }
             let acc = &mut tail[..dim];
             acc.fill(T::Acc::ZERO);
-            T::sum_rows(&w[..list.len], &rows[..list.len], acc);
+            for (n, run) in list.runs(values) {
+                T::sum_rows(&w[n..n + run.len], run, acc);
+            }
+            T::sum_rows(&w[list.window..list.len], list.extra_rows(values), acc);
             acc.iter_mut().for_each(|a| *a = *a * scale);
             store(ptr, step, acc);
         }
@@ -394,7 +443,7 @@ impl<T: Element> Attention<'_, T> {
         let keys = self.key_list();
         RowScratch {
             q: vec![T::Acc::ZERO; self.g.dim],
-            logits: vec![T::Acc::ZERO; keys.keys.len()],
+            logits: vec![T::Acc::ZERO; keys.bias.len() + keys.extra_keys.len()],
             tail: vec![T::Acc::ZERO; self.g.dim.max(self.dim_v)],
             keys,
         }
@@ -433,7 +482,7 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
     #[inline(always)]
     unsafe fn row(&self, r: usize, s: &mut RowScratch<T::Acc>) {
         let a = self.a;
-        let row = a.g.tiled_row(r);
+        let row = a.g.row(r);
         let [x0, x1, x2] = row.x;
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.

@@ -210,10 +210,10 @@ impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
     #[inline(always)]
     unsafe fn row(&self, r: usize, s: &mut QueryScratch<T::Acc>) {
         let a = self.bwd.a;
-        let row = a.g.tiled_row(r);
+        let row = a.g.row(r);
         let [x0, x1, x2] = row.x;
-        // SAFETY: `row` is a row of the validated problem (tiled rows are a permutation); its
-        // rows of `d_query`, `delta` and `lse` are ours.
+        // SAFETY: `row` is a row of the validated problem; its rows of `d_query`, `delta` and
+        // `lse` are ours.
         unsafe {
             let (lse, delta) = self.bwd.logit_grads(row, s);
             let index = a.g.row_index(row.b, row.h, row.x);

@@ -12,8 +12,6 @@ pub struct Grid {
     inverse: [InverseAxis; 3],
     /// Coordinates of every token, row-major (the token part of `row`).
     points: Vec<[u32; 3]>,
-    /// The same in tile order (`tiled_row`).
-    tiled_points: Vec<[u32; 3]>,
     /// Batch size.
     pub batch: usize,
     /// Heads.
@@ -49,8 +47,7 @@ impl Grid {
             axes,
             forward: axes.map(|a| a.windows()),
             inverse: axes.map(InverseAxis::new),
-            points: points(axes, [1, 1]),
-            tiled_points: points(axes, [4, 8]),
+            points: points(axes),
             batch,
             heads,
             dim,
@@ -77,25 +74,12 @@ impl Grid {
     /// Row number `r` of the flattened `(batch, head, token)` space, token row-major.
     #[inline(always)]
     pub fn row(&self, r: usize) -> Row {
-        self.row_from(r, &self.points)
-    }
-
-    /// Row number `r` like `row`, but with the tokens of each `(batch, head)` visited in
-    /// spatial tiles of the last two axes, so that consecutive rows share most of their keys
-    /// while those are still in cache.
-    #[inline(always)]
-    pub fn tiled_row(&self, r: usize) -> Row {
-        self.row_from(r, &self.tiled_points)
-    }
-
-    #[inline(always)]
-    fn row_from(&self, r: usize, points: &[[u32; 3]]) -> Row {
-        let tokens = points.len();
+        let tokens = self.points.len();
         let (bh, n) = (r / tokens, r % tokens);
         Row {
             b: bh / self.heads,
             h: bh % self.heads,
-            x: points[n].map(|c| c as usize),
+            x: self.points[n].map(|c| c as usize),
         }
     }
 
@@ -166,20 +150,14 @@ impl InverseAxis {
     }
 }
 
-/// Coordinates of every token of `axes`, row-major over tiles of `tile` positions of the last two
-/// axes (cut short at the far borders) and row-major within a tile. Tiles of `[1, 1]` give plain
-/// row-major order.
-fn points(axes: [Axis; 3], tile: [usize; 2]) -> Vec<[u32; 3]> {
+/// Coordinates of every token of `axes`, row-major.
+fn points(axes: [Axis; 3]) -> Vec<[u32; 3]> {
     let [l0, l1, l2] = axes.map(|a| a.length);
     let mut points = Vec::with_capacity(l0 * l1 * l2);
     for x0 in 0..l0 {
-        for t1 in (0..l1).step_by(tile[0]) {
-            for t2 in (0..l2).step_by(tile[1]) {
-                for x1 in t1..(t1 + tile[0]).min(l1) {
-                    for x2 in t2..(t2 + tile[1]).min(l2) {
-                        points.push([x0, x1, x2].map(|c| c as u32));
-                    }
-                }
+        for x1 in 0..l1 {
+            for x2 in 0..l2 {
+                points.push([x0, x1, x2].map(|c| c as u32));
             }
         }
     }

@@ -28,7 +28,7 @@ mod x86 {
 
     use half::{bf16, f16};
 
-    use crate::cpu::element::Element;
+    use crate::cpu::element::{Element, Rows};
 
     /// Storage types widened to float32 eight at a time.
     pub trait Wide: Element<Acc = f32> {
@@ -94,16 +94,17 @@ mod x86 {
     /// The CPU must pass `available()`; every address must hold `a.len()` readable elements.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows<T: Wide>(a: &[f32], rows: &[usize], out: &mut [f32]) {
-        let Some(&first) = rows.first() else { return };
-        for (group, sums) in rows.chunks(8).zip(out.chunks_mut(8)) {
-            // A short last group is padded with the first row (results dropped), so that the
+    pub unsafe fn dot_rows<T: Wide, R: Rows>(a: &[f32], rows: R, out: &mut [f32]) {
+        let n = rows.len();
+        for (start, sums) in (0..n).step_by(8).zip(out.chunks_mut(8)) {
+            // A short last group is padded with its first row (results dropped), so that the
             // eight accumulators are always the same eight registers.
+            let count = (n - start).min(8);
             let padded: [usize; 8] =
-                std::array::from_fn(|j| group.get(j).copied().unwrap_or(first));
+                std::array::from_fn(|j| rows.at(start + if j < count { j } else { 0 }));
             // SAFETY: every padded address holds `a.len()` elements.
             let lanes = unsafe { dot8::<T>(a, padded) };
-            for (sum, lane) in sums.iter_mut().zip(lanes) {
+            for (sum, lane) in sums.iter_mut().zip(lanes).take(count) {
                 *sum = lane;
             }
         }
@@ -146,7 +147,7 @@ mod x86 {
     /// The CPU must pass `available()`; every address must hold `acc.len()` readable elements.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn sum_rows<T: Wide>(w: &[f32], rows: &[usize], acc: &mut [f32]) {
+    pub unsafe fn sum_rows<T: Wide, R: Rows>(w: &[f32], rows: R, acc: &mut [f32]) {
         let dim = acc.len();
         let n = w.len().min(rows.len());
         let mut c = 0;
@@ -158,14 +159,14 @@ mod x86 {
             while k + 2 <= n {
                 // SAFETY: `c + 32 <= dim`; rows hold `dim` elements.
                 unsafe {
-                    add_row::<T, 4>(&mut even, w[k], rows[k], c);
-                    add_row::<T, 4>(&mut odd, w[k + 1], rows[k + 1], c);
+                    add_row::<T, 4>(&mut even, w[k], rows.at(k), c);
+                    add_row::<T, 4>(&mut odd, w[k + 1], rows.at(k + 1), c);
                 }
                 k += 2;
             }
             if k < n {
                 // SAFETY: as above.
-                unsafe { add_row::<T, 4>(&mut even, w[k], rows[k], c) };
+                unsafe { add_row::<T, 4>(&mut even, w[k], rows.at(k), c) };
             }
             for i in 0..4 {
                 // SAFETY: `c + 8 * i + 8 <= dim`.
@@ -180,18 +181,18 @@ mod x86 {
         }
         while c + 8 <= dim {
             let mut s = [_mm256_setzero_ps(); 1];
-            for k in 0..n {
+            for (k, &weight) in w.iter().enumerate().take(n) {
                 // SAFETY: `c + 8 <= dim`.
-                unsafe { add_row::<T, 1>(&mut s, w[k], rows[k], c) };
+                unsafe { add_row::<T, 1>(&mut s, weight, rows.at(k), c) };
             }
             // SAFETY: `c + 8 <= dim`.
             unsafe { add_into(acc.as_mut_ptr().add(c), s[0]) };
             c += 8;
         }
         for (j, a) in acc.iter_mut().enumerate().skip(c) {
-            for k in 0..n {
+            for (k, &weight) in w.iter().enumerate().take(n) {
                 // SAFETY: `j < dim`.
-                *a += w[k] * unsafe { *(rows[k] as *const T).add(j) }.to_acc();
+                *a += weight * unsafe { *(rows.at(k) as *const T).add(j) }.to_acc();
             }
         }
     }
