@@ -1,8 +1,8 @@
 //! Key-side passes of the fused backward: one task per key row (`d_key`, `d_value`, over the
-//! row's inverse windows) or per additional token, each queueing the queries that attend it and
-//! adding their contributions through the SIMD row kernels.
+//! row's inverse windows) or per additional token. The queries that attend a row come in runs
+//! along the last axis, a fixed step apart, which the SIMD row kernels take as they are.
 
-use super::element::{axpy, dot, load, store, Accum, Element};
+use super::element::{axpy, dot, load, store, Accum, Element, Rows, Run};
 use super::fused_bwd::Backward;
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
@@ -41,131 +41,91 @@ impl<T: Element> Backward<'_, '_, T> {
         unsafe { par_rows((p.batch * p.heads_kv * p.extra, cost), &pass) };
     }
 
-    /// Queue head `h`'s query at `x` (whose logit for the key-side row gets `bias`), adding
-    /// the queue's contributions whenever it is full.
+    /// Add the contributions of `count` queries of head `h` along the last axis, from `x`
+    /// on, `step` positions apart, to one key-side row's gradients (`s.k`, `s.v` loaded):
+    /// `d_k += ds q`, `d_v += p d_out`. `bias(x2)` is the logit bias of the query at `x2`.
     ///
     /// # Safety
-    /// The query at `x` must be in shape and attend the row.
+    /// Every such query must be in shape and attend the row; `count` fits the scratch.
     #[inline(always)]
-    unsafe fn queue_pair(
+    unsafe fn add_run(
         &self,
         s: &mut KeyScratch<T::Acc>,
-        (b, h, x): (usize, usize, [usize; 3]),
-        bias: T::Acc,
+        (b, h, x, step): (usize, usize, [usize; 3], usize),
+        count: usize,
+        bias: impl Fn(usize) -> T::Acc,
     ) {
-        let [x0, x1, x2] = x;
-        let pairs = &mut s.pairs;
-        let n = pairs.len;
-        // SAFETY: in shape by the caller's contract.
-        unsafe {
-            pairs.q[n] = self.a.q.at([b, h, x0, x1, x2, 0]) as usize;
-            pairs.d_o[n] = self.d_out.at([b, h, x0, x1, x2, 0]) as usize;
-        }
-        pairs.row[n] = self.a.g.row_index(b, h, x);
-        pairs.bias[n] = bias;
-        pairs.len = n + 1;
-        if pairs.len == pairs.q.len() {
-            // SAFETY: the queue holds queries of this row.
-            unsafe { self.flush_pairs(s) };
-        }
-    }
-
-    /// Add the queued queries' contributions to one key-side row's gradients (`s.k`, `s.v`
-    /// loaded): `d_k += ds q`, `d_v += p d_out`, and empty the queue.
-    ///
-    /// # Safety
-    /// The queue must hold queries pushed by `push_pair` for this row.
-    #[inline(always)]
-    unsafe fn flush_pairs(&self, s: &mut KeyScratch<T::Acc>) {
         let a = self.a;
-        let n = s.pairs.len;
+        let [x0, x1, x2] = x;
+        let size = std::mem::size_of::<T>() as isize;
+        let run = |t: Tokens<T>| Run {
+            // SAFETY: the run's first query is in shape.
+            first: unsafe { t.at([b, h, x0, x1, x2, 0]) } as usize,
+            step: step as isize * t.stride(4) * size,
+            len: count,
+        };
+        let (q, d_o) = (run(a.q), run(self.d_out));
         let (q_step, o_step) = (a.q.inner_stride(), self.d_out.inner_stride());
-        let (p, dp) = (&mut s.p[..n], &mut s.dp[..n]);
-        let pairs = &s.pairs;
-        // SAFETY (whole block): queued rows hold `dim` / `dim_v` channels.
+        let first_row = a.g.row_index(b, h, x);
+        let (p, dp) = (&mut s.p[..count], &mut s.dp[..count]);
+        // SAFETY (whole block): the runs' rows hold `dim` / `dim_v` channels.
         unsafe {
             let dense = (q_step, o_step) == (1, 1);
             if dense {
-                T::dot_rows(&s.k, &pairs.q[..n], p);
-                T::dot_rows(&s.v, &pairs.d_o[..n], dp);
+                T::dot_rows(&s.k, q, p);
+                T::dot_rows(&s.v, d_o, dp);
             } else {
-                for ((p, dp), (&q, &d_o)) in p
-                    .iter_mut()
-                    .zip(dp.iter_mut())
-                    .zip(pairs.q.iter().zip(&pairs.d_o))
-                {
-                    *p = dot(&s.k, q as *const T, q_step);
-                    *dp = dot(&s.v, d_o as *const T, o_step);
+                for i in 0..count {
+                    p[i] = dot(&s.k, q.at(i) as *const T, q_step);
+                    dp[i] = dot(&s.v, d_o.at(i) as *const T, o_step);
                 }
             }
-            for ((p, &bias), &row) in p.iter_mut().zip(&pairs.bias).zip(&pairs.row) {
-                *p = a.scale * *p + bias - self.lse.values[row];
+            for (i, p) in p.iter_mut().enumerate() {
+                let row = first_row + i * step;
+                *p = a.scale * *p + bias(x2 + i * step) - self.lse.values[row];
             }
             T::Acc::exp_shifted(p, T::Acc::ZERO);
-            for ((dp, &p), &row) in dp.iter_mut().zip(p.iter()).zip(&pairs.row) {
-                *dp = p * (*dp - self.delta.values[row]);
+            for (i, (dp, &p)) in dp.iter_mut().zip(p.iter()).enumerate() {
+                *dp = p * (*dp - self.delta.values[first_row + i * step]);
             }
             if dense {
-                T::sum_rows(dp, &pairs.q[..n], &mut s.d_k);
-                T::sum_rows(p, &pairs.d_o[..n], &mut s.d_v);
+                T::sum_rows(dp, q, &mut s.d_k);
+                T::sum_rows(p, d_o, &mut s.d_v);
             } else {
-                for ((&ds, &p), (&q, &d_o)) in
-                    dp.iter().zip(p.iter()).zip(pairs.q.iter().zip(&pairs.d_o))
-                {
-                    axpy(&mut s.d_k, ds, q as *const T, q_step);
-                    axpy(&mut s.d_v, p, d_o as *const T, o_step);
+                for i in 0..count {
+                    axpy(&mut s.d_k, dp[i], q.at(i) as *const T, q_step);
+                    axpy(&mut s.d_v, p[i], d_o.at(i) as *const T, o_step);
                 }
             }
         }
-        s.pairs.len = 0;
     }
 }
 
-/// Queries queued against a key-side row before their contributions are added in one go.
-const PAIR_BATCH: usize = 256;
-
-/// Queries queued against one key-side row: addresses of their query and output-gradient
-/// rows, their row index (for `lse` and `delta`), and the bias of their logit.
-struct PairList<A> {
-    q: Vec<usize>,
-    d_o: Vec<usize>,
-    row: Vec<usize>,
-    bias: Vec<A>,
-    len: usize,
-}
-
 /// Scratch of a pass over key-side rows: the row's key and value, their gradients, and the
-/// queries that attend the row with their probabilities and logit gradients.
+/// probabilities and logit gradients of a run of queries that attend the row.
 struct KeyScratch<A> {
     k: Vec<A>,
     v: Vec<A>,
     d_k: Vec<A>,
     d_v: Vec<A>,
-    pairs: PairList<A>,
     p: Vec<A>,
     dp: Vec<A>,
 }
 
 impl<T: Element> Backward<'_, '_, T> {
     /// Scratch for key-side rows attended by at most `queries` queries.
-    fn key_scratch(&self, queries: usize) -> KeyScratch<T::Acc> {
+    /// Scratch for key-side rows; runs of queries are at most one line of the last axis.
+    fn key_scratch(&self) -> KeyScratch<T::Acc> {
         let (dim, dim_v) = (self.a.g.dim, self.a.dim_v);
+        let line = self.a.g.axes[2].length;
         let zeros = |n| vec![T::Acc::ZERO; n];
-        let pairs = PairList {
-            q: vec![0; queries],
-            d_o: vec![0; queries],
-            row: vec![0; queries],
-            bias: zeros(queries),
-            len: 0,
-        };
         KeyScratch {
             k: zeros(dim),
             v: zeros(dim_v),
             d_k: zeros(dim),
             d_v: zeros(dim_v),
-            pairs,
-            p: zeros(queries),
-            dp: zeros(queries),
+            p: zeros(line),
+            dp: zeros(line),
         }
     }
 
@@ -223,7 +183,7 @@ impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
     type Scratch = KeyScratch<T::Acc>;
 
     fn scratch(&self) -> Self::Scratch {
-        self.bwd.key_scratch(PAIR_BATCH)
+        self.bwd.key_scratch()
     }
 
     #[inline(always)]
@@ -237,16 +197,16 @@ impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
             let steps = (self.k.inner_stride(), self.v.inner_stride());
             bwd.start_key_row(s, (self.k.at(at), self.v.at(at)), steps);
             for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
+                let line = kv.queries_of(2, y[2]);
+                let (x2, count) = (line[0].0, line.len());
+                let step = kv.axes[2].dilation;
                 for &(x0, _) in kv.queries_of(0, y[0]) {
                     for &(x1, _) in kv.queries_of(1, y[1]) {
-                        for &(x2, _) in kv.queries_of(2, y[2]) {
-                            let x = [x0, x1, x2];
-                            bwd.queue_pair(s, (b, h, x), bwd.a.bias_at(h, x, y));
-                        }
+                        let bias = |x2| bwd.a.bias_at(h, [x0, x1, x2], y);
+                        bwd.add_run(s, (b, h, [x0, x1, x2], step), count, bias);
                     }
                 }
             }
-            bwd.flush_pairs(s);
             let steps = (self.d_k.inner_stride(), self.d_v.inner_stride());
             bwd.finish_key_row(s, (self.d_k.at(at), self.d_v.at(at)), steps);
         }
@@ -267,7 +227,7 @@ impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
     type Scratch = KeyScratch<T::Acc>;
 
     fn scratch(&self) -> Self::Scratch {
-        self.bwd.key_scratch(PAIR_BATCH)
+        self.bwd.key_scratch()
     }
 
     #[inline(always)]
@@ -287,12 +247,14 @@ impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
                 (self.ek.at([b, hk, e, 0]), self.ev.at([b, hk, e, 0])),
                 steps,
             );
+            let [l0, l1, l2] = g.axes.map(|a| a.length);
             for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
-                for n in 0..g.tokens() {
-                    bwd.queue_pair(s, (b, h, g.row(n).x), T::Acc::ZERO);
+                for x0 in 0..l0 {
+                    for x1 in 0..l1 {
+                        bwd.add_run(s, (b, h, [x0, x1, 0], 1), l2, |_| T::Acc::ZERO);
+                    }
                 }
             }
-            bwd.flush_pairs(s);
             let steps = (self.d_ek.inner_stride(), self.d_ev.inner_stride());
             bwd.finish_key_row(
                 s,
