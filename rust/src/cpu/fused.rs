@@ -2,9 +2,10 @@
 //! tokens are computed into a scratch row (never a `[tokens x window]` matrix), softmaxed, and
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
-use super::av::{weighted_sum, WeightedSum};
-use super::element::{dot, load, store, Accum, Element, Rows, Run};
+use super::av::weighted_sum;
+use super::element::{dot, load, store, Accum, Element, Rows};
 use super::grid::{Grid, Row};
+use super::keys::{KeyList, KeyTerms};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
@@ -26,78 +27,6 @@ pub struct FusedTensors<'a> {
     pub additional_values: Option<&'a TensorRef>,
     /// `[heads, 2K-1, ...]`.
     pub rpb: Option<&'a TensorRef>,
-}
-
-/// The keys of one query row, gathered once and walked by every loop over them: window
-/// neighbors first (as runs along the window's last axis, whose keys lie a fixed step apart),
-/// then the additional tokens.
-pub struct KeyList<A> {
-    /// Per run: addresses of its first key row and first value row.
-    runs: Vec<(usize, usize)>,
-    run_count: usize,
-    /// Keys per run.
-    run_len: usize,
-    /// Bytes between consecutive key rows, and value rows, of a run.
-    steps: (isize, isize),
-    /// Addresses of the additional tokens' key rows and value rows.
-    extra_keys: Vec<usize>,
-    extra_values: Vec<usize>,
-    /// The bias each neighbor's logit gets (filled only with rpb).
-    pub bias: Vec<A>,
-    /// For neighbors with rpb: flat index into the `(2K0-1) x (2K1-1) x (2K2-1)` bias box.
-    pub bias_bin: Vec<usize>,
-    /// Number of keys.
-    pub len: usize,
-    /// Number of neighbors (the first `window` keys).
-    pub window: usize,
-}
-
-impl<A: Accum> KeyList<A> {
-    fn new(runs: usize, neighbors: usize, extra: usize) -> Self {
-        KeyList {
-            runs: vec![(0, 0); runs],
-            run_count: 0,
-            run_len: 0,
-            steps: (0, 0),
-            extra_keys: vec![0; extra],
-            extra_values: vec![0; extra],
-            bias: vec![A::ZERO; neighbors],
-            bias_bin: vec![0; neighbors],
-            len: 0,
-            window: 0,
-        }
-    }
-
-    /// The neighbors' key rows (or value rows) as runs, each with the index of its first key.
-    #[inline(always)]
-    pub fn runs(&self, values: bool) -> impl Iterator<Item = (usize, Run)> + '_ {
-        let step = if values { self.steps.1 } else { self.steps.0 };
-        self.runs[..self.run_count]
-            .iter()
-            .enumerate()
-            .map(move |(i, &(k, v))| {
-                let first = if values { v } else { k };
-                (
-                    i * self.run_len,
-                    Run {
-                        first,
-                        step,
-                        len: self.run_len,
-                    },
-                )
-            })
-    }
-
-    /// The additional tokens' key rows (or value rows).
-    #[inline(always)]
-    pub fn extra_rows(&self, values: bool) -> &[usize] {
-        let rows = if values {
-            &self.extra_values
-        } else {
-            &self.extra_keys
-        };
-        &rows[..self.len - self.window]
-    }
 }
 
 /// Views of the inputs of a fused problem.
@@ -328,37 +257,6 @@ impl<'g, T: Element> Attention<'g, T> {
                 }
             }
         }
-    }
-}
-
-/// `sum_n w[n] value_n` (or `key_n`) over a key list.
-pub struct KeyTerms<'a, T: Element> {
-    /// The keys.
-    pub list: &'a KeyList<T::Acc>,
-    /// Weights, one per key.
-    pub w: &'a [T::Acc],
-    /// Sum value rows (true) or key rows (false).
-    pub values: bool,
-    /// Channel strides `(neighbors, extras)` of the summed rows.
-    pub steps: (isize, isize),
-}
-
-impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
-    #[inline(always)]
-    unsafe fn terms(&self, _row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
-        for (n, run) in self.list.runs(self.values) {
-            for i in 0..run.len {
-                f(self.w[n + i], run.at(i) as *const T, self.steps.0);
-            }
-        }
-        let extra = self.list.extra_rows(self.values);
-        for (&w, &row) in self.w[self.list.window..].iter().zip(extra) {
-            f(w, row as *const T, self.steps.1);
-        }
-    }
-
-    fn dense_terms(&self) -> bool {
-        self.steps == (1, 1)
     }
 }
 

@@ -11,6 +11,7 @@ mod fused;
 mod fused_bwd;
 mod fused_kv;
 mod grid;
+mod keys;
 mod math;
 mod parallel;
 mod qk;

@@ -1,0 +1,109 @@
+//! The keys of one query row of the fused op: window neighbors as runs along the window's last
+//! axis, then the additional tokens; and weighted sums over them for the portable path.
+
+use super::av::WeightedSum;
+use super::element::{Accum, Element, Rows, Run};
+use super::grid::Row;
+
+/// The keys of one query row, gathered once and walked by every loop over them: window
+/// neighbors first (as runs along the window's last axis, whose keys lie a fixed step apart),
+/// then the additional tokens.
+pub struct KeyList<A> {
+    /// Per run: addresses of its first key row and first value row.
+    pub(super) runs: Vec<(usize, usize)>,
+    pub(super) run_count: usize,
+    /// Keys per run.
+    pub(super) run_len: usize,
+    /// Bytes between consecutive key rows, and value rows, of a run.
+    pub(super) steps: (isize, isize),
+    /// Addresses of the additional tokens' key rows and value rows.
+    pub(super) extra_keys: Vec<usize>,
+    pub(super) extra_values: Vec<usize>,
+    /// The bias each neighbor's logit gets (filled only with rpb).
+    pub bias: Vec<A>,
+    /// For neighbors with rpb: flat index into the `(2K0-1) x (2K1-1) x (2K2-1)` bias box.
+    pub bias_bin: Vec<usize>,
+    /// Number of keys.
+    pub len: usize,
+    /// Number of neighbors (the first `window` keys).
+    pub window: usize,
+}
+
+impl<A: Accum> KeyList<A> {
+    pub(super) fn new(runs: usize, neighbors: usize, extra: usize) -> Self {
+        KeyList {
+            runs: vec![(0, 0); runs],
+            run_count: 0,
+            run_len: 0,
+            steps: (0, 0),
+            extra_keys: vec![0; extra],
+            extra_values: vec![0; extra],
+            bias: vec![A::ZERO; neighbors],
+            bias_bin: vec![0; neighbors],
+            len: 0,
+            window: 0,
+        }
+    }
+
+    /// The neighbors' key rows (or value rows) as runs, each with the index of its first key.
+    #[inline(always)]
+    pub fn runs(&self, values: bool) -> impl Iterator<Item = (usize, Run)> + '_ {
+        let step = if values { self.steps.1 } else { self.steps.0 };
+        self.runs[..self.run_count]
+            .iter()
+            .enumerate()
+            .map(move |(i, &(k, v))| {
+                let first = if values { v } else { k };
+                (
+                    i * self.run_len,
+                    Run {
+                        first,
+                        step,
+                        len: self.run_len,
+                    },
+                )
+            })
+    }
+
+    /// The additional tokens' key rows (or value rows).
+    #[inline(always)]
+    pub fn extra_rows(&self, values: bool) -> &[usize] {
+        let rows = if values {
+            &self.extra_values
+        } else {
+            &self.extra_keys
+        };
+        &rows[..self.len - self.window]
+    }
+}
+
+/// `sum_n w[n] value_n` (or `key_n`) over a key list.
+pub struct KeyTerms<'a, T: Element> {
+    /// The keys.
+    pub list: &'a KeyList<T::Acc>,
+    /// Weights, one per key.
+    pub w: &'a [T::Acc],
+    /// Sum value rows (true) or key rows (false).
+    pub values: bool,
+    /// Channel strides `(neighbors, extras)` of the summed rows.
+    pub steps: (isize, isize),
+}
+
+impl<T: Element> WeightedSum<T> for KeyTerms<'_, T> {
+    #[inline(always)]
+    unsafe fn terms(&self, _row: Row, mut f: impl FnMut(T::Acc, *const T, isize)) {
+        for (n, run) in self.list.runs(self.values) {
+            for i in 0..run.len {
+                f(self.w[n + i], run.at(i) as *const T, self.steps.0);
+            }
+        }
+        let extra = self.list.extra_rows(self.values);
+        for (&w, &row) in self.w[self.list.window..].iter().zip(extra) {
+            f(w, row as *const T, self.steps.1);
+        }
+    }
+
+    fn dense_terms(&self) -> bool {
+        self.steps == (1, 1)
+    }
+}
