@@ -1,0 +1,207 @@
+//! Entry points of the fused ops: `na_fused`, its backward and output shapes.
+
+use pyo3::prelude::*;
+
+use super::{borrow, borrow_opt, launch, Capsule};
+use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
+use crate::dlpack::{DType, TensorRef};
+use crate::error::Error;
+use crate::problem::{FusedInputs, FusedProblem, Neighborhood};
+
+/// Fused-op inputs as Python passes them: `(query, key, value, additional_keys,
+/// additional_values, rpb)`.
+type FusedArgs<'py> = (
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
+/// `(kernel_size, stride, dilation, is_causal)`; an empty kernel means dense attention.
+type NbhdArgs = (Vec<i64>, Vec<i64>, Vec<i64>, Vec<bool>);
+
+/// Borrowed fused inputs, in `FusedArgs` order.
+struct Borrowed([Option<TensorRef>; 6]);
+
+/// Argument names of the fused inputs and of their gradients.
+const INPUT_NAMES: [&str; 6] = [
+    "query",
+    "key",
+    "value",
+    "additional_keys",
+    "additional_values",
+    "rpb",
+];
+const GRAD_NAMES: [&str; 6] = [
+    "d_query",
+    "d_key",
+    "d_value",
+    "d_additional_keys",
+    "d_additional_values",
+    "d_rpb",
+];
+
+impl Borrowed {
+    fn new(args: &FusedArgs, names: [&'static str; 6]) -> PyResult<Borrowed> {
+        let (q, k, v, ek, ev, rpb) = args;
+        let optional = [k, v, ek, ev, rpb];
+        let mut tensors = [Some(borrow(names[0], q)?), None, None, None, None, None];
+        for (n, arg) in optional.into_iter().enumerate() {
+            tensors[n + 1] = borrow_opt(names[n + 1], arg.as_ref())?;
+        }
+        Ok(Borrowed(tensors))
+    }
+
+    fn problem(
+        &self,
+        (kernel, stride, dilation, causal): NbhdArgs,
+        scale: f64,
+    ) -> PyResult<FusedProblem> {
+        let nbhd = Neighborhood {
+            kernel,
+            stride,
+            dilation,
+            causal,
+        };
+        let [q, k, v, ek, ev, rpb] = self.0.each_ref().map(Option::as_ref);
+        let inputs = FusedInputs {
+            query: q,
+            key: k,
+            value: v,
+            additional_keys: ek,
+            additional_values: ev,
+            rpb,
+        };
+        Ok(FusedProblem::new(&inputs, &nbhd, scale)?)
+    }
+
+    fn tensors(&self) -> FusedTensors<'_> {
+        let [q, k, v, ek, ev, rpb] = self.0.each_ref().map(Option::as_ref);
+        FusedTensors {
+            query: q.expect("query is always borrowed"),
+            key: k,
+            value: v,
+            additional_keys: ek,
+            additional_values: ev,
+            rpb,
+        }
+    }
+
+    fn all(&self) -> Vec<&TensorRef> {
+        self.0.iter().flatten().collect()
+    }
+}
+
+/// Validate the inputs of a fused op; the shapes of `(out, lse)`.
+#[pyfunction]
+fn fused_output_shapes(
+    inputs: FusedArgs,
+    nbhd: NbhdArgs,
+    scale: f64,
+) -> PyResult<(Vec<usize>, Vec<usize>)> {
+    let p = Borrowed::new(&inputs, INPUT_NAMES)?.problem(nbhd, scale)?;
+    Ok((p.out_shape(), p.lse_shape()))
+}
+
+/// Fused attention forward into `out` `[B, *spatial, heads, Dv]` and `lse` `[B, *spatial,
+/// heads]` (float32).
+#[pyfunction]
+fn na_fused(
+    py: Python<'_>,
+    inputs: FusedArgs,
+    nbhd: NbhdArgs,
+    scale: f64,
+    out: Capsule,
+    lse: Capsule,
+) -> PyResult<()> {
+    let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
+    let p = borrowed.problem(nbhd, scale)?;
+    let (out, lse) = (borrow("out", out)?, borrow("lse", lse)?);
+    let ins = borrowed.all();
+    p.expect_output("out", &out, (&p.out_shape(), p.dtype), &ins)?;
+    p.expect_output("lse", &lse, (&p.lse_shape(), DType::F32), &ins)?;
+    let t = borrowed.tensors();
+    launch(py, p.device, || cpu::fused_forward(&p, &t, &out, &lse))
+}
+
+/// Fused attention backward. `saved` is `(out, d_out, d_lse)`; `grads` is `(d_query, d_key,
+/// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given.
+#[pyfunction]
+fn na_fused_backward(
+    py: Python<'_>,
+    inputs: FusedArgs,
+    nbhd: NbhdArgs,
+    scale: f64,
+    saved: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
+    grads: FusedArgs,
+) -> PyResult<()> {
+    let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
+    let p = borrowed.problem(nbhd, scale)?;
+    let (out, d_out) = (borrow("out", &saved.0)?, borrow("d_out", &saved.1)?);
+    let d_lse = borrow_opt("d_lse", saved.2.as_ref())?;
+    p.expect("out", &out, &p.out_shape())?;
+    p.expect("d_out", &d_out, &p.out_shape())?;
+    if let Some(d_lse) = &d_lse {
+        crate::problem::expect_f32("d_lse", d_lse, p.device, &p.lse_shape())?;
+    }
+    let d = Borrowed::new(&grads, GRAD_NAMES)?;
+    let mut ins = borrowed.all();
+    ins.extend([&out, &d_out]);
+    ins.extend(d_lse.as_ref());
+    let expected = [
+        ("d_query", Some((p.token_shape(p.heads, p.dim), true))),
+        (
+            "d_key",
+            p.window.then(|| (p.token_shape(p.heads_kv, p.dim), true)),
+        ),
+        (
+            "d_value",
+            p.window.then(|| (p.token_shape(p.heads_kv, p.dim_v), true)),
+        ),
+        (
+            "d_additional_keys",
+            (p.extra > 0).then(|| (p.extra_shape(p.dim), true)),
+        ),
+        (
+            "d_additional_values",
+            (p.extra > 0).then(|| (p.extra_shape(p.dim_v), true)),
+        ),
+        ("d_rpb", p.rpb.then(|| (p.rpb_shape(), true))),
+    ];
+    for ((arg, shape), grad) in expected.iter().zip(&d.0) {
+        match (shape, grad) {
+            (Some((shape, _)), Some(grad)) => p.expect_output(arg, grad, (shape, p.dtype), &ins)?,
+            (None, None) => {}
+            _ => {
+                return Err(
+                    Error::invalid(arg, "given exactly when its input is", "a mismatch").into(),
+                )
+            }
+        }
+    }
+    let [dq, dk, dv, dek, dev, drpb] = d.0.each_ref().map(Option::as_ref);
+    let grads = FusedGrads {
+        d_query: dq.expect("d_query is always borrowed"),
+        d_key: dk,
+        d_value: dv,
+        d_additional_keys: dek,
+        d_additional_values: dev,
+        d_rpb: drpb,
+    };
+    let saved = Saved {
+        out: &out,
+        d_out: &d_out,
+        d_lse: d_lse.as_ref(),
+    };
+    let t = borrowed.tensors();
+    launch(py, p.device, || cpu::fused_backward(&p, &t, &saved, &grads))
+}
+
+/// Add the fused entry points to the module.
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(fused_output_shapes, m)?)?;
+    m.add_function(wrap_pyfunction!(na_fused, m)?)?;
+    m.add_function(wrap_pyfunction!(na_fused_backward, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,83 @@
+//! The Python module `natten_rs._core`: borrows tensors through DLPack, validates them into a
+//! problem, and runs the kernels with the GIL released. The only module that knows pyo3 (one
+//! file per op family below this one).
+
+// Entry points mirror the ops' schemas argument for argument.
+#![allow(clippy::too_many_arguments)]
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+mod fused;
+mod unfused;
+
+use crate::dlpack::{borrow_capsule, Device, TensorRef};
+use crate::error::Error;
+
+create_exception!(
+    natten_rs,
+    KernelError,
+    PyRuntimeError,
+    "A CUDA driver or NVRTC failure; the message carries the compiler log."
+);
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let message = e.to_string();
+        match e {
+            Error::Invalid { .. } => PyValueError::new_err(message),
+            Error::WrongType { .. } => PyTypeError::new_err(message),
+            Error::Unsupported(_) => PyNotImplementedError::new_err(message),
+            Error::Kernel { .. } => KernelError::new_err(message),
+        }
+    }
+}
+
+pub(crate) type Capsule<'a, 'py> = &'a Bound<'py, PyAny>;
+
+pub(crate) fn borrow(arg: &'static str, obj: Capsule) -> PyResult<TensorRef> {
+    Ok(borrow_capsule(arg, obj)?)
+}
+
+pub(crate) fn borrow_opt(arg: &'static str, obj: Option<Capsule>) -> PyResult<Option<TensorRef>> {
+    obj.map(|o| borrow(arg, o)).transpose()
+}
+
+/// Run `kernel` on the problem's device with the GIL released.
+pub(crate) fn launch(py: Python<'_>, device: Device, kernel: impl FnOnce() + Send) -> PyResult<()> {
+    match device {
+        Device::Cpu => {
+            py.detach(kernel);
+            Ok(())
+        }
+        Device::Cuda(_) => Err(Error::Unsupported(
+            "CUDA tensors: this build of natten_rs has no CUDA kernels yet".into(),
+        )
+        .into()),
+    }
+}
+
+type DlpackInfo = (usize, Vec<usize>, Vec<isize>, String, String);
+
+/// What natten_rs sees of a DLPack capsule: `(data address, shape, strides, dtype, device)`.
+/// Lets tests prove that tensors cross without a copy.
+#[pyfunction]
+fn dlpack_info(capsule: Capsule) -> PyResult<DlpackInfo> {
+    let t = borrow("capsule", capsule)?;
+    let dtype = t
+        .float_dtype("capsule")
+        .map(|d| d.name().to_string())
+        .unwrap_or_default();
+    Ok((t.data, t.shape, t.strides, dtype, t.device.to_string()))
+}
+
+/// The `natten_rs._core` extension module.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("KernelError", m.py().get_type::<KernelError>())?;
+    unfused::register(m)?;
+    fused::register(m)?;
+    m.add_function(wrap_pyfunction!(dlpack_info, m)?)?;
+    Ok(())
+}
