@@ -3,6 +3,18 @@
 from . import functional
 from ._core import KernelError
 from .functional import attention, merge_attentions, na1d, na2d, na3d
+from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
-__all__ = ["KernelError", "attention", "functional", "merge_attentions", "na1d", "na2d", "na3d"]
+__all__ = [
+    "KernelError",
+    "NeighborhoodAttention1D",
+    "NeighborhoodAttention2D",
+    "NeighborhoodAttention3D",
+    "attention",
+    "functional",
+    "merge_attentions",
+    "na1d",
+    "na2d",
+    "na3d",
+]
 __version__ = "0.1.0"
