@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import natten_rs
 import pytest
 import reference
 import torch
@@ -246,3 +247,18 @@ def test_backward(rank, rpb):
         assert param.grad is not None and param.grad.isfinite().all(), name
     if rpb:
         assert module.rpb.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("rel_pos_bias", [False, True])
+def test_autocast_bf16_runs_with_a_float32_rpb(rel_pos_bias):
+    torch.manual_seed(0)
+    module = natten_rs.NeighborhoodAttention2D(32, 2, 5, rel_pos_bias=rel_pos_bias)
+    x = torch.randn(1, 12, 12, 32)
+    expected = module(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max().item() < 5e-2 * expected.abs().max().item()
+    out.float().sum().backward()
+    if rel_pos_bias:
+        assert module.rpb.grad.abs().sum() > 0

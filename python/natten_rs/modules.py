@@ -166,7 +166,7 @@ class _NeighborhoodAttention(nn.Module):
             dilation=self.dilation,
             is_causal=self.is_causal,
             scale=self.scale,
-            rpb=self.rpb,
+            rpb=self._rpb(q.dtype),
         )
 
     def _attend_unfused(self, qkv: Tensor) -> Tensor:
@@ -176,10 +176,16 @@ class _NeighborhoodAttention(nn.Module):
         # Heads-first views [B, heads, *spatial, head_dim] of the projection; no copies.
         q, k, v = (qkv[..., i, :, :].movedim(-2, 1) for i in range(3))
         q = q * self.scale
-        attn = qk_op(q, k, self.kernel_size, self.dilation, is_causal=self.is_causal, rpb=self.rpb)
+        rpb = self._rpb(q.dtype)
+        attn = qk_op(q, k, self.kernel_size, self.dilation, is_causal=self.is_causal, rpb=rpb)
         attn = self.attn_drop(attn.softmax(dim=-1))
         out = av_op(attn, v, self.kernel_size, self.dilation, is_causal=self.is_causal)
         return out.movedim(1, -2)
+
+    def _rpb(self, dtype: torch.dtype) -> Tensor | None:
+        # Under autocast the projections run in half precision while rpb stays float32; the
+        # ops take one dtype, so the bias follows the queries (a differentiable cast).
+        return None if self.rpb is None else self.rpb.to(dtype)
 
     def extra_repr(self) -> str:
         text = (
