@@ -3,6 +3,7 @@ NATTEN's tuning keywords. Values are checked by the Rust core, not here."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -90,3 +91,13 @@ def check_tuning(function: str, tuning: dict) -> None:
 def depth_first(depth, plane):
     """NATTEN's 3-D legacy ops take the depth size apart and one int for both planar axes."""
     return (depth, plane, plane) if _is(depth, int) and _is(plane, int) else (depth, plane)
+
+
+def autocast(*tensors: Tensor | None) -> tuple:
+    """Under autocast, floating-point ``tensors`` in the autocast dtype (the ops take one
+    dtype, like matmul under autocast); otherwise unchanged."""
+    device = next(t.device.type for t in tensors if t is not None)
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

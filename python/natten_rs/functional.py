@@ -28,7 +28,15 @@ import torch
 from torch import Tensor
 
 from . import _ops
-from ._forms import check_tuning, depth_first, neighborhood, per_axis, scale_arg, tensor_arg
+from ._forms import (
+    autocast,
+    check_tuning,
+    depth_first,
+    neighborhood,
+    per_axis,
+    scale_arg,
+    tensor_arg,
+)
 
 __all__ = [
     "attention",
@@ -83,19 +91,21 @@ def _fused(rank: int):
         **tuning,
     ):
         check_tuning(f"na{rank}d", tuning)
-        query = tensor_arg("query", query)
-        out, lse = _ops.na_fused(
-            query,
+        tensors = autocast(
+            tensor_arg("query", query),
             tensor_arg("key", key),
             tensor_arg("value", value),
             tensor_arg("additional_keys", additional_keys, optional=True),
             tensor_arg("additional_values", additional_values, optional=True),
             tensor_arg("rpb", rpb, optional=True),
+        )
+        out, lse = _ops.na_fused(
+            *tensors,
             per_axis("kernel_size", kernel_size, rank, int),
             per_axis("stride", 1 if stride is None else stride, rank, int),
             per_axis("dilation", 1 if dilation is None else dilation, rank, int),
             per_axis("is_causal", False if is_causal is None else is_causal, rank, bool),
-            scale_arg(scale, query),
+            scale_arg(scale, tensors[0]),
         )
         return (out, lse) if return_lse else out
 
@@ -111,10 +121,12 @@ def _fused(rank: int):
 def _qk(rank: int):
     def qk(query, key, kernel_size, dilation=1, additional_keys=None, is_causal=False, rpb=None):
         return _ops.na_qk(
-            tensor_arg("query", query),
-            tensor_arg("key", key),
-            tensor_arg("rpb", rpb, optional=True),
-            tensor_arg("additional_keys", additional_keys, optional=True),
+            *autocast(
+                tensor_arg("query", query),
+                tensor_arg("key", key),
+                tensor_arg("rpb", rpb, optional=True),
+                tensor_arg("additional_keys", additional_keys, optional=True),
+            ),
             *neighborhood(rank, kernel_size, dilation, is_causal),
         )
 
@@ -130,9 +142,11 @@ def _qk(rank: int):
 def _av(rank: int):
     def av(attn, value, kernel_size, dilation=1, additional_values=None, is_causal=False):
         return _ops.na_av(
-            tensor_arg("attn", attn),
-            tensor_arg("value", value),
-            tensor_arg("additional_values", additional_values, optional=True),
+            *autocast(
+                tensor_arg("attn", attn),
+                tensor_arg("value", value),
+                tensor_arg("additional_values", additional_values, optional=True),
+            ),
             *neighborhood(rank, kernel_size, dilation, is_causal),
         )
 
@@ -228,6 +242,7 @@ def attention(
             )
         out, lse = na1d(q, key, value, q.shape[1], is_causal=True, scale=scale, return_lse=True)
     else:
+        q, key, value = autocast(q, key, value)
         out, lse = _ops.na_fused(
             q, None, None, key, value, None, [], [], [], [], scale_arg(scale, query)
         )
