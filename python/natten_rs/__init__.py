@@ -1,7 +1,8 @@
 """natten_rs: neighborhood attention for PyTorch with a Rust core, a drop-in for NATTEN."""
 
-from . import functional
+from . import context, functional
 from ._core import KernelError
+from .context import *  # NATTEN's context and capability functions
 from .functional import attention, merge_attentions, na1d, na2d, na3d
 from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 
@@ -11,10 +12,12 @@ __all__ = [
     "NeighborhoodAttention2D",
     "NeighborhoodAttention3D",
     "attention",
+    "context",
     "functional",
     "merge_attentions",
     "na1d",
     "na2d",
     "na3d",
 ]
+__all__ += context.__all__
 __version__ = "0.1.0"
