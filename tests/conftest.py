@@ -160,3 +160,27 @@ def expanded_batch(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     """Broadcast a batch-1 tensor to ``batch`` with a stride-0 batch dimension (no copy)."""
     assert tensor.shape[0] == 1
     return tensor.expand(batch, *tensor.shape[1:])
+
+
+@pytest.fixture(scope="session")
+def dist_site(tmp_path_factory):
+    """The ``natten`` distribution (compat/natten) pip-installed into a temporary directory,
+    built from a copy so that no build output lands in the source tree."""
+    import shutil
+    import subprocess
+
+    source = pathlib.Path(__file__).resolve().parents[1] / "compat" / "natten"
+    tmp = tmp_path_factory.mktemp("natten_dist")
+    src, site = tmp / "src", tmp / "site"
+    shutil.copytree(source, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--no-index", "--target", str(site), str(src)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"pip install of compat/natten failed:\n{proc.stdout}\n{proc.stderr}")
+    return site

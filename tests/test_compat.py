@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -282,26 +281,6 @@ def test_install_never_shadows_real_natten(tmp_path):
         """,
         [tmp_path / "site"],
     )
-
-
-@pytest.fixture(scope="module")
-def dist_site(tmp_path_factory):
-    """The compat/natten distribution pip-installed into a temporary directory (built from a
-    copy, so no build output lands in the source tree)."""
-    tmp = tmp_path_factory.mktemp("natten_dist")
-    src, site = tmp / "src", tmp / "site"
-    shutil.copytree(DIST_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--no-index", "--target", str(site), str(src)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"pip install of compat/natten failed:\n{proc.stdout}\n{proc.stderr}")
-    return site
 
 
 def test_distribution_metadata():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -168,25 +167,6 @@ for (n, p), (n2, p2) in zip(clf.named_parameters(), clf_twin.named_parameters())
     check(f"clf grad {n}", p.grad, p2.grad)
 print("DINAT-OK")
 """
-
-
-@pytest.fixture(scope="module")
-def dist_site(tmp_path_factory):
-    """compat/natten pip-installed into a temporary directory (built from a copy)."""
-    tmp = tmp_path_factory.mktemp("natten_dist")
-    src, site = tmp / "src", tmp / "site"
-    shutil.copytree(DIST_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
-        + ["--no-index", "--target", str(site), str(src)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"pip install of compat/natten failed:\n{proc.stdout}\n{proc.stderr}")
-    return site
 
 
 @pytest.mark.parametrize("mode", ["distribution", "install"])
