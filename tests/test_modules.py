@@ -262,3 +262,16 @@ def test_autocast_bf16_runs_with_a_float32_rpb(rel_pos_bias):
     out.float().sum().backward()
     if rel_pos_bias:
         assert module.rpb.grad.abs().sum() > 0
+
+
+def test_use_fused_na_false_keeps_modules_on_the_unfused_ops():
+    module = NeighborhoodAttention2D(16, 2, 3)
+    assert module._use_fused()
+    try:
+        natten_rs.use_fused_na(False)
+        assert not module._use_fused()
+        natten_rs.use_fused_na(True)
+        assert module._use_fused()
+    finally:
+        natten_rs.context._reset()
+    assert module._use_fused()

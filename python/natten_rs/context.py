@@ -89,6 +89,8 @@ class MemoryUsagePreference(str, Enum):
 class _Context:
     deterministic: bool = False
     fused_na: bool = False
+    # Whether use_fused_na(False) was called: modules then keep to the unfused ops.
+    fused_na_refused: bool = False
     kv_parallel: bool = True
     flex_attention: bool = False
     memory_preference: MemoryUsagePreference = MemoryUsagePreference.Default
@@ -171,11 +173,13 @@ def is_kv_parallelism_in_fused_na_enabled() -> bool:
 def use_fused_na(
     mode: bool = True, kv_parallel: bool = True, use_flex_attention: bool = False
 ) -> None:
-    """Record whether NATTEN's fused kernels are preferred (natten_rs's ops are always fused
-    where NATTEN's fused API is called, and unfused where its unfused API is)."""
+    """Record whether NATTEN's fused kernels are preferred. natten_rs's ops are fused where
+    NATTEN's fused API is called and unfused where its unfused API is; the modules use the
+    fused op where they can unless ``use_fused_na(False)`` was called."""
     mode = _bool("mode", mode)
     kv_parallel = _bool("kv_parallel", kv_parallel)
     use_flex_attention = _bool("use_flex_attention", use_flex_attention)
+    _STATE.fused_na_refused = not mode
     if not mode:
         _STATE.fused_na = False
         _STATE.flex_attention = False
@@ -188,6 +192,11 @@ def use_fused_na(
 
 def is_fused_na_enabled() -> bool:
     return _STATE.fused_na
+
+
+def fused_na_refused() -> bool:
+    """Whether ``use_fused_na(False)`` was the last word (modules then use the unfused ops)."""
+    return _STATE.fused_na_refused
 
 
 use_fna = use_fused_na

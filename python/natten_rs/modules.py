@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from . import context
 from . import functional as _na
 from ._forms import per_axis
 
@@ -114,12 +115,12 @@ class _NeighborhoodAttention(nn.Module):
 
     def _use_fused(self) -> bool:
         """The fused op serves unless rpb or active attention dropout need the unfused
-        qk/softmax/av composition (strided modules always take the fused op, which alone
+        qk/softmax/av composition, or ``use_fused_na(False)`` asked for it (strided modules always take the fused op, which alone
         supports stride; causal masking and even kernels are fused-op features too)."""
         if any(s != 1 for s in self.stride):
             return True
         dropout = self.training and self.attn_drop.p > 0
-        return not (self.rpb is not None or dropout)
+        return not (self.rpb is not None or dropout or context.fused_na_refused())
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, *spatial, dim]`` -> ``[B, *spatial, dim]``."""
