@@ -165,7 +165,7 @@ class NATransformerLayer(nn.Module):
 
 
 class NATLevel(nn.Module):
-    """A stack of ``NATransformerLayer`` blocks, optionally followed by a ``ConvDownsampler``."""
+    """A stack of ``NATransformerLayer`` blocks, optionally followed by a downsampler."""
 
     def __init__(
         self,
@@ -174,7 +174,7 @@ class NATLevel(nn.Module):
         num_heads: int,
         kernel_size: int,
         dilations: Sequence[int],
-        downsample: bool,
+        downsample: nn.Module | None,
         drop_path: Sequence[float],
         **block_kwargs,
     ):
@@ -190,12 +190,55 @@ class NATLevel(nn.Module):
             )
             for j in range(depth)
         )
-        self.downsample = ConvDownsampler(dim) if downsample else None
+        self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.blocks:
             x = block(x)
         return x if self.downsample is None else self.downsample(x)
+
+
+def build_levels(
+    embed_dim: int,
+    depths: Sequence[int],
+    num_heads,
+    kernel_size,
+    dilations: Sequence[Sequence[int]] | None,
+    drop_path_rate: float,
+    downsampler,
+    **block_kwargs,
+) -> tuple[nn.ModuleList, list[list[int]]]:
+    """The levels of a hierarchical model (width doubling per level, drop path rising linearly
+    over all layers), each but the last closed by ``downsampler(dim)``; and the checked
+    per-layer dilations (``None``: all 1)."""
+    depths = list(depths)
+    n = len(depths)
+    num_heads = _per_level("num_heads", num_heads, n)
+    kernel_sizes = _per_level("kernel_size", kernel_size, n)
+    dilations = [[1] * d for d in depths] if dilations is None else [list(d) for d in dilations]
+    if len(dilations) != n or any(len(d) != k for d, k in zip(dilations, depths, strict=True)):
+        raise ValueError(
+            f"dilations: expected one list per level with one value per layer "
+            f"(depths {depths}), got {dilations}"
+        )
+    total = sum(depths)
+    dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    levels = nn.ModuleList()
+    for i, depth in enumerate(depths):
+        dim, start = int(embed_dim * 2**i), sum(depths[:i])
+        levels.append(
+            NATLevel(
+                dim,
+                depth,
+                num_heads[i],
+                kernel_sizes[i],
+                dilations[i],
+                downsample=downsampler(dim) if i < n - 1 else None,
+                drop_path=dpr[start : start + depth],
+                **block_kwargs,
+            )
+        )
+    return levels, dilations
 
 
 def _per_level(name: str, value, n: int) -> list:
@@ -249,16 +292,6 @@ class NAT(nn.Module):
         super().__init__()
         depths = list(depths)
         n = len(depths)
-        num_heads = _per_level("num_heads", num_heads, n)
-        kernel_sizes = _per_level("kernel_size", kernel_size, n)
-        if dilations is None:
-            dilations = [[1] * d for d in depths]
-        dilations = [list(d) for d in dilations]
-        if len(dilations) != n or any(len(d) != k for d, k in zip(dilations, depths, strict=True)):
-            raise ValueError(
-                f"dilations: expected one list per level with one value per layer "
-                f"(depths {depths}), got {dilations}"
-            )
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool: expected 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
@@ -267,34 +300,26 @@ class NAT(nn.Module):
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (n - 1))
         self.depths = depths
-        self.dilations = dilations
         self.mlp_ratio = mlp_ratio
 
         self.patch_embed = ConvTokenizer(in_chans, embed_dim)
         self.pos_drop = nn.Dropout(drop_rate)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        self.levels = nn.ModuleList()
-        for i in range(n):
-            start = sum(depths[:i])
-            self.levels.append(
-                NATLevel(
-                    int(embed_dim * 2**i),
-                    depths[i],
-                    num_heads[i],
-                    kernel_sizes[i],
-                    dilations[i],
-                    downsample=i < n - 1,
-                    drop_path=dpr[start : start + depths[i]],
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    layer_scale=layer_scale,
-                    rel_pos_bias=rel_pos_bias,
-                )
-            )
+        self.levels, self.dilations = build_levels(
+            embed_dim,
+            depths,
+            num_heads,
+            kernel_size,
+            dilations,
+            drop_path_rate,
+            ConvDownsampler,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            layer_scale=layer_scale,
+            rel_pos_bias=rel_pos_bias,
+        )
         self.norm = nn.LayerNorm(self.num_features)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)

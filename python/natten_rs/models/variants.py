@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .nat import _REGISTRY, NAT, NATLevel, _constructor, _per_level
+from .nat import _REGISTRY, NAT, _constructor, build_levels
 
 __all__ = [
     "DiNATs",
@@ -111,45 +111,27 @@ class DiNATs(_Classifier):
         super().__init__()
         depths = list(depths)
         n = len(depths)
-        num_heads = _per_level("num_heads", num_heads, n)
-        kernel_sizes = _per_level("kernel_size", kernel_size, n)
-        dilations = [[1] * d for d in depths] if dilations is None else [list(d) for d in dilations]
-        if len(dilations) != n or any(len(d) != k for d, k in zip(dilations, depths, strict=True)):
-            raise ValueError(
-                f"dilations: expected one list per level with one value per layer "
-                f"(depths {depths}), got {dilations}"
-            )
-        self.embed_dim, self.depths, self.dilations, self.mlp_ratio = (
-            embed_dim, depths, dilations, mlp_ratio,
-        )  # fmt: skip
+        self.embed_dim, self.depths, self.mlp_ratio = embed_dim, depths, mlp_ratio
         self.num_levels = n
         self.num_features = int(embed_dim * 2 ** (n - 1))
         self.patch_embed = PatchEmbed(in_chans, embed_dim, 4)
         self.pos_drop = nn.Dropout(drop_rate)
-        total = sum(depths)
-        dpr = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
-        self.levels = nn.ModuleList()
-        for i in range(n):
-            start = sum(depths[:i])
-            level = NATLevel(
-                int(embed_dim * 2**i),
-                depths[i],
-                num_heads[i],
-                kernel_sizes[i],
-                dilations[i],
-                downsample=False,
-                drop_path=dpr[start : start + depths[i]],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                drop=drop_rate,
-                attn_drop=attn_drop_rate,
-                layer_scale=layer_scale,
-                rel_pos_bias=rel_pos_bias,
-            )
-            if i < n - 1:
-                level.downsample = PatchMerging(int(embed_dim * 2**i))
-            self.levels.append(level)
+        self.levels, self.dilations = build_levels(
+            embed_dim,
+            depths,
+            num_heads,
+            kernel_size,
+            dilations,
+            drop_path_rate,
+            PatchMerging,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            layer_scale=layer_scale,
+            rel_pos_bias=rel_pos_bias,
+        )
         self._make_head(num_classes, global_pool)
         self.apply(self._init_weights)
 
@@ -201,26 +183,22 @@ class IsotropicNAT(_Classifier):
         self.num_features = embed_dim
         self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_size)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
-        self.levels = nn.ModuleList(
-            [
-                NATLevel(
-                    embed_dim,
-                    depth,
-                    num_heads,
-                    kernel_size,
-                    dilations[0],
-                    downsample=False,
-                    drop_path=dpr,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    layer_scale=layer_scale,
-                    rel_pos_bias=rel_pos_bias,
-                )
-            ]
+        # One level, so no downsampler is ever made.
+        self.levels, _ = build_levels(
+            embed_dim,
+            depths,
+            num_heads,
+            kernel_size,
+            dilations,
+            drop_path_rate,
+            None,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            qk_scale=qk_scale,
+            drop=drop_rate,
+            attn_drop=attn_drop_rate,
+            layer_scale=layer_scale,
+            rel_pos_bias=rel_pos_bias,
         )
         self._make_head(num_classes, global_pool)
         self.apply(self._init_weights)
