@@ -5,6 +5,8 @@ use std::ops::{Add, AddAssign, Div, Mul, Sub};
 
 use half::{bf16, f16};
 
+use super::keys::KeyList;
+
 /// The type sums are carried in: `f32`, or `f64` for `f64` tensors.
 pub trait Accum:
     Copy
@@ -147,7 +149,23 @@ pub trait Element: Copy + Send + Sync + 'static {
             unsafe { axpy(acc, weight, rows.at(i) as *const Self, 1) };
         }
     }
+
+    /// The kernel that attends from one query over the dense key and value rows of a key list
+    /// in one call, where this type has one on this CPU (see `Attend`).
+    fn attend_kernel() -> Option<Attend<Self::Acc>> {
+        None
+    }
 }
+
+/// Softmax attention from a scaled query `q` over the keys of a key list (dense rows of
+/// `q.len()` key channels and `acc.len()` value channels): writes
+/// `acc = sum_n e^(logit_n - max) value_n` and returns `(max, sum_n e^(logit_n - max))`, where
+/// `logit_n = q . key_n (+ the list's bias_n when the flag is set)`. The last slice is scratch
+/// for the logits, of at least the list's `padded_len()`.
+///
+/// # Safety
+/// The list must hold the keys of a row of a validated problem, with dense rows as above.
+pub type Attend<A> = unsafe fn(&[A], &KeyList<A>, bool, &mut [A], &mut [A]) -> (A, A);
 
 /// Element types whose row loops have explicit SIMD kernels (`simd`), used when the CPU has
 /// them.
@@ -186,6 +204,13 @@ macro_rules! wide_rows {
                     // SAFETY: by the caller's contract.
                     unsafe { axpy(acc, weight, rows.at(i) as *const Self, 1) };
                 }
+            }
+            fn attend_kernel() -> Option<Attend<f32>> {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    return Some(super::simd::attend::<$t>);
+                }
+                None
             }
         }
     )*};

@@ -3,9 +3,9 @@
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
 use super::av::weighted_sum;
-use super::element::{dot, load, store, Accum, Element, Rows};
+use super::element::{dot, load, store, Accum, Attend, Element, Rows};
 use super::grid::{Grid, Row};
-use super::keys::{KeyList, KeyTerms};
+use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
@@ -309,6 +309,7 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
     let g = Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra);
     let a = Attention::<T>::new(p, &g, t);
     let kernel = Forward {
+        attend: T::attend_kernel().filter(|_| a.dense_rows()),
         a: &a,
         out: tokens_heads_last(out, p.rank, true),
         lse: tokens_heads_last(lse, p.rank, false),
@@ -318,6 +319,8 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
 }
 
 struct Forward<'a, 'g, T: Element> {
+    /// The one-call kernel for a row, where the type has one and the rows are dense.
+    attend: Option<Attend<T::Acc>>,
     a: &'a Attention<'g, T>,
     out: Tokens<T>,
     lse: Tokens<f32>,
@@ -341,10 +344,18 @@ impl<T: Element> Attention<'_, T> {
         let keys = self.key_list();
         RowScratch {
             q: vec![T::Acc::ZERO; self.g.dim],
-            logits: vec![T::Acc::ZERO; keys.bias.len() + keys.extra_keys.len()],
+            logits: vec![T::Acc::ZERO; self.logit_slots()],
             tail: vec![T::Acc::ZERO; self.g.dim.max(self.dim_v)],
             keys,
         }
+    }
+
+    /// Logit slots a row needs: one per key, or per key of runs padded to whole SIMD groups.
+    fn logit_slots(&self) -> usize {
+        let [k0, k1, k2] = self.g.axes.map(|a| a.kernel);
+        let runs = usize::from(self.window) * k0 * k1;
+        let padded = runs * k2.next_multiple_of(LANES) + self.g.extra.next_multiple_of(LANES);
+        padded.max(runs * k2 + self.g.extra)
     }
 
     /// The softmax of row `row`'s logits into `s.logits`; returns the logsumexp.
@@ -382,22 +393,65 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         let a = self.a;
         let row = a.g.row(r);
         let [x0, x1, x2] = row.x;
+        let dst = (
+            self.out.at([row.b, row.h, x0, x1, x2, 0]),
+            self.out.inner_stride(),
+            a.dim_v,
+        );
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.
         unsafe {
-            let lse = a.probabilities(row, s);
-            let dst = (
-                self.out.at([row.b, row.h, x0, x1, x2, 0]),
-                self.out.inner_stride(),
-                a.dim_v,
-            );
-            a.store_weighted_sum(
-                (row, &s.keys, &s.logits, true),
-                dst,
-                T::Acc::ONE,
-                &mut s.tail,
-            );
+            let lse = match self.attend {
+                Some(kernel) => a.attend(kernel, row, s, dst),
+                None => {
+                    let lse = a.probabilities(row, s);
+                    let terms = (row, &s.keys, &s.logits[..], true);
+                    a.store_weighted_sum(terms, dst, T::Acc::ONE, &mut s.tail);
+                    lse
+                }
+            };
             *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32();
+        }
+    }
+}
+
+impl<T: Element> Attention<'_, T> {
+    /// Whether key and value rows are dense (channel stride 1), as `Attend` kernels read them.
+    fn dense_rows(&self) -> bool {
+        self.key_steps() == (1, 1) && self.value_steps() == (1, 1)
+    }
+
+    /// The attention output of row `row` through `kernel`, written to `dst`; returns the
+    /// logsumexp.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem with `dense_rows()`; `dst` must be
+    /// writable and written by this task only; `kernel` must run on this CPU.
+    #[inline(always)]
+    unsafe fn attend(
+        &self,
+        kernel: Attend<T::Acc>,
+        row: Row,
+        s: &mut RowScratch<T::Acc>,
+        (ptr, step, dim): (*mut T, isize, usize),
+    ) -> T::Acc {
+        let acc = &mut s.tail[..dim];
+        // SAFETY (whole block): the keys of a validated row hold `q.len()` channels, their
+        // values `dim_v`; `dst` is ours by the caller's contract.
+        unsafe {
+            self.load_query(row, &mut s.q);
+            self.collect_keys(row, &mut s.keys);
+            let with_bias = self.bias.is_some();
+            let (max, sum) = kernel(&s.q, &s.keys, with_bias, &mut s.logits, acc);
+            // A row that sees no key (merged attention over nothing) gives zeros, lse -inf.
+            let inv = if sum > T::Acc::ZERO {
+                T::Acc::ONE / sum
+            } else {
+                T::Acc::ZERO
+            };
+            acc.iter_mut().for_each(|x| *x = *x * inv);
+            store(ptr, step, acc);
+            max + sum.ln()
         }
     }
 }

@@ -5,6 +5,9 @@ use super::av::WeightedSum;
 use super::element::{Accum, Element, Rows, Run};
 use super::grid::Row;
 
+/// Logits a SIMD kernel computes at once.
+pub const LANES: usize = 8;
+
 /// The keys of one query row, gathered once and walked by every loop over them: window
 /// neighbors first (as runs along the window's last axis, whose keys lie a fixed step apart),
 /// then the additional tokens.
@@ -63,6 +66,13 @@ impl<A: Accum> KeyList<A> {
                     },
                 )
             })
+    }
+
+    /// Logit slots of a kernel that gives each run, and the extras, whole groups of
+    /// `LANES` slots (the padding slots hold -inf).
+    pub fn padded_len(&self) -> usize {
+        self.run_count * self.run_len.next_multiple_of(LANES)
+            + (self.len - self.window).next_multiple_of(LANES)
     }
 
     /// The additional tokens' key rows (or value rows).

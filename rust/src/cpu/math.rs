@@ -66,7 +66,7 @@ fn exp_shifted_portable(xs: &mut [f32], shift: f32) -> f32 {
 
 /// The same exp, eight lanes at a time with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(super) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{exp_f32, LN2_HI, LN2_LO, LOG2_E, MAX_X, MIN_X, POLY};
@@ -74,7 +74,7 @@ mod avx2 {
     /// `e^x` in each lane.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn exp8(x: __m256) -> __m256 {
+    pub fn exp8(x: __m256) -> __m256 {
         let splat = _mm256_set1_ps;
         let clamped = _mm256_min_ps(_mm256_max_ps(x, splat(MIN_X)), splat(MAX_X));
         let n = _mm256_floor_ps(_mm256_fmadd_ps(clamped, splat(LOG2_E), splat(0.5)));

@@ -4,7 +4,7 @@
 //! other CPUs and float64 take the portable loops in `element`.
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{dot_rows, sum_rows};
+pub use x86::{attend, dot_rows, sum_rows};
 
 /// Whether this CPU runs the kernels here (AVX2, FMA and F16C; checked once).
 pub fn available() -> bool {
@@ -29,6 +29,8 @@ mod x86 {
     use half::{bf16, f16};
 
     use crate::cpu::element::{Element, Rows};
+    use crate::cpu::keys::{KeyList, LANES};
+    use crate::cpu::math::avx2::exp8;
 
     /// Storage types widened to float32 eight at a time.
     pub trait Wide: Element<Acc = f32> {
@@ -100,23 +102,27 @@ mod x86 {
             // A short last group is padded with its first row (results dropped), so that the
             // eight accumulators are always the same eight registers.
             let count = (n - start).min(8);
-            let padded: [usize; 8] =
-                std::array::from_fn(|j| rows.at(start + if j < count { j } else { 0 }));
-            // SAFETY: every padded address holds `a.len()` elements.
-            let lanes = unsafe { dot8::<T>(a, padded) };
-            for (sum, lane) in sums.iter_mut().zip(lanes).take(count) {
-                *sum = lane;
-            }
+            let mut lanes = [0.0f32; 8];
+            // SAFETY: every padded address holds `a.len()` elements; `lanes` holds 8 floats.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), dot8::<T>(a, padded(rows, start))) };
+            sums.copy_from_slice(&lanes[..count]);
         }
     }
 
-    /// `a . row_j` for eight rows.
+    /// The addresses of rows `start..start + 8`, a short last group padded with its first row.
+    #[inline(always)]
+    fn padded<R: Rows>(rows: R, start: usize) -> [usize; 8] {
+        let count = (rows.len() - start).min(8);
+        std::array::from_fn(|j| rows.at(start + if j < count { j } else { 0 }))
+    }
+
+    /// `a . row_j` for eight rows, in lane `j`.
     ///
     /// # Safety
     /// Every address must hold `a.len()` readable elements.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn dot8<T: Wide>(a: &[f32], rows: [usize; 8]) -> [f32; 8] {
+    unsafe fn dot8<T: Wide>(a: &[f32], rows: [usize; 8]) -> __m256 {
         let body = a.len() - a.len() % 8;
         let rows = rows.map(|r| r as *const T);
         let mut acc = [_mm256_setzero_ps(); 8];
@@ -129,16 +135,146 @@ mod x86 {
                 }
             }
         }
+        let sums = sum8(acc);
+        if body == a.len() {
+            return sums;
+        }
         let mut lanes = [0.0f32; 8];
         // SAFETY: `lanes` holds 8 floats.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum8(acc)) };
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sums) };
         for (c, &x) in a.iter().enumerate().skip(body) {
             for (lane, row) in lanes.iter_mut().zip(rows) {
                 // SAFETY: `c < a.len()`.
                 *lane += x * unsafe { *row.add(c) }.to_acc();
             }
         }
-        lanes
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
+    }
+
+    /// An `element::Attend` kernel: logits computed eight at a time into whole groups of eight
+    /// slots (padding slots at -inf), so that the max, the exponentials and their sum are
+    /// vector operations with no scalar tails.
+    ///
+    /// # Safety
+    /// The CPU must pass `available()`; the rest is `element::Attend`'s contract.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend<T: Wide>(
+        q: &[f32],
+        keys: &KeyList<f32>,
+        with_bias: bool,
+        logits: &mut [f32],
+        acc: &mut [f32],
+    ) -> (f32, f32) {
+        let logits = &mut logits[..keys.padded_len()];
+        let mut slot = 0;
+        let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+        // SAFETY (whole block): by the caller's contract; the runs' groups, then the extras',
+        // fill `padded_len` slots.
+        unsafe {
+            for (n, run) in keys.runs(false) {
+                let bias = with_bias.then(|| &keys.bias[n..n + run.len]);
+                max = logit_groups::<T, _>(q, run, bias, &mut logits[slot..], max);
+                slot += run.len.next_multiple_of(LANES);
+            }
+            max = logit_groups::<T, _>(q, keys.extra_rows(false), None, &mut logits[slot..], max);
+        }
+        let max = max8(max);
+        let mut sum = _mm256_setzero_ps();
+        for group in logits.chunks_exact_mut(LANES) {
+            // SAFETY: `group` holds 8 floats.
+            unsafe {
+                let p = exp8(_mm256_sub_ps(
+                    _mm256_loadu_ps(group.as_ptr()),
+                    _mm256_set1_ps(max),
+                ));
+                _mm256_storeu_ps(group.as_mut_ptr(), p);
+                sum = _mm256_add_ps(sum, p);
+            }
+        }
+        acc.fill(0.0);
+        let mut slot = 0;
+        for (_, run) in keys.runs(true) {
+            // SAFETY: value rows hold `acc.len()` elements.
+            unsafe { sum_rows::<T, _>(&logits[slot..slot + run.len], run, acc) };
+            slot += run.len.next_multiple_of(LANES);
+        }
+        let extra = keys.extra_rows(true);
+        // SAFETY: as above.
+        unsafe { sum_rows::<T, _>(&logits[slot..slot + extra.len()], extra, acc) };
+        (max, sum_lanes(sum))
+    }
+
+    /// Logits `q . row_n (+ bias_n)` of `rows` into groups of eight slots of `out` (padding
+    /// slots at -inf); returns `max` raised lane by lane to them.
+    ///
+    /// # Safety
+    /// Rows must hold `q.len()` readable elements; `out` holds their padded groups.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn logit_groups<T: Wide, R: Rows>(
+        q: &[f32],
+        rows: R,
+        bias: Option<&[f32]>,
+        out: &mut [f32],
+        mut max: __m256,
+    ) -> __m256 {
+        let count = rows.len();
+        for (start, group) in (0..count).step_by(LANES).zip(out.chunks_exact_mut(LANES)) {
+            // SAFETY: by the caller's contract; `group` holds 8 floats.
+            unsafe {
+                let mut l = dot8::<T>(q, padded(rows, start));
+                if let Some(bias) = bias {
+                    l = _mm256_add_ps(l, load_partial(&bias[start..count]));
+                }
+                l = mask_past(l, count - start);
+                max = _mm256_max_ps(max, l);
+                _mm256_storeu_ps(group.as_mut_ptr(), l);
+            }
+        }
+        max
+    }
+
+    /// Up to eight floats of `xs` in the low lanes, zeros above.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn load_partial(xs: &[f32]) -> __m256 {
+        let mut lanes = [0.0f32; 8];
+        let n = xs.len().min(8);
+        lanes[..n].copy_from_slice(&xs[..n]);
+        // SAFETY: `lanes` holds 8 floats.
+        unsafe { _mm256_loadu_ps(lanes.as_ptr()) }
+    }
+
+    /// `v` with lanes `count..8` set to -inf.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mask_past(v: __m256, count: usize) -> __m256 {
+        if count >= 8 {
+            return v;
+        }
+        let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+        let past = _mm256_cmp_ps::<_CMP_GE_OQ>(lane, _mm256_set1_ps(count as f32));
+        _mm256_blendv_ps(v, _mm256_set1_ps(f32::NEG_INFINITY), past)
+    }
+
+    /// The largest lane.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn max8(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)))
+    }
+
+    /// The sum of the lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn sum_lanes(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
     /// `acc[c] += sum_n w[n] row_n[c]` for dense rows of `acc.len()` elements at `rows`.
