@@ -193,17 +193,60 @@ mod x86 {
                 sum = _mm256_add_ps(sum, p);
             }
         }
-        acc.fill(0.0);
-        let mut slot = 0;
-        for (_, run) in keys.runs(true) {
-            // SAFETY: value rows hold `acc.len()` elements.
-            unsafe { sum_rows::<T, _>(&logits[slot..slot + run.len], run, acc) };
-            slot += run.len.next_multiple_of(LANES);
-        }
+        // SAFETY: value rows hold `acc.len()` elements.
+        unsafe { weighted_runs::<T>(keys, logits, acc) };
         let extra = keys.extra_rows(true);
+        let slot = logits.len() - extra.len().next_multiple_of(LANES);
         // SAFETY: as above.
         unsafe { sum_rows::<T, _>(&logits[slot..slot + extra.len()], extra, acc) };
         (max, sum_lanes(sum))
+    }
+
+    /// `acc = sum_n w_n value_n` over the window runs of `keys`, whose weights lie in groups
+    /// of eight slots of `w`; each block of channels is summed over every run in registers.
+    ///
+    /// # Safety
+    /// Value rows must hold `acc.len()` readable elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_runs<T: Wide>(keys: &KeyList<f32>, w: &[f32], acc: &mut [f32]) {
+        let group = keys.run_len.next_multiple_of(LANES);
+        let runs = || {
+            keys.runs(true)
+                .enumerate()
+                .map(move |(i, (_, run))| (&w[i * group..], run))
+        };
+        let dim = acc.len();
+        let mut c = 0;
+        while c + 32 <= dim {
+            let mut sums = [[_mm256_setzero_ps(); 4]; 2];
+            for (w, run) in runs() {
+                // SAFETY: `c + 32 <= dim`.
+                unsafe { add_rows::<T, _, 4>(&mut sums, w, run, c) };
+            }
+            // SAFETY: `c + 32 <= dim`.
+            unsafe { finish(acc.as_mut_ptr().add(c), &sums, false) };
+            c += 32;
+        }
+        while c + 8 <= dim {
+            let mut sums = [[_mm256_setzero_ps(); 1]; 2];
+            for (w, run) in runs() {
+                // SAFETY: `c + 8 <= dim`.
+                unsafe { add_rows::<T, _, 1>(&mut sums, w, run, c) };
+            }
+            // SAFETY: `c + 8 <= dim`.
+            unsafe { finish(acc.as_mut_ptr().add(c), &sums, false) };
+            c += 8;
+        }
+        for (j, a) in acc.iter_mut().enumerate().skip(c) {
+            *a = 0.0;
+            for (w, run) in runs() {
+                for (k, &weight) in w.iter().enumerate().take(run.len) {
+                    // SAFETY: `j < dim`.
+                    *a += weight * unsafe { *(run.at(k) as *const T).add(j) }.to_acc();
+                }
+            }
+        }
     }
 
     /// Logits `q . row_n (+ bias_n)` of `rows` into groups of eight slots of `out` (padding
@@ -290,45 +333,54 @@ mod x86 {
         // Blocks of 32 channels; rows two at a time into two sets of four accumulators, so
         // that consecutive FMAs do not wait on each other.
         while c + 32 <= dim {
-            let (mut even, mut odd) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
-            let mut k = 0;
-            while k + 2 <= n {
-                // SAFETY: `c + 32 <= dim`; rows hold `dim` elements.
-                unsafe {
-                    add_row::<T, 4>(&mut even, w[k], rows.at(k), c);
-                    add_row::<T, 4>(&mut odd, w[k + 1], rows.at(k + 1), c);
-                }
-                k += 2;
-            }
-            if k < n {
-                // SAFETY: as above.
-                unsafe { add_row::<T, 4>(&mut even, w[k], rows.at(k), c) };
-            }
-            for i in 0..4 {
-                // SAFETY: `c + 8 * i + 8 <= dim`.
-                unsafe {
-                    add_into(
-                        acc.as_mut_ptr().add(c + 8 * i),
-                        _mm256_add_ps(even[i], odd[i]),
-                    )
-                };
-            }
+            let mut sums = [[_mm256_setzero_ps(); 4]; 2];
+            // SAFETY: `c + 32 <= dim`; rows hold `dim` elements.
+            unsafe { add_rows::<T, R, 4>(&mut sums, &w[..n], rows, c) };
+            // SAFETY: `c + 32 <= dim`.
+            unsafe { finish(acc.as_mut_ptr().add(c), &sums, true) };
             c += 32;
         }
         while c + 8 <= dim {
-            let mut s = [_mm256_setzero_ps(); 1];
-            for (k, &weight) in w.iter().enumerate().take(n) {
-                // SAFETY: `c + 8 <= dim`.
-                unsafe { add_row::<T, 1>(&mut s, weight, rows.at(k), c) };
-            }
+            let mut sums = [[_mm256_setzero_ps(); 1]; 2];
             // SAFETY: `c + 8 <= dim`.
-            unsafe { add_into(acc.as_mut_ptr().add(c), s[0]) };
+            unsafe { add_rows::<T, R, 1>(&mut sums, &w[..n], rows, c) };
+            // SAFETY: `c + 8 <= dim`.
+            unsafe { finish(acc.as_mut_ptr().add(c), &sums, true) };
             c += 8;
         }
         for (j, a) in acc.iter_mut().enumerate().skip(c) {
             for (k, &weight) in w.iter().enumerate().take(n) {
                 // SAFETY: `j < dim`.
                 *a += weight * unsafe { *(rows.at(k) as *const T).add(j) }.to_acc();
+            }
+        }
+    }
+
+    /// `sums += sum_k w[k] row_k[c .. c + 8N]` over the rows `w` weighs, rows two at a time
+    /// into the two register sets, so that consecutive FMAs do not wait on each other.
+    ///
+    /// # Safety
+    /// Rows must hold at least `c + 8 N` elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn add_rows<T: Wide, R: Rows, const N: usize>(
+        sums: &mut [[__m256; N]; 2],
+        w: &[f32],
+        rows: R,
+        c: usize,
+    ) {
+        let n = w.len().min(rows.len());
+        let [even, odd] = sums;
+        let mut k = 0;
+        // SAFETY (whole block): by the caller's contract.
+        unsafe {
+            while k + 2 <= n {
+                add_row::<T, N>(even, w[k], rows.at(k), c);
+                add_row::<T, N>(odd, w[k + 1], rows.at(k + 1), c);
+                k += 2;
+            }
+            if k < n {
+                add_row::<T, N>(even, w[k], rows.at(k), c);
             }
         }
     }
@@ -356,14 +408,25 @@ mod x86 {
         }
     }
 
-    /// `*dst[0..8] += v`.
+    /// `dst[8i .. 8i + 8] = sums[0][i] + sums[1][i]` for `i < N`, or `+=` when `accumulate`.
     ///
     /// # Safety
-    /// `dst` must hold 8 writable floats.
+    /// `dst` must hold `8 N` writable floats.
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn add_into(dst: *mut f32, v: __m256) {
-        // SAFETY: by the caller's contract.
-        unsafe { _mm256_storeu_ps(dst, _mm256_add_ps(_mm256_loadu_ps(dst), v)) };
+    unsafe fn finish<const N: usize>(dst: *mut f32, sums: &[[__m256; N]; 2], accumulate: bool) {
+        for (i, (&even, &odd)) in sums[0].iter().zip(&sums[1]).enumerate() {
+            // SAFETY: by the caller's contract.
+            unsafe {
+                let d = dst.add(8 * i);
+                let v = _mm256_add_ps(even, odd);
+                let v = if accumulate {
+                    _mm256_add_ps(_mm256_loadu_ps(d), v)
+                } else {
+                    v
+                };
+                _mm256_storeu_ps(d, v);
+            }
+        }
     }
 }
