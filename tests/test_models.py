@@ -244,3 +244,66 @@ def test_timm_dinat_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] <= 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["nat_mini", "dinat_mini"])
+def test_backbone_features_match_the_classifier_path(name):
+    torch.manual_seed(0)
+    classifier = getattr(models, name)(num_classes=0, img_size=64, **TINY).eval()
+    backbone = getattr(models, name)(features_only=True, img_size=64, **TINY).eval()
+    keys = set(backbone.state_dict())
+    assert {"norm0.weight", "norm3.weight"} <= keys and not any(
+        k.startswith(("norm.", "head.")) for k in keys
+    )
+    shared = {k: v for k, v in classifier.state_dict().items() if k in keys}
+    missing = backbone.load_state_dict(shared, strict=False).missing_keys
+    assert sorted(missing) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    # With the classifier's final norm as the last level's norm, the last features agree.
+    backbone.norm3.load_state_dict(classifier.norm.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = backbone(x)
+        last = classifier.forward_features(x)
+    assert [f.shape for f in feats] == [
+        (2, 16 * 2**i, 64 // 2 ** (i + 2), 64 // 2 ** (i + 2)) for i in range(4)
+    ]
+    torch.testing.assert_close(feats[3], last.permute(0, 3, 1, 2))
+    info = backbone.feature_info
+    assert info.channels() == [16, 32, 64, 128] and info.reduction() == [4, 8, 16, 32]
+    assert info.module_name(2) == "levels.2"
+
+
+def test_backbone_out_indices_and_gradients():
+    torch.manual_seed(0)
+    backbone = models.nat_mini(out_indices=(-1, 1), **TINY)
+    assert backbone.out_indices == (1, 3)
+    feats = backbone(torch.randn(1, 3, 64, 64))
+    assert [f.shape[1] for f in feats] == [32, 128]
+    sum(f.square().mean() for f in feats).backward()
+    assert backbone.levels[0].blocks[0].attn.qkv.weight.grad is not None
+    early = models.nat_mini(out_indices=(0,), **TINY)
+    assert [f.shape[1] for f in early(torch.randn(1, 3, 64, 64))] == [16]
+
+
+@pytest.mark.parametrize(
+    ("out_indices", "match"),
+    [((4,), r"out_indices.*\[-4, 4\).*\[4\]"), ((), r"out_indices"), ((1, -3), "distinct")],
+)
+def test_backbone_rejects_bad_out_indices(out_indices, match):
+    with pytest.raises(ValueError, match=match):
+        models.nat_mini(out_indices=out_indices, **TINY)
+
+
+def test_backbone_errors():
+    with pytest.raises(RuntimeError, match="out_indices"):
+        models.nat_mini(**TINY).forward_levels(torch.randn(1, 3, 64, 64))
+    with pytest.raises(NotImplementedError, match="dinat_s_tiny"):
+        models.dinat_s_tiny(features_only=True, **TINY)
+
+
+def test_timm_features_only():
+    timm = pytest.importorskip("timm", reason="timm is optional; features_only goes through it")
+    backbone = timm.create_model("dinat_mini", features_only=True, out_indices=(1, 2), **TINY)
+    feats = backbone(torch.randn(2, 3, 64, 64))
+    assert [tuple(f.shape) for f in feats] == [(2, 32, 8, 8), (2, 64, 4, 4)]
+    assert backbone.feature_info.channels() == [32, 64]

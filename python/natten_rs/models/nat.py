@@ -34,6 +34,7 @@ __all__ = [
     "ConvDownsampler",
     "ConvTokenizer",
     "DiNAT",
+    "FeatureInfo",
     "NATransformerLayer",
     "dinat_base",
     "dinat_dilations",
@@ -192,10 +193,15 @@ class NATLevel(nn.Module):
         )
         self.downsample = downsample
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_pair(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output of the blocks, input of the next level)``: the first is what a backbone
+        returns for this level."""
         for block in self.blocks:
             x = block(x)
-        return x if self.downsample is None else self.downsample(x)
+        return x, (x if self.downsample is None else self.downsample(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_pair(x)[1]
 
 
 def build_levels(
@@ -265,9 +271,14 @@ class NAT(nn.Module):
             (linearly increasing over all blocks up to ``drop_path_rate``).
         layer_scale: initial layer-scale value, ``None`` to disable.
         qkv_bias, qk_scale, rel_pos_bias: passed to ``NeighborhoodAttention2D``.
+        out_indices: build a backbone instead of a classifier: the levels whose features
+            ``forward`` returns, each through its own LayerNorm ``norm{i}`` (the layout of
+            published NAT/DiNAT detection and segmentation checkpoints); no final ``norm``, no
+            head.
 
     Shapes:
-        x: ``[B, in_chans, H, W]`` -> ``[B, num_classes]``.
+        x: ``[B, in_chans, H, W]`` -> ``[B, num_classes]``; as a backbone, a list with
+        ``[B, embed_dim * 2**i, H / 2**(i+2), W / 2**(i+2)]`` per level ``i`` in ``out_indices``.
     """
 
     def __init__(
@@ -288,10 +299,15 @@ class NAT(nn.Module):
         qk_scale: float | None = None,
         rel_pos_bias: bool = True,
         global_pool: str = "avg",
+        out_indices: Sequence[int] | None = None,
     ):
         super().__init__()
         depths = list(depths)
         n = len(depths)
+        if out_indices is not None:
+            out_indices = _level_indices(out_indices, n)
+            num_classes = 0
+        self.out_indices = out_indices
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool: expected 'avg' or '', got {global_pool!r}")
         self.num_classes = num_classes
@@ -320,9 +336,25 @@ class NAT(nn.Module):
             layer_scale=layer_scale,
             rel_pos_bias=rel_pos_bias,
         )
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if out_indices is None:
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        else:
+            for i in out_indices:
+                self.add_module(f"norm{i}", nn.LayerNorm(self.level_channels(i)))
         self.apply(self._init_weights)
+
+    def level_channels(self, i: int) -> int:
+        """Channels of level ``i``'s features."""
+        return int(self.embed_dim * 2**i)
+
+    @property
+    def feature_info(self) -> FeatureInfo:
+        """Per returned level (backbone): channels, reduction from the input and module name."""
+        return FeatureInfo(
+            {"num_chs": self.level_channels(i), "reduction": 4 * 2**i, "module": f"levels.{i}"}
+            for i in self.out_indices or ()
+        )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -361,8 +393,64 @@ class NAT(nn.Module):
             x = x.mean(dim=(1, 2))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward_levels(self, x: Tensor) -> list[Tensor]:
+        """Backbone features: ``norm{i}`` of level ``i``'s blocks' output, channels-first, for
+        each ``i`` in ``out_indices``."""
+        if self.out_indices is None:
+            raise RuntimeError(
+                "forward_levels: this model is a classifier; build it with out_indices "
+                "(or timm's features_only=True) to get per-level features"
+            )
+        x = self.pos_drop(self.patch_embed(x))
+        features = []
+        for i, level in enumerate(self.levels):
+            out, x = level.forward_pair(x)
+            if i in self.out_indices:
+                features.append(getattr(self, f"norm{i}")(out).permute(0, 3, 1, 2).contiguous())
+            if i == self.out_indices[-1]:
+                break
+        return features
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        if self.out_indices is not None:
+            return self.forward_levels(x)
         return self.forward_head(self.forward_features(x))
+
+
+class FeatureInfo(list):
+    """One dict per backbone output (``num_chs``, ``reduction``, ``module``), with the
+    accessors of timm's ``FeatureInfo`` so that detection and segmentation heads can read it."""
+
+    def get(self, key: str, idx: int | None = None):
+        return [info[key] for info in self] if idx is None else self[idx][key]
+
+    def channels(self, idx: int | None = None):
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: int | None = None):
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: int | None = None):
+        return self.get("module", idx)
+
+
+def _level_indices(out_indices: Sequence[int], n: int) -> tuple[int, ...]:
+    """``out_indices`` as sorted distinct levels in ``0..n`` (negative ones count from the end)."""
+    try:
+        indices = [int(i) for i in out_indices]
+    except TypeError:
+        raise ValueError(
+            f"out_indices: expected a sequence of level indices, got {out_indices!r}"
+        ) from None
+    if not indices or any(not -n <= i < n for i in indices):
+        raise ValueError(
+            f"out_indices: expected level indices in [-{n}, {n}) for {n} levels, "
+            f"got {list(out_indices)}"
+        )
+    resolved = sorted({i % n for i in indices})
+    if len(resolved) != len(indices):
+        raise ValueError(f"out_indices: expected distinct levels, got {list(out_indices)}")
+    return tuple(resolved)
 
 
 DiNAT = NAT  # DiNAT is NAT with per-layer dilations; kept as a name for readability.
@@ -451,6 +539,16 @@ def _build(name: str, pretrained: bool, kwargs: dict) -> nn.Module:
         img_size = min(img_size)
     cls, cfg, patch_size = _REGISTRY[name]
     cfg = dict(cfg)
+    features_only = kwargs.pop("features_only", False)
+    out_indices = kwargs.pop("out_indices", None)
+    if features_only or out_indices is not None:
+        if cls is not NAT:
+            raise NotImplementedError(
+                f"{name}: features_only / out_indices are supported by the hierarchical NAT and "
+                f"DiNAT models only"
+            )
+        levels = len(cfg["depths"] if "depths" not in kwargs else kwargs["depths"])
+        kwargs["out_indices"] = tuple(range(levels)) if out_indices is None else out_indices
     cfg.update(kwargs)
     if name.startswith("dinat_") and cfg.get("dilations") is None:
         cfg["dilations"] = dinat_dilations(

@@ -68,6 +68,7 @@ class _Classifier(nn.Module):
     """Shared head logic: final LayerNorm, average pool, linear head, timm helpers."""
 
     num_features: int
+    out_indices = None  # classifiers only: no backbone mode
 
     def _make_head(self, num_classes: int, global_pool: str) -> None:
         if global_pool not in ("avg", ""):
