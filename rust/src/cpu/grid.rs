@@ -71,7 +71,7 @@ impl Grid {
         self.axes.iter().map(|a| a.length).product()
     }
 
-    /// Row number `r` of the flattened `(batch, head, token)` space, token row-major.
+    /// Row number `r` of the `(batch, head, token)` space, tokens in `points` order.
     #[inline(always)]
     pub fn row(&self, r: usize) -> Row {
         let tokens = self.points.len();
@@ -83,7 +83,7 @@ impl Grid {
         }
     }
 
-    /// Row number of `(b, h, x)`: the inverse of `row`.
+    /// Index of `(b, h, x)` in row-major `(batch, head, token)` order (for per-row storage).
     pub fn row_index(&self, b: usize, h: usize, x: [usize; 3]) -> usize {
         let [_, l1, l2] = self.axes.map(|a| a.length);
         (b * self.heads + h) * self.tokens() + (x[0] * l1 + x[1]) * l2 + x[2]
@@ -150,14 +150,23 @@ impl InverseAxis {
     }
 }
 
-/// Coordinates of every token of `axes`, row-major.
+/// Coordinates of every token of `axes`, in the order rows are computed: row-major over the
+/// axes, each axis walked one dilation group at a time (`0, d, 2d, ..`, then `1, 1 + d, ..`).
+/// Consecutive rows then share most of their neighbors, which stay in cache; in plain
+/// position order, neighbors of consecutive dilated queries are disjoint.
 fn points(axes: [Axis; 3]) -> Vec<[u32; 3]> {
-    let [l0, l1, l2] = axes.map(|a| a.length);
-    let mut points = Vec::with_capacity(l0 * l1 * l2);
-    for x0 in 0..l0 {
-        for x1 in 0..l1 {
-            for x2 in 0..l2 {
-                points.push([x0, x1, x2].map(|c| c as u32));
+    let [o0, o1, o2] = axes.map(|a| {
+        let d = a.dilation;
+        (0..d)
+            .flat_map(|g| (g..a.length).step_by(d))
+            .map(|x| x as u32)
+            .collect::<Vec<_>>()
+    });
+    let mut points = Vec::with_capacity(o0.len() * o1.len() * o2.len());
+    for &x0 in &o0 {
+        for &x1 in &o1 {
+            for &x2 in &o2 {
+                points.push([x0, x1, x2]);
             }
         }
     }
