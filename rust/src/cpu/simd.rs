@@ -105,7 +105,9 @@ mod x86 {
             let mut lanes = [0.0f32; 8];
             // SAFETY: every padded address holds `a.len()` elements; `lanes` holds 8 floats.
             unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), dot8::<T>(a, padded(rows, start))) };
-            sums.copy_from_slice(&lanes[..count]);
+            // `out` may run past the rows, as the portable loop allows.
+            let count = count.min(sums.len());
+            sums[..count].copy_from_slice(&lanes[..count]);
         }
     }
 
