@@ -23,10 +23,20 @@ def dlpack(t: Optional[Tensor]):
     if t is None:
         return None
     t = t.detach()
+    if t.device.type != "cuda":
+        return _export(t, {})
+    # stream=-1: no stream synchronisation (the kernels run on the current stream of the
+    # tensor's device, like torch's own ops). torch exports CUDA tensors of the current device
+    # only, hence the device guard.
+    with torch.cuda.device(t.device):
+        return _export(t, {"stream": -1})
+
+
+def _export(t: Tensor, kwargs: dict):
     try:
-        return t.__dlpack__(max_version=(1, 0))
+        return t.__dlpack__(max_version=(1, 0), **kwargs)
     except TypeError:  # torch without versioned DLPack
-        return t.__dlpack__()
+        return t.__dlpack__(**kwargs)
 
 
 def _empty_like_rows(t: Tensor) -> Tensor:
