@@ -171,7 +171,18 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
         return Ok(None);
     }
     let device = device(ordinal)?;
-    let (program, report) = programs::fetch(key, device.arch)?;
+    let (program, report) = programs::fetch(key, device.arch).map_err(|e| match e {
+        // The architecture is the device's, not an argument: say which device it is.
+        Error::Invalid {
+            arg: "arch",
+            expected,
+            got,
+        } => Error::Kernel {
+            message: format!("cuda:{ordinal} is {got}, but natten_rs needs {expected}"),
+            log: String::new(),
+        },
+        other => other,
+    })?;
     let _current = Current::push(device.context)?;
     let mut module = std::ptr::null_mut();
     // SAFETY: a complete CUBIN image, alive for the call; the driver copies it.
@@ -260,4 +271,23 @@ pub unsafe fn enqueue(
         )
     };
     check(&format!("launching {}", launch.function.symbol()), launched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_devices_are_an_error_not_a_panic() {
+        // SAFETY: only tries to dlopen libcuda.
+        if unsafe { cu::is_culib_present() } {
+            eprintln!("a CUDA driver is present: skipped");
+            return;
+        }
+        assert!(matches!(device_arch(0), Err(Error::Kernel { .. })));
+        assert!(!is_loaded(
+            0,
+            &super::super::kernels::representative_keys()[0]
+        ));
+    }
 }
