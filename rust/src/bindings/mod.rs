@@ -61,8 +61,9 @@ pub(crate) fn launch_cpu(
             Ok(())
         }
         Device::Cuda(_) => Err(Error::Unsupported(format!(
-            "{what} on {device}: natten_rs runs it on the CPU only so far (the unfused ops \
-             natten_rs.functional.na*d_qk / na*d_av run on CUDA)"
+            "{what} on {device}: natten_rs runs it on the CPU only so far (on CUDA, use the \
+             unfused ops natten_rs.functional.na*d_qk / na*d_av; modules take them after \
+             natten_rs.use_fused_na(False))"
         ))
         .into()),
     }
