@@ -47,6 +47,7 @@ LAYOUTS = ("contiguous", "permuted", "packed", "sliced")
 def pytest_configure(config):
     # pyproject registers the marker too; registering here keeps tests/ self-contained.
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    config.addinivalue_line("markers", "slow: long or memory-hungry")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, what: str = "") -> None:

@@ -89,7 +89,7 @@ def test_core_rejects_outputs_that_alias_inputs():
     out = storage[: torch.Size(shape).numel()].view(shape)
     with pytest.raises(ValueError, match="attn"):
         _core.na_qk(
-            dlpack(q_alias), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2
+            dlpack(q_alias), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2, 0
         )
 
 
@@ -98,7 +98,7 @@ def test_core_rejects_non_contiguous_outputs():
     shape = _core.qk_output_shape(dlpack(q), dlpack(k), None, None, [3, 3], [1, 1], [False] * 2)
     out = torch.empty(*shape[:-1], 2 * shape[-1])[..., ::2]
     with pytest.raises(ValueError, match="attn"):
-        _core.na_qk(dlpack(q), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2)
+        _core.na_qk(dlpack(q), dlpack(k), None, None, dlpack(out), [3, 3], [1, 1], [False] * 2, 0)
 
 
 def test_versioned_and_legacy_capsules_are_both_read():

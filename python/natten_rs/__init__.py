@@ -2,6 +2,7 @@
 
 from . import context, functional
 from ._core import KernelError
+from ._cuda import precompile
 from .context import *  # NATTEN's context and capability functions
 from .functional import attention, merge_attentions, na1d, na2d, na3d
 from .modules import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
@@ -18,6 +19,7 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "precompile",
 ]
 __all__ += context.__all__
 __version__ = "0.1.0"

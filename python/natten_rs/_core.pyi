@@ -1,6 +1,10 @@
 """The Rust extension. Tensors travel as DLPack capsules (``tensor.__dlpack__()``); every
 function validates all of its arguments before touching memory and raises ValueError, TypeError
-or NotImplementedError naming the offending argument."""
+or NotImplementedError naming the offending argument.
+
+``stream`` (last argument of every op) is the handle of torch's current CUDA stream on the
+tensors' device (``torch.cuda.current_stream(device).cuda_stream``): CUDA kernels are enqueued
+there, in the device's primary context. It is ignored for CPU tensors (pass 0)."""
 
 from typing import Any, TypeAlias
 
@@ -39,6 +43,7 @@ def na_qk(
     kernel_size: list[int],
     dilation: list[int],
     is_causal: list[bool],
+    stream: int,
 ) -> None:
     """Write neighborhood logits ``[B, heads, *spatial, prod(K) + n_extra]`` into ``attn``."""
 
@@ -50,6 +55,7 @@ def na_av(
     kernel_size: list[int],
     dilation: list[int],
     is_causal: list[bool],
+    stream: int,
 ) -> None:
     """Write the neighborhood weighted sum ``[B, heads, *spatial, D]`` into ``out``."""
 
@@ -65,6 +71,7 @@ def na_qk_backward(
     kernel_size: list[int],
     dilation: list[int],
     is_causal: list[bool],
+    stream: int,
 ) -> None:
     """Write the gradients of ``na_qk`` (``d_rpb``/``d_additional_keys`` when given)."""
 
@@ -79,6 +86,7 @@ def na_av_backward(
     kernel_size: list[int],
     dilation: list[int],
     is_causal: list[bool],
+    stream: int,
 ) -> None:
     """Write the gradients of ``na_av`` (``d_additional_values`` when given)."""
 
@@ -95,9 +103,15 @@ def fused_output_shapes(
     """Validate the inputs of a fused op; the shapes of ``(out, lse)``."""
 
 def na_fused(
-    inputs: FusedInputs, nbhd: Neighborhood, scale: float, out: Capsule, lse: Capsule
+    inputs: FusedInputs,
+    nbhd: Neighborhood,
+    scale: float,
+    out: Capsule,
+    lse: Capsule,
+    stream: int,
 ) -> None:
-    """Fused attention into ``out`` ``[B, *spatial, heads, Dv]`` and ``lse`` (float32)."""
+    """Fused attention into ``out`` ``[B, *spatial, heads, Dv]`` and ``lse`` (float32). CPU
+    only so far: CUDA tensors raise NotImplementedError."""
 
 def na_fused_backward(
     inputs: FusedInputs,
@@ -105,9 +119,33 @@ def na_fused_backward(
     scale: float,
     saved: tuple[Capsule, Capsule, Capsule | None],
     grads: FusedInputs,
+    stream: int,
 ) -> None:
     """Gradients of a fused op. ``saved`` is ``(out, d_out, d_lse)``; ``grads`` holds the
-    gradient outputs in ``inputs`` order, each written when given."""
+    gradient outputs in ``inputs`` order, each written when given. CPU only so far."""
 
 def dlpack_info(capsule: Capsule) -> tuple[int, list[int], list[int], str, str]:
     """``(data address, shape, strides, dtype, device)`` as natten_rs reads the capsule."""
+
+KernelRow: TypeAlias = tuple[str, int | None, int | None, str, str]
+"""``(kernel, registers, spill bytes, compile log, origin)``; origin is ``"compiled"``,
+``"disk"`` or ``"memory"``; registers and spills are None without a ptxas report."""
+
+def compile_kernels(arch: str) -> list[KernelRow]:
+    """Compile (or fetch from the caches) a spread of variants covering every kernel's code paths
+    for ``arch`` (``"sm_80"``, ``"sm_90a"``, ...). Needs libnvrtc, no GPU."""
+
+def precompile(
+    arch: str | None,
+    device: int,
+    dtypes: list[str],
+    shapes: list[tuple[list[int], list[bool]]],
+) -> list[KernelRow]:
+    """Compile the unfused kernels for every dtype name and ``(kernel_size, is_causal)`` shape,
+    for ``arch`` or (when None) for CUDA device ``device``; logs each module at INFO."""
+
+def nvrtc_version() -> tuple[int, int]:
+    """The version of the libnvrtc in use."""
+
+def forget_compiled() -> None:
+    """Forget the compiled kernels held in memory (the disk cache and loaded modules stay)."""

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _core
+from ._cuda import current_stream, launch_stream
 
 
 def dlpack(t: Optional[Tensor]):
@@ -22,10 +23,20 @@ def dlpack(t: Optional[Tensor]):
     if t is None:
         return None
     t = t.detach()
+    if t.device.type != "cuda":
+        return _export(t, {})
+    # stream=-1: no stream synchronisation (the kernels run on the current stream of the
+    # tensor's device, like torch's own ops). torch exports CUDA tensors of the current device
+    # only, hence the device guard.
+    with torch.cuda.device(t.device):
+        return _export(t, {"stream": -1})
+
+
+def _export(t: Tensor, kwargs: dict):
     try:
-        return t.__dlpack__(max_version=(1, 0))
+        return t.__dlpack__(max_version=(1, 0), **kwargs)
     except TypeError:  # torch without versioned DLPack
-        return t.__dlpack__()
+        return t.__dlpack__(**kwargs)
 
 
 def _empty_like_rows(t: Tensor) -> Tensor:
@@ -62,7 +73,7 @@ def na_qk(
     params = (kernel_size, dilation, is_causal)
     inputs = (dlpack(query), dlpack(key), dlpack(rpb), dlpack(additional_keys))
     attn = query.new_empty(_core.qk_output_shape(*inputs, *params))
-    _core.na_qk(*inputs, dlpack(attn), *params)
+    _core.na_qk(*inputs, dlpack(attn), *params, launch_stream(query))
     return attn
 
 
@@ -96,6 +107,7 @@ def na_qk_backward(
         kernel_size,
         dilation,
         is_causal,
+        launch_stream(query),
     )
     return d_query, d_key, d_rpb, d_extra
 
@@ -159,7 +171,7 @@ def na_av(
     params = (kernel_size, dilation, is_causal)
     inputs = (dlpack(attn), dlpack(value), dlpack(additional_values))
     out = value.new_empty(_core.av_output_shape(*inputs, *params))
-    _core.na_av(*inputs, dlpack(out), *params)
+    _core.na_av(*inputs, dlpack(out), *params, launch_stream(value))
     return out
 
 
@@ -191,6 +203,7 @@ def na_av_backward(
         kernel_size,
         dilation,
         is_causal,
+        launch_stream(value),
     )
     return d_attn, d_value, d_extra
 
@@ -262,7 +275,7 @@ def na_fused(
     out_shape, lse_shape = _core.fused_output_shapes(inputs, nbhd, scale)
     out = query.new_empty(out_shape)
     lse = query.new_empty(lse_shape, dtype=torch.float32)
-    _core.na_fused(inputs, nbhd, scale, dlpack(out), dlpack(lse))
+    _core.na_fused(inputs, nbhd, scale, dlpack(out), dlpack(lse), current_stream(query))
     return out, lse
 
 
@@ -299,6 +312,7 @@ def na_fused_backward(
         scale,
         (dlpack(out), dlpack(d_out), dlpack(d_lse)),
         tuple(None if t is None else dlpack(g) for t, g in zip(inputs, grads)),
+        current_stream(query),
     )
     return grads
 

@@ -88,7 +88,7 @@ pub const FLAG_READ_ONLY: u64 = 1;
 pub const FLAG_IS_COPIED: u64 = 2;
 
 /// Element types the kernels compute with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE half.
     F16,

@@ -6,6 +6,7 @@
 #[cfg(feature = "python")]
 mod bindings;
 pub mod cpu;
+pub mod cuda;
 pub mod dlpack;
 pub mod error;
 pub mod problem;

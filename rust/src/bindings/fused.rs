@@ -2,7 +2,7 @@
 
 use pyo3::prelude::*;
 
-use super::{borrow, borrow_opt, launch, Capsule};
+use super::{borrow, borrow_opt, launch_cpu, Capsule};
 use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
 use crate::dlpack::{DType, TensorRef};
 use crate::error::Error;
@@ -105,7 +105,7 @@ fn fused_output_shapes(
 }
 
 /// Fused attention forward into `out` `[B, *spatial, heads, Dv]` and `lse` `[B, *spatial,
-/// heads]` (float32).
+/// heads]` (float32). `stream` is torch's current CUDA stream (unused: CPU only so far).
 #[pyfunction]
 fn na_fused(
     py: Python<'_>,
@@ -114,7 +114,9 @@ fn na_fused(
     scale: f64,
     out: Capsule,
     lse: Capsule,
+    stream: u64,
 ) -> PyResult<()> {
+    let _ = stream;
     let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
     let p = borrowed.problem(nbhd, scale)?;
     let (out, lse) = (borrow("out", out)?, borrow("lse", lse)?);
@@ -122,11 +124,14 @@ fn na_fused(
     p.expect_output("out", &out, (&p.out_shape(), p.dtype), &ins)?;
     p.expect_output("lse", &lse, (&p.lse_shape(), DType::F32), &ins)?;
     let t = borrowed.tensors();
-    launch(py, p.device, || cpu::fused_forward(&p, &t, &out, &lse))
+    launch_cpu(py, p.device, "fused neighborhood attention", || {
+        cpu::fused_forward(&p, &t, &out, &lse)
+    })
 }
 
 /// Fused attention backward. `saved` is `(out, d_out, d_lse)`; `grads` is `(d_query, d_key,
-/// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given.
+/// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given. `stream`
+/// is torch's current CUDA stream (unused: CPU only so far).
 #[pyfunction]
 fn na_fused_backward(
     py: Python<'_>,
@@ -135,7 +140,9 @@ fn na_fused_backward(
     scale: f64,
     saved: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
     grads: FusedArgs,
+    stream: u64,
 ) -> PyResult<()> {
+    let _ = stream;
     let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
     let p = borrowed.problem(nbhd, scale)?;
     let (out, d_out) = (borrow("out", &saved.0)?, borrow("d_out", &saved.1)?);
@@ -195,7 +202,12 @@ fn na_fused_backward(
         d_lse: d_lse.as_ref(),
     };
     let t = borrowed.tensors();
-    launch(py, p.device, || cpu::fused_backward(&p, &t, &saved, &grads))
+    launch_cpu(
+        py,
+        p.device,
+        "fused neighborhood attention backward",
+        || cpu::fused_backward(&p, &t, &saved, &grads),
+    )
 }
 
 /// Add the fused entry points to the module.

@@ -9,11 +9,14 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyNotImplementedError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
+mod cuda;
 mod fused;
 mod unfused;
 
+use crate::cuda::{Source, Stream};
 use crate::dlpack::{borrow_capsule, Device, TensorRef};
 use crate::error::Error;
+use crate::problem::Problem;
 
 create_exception!(
     natten_rs,
@@ -44,17 +47,48 @@ pub(crate) fn borrow_opt(arg: &'static str, obj: Option<Capsule>) -> PyResult<Op
     obj.map(|o| borrow(arg, o)).transpose()
 }
 
-/// Run `kernel` on the problem's device with the GIL released.
-pub(crate) fn launch(py: Python<'_>, device: Device, kernel: impl FnOnce() + Send) -> PyResult<()> {
+/// Run a CPU-only kernel with the GIL released; `what` names the op for the refusal of CUDA
+/// tensors.
+pub(crate) fn launch_cpu(
+    py: Python<'_>,
+    device: Device,
+    what: &str,
+    kernel: impl FnOnce() + Send,
+) -> PyResult<()> {
     match device {
         Device::Cpu => {
             py.detach(kernel);
             Ok(())
         }
-        Device::Cuda(_) => Err(Error::Unsupported(
-            "CUDA tensors: this build of natten_rs has no CUDA kernels yet".into(),
-        )
+        Device::Cuda(_) => Err(Error::Unsupported(format!(
+            "{what} on {device}: natten_rs runs it on the CPU only so far (on CUDA, use the \
+             unfused ops natten_rs.functional.na*d_qk / na*d_av; modules take them after \
+             natten_rs.use_fused_na(False))"
+        ))
         .into()),
+    }
+}
+
+/// Run an unfused op on the problem's device with the GIL released: `on_cpu` for CPU tensors,
+/// `on_cuda` on `stream` for CUDA tensors, after loading (and, at first use, compiling) the
+/// kernels of `sources`.
+pub(crate) fn launch(
+    py: Python<'_>,
+    p: &Problem,
+    stream: u64,
+    sources: &[Source],
+    on_cpu: impl FnOnce() + Send,
+    on_cuda: impl FnOnce(Stream) -> crate::error::Result<()> + Send,
+) -> PyResult<()> {
+    match p.device {
+        Device::Cpu => {
+            py.detach(on_cpu);
+            Ok(())
+        }
+        Device::Cuda(_) => {
+            cuda::prepare(py, p, sources)?;
+            Ok(py.detach(|| cuda::guarded(|| on_cuda(Stream(stream))))?)
+        }
     }
 }
 
@@ -78,6 +112,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KernelError", m.py().get_type::<KernelError>())?;
     unfused::register(m)?;
     fused::register(m)?;
+    cuda::register(m)?;
     m.add_function(wrap_pyfunction!(dlpack_info, m)?)?;
     Ok(())
 }

@@ -1,9 +1,12 @@
-//! Entry points of the unfused ops: `na_qk`, `na_av`, their backward and output shapes.
+//! Entry points of the unfused ops: `na_qk`, `na_av`, their backward and output shapes. Each
+//! op's last argument, `stream`, is torch's current CUDA stream on the tensors' device (ignored
+//! for CPU tensors): CUDA kernels are enqueued there.
 
 use pyo3::prelude::*;
 
 use super::{borrow, borrow_opt, launch, Capsule};
 use crate::cpu::{self, AvGrads, AvTensors, QkGrads, QkTensors};
+use crate::cuda::{self, Source};
 use crate::dlpack::TensorRef;
 use crate::error::Error;
 use crate::problem::{Neighborhood, Problem};
@@ -20,6 +23,7 @@ fn na_qk(
     kernel_size: Vec<i64>,
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
+    stream: u64,
 ) -> PyResult<()> {
     let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (q, k) = (borrow("query", query)?, borrow("key", key)?);
@@ -38,7 +42,17 @@ fn na_qk(
         rpb: rpb.as_ref(),
         additional_keys: extra.as_ref(),
     };
-    launch(py, p.device, || cpu::qk(&p, &t, &attn))
+    // SAFETY (CUDA): the tensors were validated against `p` (shapes, strides, device; `attn`
+    // dense and apart from the inputs), and torch keeps them alive and orders their reuse on
+    // `stream`, the stream torch itself is using.
+    launch(
+        py,
+        &p,
+        stream,
+        &[Source::Qk],
+        || cpu::qk(&p, &t, &attn),
+        |s| unsafe { cuda::qk(&p, &t, &attn, s) },
+    )
 }
 
 /// `out = attn . value` over each query's neighborhood (+ additional values).
@@ -52,6 +66,7 @@ fn na_av(
     kernel_size: Vec<i64>,
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
+    stream: u64,
 ) -> PyResult<()> {
     let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let (a, v) = (borrow("attn", attn)?, borrow("value", value)?);
@@ -68,7 +83,15 @@ fn na_av(
         value: &v,
         additional_values: extra.as_ref(),
     };
-    launch(py, p.device, || cpu::av(&p, &t, &out))
+    // SAFETY (CUDA): as in `na_qk`.
+    launch(
+        py,
+        &p,
+        stream,
+        &[Source::Av],
+        || cpu::av(&p, &t, &out),
+        |s| unsafe { cuda::av(&p, &t, &out, s) },
+    )
 }
 
 /// Gradients of `na_qk` given `d_attn`; `d_rpb` / `d_additional_keys` are written when given.
@@ -86,6 +109,7 @@ fn na_qk_backward(
     kernel_size: Vec<i64>,
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
+    stream: u64,
 ) -> PyResult<()> {
     let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let grad = borrow("d_attn", d_attn)?;
@@ -128,7 +152,16 @@ fn na_qk_backward(
         d_rpb: d_rpb.as_ref(),
         d_additional_keys: d_extra.as_ref(),
     };
-    launch(py, p.device, || cpu::qk_backward(&p, &grad, &t, &grads))
+    let sources = [Source::Qk, Source::Av];
+    // SAFETY (CUDA): as in `na_qk`.
+    launch(
+        py,
+        &p,
+        stream,
+        &sources,
+        || cpu::qk_backward(&p, &grad, &t, &grads),
+        |s| unsafe { cuda::qk_backward(&p, &grad, &t, &grads, s) },
+    )
 }
 
 /// Gradients of `na_av` given `d_out`; `d_additional_values` is written when given.
@@ -145,6 +178,7 @@ fn na_av_backward(
     kernel_size: Vec<i64>,
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
+    stream: u64,
 ) -> PyResult<()> {
     let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let grad = borrow("d_out", d_out)?;
@@ -181,7 +215,16 @@ fn na_av_backward(
         d_value: &dv,
         d_additional_values: d_extra.as_ref(),
     };
-    launch(py, p.device, || cpu::av_backward(&p, &grad, &t, &grads))
+    let sources = [Source::Qk, Source::Av];
+    // SAFETY (CUDA): as in `na_qk`.
+    launch(
+        py,
+        &p,
+        stream,
+        &sources,
+        || cpu::av_backward(&p, &grad, &t, &grads),
+        |s| unsafe { cuda::av_backward(&p, &grad, &t, &grads, s) },
+    )
 }
 
 /// Validate the inputs of `na_qk` and return the shape of `attn`.

@@ -257,3 +257,17 @@ fn output_rules() {
         "attn"
     );
 }
+
+#[test]
+fn kernel_shapes_for_precompiling_follow_the_unfused_rules() {
+    let shape = Problem::kernel_shape(vec![3, 7], vec![true, false]).unwrap();
+    assert_eq!(shape, ([1, 3, 7], [false, true, false]));
+    let err = |kernel: Vec<i64>, causal: Vec<bool>| {
+        arg_of(Problem::kernel_shape(kernel, causal).unwrap_err())
+    };
+    assert_eq!(err(vec![4], vec![false]), "kernel_size");
+    assert_eq!(err(vec![1], vec![false]), "kernel_size");
+    assert_eq!(err(vec![-3], vec![false]), "kernel_size");
+    assert_eq!(err(vec![3, 3, 3, 3], vec![false; 4]), "kernel_size");
+    assert_eq!(err(vec![3, 3], vec![false]), "is_causal");
+}

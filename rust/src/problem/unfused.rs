@@ -62,6 +62,18 @@ impl Problem {
         Ok(p)
     }
 
+    /// The padded kernel sizes and causal flags of an unfused neighborhood, checked by the ops'
+    /// rules; for compiling kernels ahead of time, when no tensor gives the lengths.
+    pub fn kernel_shape(kernel: Vec<i64>, causal: Vec<bool>) -> Result<([usize; 3], [bool; 3])> {
+        let dilation = vec![1; kernel.len()];
+        let nbhd = Neighborhood::unfused(kernel, dilation, causal);
+        rank_of(&nbhd)?;
+        // Lengths equal to the kernel sizes: the smallest inputs the kernels accept.
+        let spatial: Vec<usize> = nbhd.kernel.iter().map(|&k| k.max(0) as usize).collect();
+        let axes = axes(&spatial, &nbhd, Family::Unfused)?;
+        Ok((axes.map(|a| a.kernel), axes.map(|a| a.causal)))
+    }
+
     /// Shape `[B, heads, *spatial, dim]` of a token tensor.
     pub fn token_shape(&self, dim: usize) -> Vec<usize> {
         let mut shape = vec![self.batch, self.heads];

@@ -1,0 +1,269 @@
+// Device code shared by the unfused kernels: element types, the parameter block that
+// rust/src/cuda/launch.rs fills (NaParams mirrors launch::Params field for field), and the
+// neighborhood math of rust/src/window.rs (spec/NEIGHBORHOOD.md).
+//
+// Compiled by NVRTC with no system headers: nothing here includes anything. Problem constants
+// come as -D flags from rust/src/cuda/kernels.rs:
+//   NA_DTYPE           element type (NA_F32, NA_F64, NA_F16, NA_BF16 below)
+//   NA_K0, NA_K1, NA_K2 kernel size per axis (1 on the unit axes that pad ranks 1 and 2 to 3)
+//   NA_C0, NA_C1, NA_C2 causal flag per axis (0 or 1)
+//   NA_BLOCK           threads per block of the one-thread-per-output kernels
+//   NA_REDUCE_THREADS  threads per block of the bias-gradient reduction (a power of two)
+//   NA_EXTRA_ROWS      query groups per block of the additional-token gradient
+#pragma once
+
+#if !defined(NA_DTYPE) || !defined(NA_K0) || !defined(NA_K1) || !defined(NA_K2) ||             \
+    !defined(NA_C0) || !defined(NA_C1) || !defined(NA_C2) || !defined(NA_BLOCK) ||             \
+    !defined(NA_REDUCE_THREADS) || !defined(NA_EXTRA_ROWS)
+#error "natten_rs kernels need the -D constants listed in common.cuh"
+#endif
+
+#define NA_F32 0
+#define NA_F64 1
+#define NA_F16 2
+#define NA_BF16 3
+
+// Window slots per query: the product of the kernel sizes.
+#define NA_SLOTS (NA_K0 * NA_K1 * NA_K2)
+
+// ---- element types: storage `elem_t`, arithmetic in `acc_t` (fp32 for the half types) --------
+
+#if NA_DTYPE == NA_F32
+typedef float elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t x) { return x; }
+__device__ __forceinline__ elem_t from_acc(acc_t x) { return x; }
+__device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
+#elif NA_DTYPE == NA_F64
+typedef double elem_t;
+typedef double acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t x) { return x; }
+__device__ __forceinline__ elem_t from_acc(acc_t x) { return x; }
+__device__ __forceinline__ acc_t neg_inf() { return -__longlong_as_double(0x7ff0000000000000LL); }
+#elif NA_DTYPE == NA_F16
+// IEEE half as raw bits: the PTX conversions need no header and run on every architecture.
+typedef unsigned short elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
+    return f;
+}
+__device__ __forceinline__ elem_t from_acc(acc_t x) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}
+__device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
+#elif NA_DTYPE == NA_BF16
+// bfloat16 as raw bits: the upper half of a float. Rounding to nearest even is done on the bits
+// (the bf16 cvt instruction needs sm_80); NaN stays NaN (quietened), infinities stay infinite.
+typedef unsigned short elem_t;
+typedef float acc_t;
+__device__ __forceinline__ acc_t to_acc(elem_t x) { return __uint_as_float((unsigned)x << 16); }
+__device__ __forceinline__ elem_t from_acc(acc_t x) {
+    unsigned u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((u >> 16) | 0x40u);
+    }
+    return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
+#else
+#error "NA_DTYPE must be NA_F32, NA_F64, NA_F16 or NA_BF16"
+#endif
+
+// ---- the parameter block ------------------------------------------------------------------------
+
+// A borrowed tensor in the kernels' logical axis order. Strides are in elements; axes that a
+// tensor lacks (rank padding) have stride 0. Every view has six axes: token tensors are
+// [b, h, s0, s1, s2, c]; additional tokens are rows [b, h, e, -, -, c]; the bias and its gradient
+// are [h, r0, r1, r2, -, -].
+struct NaView {
+    unsigned long long data;  // device address of element [0, 0, ...]
+    long long stride[6];
+};
+
+// Everything a launch needs; passed by value. Views a kernel does not use are zero.
+struct NaParams {
+    NaView out;    // written: [b, h, s0, s1, s2, c|slot], or [b, h, e, -, -, c], or [h, r0, r1, r2]
+    NaView a;      // query-side rows [b, h, s0, s1, s2, c]
+    NaView b;      // key-side rows [b, h, s0, s1, s2, c]
+    NaView w;      // window weights (attention or its gradient) [b, h, s0, s1, s2, slot]
+    NaView extra;  // additional tokens [b, h, e, -, -, c]
+    NaView bias;   // relative positional bias [h, r0, r1, r2, -, -]
+    long long batch;
+    long long heads;
+    long long length[3];    // tokens per axis
+    long long dilation[3];  // dilation per axis
+    long long dim;          // channels of the rows that are dotted or summed
+    long long extra_count;  // additional tokens after the window slots
+    int has_extra;          // whether `extra` is given
+    int has_bias;           // whether `bias` is given
+    int neg_inf_fill;       // whether empty (causal) slots hold -inf (logits) rather than 0
+    int reserved;           // keeps the size a multiple of 8 on both sides
+};
+
+static_assert(sizeof(NaView) == 56, "NaView must match launch::View");
+static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4, "NaParams must match launch::Params");
+
+__device__ __forceinline__ const elem_t* na_ptr(const NaView& v) {
+    return reinterpret_cast<const elem_t*>(v.data);
+}
+
+__device__ __forceinline__ long long na_offset(const NaView& v, long long i0, long long i1,
+                                               long long i2, long long i3, long long i4,
+                                               long long i5) {
+    return i0 * v.stride[0] + i1 * v.stride[1] + i2 * v.stride[2] + i3 * v.stride[3] +
+           i4 * v.stride[4] + i5 * v.stride[5];
+}
+
+// Element `[i0, i1, i2, i3, i4, i5]` of a view, widened to acc_t.
+__device__ __forceinline__ acc_t na_load(const NaView& v, long long i0, long long i1, long long i2,
+                                         long long i3, long long i4, long long i5) {
+    return to_acc(na_ptr(v)[na_offset(v, i0, i1, i2, i3, i4, i5)]);
+}
+
+__device__ __forceinline__ void na_store(const NaView& v, long long offset, acc_t x) {
+    reinterpret_cast<elem_t*>(v.data)[offset] = from_acc(x);
+}
+
+// ---- indexing -----------------------------------------------------------------------------------
+
+// Quotient and remainder of non-negative n by positive d. All index arithmetic is 64-bit (tensors
+// over 2^31 elements work); operands that fit 32 bits take the much cheaper 32-bit division.
+struct NaDivMod {
+    long long quot;
+    long long rem;
+};
+
+__device__ __forceinline__ NaDivMod na_divmod(long long n, long long d) {
+    if ((((unsigned long long)n | (unsigned long long)d) >> 32) == 0) {
+        unsigned q = (unsigned)n / (unsigned)d;
+        return {(long long)q, (long long)((unsigned)n - q * (unsigned)d)};
+    }
+    long long q = n / d;
+    return {q, n - q * d};
+}
+
+// Grid-stride loops: any grid covers any number of outputs.
+__device__ __forceinline__ long long na_first_index() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long na_index_step() { return (long long)gridDim.x * blockDim.x; }
+
+__device__ __forceinline__ long long na_tokens(const NaParams& p) {
+    return p.length[0] * p.length[1] * p.length[2];
+}
+
+// A `(batch, head, token)` row of the problem.
+struct NaRow {
+    long long b;
+    long long h;
+    long long x[3];
+};
+
+// Coordinates `x` of token number `t` (row-major over the three axes).
+__device__ __forceinline__ void na_token(const NaParams& p, long long t, long long x[3]) {
+    const NaDivMod m2 = na_divmod(t, p.length[2]);
+    const NaDivMod m1 = na_divmod(m2.quot, p.length[1]);
+    x[0] = m1.quot;
+    x[1] = m1.rem;
+    x[2] = m2.rem;
+}
+
+// Row number `row` of the flattened `(batch, head, token)` space, token row-major.
+__device__ __forceinline__ NaRow na_row(const NaParams& p, long long row) {
+    NaRow r;
+    const NaDivMod bt = na_divmod(row, na_tokens(p));
+    na_token(p, bt.rem, r.x);
+    const NaDivMod bh = na_divmod(bt.quot, p.heads);
+    r.b = bh.quot;
+    r.h = bh.rem;
+    return r;
+}
+
+// ---- neighborhood math (rust/src/window.rs) -----------------------------------------------------
+
+__device__ __forceinline__ int na_kernel(int axis) {
+    return axis == 0 ? NA_K0 : (axis == 1 ? NA_K1 : NA_K2);
+}
+__device__ __forceinline__ bool na_causal(int axis) {
+    return axis == 0 ? NA_C0 != 0 : (axis == 1 ? NA_C1 != 0 : NA_C2 != 0);
+}
+
+// A position along one axis, split into its dilation group and its index inside the group.
+struct NaGroupPos {
+    long long group;  // g = i % d
+    long long index;  // qi = i / d
+    long long len;    // Lg: length of group g (groups below L % d are one longer)
+};
+
+__device__ __forceinline__ NaGroupPos na_group_pos(long long i, long long length,
+                                                   long long dilation) {
+    NaDivMod q = na_divmod(i, dilation);
+    NaDivMod l = na_divmod(length, dilation);
+    return {q.rem, q.quot, l.quot + (q.rem < l.rem ? 1 : 0)};
+}
+
+// Window `[start, end)` of group index `qi` in a group of length `lg` (window.rs group_window).
+struct NaRange {
+    long long start;
+    long long end;
+};
+
+__device__ __forceinline__ NaRange na_group_window(long long qi, long long lg, int kernel,
+                                                   int stride, bool causal) {
+    if (causal) {
+        long long leader = min((qi / stride) * stride + stride - 1, lg - 1);
+        long long start = max(leader + 1 - kernel, 0LL);
+        return {start, min(qi + 1, lg)};
+    }
+    long long leader = min((qi / stride) * stride + stride / 2, lg - 1);
+    long long start = min(max(leader - kernel / 2, 0LL), lg - kernel);
+    return {start, start + kernel};
+}
+
+// Queries (group indices) whose window holds key group index `kj`: one run `[start, end)`,
+// since windows move monotonically with the query (window.rs inverse_windows). Every window
+// starts at most K - 1 before its query and ends at most K after it, so the candidates are
+// kj - K + 1 ..= kj + K - 1. Unfused ops have stride 1.
+__device__ __forceinline__ NaRange na_inverse_run(long long kj, long long lg, int kernel,
+                                                  bool causal) {
+    long long first = 0, count = 0;
+#pragma unroll
+    for (int t = 0; t < 2 * kernel - 1; ++t) {
+        long long qi = kj - (kernel - 1) + t;
+        if (qi < 0 || qi >= lg) {
+            continue;
+        }
+        NaRange w = na_group_window(qi, lg, kernel, 1, causal);
+        if (w.start <= kj && kj < w.end) {
+            first = count == 0 ? qi : first;
+            ++count;
+        }
+    }
+    return {first, first + count};
+}
+
+// The window of one query along every axis (stride 1): group coordinates and group range.
+struct NaWindow {
+    NaGroupPos pos[3];
+    NaRange range[3];
+};
+
+__device__ __forceinline__ NaWindow na_window(const NaParams& p, const long long x[3]) {
+    NaWindow w;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        w.pos[a] = na_group_pos(x[a], p.length[a], p.dilation[a]);
+        w.range[a] = na_group_window(w.pos[a].index, w.pos[a].len, na_kernel(a), 1, na_causal(a));
+    }
+    return w;
+}
+
+// Position of the key in slot `s` (along axis `a`) of window `w`.
+__device__ __forceinline__ long long na_key(const NaParams& p, const NaWindow& w, int a,
+                                            long long s) {
+    return (w.range[a].start + s) * p.dilation[a] + w.pos[a].group;
+}

@@ -1,0 +1,122 @@
+// Window weighted sums (attention output, and the query gradient), their transpose over inverse
+// windows (key and value gradients), and the reduction onto additional tokens. The CUDA twin of
+// rust/src/cpu/av.rs. Every output element is written by one thread, so no atomics are needed
+// and results do not depend on scheduling.
+#include "common.cuh"
+
+// out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
+//                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
+// One thread per output element; the channel varies fastest, so reads of `b` are coalesced.
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
+    const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
+    for (long long i = na_first_index(); i < total; i += na_index_step()) {
+        const NaDivMod m = na_divmod(i, p.dim);
+        const NaRow r = na_row(p, m.quot);
+        const long long c = m.rem;
+        const NaWindow w = na_window(p, r.x);
+        const long long count[3] = {w.range[0].end - w.range[0].start,
+                                    w.range[1].end - w.range[1].start,
+                                    w.range[2].end - w.range[2].start};
+        acc_t sum = 0;
+        for (long long s0 = 0; s0 < count[0]; ++s0) {
+            const long long k0 = na_key(p, w, 0, s0);
+            for (long long s1 = 0; s1 < count[1]; ++s1) {
+                const long long k1 = na_key(p, w, 1, s1);
+                const long long slot01 = (s0 * NA_K1 + s1) * NA_K2;
+                for (long long s2 = 0; s2 < count[2]; ++s2) {
+                    const acc_t weight = na_load(p.w, r.b, r.h, r.x[0], r.x[1], r.x[2], slot01 + s2);
+                    sum += weight * na_load(p.b, r.b, r.h, k0, k1, na_key(p, w, 2, s2), c);
+                }
+            }
+        }
+        if (p.has_extra) {
+            for (long long e = 0; e < p.extra_count; ++e) {
+                const acc_t weight =
+                    na_load(p.w, r.b, r.h, r.x[0], r.x[1], r.x[2], NA_SLOTS + e);
+                sum += weight * na_load(p.extra, r.b, r.h, e, 0, 0, c);
+            }
+        }
+        na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+    }
+}
+
+// Queries that see key position `y` along axis `a`, in group coordinates.
+struct NaInverse {
+    NaGroupPos pos;  // the key's dilation group and index in it
+    NaRange run;     // group indices of the queries whose window holds it
+};
+
+__device__ __forceinline__ NaInverse na_inverse(const NaParams& p, int a, long long y) {
+    const NaGroupPos pos = na_group_pos(y, p.length[a], p.dilation[a]);
+    return {pos, na_inverse_run(pos.index, pos.len, na_kernel(a), na_causal(a))};
+}
+
+// Slot (along axis `a`) of the key of `inv` in the window of query group index `qi`.
+__device__ __forceinline__ long long na_inverse_slot(const NaInverse& inv, int a, long long qi) {
+    return inv.pos.index - na_group_window(qi, inv.pos.len, na_kernel(a), 1, na_causal(a)).start;
+}
+
+// out[b, h, y, c] = sum over queries x whose window holds y of w[b, h, x, slot(x, y)] a[b, h, x, c]:
+// the transpose of na_gather, as a gather over inverse windows. One thread per output element.
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
+    const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
+    for (long long i = na_first_index(); i < total; i += na_index_step()) {
+        const NaDivMod m = na_divmod(i, p.dim);
+        const NaRow r = na_row(p, m.quot);
+        const long long c = m.rem;
+        const NaInverse inv[3] = {na_inverse(p, 0, r.x[0]), na_inverse(p, 1, r.x[1]),
+                                  na_inverse(p, 2, r.x[2])};
+        acc_t sum = 0;
+        for (long long q0 = inv[0].run.start; q0 < inv[0].run.end; ++q0) {
+            const long long x0 = q0 * p.dilation[0] + inv[0].pos.group;
+            const long long s0 = na_inverse_slot(inv[0], 0, q0);
+            for (long long q1 = inv[1].run.start; q1 < inv[1].run.end; ++q1) {
+                const long long x1 = q1 * p.dilation[1] + inv[1].pos.group;
+                const long long slot01 = (s0 * NA_K1 + na_inverse_slot(inv[1], 1, q1)) * NA_K2;
+                for (long long q2 = inv[2].run.start; q2 < inv[2].run.end; ++q2) {
+                    const long long x2 = q2 * p.dilation[2] + inv[2].pos.group;
+                    const long long slot = slot01 + na_inverse_slot(inv[2], 2, q2);
+                    const acc_t weight = na_load(p.w, r.b, r.h, x0, x1, x2, slot);
+                    sum += weight * na_load(p.a, r.b, r.h, x0, x1, x2, c);
+                }
+            }
+        }
+        na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+    }
+}
+
+// out[b, h, e, c] = sum over queries x of w[b, h, x, NA_SLOTS + e] a[b, h, x, c].
+// One block per (b, h, e, 32-channel chunk): threadIdx.x picks the channel (coalesced reads),
+// threadIdx.y a fixed subset of the queries; the NA_EXTRA_ROWS partial sums are then added in
+// a fixed order, so the result does not depend on scheduling.
+extern "C" __global__ void __launch_bounds__(32 * NA_EXTRA_ROWS) na_extra_grad(const NaParams p) {
+    __shared__ acc_t partial[NA_EXTRA_ROWS][32];
+    const long long chunks = (p.dim + 31) / 32;
+    const long long outputs = p.batch * p.heads * p.extra_count * chunks;
+    const long long tokens = na_tokens(p);
+    for (long long o = blockIdx.x; o < outputs; o += gridDim.x) {
+        const long long c = (o % chunks) * 32 + threadIdx.x;
+        const long long e = (o / chunks) % p.extra_count;
+        const long long bh = o / (chunks * p.extra_count);
+        const long long b = bh / p.heads, h = bh % p.heads;
+        acc_t sum = 0;
+        if (c < p.dim) {
+            for (long long n = threadIdx.y; n < tokens; n += NA_EXTRA_ROWS) {
+                long long x[3];
+                na_token(p, n, x);
+                const acc_t weight = na_load(p.w, b, h, x[0], x[1], x[2], NA_SLOTS + e);
+                sum += weight * na_load(p.a, b, h, x[0], x[1], x[2], c);
+            }
+        }
+        partial[threadIdx.y][threadIdx.x] = sum;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < p.dim) {
+            acc_t total = 0;
+            for (int row = 0; row < NA_EXTRA_ROWS; ++row) {
+                total += partial[row][threadIdx.x];
+            }
+            na_store(p.out, na_offset(p.out, b, h, e, 0, 0, c), total);
+        }
+        __syncthreads();
+    }
+}

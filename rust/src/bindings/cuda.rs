@@ -1,0 +1,192 @@
+//! Entry points of the CUDA runtime: ahead-of-time compiles, and the loading of kernels before
+//! an op's first launch on a device, logged so that a first-use compile is never a silent pause.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use pyo3::prelude::*;
+
+use crate::cuda::{self, Arch, KernelKey, Report, Source};
+use crate::dlpack::{DType, Device};
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+
+/// Run `f`, turning a panic (cudarc panics when a library lacks a symbol it expects) into a
+/// `KernelError` instead of a Python-level crash.
+pub(super) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(Error::Kernel {
+            message: format!("CUDA runtime failure: {what}"),
+            log: String::new(),
+        })
+    })
+}
+
+/// Log `message` at INFO on the `natten_rs` logger. The only call from Rust into Python, made
+/// with the GIL held and before any kernel runs.
+fn log_info(py: Python<'_>, message: &str) -> PyResult<()> {
+    let logger = py
+        .import("logging")?
+        .call_method1("getLogger", ("natten_rs",))?;
+    logger.call_method1("info", (message,))?;
+    Ok(())
+}
+
+/// One line per fetched variant: where it came from, how long it took, registers and spills.
+fn describe(report: &Report) -> String {
+    let kernels: Vec<String> = report
+        .kernels
+        .iter()
+        .map(|(symbol, resources)| match resources {
+            Some(r) => format!(
+                "{symbol}: {} registers, {} spill bytes",
+                r.registers,
+                r.spill_stores + r.spill_loads
+            ),
+            None => format!("{symbol}: no resource report"),
+        })
+        .collect();
+    let how = match report.origin {
+        cuda::Origin::Compiled => "compiled with NVRTC",
+        cuda::Origin::Disk => "read from the disk cache",
+        cuda::Origin::Memory => "already compiled",
+    };
+    format!(
+        "{} for {}: {how} in {:.2} s ({})",
+        report.variant,
+        report.arch,
+        report.seconds,
+        kernels.join("; ")
+    )
+}
+
+/// Load the kernels of `sources` that problem `p` needs on its device, logging what is fetched.
+pub(super) fn prepare(py: Python<'_>, p: &Problem, sources: &[Source]) -> PyResult<()> {
+    let Device::Cuda(device) = p.device else {
+        return Ok(());
+    };
+    let pending = cuda::pending(device, &cuda::keys(p, sources));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = pending.iter().map(KernelKey::name).collect();
+    log_info(
+        py,
+        &format!(
+            "preparing CUDA kernels for cuda:{device} (first use; compiled by NVRTC \
+             unless the disk cache has them): {}",
+            names.join(", ")
+        ),
+    )?;
+    let reports = py.detach(|| guarded(|| cuda::prepare(device, &pending)))?;
+    for report in &reports {
+        log_info(py, &describe(report))?;
+    }
+    Ok(())
+}
+
+/// `(name, registers, spill bytes, log, origin)` for each kernel of each report; registers and
+/// spills are `None` when NVRTC wrote no resource report.
+type KernelRow = (String, Option<u32>, Option<u32>, String, String);
+
+fn rows(reports: &[Report]) -> Vec<KernelRow> {
+    reports
+        .iter()
+        .flat_map(|r| {
+            r.kernels.iter().map(move |(symbol, resources)| {
+                (
+                    format!("{}/{symbol}", r.variant),
+                    resources.as_ref().map(|x| x.registers),
+                    resources.as_ref().map(|x| x.spill_stores + x.spill_loads),
+                    r.log.clone(),
+                    r.origin.name().to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Compile a spread of variants that covers every kernel's code paths (each source and dtype;
+/// ranks 1 to 3, causal and not) for `arch` (`"sm_80"`, `"sm_90a"`, ...). Needs libnvrtc but
+/// no GPU. Returns `(name, registers, spill bytes, log, origin)` per kernel.
+#[pyfunction]
+fn compile_kernels(py: Python<'_>, arch: &str) -> PyResult<Vec<KernelRow>> {
+    let arch = Arch::parse(arch)?;
+    let reports = py.detach(|| guarded(|| cuda::compile(&cuda::representative_keys(), arch)))?;
+    Ok(rows(&reports))
+}
+
+fn parse_dtype(name: &str) -> Result<DType> {
+    cuda::DTYPES
+        .into_iter()
+        .find(|d| d.name() == name)
+        .ok_or_else(|| {
+            Error::invalid(
+                "dtypes",
+                "names among float16, bfloat16, float32, float64",
+                name,
+            )
+        })
+}
+
+/// Compile ahead of time the unfused kernels for every dtype in `dtypes` and every
+/// `(kernel_size, is_causal)` in `shapes`, for `arch`, or for device `device`'s architecture
+/// when `arch` is None. Results land in the in-process and disk caches. Returns rows as
+/// `compile_kernels` does.
+#[pyfunction]
+fn precompile(
+    py: Python<'_>,
+    arch: Option<&str>,
+    device: i32,
+    dtypes: Vec<String>,
+    shapes: Vec<(Vec<i64>, Vec<bool>)>,
+) -> PyResult<Vec<KernelRow>> {
+    let dtypes = dtypes
+        .iter()
+        .map(|d| parse_dtype(d))
+        .collect::<Result<Vec<_>>>()?;
+    let shapes = shapes
+        .into_iter()
+        .map(|(kernel, causal)| Problem::kernel_shape(kernel, causal))
+        .collect::<Result<Vec<_>>>()?;
+    let keys = cuda::variants(&dtypes, &shapes);
+    let reports = py.detach(|| {
+        guarded(|| {
+            let arch = match arch {
+                Some(name) => Arch::parse(name)?,
+                None => cuda::device_arch(device)?,
+            };
+            cuda::compile(&keys, arch)
+        })
+    })?;
+    for report in &reports {
+        log_info(py, &describe(report))?;
+    }
+    Ok(rows(&reports))
+}
+
+/// NVRTC's version `(major, minor)`.
+#[pyfunction]
+fn nvrtc_version(py: Python<'_>) -> PyResult<(i32, i32)> {
+    Ok(py.detach(|| guarded(cuda::nvrtc_version))?)
+}
+
+/// Forget the compiled kernels held in memory, so the next compile reads the disk cache or runs
+/// NVRTC (kernels already loaded on a device stay loaded).
+#[pyfunction]
+fn forget_compiled() {
+    cuda::forget_programs();
+}
+
+/// Add the CUDA entry points to the module.
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(precompile, m)?)?;
+    m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
+    m.add_function(wrap_pyfunction!(forget_compiled, m)?)?;
+    Ok(())
+}

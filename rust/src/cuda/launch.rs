@@ -1,0 +1,290 @@
+//! What to launch for each op: the `#[repr(C)]` parameter block that kernels/common.cuh
+//! mirrors (`NaParams`), the strided views of the borrowed tensors, and the grid. Pure
+//! planning: nothing here touches the device, so every plan is testable without a GPU.
+//!
+//! The ops are the same compositions of window primitives as on the CPU (cpu/mod.rs): logits
+//! and `d_attn` are `Pairwise`; the output and `d_query` are `Gather`; `d_key` and `d_value` are
+//! `Scatter` (a gather over inverse windows); extra-token gradients are `ExtraGrad`; `d_rpb` is
+//! `BiasGrad`.
+
+use super::kernels::{Function, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
+use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
+use crate::dlpack::TensorRef;
+use crate::problem::Problem;
+
+/// A strided tensor in the kernels' six logical axes (`NaView`). Strides are in elements.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// Device address of element `[0, 0, ...]`.
+    pub data: u64,
+    /// Stride of each logical axis; 0 for axes the tensor lacks.
+    pub stride: [i64; 6],
+}
+
+impl View {
+    /// A token tensor `[B, heads, *spatial, C]` of any rank as `[b, h, s0, s1, s2, c]`, the
+    /// spatial axes right-aligned (leading unit axes pad ranks 1 and 2).
+    pub fn tokens(t: &TensorRef) -> View {
+        let s = &t.strides;
+        let mut stride = [0i64; 6];
+        stride[0] = s[0] as i64;
+        stride[1] = s[1] as i64;
+        let tail = s.len() - 2;
+        for (n, &st) in s[2..].iter().enumerate() {
+            stride[6 - tail + n] = st as i64;
+        }
+        View {
+            data: t.data as u64,
+            stride,
+        }
+    }
+
+    /// An additional-token tensor `[B, heads, n, C]` as rows `[b, h, e, -, -, c]`.
+    pub fn extras(t: &TensorRef) -> View {
+        let s = &t.strides;
+        View {
+            data: t.data as u64,
+            stride: [s[0], s[1], s[2], 0, 0, s[3]].map(|x| x as i64),
+        }
+    }
+
+    /// A bias tensor `[heads, 2K-1, ...]` of any rank as `[h, r0, r1, r2, -, -]`.
+    pub fn bias(t: &TensorRef) -> View {
+        let s = &t.strides;
+        let mut stride = [0i64; 6];
+        stride[0] = s[0] as i64;
+        let tail = s.len() - 1;
+        for (n, &st) in s[1..].iter().enumerate() {
+            stride[4 - tail + n] = st as i64;
+        }
+        View {
+            data: t.data as u64,
+            stride,
+        }
+    }
+}
+
+/// The kernels' parameter block (`NaParams` in kernels/common.cuh), passed by value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Params {
+    /// The output.
+    pub out: View,
+    /// Query-side rows.
+    pub a: View,
+    /// Key-side rows.
+    pub b: View,
+    /// Window weights (attention or its gradient).
+    pub w: View,
+    /// Additional tokens.
+    pub extra: View,
+    /// Relative positional bias.
+    pub bias: View,
+    /// Batch size.
+    pub batch: i64,
+    /// Heads.
+    pub heads: i64,
+    /// Tokens per (padded) axis.
+    pub length: [i64; 3],
+    /// Dilation per (padded) axis.
+    pub dilation: [i64; 3],
+    /// Channels of the rows that are dotted or summed.
+    pub dim: i64,
+    /// Additional tokens after the window slots.
+    pub extra_count: i64,
+    /// Whether `extra` is given (0 or 1).
+    pub has_extra: i32,
+    /// Whether `bias` is given (0 or 1).
+    pub has_bias: i32,
+    /// Whether empty causal slots hold -inf rather than 0 (0 or 1).
+    pub neg_inf_fill: i32,
+    /// Padding to a multiple of 8 bytes (as in common.cuh).
+    pub reserved: i32,
+}
+
+// The static_asserts of common.cuh check the same sizes on the device side.
+const _: () = assert!(std::mem::size_of::<View>() == 56);
+const _: () = assert!(std::mem::size_of::<Params>() == 6 * 56 + 10 * 8 + 4 * 4);
+
+impl Params {
+    /// The problem's sizes, with no tensors yet.
+    fn of(p: &Problem) -> Params {
+        Params {
+            batch: p.batch as i64,
+            heads: p.heads as i64,
+            length: p.axes.map(|a| a.length as i64),
+            dilation: p.axes.map(|a| a.dilation as i64),
+            dim: p.dim as i64,
+            extra_count: p.extra as i64,
+            ..Params::default()
+        }
+    }
+
+    fn with_extra(mut self, extra: Option<&TensorRef>) -> Params {
+        self.extra = extra.map(View::extras).unwrap_or_default();
+        self.has_extra = i32::from(extra.is_some());
+        self
+    }
+}
+
+/// Grid and block shape of a launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Blocks (one-dimensional grid; kernels loop over any excess work).
+    pub grid: u32,
+    /// Threads per block `(x, y)`.
+    pub block: (u32, u32),
+}
+
+/// The largest one-dimensional grid CUDA allows.
+const MAX_GRID: u64 = (1 << 31) - 1;
+
+impl Config {
+    /// `work` units of `per_block` each: enough blocks to cover them, capped at the grid limit.
+    fn covering(work: u64, per_block: u32, block: (u32, u32)) -> Config {
+        Config {
+            grid: work.div_ceil(u64::from(per_block)).min(MAX_GRID) as u32,
+            block,
+        }
+    }
+}
+
+/// One kernel launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Launch {
+    /// Which kernel.
+    pub function: Function,
+    /// Its argument.
+    pub params: Params,
+    /// Its shape.
+    pub config: Config,
+}
+
+impl Launch {
+    /// A launch of `function` with `params`, shaped for the work it has; `None` when there is
+    /// no output to write (CUDA refuses empty grids).
+    fn new(function: Function, p: &Problem, params: Params) -> Option<Launch> {
+        let rows = (p.batch * p.heads * p.tokens()) as u64;
+        let config = match function {
+            Function::Pairwise => {
+                let slots = (p.slots() + p.extra) as u64;
+                Config::covering(rows * slots, BLOCK, (BLOCK, 1))
+            }
+            Function::Gather | Function::Scatter => {
+                Config::covering(rows * p.dim as u64, BLOCK, (BLOCK, 1))
+            }
+            Function::ExtraGrad => {
+                let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;
+                Config::covering(blocks, 1, (32, EXTRA_ROWS))
+            }
+            Function::BiasGrad => {
+                let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
+                Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))
+            }
+        };
+        (config.grid > 0).then_some(Launch {
+            function,
+            params,
+            config,
+        })
+    }
+}
+
+/// Forward `qk`: logits into `attn`.
+pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef) -> Vec<Launch> {
+    let mut params = Params::of(p).with_extra(t.additional_keys);
+    params.out = View::tokens(attn);
+    params.a = View::tokens(t.query);
+    params.b = View::tokens(t.key);
+    params.bias = t.rpb.map(View::bias).unwrap_or_default();
+    params.has_bias = i32::from(t.rpb.is_some());
+    params.neg_inf_fill = 1;
+    Launch::new(Function::Pairwise, p, params)
+        .into_iter()
+        .collect()
+}
+
+/// Forward `av`: the weighted sum into `out`.
+pub fn av(p: &Problem, t: &AvTensors, out: &TensorRef) -> Vec<Launch> {
+    let mut params = Params::of(p).with_extra(t.additional_values);
+    params.out = View::tokens(out);
+    params.w = View::tokens(t.attn);
+    params.b = View::tokens(t.value);
+    Launch::new(Function::Gather, p, params)
+        .into_iter()
+        .collect()
+}
+
+/// Backward of `qk`: `d_query` (gather), `d_key` (scatter), then the reductions.
+pub fn qk_backward(p: &Problem, d_attn: &TensorRef, t: &QkTensors, g: &QkGrads) -> Vec<Launch> {
+    let base = Params {
+        w: View::tokens(d_attn),
+        ..Params::of(p)
+    };
+    let d_query = Params {
+        out: View::tokens(g.d_query),
+        b: View::tokens(t.key),
+        ..base.with_extra(t.additional_keys)
+    };
+    let d_key = Params {
+        out: View::tokens(g.d_key),
+        a: View::tokens(t.query),
+        ..base
+    };
+    let mut launches = vec![
+        Launch::new(Function::Gather, p, d_query),
+        Launch::new(Function::Scatter, p, d_key),
+    ];
+    if let Some(d_extra) = g.d_additional_keys {
+        let params = Params {
+            out: View::extras(d_extra),
+            a: View::tokens(t.query),
+            ..base
+        };
+        launches.push(Launch::new(Function::ExtraGrad, p, params));
+    }
+    if let Some(d_rpb) = g.d_rpb {
+        let params = Params {
+            out: View::bias(d_rpb),
+            ..base
+        };
+        launches.push(Launch::new(Function::BiasGrad, p, params));
+    }
+    launches.into_iter().flatten().collect()
+}
+
+/// Backward of `av`: `d_attn` (pairwise, 0 in empty slots), `d_value` (scatter), and the
+/// extra-value reduction.
+pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, g: &AvGrads) -> Vec<Launch> {
+    let d_attn = Params {
+        out: View::tokens(g.d_attn),
+        a: View::tokens(d_out),
+        b: View::tokens(t.value),
+        ..Params::of(p).with_extra(t.additional_values)
+    };
+    let d_value = Params {
+        out: View::tokens(g.d_value),
+        w: View::tokens(t.attn),
+        a: View::tokens(d_out),
+        ..Params::of(p)
+    };
+    let mut launches = vec![
+        Launch::new(Function::Pairwise, p, d_attn),
+        Launch::new(Function::Scatter, p, d_value),
+    ];
+    if let Some(d_extra) = g.d_additional_values {
+        let params = Params {
+            out: View::extras(d_extra),
+            w: View::tokens(t.attn),
+            a: View::tokens(d_out),
+            ..Params::of(p)
+        };
+        launches.push(Launch::new(Function::ExtraGrad, p, params));
+    }
+    launches.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+#[path = "launch_tests.rs"]
+mod tests;

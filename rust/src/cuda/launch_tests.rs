@@ -1,0 +1,168 @@
+use super::*;
+use crate::dlpack::{contiguous_strides, DType, Device};
+use crate::problem::Neighborhood;
+
+fn tensor(shape: &[usize], data: usize) -> TensorRef {
+    TensorRef {
+        data,
+        ..TensorRef::meta(shape, DType::F32, Device::Cuda(0))
+    }
+}
+
+/// A 2-D problem: batch 2, heads 3, 9 x 8 tokens, dim 4, kernel 3 x 5, 2 extra tokens.
+fn problem() -> (Problem, [TensorRef; 4]) {
+    let q = tensor(&[2, 3, 9, 8, 4], 0x1000);
+    let k = tensor(&[2, 3, 9, 8, 4], 0x2000);
+    let rpb = tensor(&[3, 5, 9], 0x3000);
+    let extra = tensor(&[2, 3, 2, 4], 0x4000);
+    let nbhd = Neighborhood::unfused(vec![3, 5], vec![2, 1], vec![false, true]);
+    let p = Problem::for_qk(&q, &k, Some(&rpb), Some(&extra), &nbhd).unwrap();
+    (p, [q, k, rpb, extra])
+}
+
+#[test]
+fn token_views_pad_ranks_with_leading_zero_strides() {
+    let t = tensor(&[2, 3, 7, 5], 0x10);
+    let v = View::tokens(&t);
+    assert_eq!(v.data, 0x10);
+    assert_eq!(v.stride, [105, 35, 0, 0, 5, 1]);
+    let t = tensor(&[2, 3, 4, 7, 6, 5], 0);
+    assert_eq!(View::tokens(&t).stride, [2520, 840, 210, 30, 5, 1]);
+}
+
+#[test]
+fn views_keep_arbitrary_strides() {
+    // A heads-first view of heads-last memory [B, H, W, heads, D].
+    let mut t = tensor(&[2, 3, 9, 8, 4], 0);
+    t.strides = vec![864, 4, 96, 12, 1];
+    assert_eq!(View::tokens(&t).stride, [864, 4, 0, 96, 12, 1]);
+    let mut e = tensor(&[2, 3, 5, 4], 0);
+    e.strides = vec![0, 20, 4, 1];
+    assert_eq!(View::extras(&e).stride, [0, 20, 4, 0, 0, 1]);
+}
+
+#[test]
+fn bias_views_right_align_the_offset_axes() {
+    assert_eq!(View::bias(&tensor(&[3, 5], 0)).stride, [5, 0, 0, 1, 0, 0]);
+    assert_eq!(
+        View::bias(&tensor(&[3, 5, 9], 0)).stride,
+        [45, 0, 9, 1, 0, 0]
+    );
+    let strides: Vec<i64> = contiguous_strides(&[3, 5, 7, 9])
+        .iter()
+        .map(|&s| s as i64)
+        .collect();
+    assert_eq!(
+        View::bias(&tensor(&[3, 5, 7, 9], 0)).stride[..4],
+        strides[..]
+    );
+}
+
+#[test]
+fn qk_is_one_pairwise_launch_covering_every_logit() {
+    let (p, [q, k, rpb, extra]) = problem();
+    let attn = tensor(&p.attn_shape(), 0x5000);
+    let t = QkTensors {
+        query: &q,
+        key: &k,
+        rpb: Some(&rpb),
+        additional_keys: Some(&extra),
+    };
+    let launches = qk(&p, &t, &attn);
+    assert_eq!(launches.len(), 1);
+    let l = launches[0];
+    assert_eq!(l.function, Function::Pairwise);
+    let outputs: usize = 2 * 3 * 9 * 8 * (15 + 2);
+    assert_eq!(l.config.grid as usize, outputs.div_ceil(BLOCK as usize));
+    let pr = l.params;
+    assert_eq!(
+        (pr.out.data, pr.a.data, pr.b.data),
+        (0x5000, 0x1000, 0x2000)
+    );
+    assert_eq!((pr.bias.data, pr.extra.data), (0x3000, 0x4000));
+    assert_eq!((pr.has_bias, pr.has_extra, pr.neg_inf_fill), (1, 1, 1));
+    assert_eq!((pr.batch, pr.heads, pr.dim, pr.extra_count), (2, 3, 4, 2));
+    assert_eq!(pr.length, [1, 9, 8]);
+    assert_eq!(pr.dilation, [1, 2, 1]);
+}
+
+#[test]
+fn backward_plans_launch_every_requested_gradient() {
+    let (p, [q, k, rpb, extra]) = problem();
+    let d_attn = tensor(&p.attn_shape(), 0x5000);
+    let t = QkTensors {
+        query: &q,
+        key: &k,
+        rpb: None,
+        additional_keys: Some(&extra),
+    };
+    let g = QkGrads {
+        d_query: &q,
+        d_key: &k,
+        d_rpb: Some(&rpb),
+        d_additional_keys: Some(&extra),
+    };
+    let functions: Vec<Function> = qk_backward(&p, &d_attn, &t, &g)
+        .iter()
+        .map(|l| l.function)
+        .collect();
+    use Function::*;
+    assert_eq!(functions, [Gather, Scatter, ExtraGrad, BiasGrad]);
+    let plain = QkGrads {
+        d_rpb: None,
+        d_additional_keys: None,
+        ..g
+    };
+    assert_eq!(qk_backward(&p, &d_attn, &t, &plain).len(), 2);
+    let bias = qk_backward(&p, &d_attn, &t, &g)[3];
+    assert_eq!(bias.config.grid, 3 * 5 * 9);
+    assert_eq!(bias.config.block, (REDUCE_THREADS, 1));
+    let extra_grad = qk_backward(&p, &d_attn, &t, &g)[2];
+    assert_eq!(extra_grad.config.grid, 2 * 3 * 2);
+    assert_eq!(extra_grad.config.block, (32, EXTRA_ROWS));
+}
+
+#[test]
+fn av_backward_fills_empty_slots_with_zero() {
+    let (p, [q, k, _, extra]) = problem();
+    let attn = tensor(&p.attn_shape(), 0x5000);
+    let t = AvTensors {
+        attn: &attn,
+        value: &k,
+        additional_values: Some(&extra),
+    };
+    let g = AvGrads {
+        d_attn: &attn,
+        d_value: &k,
+        d_additional_values: None,
+    };
+    let launches = av_backward(&p, &q, &t, &g);
+    assert_eq!(launches.len(), 2);
+    assert_eq!(launches[0].function, Function::Pairwise);
+    assert_eq!(launches[0].params.neg_inf_fill, 0);
+    assert_eq!(launches[0].params.has_extra, 1);
+}
+
+#[test]
+fn empty_problems_launch_nothing() {
+    let q = tensor(&[0, 3, 9, 4], 0);
+    let nbhd = Neighborhood::unfused(vec![3], vec![1], vec![false]);
+    let p = Problem::for_qk(&q, &q, None, None, &nbhd).unwrap();
+    let attn = tensor(&p.attn_shape(), 0);
+    let t = QkTensors {
+        query: &q,
+        key: &q,
+        rpb: None,
+        additional_keys: None,
+    };
+    assert!(qk(&p, &t, &attn).is_empty());
+}
+
+#[test]
+fn huge_problems_cap_the_grid() {
+    assert_eq!(
+        Config::covering(1 << 45, 256, (256, 1)).grid as u64,
+        MAX_GRID
+    );
+    assert_eq!(Config::covering(257, 256, (256, 1)).grid, 2);
+}

@@ -1,0 +1,168 @@
+//! CUDA kernels of the unfused ops: sources under `kernels/` embedded in the binary, compiled by
+//! NVRTC at first use for the device's exact architecture (cached in memory and on disk), and
+//! launched in the device's primary context on the stream torch is using. Neither libcuda nor
+//! libnvrtc is linked: both are opened at first use, so the extension imports without CUDA.
+//!
+//! `kernels` says which variant a problem needs, `launch` plans the launches (pure), `programs`
+//! and `nvrtc` compile, `cache` keeps binaries on disk, `runtime` talks to the driver.
+
+mod cache;
+mod kernels;
+mod launch;
+mod nvrtc;
+mod programs;
+mod runtime;
+
+pub use kernels::{representative_keys, KernelKey, Source, DTYPES};
+pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
+pub use programs::{Origin, Report};
+pub use runtime::Stream;
+
+use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
+use crate::dlpack::{DType, Device, TensorRef};
+use crate::error::{Error, Result};
+use crate::problem::Problem;
+use launch::Launch;
+
+/// The CUDA ordinal of a problem's device.
+fn ordinal(p: &Problem) -> Result<i32> {
+    match p.device {
+        Device::Cuda(n) => Ok(n),
+        Device::Cpu => Err(Error::invalid(
+            "device",
+            "CUDA tensors on the CUDA path",
+            "cpu",
+        )),
+    }
+}
+
+/// The variants an op family needs for problem `p`: what `prepare` must load before a launch.
+pub fn keys(p: &Problem, sources: &[Source]) -> Vec<KernelKey> {
+    sources
+        .iter()
+        .map(|&s| KernelKey::for_problem(s, p))
+        .collect()
+}
+
+/// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
+pub fn pending(device: i32, keys: &[KernelKey]) -> Vec<KernelKey> {
+    keys.iter()
+        .copied()
+        .filter(|k| !runtime::is_loaded(device, k))
+        .collect()
+}
+
+/// Load `keys` on `device`, compiling what no cache holds; reports of what was fetched.
+pub fn prepare(device: i32, keys: &[KernelKey]) -> Result<Vec<Report>> {
+    let mut reports = Vec::new();
+    for &key in keys {
+        reports.extend(runtime::load(device, key)?);
+    }
+    Ok(reports)
+}
+
+/// Enqueue `launches` on `stream`.
+///
+/// # Safety
+/// The tensors the launches address must be CUDA memory of the problem's device, valid for the
+/// problem's shapes and strides (what `Problem` and `expect_output` validated), and stay
+/// allocated until the stream has run the kernels.
+unsafe fn run(p: &Problem, launches: &[Launch], stream: Stream) -> Result<()> {
+    let device = ordinal(p)?;
+    for launch in launches {
+        let key = KernelKey::for_problem(launch.function.source(), p);
+        runtime::load(device, key)?;
+        // SAFETY: forwarded contract.
+        unsafe { runtime::enqueue(device, &key, launch, stream)? };
+    }
+    Ok(())
+}
+
+/// Forward `qk` into `attn` (see `cpu::qk`).
+///
+/// # Safety
+/// As `run`: validated CUDA tensors of `p`'s device, alive until `stream` has run the kernels.
+pub unsafe fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef, stream: Stream) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { run(p, &launch::qk(p, t, attn), stream) }
+}
+
+/// Forward `av` into `out` (see `cpu::av`).
+///
+/// # Safety
+/// As `qk`.
+pub unsafe fn av(p: &Problem, t: &AvTensors, out: &TensorRef, stream: Stream) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { run(p, &launch::av(p, t, out), stream) }
+}
+
+/// Gradients of `qk` (see `cpu::qk_backward`).
+///
+/// # Safety
+/// As `qk`.
+pub unsafe fn qk_backward(
+    p: &Problem,
+    d_attn: &TensorRef,
+    t: &QkTensors,
+    grads: &QkGrads,
+    stream: Stream,
+) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { run(p, &launch::qk_backward(p, d_attn, t, grads), stream) }
+}
+
+/// Gradients of `av` (see `cpu::av_backward`).
+///
+/// # Safety
+/// As `qk`.
+pub unsafe fn av_backward(
+    p: &Problem,
+    d_out: &TensorRef,
+    t: &AvTensors,
+    grads: &AvGrads,
+    stream: Stream,
+) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { run(p, &launch::av_backward(p, d_out, t, grads), stream) }
+}
+
+/// The architecture kernels are compiled for on CUDA device `ordinal`.
+pub fn device_arch(ordinal: i32) -> Result<Arch> {
+    runtime::device_arch(ordinal)
+}
+
+/// Compile (or find in a cache) every variant in `keys` for `arch`. Needs libnvrtc, no GPU.
+pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
+    keys.iter()
+        .map(|&key| Ok(programs::fetch(key, arch)?.1))
+        .collect()
+}
+
+/// The variants of both sources for every combination of `dtypes` and neighborhood shapes
+/// (kernel sizes and causal flags per padded axis, as `Problem::kernel_shape` validates them).
+pub fn variants(dtypes: &[DType], shapes: &[([usize; 3], [bool; 3])]) -> Vec<KernelKey> {
+    let mut keys = Vec::new();
+    for &(kernel, causal) in shapes {
+        for &dtype in dtypes {
+            for source in Source::ALL {
+                keys.push(KernelKey {
+                    source,
+                    dtype,
+                    kernel,
+                    causal,
+                });
+            }
+        }
+    }
+    keys
+}
+
+/// Forget the compiled programs held in memory (the disk cache and loaded modules stay).
+pub fn forget_programs() {
+    programs::forget();
+}
+
+/// Parse an architecture name such as `sm_80` or `sm_90a`.
+pub fn parse_arch(name: &str) -> Result<Arch> {
+    Arch::parse(name)
+}

@@ -1,0 +1,293 @@
+//! The driver side: each device's primary context (the context the CUDA runtime, and so torch,
+//! uses), modules loaded into it, and launches on the caller's stream. The driver library is
+//! opened at first use, so none of this runs (or needs libcuda) until a CUDA tensor arrives.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::driver::sys::{self as cu, CUresult};
+
+use super::kernels::{Function, KernelKey};
+use super::launch::Launch;
+use super::nvrtc::Arch;
+use super::programs::{self, Report};
+use crate::error::{Error, Result};
+
+/// A CUDA stream handle as torch gives it (`torch.cuda.Stream.cuda_stream`); 0 is the legacy
+/// default stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stream(pub u64);
+
+fn driver_error(what: &str, code: CUresult) -> Error {
+    Error::Kernel {
+        message: format!("CUDA driver: {what} failed: {code:?}"),
+        log: String::new(),
+    }
+}
+
+fn check(what: &str, code: CUresult) -> Result<()> {
+    match code {
+        CUresult::CUDA_SUCCESS => Ok(()),
+        other => Err(driver_error(what, other)),
+    }
+}
+
+/// Open libcuda and initialise the driver API, once. cudarc's loader panics on a missing
+/// library, so this checks for it first.
+fn ensure_driver() -> Result<()> {
+    static INIT: OnceLock<()> = OnceLock::new();
+    if INIT.get().is_some() {
+        return Ok(());
+    }
+    // SAFETY: only tries to dlopen libcuda under its usual names.
+    if !unsafe { cu::is_culib_present() } {
+        return Err(Error::Kernel {
+            message: "the CUDA driver library (libcuda) could not be loaded".into(),
+            log: String::new(),
+        });
+    }
+    // SAFETY: cuInit may be called any number of times, from any thread.
+    check("cuInit", unsafe { cu::cuInit(0) })?;
+    let _ = INIT.set(());
+    Ok(())
+}
+
+/// A device's primary context and architecture.
+struct Device {
+    context: cu::CUcontext,
+    arch: Arch,
+}
+
+// SAFETY: a context handle is an opaque token that the driver accepts from any thread; it is
+// only used through push/pop below and is never released (torch keeps using it).
+unsafe impl Send for Device {}
+// SAFETY: as above; the handle is never mutated.
+unsafe impl Sync for Device {}
+
+fn lock<T>(mutex: &'static OnceLock<Mutex<T>>) -> MutexGuard<'static, T>
+where
+    T: Default,
+{
+    mutex
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Device `ordinal` (torch's index: both number the devices CUDA_VISIBLE_DEVICES shows).
+fn device(ordinal: i32) -> Result<Arc<Device>> {
+    static DEVICES: OnceLock<Mutex<HashMap<i32, Arc<Device>>>> = OnceLock::new();
+    let mut devices = lock(&DEVICES);
+    if let Some(device) = devices.get(&ordinal) {
+        return Ok(device.clone());
+    }
+    ensure_driver()?;
+    let mut handle = 0;
+    // SAFETY: a valid out-pointer; the driver checks the ordinal.
+    check("cuDeviceGet", unsafe {
+        cu::cuDeviceGet(&mut handle, ordinal)
+    })?;
+    let attribute = |attribute| -> Result<u32> {
+        let mut value = 0;
+        // SAFETY: a valid out-pointer and device handle.
+        check("cuDeviceGetAttribute", unsafe {
+            cu::cuDeviceGetAttribute(&mut value, attribute, handle)
+        })?;
+        Ok(value as u32)
+    };
+    use cu::CUdevice_attribute::*;
+    let major = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attribute(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let mut context = std::ptr::null_mut();
+    // SAFETY: a valid out-pointer and device handle. The retain is never released: the context
+    // is the runtime's (torch's) and lives as long as the process.
+    check("cuDevicePrimaryCtxRetain", unsafe {
+        cu::cuDevicePrimaryCtxRetain(&mut context, handle)
+    })?;
+    let device = Arc::new(Device {
+        context,
+        arch: Arch::for_capability(major, minor),
+    });
+    devices.insert(ordinal, device.clone());
+    Ok(device)
+}
+
+/// The architecture natten_rs compiles for on device `ordinal`.
+pub fn device_arch(ordinal: i32) -> Result<Arch> {
+    Ok(device(ordinal)?.arch)
+}
+
+/// Makes a context current on this thread for the guard's lifetime, then restores whatever
+/// was current before (torch's state is left as found).
+struct Current;
+
+impl Current {
+    fn push(context: cu::CUcontext) -> Result<Current> {
+        // SAFETY: a retained primary context.
+        check("cuCtxPushCurrent", unsafe {
+            cu::cuCtxPushCurrent_v2(context)
+        })?;
+        Ok(Current)
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        let mut popped = std::ptr::null_mut();
+        // SAFETY: pops the context pushed by `push` on this thread.
+        unsafe { cu::cuCtxPopCurrent_v2(&mut popped) };
+    }
+}
+
+/// A module loaded into a device's context, with its kernels.
+struct Module {
+    functions: Vec<(Function, cu::CUfunction)>,
+}
+
+// SAFETY: module and function handles are opaque tokens valid in their context from any
+// thread; they are never unloaded (kernels may be in flight on any stream).
+unsafe impl Send for Module {}
+// SAFETY: as above; the handles are never mutated.
+unsafe impl Sync for Module {}
+
+type Modules = HashMap<(i32, KernelKey), Arc<Module>>;
+
+fn modules() -> MutexGuard<'static, Modules> {
+    static MODULES: OnceLock<Mutex<Modules>> = OnceLock::new();
+    lock(&MODULES)
+}
+
+/// Whether `key` is loaded on device `ordinal` (so a launch needs no compile or load).
+pub fn is_loaded(ordinal: i32, key: &KernelKey) -> bool {
+    modules().contains_key(&(ordinal, *key))
+}
+
+/// Load `key` on device `ordinal`, compiling it if no cache has it. Returns what fetching the
+/// program did, or `None` when the module was already loaded.
+pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
+    let mut modules = modules();
+    if modules.contains_key(&(ordinal, key)) {
+        return Ok(None);
+    }
+    let device = device(ordinal)?;
+    let (program, report) = programs::fetch(key, device.arch).map_err(|e| match e {
+        // The architecture is the device's, not an argument: say which device it is.
+        Error::Invalid {
+            arg: "arch",
+            expected,
+            got,
+        } => Error::Kernel {
+            message: format!("cuda:{ordinal} is {got}, but natten_rs needs {expected}"),
+            log: String::new(),
+        },
+        other => other,
+    })?;
+    let _current = Current::push(device.context)?;
+    let mut module = std::ptr::null_mut();
+    // SAFETY: a complete CUBIN image, alive for the call; the driver copies it.
+    let loaded = unsafe { cu::cuModuleLoadData(&mut module, program.cubin.as_ptr().cast()) };
+    check(
+        &format!("loading {} for {}", key.name(), device.arch),
+        loaded,
+    )?;
+    let functions = key
+        .source
+        .functions()
+        .iter()
+        .map(|&f| Ok((f, function(module, f)?)))
+        .collect::<Result<Vec<_>>>()?;
+    modules.insert((ordinal, key), Arc::new(Module { functions }));
+    Ok(Some(report))
+}
+
+/// Kernel `f` of a loaded module. Reading an attribute makes the driver load the kernel now
+/// (with lazy loading it would otherwise load at first launch, which may fall inside a CUDA
+/// graph capture).
+fn function(module: cu::CUmodule, f: Function) -> Result<cu::CUfunction> {
+    let name = CString::new(f.symbol()).expect("symbols hold no NUL");
+    let mut handle = std::ptr::null_mut();
+    // SAFETY: a loaded module and a NUL-terminated name.
+    check("cuModuleGetFunction", unsafe {
+        cu::cuModuleGetFunction(&mut handle, module, name.as_ptr())
+    })?;
+    let mut registers = 0;
+    // SAFETY: a valid function handle and out-pointer.
+    check("cuFuncGetAttribute", unsafe {
+        cu::cuFuncGetAttribute(
+            &mut registers,
+            cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NUM_REGS,
+            handle,
+        )
+    })?;
+    Ok(handle)
+}
+
+/// Enqueue `launch` (a kernel of `key`, loaded on device `ordinal`) on `stream`.
+///
+/// # Safety
+/// Every address in `launch.params` must be device memory of device `ordinal` that holds the
+/// elements the problem's shapes and strides reach, and must stay allocated until the kernel
+/// has run (torch's stream semantics guarantee this for tensors used on `stream`).
+pub unsafe fn enqueue(
+    ordinal: i32,
+    key: &KernelKey,
+    launch: &Launch,
+    stream: Stream,
+) -> Result<()> {
+    let module = modules()
+        .get(&(ordinal, *key))
+        .cloned()
+        .ok_or_else(|| Error::Kernel {
+            message: format!("{} is not loaded on cuda:{ordinal}", key.name()),
+            log: String::new(),
+        })?;
+    let function = module
+        .functions
+        .iter()
+        .find(|(f, _)| *f == launch.function)
+        .map(|&(_, handle)| handle)
+        .expect("a module holds every function of its source");
+    let device = device(ordinal)?;
+    let _current = Current::push(device.context)?;
+    let mut params = launch.params;
+    let mut arguments = [&mut params as *mut _ as *mut c_void];
+    let (grid, (bx, by)) = (launch.config.grid, launch.config.block);
+    // SAFETY: the kernel takes one `NaParams` by value, which `params` mirrors (size checked on
+    // both sides); the driver copies it before returning. The caller vouches for the addresses.
+    let launched = unsafe {
+        cu::cuLaunchKernel(
+            function,
+            grid,
+            1,
+            1,
+            bx,
+            by,
+            1,
+            0,
+            stream.0 as cu::CUstream,
+            arguments.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    check(&format!("launching {}", launch.function.symbol()), launched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_devices_are_an_error_not_a_panic() {
+        // SAFETY: only tries to dlopen libcuda.
+        if unsafe { cu::is_culib_present() } {
+            eprintln!("a CUDA driver is present: skipped");
+            return;
+        }
+        assert!(matches!(device_arch(0), Err(Error::Kernel { .. })));
+        assert!(!is_loaded(
+            0,
+            &super::super::kernels::representative_keys()[0]
+        ));
+    }
+}

@@ -1,0 +1,262 @@
+"""The CUDA path of the unfused ops against the CPU path and the dense oracle: every dtype,
+ranks 1-3, dilation, causal, rpb, additional tokens, gradients, strided inputs; torch's
+streams, other devices, CUDA graphs, tensors past 2^31 elements, deterministic d_rpb, and the
+refusal of CUDA tensors by the (CPU-only) fused ops. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import natten_rs
+import natten_rs.functional as F
+import pytest
+import reference
+import torch
+from conftest import DTYPE_PARAMS, LAYOUTS, assert_close, make_inputs
+from natten_rs import _core, _cuda, _ops
+from natten_rs._ops import dlpack
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+# (spatial, kernel, dilation, causal, rpb, n_extra): every rank, dilation with uneven groups,
+# causal per axis, bias and additional tokens.
+CASES = [
+    ((13,), (3,), (1,), (False,), True, 0),
+    ((17,), (5,), (3,), (True,), False, 2),
+    ((11, 12), (3, 5), (2, 1), (False, False), True, 3),
+    ((9, 10), (7, 3), (1, 3), (False, True), False, 1),
+    ((6, 7, 8), (3, 3, 5), (2, 2, 1), (False, False, False), True, 2),
+    ((5, 7, 6), (3, 5, 3), (1, 1, 2), (True, False, True), False, 0),
+]
+CASE_IDS = [f"{len(c[0])}d-K{c[1]}-d{c[2]}-{'C' if any(c[3]) else 'n'}" for c in CASES]
+
+BATCH, HEADS, DIM = 2, 3, 16
+
+
+def _inputs(case, dtype, device, layout="contiguous", seed=0):
+    spatial, kernel, _, _, rpb, n_extra = case
+    slots = math.prod(kernel) + n_extra
+    shapes = [(BATCH, HEADS, *spatial, DIM)] * 3 + [(BATCH, HEADS, *spatial, slots)]
+    shapes += [(HEADS, *(2 * k - 1 for k in kernel))] if rpb else []
+    shapes += [(BATCH, HEADS, n_extra, DIM)] * 2 if n_extra else []
+    tensors = list(make_inputs(*shapes, dtype=dtype, device=device, layout=layout, seed=seed,
+                               requires_grad=True))  # fmt: skip
+    q, k, v, attn = tensors[:4]
+    rest = tensors[4:]
+    bias = rest.pop(0) if rpb else None
+    extra_k, extra_v = rest if n_extra else (None, None)
+    names = ("q", "k", "v", "attn", "rpb", "extra_k", "extra_v")
+    return dict(zip(names, (q, k, v, attn, bias, extra_k, extra_v)))
+
+
+def _run(case, t):
+    """qk and av on the same leaves; returns (logits, out)."""
+    _, kernel, dilation, causal, _, _ = case
+    rank = len(kernel)
+    qk, av = getattr(F, f"na{rank}d_qk"), getattr(F, f"na{rank}d_av")
+    logits = qk(t["q"], t["k"], kernel, dilation, additional_keys=t["extra_k"],
+                is_causal=causal, rpb=t["rpb"])  # fmt: skip
+    out = av(t["attn"], t["v"], kernel, dilation, additional_values=t["extra_v"],
+             is_causal=causal)  # fmt: skip
+    return logits, out
+
+
+def _oracle(case, t):
+    _, kernel, dilation, causal, _, _ = case
+    t = {n: None if x is None else x.detach().cpu().double().requires_grad_() for n, x in t.items()}
+    logits = reference.qk(t["q"], t["k"], kernel, dilation, causal, rpb=t["rpb"],
+                          additional_keys=t["extra_k"])  # fmt: skip
+    out = reference.av(t["attn"], t["v"], kernel, dilation, causal,
+                       additional_values=t["extra_v"])  # fmt: skip
+    return t, logits, out
+
+
+def _grads(leaves: dict) -> dict:
+    return {n: x.grad for n, x in leaves.items() if x is not None}
+
+
+def _backward(logits, out, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    d_logits = torch.randn(logits.shape, generator=g, dtype=torch.float64)
+    d_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    finite = logits.detach().isfinite()
+    d_logits = torch.where(finite.cpu(), d_logits, 0).to(logits.device, logits.dtype)
+    torch.autograd.backward([logits, out], [d_logits, d_out.to(out.device, out.dtype)])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_forward_and_backward_match_the_cpu_path_and_the_oracle(case, dtype, layout):
+    on_gpu = _inputs(case, dtype, "cuda", layout)
+    on_cpu = _inputs(case, dtype, "cpu", layout)
+    gpu, cpu = _run(case, on_gpu), _run(case, on_cpu)
+    oracle_leaves, *oracle = _oracle(case, on_cpu)
+    for name, a, b, o in zip(("logits", "out"), gpu, cpu, oracle):
+        assert a.device.type == "cuda" and a.is_contiguous()
+        assert_close(a, o, dtype, what=f"{name} vs oracle")
+        assert_close(a, b.double(), dtype, what=f"{name} vs cpu")
+    _backward(*gpu)
+    _backward(*cpu)
+    _backward(*oracle)
+    expected, from_cpu = _grads(oracle_leaves), _grads(on_cpu)
+    for name, grad in _grads(on_gpu).items():
+        assert_close(grad, expected[name], dtype, what=f"d_{name} vs oracle")
+        assert_close(grad, from_cpu[name].double(), dtype, what=f"d_{name} vs cpu")
+
+
+def _poisoned(*shape, like):
+    return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+
+def test_every_output_element_is_written():
+    # The core writes into outputs that start as NaN: any element left unwritten shows.
+    _, kernel, dilation, causal, _, _ = case = CASES[2]
+    t = {
+        n: None if x is None else x.detach()
+        for n, x in _inputs(case, torch.float32, "cuda").items()
+    }
+    params = (list(kernel), list(dilation), list(causal))
+    q, k, v, attn, rpb, ek, ev = (
+        t[n] for n in ("q", "k", "v", "attn", "rpb", "extra_k", "extra_v")
+    )
+    stream = _cuda.launch_stream(q)
+    logits = _poisoned(*attn.shape, like=q)
+    _core.na_qk(dlpack(q), dlpack(k), dlpack(rpb), dlpack(ek), dlpack(logits), *params, stream)
+    out = _poisoned(*v.shape, like=v)
+    _core.na_av(dlpack(attn), dlpack(v), dlpack(ev), dlpack(out), *params, stream)
+    grads = [_poisoned(*x.shape, like=x) for x in (q, k, rpb, ek)]
+    _core.na_qk_backward(dlpack(attn), dlpack(q), dlpack(k), dlpack(ek),
+                         *(dlpack(g) for g in grads), *params, stream)  # fmt: skip
+    av_grads = [_poisoned(*x.shape, like=x) for x in (attn, v, ev)]
+    _core.na_av_backward(dlpack(q), dlpack(attn), dlpack(v), dlpack(ev),
+                         *(dlpack(g) for g in av_grads), *params, stream)  # fmt: skip
+    for result in (logits, out, *grads, *av_grads):
+        assert not result.isnan().any()
+
+
+def test_a_non_default_stream_is_used_and_ordered():
+    case = CASES[3]
+    t = _inputs(case, torch.float32, "cuda")
+    expected = _run(case, t)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # Queue a slow op first: the kernels must run after it, on this stream.
+        torch.cuda._sleep(10_000_000)
+        q = t["q"] * 1.0
+        params = (list(case[1]), list(case[2]), list(case[3]))
+        logits = _ops.na_qk(q, t["k"], t["rpb"], t["extra_k"], *params)
+    torch.cuda.current_stream().wait_stream(stream)
+    assert torch.equal(logits, expected[0])
+
+
+def test_cuda_graph_capture_and_replay():
+    case = CASES[2]
+    t = _inputs(case, torch.float16, "cuda")
+    static = {n: None if x is None else x.detach().clone() for n, x in t.items()}
+    _run(case, static)  # compile and load outside the capture
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _run(case, static)
+        torch.cuda.current_stream().synchronize()
+        with torch.cuda.graph(graph):
+            logits, out = _run(case, static)
+    for seed in (3, 4):
+        fresh = _inputs(case, torch.float16, "cuda", seed=seed)
+        for name, x in fresh.items():
+            if x is not None:
+                static[name].copy_(x.detach())
+        graph.replay()
+        expected = _run(case, fresh)
+        assert torch.equal(logits, expected[0]) and torch.equal(out, expected[1])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_tensors_on_a_second_device_run_there():
+    case = CASES[4]
+    t0 = _inputs(case, torch.float32, "cuda:0")
+    t1 = {n: None if x is None else x.detach().to("cuda:1") for n, x in t0.items()}
+    r0, r1 = _run(case, t0), _run(case, t1)
+    for a, b in zip(r0, r1):
+        assert b.device == torch.device("cuda:1")
+        assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_rpb_gradient_is_deterministic():
+    q, k = make_inputs((4, 2, 24, 24, 16), (4, 2, 24, 24, 16), dtype=torch.float32, device="cuda")
+    rpb = torch.randn(2, 13, 13, device="cuda", requires_grad=True)
+    d_attn = torch.randn(4, 2, 24, 24, 49, device="cuda")
+    grads = []
+    for _ in range(3):
+        rpb.grad = None
+        F.na2d_qk(q, k, 7, 2, rpb=rpb).backward(d_attn)
+        grads.append(rpb.grad.clone())
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
+def test_first_use_compile_is_logged(caplog, tmp_path, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_CACHE_DIR", str(tmp_path))
+    caplog.set_level(logging.INFO, logger="natten_rs")
+    q = torch.randn(1, 1, 11, 11, 11, 8, device="cuda")
+    F.na3d_qk(q, q, 11, 1)  # a kernel size no other test uses: a fresh variant
+    messages = [r.getMessage() for r in caplog.records if r.name == "natten_rs"]
+    assert any("preparing CUDA kernels" in m for m in messages), messages
+    assert any("compiled with NVRTC" in m or "disk cache" in m for m in messages), messages
+
+
+def test_precompile_defaults_to_the_device_arch(tmp_path, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_CACHE_DIR", str(tmp_path))
+    rows = natten_rs.precompile([(3, 3)], dtypes=[torch.bfloat16])
+    assert len(rows) == 5 and all(r[1] > 0 for r in rows)
+
+
+def test_fused_ops_refuse_cuda_tensors_naming_the_device():
+    q = torch.randn(1, 8, 2, 4, device="cuda")
+    with pytest.raises(NotImplementedError, match="cuda:0"):
+        natten_rs.na1d(q, q, q, kernel_size=3)
+
+
+@pytest.mark.parametrize("op", ["qk", "av"])
+def test_opcheck_on_cuda(op):
+    case = CASES[2]
+    t = _inputs(case, torch.float32, "cuda")
+    _, kernel, dilation, causal, _, _ = case
+    params = (list(kernel), list(dilation), list(causal))
+    if op == "qk":
+        torch.library.opcheck(_ops.na_qk, (t["q"], t["k"], t["rpb"], t["extra_k"], *params))
+    else:
+        torch.library.opcheck(_ops.na_av, (t["attn"], t["v"], t["extra_v"], *params))
+
+
+def _free_bytes() -> int:
+    return torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or _free_bytes() < 24 << 30,
+    reason="needs 24 GiB of free GPU memory",
+)
+def test_tensors_past_two_to_the_31_elements():
+    # attn [1, 1, 3600, 3600, 169] holds 2.19e9 elements (> 2^31): the last rows sit past
+    # 32-bit offsets. Rows of the last K are checked against the same op on a crop of the
+    # input's last 2K rows, whose windows are the same (shifted).
+    side, kernel = 3600, 13
+    q, k, v = (torch.randn(1, 1, side, side, 4, device="cuda", dtype=torch.float16)
+               for _ in range(3))  # fmt: skip
+    attn = F.na2d_qk(q, k, kernel)
+    assert attn.numel() > 2**31
+    crop = slice(side - 2 * kernel, side)
+    small = F.na2d_qk(q[:, :, crop], k[:, :, crop], kernel)
+    assert torch.equal(attn[:, :, -kernel:], small[:, :, -kernel:])
+    weights = attn.softmax(-1)
+    out = F.na2d_av(weights, v, kernel)
+    small_out = F.na2d_av(weights[:, :, crop].contiguous(), v[:, :, crop], kernel)
+    assert torch.equal(out[:, :, -kernel:], small_out[:, :, -kernel:])

@@ -1,0 +1,165 @@
+"""The CUDA kernels compile with NVRTC for sm_80 and sm_90a without warnings or spills (no GPU
+needed: this runs in CI), the disk cache hits, survives damage and honours
+$NATTEN_RS_CACHE_DIR, and a missing libnvrtc says what to install."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import natten_rs
+import pytest
+import torch
+from natten_rs import KernelError, _core, _cuda
+
+ARCHS = ["sm_80", "sm_90a"]
+# The kernels are simple enough to live in registers: any spill is a regression.
+MAX_SPILL_BYTES = 0
+KERNELS = {
+    "na_qk": ("na_pairwise", "na_bias_grad"),
+    "na_av": ("na_gather", "na_scatter", "na_extra_grad"),
+}
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+
+if torch.version.cuda is None:
+    pytest.skip("a CPU-only torch build brings no libnvrtc", allow_module_level=True)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh, empty disk cache (and no compiled kernels in memory)."""
+    directory = tmp_path / "nested" / "cache"
+    monkeypatch.setenv("NATTEN_RS_CACHE_DIR", str(directory))
+    _core.forget_compiled()
+    yield directory
+    _core.forget_compiled()
+
+
+def _table(arch: str, rows) -> str:
+    lines = [f"{'kernel (' + arch + ')':<62} {'registers':>9} {'spill bytes':>11}"]
+    lines += [f"{name:<62} {registers!s:>9} {spills!s:>11}" for name, registers, spills, *_ in rows]
+    return "\n".join(lines)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_dir):
+    rows = _cuda.compile_kernels(arch)
+    print(f"\nNVRTC {_core.nvrtc_version()}\n{_table(arch, rows)}")
+    names = [row[0] for row in rows]
+    for (source, functions), dtype in itertools.product(KERNELS.items(), DTYPES):
+        for function in functions:
+            assert any(n.startswith(f"{source}[{dtype},") and n.endswith(f"/{function}")
+                       for n in names), f"{source}/{function} for {dtype} was not compiled"  # fmt: skip
+    for name, registers, spills, log, origin in rows:
+        assert origin == "compiled", f"{name}: {origin}"
+        assert "warning" not in log.lower(), f"{name}:\n{log}"
+        assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
+        assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
+
+
+def _precompile_f32(arch: str = "sm_80"):
+    return _core.precompile(arch, 0, ["float32"], [([3], [False])])
+
+
+def _origins(rows) -> set[str]:
+    return {origin for *_, origin in rows}
+
+
+def _cache_files(directory):
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_the_disk_cache_hits_after_the_first_compile(cache_dir):
+    assert _origins(_precompile_f32()) == {"compiled"}
+    files = _cache_files(cache_dir)
+    assert len(files) == 2 and all(f.endswith(".cubin") for f in files), files
+    assert _origins(_precompile_f32()) == {"memory"}
+    _core.forget_compiled()
+    assert _origins(_precompile_f32()) == {"disk"}
+    assert _cache_files(cache_dir) == files
+
+
+def test_another_arch_is_another_cache_entry(cache_dir):
+    _precompile_f32("sm_80")
+    assert _origins(_precompile_f32("sm_90a")) == {"compiled"}
+    assert len(_cache_files(cache_dir)) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "empty", "foreign"])
+def test_a_damaged_cache_file_is_detected_and_rebuilt(damage, cache_dir):
+    _precompile_f32()
+    files = [cache_dir / name for name in _cache_files(cache_dir)]
+    intact = {f: f.read_bytes() for f in files}
+    for f, data in intact.items():
+        if damage == "truncated":
+            f.write_bytes(data[: len(data) // 2])
+        elif damage == "flipped":
+            f.write_bytes(data[:-100] + bytes([data[-100] ^ 0xFF]) + data[-99:])
+        elif damage == "empty":
+            f.write_bytes(b"")
+        else:
+            f.write_bytes(b"not a cache file at all" * 10)
+    damaged = {f: f.read_bytes() for f in files}
+    _core.forget_compiled()
+    assert _origins(_precompile_f32()) == {"compiled"}
+    # Rebuilt in place (the bytes differ from the first build only in ptxas's timing line).
+    assert all(f.read_bytes() != damaged[f] and len(f.read_bytes()) > 1000 for f in files)
+    _core.forget_compiled()
+    assert _origins(_precompile_f32()) == {"disk"}
+
+
+def test_cache_writes_leave_no_temporary_files(cache_dir):
+    _precompile_f32()
+    _precompile_f32("sm_90a")
+    assert all(not n.startswith(".") and n.endswith(".cubin") for n in _cache_files(cache_dir))
+
+
+def test_precompile_compiles_both_sources_per_shape_and_logs(cache_dir, caplog):
+    caplog.set_level(logging.INFO, logger="natten_rs")
+    rows = natten_rs.precompile([5, (3, 5)], dtypes=[torch.float16], is_causal=False,
+                                arch="sm_80")  # fmt: skip
+    names = [name for name, *_ in rows]
+    assert len(names) == 2 * 5, names
+    assert any("kernel 1x1x5" in n for n in names) and any("kernel 1x3x5" in n for n in names)
+    assert all(registers > 0 and spills == 0 for _, registers, spills in rows)
+    logged = [r.getMessage() for r in caplog.records if r.name == "natten_rs"]
+    assert len(logged) == 4 and all("compiled with NVRTC" in m for m in logged), logged
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"kernel_sizes": [4], "arch": "sm_80"}, ValueError, "kernel_size"),
+        ({"kernel_sizes": [(3, 3)], "is_causal": (True,)}, ValueError, "is_causal"),
+        ({"kernel_sizes": 7}, TypeError, "kernel_sizes"),
+        ({"kernel_sizes": [7], "dtypes": [torch.int32], "arch": "sm_80"}, ValueError, "dtypes"),
+        ({"kernel_sizes": [7], "dtypes": ["float16"]}, TypeError, "dtypes"),
+        ({"kernel_sizes": [7], "arch": "sm80"}, ValueError, "arch"),
+        ({"kernel_sizes": [7], "arch": "sm_20"}, ValueError, "arch"),
+        ({"kernel_sizes": [7], "arch": 80}, TypeError, "arch"),
+    ],
+)
+def test_precompile_names_bad_arguments(kwargs, error, match, cache_dir):
+    with pytest.raises(error, match=match):
+        natten_rs.precompile(**kwargs)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the default arch comes from the GPU here")
+def test_precompile_without_a_gpu_needs_an_arch():
+    with pytest.raises(ValueError, match="arch"):
+        natten_rs.precompile([7])
+
+
+def test_a_missing_libnvrtc_says_what_to_install(monkeypatch, tmp_path):
+    bogus = tmp_path / "libnvrtc.so.13"
+    with pytest.raises(KernelError, match="pip install nvidia-cuda-nvrtc"):
+        _cuda.load_nvrtc(bogus)
+    monkeypatch.setenv("NATTEN_RS_NVRTC", str(bogus))
+    with pytest.raises(KernelError, match=r"libnvrtc .*could not be loaded.*pip install"):
+        _cuda.load_nvrtc()
+
+
+def test_libnvrtc_is_found_in_the_nvidia_wheels():
+    path = _cuda.load_nvrtc()
+    assert path is not None and "libnvrtc.so" in path
+    assert _core.nvrtc_version()[0] >= 12
