@@ -110,6 +110,10 @@ def test_path_selection():
     assert not module._use_fused()
     assert module.eval()._use_fused()  # dropout inactive in eval
     assert make(1, 3, 1, False, False, stride=2)._use_fused()
+    # Devices with no fused kernels (CUDA, for now) compose the unfused ops; stride still fused.
+    assert not make(2, 3, 1, False, False)._use_fused(torch.device("cuda", 0))
+    assert make(2, 3, 1, False, False)._use_fused(torch.device("cpu"))
+    assert make(1, 3, 1, False, False, stride=2)._use_fused(torch.device("cuda", 0))
 
 
 def test_stride_matches_oracle():

@@ -431,18 +431,20 @@ def get_device_cc(device_index=None) -> int:
 
 
 def has_cuda() -> bool:
-    """Whether natten_rs can run on CUDA here: False, this build has no CUDA kernels yet."""
-    return False
+    """Whether natten_rs can run on CUDA here: whenever torch sees a CUDA device (the kernels
+    are compiled for it at first use)."""
+    return torch.cuda.is_available()
 
 
 def has_half(device_index=None) -> bool:
-    """float16 support: True on the CPU; on CUDA False (no CUDA kernels yet)."""
-    return _is_cpu(device_index)
+    """float16 support: on the CPU, and on every CUDA device (the kernels convert halves
+    themselves, so no architecture is excluded)."""
+    return _is_cpu(device_index) or torch.cuda.is_available()
 
 
 def has_bfloat(device_index=None) -> bool:
-    """bfloat16 support: True on the CPU; on CUDA False (no CUDA kernels yet)."""
-    return _is_cpu(device_index)
+    """bfloat16 support: as ``has_half``."""
+    return has_half(device_index)
 
 
 def _no_gemm(device_index=None) -> bool:

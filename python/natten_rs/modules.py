@@ -29,6 +29,10 @@ def _positive(name: str, values: list) -> tuple:
     return tuple(values)
 
 
+# Devices the fused op has kernels for; elsewhere modules compose the unfused ops.
+_FUSED_DEVICES = ("cpu",)
+
+
 class _NeighborhoodAttention(nn.Module):
     """Rank-generic neighborhood attention module; subclasses fix ``rank``.
 
@@ -113,18 +117,21 @@ class _NeighborhoodAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _use_fused(self) -> bool:
+    def _use_fused(self, device: torch.device | None = None) -> bool:
         """The fused op serves unless rpb or active attention dropout need the unfused
-        qk/softmax/av composition, or ``use_fused_na(False)`` asked for it (strided modules always take the fused op, which alone
-        supports stride; causal masking and even kernels are fused-op features too)."""
+        qk/softmax/av composition, ``use_fused_na(False)`` asked for it, or ``device`` has no
+        fused kernels yet (CUDA). Strided modules always take the fused op, which alone supports
+        stride; causal masking and even kernels are fused-op features too."""
         if any(s != 1 for s in self.stride):
             return True
         dropout = self.training and self.attn_drop.p > 0
-        return not (self.rpb is not None or dropout or context.fused_na_refused())
+        no_kernels = device is not None and device.type not in _FUSED_DEVICES
+        return not (self.rpb is not None or dropout or no_kernels or context.fused_na_refused())
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, *spatial, dim]`` -> ``[B, *spatial, dim]``."""
-        return self._forward(x, fused=self._use_fused())
+        device = x.device if isinstance(x, Tensor) else None
+        return self._forward(x, fused=self._use_fused(device))
 
     def _forward(self, x: Tensor, fused: bool) -> Tensor:
         if not isinstance(x, Tensor):
