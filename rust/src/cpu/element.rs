@@ -277,6 +277,13 @@ const LANES: usize = 8;
 /// `src + n * stride` must be readable for every `n < dst.len()`.
 #[inline(always)]
 pub unsafe fn load<T: Element>(dst: &mut [T::Acc], src: *const T, stride: isize) {
+    if stride == 1 {
+        // A dense row: a loop the compiler vectorizes.
+        // SAFETY: `dst.len()` elements at `src` by the caller's contract.
+        let src = unsafe { std::slice::from_raw_parts(src, dst.len()) };
+        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x.to_acc());
+        return;
+    }
     for (n, d) in dst.iter_mut().enumerate() {
         // SAFETY: in bounds by the caller's contract.
         *d = unsafe { *src.offset(n as isize * stride) }.to_acc();
@@ -364,6 +371,13 @@ pub unsafe fn axpy<T: Element>(acc: &mut [T::Acc], w: T::Acc, b: *const T, strid
 /// access those elements meanwhile.
 #[inline(always)]
 pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
+    if stride == 1 {
+        // A dense row: a loop the compiler vectorizes.
+        // SAFETY: `src.len()` writable elements at `dst`, ours, by the caller's contract.
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst, src.len()) };
+        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = T::from_acc(x));
+        return;
+    }
     for (n, &x) in src.iter().enumerate() {
         // SAFETY: in bounds and exclusive by the caller's contract.
         unsafe { *dst.offset(n as isize * stride) = T::from_acc(x) };
