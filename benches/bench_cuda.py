@@ -1,0 +1,148 @@
+"""The unfused CUDA path (qk -> softmax -> av) against dense attention on the same GPU.
+
+Side by side in one process, interleaved round by round, median of the rounds, timed with CUDA
+events. For each problem and pass (forward, forward + backward) it prints:
+  * natten_rs: ``na2d_qk`` -> softmax -> ``na2d_av`` (heads-first, scaled query)
+  * sdpa: ``torch.nn.functional.scaled_dot_product_attention`` over all tokens
+and the ratio sdpa / natten_rs. For the forward it also prints the bytes the three unfused
+kernels and the softmax move at the least (inputs read once, outputs written once, the attention
+weights written, read and written by softmax, read again) divided by the time, against the
+device's memory bandwidth (from its clock and bus width, or ``--peak-gbs``).
+
+    python benches/bench_cuda.py [--problems p1 p2] [--rounds 20] [--dilations 1 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from natten_rs.functional import na2d_av, na2d_qk
+
+
+@dataclass
+class Problem:
+    name: str
+    batch: int
+    heads: int
+    size: tuple
+    dim: int
+    kernel: int
+    dtype: torch.dtype
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.size)
+
+    def inputs(self, grad: bool):
+        shape = (self.batch, self.heads, *self.size, self.dim)
+        return [
+            torch.randn(shape, device="cuda", dtype=self.dtype, requires_grad=grad)
+            for _ in range(3)
+        ]
+
+    def forward_bytes(self) -> int:
+        """Least traffic of the unfused forward: q, k, v read, out written, and the weights
+        written by qk, read and written by softmax, read by av."""
+        element = torch.finfo(self.dtype).bits // 8
+        rows = self.batch * self.heads * self.tokens
+        return element * rows * (4 * self.dim + 4 * self.kernel**2)
+
+
+PROBLEMS = {
+    "p1": Problem("P1 56x56 K7 fp32", 8, 2, (56, 56), 32, 7, torch.float32),
+    "p2": Problem("P2 56x56 K7 bf16", 128, 4, (56, 56), 32, 7, torch.bfloat16),
+}
+
+
+def natten_rs_fwd(p: Problem, q, k, v, dilation: int):
+    attn = na2d_qk(q * p.dim**-0.5, k, p.kernel, dilation).softmax(-1)
+    return na2d_av(attn, v, p.kernel, dilation)
+
+
+def sdpa_fwd(p: Problem, q, k, v, dilation: int):
+    return F.scaled_dot_product_attention(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3))
+
+
+def timed(call) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def measure(calls: dict, rounds: int) -> dict:
+    for call in calls.values():  # warm up: first-use compiles, allocator, autotuning
+        call()
+        call()
+    samples = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            samples[name].append(timed(call))
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def calls_for(p: Problem, dilation: int, backward: bool) -> dict:
+    q, k, v = p.inputs(grad=backward)
+
+    def run(fn):
+        if not backward:
+            with torch.no_grad():
+                return fn(p, q, k, v, dilation)
+        out = fn(p, q, k, v, dilation)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return {"natten_rs": lambda: run(natten_rs_fwd), "sdpa": lambda: run(sdpa_fwd)}
+
+
+def peak_bandwidth(override: float | None) -> float | None:
+    """Device memory bandwidth in GB/s: double data rate times bus width, when torch says."""
+    if override is not None:
+        return override
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument("--dilations", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth, GB/s")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cuda: no CUDA device (torch.cuda.is_available() is False)")
+    peak = peak_bandwidth(args.peak_gbs)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.rounds}")
+    print(f"memory bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbs)'}")
+    for key in args.problems:
+        p = PROBLEMS[key]
+        for dilation in args.dilations:
+            for backward in (False, True):
+                times = measure(calls_for(p, dilation, backward), args.rounds)
+                ours, sdpa = times["natten_rs"], times["sdpa"]
+                line = (
+                    f"{p.name:>18} d{dilation} {'fwd+bwd' if backward else 'fwd':>7}  "
+                    f"natten_rs {ours * 1e3:8.3f} ms  sdpa {sdpa * 1e3:8.3f} ms  "
+                    f"sdpa/natten_rs {sdpa / ours:6.2f}x"
+                )
+                if not backward:
+                    gbs = p.forward_bytes() / ours / 1e9
+                    share = f" ({gbs / peak:.0%} of peak)" if peak else ""
+                    line += f"  {gbs:7.0f} GB/s{share}"
+                print(line)
+
+
+if __name__ == "__main__":
+    main()
