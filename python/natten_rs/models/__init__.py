@@ -4,9 +4,11 @@ Constructors ``nat_{mini,tiny,small,base}``, ``dinat_{mini,tiny,small,base,large
 ``dinat_s_{tiny,small,base,large}`` and the isotropic ``{nat,dinat}_isotropic_{small,base}`` take
 ``pretrained=False`` (True raises NotImplementedError), ``num_classes`` and any ``NAT`` keyword
 argument. When timm imports, they are also registered as timm models, so
-``timm.create_model("dinat_tiny", num_classes=10)`` works after ``import natten_rs.models``.
+``timm.create_model("dinat_tiny", num_classes=10)`` works after ``import natten_rs.models``; when
+detectron2, mmdet or mmseg import, the backbones of ``detection`` are registered with them.
 """
 
+from .detection import MMBackbone, register_detectron2, register_mm
 from .nat import (
     NAT,
     ConvDownsampler,
@@ -49,6 +51,7 @@ __all__ = [
     "DiNAT",
     "DiNATs",
     "IsotropicNAT",
+    "MMBackbone",
     "NATransformerLayer",
     "dinat_base",
     "dinat_dilations",
@@ -69,7 +72,11 @@ __all__ = [
     "nat_mini",
     "nat_small",
     "nat_tiny",
+    "register_detectron2",
+    "register_mm",
     "register_timm_models",
 ]
 
 register_timm_models()
+register_detectron2()
+register_mm()
