@@ -1,12 +1,13 @@
-// Device code shared by the unfused kernels: element types, the parameter block that
-// rust/src/cuda/launch.rs fills (NaParams mirrors launch::Params field for field), and the
-// neighborhood math of rust/src/window.rs (spec/NEIGHBORHOOD.md).
+// Device code shared by every kernel: element types, the parameter blocks that rust/src/cuda
+// fills (NaParams mirrors launch::Params, NaFusedParams mirrors fused_launch::FusedParams, field
+// for field), and the neighborhood math of rust/src/window.rs (spec/NEIGHBORHOOD.md).
 //
 // Compiled by NVRTC with no system headers: nothing here includes anything. Problem constants
 // come as -D flags from rust/src/cuda/kernels.rs:
 //   NA_DTYPE           element type (NA_F32, NA_F64, NA_F16, NA_BF16 below)
 //   NA_K0, NA_K1, NA_K2 kernel size per axis (1 on the unit axes that pad ranks 1 and 2 to 3)
 //   NA_C0, NA_C1, NA_C2 causal flag per axis (0 or 1)
+//   NA_S0, NA_S1, NA_S2 query stride per axis (1 for the unfused ops)
 //   NA_BLOCK           threads per block of the one-thread-per-output kernels
 //   NA_REDUCE_THREADS  threads per block of the bias-gradient reduction (a power of two)
 //   NA_EXTRA_ROWS      query groups per block of the additional-token gradient
@@ -14,7 +15,8 @@
 
 #if !defined(NA_DTYPE) || !defined(NA_K0) || !defined(NA_K1) || !defined(NA_K2) ||             \
     !defined(NA_C0) || !defined(NA_C1) || !defined(NA_C2) || !defined(NA_BLOCK) ||             \
-    !defined(NA_REDUCE_THREADS) || !defined(NA_EXTRA_ROWS)
+    !defined(NA_REDUCE_THREADS) || !defined(NA_EXTRA_ROWS) || !defined(NA_S0) ||              \
+    !defined(NA_S1) || !defined(NA_S2)
 #error "natten_rs kernels need the -D constants listed in common.cuh"
 #endif
 
@@ -107,6 +109,32 @@ struct NaParams {
 static_assert(sizeof(NaView) == 56, "NaView must match launch::View");
 static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4, "NaParams must match launch::Params");
 
+// The fused ops' parameter block. Heads-last tensors are viewed in the same logical order as
+// above: token tensors [b, h, s0, s1, s2, c] (key-side ones indexed by the kv head), `lse`
+// [b, h, s0, s1, s2, -] (float32 whatever the element type), additional tokens [b, h, e, -, -, c].
+struct NaFusedParams {
+    NaView out;          // written: [b, h, s0, s1, s2, c]
+    NaView lse;          // written: [b, h, s0, s1, s2, -], float32
+    NaView query;        // [b, h, s0, s1, s2, c]
+    NaView key;          // [b, kv head, s0, s1, s2, c]
+    NaView value;        // [b, kv head, s0, s1, s2, c]
+    NaView extra_key;    // [b, kv head, e, -, -, c]
+    NaView extra_value;  // [b, kv head, e, -, -, c]
+    NaView bias;         // [h, r0, r1, r2, -, -]
+    long long batch;
+    long long heads;
+    long long group;        // query heads per kv head
+    long long length[3];    // tokens per axis
+    long long dilation[3];  // dilation per axis
+    long long extra_count;  // additional tokens every query attends
+    double scale;           // logit scale
+    int has_window;         // whether queries attend their neighborhood (0: extras only)
+    int has_bias;           // whether `bias` is given
+};
+
+static_assert(sizeof(NaFusedParams) == 8 * 56 + 10 * 8 + 8 + 2 * 4,
+              "NaFusedParams must match fused_launch::FusedParams");
+
 __device__ __forceinline__ const elem_t* na_ptr(const NaView& v) {
     return reinterpret_cast<const elem_t*>(v.data);
 }
@@ -163,24 +191,34 @@ struct NaRow {
     long long x[3];
 };
 
-// Coordinates `x` of token number `t` (row-major over the three axes).
-__device__ __forceinline__ void na_token(const NaParams& p, long long t, long long x[3]) {
-    const NaDivMod m2 = na_divmod(t, p.length[2]);
-    const NaDivMod m1 = na_divmod(m2.quot, p.length[1]);
+// Coordinates `x` of token number `t` (row-major over the three axes of `length`).
+__device__ __forceinline__ void na_token_of(const long long length[3], long long t,
+                                            long long x[3]) {
+    const NaDivMod m2 = na_divmod(t, length[2]);
+    const NaDivMod m1 = na_divmod(m2.quot, length[1]);
     x[0] = m1.quot;
     x[1] = m1.rem;
     x[2] = m2.rem;
 }
 
+__device__ __forceinline__ void na_token(const NaParams& p, long long t, long long x[3]) {
+    na_token_of(p.length, t, x);
+}
+
 // Row number `row` of the flattened `(batch, head, token)` space, token row-major.
-__device__ __forceinline__ NaRow na_row(const NaParams& p, long long row) {
+__device__ __forceinline__ NaRow na_row_of(long long heads, const long long length[3],
+                                           long long row) {
     NaRow r;
-    const NaDivMod bt = na_divmod(row, na_tokens(p));
-    na_token(p, bt.rem, r.x);
-    const NaDivMod bh = na_divmod(bt.quot, p.heads);
+    const NaDivMod bt = na_divmod(row, length[0] * length[1] * length[2]);
+    na_token_of(length, bt.rem, r.x);
+    const NaDivMod bh = na_divmod(bt.quot, heads);
     r.b = bh.quot;
     r.h = bh.rem;
     return r;
+}
+
+__device__ __forceinline__ NaRow na_row(const NaParams& p, long long row) {
+    return na_row_of(p.heads, p.length, row);
 }
 
 // ---- neighborhood math (rust/src/window.rs) -----------------------------------------------------
@@ -190,6 +228,9 @@ __device__ __forceinline__ int na_kernel(int axis) {
 }
 __device__ __forceinline__ bool na_causal(int axis) {
     return axis == 0 ? NA_C0 != 0 : (axis == 1 ? NA_C1 != 0 : NA_C2 != 0);
+}
+__device__ __forceinline__ int na_stride(int axis) {
+    return axis == 0 ? NA_S0 : (axis == 1 ? NA_S1 : NA_S2);
 }
 
 // A position along one axis, split into its dilation group and its index inside the group.
@@ -246,24 +287,42 @@ __device__ __forceinline__ NaRange na_inverse_run(long long kj, long long lg, in
     return {first, first + count};
 }
 
-// The window of one query along every axis (stride 1): group coordinates and group range.
+// The window of one query along every axis: group coordinates and group range.
 struct NaWindow {
     NaGroupPos pos[3];
     NaRange range[3];
 };
 
-__device__ __forceinline__ NaWindow na_window(const NaParams& p, const long long x[3]) {
+__device__ __forceinline__ NaWindow na_window_of(const long long length[3],
+                                                 const long long dilation[3],
+                                                 const long long x[3]) {
     NaWindow w;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        w.pos[a] = na_group_pos(x[a], p.length[a], p.dilation[a]);
-        w.range[a] = na_group_window(w.pos[a].index, w.pos[a].len, na_kernel(a), 1, na_causal(a));
+        w.pos[a] = na_group_pos(x[a], length[a], dilation[a]);
+        w.range[a] = na_group_window(w.pos[a].index, w.pos[a].len, na_kernel(a), na_stride(a),
+                                     na_causal(a));
     }
     return w;
 }
 
+__device__ __forceinline__ NaWindow na_window(const NaParams& p, const long long x[3]) {
+    return na_window_of(p.length, p.dilation, x);
+}
+
 // Position of the key in slot `s` (along axis `a`) of window `w`.
+__device__ __forceinline__ long long na_key_of(const long long dilation[3], const NaWindow& w,
+                                               int a, long long s) {
+    return (w.range[a].start + s) * dilation[a] + w.pos[a].group;
+}
+
 __device__ __forceinline__ long long na_key(const NaParams& p, const NaWindow& w, int a,
                                             long long s) {
-    return (w.range[a].start + s) * p.dilation[a] + w.pos[a].group;
+    return na_key_of(p.dilation, w, a, s);
+}
+
+// Index along axis `a` of the relative positional bias for slot `s` of window `w`: the offset
+// (key - query) / d shifted by K - 1 (spec: relative positional bias; stride 1 only).
+__device__ __forceinline__ long long na_bias_index(const NaWindow& w, int a, long long s) {
+    return w.range[a].start + s - w.pos[a].index + na_kernel(a) - 1;
 }

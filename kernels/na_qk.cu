@@ -34,13 +34,8 @@ __device__ __forceinline__ acc_t na_window_logit(const NaParams& p, const NaRow&
                               na_key(p, w, 2, s[2])};
     acc_t logit = na_dot(p.a, query, p.b, key, p.dim);
     if (p.has_bias) {
-        // Per axis, offset (key - query) / d shifted by K - 1 (spec: relative positional bias).
-        long long at[3];
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            at[a] = w.range[a].start + s[a] - w.pos[a].index + na_kernel(a) - 1;
-        }
-        logit += na_load(p.bias, r.h, at[0], at[1], at[2], 0, 0);
+        logit += na_load(p.bias, r.h, na_bias_index(w, 0, s[0]), na_bias_index(w, 1, s[1]),
+                         na_bias_index(w, 2, s[2]), 0, 0);
     }
     return logit;
 }

@@ -1,7 +1,8 @@
 """The CUDA path of the unfused ops against the CPU path and the dense oracle: every dtype,
 ranks 1-3, dilation, causal, rpb, additional tokens, gradients, strided inputs; torch's
-streams, other devices, CUDA graphs, tensors past 2^31 elements, deterministic d_rpb, and the
-refusal of CUDA tensors by the (CPU-only) fused ops. Skipped without a GPU."""
+streams, other devices, CUDA graphs, tensors past 2^31 elements, deterministic d_rpb. The fused
+forward against the CPU fused path and the oracle over every feature of test_fused.py's cases,
+and the refusal of the (CPU-only) fused backward. Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from conftest import DTYPE_PARAMS, LAYOUTS, assert_close, make_inputs
 from natten_rs import _core, _cuda, _ops
 from natten_rs._ops import dlpack
+from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
+from test_fused import as_oracle, call, leaves, lse_tolerance, oracle
 
 pytestmark = [
     pytest.mark.cuda,
@@ -217,10 +220,56 @@ def test_precompile_defaults_to_the_device_arch(tmp_path, monkeypatch):
     assert len(rows) == 5 and all(r[1] > 0 for r in rows)
 
 
-def test_fused_ops_refuse_cuda_tensors_naming_the_device():
-    q = torch.randn(1, 8, 2, 4, device="cuda")
-    with pytest.raises(NotImplementedError, match="cuda:0"):
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
+    # Ranks 1-3, odd and even kernels, stride, dilation, causal per axis, GQA/MQA, Dv != D,
+    # (expanded) additional tokens, rpb, custom scale, every layout.
+    on_gpu, on_cpu = leaves(case, dtype, "cuda"), leaves(case, dtype, "cpu")
+    out, lse = call(case, on_gpu, return_lse=True)
+    cpu_out, cpu_lse = call(case, on_cpu, return_lse=True)
+    expected, expected_lse = oracle(case, as_oracle(on_cpu), return_lse=True)
+    assert out.device.type == "cuda" and out.dtype == dtype and lse.dtype == torch.float32
+    assert_close(out, expected, dtype, what="out vs oracle")
+    assert_close(out, cpu_out.double(), dtype, what="out vs cpu")
+    assert_close(lse, expected_lse, lse_tolerance(dtype), what="lse vs oracle")
+    assert_close(lse, cpu_lse.double(), lse_tolerance(dtype), what="lse vs cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_dense_attention_runs_on_the_fused_kernel(dtype):
+    q, k, v = make_inputs((2, 7, 4, 16), (2, 13, 2, 16), (2, 13, 2, 8), dtype=dtype,
+                          device="cuda", seed=5)  # fmt: skip
+    out, lse = natten_rs.attention(q, k, v, scale=0.3, return_lse=True)
+    cpu = natten_rs.attention(q.cpu(), k.cpu(), v.cpu(), scale=0.3, return_lse=True)
+    assert_close(out, cpu[0].double(), dtype, what="out vs cpu")
+    assert_close(lse, cpu[1].double(), lse_tolerance(dtype), what="lse vs cpu")
+
+
+def test_fused_forward_writes_every_output_element():
+    # Outputs start as NaN: any element left unwritten shows.
+    q, k, v = make_inputs((2, 9, 8, 4, 24), (2, 9, 8, 2, 24), (2, 9, 8, 2, 40),
+                          dtype=torch.float32, device="cuda")  # fmt: skip
+    ek, ev = make_inputs((2, 3, 2, 24), (2, 3, 2, 40), dtype=torch.float32, device="cuda")
+    out = _poisoned(2, 9, 8, 4, 40, like=q)
+    lse = _poisoned(2, 9, 8, 4, like=q)
+    nbhd = ([3, 4], [1, 2], [2, 1], [True, False])
+    inputs = tuple(dlpack(t) for t in (q, k, v, ek, ev, None))
+    _core.na_fused(inputs, nbhd, 0.5, dlpack(out), dlpack(lse), _cuda.launch_stream(q))
+    assert not out.isnan().any() and not lse.isnan().any()
+
+
+def test_fused_head_dims_past_the_limit_are_refused_naming_them():
+    q = torch.randn(1, 8, 2, 520, device="cuda")
+    with pytest.raises(NotImplementedError, match="head dim above 512"):
         natten_rs.na1d(q, q, q, kernel_size=3)
+
+
+def test_fused_backward_refuses_cuda_tensors_naming_the_device():
+    q = torch.randn(1, 8, 2, 4, device="cuda", requires_grad=True)
+    out = natten_rs.na1d(q, q, q, kernel_size=3)
+    with pytest.raises(NotImplementedError, match="cuda:0"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("op", ["qk", "av"])

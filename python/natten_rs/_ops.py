@@ -275,7 +275,7 @@ def na_fused(
     out_shape, lse_shape = _core.fused_output_shapes(inputs, nbhd, scale)
     out = query.new_empty(out_shape)
     lse = query.new_empty(lse_shape, dtype=torch.float32)
-    _core.na_fused(inputs, nbhd, scale, dlpack(out), dlpack(lse), current_stream(query))
+    _core.na_fused(inputs, nbhd, scale, dlpack(out), dlpack(lse), launch_stream(query))
     return out, lse
 
 

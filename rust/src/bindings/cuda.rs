@@ -66,10 +66,15 @@ fn describe(report: &Report) -> String {
 
 /// Load the kernels of `sources` that problem `p` needs on its device, logging what is fetched.
 pub(super) fn prepare(py: Python<'_>, p: &Problem, sources: &[Source]) -> PyResult<()> {
-    let Device::Cuda(device) = p.device else {
+    prepare_keys(py, p.device, &cuda::keys(p, sources))
+}
+
+/// Load the variants `keys` on `device`, logging what is fetched (nothing for the CPU).
+pub(super) fn prepare_keys(py: Python<'_>, device: Device, keys: &[KernelKey]) -> PyResult<()> {
+    let Device::Cuda(device) = device else {
         return Ok(());
     };
-    let pending = cuda::pending(device, &cuda::keys(p, sources));
+    let pending = cuda::pending(device, keys);
     if pending.is_empty() {
         return Ok(());
     }

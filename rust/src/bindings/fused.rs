@@ -2,9 +2,10 @@
 
 use pyo3::prelude::*;
 
-use super::{borrow, borrow_opt, launch_cpu, Capsule};
+use super::{borrow, borrow_opt, cuda as on_cuda, launch_cpu, Capsule};
 use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
-use crate::dlpack::{DType, TensorRef};
+use crate::cuda::{self, Stream};
+use crate::dlpack::{DType, Device, TensorRef};
 use crate::error::Error;
 use crate::problem::{FusedInputs, FusedProblem, Neighborhood};
 
@@ -105,7 +106,7 @@ fn fused_output_shapes(
 }
 
 /// Fused attention forward into `out` `[B, *spatial, heads, Dv]` and `lse` `[B, *spatial,
-/// heads]` (float32). `stream` is torch's current CUDA stream (unused: CPU only so far).
+/// heads]` (float32). `stream` is torch's current CUDA stream (for CUDA tensors).
 #[pyfunction]
 fn na_fused(
     py: Python<'_>,
@@ -116,7 +117,6 @@ fn na_fused(
     lse: Capsule,
     stream: u64,
 ) -> PyResult<()> {
-    let _ = stream;
     let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
     let p = borrowed.problem(nbhd, scale)?;
     let (out, lse) = (borrow("out", out)?, borrow("lse", lse)?);
@@ -124,14 +124,23 @@ fn na_fused(
     p.expect_output("out", &out, (&p.out_shape(), p.dtype), &ins)?;
     p.expect_output("lse", &lse, (&p.lse_shape(), DType::F32), &ins)?;
     let t = borrowed.tensors();
-    launch_cpu(py, p.device, "fused neighborhood attention", || {
-        cpu::fused_forward(&p, &t, &out, &lse)
-    })
+    if p.device == Device::Cpu {
+        py.detach(|| cpu::fused_forward(&p, &t, &out, &lse));
+        return Ok(());
+    }
+    on_cuda::prepare_keys(py, p.device, &[cuda::fused_forward_key(&p)?])?;
+    Ok(py.detach(|| {
+        on_cuda::guarded(|| {
+            // SAFETY: `p` validated every input and both outputs (shapes, strides, device, no
+            // overlap); torch keeps them alive until `stream` has run the kernel.
+            unsafe { cuda::fused_forward(&p, &t, &out, &lse, Stream(stream)) }
+        })
+    })?)
 }
 
 /// Fused attention backward. `saved` is `(out, d_out, d_lse)`; `grads` is `(d_query, d_key,
 /// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given. `stream`
-/// is torch's current CUDA stream (unused: CPU only so far).
+/// is torch's current CUDA stream (unused: the backward runs on the CPU only so far).
 #[pyfunction]
 fn na_fused_backward(
     py: Python<'_>,

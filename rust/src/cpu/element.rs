@@ -375,7 +375,9 @@ pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
         // A dense row: a loop the compiler vectorizes.
         // SAFETY: `src.len()` writable elements at `dst`, ours, by the caller's contract.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst, src.len()) };
-        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = T::from_acc(x));
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &x)| *d = T::from_acc(x));
         return;
     }
     for (n, &x) in src.iter().enumerate() {

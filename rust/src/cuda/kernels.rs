@@ -1,9 +1,10 @@
 //! The kernel sources (embedded at build time) and how a problem picks a compiled variant: a
 //! `KernelKey` names one source specialised by `-D` constants (dtype, kernel sizes, causal
-//! flags), which NVRTC compiles into one module.
+//! flags, strides, and for the fused kernels the head dims), which NVRTC compiles into one
+//! module.
 
 use crate::dlpack::DType;
-use crate::problem::Problem;
+use crate::problem::{FusedProblem, Problem};
 
 /// Header included by every source, as NVRTC sees it: `(include name, text)`.
 pub const COMMON_HEADER: (&str, &str) = ("common.cuh", include_str!("../../../kernels/common.cuh"));
@@ -22,17 +23,22 @@ pub enum Source {
     Qk,
     /// `kernels/na_av.cu`: window weighted sums, their transpose, the extra-token gradient.
     Av,
+    /// `kernels/na_fused_fwd.cu`: fused attention forward (output and logsumexp).
+    FusedFwd,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 2] = [Source::Qk, Source::Av];
+    pub const ALL: [Source; 3] = [Source::Qk, Source::Av, Source::FusedFwd];
+    /// The sources of the unfused ops.
+    pub const UNFUSED: [Source; 2] = [Source::Qk, Source::Av];
 
     /// File name (also the program name in NVRTC's messages).
     pub fn file_name(self) -> &'static str {
         match self {
             Source::Qk => "na_qk.cu",
             Source::Av => "na_av.cu",
+            Source::FusedFwd => "na_fused_fwd.cu",
         }
     }
 
@@ -41,6 +47,7 @@ impl Source {
         match self {
             Source::Qk => include_str!("../../../kernels/na_qk.cu"),
             Source::Av => include_str!("../../../kernels/na_av.cu"),
+            Source::FusedFwd => include_str!("../../../kernels/na_fused_fwd.cu"),
         }
     }
 
@@ -49,7 +56,13 @@ impl Source {
         match self {
             Source::Qk => &[Function::Pairwise, Function::BiasGrad],
             Source::Av => &[Function::Gather, Function::Scatter, Function::ExtraGrad],
+            Source::FusedFwd => &[Function::FusedForward],
         }
+    }
+
+    /// Whether the head dims are compile-time constants of the source (`NA_DIM`, `NA_DIM_V`).
+    pub fn fused(self) -> bool {
+        self == Source::FusedFwd
     }
 }
 
@@ -66,6 +79,8 @@ pub enum Function {
     Scatter,
     /// `out[e] = sum_x w[x, slots + e] a[x]`.
     ExtraGrad,
+    /// `out[x] = softmax(scale q[x] . k[keys(x)] (+ bias)) . v[keys(x)]` and its logsumexp.
+    FusedForward,
 }
 
 impl Function {
@@ -77,6 +92,7 @@ impl Function {
             Function::Gather => "na_gather",
             Function::Scatter => "na_scatter",
             Function::ExtraGrad => "na_extra_grad",
+            Function::FusedForward => "na_fused_forward",
         }
     }
 
@@ -85,12 +101,14 @@ impl Function {
         match self {
             Function::Pairwise | Function::BiasGrad => Source::Qk,
             Function::Gather | Function::Scatter | Function::ExtraGrad => Source::Av,
+            Function::FusedForward => Source::FusedFwd,
         }
     }
 }
 
 /// One compiled variant: a source specialised for a dtype and the padded rank-3 neighborhood
-/// shape. Lengths, dilations, head dim and tensor strides stay run-time parameters.
+/// shape (and, for the fused source, the head dims). Lengths, dilations, unfused head dims and
+/// tensor strides stay run-time parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     /// Which source.
@@ -101,7 +119,15 @@ pub struct KernelKey {
     pub kernel: [usize; 3],
     /// Causal flag per (padded) axis.
     pub causal: [bool; 3],
+    /// Query stride per (padded) axis; 1 for the unfused sources.
+    pub stride: [usize; 3],
+    /// Head dims `(D, Dv)` of the fused source; `(0, 0)` for the unfused ones.
+    pub dims: (usize, usize),
 }
+
+/// The largest head dim the fused kernels take: each lane of a warp keeps `dim / 32` query
+/// channels and `dim_v / 32` output channels in registers.
+pub const MAX_FUSED_DIM: usize = 512;
 
 impl KernelKey {
     /// The variant of `source` that problem `p` needs.
@@ -111,6 +137,20 @@ impl KernelKey {
             dtype: p.dtype,
             kernel: p.axes.map(|a| a.kernel),
             causal: p.axes.map(|a| a.causal),
+            stride: [1; 3],
+            dims: (0, 0),
+        }
+    }
+
+    /// The variant of fused source `source` that problem `p` needs.
+    pub fn for_fused(source: Source, p: &FusedProblem) -> KernelKey {
+        KernelKey {
+            source,
+            dtype: p.dtype,
+            kernel: p.axes.map(|a| a.kernel),
+            causal: p.axes.map(|a| a.causal),
+            stride: p.axes.map(|a| a.stride),
+            dims: (p.dim, p.dim_v),
         }
     }
 
@@ -125,11 +165,17 @@ impl KernelKey {
         for axis in 0..3 {
             flags.push(format!("-DNA_K{axis}={}", self.kernel[axis]));
             flags.push(format!("-DNA_C{axis}={}", u8::from(self.causal[axis])));
+            flags.push(format!("-DNA_S{axis}={}", self.stride[axis]));
+        }
+        if self.source.fused() {
+            flags.push(format!("-DNA_DIM={}", self.dims.0));
+            flags.push(format!("-DNA_DIM_V={}", self.dims.1));
         }
         flags
     }
 
-    /// A readable name, e.g. `na_qk[float16, kernel 1x7x7, causal 010]`.
+    /// A readable name, e.g. `na_qk[float16, kernel 1x7x7, causal 010]` or
+    /// `na_fused_fwd[bfloat16, kernel 1x7x7, causal 000, stride 1x1x2, dim 64/64]`.
     pub fn name(&self) -> String {
         let [k0, k1, k2] = self.kernel;
         let causal: String = self
@@ -137,8 +183,15 @@ impl KernelKey {
             .iter()
             .map(|&c| if c { '1' } else { '0' })
             .collect();
+        let fused = if self.source.fused() {
+            let [s0, s1, s2] = self.stride;
+            let (d, dv) = self.dims;
+            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}")
+        } else {
+            String::new()
+        };
         format!(
-            "{}[{}, kernel {k0}x{k1}x{k2}, causal {causal}]",
+            "{}[{}, kernel {k0}x{k1}x{k2}, causal {causal}{fused}]",
             self.source.file_name().trim_end_matches(".cu"),
             self.dtype.name()
         )
@@ -159,7 +212,8 @@ fn dtype_code(dtype: DType) -> u8 {
 pub const DTYPES: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 
 /// A spread of variants that covers every code path of every kernel: each source and dtype,
-/// ranks 1 to 3, small and large kernels, causal and not, on every axis position.
+/// ranks 1 to 3, small and large kernels, causal and not, on every axis position; for the fused
+/// source also strides, even kernels and head dims from one channel per lane up to the largest.
 pub fn representative_keys() -> Vec<KernelKey> {
     let shapes: [([usize; 3], [bool; 3]); 4] = [
         ([1, 1, 3], [false, false, false]),
@@ -168,7 +222,7 @@ pub fn representative_keys() -> Vec<KernelKey> {
         ([1, 1, 13], [false, false, true]),
     ];
     let mut keys = Vec::new();
-    for source in Source::ALL {
+    for source in Source::UNFUSED {
         for dtype in DTYPES {
             for (kernel, causal) in shapes {
                 keys.push(KernelKey {
@@ -176,8 +230,42 @@ pub fn representative_keys() -> Vec<KernelKey> {
                     dtype,
                     kernel,
                     causal,
+                    stride: [1; 3],
+                    dims: (0, 0),
                 });
             }
+        }
+    }
+    keys.extend(representative_fused_keys());
+    keys
+}
+
+/// Fused variants: `(kernel, causal, stride, (D, Dv))` shapes for every dtype.
+fn representative_fused_keys() -> Vec<KernelKey> {
+    type Shape = ([usize; 3], [bool; 3], [usize; 3], (usize, usize));
+    let shapes: [Shape; 5] = [
+        ([1, 1, 7], [false; 3], [1; 3], (32, 32)),
+        ([1, 8, 8], [false, true, false], [1, 2, 4], (64, 64)),
+        ([3, 5, 7], [true, false, true], [1, 5, 1], (128, 96)),
+        ([1, 13, 13], [false; 3], [1; 3], (24, 40)),
+        (
+            [2, 4, 6],
+            [false; 3],
+            [2, 1, 3],
+            (MAX_FUSED_DIM, MAX_FUSED_DIM),
+        ),
+    ];
+    let mut keys = Vec::new();
+    for dtype in DTYPES {
+        for (kernel, causal, stride, dims) in shapes {
+            keys.push(KernelKey {
+                source: Source::FusedFwd,
+                dtype,
+                kernel,
+                causal,
+                stride,
+                dims,
+            });
         }
     }
     keys
@@ -192,9 +280,14 @@ mod tests {
         for source in Source::ALL {
             for f in source.functions() {
                 assert_eq!(f.source(), source);
+                let params = if source.fused() {
+                    "NaFusedParams"
+                } else {
+                    "NaParams"
+                };
                 assert!(source
                     .text()
-                    .contains(&format!(" {}(const NaParams p)", f.symbol())));
+                    .contains(&format!(" {}(const {params} p)", f.symbol())));
             }
         }
     }
@@ -219,6 +312,18 @@ mod tests {
             let name = name.split(')').next().unwrap();
             assert!(defined.iter().any(|d| d == name), "{name} not defined");
         }
+    }
+
+    #[test]
+    fn fused_keys_name_their_stride_and_head_dims() {
+        let keys = representative_fused_keys();
+        let defines = keys[1].defines();
+        for flag in ["-DNA_S1=2", "-DNA_S2=4", "-DNA_DIM=64", "-DNA_DIM_V=64"] {
+            assert!(defines.iter().any(|d| d == flag), "{flag} in {defines:?}");
+        }
+        assert!(keys[1].name().ends_with("stride 1x2x4, dim 64/64]"));
+        let unfused = representative_keys()[0].defines();
+        assert!(!unfused.iter().any(|d| d.starts_with("-DNA_DIM")));
     }
 
     #[test]

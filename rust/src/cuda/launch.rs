@@ -142,7 +142,7 @@ const MAX_GRID: u64 = (1 << 31) - 1;
 
 impl Config {
     /// `work` units of `per_block` each: enough blocks to cover them, capped at the grid limit.
-    fn covering(work: u64, per_block: u32, block: (u32, u32)) -> Config {
+    pub(super) fn covering(work: u64, per_block: u32, block: (u32, u32)) -> Config {
         Config {
             grid: work.div_ceil(u64::from(per_block)).min(MAX_GRID) as u32,
             block,
@@ -178,6 +178,8 @@ impl Launch {
                 let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;
                 Config::covering(blocks, 1, (32, EXTRA_ROWS))
             }
+            // The fused kernels take their own parameter block (fused_launch.rs).
+            Function::FusedForward => return None,
             Function::BiasGrad => {
                 let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
                 Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))

@@ -1,32 +1,38 @@
-//! CUDA kernels of the unfused ops: sources under `kernels/` embedded in the binary, compiled by
+//! CUDA kernels of the unfused ops and the fused forward: sources under `kernels/` embedded in the binary, compiled by
 //! NVRTC at first use for the device's exact architecture (cached in memory and on disk), and
 //! launched in the device's primary context on the stream torch is using. Neither libcuda nor
 //! libnvrtc is linked: both are opened at first use, so the extension imports without CUDA.
 //!
-//! `kernels` says which variant a problem needs, `launch` plans the launches (pure), `programs`
+//! `kernels` says which variant a problem needs, `launch` and `fused_launch` plan the launches
+//! (pure), `programs`
 //! and `nvrtc` compile, `cache` keeps binaries on disk, `runtime` talks to the driver.
 
 mod cache;
+mod fused_launch;
 mod kernels;
 mod launch;
 mod nvrtc;
 mod programs;
 mod runtime;
 
-pub use kernels::{representative_keys, KernelKey, Source, DTYPES};
+pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_DIM};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
 pub use programs::{Origin, Report};
 pub use runtime::Stream;
 
-use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
+use crate::cpu::{AvGrads, AvTensors, FusedTensors, QkGrads, QkTensors};
 use crate::dlpack::{DType, Device, TensorRef};
 use crate::error::{Error, Result};
-use crate::problem::Problem;
+use crate::problem::{FusedProblem, Problem};
 use launch::Launch;
 
 /// The CUDA ordinal of a problem's device.
 fn ordinal(p: &Problem) -> Result<i32> {
-    match p.device {
+    device_ordinal(p.device)
+}
+
+fn device_ordinal(device: Device) -> Result<i32> {
+    match device {
         Device::Cuda(n) => Ok(n),
         Device::Cpu => Err(Error::invalid(
             "device",
@@ -42,6 +48,19 @@ pub fn keys(p: &Problem, sources: &[Source]) -> Vec<KernelKey> {
         .iter()
         .map(|&s| KernelKey::for_problem(s, p))
         .collect()
+}
+
+/// The variant the fused forward needs for problem `p`, or why there is none: what `prepare`
+/// must load before `fused_forward`.
+pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
+    if p.dim.max(p.dim_v) > MAX_FUSED_DIM {
+        return Err(Error::Unsupported(format!(
+            "fused neighborhood attention on CUDA with a head dim above {MAX_FUSED_DIM} (got \
+             query/key {}, value {}); the CPU runs it",
+            p.dim, p.dim_v
+        )));
+    }
+    Ok(KernelKey::for_fused(Source::FusedFwd, p))
 }
 
 /// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
@@ -126,6 +145,36 @@ pub unsafe fn av_backward(
     unsafe { run(p, &launch::av_backward(p, d_out, t, grads), stream) }
 }
 
+/// Fused attention forward into `out` and `lse` (see `cpu::fused_forward`).
+///
+/// # Safety
+/// As `qk`: validated CUDA tensors of `p`'s device, alive until `stream` has run the kernel.
+pub unsafe fn fused_forward(
+    p: &FusedProblem,
+    t: &FusedTensors,
+    out: &TensorRef,
+    lse: &TensorRef,
+    stream: Stream,
+) -> Result<()> {
+    let device = device_ordinal(p.device)?;
+    let key = fused_forward_key(p)?;
+    runtime::load(device, key)?;
+    let Some(launch) = fused_launch::forward(p, t, out, lse) else {
+        return Ok(());
+    };
+    // SAFETY: forwarded contract; the fused forward takes one `NaFusedParams`, which
+    // `FusedParams` mirrors.
+    unsafe {
+        runtime::enqueue_with(
+            device,
+            &key,
+            (launch.function, launch.config),
+            launch.params,
+            stream,
+        )
+    }
+}
+
 /// The architecture kernels are compiled for on CUDA device `ordinal`.
 pub fn device_arch(ordinal: i32) -> Result<Arch> {
     runtime::device_arch(ordinal)
@@ -144,12 +193,14 @@ pub fn variants(dtypes: &[DType], shapes: &[([usize; 3], [bool; 3])]) -> Vec<Ker
     let mut keys = Vec::new();
     for &(kernel, causal) in shapes {
         for &dtype in dtypes {
-            for source in Source::ALL {
+            for source in Source::UNFUSED {
                 keys.push(KernelKey {
                     source,
                     dtype,
                     kernel,
                     causal,
+                    stride: [1; 3],
+                    dims: (0, 0),
                 });
             }
         }

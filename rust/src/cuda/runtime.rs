@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::sys::{self as cu, CUresult};
 
 use super::kernels::{Function, KernelKey};
-use super::launch::Launch;
+use super::launch::{Config, Launch};
 use super::nvrtc::Arch;
 use super::programs::{self, Report};
 use crate::error::{Error, Result};
@@ -235,6 +235,32 @@ pub unsafe fn enqueue(
     launch: &Launch,
     stream: Stream,
 ) -> Result<()> {
+    // SAFETY: forwarded contract; kernels of the unfused sources take one `NaParams`.
+    unsafe {
+        enqueue_with(
+            ordinal,
+            key,
+            (launch.function, launch.config),
+            launch.params,
+            stream,
+        )
+    }
+}
+
+/// Enqueue kernel `function` of `key` (loaded on device `ordinal`) on `stream` with grid
+/// `config`, passing `params` by value.
+///
+/// # Safety
+/// `P` must be the `#[repr(C)]` mirror of the kernel's one parameter struct; every address in
+/// `params` must be device memory of device `ordinal` holding what the kernel reaches, alive
+/// until the kernel has run.
+pub unsafe fn enqueue_with<P: Copy>(
+    ordinal: i32,
+    key: &KernelKey,
+    (launched_function, config): (Function, Config),
+    params: P,
+    stream: Stream,
+) -> Result<()> {
     let module = modules()
         .get(&(ordinal, *key))
         .cloned()
@@ -245,16 +271,16 @@ pub unsafe fn enqueue(
     let function = module
         .functions
         .iter()
-        .find(|(f, _)| *f == launch.function)
+        .find(|(f, _)| *f == launched_function)
         .map(|&(_, handle)| handle)
         .expect("a module holds every function of its source");
     let device = device(ordinal)?;
     let _current = Current::push(device.context)?;
-    let mut params = launch.params;
+    let mut params = params;
     let mut arguments = [&mut params as *mut _ as *mut c_void];
-    let (grid, (bx, by)) = (launch.config.grid, launch.config.block);
-    // SAFETY: the kernel takes one `NaParams` by value, which `params` mirrors (size checked on
-    // both sides); the driver copies it before returning. The caller vouches for the addresses.
+    let (grid, (bx, by)) = (config.grid, config.block);
+    // SAFETY: the kernel takes one parameter struct by value, which `params` mirrors (by the
+    // caller's contract; sizes checked on both sides); the driver copies it before returning.
     let launched = unsafe {
         cu::cuLaunchKernel(
             function,
@@ -270,7 +296,10 @@ pub unsafe fn enqueue(
             std::ptr::null_mut(),
         )
     };
-    check(&format!("launching {}", launch.function.symbol()), launched)
+    check(
+        &format!("launching {}", launched_function.symbol()),
+        launched,
+    )
 }
 
 #[cfg(test)]

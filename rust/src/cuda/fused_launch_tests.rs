@@ -1,0 +1,125 @@
+use super::*;
+use crate::cuda::kernels::{KernelKey, Source};
+use crate::dlpack::{DType, Device};
+use crate::problem::{FusedInputs, Neighborhood};
+
+fn tensor(shape: &[usize], data: usize) -> TensorRef {
+    TensorRef {
+        data,
+        ..TensorRef::meta(shape, DType::BF16, Device::Cuda(0))
+    }
+}
+
+fn nbhd(kernel: Vec<i64>, stride: Vec<i64>, dilation: Vec<i64>, causal: Vec<bool>) -> Neighborhood {
+    Neighborhood {
+        kernel,
+        stride,
+        dilation,
+        causal,
+    }
+}
+
+/// A 2-D GQA problem: batch 2, 9 x 8 tokens, 6 query heads over 2 kv heads, D 16, Dv 24,
+/// kernel 3 x 4, stride 1 x 2, dilation 2 x 1, causal on the last axis, 5 extra tokens.
+fn problem() -> (FusedProblem, [TensorRef; 5]) {
+    let q = tensor(&[2, 9, 8, 6, 16], 0x1000);
+    let k = tensor(&[2, 9, 8, 2, 16], 0x2000);
+    let v = tensor(&[2, 9, 8, 2, 24], 0x3000);
+    let ek = tensor(&[2, 5, 2, 16], 0x4000);
+    let ev = tensor(&[2, 5, 2, 24], 0x5000);
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&k),
+        value: Some(&v),
+        additional_keys: Some(&ek),
+        additional_values: Some(&ev),
+        rpb: None,
+    };
+    let n = nbhd(vec![3, 4], vec![1, 2], vec![2, 1], vec![false, true]);
+    let p = FusedProblem::new(&inputs, &n, 0.25).unwrap();
+    (p, [q, k, v, ek, ev])
+}
+
+fn tensors<'a>(t: &'a [TensorRef; 5]) -> FusedTensors<'a> {
+    FusedTensors {
+        query: &t[0],
+        key: Some(&t[1]),
+        value: Some(&t[2]),
+        additional_keys: Some(&t[3]),
+        additional_values: Some(&t[4]),
+        rpb: None,
+    }
+}
+
+#[test]
+fn heads_last_views_put_heads_second_and_right_align_space() {
+    let t = tensor(&[2, 9, 8, 6, 16], 0);
+    assert_eq!(
+        View::heads_last(&t, 2, true).stride,
+        [6912, 16, 0, 768, 96, 1]
+    );
+    let lse = tensor(&[2, 7, 3], 0);
+    assert_eq!(View::heads_last(&lse, 1, false).stride, [21, 1, 0, 0, 3, 0]);
+    let e = tensor(&[2, 5, 2, 16], 0);
+    assert_eq!(View::extras_heads_last(&e).stride, [160, 16, 32, 0, 0, 1]);
+}
+
+#[test]
+fn forward_is_one_warp_per_query_row() {
+    let (p, t) = problem();
+    let out = tensor(&p.out_shape(), 0x6000);
+    let lse = TensorRef {
+        data: 0x7000,
+        ..TensorRef::meta(&p.lse_shape(), DType::F32, Device::Cuda(0))
+    };
+    let l = forward(&p, &tensors(&t), &out, &lse).unwrap();
+    assert_eq!(l.function, Function::FusedForward);
+    let rows = 2 * 9 * 8 * 6;
+    assert_eq!(l.config.block, (BLOCK, 1));
+    assert_eq!(l.config.grid, (rows as u32).div_ceil(BLOCK / WARP));
+    let pr = l.params;
+    assert_eq!(
+        (pr.out.data, pr.lse.data, pr.query.data),
+        (0x6000, 0x7000, 0x1000)
+    );
+    assert_eq!((pr.key.data, pr.value.data), (0x2000, 0x3000));
+    assert_eq!((pr.extra_key.data, pr.extra_value.data), (0x4000, 0x5000));
+    assert_eq!((pr.batch, pr.heads, pr.group, pr.extra_count), (2, 6, 3, 5));
+    assert_eq!((pr.has_window, pr.has_bias, pr.scale), (1, 0, 0.25));
+    assert_eq!(pr.length, [1, 9, 8]);
+    assert_eq!(pr.dilation, [1, 2, 1]);
+    assert_eq!(pr.lse.stride[5], 0);
+}
+
+#[test]
+fn the_key_specialises_stride_causality_and_head_dims() {
+    let (p, _) = problem();
+    let key = KernelKey::for_fused(Source::FusedFwd, &p);
+    assert_eq!(key.kernel, [1, 3, 4]);
+    assert_eq!(key.stride, [1, 1, 2]);
+    assert_eq!(key.causal, [false, false, true]);
+    assert_eq!(key.dims, (16, 24));
+}
+
+#[test]
+fn empty_problems_launch_nothing() {
+    let q = tensor(&[0, 7, 2, 8], 0);
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&q),
+        value: Some(&q),
+        ..FusedInputs::default()
+    };
+    let n = nbhd(vec![3], vec![1], vec![1], vec![false]);
+    let p = FusedProblem::new(&inputs, &n, 1.0).unwrap();
+    let t = FusedTensors {
+        query: &q,
+        key: Some(&q),
+        value: Some(&q),
+        additional_keys: None,
+        additional_values: None,
+        rpb: None,
+    };
+    let lse = tensor(&p.lse_shape(), 0);
+    assert!(forward(&p, &t, &q, &lse).is_none());
+}
