@@ -2,7 +2,7 @@
 //! the query gradient), its transpose over inverse windows (key and value gradients), and the
 //! reduction onto additional tokens.
 
-use super::element::{axpy, axpy_chunk, store, Accum, Element};
+use super::element::{axpy, store, Accum, Element};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::view::{Extras, Tokens};
@@ -18,8 +18,13 @@ pub trait WeightedSum<T: Element> {
     fn dense_terms(&self) -> bool;
 }
 
-/// Write `scale * sum` for row `row` to `dim` channels at `dst`: chunks of 32, then 16
-/// channels summed in registers (one pass over the terms each), the rest in `scratch`.
+/// Terms gathered per call of `Element::sum_rows` by `weighted_sum`.
+const TERM_BATCH: usize = 64;
+
+/// Write `scale * sum` for row `row` to `dim` channels at `dst`, with `scratch` (at least
+/// `dim` long) as the accumulator. Dense terms are gathered in batches and summed by
+/// `Element::sum_rows` (explicit SIMD, independent of how the compiler treats this loop);
+/// strided ones one channel run at a time.
 ///
 /// # Safety
 /// `row` must be a row of the validated problem; `dst` must be writable for `dim` channels
@@ -32,49 +37,29 @@ pub unsafe fn weighted_sum<T: Element, S: WeightedSum<T>>(
     scale: T::Acc,
     scratch: &mut [T::Acc],
 ) {
-    let mut c = 0;
+    let acc = &mut scratch[..dim];
+    acc.fill(T::Acc::ZERO);
     // SAFETY (whole block): terms point at rows of `dim` channels; `dst` is this row's output.
     unsafe {
         if sum.dense_terms() {
-            while c + 32 <= dim {
-                sum_chunk::<T, S, 32>(sum, row, c, (dst, dst_step), scale);
-                c += 32;
-            }
-            if c + 16 <= dim {
-                sum_chunk::<T, S, 16>(sum, row, c, (dst, dst_step), scale);
-                c += 16;
-            }
-        }
-        if c < dim {
-            let tail = &mut scratch[..dim - c];
-            tail.fill(T::Acc::ZERO);
-            sum.terms(row, |w, src, step| {
-                axpy(tail, w, src.offset(c as isize * step), step)
+            let mut weights = [T::Acc::ZERO; TERM_BATCH];
+            let mut rows = [0usize; TERM_BATCH];
+            let mut n = 0;
+            sum.terms(row, |w, src, _| {
+                weights[n] = w;
+                rows[n] = src as usize;
+                n += 1;
+                if n == TERM_BATCH {
+                    T::sum_rows(&weights, &rows[..], acc);
+                    n = 0;
+                }
             });
-            tail.iter_mut().for_each(|a| *a = *a * scale);
-            store(dst.offset(c as isize * dst_step), dst_step, tail);
+            T::sum_rows(&weights[..n], &rows[..n], acc);
+        } else {
+            sum.terms(row, |w, src, step| axpy(acc, w, src, step));
         }
-    }
-}
-
-/// Channels `c..c + N` of `weighted_sum`, accumulated in registers.
-///
-/// # Safety
-/// As `weighted_sum`, with dense terms and `c + N <= dim`.
-#[inline(always)]
-unsafe fn sum_chunk<T: Element, S: WeightedSum<T>, const N: usize>(
-    sum: &S,
-    row: Row,
-    c: usize,
-    (dst, dst_step): (*mut T, isize),
-    scale: T::Acc,
-) {
-    let mut acc = [T::Acc::ZERO; N];
-    // SAFETY: by the caller's contract.
-    unsafe {
-        sum.terms(row, |w, src, _| axpy_chunk(&mut acc, w, src.add(c)));
         acc.iter_mut().for_each(|a| *a = *a * scale);
-        store(dst.offset(c as isize * dst_step), dst_step, &acc);
+        store(dst, dst_step, acc);
     }
 }
 

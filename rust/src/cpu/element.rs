@@ -155,6 +155,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn attend_kernel() -> Option<Attend<Self::Acc>> {
         None
     }
+
+    /// The kernel that attends from two queries sharing their window runs in one call, where
+    /// this type has one on this CPU (see `AttendPair`).
+    fn attend_pair_kernel() -> Option<AttendPair<Self::Acc>> {
+        None
+    }
 }
 
 /// Softmax attention from a scaled query `q` over the keys of a key list (dense rows of
@@ -166,6 +172,22 @@ pub trait Element: Copy + Send + Sync + 'static {
 /// # Safety
 /// The list must hold the keys of a row of a validated problem, with dense rows as above.
 pub type Attend<A> = unsafe fn(&[A], &KeyList<A>, bool, &mut [A], &mut [A]) -> (A, A);
+
+/// `Attend` for two queries at once: queries, key lists, `offset`, the bias flag, logit scratch
+/// and outputs per query, `(max, sum)` per query. The second query's window runs must start
+/// `offset` rows (of the same step) after the first's, in a union of at most eight rows that
+/// holds both; the lists' extras must be the same rows.
+///
+/// # Safety
+/// As `Attend`, for both lists, and the union rows must all be keys of one of the queries.
+pub type AttendPair<A> = unsafe fn(
+    [&[A]; 2],
+    [&KeyList<A>; 2],
+    usize,
+    bool,
+    [&mut [A]; 2],
+    [&mut [A]; 2],
+) -> [(A, A); 2];
 
 /// Element types whose row loops have explicit SIMD kernels (`simd`), used when the CPU has
 /// them.
@@ -209,6 +231,13 @@ macro_rules! wide_rows {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
                     return Some(super::simd::attend::<$t>);
+                }
+                None
+            }
+            fn attend_pair_kernel() -> Option<AttendPair<f32>> {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    return Some(super::simd::attend_pair::<$t>);
                 }
                 None
             }
@@ -326,22 +355,6 @@ fn sum_lanes<A: Accum>(l: [A; LANES]) -> A {
     let quads = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     let pairs = [quads[0] + quads[2], quads[1] + quads[3]];
     pairs[0] + pairs[1]
-}
-
-/// `acc[l] += w * b[l]` for one register-resident chunk of `N` channels.
-///
-/// # Safety
-/// `b + l` must be readable for every `l < N`.
-#[inline(always)]
-pub unsafe fn axpy_chunk<T: Element, const N: usize>(
-    acc: &mut [T::Acc; N],
-    w: T::Acc,
-    b: *const T,
-) {
-    for (l, s) in acc.iter_mut().enumerate() {
-        // SAFETY: in bounds by the caller's contract.
-        *s += w * unsafe { *b.add(l) }.to_acc();
-    }
 }
 
 /// `acc[n] += w * b[n * stride]`.

@@ -3,7 +3,7 @@
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
 use super::av::weighted_sum;
-use super::element::{dot, load, store, Accum, Attend, Element, Rows};
+use super::element::{dot, load, store, Accum, Attend, AttendPair, Element, Rows};
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
@@ -314,8 +314,67 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         out: tokens_heads_last(out, p.rank, true),
         lse: tokens_heads_last(lse, p.rank, false),
     };
-    // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
-    unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) };
+    match T::attend_pair_kernel().filter(|_| kernel.attend.is_some()) {
+        // SAFETY: `Pairs::row` writes only rows `2u` and `2u + 1` of `out` and `lse`.
+        Some(pair) => unsafe {
+            let pairs = Pairs {
+                forward: &kernel,
+                pair,
+            };
+            par_rows((g.rows().div_ceil(2), g.row_cost() * 4), &pairs)
+        },
+        // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
+        None => unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) },
+    }
+}
+
+/// The forward pass two consecutive rows at a time, through one `AttendPair` call where their
+/// windows allow (neighbors along the last axis share most keys), else row by row.
+struct Pairs<'k, 'a, 'g, T: Element> {
+    forward: &'k Forward<'a, 'g, T>,
+    pair: AttendPair<T::Acc>,
+}
+
+impl<T: Element> RowKernel for Pairs<'_, '_, '_, T> {
+    type Scratch = [RowScratch<T::Acc>; 2];
+
+    fn scratch(&self) -> Self::Scratch {
+        [self.forward.scratch(), self.forward.scratch()]
+    }
+
+    #[inline(always)]
+    unsafe fn row(&self, u: usize, s: &mut Self::Scratch) {
+        let (f, a) = (self.forward, self.forward.a);
+        let rows = [2 * u, 2 * u + 1];
+        // SAFETY (whole block): both rows are rows of the validated problem (the second is
+        // checked), written by this call only.
+        unsafe {
+            if rows[1] >= a.g.rows() {
+                return f.row(rows[0], &mut s[0]);
+            }
+            let [ra, rb] = rows.map(|r| a.g.row(r));
+            let Some(offset) = a.pair_offset(ra, rb) else {
+                f.row(rows[0], &mut s[0]);
+                return f.row(rows[1], &mut s[0]);
+            };
+            let [sa, sb] = s;
+            for (row, s) in [(ra, &mut *sa), (rb, &mut *sb)] {
+                a.load_query(row, &mut s.q);
+                a.collect_keys(row, &mut s.keys);
+            }
+            let dim = a.dim_v;
+            let results = (self.pair)(
+                [&sa.q, &sb.q],
+                [&sa.keys, &sb.keys],
+                offset,
+                a.bias.is_some(),
+                [&mut sa.logits, &mut sb.logits],
+                [&mut sa.tail[..dim], &mut sb.tail[..dim]],
+            );
+            f.finish(ra, results[0], &mut sa.tail[..dim]);
+            f.finish(rb, results[1], &mut sb.tail[..dim]);
+        }
+    }
 }
 
 struct Forward<'a, 'g, T: Element> {
@@ -392,25 +451,66 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
     unsafe fn row(&self, r: usize, s: &mut RowScratch<T::Acc>) {
         let a = self.a;
         let row = a.g.row(r);
-        let [x0, x1, x2] = row.x;
-        let dst = (
-            self.out.at([row.b, row.h, x0, x1, x2, 0]),
-            self.out.inner_stride(),
-            a.dim_v,
-        );
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.
         unsafe {
-            let lse = match self.attend {
-                Some(kernel) => a.attend(kernel, row, s, dst),
+            match self.attend {
+                Some(kernel) => {
+                    a.load_query(row, &mut s.q);
+                    a.collect_keys(row, &mut s.keys);
+                    let acc = &mut s.tail[..a.dim_v];
+                    let with_bias = a.bias.is_some();
+                    let result = kernel(&s.q, &s.keys, with_bias, &mut s.logits, acc);
+                    self.finish(row, result, acc);
+                }
                 None => {
                     let lse = a.probabilities(row, s);
                     let terms = (row, &s.keys, &s.logits[..], true);
-                    a.store_weighted_sum(terms, dst, T::Acc::ONE, &mut s.tail);
-                    lse
+                    a.store_weighted_sum(terms, self.out_row(row), T::Acc::ONE, &mut s.tail);
+                    self.store_lse(row, lse);
                 }
-            };
-            *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32();
+            }
+        }
+    }
+}
+
+impl<T: Element> Forward<'_, '_, T> {
+    /// Where row `row`'s output goes: `(address, channel stride, channels)`.
+    fn out_row(&self, row: Row) -> (*mut T, isize, usize) {
+        let [x0, x1, x2] = row.x;
+        // SAFETY: rows of the validated problem are in shape.
+        let at = unsafe { self.out.at([row.b, row.h, x0, x1, x2, 0]) };
+        (at, self.out.inner_stride(), self.a.dim_v)
+    }
+
+    /// Write the lse of row `row`.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem, written by this task only.
+    unsafe fn store_lse(&self, row: Row, lse: T::Acc) {
+        let [x0, x1, x2] = row.x;
+        // SAFETY: by the caller's contract.
+        unsafe { *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32() };
+    }
+
+    /// Write row `row`'s output `acc / sum` and its lse from an attend kernel's `(max, sum)`.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem, written by this task only.
+    #[inline(always)]
+    unsafe fn finish(&self, row: Row, (max, sum): (T::Acc, T::Acc), acc: &mut [T::Acc]) {
+        // A row that sees no key (merged attention over nothing) gives zeros, lse -inf.
+        let inv = if sum > T::Acc::ZERO {
+            T::Acc::ONE / sum
+        } else {
+            T::Acc::ZERO
+        };
+        acc.iter_mut().for_each(|x| *x = *x * inv);
+        let (ptr, step, _) = self.out_row(row);
+        // SAFETY: by the caller's contract.
+        unsafe {
+            store(ptr, step, acc);
+            self.store_lse(row, max + sum.ln());
         }
     }
 }
@@ -421,37 +521,21 @@ impl<T: Element> Attention<'_, T> {
         self.key_steps() == (1, 1) && self.value_steps() == (1, 1)
     }
 
-    /// The attention output of row `row` through `kernel`, written to `dst`; returns the
-    /// logsumexp.
-    ///
-    /// # Safety
-    /// `row` must be a row of the validated problem with `dense_rows()`; `dst` must be
-    /// writable and written by this task only; `kernel` must run on this CPU.
-    #[inline(always)]
-    unsafe fn attend(
-        &self,
-        kernel: Attend<T::Acc>,
-        row: Row,
-        s: &mut RowScratch<T::Acc>,
-        (ptr, step, dim): (*mut T, isize, usize),
-    ) -> T::Acc {
-        let acc = &mut s.tail[..dim];
-        // SAFETY (whole block): the keys of a validated row hold `q.len()` channels, their
-        // values `dim_v`; `dst` is ours by the caller's contract.
-        unsafe {
-            self.load_query(row, &mut s.q);
-            self.collect_keys(row, &mut s.keys);
-            let with_bias = self.bias.is_some();
-            let (max, sum) = kernel(&s.q, &s.keys, with_bias, &mut s.logits, acc);
-            // A row that sees no key (merged attention over nothing) gives zeros, lse -inf.
-            let inv = if sum > T::Acc::ZERO {
-                T::Acc::ONE / sum
-            } else {
-                T::Acc::ZERO
-            };
-            acc.iter_mut().for_each(|x| *x = *x * inv);
-            store(ptr, step, acc);
-            max + sum.ln()
+    /// For two consecutive rows: the offset of the second's window runs in the first's, when
+    /// one union of at most `LANES` rows holds both (same batch, head and leading coordinates,
+    /// windows in one dilation group along the last axis).
+    fn pair_offset(&self, a: Row, b: Row) -> Option<usize> {
+        if (a.b, a.h, a.x[0], a.x[1]) != (b.b, b.h, b.x[0], b.x[1]) {
+            return None;
         }
+        let (wa, wb) = (self.g.window(a.x)[2], self.g.window(b.x)[2]);
+        let d = self.g.axes[2].dilation;
+        let shift = wb.first.checked_sub(wa.first)?;
+        if shift % d != 0 {
+            return None;
+        }
+        let offset = shift / d;
+        let union = offset + wb.count;
+        (union <= LANES && wa.count <= union).then_some(offset)
     }
 }

@@ -4,7 +4,7 @@
 //! other CPUs and float64 take the portable loops in `element`.
 
 #[cfg(target_arch = "x86_64")]
-pub use x86::{attend, dot_rows, sum_rows};
+pub use x86::{attend, attend_pair, dot_rows, sum_rows};
 
 /// Whether this CPU runs the kernels here (AVX2, FMA and F16C; checked once).
 pub fn available() -> bool {
@@ -28,7 +28,7 @@ mod x86 {
 
     use half::{bf16, f16};
 
-    use crate::cpu::element::{Element, Rows};
+    use crate::cpu::element::{Element, Rows, Run};
     use crate::cpu::keys::{KeyList, LANES};
     use crate::cpu::math::avx2::exp8;
 
@@ -202,6 +202,171 @@ mod x86 {
         // SAFETY: as above.
         unsafe { sum_rows::<T, _>(&logits[slot..slot + extra.len()], extra, acc) };
         (max, sum_lanes(sum))
+    }
+
+    /// An `element::AttendPair` kernel: `attend` for two queries whose window runs lie in one
+    /// union of at most eight rows (the second query's runs start `offset` rows into the
+    /// first's), so that each group of key addresses and each value row is loaded once for
+    /// both.
+    ///
+    /// # Safety
+    /// The CPU must pass `available()`; the rest is `element::AttendPair`'s contract.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn attend_pair<T: Wide>(
+        q: [&[f32]; 2],
+        keys: [&KeyList<f32>; 2],
+        offset: usize,
+        with_bias: bool,
+        logits: [&mut [f32]; 2],
+        acc: [&mut [f32]; 2],
+    ) -> [(f32, f32); 2] {
+        let [ka, kb] = keys;
+        let union = offset + kb.run_len;
+        let lane = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+        let splat = |x: usize| _mm256_set1_ps(x as f32);
+        // Lanes outside each query's own window weigh nothing.
+        let outside = [
+            _mm256_cmp_ps::<_CMP_GE_OQ>(lane, splat(ka.run_len)),
+            _mm256_or_ps(
+                _mm256_cmp_ps::<_CMP_LT_OQ>(lane, splat(offset)),
+                _mm256_cmp_ps::<_CMP_GE_OQ>(lane, splat(union)),
+            ),
+        ];
+        let [la, lb] = logits;
+        let (la, lb) = (&mut la[..ka.padded_len()], &mut lb[..kb.padded_len()]);
+        let mut max = [_mm256_set1_ps(f32::NEG_INFINITY); 2];
+        let neg_inf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
+            let rows = padded(Run { len: union, ..run }, 0);
+            // SAFETY (whole block): union rows are keys of one of the two queries; slots
+            // `8 i .. 8 i + 8` lie within both padded lists.
+            unsafe {
+                let mut l = [dot8::<T>(q[0], rows), dot8::<T>(q[1], rows)];
+                if with_bias {
+                    let mut shifted = [0.0f32; LANES];
+                    shifted[offset..union].copy_from_slice(&kb.bias[nb..nb + kb.run_len]);
+                    l[0] = _mm256_add_ps(l[0], load_partial(&ka.bias[na..na + ka.run_len]));
+                    l[1] = _mm256_add_ps(l[1], _mm256_loadu_ps(shifted.as_ptr()));
+                }
+                for k in 0..2 {
+                    l[k] = _mm256_blendv_ps(l[k], neg_inf, outside[k]);
+                    max[k] = _mm256_max_ps(max[k], l[k]);
+                }
+                _mm256_storeu_ps(la.as_mut_ptr().add(LANES * i), l[0]);
+                _mm256_storeu_ps(lb.as_mut_ptr().add(LANES * i), l[1]);
+            }
+        }
+        let slot = ka.run_count * LANES;
+        // SAFETY: the extras are the same rows for both queries; their groups follow the runs'.
+        unsafe {
+            max[0] =
+                logit_groups::<T, _>(q[0], ka.extra_rows(false), None, &mut la[slot..], max[0]);
+            max[1] =
+                logit_groups::<T, _>(q[1], kb.extra_rows(false), None, &mut lb[slot..], max[1]);
+        }
+        let max = [max8(max[0]), max8(max[1])];
+        let sums = [exp_groups(la, max[0]), exp_groups(lb, max[1])];
+        let [acc_a, acc_b] = acc;
+        // SAFETY: value rows hold `acc.len()` elements.
+        unsafe { weighted_run_pair::<T>(ka, union, [la, lb], [acc_a, acc_b]) };
+        let extra = ka.extra_rows(true);
+        // SAFETY: as above.
+        unsafe {
+            sum_rows::<T, _>(&la[slot..slot + extra.len()], extra, acc_a);
+            sum_rows::<T, _>(&lb[slot..slot + extra.len()], extra, acc_b);
+        }
+        [(max[0], sums[0]), (max[1], sums[1])]
+    }
+
+    /// `xs[i] = e^(xs[i] - max)` over whole groups of eight; returns the sum.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn exp_groups(xs: &mut [f32], max: f32) -> f32 {
+        let mut sum = _mm256_setzero_ps();
+        for group in xs.chunks_exact_mut(LANES) {
+            // SAFETY: `group` holds 8 floats.
+            unsafe {
+                let x = _mm256_sub_ps(_mm256_loadu_ps(group.as_ptr()), _mm256_set1_ps(max));
+                let p = exp8(x);
+                _mm256_storeu_ps(group.as_mut_ptr(), p);
+                sum = _mm256_add_ps(sum, p);
+            }
+        }
+        sum_lanes(sum)
+    }
+
+    /// `acc[k] = sum_n w[k]_n value_n` over the union value runs of a query pair (weights in
+    /// groups of eight slots per run, zero outside each query's window): each value row is
+    /// loaded once for both sums.
+    ///
+    /// # Safety
+    /// Value rows must hold `acc[k].len()` readable elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn weighted_run_pair<T: Wide>(
+        keys: &KeyList<f32>,
+        union: usize,
+        w: [&[f32]; 2],
+        acc: [&mut [f32]; 2],
+    ) {
+        let dim = acc[0].len();
+        let [acc_a, acc_b] = acc;
+        let mut c = 0;
+        // SAFETY (both loops): `c + 8 N <= dim` for the block written.
+        while c + 32 <= dim {
+            unsafe { pair_block::<T, 4>(keys, union, w, [acc_a, acc_b], c) };
+            c += 32;
+        }
+        while c + 8 <= dim {
+            unsafe { pair_block::<T, 1>(keys, union, w, [acc_a, acc_b], c) };
+            c += 8;
+        }
+        for (ch, (a, b)) in acc_a.iter_mut().zip(acc_b.iter_mut()).enumerate().skip(c) {
+            (*a, *b) = (0.0, 0.0);
+            for (i, (_, run)) in keys.runs(true).enumerate() {
+                for j in 0..union {
+                    // SAFETY: `ch < dim`.
+                    let v = unsafe { *(run.at(j) as *const T).add(ch) }.to_acc();
+                    *a += w[0][LANES * i + j] * v;
+                    *b += w[1][LANES * i + j] * v;
+                }
+            }
+        }
+    }
+
+    /// Channels `c .. c + 8 N` of `weighted_run_pair`, both sums in registers.
+    ///
+    /// # Safety
+    /// Value rows and `acc[k]` must hold at least `c + 8 N` elements.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn pair_block<T: Wide, const N: usize>(
+        keys: &KeyList<f32>,
+        union: usize,
+        w: [&[f32]; 2],
+        acc: [&mut [f32]; 2],
+        c: usize,
+    ) {
+        let (mut sums_a, mut sums_b) = ([_mm256_setzero_ps(); N], [_mm256_setzero_ps(); N]);
+        for (i, (_, run)) in keys.runs(true).enumerate() {
+            for j in 0..union {
+                let row = run.at(j) as *const T;
+                let weight = [0, 1].map(|k| _mm256_set1_ps(w[k][LANES * i + j]));
+                for (b, (sa, sb)) in sums_a.iter_mut().zip(sums_b.iter_mut()).enumerate() {
+                    // SAFETY: by the caller's contract.
+                    let v = unsafe { load8(row.add(c + 8 * b)) };
+                    *sa = _mm256_fmadd_ps(weight[0], v, *sa);
+                    *sb = _mm256_fmadd_ps(weight[1], v, *sb);
+                }
+            }
+        }
+        for (sums, acc) in [sums_a, sums_b].iter().zip(acc) {
+            for (b, &v) in sums.iter().enumerate() {
+                // SAFETY: by the caller's contract.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(c + 8 * b), v) };
+            }
+        }
     }
 
     /// `acc = sum_n w_n value_n` over the window runs of `keys`, whose weights lie in groups
