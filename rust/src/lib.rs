@@ -9,5 +9,6 @@ pub mod cpu;
 pub mod cuda;
 pub mod dlpack;
 pub mod error;
+pub mod layout;
 pub mod problem;
 pub mod window;

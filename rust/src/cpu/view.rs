@@ -2,6 +2,7 @@
 //! what lets permuted torch views (heads-first or heads-last) in without a copy.
 
 use crate::dlpack::TensorRef;
+use crate::layout;
 
 /// A tensor viewed as `N` logical axes with element strides.
 pub struct View<T, const N: usize> {
@@ -24,13 +25,8 @@ unsafe impl<T, const N: usize> Send for View<T, N> {}
 unsafe impl<T, const N: usize> Sync for View<T, N> {}
 
 impl<T, const N: usize> View<T, N> {
-    /// View `t`, whose last `tail` axes map to the last `tail` logical axes and whose leading
-    /// `lead` axes map to the first ones; the logical axes between (rank padding) get stride 0.
-    pub fn new(t: &TensorRef, lead: usize) -> Self {
-        let mut strides = [0isize; N];
-        let tail = t.strides.len() - lead;
-        strides[..lead].copy_from_slice(&t.strides[..lead]);
-        strides[N - tail..].copy_from_slice(&t.strides[lead..]);
+    /// View `t` with the logical strides `strides` (from `layout`).
+    pub fn new(t: &TensorRef, strides: [isize; N]) -> Self {
         View {
             ptr: t.data as *mut T,
             strides,
@@ -74,40 +70,25 @@ pub type Bias<T> = View<T, 4>;
 /// View a heads-last token tensor `[B, *spatial, heads, C]` of `rank` spatial axes; with
 /// `channels == false`, a per-token tensor `[B, *spatial, heads]` (channel index 0 only).
 pub fn tokens_heads_last<T>(t: &TensorRef, rank: usize, channels: bool) -> Tokens<T> {
-    let s = &t.strides;
-    let mut strides = [0isize; 6];
-    strides[0] = s[0];
-    strides[1] = s[rank + 1];
-    strides[5 - rank..5].copy_from_slice(&s[1..=rank]);
-    if channels {
-        strides[5] = s[rank + 2];
-    }
-    View {
-        ptr: t.data as *mut T,
-        strides,
-    }
+    View::new(t, layout::tokens_heads_last(t, rank, channels))
 }
 
 /// View a heads-last additional-token tensor `[B, n, heads, C]` as `[B, heads, n, C]`.
 pub fn extras_heads_last<T>(t: &TensorRef) -> Extras<T> {
-    let s = &t.strides;
-    View {
-        ptr: t.data as *mut T,
-        strides: [s[0], s[2], s[1], s[3]],
-    }
+    View::new(t, layout::extras_heads_last(t))
 }
 
 /// View a heads-first token tensor `[B, heads, *spatial, C]` of any rank.
 pub fn tokens<T>(t: &TensorRef) -> Tokens<T> {
-    View::new(t, 2)
+    View::new(t, layout::tokens(t))
 }
 
 /// View an additional-token tensor `[B, heads, n, C]`.
 pub fn extras<T>(t: &TensorRef) -> Extras<T> {
-    View::new(t, 4)
+    View::new(t, layout::extras(t))
 }
 
 /// View a bias tensor `[heads, 2K-1, ...]` of any rank.
 pub fn bias<T>(t: &TensorRef) -> Bias<T> {
-    View::new(t, 1)
+    View::new(t, layout::bias(t))
 }

@@ -6,6 +6,7 @@ use super::kernels::{Function, BLOCK};
 use super::launch::{Config, View};
 use crate::cpu::FusedTensors;
 use crate::dlpack::TensorRef;
+use crate::layout;
 use crate::problem::FusedProblem;
 
 /// Threads of a warp: the fused forward gives each query row one.
@@ -13,32 +14,15 @@ pub const WARP: u32 = 32;
 
 impl View {
     /// A heads-last token tensor `[B, *spatial, heads, C]` (rank `rank`) as
-    /// `[b, h, s0, s1, s2, c]`, the spatial axes right-aligned. Without `channels` the tensor is
-    /// `[B, *spatial, heads]` (the logsumexp) and the channel stride is 0.
+    /// `[b, h, s0, s1, s2, c]`. Without `channels` the tensor is `[B, *spatial, heads]` (the
+    /// logsumexp) and the channel stride is 0.
     pub fn heads_last(t: &TensorRef, rank: usize, channels: bool) -> View {
-        let s = &t.strides;
-        let mut stride = [0i64; 6];
-        stride[0] = s[0] as i64;
-        stride[1] = s[rank + 1] as i64;
-        for (n, &st) in s[1..=rank].iter().enumerate() {
-            stride[5 - rank + n] = st as i64;
-        }
-        if channels {
-            stride[5] = s[rank + 2] as i64;
-        }
-        View {
-            data: t.data as u64,
-            stride,
-        }
+        View::with(t, layout::tokens_heads_last(t, rank, channels))
     }
 
     /// A heads-last additional-token tensor `[B, n, heads, C]` as rows `[b, h, e, -, -, c]`.
     pub fn extras_heads_last(t: &TensorRef) -> View {
-        let s = &t.strides;
-        View {
-            data: t.data as u64,
-            stride: [s[0], s[2], s[1], 0, 0, s[3]].map(|x| x as i64),
-        }
+        View::extra_rows(t, layout::extras_heads_last(t))
     }
 }
 

@@ -10,6 +10,7 @@
 use super::kernels::{Function, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
 use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
 use crate::dlpack::TensorRef;
+use crate::layout;
 use crate::problem::Problem;
 
 /// A strided tensor in the kernels' six logical axes (`NaView`). Strides are in elements.
@@ -23,45 +24,33 @@ pub struct View {
 }
 
 impl View {
-    /// A token tensor `[B, heads, *spatial, C]` of any rank as `[b, h, s0, s1, s2, c]`, the
-    /// spatial axes right-aligned (leading unit axes pad ranks 1 and 2).
-    pub fn tokens(t: &TensorRef) -> View {
-        let s = &t.strides;
-        let mut stride = [0i64; 6];
-        stride[0] = s[0] as i64;
-        stride[1] = s[1] as i64;
-        let tail = s.len() - 2;
-        for (n, &st) in s[2..].iter().enumerate() {
-            stride[6 - tail + n] = st as i64;
-        }
+    /// `t` with its logical strides (from `layout`).
+    pub fn with(t: &TensorRef, stride: [isize; 6]) -> View {
         View {
             data: t.data as u64,
-            stride,
+            stride: stride.map(|s| s as i64),
         }
+    }
+
+    /// A token tensor `[B, heads, *spatial, C]` of any rank as `[b, h, s0, s1, s2, c]`.
+    pub fn tokens(t: &TensorRef) -> View {
+        View::with(t, layout::tokens(t))
     }
 
     /// An additional-token tensor `[B, heads, n, C]` as rows `[b, h, e, -, -, c]`.
     pub fn extras(t: &TensorRef) -> View {
-        let s = &t.strides;
-        View {
-            data: t.data as u64,
-            stride: [s[0], s[1], s[2], 0, 0, s[3]].map(|x| x as i64),
-        }
+        View::extra_rows(t, layout::extras(t))
+    }
+
+    /// Additional-token strides `[b, h, e, c]` as rows `[b, h, e, -, -, c]`.
+    pub fn extra_rows(t: &TensorRef, [b, h, e, c]: [isize; 4]) -> View {
+        View::with(t, [b, h, e, 0, 0, c])
     }
 
     /// A bias tensor `[heads, 2K-1, ...]` of any rank as `[h, r0, r1, r2, -, -]`.
     pub fn bias(t: &TensorRef) -> View {
-        let s = &t.strides;
-        let mut stride = [0i64; 6];
-        stride[0] = s[0] as i64;
-        let tail = s.len() - 1;
-        for (n, &st) in s[1..].iter().enumerate() {
-            stride[4 - tail + n] = st as i64;
-        }
-        View {
-            data: t.data as u64,
-            stride,
-        }
+        let [h, r0, r1, r2] = layout::bias(t);
+        View::with(t, [h, r0, r1, r2, 0, 0])
     }
 }
 
