@@ -250,6 +250,26 @@ def test_forward(case, device, dtype):
     assert_close(call(case, t), expected, dtype, what="out (return_lse=False)")
 
 
+# Windows large enough that the CPU forward cuts each problem into many slabs (runs of queries
+# whose key and value rows it stages together), across dilation groups, strides, causal axes.
+SLAB_CASES = [
+    Case((1100,), (129,), (3,), (3,), (True,), 1, 4, 2, 16, 8, n_extra=2),
+    Case((40, 46), (15, 13), (1, 1), (2, 3), (False, True), 1, 4, 2, 16, 24, rpb=True,
+         layout="permuted"),
+    Case((6, 20, 21), (5, 7, 7), (2, 1, 1), (1, 2, 3), (True, False, False), 2, 2, 1, 8, 8),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", _params(SLAB_CASES))
+def test_forward_over_many_slabs(case, dtype):
+    t = leaves(case, dtype, "cpu")
+    out, lse = call(case, t, return_lse=True)
+    expected, expected_lse = oracle(case, as_oracle(t), return_lse=True)
+    assert_close(out, expected, dtype, what="out")
+    assert_close(lse, expected_lse, lse_tolerance(dtype), what="lse")
+
+
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", CASE_PARAMS)

@@ -7,6 +7,7 @@ use super::element::{dot, load, store, Accum, Attend, AttendPair, Element, Rows}
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
+use super::stage::{Slabs, Stage, WindowRows};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -97,6 +98,21 @@ impl<'g, T: Element> Attention<'g, T> {
     /// `row` must be a row of the validated problem.
     #[inline(always)]
     pub unsafe fn collect_keys(&self, row: Row, list: &mut KeyList<T::Acc>) {
+        // SAFETY: forwarded contract.
+        unsafe { self.collect_keys_in(row, None, list) }
+    }
+
+    /// `collect_keys`, reading the window's rows from `stage` when given.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem; a stage must hold its window's rows.
+    #[inline(always)]
+    unsafe fn collect_keys_in(
+        &self,
+        row: Row,
+        stage: Option<&Stage<T>>,
+        list: &mut KeyList<T::Acc>,
+    ) {
         let Row { b, h, x } = row;
         let hk = h / self.group;
         list.run_count = 0;
@@ -105,22 +121,23 @@ impl<'g, T: Element> Attention<'g, T> {
         unsafe {
             if let (Some(k), Some(v)) = (self.k, self.v) {
                 let w = self.g.window(x);
-                let at = [b, hk, w[0].first, w[1].first, w[2].first, 0];
-                let (k0, v0) = (k.at(at) as usize, v.at(at) as usize);
-                let size = std::mem::size_of::<T>() as isize;
-                let d = self.g.axes.map(|a| a.dilation as isize);
-                let k_step = [0, 1, 2].map(|a| d[a] * k.stride(2 + a) * size);
-                let v_step = [0, 1, 2].map(|a| d[a] * v.stride(2 + a) * size);
+                let d = self.g.axes.map(|a| a.dilation);
+                let rows = match stage {
+                    Some(stage) => stage.window_rows(&w, d),
+                    None => window_rows((k, v), (b, hk), &w, d),
+                };
+                let (k0, v0) = rows.first;
+                let [(k_step0, v_step0), (k_step1, v_step1), steps] = rows.steps;
                 for s0 in 0..w[0].count as isize {
                     for s1 in 0..w[1].count as isize {
-                        let k1 = k0.wrapping_add_signed(s0 * k_step[0] + s1 * k_step[1]);
-                        let v1 = v0.wrapping_add_signed(s0 * v_step[0] + s1 * v_step[1]);
+                        let k1 = k0.wrapping_add_signed(s0 * k_step0 + s1 * k_step1);
+                        let v1 = v0.wrapping_add_signed(s0 * v_step0 + s1 * v_step1);
                         list.runs[list.run_count] = (k1, v1);
                         list.run_count += 1;
                     }
                 }
                 list.run_len = w[2].count;
-                list.steps = (k_step[2], v_step[2]);
+                list.steps = steps;
                 list.window = list.run_count * list.run_len;
                 if let Some(bias) = self.bias {
                     self.collect_bias(bias, row, w, list);
@@ -304,6 +321,27 @@ impl<T: Element> Attention<'_, T> {
     }
 }
 
+/// The window `w` of batch `b`, kv head `hk` where the key and value tensors hold it.
+///
+/// # Safety
+/// The window must be in the tensors' validated shape.
+#[inline(always)]
+unsafe fn window_rows<T: Element>(
+    (k, v): (Tokens<T>, Tokens<T>),
+    (b, hk): (usize, usize),
+    w: &[Span; 3],
+    dilation: [usize; 3],
+) -> WindowRows {
+    let at = [b, hk, w[0].first, w[1].first, w[2].first, 0];
+    let size = std::mem::size_of::<T>() as isize;
+    let step = |t: Tokens<T>, a: usize| dilation[a] as isize * t.stride(2 + a) * size;
+    WindowRows {
+        // SAFETY: in shape by the caller's contract.
+        first: unsafe { (k.at(at) as usize, v.at(at) as usize) },
+        steps: [0, 1, 2].map(|a| (step(k, a), step(v, a))),
+    }
+}
+
 /// Forward into `out` `[B, *spatial, heads, Dv]` and `lse` `[B, *spatial, heads]` (float32).
 pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, lse: &TensorRef) {
     let g = Grid::with(p.axes, (p.batch, p.heads), p.dim, p.extra);
@@ -314,65 +352,94 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         out: tokens_heads_last(out, p.rank, true),
         lse: tokens_heads_last(lse, p.rank, false),
     };
-    match T::attend_pair_kernel().filter(|_| kernel.attend.is_some()) {
-        // SAFETY: `Pairs::row` writes only rows `2u` and `2u + 1` of `out` and `lse`.
-        Some(pair) => unsafe {
-            let pairs = Pairs {
-                forward: &kernel,
-                pair,
-            };
-            par_rows((g.rows().div_ceil(2), g.row_cost() * 4), &pairs)
-        },
+    if kernel.attend.is_none() {
         // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
-        None => unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) },
+        return unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) };
     }
+    let row_bytes = (p.dim + p.dim_v) * std::mem::size_of::<T>();
+    let slabbed = Slabbed {
+        forward: &kernel,
+        pair: T::attend_pair_kernel(),
+        slabs: Slabs::plan(&g, row_bytes),
+    };
+    let tasks = p.batch * p.heads_kv * slabbed.slabs.ranges.len();
+    let cost = (g.rows() * g.row_cost() * 2).div_ceil(tasks.max(1));
+    // SAFETY: task `u` writes only the rows of its slab, batch and kv head's query heads.
+    unsafe { par_rows((tasks, cost), &slabbed) }
 }
 
-/// The forward pass two consecutive rows at a time, through one `AttendPair` call where their
-/// windows allow (neighbors along the last axis share most keys), else row by row.
-struct Pairs<'k, 'a, 'g, T: Element> {
+/// The forward pass of the attend kernels, one slab (`stage`) of one batch and kv head per
+/// task: the slab's key and value rows are staged once, then every query head of the group
+/// attends from the slab's queries, two consecutive rows through one `AttendPair` call where
+/// their windows allow (neighbors along the last axis share most keys), else one by one.
+struct Slabbed<'k, 'a, 'g, T: Element> {
     forward: &'k Forward<'a, 'g, T>,
-    pair: AttendPair<T::Acc>,
+    pair: Option<AttendPair<T::Acc>>,
+    slabs: Slabs,
 }
 
-impl<T: Element> RowKernel for Pairs<'_, '_, '_, T> {
-    type Scratch = [RowScratch<T::Acc>; 2];
+/// Per-worker scratch of `Slabbed`.
+struct SlabScratch<T: Element> {
+    rows: [RowScratch<T::Acc>; 2],
+    stage: Stage<T>,
+}
+
+impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
+    type Scratch = SlabScratch<T>;
 
     fn scratch(&self) -> Self::Scratch {
-        [self.forward.scratch(), self.forward.scratch()]
+        let a = self.forward.a;
+        SlabScratch {
+            rows: [a.row_scratch(), a.row_scratch()],
+            stage: Stage::new(self.slabs.max_volume, (a.g.dim, a.dim_v)),
+        }
     }
 
     #[inline(always)]
     unsafe fn row(&self, u: usize, s: &mut Self::Scratch) {
         let (f, a) = (self.forward, self.forward.a);
-        let rows = [2 * u, 2 * u + 1];
-        // SAFETY (whole block): both rows are rows of the validated problem (the second is
-        // checked), written by this call only.
-        unsafe {
-            if rows[1] >= a.g.rows() {
-                return f.row(rows[0], &mut s[0]);
+        let slabs = self.slabs.ranges.len();
+        let heads_kv = a.g.heads / a.group;
+        let (b, hk, slab) = (u / slabs / heads_kv, u / slabs % heads_kv, u % slabs);
+        let SlabScratch {
+            rows: [sa, sb],
+            stage,
+        } = s;
+        let stage = match (self.slabs.boxes[slab], a.k, a.v) {
+            (Some(kbox), Some(k), Some(v)) => {
+                // SAFETY: dense rows (the attend kernels' condition); the box holds positions
+                // of the grid and fits the buffers (`max_volume`).
+                unsafe { stage.fill((k, v), (b, hk), kbox) };
+                Some(&*stage)
             }
-            let [ra, rb] = rows.map(|r| a.g.row(r));
-            let Some(offset) = a.pair_offset(ra, rb) else {
-                f.row(rows[0], &mut s[0]);
-                return f.row(rows[1], &mut s[0]);
-            };
-            let [sa, sb] = s;
-            for (row, s) in [(ra, &mut *sa), (rb, &mut *sb)] {
-                a.load_query(row, &mut s.q);
-                a.collect_keys(row, &mut s.keys);
+            _ => None,
+        };
+        let points = self.slabs.ranges[slab].clone();
+        for h in hk * a.group..(hk + 1) * a.group {
+            let base = (b * a.g.heads + h) * a.g.tokens();
+            let mut p = points.start;
+            while p < points.end {
+                let ra = a.g.row(base + p);
+                let rb = (p + 1 < points.end).then(|| a.g.row(base + p + 1));
+                let paired = self
+                    .pair
+                    .zip(rb)
+                    .and_then(|(pair, rb)| a.pair_offset(ra, rb).map(|offset| (pair, rb, offset)));
+                // SAFETY (both arms): rows of this task, of the validated problem; a stage
+                // holds the windows of its slab.
+                unsafe {
+                    match paired {
+                        Some((pair, rb, offset)) => {
+                            f.attend_pair(pair, [ra, rb], offset, stage, [sa, sb]);
+                            p += 2;
+                        }
+                        None => {
+                            f.attend_row(ra, stage, sa);
+                            p += 1;
+                        }
+                    }
+                }
             }
-            let dim = a.dim_v;
-            let results = (self.pair)(
-                [&sa.q, &sb.q],
-                [&sa.keys, &sb.keys],
-                offset,
-                a.bias.is_some(),
-                [&mut sa.logits, &mut sb.logits],
-                [&mut sa.tail[..dim], &mut sb.tail[..dim]],
-            );
-            f.finish(ra, results[0], &mut sa.tail[..dim]);
-            f.finish(rb, results[1], &mut sb.tail[..dim]);
         }
     }
 }
@@ -455,14 +522,7 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         // written by this call only.
         unsafe {
             match self.attend {
-                Some(kernel) => {
-                    a.load_query(row, &mut s.q);
-                    a.collect_keys(row, &mut s.keys);
-                    let acc = &mut s.tail[..a.dim_v];
-                    let with_bias = a.bias.is_some();
-                    let result = kernel(&s.q, &s.keys, with_bias, &mut s.logits, acc);
-                    self.finish(row, result, acc);
-                }
+                Some(_) => self.attend_row(row, None, s),
                 None => {
                     let lse = a.probabilities(row, s);
                     let terms = (row, &s.keys, &s.logits[..], true);
@@ -475,6 +535,59 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
 }
 
 impl<T: Element> Forward<'_, '_, T> {
+    /// Row `row` through the attend kernel, its window read from `stage` when given.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem, written by this task only; the attend
+    /// kernel must be set; a stage must hold the row's window.
+    #[inline(always)]
+    unsafe fn attend_row(&self, row: Row, stage: Option<&Stage<T>>, s: &mut RowScratch<T::Acc>) {
+        let a = self.a;
+        let kernel = self.attend.expect("an attend kernel");
+        // SAFETY: by the caller's contract.
+        unsafe {
+            a.load_query(row, &mut s.q);
+            a.collect_keys_in(row, stage, &mut s.keys);
+            let acc = &mut s.tail[..a.dim_v];
+            let result = kernel(&s.q, &s.keys, a.bias.is_some(), &mut s.logits, acc);
+            self.finish(row, result, acc);
+        }
+    }
+
+    /// Rows `rows` through one `AttendPair` call (the second's window runs start `offset` rows
+    /// into the first's), windows read from `stage` when given.
+    ///
+    /// # Safety
+    /// As `attend_row`, for both rows, and `offset` from `pair_offset`.
+    #[inline(always)]
+    unsafe fn attend_pair(
+        &self,
+        pair: AttendPair<T::Acc>,
+        [ra, rb]: [Row; 2],
+        offset: usize,
+        stage: Option<&Stage<T>>,
+        [sa, sb]: [&mut RowScratch<T::Acc>; 2],
+    ) {
+        let (a, dim) = (self.a, self.a.dim_v);
+        // SAFETY: by the caller's contract.
+        unsafe {
+            for (row, s) in [(ra, &mut *sa), (rb, &mut *sb)] {
+                a.load_query(row, &mut s.q);
+                a.collect_keys_in(row, stage, &mut s.keys);
+            }
+            let results = pair(
+                [&sa.q, &sb.q],
+                [&sa.keys, &sb.keys],
+                offset,
+                a.bias.is_some(),
+                [&mut sa.logits, &mut sb.logits],
+                [&mut sa.tail[..dim], &mut sb.tail[..dim]],
+            );
+            self.finish(ra, results[0], &mut sa.tail[..dim]);
+            self.finish(rb, results[1], &mut sb.tail[..dim]);
+        }
+    }
+
     /// Where row `row`'s output goes: `(address, channel stride, channels)`.
     fn out_row(&self, row: Row) -> (*mut T, isize, usize) {
         let [x0, x1, x2] = row.x;

@@ -79,8 +79,14 @@ impl Grid {
         Row {
             b: bh / self.heads,
             h: bh % self.heads,
-            x: self.points[n].map(|c| c as usize),
+            x: self.point(n),
         }
+    }
+
+    /// Coordinates of point `n` of the token order (`row` walks it).
+    #[inline(always)]
+    pub fn point(&self, n: usize) -> [usize; 3] {
+        self.points[n].map(|c| c as usize)
     }
 
     /// Index of `(b, h, x)` in row-major `(batch, head, token)` order (for per-row storage).

@@ -16,6 +16,7 @@ mod math;
 mod parallel;
 mod qk;
 mod simd;
+mod stage;
 mod view;
 
 use half::{bf16, f16};

@@ -11,8 +11,12 @@ use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-/// Indices handed to one task at least: enough work to amortise scheduling.
+/// Indices handed to a worker at a time, at most (cheap indices come this many at once).
 const GRAIN: usize = 16;
+
+/// Multiply-adds handed to a worker at a time, at least: enough to amortise the shared
+/// counter. Costly indices come one at a time, so that a few large tasks still spread evenly.
+const GRAIN_WORK: usize = 1 << 15;
 
 /// Below this many multiply-adds a problem runs on the calling thread: waking the pool costs
 /// more than it saves (and far more when another process holds the other cores).
@@ -30,15 +34,16 @@ pub fn for_each_with<S>(
         (0..n).for_each(|i| f(i, &mut state));
         return;
     }
+    let grain = GRAIN_WORK.div_ceil(cost.max(1)).clamp(1, GRAIN);
     let next = AtomicUsize::new(0);
     let worker = || {
         let mut state = init();
         loop {
-            let start = next.fetch_add(GRAIN, Ordering::Relaxed);
+            let start = next.fetch_add(grain, Ordering::Relaxed);
             if start >= n {
                 break;
             }
-            for i in start..(start + GRAIN).min(n) {
+            for i in start..(start + grain).min(n) {
                 f(i, &mut state);
             }
         }
@@ -46,7 +51,7 @@ pub fn for_each_with<S>(
     if !openmp::run_on_team(&worker) {
         (0..n)
             .into_par_iter()
-            .with_min_len(GRAIN)
+            .with_min_len(grain)
             .for_each_init(&init, |s, i| f(i, s));
     }
 }
