@@ -161,6 +161,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn attend_pair_kernel() -> Option<AttendPair<Self::Acc>> {
         None
     }
+
+    /// `attend_kernel` and `attend_pair_kernel` for rows already widened to the accumulator
+    /// type (the forward's staged rows), where this type has them on this CPU.
+    fn staged_kernels() -> Option<AttendKernels<Self::Acc>> {
+        None
+    }
 }
 
 /// Softmax attention from a scaled query `q` over the keys of a key list (dense rows of
@@ -188,6 +194,9 @@ pub type AttendPair<A> = unsafe fn(
     [&mut [A]; 2],
     [&mut [A]; 2],
 ) -> [(A, A); 2];
+
+/// An `Attend` kernel and its `AttendPair` counterpart.
+pub type AttendKernels<A> = (Attend<A>, AttendPair<A>);
 
 /// Element types whose row loops have explicit SIMD kernels (`simd`), used when the CPU has
 /// them.
@@ -238,6 +247,13 @@ macro_rules! wide_rows {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
                     return Some(super::simd::attend_pair::<$t>);
+                }
+                None
+            }
+            fn staged_kernels() -> Option<AttendKernels<f32>> {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    return Some((super::simd::attend::<f32>, super::simd::attend_pair::<f32>));
                 }
                 None
             }

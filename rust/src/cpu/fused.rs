@@ -3,11 +3,11 @@
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
 use super::av::weighted_sum;
-use super::element::{dot, load, store, Accum, Attend, AttendPair, Element, Rows};
+use super::element::{dot, load, store, Accum, Attend, AttendKernels, AttendPair, Element, Rows};
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
-use super::stage::{Slabs, Stage, WindowRows};
+use super::stage::{Slabs, Stage, StagedViews, WindowRows};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -146,8 +146,10 @@ impl<'g, T: Element> Attention<'g, T> {
             let extra = if self.ek.is_some() { self.g.extra } else { 0 };
             if let (Some(ek), Some(ev)) = (self.ek, self.ev) {
                 for e in 0..extra {
-                    list.extra_keys[e] = ek.at([b, hk, e, 0]) as usize;
-                    list.extra_values[e] = ev.at([b, hk, e, 0]) as usize;
+                    (list.extra_keys[e], list.extra_values[e]) = match stage {
+                        Some(stage) => stage.extra_rows(e),
+                        None => (ek.at([b, hk, e, 0]) as usize, ev.at([b, hk, e, 0]) as usize),
+                    };
                 }
             }
             list.len = list.window + extra;
@@ -356,10 +358,11 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         // SAFETY: `Forward::row` writes only row `r` of `out` and `lse`, for any `r < g.rows()`.
         return unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) };
     }
-    let row_bytes = (p.dim + p.dim_v) * std::mem::size_of::<T>();
+    let row_bytes = (p.dim + p.dim_v) * std::mem::size_of::<T::Acc>();
     let slabbed = Slabbed {
         forward: &kernel,
         pair: T::attend_pair_kernel(),
+        staged: T::staged_kernels(),
         slabs: Slabs::plan(&g, row_bytes),
     };
     let tasks = p.batch * p.heads_kv * slabbed.slabs.ranges.len();
@@ -375,6 +378,8 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
 struct Slabbed<'k, 'a, 'g, T: Element> {
     forward: &'k Forward<'a, 'g, T>,
     pair: Option<AttendPair<T::Acc>>,
+    /// The kernels for staged (widened) rows; without them, slabs are not staged.
+    staged: Option<AttendKernels<T::Acc>>,
     slabs: Slabs,
 }
 
@@ -391,7 +396,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         let a = self.forward.a;
         SlabScratch {
             rows: [a.row_scratch(), a.row_scratch()],
-            stage: Stage::new(self.slabs.max_volume, (a.g.dim, a.dim_v)),
+            stage: Stage::new(self.slabs.max_volume, a.g.extra, (a.g.dim, a.dim_v)),
         }
     }
 
@@ -405,14 +410,22 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             rows: [sa, sb],
             stage,
         } = s;
-        let stage = match (self.slabs.boxes[slab], a.k, a.v) {
-            (Some(kbox), Some(k), Some(v)) => {
+        let stage = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
+            (Some(_), Some(kbox), Some(k), Some(v)) => {
+                let views = StagedViews {
+                    window: (k, v),
+                    extras: a.ek.zip(a.ev).map(|(ek, ev)| (ek, ev, a.g.extra)),
+                };
                 // SAFETY: dense rows (the attend kernels' condition); the box holds positions
-                // of the grid and fits the buffers (`max_volume`).
-                unsafe { stage.fill((k, v), (b, hk), kbox) };
+                // of the grid and fits the buffers (`max_volume`), as do the extras.
+                unsafe { stage.fill(views, (b, hk), kbox) };
                 Some(&*stage)
             }
             _ => None,
+        };
+        let (single, pair) = match (stage, self.staged) {
+            (Some(_), Some((single, pair))) => (single, Some(pair)),
+            _ => (f.attend.expect("an attend kernel"), self.pair),
         };
         let points = self.slabs.ranges[slab].clone();
         for h in hk * a.group..(hk + 1) * a.group {
@@ -421,8 +434,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             while p < points.end {
                 let ra = a.g.row(base + p);
                 let rb = (p + 1 < points.end).then(|| a.g.row(base + p + 1));
-                let paired = self
-                    .pair
+                let paired = pair
                     .zip(rb)
                     .and_then(|(pair, rb)| a.pair_offset(ra, rb).map(|offset| (pair, rb, offset)));
                 // SAFETY (both arms): rows of this task, of the validated problem; a stage
@@ -434,7 +446,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                             p += 2;
                         }
                         None => {
-                            f.attend_row(ra, stage, sa);
+                            f.attend_row(single, ra, stage, sa);
                             p += 1;
                         }
                     }
@@ -522,7 +534,7 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         // written by this call only.
         unsafe {
             match self.attend {
-                Some(_) => self.attend_row(row, None, s),
+                Some(kernel) => self.attend_row(kernel, row, None, s),
                 None => {
                     let lse = a.probabilities(row, s);
                     let terms = (row, &s.keys, &s.logits[..], true);
@@ -535,15 +547,21 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
 }
 
 impl<T: Element> Forward<'_, '_, T> {
-    /// Row `row` through the attend kernel, its window read from `stage` when given.
+    /// Row `row` through `kernel`, its rows read from `stage` when given.
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem, written by this task only; the attend
-    /// kernel must be set; a stage must hold the row's window.
+    /// `row` must be a row of the validated problem, written by this task only; the kernel
+    /// must read rows as they lie (staged rows are widened); a stage must hold the row's
+    /// window.
     #[inline(always)]
-    unsafe fn attend_row(&self, row: Row, stage: Option<&Stage<T>>, s: &mut RowScratch<T::Acc>) {
+    unsafe fn attend_row(
+        &self,
+        kernel: Attend<T::Acc>,
+        row: Row,
+        stage: Option<&Stage<T>>,
+        s: &mut RowScratch<T::Acc>,
+    ) {
         let a = self.a;
-        let kernel = self.attend.expect("an attend kernel");
         // SAFETY: by the caller's contract.
         unsafe {
             a.load_query(row, &mut s.q);

@@ -1,16 +1,18 @@
 //! Staging for the fused forward: queries are taken in slabs (runs of consecutive points that
 //! share most of their neighbours), and the key and value rows a slab reads are first copied
-//! into compact per-worker buffers. Heads-last tensors interleave the heads of every token, so
-//! a head's key rows lie `heads * D` elements apart, and dilated neighbours further still; read
-//! in place, each window touches many more cache lines and pages than it uses (measured on P1:
-//! the same kernels ran 1.5x faster on heads-first key and value tensors than on heads-last
-//! ones). In the stage, the window's rows lie densely, one dilation step apart.
+//! into compact per-worker buffers, widened to the accumulator type. Heads-last tensors
+//! interleave the heads of every token, so a head's key rows lie `heads * D` elements apart,
+//! and dilated neighbours further still; read in place, each window touches many more cache
+//! lines and pages than it uses (measured on P1: the same kernels ran 1.5x faster on
+//! heads-first key and value tensors than on heads-last ones). In the stage, the window's rows
+//! lie densely, one dilation step apart, and half types are widened once per slab instead of
+//! once per query that reads them.
 
 use std::ops::Range;
 
 use super::element::{Accum, Element};
 use super::grid::Grid;
-use super::view::Tokens;
+use super::view::{Extras, Tokens};
 use crate::window::Span;
 
 /// Window slots a slab aims to cover in all (`points * slots`): its staged rows then stay in a
@@ -146,55 +148,87 @@ fn cut_before(g: &Grid, (start, p): (usize, usize), target: usize, line: usize) 
     }
 }
 
-/// A worker's staged key and value rows: `box` positions, row-major, `dim` and `dim_v`
-/// elements each, in 64-byte aligned buffers.
-pub struct Stage<T> {
-    keys: Aligned<T>,
-    values: Aligned<T>,
+/// A worker's staged rows, widened to the accumulator type (so that half types are widened
+/// once, not once per query that reads them): the key and value rows of every position of a
+/// box, row-major, and the additional tokens' rows, each set in a 64-byte aligned buffer.
+pub struct Stage<T: Element> {
+    keys: Aligned<T::Acc>,
+    values: Aligned<T::Acc>,
+    extra_keys: Aligned<T::Acc>,
+    extra_values: Aligned<T::Acc>,
     dims: (usize, usize),
     kbox: Option<KeyBox>,
 }
 
 impl<T: Element> Stage<T> {
-    /// Buffers for boxes of up to `volume` positions of rows of `dims` (keys, values).
-    pub fn new(volume: usize, dims: (usize, usize)) -> Self {
+    /// Buffers for boxes of up to `volume` positions and `extra` additional tokens, rows of
+    /// `dims` (keys, values) elements.
+    pub fn new(volume: usize, extra: usize, dims: (usize, usize)) -> Self {
         Stage {
             keys: Aligned::new(volume * dims.0),
             values: Aligned::new(volume * dims.1),
+            extra_keys: Aligned::new(extra * dims.0),
+            extra_values: Aligned::new(extra * dims.1),
             dims,
             kbox: None,
         }
     }
 
-    /// Copy the key and value rows of batch `b`, kv head `hk` at every position of `kbox`.
+    /// Stage the key and value rows of batch `b`, kv head `hk` at every position of `kbox`,
+    /// and its additional tokens' rows when given.
     ///
     /// # Safety
-    /// `k` and `v` must view tensors with dense rows of `dims` elements holding `(b, hk)` and
-    /// every position of the box; the box must fit the buffers.
-    pub unsafe fn fill(
-        &mut self,
-        (k, v): (Tokens<T>, Tokens<T>),
-        (b, hk): (usize, usize),
-        kbox: KeyBox,
-    ) {
+    /// The views must have dense rows of `dims` elements and hold `(b, hk)`, every position
+    /// of the box and the additional tokens; box and extras must fit the buffers.
+    pub unsafe fn fill(&mut self, rows: StagedViews<T>, (b, hk): (usize, usize), kbox: KeyBox) {
         let (dk, dv) = self.dims;
+        let (k, v) = rows.window;
         for n in 0..kbox.volume() {
             let [x0, x1, x2] = kbox.position(n);
             let at = [b, hk, x0, x1, x2, 0];
             // SAFETY: in shape and in the buffers by the caller's contract.
             unsafe {
-                std::ptr::copy_nonoverlapping(k.at(at), self.keys.ptr_mut().add(n * dk), dk);
-                std::ptr::copy_nonoverlapping(v.at(at), self.values.ptr_mut().add(n * dv), dv);
+                widen(k.at(at), self.keys.ptr_mut().add(n * dk), dk);
+                widen(v.at(at), self.values.ptr_mut().add(n * dv), dv);
+            }
+        }
+        if let Some((ek, ev, extra)) = rows.extras {
+            for e in 0..extra {
+                // SAFETY: as above.
+                unsafe {
+                    widen(
+                        ek.at([b, hk, e, 0]),
+                        self.extra_keys.ptr_mut().add(e * dk),
+                        dk,
+                    );
+                    widen(
+                        ev.at([b, hk, e, 0]),
+                        self.extra_values.ptr_mut().add(e * dv),
+                        dv,
+                    );
+                }
             }
         }
         self.kbox = Some(kbox);
     }
 
+    /// Addresses of additional token `e`'s staged key row and value row.
+    #[inline(always)]
+    pub fn extra_rows(&self, e: usize) -> (usize, usize) {
+        let (dk, dv) = self.dims;
+        let size = std::mem::size_of::<T::Acc>();
+        (
+            self.extra_keys.ptr() as usize + e * dk * size,
+            self.extra_values.ptr() as usize + e * dv * size,
+        )
+    }
+
     /// The staged window `w` (inside the filled box): addresses of its first key and value
     /// rows, and the byte steps between neighbours along each axis.
+    #[inline(always)]
     pub fn window_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> WindowRows {
         let kbox = self.kbox.expect("a filled stage");
-        let size = std::mem::size_of::<T>();
+        let size = std::mem::size_of::<T::Acc>();
         let first = kbox.index(w.map(|s| s.first));
         let pitch = [kbox.count[1] * kbox.count[2], kbox.count[2], 1];
         let (dk, dv) = self.dims;
@@ -212,6 +246,27 @@ impl<T: Element> Stage<T> {
     }
 }
 
+/// The inputs a stage copies from: key and value tokens, and the additional tokens' keys and
+/// values with their count.
+pub struct StagedViews<T> {
+    /// Key and value tokens.
+    pub window: (Tokens<T>, Tokens<T>),
+    /// Additional keys, values, and how many.
+    pub extras: Option<(Extras<T>, Extras<T>, usize)>,
+}
+
+/// `n` elements from `src` to `dst`, widened to the accumulator type.
+///
+/// # Safety
+/// `src` must hold `n` readable elements and `dst` `n` writable ones.
+#[inline(always)]
+unsafe fn widen<T: Element>(src: *const T, dst: *mut T::Acc, n: usize) {
+    for i in 0..n {
+        // SAFETY: by the caller's contract.
+        unsafe { *dst.add(i) = (*src.add(i)).to_acc() };
+    }
+}
+
 /// Where a query's window lies in memory: addresses of its first key row and first value row,
 /// and the byte steps `(keys, values)` between window neighbours along each axis.
 #[derive(Clone, Copy, Debug)]
@@ -223,24 +278,24 @@ pub struct WindowRows {
 }
 
 /// `len` elements of `T` starting on a 64-byte boundary (cache lines hold whole rows).
-struct Aligned<T> {
-    buf: Vec<T>,
+struct Aligned<A> {
+    buf: Vec<A>,
     offset: usize,
 }
 
-impl<T: Element> Aligned<T> {
+impl<A: Accum> Aligned<A> {
     fn new(len: usize) -> Self {
-        let slack = 64 / std::mem::size_of::<T>();
-        let buf = vec![T::from_acc(T::Acc::ZERO); len + slack];
+        let slack = 64 / std::mem::size_of::<A>();
+        let buf = vec![A::ZERO; len + slack];
         let offset = buf.as_ptr().align_offset(64).min(slack);
         Aligned { buf, offset }
     }
 
-    fn ptr(&self) -> *const T {
+    fn ptr(&self) -> *const A {
         self.buf[self.offset..].as_ptr()
     }
 
-    fn ptr_mut(&mut self) -> *mut T {
+    fn ptr_mut(&mut self) -> *mut A {
         self.buf[self.offset..].as_mut_ptr()
     }
 }
