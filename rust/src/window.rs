@@ -96,5 +96,23 @@ impl Axis {
     }
 }
 
+/// An axis from its parameters, for tests.
+#[cfg(test)]
+pub(crate) fn axis(
+    length: usize,
+    kernel: usize,
+    stride: usize,
+    dilation: usize,
+    causal: bool,
+) -> Axis {
+    Axis {
+        length,
+        kernel,
+        stride,
+        dilation,
+        causal,
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -303,17 +303,7 @@ impl<A: Accum> Aligned<A> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::Axis;
-
-    fn axis(length: usize, kernel: usize, stride: usize, dilation: usize, causal: bool) -> Axis {
-        Axis {
-            length,
-            kernel,
-            stride,
-            dilation,
-            causal,
-        }
-    }
+    use crate::window::{axis, Axis};
 
     /// Slabs cover every point once, in order, and each slab's box holds every window key
     /// of its points on its lattice (`index` lands inside the box).

@@ -1,15 +1,5 @@
 use super::*;
 
-fn axis(length: usize, kernel: usize, stride: usize, dilation: usize, causal: bool) -> Axis {
-    Axis {
-        length,
-        kernel,
-        stride,
-        dilation,
-        causal,
-    }
-}
-
 fn keys(a: &Axis, i: usize) -> Vec<usize> {
     let w = a.window(i);
     (0..w.count).map(|n| w.first + n * a.dilation).collect()
