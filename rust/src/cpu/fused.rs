@@ -405,7 +405,9 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         let (f, a) = (self.forward, self.forward.a);
         let slabs = self.slabs.ranges.len();
         let heads_kv = a.g.heads / a.group;
-        let (b, hk, slab) = (u / slabs / heads_kv, u / slabs % heads_kv, u % slabs);
+        // The kv heads of one slab are consecutive tasks: heads-last rows interleave them, so
+        // the second stage finds the lines the first one brought in still in cache.
+        let (b, slab, hk) = (u / heads_kv / slabs, u / heads_kv % slabs, u % heads_kv);
         let SlabScratch {
             rows: [sa, sb],
             stage,
