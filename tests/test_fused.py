@@ -11,7 +11,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import random
+import subprocess
+import sys
 
 import natten_rs
 import natten_rs.functional as F
@@ -27,6 +30,7 @@ from conftest import (
     make_inputs,
     make_tensor,
 )
+from natten_rs import _core
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 
@@ -268,6 +272,67 @@ def test_forward_over_many_slabs(case, dtype):
     expected, expected_lse = oracle(case, as_oracle(t), return_lse=True)
     assert_close(out, expected, dtype, what="out")
     assert_close(lse, expected_lse, lse_tolerance(dtype), what="lse")
+
+
+CPU_TIERS = ["portable", "avx2", "avx512"]
+
+
+@pytest.fixture(params=CPU_TIERS)
+def cpu_tier(request):
+    """Run the test with the CPU kernels capped at a tier (skipped where the CPU lacks it)."""
+    tier = request.param
+    best = _core.cpu_isa()[1]
+    if CPU_TIERS.index(tier) > CPU_TIERS.index(best):
+        pytest.skip(f"this CPU's best tier is {best}, not {tier}")
+    previous = _core.set_cpu_isa(tier)
+    assert _core.cpu_isa()[0] == tier
+    yield tier
+    _core.set_cpu_isa(previous)
+
+
+# Head dims around the SIMD widths (tails of 8 and 16 lanes) and past what the AVX-512 pair
+# kernel keeps in registers (264 channels: it hands those rows to the AVX2 one).
+TIER_CASES = [
+    *FIXED_CASES,
+    *SLAB_CASES,
+    Case((9, 11), (5, 7), (1, 1), (1, 1), (False, False), 1, 2, 1, 264, 40, n_extra=3),
+    Case((6, 13), (3, 5), (1, 1), (2, 1), (False, True), 1, 2, 2, 24, 72, rpb=True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", _params(TIER_CASES))
+def test_forward_on_every_cpu_tier(case, dtype, cpu_tier):
+    t = leaves(case, dtype, "cpu")
+    out, lse = call(case, t, return_lse=True)
+    expected, expected_lse = oracle(case, as_oracle(t), return_lse=True)
+    assert_close(out, expected, dtype, what=f"out ({cpu_tier})")
+    assert_close(lse, expected_lse, lse_tolerance(dtype), what=f"lse ({cpu_tier})")
+
+
+def test_cpu_tier_rejects_unknown_names():
+    with pytest.raises(
+        ValueError, match=r"isa: expected one of 'portable', 'avx2', 'avx512', got 'sse4'"
+    ):
+        _core.set_cpu_isa("sse4")
+    assert _core.cpu_isa()[0] in CPU_TIERS
+
+
+def test_cpu_tier_environment_variable_is_checked_at_import():
+    def run(value):
+        code = "import natten_rs; print(natten_rs._core.cpu_isa()[0])"
+        env = {**os.environ, "NATTEN_RS_CPU_ISA": value}
+        args = [sys.executable, "-c", code]
+        return subprocess.run(args, check=False, env=env, capture_output=True, text=True)
+
+    capped = run("portable")
+    assert capped.returncode == 0 and capped.stdout.strip() == "portable", capped.stderr
+    bad = run("avx1024")
+    assert bad.returncode != 0
+    assert (
+        "NATTEN_RS_CPU_ISA: expected one of 'portable', 'avx2', 'avx512', got 'avx1024'"
+        in bad.stderr
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)

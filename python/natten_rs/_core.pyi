@@ -127,6 +127,14 @@ def na_fused_backward(
 def dlpack_info(capsule: Capsule) -> tuple[int, list[int], list[int], str, str]:
     """``(data address, shape, strides, dtype, device)`` as natten_rs reads the capsule."""
 
+def cpu_isa() -> tuple[str, str]:
+    """The CPU kernels' instruction-set tier: ``(in use, best this CPU has)``, each one of
+    ``"portable"``, ``"avx2"``, ``"avx512"``."""
+
+def set_cpu_isa(isa: str) -> str:
+    """Cap the CPU kernels' tier at ``isa`` (a tier the CPU lacks runs as the best it has);
+    returns the previous cap. ``ValueError`` for an unknown name."""
+
 KernelRow: TypeAlias = tuple[str, int | None, int | None, str, str]
 """``(kernel, registers, spill bytes, compile log, origin)``; origin is ``"compiled"``,
 ``"disk"`` or ``"memory"``; registers and spills are None without a ptxas report."""

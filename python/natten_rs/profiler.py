@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import functional, reference
+from . import _core, functional, reference
 
 DTYPES = {
     "float32": torch.float32,
@@ -127,7 +127,7 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
         f"problem: {len(args.size)}-D {'x'.join(map(str, args.size))} ({tokens} tokens), "
         f"B={args.batch}, heads={args.heads}, head_dim={args.dim}, kernel={args.kernel}, "
         f"causal={args.causal}, {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads, CPU kernels {_core.cpu_isa()[0]}"
     )
     print(
         "natten_rs unfused: qk -> softmax -> av; natten_rs fused: na*d; "

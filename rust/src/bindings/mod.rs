@@ -13,6 +13,7 @@ mod cuda;
 mod fused;
 mod unfused;
 
+use crate::cpu;
 use crate::cuda::{Source, Stream};
 use crate::dlpack::{borrow_capsule, Device, TensorRef};
 use crate::error::Error;
@@ -106,6 +107,23 @@ fn dlpack_info(capsule: Capsule) -> PyResult<DlpackInfo> {
     Ok((t.data, t.shape, t.strides, dtype, t.device.to_string()))
 }
 
+/// The CPU kernels' instruction-set tier: `(in use, best this CPU has)`.
+#[pyfunction]
+fn cpu_isa() -> (&'static str, &'static str) {
+    (cpu::isa().name(), cpu::detected_isa().name())
+}
+
+/// Cap the CPU kernels' tier at `isa` (`portable`, `avx2` or `avx512`; a tier the CPU lacks
+/// runs as the best it has); returns the previous cap.
+#[pyfunction]
+fn set_cpu_isa(isa: &str) -> PyResult<&'static str> {
+    let names = cpu::Isa::ALL.map(|i| format!("'{}'", i.name())).join(", ");
+    let tier = cpu::Isa::from_name(isa).ok_or_else(|| {
+        PyValueError::new_err(format!("isa: expected one of {names}, got '{isa}'"))
+    })?;
+    Ok(cpu::set_isa_ceiling(tier).name())
+}
+
 /// The `natten_rs._core` extension module.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -114,5 +132,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     fused::register(m)?;
     cuda::register(m)?;
     m.add_function(wrap_pyfunction!(dlpack_info, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_isa, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_isa, m)?)?;
     Ok(())
 }

@@ -252,8 +252,15 @@ macro_rules! wide_rows {
             }
             fn staged_kernels() -> Option<AttendKernels<f32>> {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::available() {
-                    return Some((super::simd::attend::<f32>, super::simd::attend_pair::<f32>));
+                {
+                    use super::simd::{self, Isa};
+                    match simd::isa() {
+                        Isa::Avx512 => {
+                            return Some((simd::attend_avx512, simd::attend_pair_avx512));
+                        }
+                        Isa::Avx2 => return Some((simd::attend::<f32>, simd::attend_pair::<f32>)),
+                        Isa::Portable => {}
+                    }
                 }
                 None
             }

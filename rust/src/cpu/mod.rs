@@ -3,7 +3,8 @@
 //! `pairwise` (dots over a window), `gather` (weighted sum over a window), `scatter` (its
 //! transpose, over inverse windows) and the reductions onto extra tokens and the bias. The fused
 //! op (`fused`, `fused_bwd`, `fused_kv`) keeps one query's logits in scratch and never builds
-//! the attention matrix; `simd` holds the explicit AVX2 loops both families run on.
+//! the attention matrix; `simd` holds the explicit SIMD tiers (AVX2, AVX-512) both families
+//! run on.
 
 mod av;
 mod element;
@@ -156,6 +157,7 @@ pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, grads: &AvGrad
 
 pub use fused::FusedTensors;
 pub use fused_bwd::{FusedGrads, Saved};
+pub use simd::{detected as detected_isa, isa, set_ceiling as set_isa_ceiling, Isa};
 
 /// Fused forward into `out` and `lse`.
 pub fn fused_forward(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, lse: &TensorRef) {

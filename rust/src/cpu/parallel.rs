@@ -7,9 +7,10 @@
 //! runs everywhere and fast where it can.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
+
+use super::simd::{self, Isa};
 
 /// Indices handed to a worker at a time, at most (cheap indices come this many at once).
 const GRAIN: usize = 16;
@@ -78,36 +79,21 @@ pub trait RowKernel: Sync {
 /// # Safety
 /// `kernel.row(r, _)` must be sound for every `r < rows`.
 pub unsafe fn par_rows<K: RowKernel>((rows, cost): (usize, usize), kernel: &K) {
-    let isa = isa();
+    let vector = simd::isa() >= Isa::Avx2;
     for_each_with(
         (rows, cost),
         || kernel.scratch(),
-        |r, scratch| match isa {
-            // SAFETY: `r < rows`; the caller vouches for the kernel.
-            Isa::Baseline => unsafe { kernel.row(r, scratch) },
-            // SAFETY: as above, and the CPU has AVX2, FMA and F16C (detected).
+        |r, scratch| {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => unsafe { row_avx2_fma(kernel, r, scratch) },
+            if vector {
+                // SAFETY: `r < rows`; the caller vouches for the kernel; the CPU has AVX2,
+                // FMA and F16C (detected).
+                return unsafe { row_avx2_fma(kernel, r, scratch) };
+            }
+            // SAFETY: `r < rows`; the caller vouches for the kernel.
+            unsafe { kernel.row(r, scratch) }
         },
     );
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Isa {
-    Baseline,
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-}
-
-fn isa() -> Isa {
-    static ISA: OnceLock<Isa> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if super::simd::available() {
-            return Isa::Avx2Fma;
-        }
-        Isa::Baseline
-    })
 }
 
 /// `kernel.row` inlined and compiled with AVX2, FMA and F16C enabled.

@@ -272,7 +272,7 @@ impl FusedProblem {
         } else {
             0
         };
-        if heads_kv == 0 || self.heads % heads_kv != 0 {
+        if heads_kv == 0 || !self.heads.is_multiple_of(heads_kv) {
             let expected = format!("a number of heads dividing the query's {}", self.heads);
             return Err(Error::invalid(
                 arg,

@@ -1,0 +1,469 @@
+//! The AVX-512 tier of the forward's attend kernels, for staged rows (dense float32; half
+//! types are widened when they are staged). Sixteen lanes hold the partial logits of two
+//! queries side by side (eight channels of each against the same key row, broadcast to both
+//! halves), so a query pair's logits take half the multiply-adds of the AVX2 kernels; value
+//! sums run sixteen channels at a time, tails through lane masks.
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::avx2::{self, load_partial, mask_past, max8, padded};
+use crate::cpu::element::{Rows, Run};
+use crate::cpu::keys::{KeyList, LANES};
+use crate::cpu::math::avx512::exp16;
+
+/// Query channels the pair kernel holds in registers, at most (longer rows take AVX2's).
+const PAIR_DIM: usize = 256;
+
+/// Lanes `0..n` (at most 16) of a mask.
+#[inline(always)]
+fn lanes_below(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xffff
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// The sixteen lane sums of `v[j]`, row `j` in lane `j` of the result (eight rows): fold the
+/// 128-bit blocks of row pairs, then the pairs of lanes within blocks.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq")]
+fn sum8x16(v: [__m512; 8]) -> __m256 {
+    // [A0+A2, A1+A3, B0+B2, B1+B3] (blocks of rows a and b).
+    let fold = |a, b| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+            _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+        )
+    };
+    // One block (four partial sums) per row, rows a, b of `p` then c, d of `q`.
+    let blocks = |p, q| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(p, q),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(p, q),
+        )
+    };
+    let low = blocks(fold(v[0], v[1]), fold(v[2], v[3]));
+    let high = blocks(fold(v[4], v[5]), fold(v[6], v[7]));
+    // Block k: [row k, row k + 4, row k, row k + 4] once the lane pairs are added.
+    let y = _mm512_add_ps(_mm512_unpacklo_ps(low, high), _mm512_unpackhi_ps(low, high));
+    let z = _mm512_add_ps(y, _mm512_permute_ps::<0b01_00_11_10>(y));
+    let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0);
+    _mm512_castps512_ps256(_mm512_permutexvar_ps(order, z))
+}
+
+/// `a . row_j` for eight dense float32 rows, in lane `j`.
+///
+/// # Safety
+/// Every address must hold `a.len()` readable floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq")]
+unsafe fn dot8(a: &[f32], rows: [usize; 8]) -> __m256 {
+    let rows = rows.map(|r| r as *const f32);
+    let mut acc = [_mm512_setzero_ps(); 8];
+    let body = a.len() - a.len() % 16;
+    for c in (0..body).step_by(16) {
+        // SAFETY: `c + 16 <= a.len()`.
+        unsafe {
+            let x = _mm512_loadu_ps(a.as_ptr().add(c));
+            for j in 0..8 {
+                acc[j] = _mm512_fmadd_ps(x, _mm512_loadu_ps(rows[j].add(c)), acc[j]);
+            }
+        }
+    }
+    if body < a.len() {
+        let m = lanes_below(a.len() - body);
+        // SAFETY: lanes past `a.len()` are masked off.
+        unsafe {
+            let x = _mm512_maskz_loadu_ps(m, a.as_ptr().add(body));
+            for j in 0..8 {
+                let row = _mm512_maskz_loadu_ps(m, rows[j].add(body));
+                acc[j] = _mm512_fmadd_ps(x, row, acc[j]);
+            }
+        }
+    }
+    sum8x16(acc)
+}
+
+/// Logits `q . row_n (+ bias_n)` of `rows` into groups of eight slots of `out` (padding
+/// slots at -inf); returns `max` raised lane by lane to them.
+///
+/// # Safety
+/// Rows must hold `q.len()` readable floats; `out` holds their padded groups.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx2,fma")]
+unsafe fn logit_groups<R: Rows>(
+    q: &[f32],
+    rows: R,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+    mut max: __m256,
+) -> __m256 {
+    let count = rows.len();
+    for (start, group) in (0..count).step_by(LANES).zip(out.chunks_exact_mut(LANES)) {
+        // SAFETY: by the caller's contract; `group` holds 8 floats.
+        unsafe {
+            let mut l = dot8(q, padded(rows, start));
+            if let Some(bias) = bias {
+                l = _mm256_add_ps(l, load_partial(&bias[start..count]));
+            }
+            l = mask_past(l, count - start);
+            max = _mm256_max_ps(max, l);
+            _mm256_storeu_ps(group.as_mut_ptr(), l);
+        }
+    }
+    max
+}
+
+/// `xs[i] = e^(xs[i] - max)` over `xs` (whole groups of eight); returns the sum.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn exp_slots(xs: &mut [f32], max: f32) -> f32 {
+    let mut sum = _mm512_setzero_ps();
+    for start in (0..xs.len()).step_by(16) {
+        let m = lanes_below(xs.len() - start);
+        // SAFETY: lanes past the slice are masked off.
+        unsafe {
+            let at = xs.as_mut_ptr().add(start);
+            let p = exp16(_mm512_sub_ps(
+                _mm512_maskz_loadu_ps(m, at),
+                _mm512_set1_ps(max),
+            ));
+            _mm512_mask_storeu_ps(at, m, p);
+            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, p));
+        }
+    }
+    _mm512_reduce_add_ps(sum)
+}
+
+/// `acc[k] = sum_i sum_j w[k][g i + j] row_ij` for `Q` weight sets over the value runs of
+/// `keys` (`len` rows each, weights in groups of `g` slots per run, `g` the run length
+/// rounded up to whole groups of eight): channels sixteen at a
+/// time, `N` blocks of them in registers, rows alternating between two sets of sums so that
+/// consecutive multiply-adds do not wait on each other.
+///
+/// # Safety
+/// Value rows must hold `acc[k].len()` readable floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq")]
+unsafe fn weighted_runs<const Q: usize>(
+    keys: &KeyList<f32>,
+    len: usize,
+    w: [&[f32]; Q],
+    mut acc: [&mut [f32]; Q],
+) {
+    let dim = acc[0].len();
+    let mut c = 0;
+    // SAFETY (every block): channels `c..` of the rows, the tail masked.
+    unsafe {
+        while c + 64 <= dim {
+            weighted_block::<Q, 4, false>(keys, len, w, &mut acc, c);
+            c += 64;
+        }
+        while c + 16 <= dim {
+            weighted_block::<Q, 1, false>(keys, len, w, &mut acc, c);
+            c += 16;
+        }
+        if c < dim {
+            weighted_block::<Q, 1, true>(keys, len, w, &mut acc, c);
+        }
+    }
+}
+
+/// Channels `c .. c + 16 N` of `weighted_runs`, those past the rows' length masked off when
+/// `TAIL`.
+///
+/// # Safety
+/// As `weighted_runs`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq")]
+unsafe fn weighted_block<const Q: usize, const N: usize, const TAIL: bool>(
+    keys: &KeyList<f32>,
+    len: usize,
+    w: [&[f32]; Q],
+    acc: &mut [&mut [f32]; Q],
+    c: usize,
+) {
+    let dim = acc[0].len();
+    let group = keys.run_len.next_multiple_of(LANES);
+    let masks: [__mmask16; N] = std::array::from_fn(|b| lanes_below(dim - (c + 16 * b)));
+    let (mut even, mut odd) = ([[_mm512_setzero_ps(); N]; Q], [[_mm512_setzero_ps(); N]; Q]);
+    // Row `j` of run `i` into `sums`, each weight set's blocks.
+    let add = |sums: &mut [[__m512; N]; Q], i: usize, j: usize, row: *const f32| {
+        for (k, sums) in sums.iter_mut().enumerate() {
+            let weight = _mm512_set1_ps(w[k][group * i + j]);
+            for (b, s) in sums.iter_mut().enumerate() {
+                // SAFETY: by the caller's contract, lanes past the row masked off.
+                let v = unsafe {
+                    match TAIL {
+                        true => _mm512_maskz_loadu_ps(masks[b], row.add(c + 16 * b)),
+                        false => _mm512_loadu_ps(row.add(c + 16 * b)),
+                    }
+                };
+                *s = _mm512_fmadd_ps(weight, v, *s);
+            }
+        }
+    };
+    for (i, (_, run)) in keys.runs(true).enumerate() {
+        let mut j = 0;
+        while j + 2 <= len {
+            add(&mut even, i, j, run.at(j) as *const f32);
+            add(&mut odd, i, j + 1, run.at(j + 1) as *const f32);
+            j += 2;
+        }
+        if j < len {
+            add(&mut even, i, j, run.at(j) as *const f32);
+        }
+    }
+    for (k, out) in acc.iter_mut().enumerate() {
+        for b in 0..N {
+            let v = _mm512_add_ps(even[k][b], odd[k][b]);
+            // SAFETY: lanes past the row masked off.
+            unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(c + 16 * b), masks[b], v) };
+        }
+    }
+}
+
+/// An `element::Attend` kernel for dense float32 rows (see `avx2::attend`).
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the rest is `element::Attend`'s contract.
+pub unsafe fn attend_f32(
+    q: &[f32],
+    keys: &KeyList<f32>,
+    with_bias: bool,
+    logits: &mut [f32],
+    acc: &mut [f32],
+) -> (f32, f32) {
+    // SAFETY: forwarded contract.
+    unsafe { attend(q, keys, with_bias, logits, acc) }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn attend(
+    q: &[f32],
+    keys: &KeyList<f32>,
+    with_bias: bool,
+    logits: &mut [f32],
+    acc: &mut [f32],
+) -> (f32, f32) {
+    let logits = &mut logits[..keys.padded_len()];
+    let mut slot = 0;
+    let mut max = _mm256_set1_ps(f32::NEG_INFINITY);
+    // SAFETY (whole block): by the caller's contract; the runs' groups, then the extras',
+    // fill `padded_len` slots.
+    unsafe {
+        for (n, run) in keys.runs(false) {
+            let bias = with_bias.then(|| &keys.bias[n..n + run.len]);
+            max = logit_groups(q, run, bias, &mut logits[slot..], max);
+            slot += run.len.next_multiple_of(LANES);
+        }
+        max = logit_groups(q, keys.extra_rows(false), None, &mut logits[slot..], max);
+    }
+    let max = max8(max);
+    let sum = exp_slots(logits, max);
+    // SAFETY: value rows hold `acc.len()` floats.
+    unsafe {
+        weighted_runs::<1>(keys, keys.run_len, [logits], [&mut *acc]);
+        sum_extras(keys, logits, acc);
+    }
+    (max, sum)
+}
+
+/// `acc += sum_e w_e value_e` over the additional tokens, whose weights follow the runs'.
+///
+/// # Safety
+/// Value rows hold `acc.len()` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn sum_extras(keys: &KeyList<f32>, w: &[f32], acc: &mut [f32]) {
+    let extra = keys.extra_rows(true);
+    if extra.is_empty() {
+        return;
+    }
+    let slot = w.len() - extra.len().next_multiple_of(LANES);
+    // SAFETY: by the caller's contract.
+    unsafe { avx2::sum_rows::<f32, _>(&w[slot..slot + extra.len()], extra, acc) };
+}
+
+/// An `element::AttendPair` kernel for dense float32 rows (see `avx2::attend_pair`).
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the rest is `element::AttendPair`'s contract.
+pub unsafe fn attend_pair_f32(
+    q: [&[f32]; 2],
+    keys: [&KeyList<f32>; 2],
+    offset: usize,
+    with_bias: bool,
+    logits: [&mut [f32]; 2],
+    acc: [&mut [f32]; 2],
+) -> [(f32, f32); 2] {
+    // SAFETY: forwarded contract.
+    unsafe {
+        if q[0].len() > PAIR_DIM {
+            return avx2::attend_pair::<f32>(q, keys, offset, with_bias, logits, acc);
+        }
+        attend_pair(q, keys, offset, with_bias, logits, acc)
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn attend_pair(
+    q: [&[f32]; 2],
+    keys: [&KeyList<f32>; 2],
+    offset: usize,
+    with_bias: bool,
+    logits: [&mut [f32]; 2],
+    acc: [&mut [f32]; 2],
+) -> [(f32, f32); 2] {
+    let [ka, kb] = keys;
+    let union = offset + kb.run_len;
+    let dim = q[0].len();
+    // Eight channels of each query side by side, per group of eight channels.
+    let mut both = [MaybeUninit::<__m512>::uninit(); PAIR_DIM / 8];
+    for (g, c) in (0..dim).step_by(8).enumerate() {
+        let m = lanes_below(dim - c) as __mmask8;
+        // SAFETY: lanes past the query masked off.
+        both[g].write(unsafe {
+            _mm512_insertf32x8::<1>(
+                _mm512_castps256_ps512(_mm256_maskz_loadu_ps(m, q[0].as_ptr().add(c))),
+                _mm256_maskz_loadu_ps(m, q[1].as_ptr().add(c)),
+            )
+        });
+    }
+    let groups = dim.div_ceil(8);
+    // Lanes outside each query's own window (first query in lanes 0..8, second in 8..16).
+    let inside_a = (1u16 << ka.run_len) - 1;
+    let inside_b = ((1u16 << union) - 1) & !((1u16 << offset) - 1);
+    let outside = !(inside_a | inside_b << 8);
+    let [la, lb] = logits;
+    let (la, lb) = (&mut la[..ka.padded_len()], &mut lb[..kb.padded_len()]);
+    let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut max = neg_inf;
+    for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
+        let rows = padded(Run { len: union, ..run }, 0).map(|r| r as *const f32);
+        let mut sums = [_mm512_setzero_ps(); 8];
+        for (g, x) in both[..groups].iter().enumerate() {
+            // SAFETY: the first `groups` were written above.
+            let x = unsafe { x.assume_init() };
+            let c = 8 * g;
+            let m = lanes_below(dim - c) as __mmask8;
+            for j in 0..8 {
+                // SAFETY: union rows are keys of one of the queries (rows of `dim` floats);
+                // lanes past the row masked off.
+                let row = unsafe {
+                    match c + 8 <= dim {
+                        true => _mm256_loadu_ps(rows[j].add(c)),
+                        false => _mm256_maskz_loadu_ps(m, rows[j].add(c)),
+                    }
+                };
+                sums[j] = _mm512_fmadd_ps(x, _mm512_broadcast_f32x8(row), sums[j]);
+            }
+        }
+        let mut l = sum_pairs(sums);
+        if with_bias {
+            let mut shifted = [0.0f32; 16];
+            shifted[..ka.run_len].copy_from_slice(&ka.bias[na..na + ka.run_len]);
+            shifted[8 + offset..8 + union].copy_from_slice(&kb.bias[nb..nb + kb.run_len]);
+            // SAFETY: `shifted` holds 16 floats.
+            l = _mm512_add_ps(l, unsafe { _mm512_loadu_ps(shifted.as_ptr()) });
+        }
+        l = _mm512_mask_blend_ps(outside, l, neg_inf);
+        max = _mm512_max_ps(max, l);
+        // SAFETY: slots `8 i .. 8 i + 8` lie within both padded lists.
+        unsafe {
+            _mm256_storeu_ps(la.as_mut_ptr().add(LANES * i), _mm512_castps512_ps256(l));
+            _mm256_storeu_ps(
+                lb.as_mut_ptr().add(LANES * i),
+                _mm512_extractf32x8_ps::<1>(l),
+            );
+        }
+    }
+    let slot = ka.run_count * LANES;
+    let halves = [
+        _mm512_castps512_ps256(max),
+        _mm512_extractf32x8_ps::<1>(max),
+    ];
+    // SAFETY: the extras are the same rows for both queries; their groups follow the runs'.
+    let max = unsafe {
+        [
+            logit_groups(q[0], ka.extra_rows(false), None, &mut la[slot..], halves[0]),
+            logit_groups(q[1], kb.extra_rows(false), None, &mut lb[slot..], halves[1]),
+        ]
+    }
+    .map(|m| max8(m));
+    let sums = [exp_slots(la, max[0]), exp_slots(lb, max[1])];
+    let [acc_a, acc_b] = acc;
+    // SAFETY: value rows hold `acc.len()` floats.
+    unsafe {
+        weighted_runs::<2>(ka, union, [la, lb], [&mut *acc_a, &mut *acc_b]);
+        sum_extras(ka, la, acc_a);
+        sum_extras(kb, lb, acc_b);
+    }
+    [(max[0], sums[0]), (max[1], sums[1])]
+}
+
+/// For eight rows whose vectors hold two queries' partial dot products (lanes 0..8 the
+/// first's, 8..16 the second's): row `j`'s full dot products in lanes `j` and `8 + j`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq")]
+fn sum_pairs(v: [__m512; 8]) -> __m512 {
+    // Blocks [a_j, b_j, a_k, b_k]: each half's two blocks of rows j and k added.
+    let fold = |j: __m512, k: __m512| {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0b10_00_10_00>(j, k),
+            _mm512_shuffle_f32x4::<0b11_01_11_01>(j, k),
+        )
+    };
+    // Lane pairs within blocks added: block k of rows (0, 1, 2, 3) then (4, 5, 6, 7).
+    let lanes = |p, q| _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
+    let low = lanes(fold(v[0], v[1]), fold(v[2], v[3]));
+    let high = lanes(fold(v[4], v[5]), fold(v[6], v[7]));
+    // Blocks: [a0 a4 a2 a6], [b0 b4 b2 b6], [a1 a5 a3 a7], [b1 b5 b3 b7].
+    let z = lanes(low, high);
+    let order = _mm512_setr_epi32(0, 8, 2, 10, 1, 9, 3, 11, 4, 12, 6, 14, 5, 13, 7, 15);
+    _mm512_permutexvar_ps(order, z)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier() -> bool {
+        super::super::detected() >= super::super::Isa::Avx512
+    }
+
+    #[test]
+    fn lane_sums_put_each_row_in_its_lane() {
+        if !tier() {
+            return;
+        }
+        let rows: [[f32; 16]; 8] =
+            std::array::from_fn(|j| std::array::from_fn(|l| (j * 100 + l * l) as f32));
+        // SAFETY: the CPU has the tier; the arrays hold 16 floats.
+        let (singles, pairs) = unsafe {
+            let v = rows.map(|r| _mm512_loadu_ps(r.as_ptr()));
+            let mut singles = [0.0f32; 8];
+            let mut pairs = [0.0f32; 16];
+            _mm256_storeu_ps(singles.as_mut_ptr(), sum8x16(v));
+            _mm512_storeu_ps(pairs.as_mut_ptr(), sum_pairs(v));
+            (singles, pairs)
+        };
+        for (j, row) in rows.iter().enumerate() {
+            assert_eq!(singles[j], row.iter().sum::<f32>(), "row {j}");
+            assert_eq!(
+                pairs[j],
+                row[..8].iter().sum::<f32>(),
+                "row {j}, first half"
+            );
+            assert_eq!(
+                pairs[8 + j],
+                row[8..].iter().sum::<f32>(),
+                "row {j}, second half"
+            );
+        }
+    }
+}
