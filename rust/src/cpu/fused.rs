@@ -412,7 +412,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             rows: [sa, sb],
             stage,
         } = s;
-        let stage = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
+        let staged = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
             (Some(_), Some(kbox), Some(k), Some(v)) => {
                 let views = StagedViews {
                     window: (k, v),
@@ -420,13 +420,14 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                 };
                 // SAFETY: dense rows (the attend kernels' condition); the box holds positions
                 // of the grid and fits the buffers (`max_volume`), as do the extras.
-                unsafe { stage.fill(views, (b, hk), kbox) };
-                Some(&*stage)
+                unsafe { stage.begin(views, (b, hk), kbox) };
+                true
             }
-            _ => None,
+            _ => false,
         };
-        let (single, pair) = match (stage, self.staged) {
-            (Some(_), Some((single, pair))) => (single, Some(pair)),
+        let d = a.g.axes.map(|axis| axis.dilation);
+        let (single, pair) = match (staged, self.staged) {
+            (true, Some((single, pair))) => (single, Some(pair)),
             _ => (f.attend.expect("an attend kernel"), self.pair),
         };
         let points = self.slabs.ranges[slab].clone();
@@ -439,8 +440,14 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                 let paired = pair
                     .zip(rb)
                     .and_then(|(pair, rb)| a.pair_offset(ra, rb).map(|offset| (pair, rb, offset)));
-                // SAFETY (both arms): rows of this task, of the validated problem; a stage
-                // holds the windows of its slab.
+                // The other heads of the group find the whole box staged.
+                if staged && h == hk * a.group {
+                    let last = paired.map_or(ra, |(_, rb, _)| rb);
+                    stage.reach(&a.g.window(last.x), d);
+                }
+                let stage = staged.then_some(&*stage);
+                // SAFETY (both arms): rows of this task, of the validated problem; the stage
+                // holds their windows (`reach`).
                 unsafe {
                     match paired {
                         Some((pair, rb, offset)) => {

@@ -151,6 +151,10 @@ fn cut_before(g: &Grid, (start, p): (usize, usize), target: usize, line: usize) 
 /// A worker's staged rows, widened to the accumulator type (so that half types are widened
 /// once, not once per query that reads them): the key and value rows of every position of a
 /// box, row-major, and the additional tokens' rows, each set in a 64-byte aligned buffer.
+///
+/// The box is filled as the slab's queries reach it (`reach`), with the sources of the next
+/// positions prefetched meanwhile, so that reading keys and values from memory overlaps the
+/// attention of the queries before them instead of stalling ahead of all of them.
 pub struct Stage<T: Element> {
     keys: Aligned<T::Acc>,
     values: Aligned<T::Acc>,
@@ -158,6 +162,11 @@ pub struct Stage<T: Element> {
     extra_values: Aligned<T::Acc>,
     dims: (usize, usize),
     kbox: Option<KeyBox>,
+    /// Where the box's rows come from: the views and `(batch, kv head)`.
+    source: Option<(StagedViews<T>, (usize, usize))>,
+    /// Positions of the box staged so far (a prefix, row-major), and prefetched so far.
+    filled: usize,
+    prefetched: usize,
 }
 
 impl<T: Element> Stage<T> {
@@ -171,30 +180,23 @@ impl<T: Element> Stage<T> {
             extra_values: Aligned::new(extra * dims.1),
             dims,
             kbox: None,
+            source: None,
+            filled: 0,
+            prefetched: 0,
         }
     }
 
-    /// Stage the key and value rows of batch `b`, kv head `hk` at every position of `kbox`,
-    /// and its additional tokens' rows when given.
+    /// Start staging the key and value rows of batch `b`, kv head `hk` at the positions of
+    /// `kbox` (filled by `reach`), and stage its additional tokens' rows when given.
     ///
     /// # Safety
     /// The views must have dense rows of `dims` elements and hold `(b, hk)`, every position
     /// of the box and the additional tokens; box and extras must fit the buffers.
-    pub unsafe fn fill(&mut self, rows: StagedViews<T>, (b, hk): (usize, usize), kbox: KeyBox) {
+    pub unsafe fn begin(&mut self, rows: StagedViews<T>, (b, hk): (usize, usize), kbox: KeyBox) {
         let (dk, dv) = self.dims;
-        let (k, v) = rows.window;
-        for n in 0..kbox.volume() {
-            let [x0, x1, x2] = kbox.position(n);
-            let at = [b, hk, x0, x1, x2, 0];
-            // SAFETY: in shape and in the buffers by the caller's contract.
-            unsafe {
-                widen(k.at(at), self.keys.ptr_mut().add(n * dk), dk);
-                widen(v.at(at), self.values.ptr_mut().add(n * dv), dv);
-            }
-        }
         if let Some((ek, ev, extra)) = rows.extras {
             for e in 0..extra {
-                // SAFETY: as above.
+                // SAFETY: in shape and in the buffers by the caller's contract.
                 unsafe {
                     widen(
                         ek.at([b, hk, e, 0]),
@@ -210,6 +212,76 @@ impl<T: Element> Stage<T> {
             }
         }
         self.kbox = Some(kbox);
+        self.source = Some((rows, (b, hk)));
+        (self.filled, self.prefetched) = (0, 0);
+    }
+
+    /// Make sure the window `w` (inside the box) is staged: fill the box up to its last
+    /// position, and prefetch the sources of the line of positions after that.
+    #[inline(always)]
+    pub fn reach(&mut self, w: &[Span; 3], dilation: [usize; 3]) {
+        let kbox = self.kbox.expect("a begun stage");
+        if w.iter().any(|s| s.count == 0) {
+            return;
+        }
+        let last = [0, 1, 2].map(|a| w[a].first + (w[a].count - 1) * dilation[a]);
+        let need = kbox.index(last) + 1;
+        if need <= self.filled {
+            return;
+        }
+        let ahead = (need + kbox.count[2]).min(kbox.volume());
+        // SAFETY: positions of the box; the views hold them (`begin`'s contract).
+        unsafe {
+            self.prefetch(self.prefetched.max(need)..ahead);
+            self.fill(self.filled..need);
+        }
+        self.filled = need;
+        self.prefetched = self.prefetched.max(ahead);
+    }
+
+    /// Copy the rows of box positions `positions`.
+    ///
+    /// # Safety
+    /// As `begin`, for positions of the box.
+    unsafe fn fill(&mut self, positions: Range<usize>) {
+        let (dk, dv) = self.dims;
+        let kbox = self.kbox.expect("a begun stage");
+        let ((k, v), (b, hk)) = match self.source {
+            Some((rows, at)) => (rows.window, at),
+            None => return,
+        };
+        for n in positions {
+            let [x0, x1, x2] = kbox.position(n);
+            let at = [b, hk, x0, x1, x2, 0];
+            // SAFETY: in shape and in the buffers by the caller's contract.
+            unsafe {
+                widen(k.at(at), self.keys.ptr_mut().add(n * dk), dk);
+                widen(v.at(at), self.values.ptr_mut().add(n * dv), dv);
+            }
+        }
+    }
+
+    /// Ask the memory system for the source rows of box positions `positions`.
+    ///
+    /// # Safety
+    /// As `fill`.
+    unsafe fn prefetch(&self, positions: Range<usize>) {
+        let kbox = self.kbox.expect("a begun stage");
+        let Some(((k, v), (b, hk))) = self.source.map(|(rows, at)| (rows.window, at)) else {
+            return;
+        };
+        let bytes = self.dims.0.max(self.dims.1) * std::mem::size_of::<T>();
+        for n in positions {
+            let [x0, x1, x2] = kbox.position(n);
+            let at = [b, hk, x0, x1, x2, 0];
+            for line in (0..bytes).step_by(64) {
+                // SAFETY: the addresses are in the tensors (only hints are issued for them).
+                unsafe {
+                    prefetch((k.at(at) as *const u8).add(line));
+                    prefetch((v.at(at) as *const u8).add(line));
+                }
+            }
+        }
     }
 
     /// Addresses of additional token `e`'s staged key row and value row.
@@ -227,7 +299,7 @@ impl<T: Element> Stage<T> {
     /// rows, and the byte steps between neighbours along each axis.
     #[inline(always)]
     pub fn window_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> WindowRows {
-        let kbox = self.kbox.expect("a filled stage");
+        let kbox = self.kbox.expect("a begun stage");
         let size = std::mem::size_of::<T::Acc>();
         let first = kbox.index(w.map(|s| s.first));
         let pitch = [kbox.count[1] * kbox.count[2], kbox.count[2], 1];
@@ -253,6 +325,27 @@ pub struct StagedViews<T> {
     pub window: (Tokens<T>, Tokens<T>),
     /// Additional keys, values, and how many.
     pub extras: Option<(Extras<T>, Extras<T>, usize)>,
+}
+
+impl<T> Clone for StagedViews<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for StagedViews<T> {}
+
+/// Hint that the cache line at `p` will be read soon (a no-op where there is no such hint).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch never faults, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// `n` elements from `src` to `dst`, widened to the accumulator type.
