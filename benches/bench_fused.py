@@ -6,7 +6,8 @@ the fused forward (or forward + backward):
   * fused: ``natten_rs.na{1,2,3}d`` (heads-last)
   * sdpa: ``torch.nn.functional.scaled_dot_product_attention`` over all tokens
   * unfused: ``na*d_qk`` -> softmax -> ``na*d_av`` on the same memory (heads-first views)
-and, for P1, the bf16 fused forward against the fp32 one.
+and, for P1, the bf16 fused forward against the fp32 one; where the CPU has AVX-512, the fused
+forward capped at the AVX2 tier (``fused avx2``) against the default (AVX-512) one.
 
     python benches/bench_fused.py [--problems p1 3d 1d] [--rounds 5]
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import natten_rs
 import torch
 import torch.nn.functional as F
-from natten_rs import functional
+from natten_rs import _core, functional
 
 
 @dataclass
@@ -94,7 +95,18 @@ def forward_calls(p):
     if p.name.startswith("P1"):
         qb, kb, vb = (t.bfloat16() for t in (q, k, v))
         calls["fused bf16"] = lambda: fused(p, qb, kb, vb)
+    if _core.cpu_isa()[0] == "avx512":
+        calls["fused avx2"] = lambda: capped("avx2", lambda: fused(p, q, k, v))
     return calls
+
+
+def capped(tier, fn):
+    """``fn()`` with the CPU kernels capped at ``tier``."""
+    previous = _core.set_cpu_isa(tier)
+    try:
+        return fn()
+    finally:
+        _core.set_cpu_isa(previous)
 
 
 def backward_calls(p):
@@ -122,8 +134,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 unless "
-        f"marked, median of {args.rounds} rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU kernels "
+        f"{_core.cpu_isa()[0]}, float32 unless marked, median of {args.rounds} rounds"
     )
     for key in args.problems:
         for p in PROBLEMS[key]:
