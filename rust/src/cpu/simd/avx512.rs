@@ -229,20 +229,9 @@ unsafe fn weighted_block<const Q: usize, const N: usize, const TAIL: bool>(
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `element::Attend`'s contract.
-pub unsafe fn attend_f32(
-    q: &[f32],
-    keys: &KeyList<f32>,
-    with_bias: bool,
-    logits: &mut [f32],
-    acc: &mut [f32],
-) -> (f32, f32) {
-    // SAFETY: forwarded contract.
-    unsafe { attend(q, keys, with_bias, logits, acc) }
-}
-
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn attend(
+pub unsafe fn attend_f32(
     q: &[f32],
     keys: &KeyList<f32>,
     with_bias: bool,
@@ -288,10 +277,13 @@ unsafe fn sum_extras(keys: &KeyList<f32>, w: &[f32], acc: &mut [f32]) {
     unsafe { avx2::sum_rows::<f32, _>(&w[slot..slot + extra.len()], extra, acc) };
 }
 
-/// An `element::AttendPair` kernel for dense float32 rows (see `avx2::attend_pair`).
+/// An `element::AttendPair` kernel for dense float32 rows (see `avx2::attend_pair`); rows of
+/// more than `PAIR_DIM` channels go to the AVX2 one.
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `element::AttendPair`'s contract.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
 pub unsafe fn attend_pair_f32(
     q: [&[f32]; 2],
     keys: [&KeyList<f32>; 2],
@@ -300,25 +292,10 @@ pub unsafe fn attend_pair_f32(
     logits: [&mut [f32]; 2],
     acc: [&mut [f32]; 2],
 ) -> [(f32, f32); 2] {
-    // SAFETY: forwarded contract.
-    unsafe {
-        if q[0].len() > PAIR_DIM {
-            return avx2::attend_pair::<f32>(q, keys, offset, with_bias, logits, acc);
-        }
-        attend_pair(q, keys, offset, with_bias, logits, acc)
+    if q[0].len() > PAIR_DIM {
+        // SAFETY: forwarded contract; the tier includes AVX2.
+        return unsafe { avx2::attend_pair::<f32>(q, keys, offset, with_bias, logits, acc) };
     }
-}
-
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn attend_pair(
-    q: [&[f32]; 2],
-    keys: [&KeyList<f32>; 2],
-    offset: usize,
-    with_bias: bool,
-    logits: [&mut [f32]; 2],
-    acc: [&mut [f32]; 2],
-) -> [(f32, f32); 2] {
     let [ka, kb] = keys;
     let union = offset + kb.run_len;
     let dim = q[0].len();
