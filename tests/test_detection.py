@@ -1,9 +1,10 @@
 """Detection / segmentation backbones (natten_rs.models.detection).
 
-detectron2, mmdet and mmseg are not installable from the package index alone, so their
-registries are stood in for by minimal modules with the same entry points (detectron2's
-``BACKBONE_REGISTRY.register`` / ``get`` and ``Backbone`` / ``ShapeSpec``; mmengine's
-``MODELS.register_module`` / ``get``), put in ``sys.modules`` for one test.
+detectron2 is not on the package index, so its registry is stood in for by a minimal module
+with the same entry points (``BACKBONE_REGISTRY.register`` / ``get``, ``Backbone`` /
+``ShapeSpec``), put in ``sys.modules`` for one test. mmdet's and mmseg's are stood in for the
+same way (mmengine's ``MODELS.register_module`` / ``module_dict``), so registration is tested
+whether or not they are installed; tests/test_frameworks.py runs the real ones.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class _Registry(dict):
         assert obj.__name__ not in self, f"{obj.__name__} registered twice"
         self[obj.__name__] = obj
         return obj
+
+    @property
+    def module_dict(self):  # mmengine
+        return self
 
     def register_module(self, name=None, module=None, force=False):  # mmengine
         name = name or module.__name__

@@ -103,9 +103,11 @@ def register_detectron2() -> bool:
 class MMBackbone(NAT):
     """``NAT`` as an mmdet / mmseg backbone: a tuple of feature maps, all levels by default.
 
-    ``init_cfg`` and ``pretrained`` are the frameworks' weight-loading hooks; natten_rs ships
-    no weights, so a checkpoint is loaded by the framework (``load_from``) or with
-    ``load_state_dict``.
+    ``init_cfg`` is applied by ``init_weights`` through mmengine, as ``BaseModule`` applies it
+    (``dict(type="Pretrained", checkpoint=..., prefix="backbone.")`` loads a checkpoint, other
+    initialisers re-initialise layers); ``pretrained`` (the older hook) is refused: natten_rs
+    ships no weights, so a checkpoint is loaded through ``init_cfg``, the framework's
+    ``load_from`` or ``load_state_dict``.
     """
 
     def __init__(self, out_indices: Sequence[int] = (0, 1, 2, 3), init_cfg=None, **kwargs):
@@ -128,7 +130,15 @@ class MMBackbone(NAT):
         return tuple(self.forward_levels(x))
 
     def init_weights(self) -> None:
-        """Weights are initialised at construction (mmengine calls this hook)."""
+        """mmengine's initialisation hook (a detector's ``init_weights`` calls it): weights are
+        initialised at construction, then ``init_cfg`` is applied, a ``Pretrained`` checkpoint
+        last, as ``BaseModule.init_weights`` orders them."""
+        if not self.init_cfg:
+            return
+        from mmengine.model import PretrainedInit, initialize
+
+        cfgs = [self.init_cfg] if isinstance(self.init_cfg, dict) else list(self.init_cfg)
+        initialize(self, sorted(cfgs, key=lambda c: c["type"] in ("Pretrained", PretrainedInit)))
 
 
 def _registry(module: str):
@@ -148,7 +158,9 @@ def register_mm() -> list[str]:
         if models is None:
             continue
         for name in ("NAT", "DiNAT"):
-            if models.get(name) is None:
+            # module_dict, not get() or `in`: those first import the framework's models
+            # package (mmdet.models), which raises where mmcv lacks its compiled ops (mmcv-lite).
+            if name not in models.module_dict:
                 models.register_module(name=name, module=MMBackbone)
         registered.append(module)
     return registered
