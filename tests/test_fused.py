@@ -351,6 +351,31 @@ def test_backward(case, device, dtype):
         assert_close(leaf.grad, expected[name].grad, dtype, what=f"d{name}")
 
 
+def test_backward_is_the_same_on_any_number_of_threads():
+    """Key and value gradients are summed chunk by chunk in an order fixed by the problem alone:
+    one thread and several give the same bits, and match the oracle, on a problem split into
+    many chunks (long dilated axes, GQA, rpb, extras)."""
+    case = Case((48, 20), (5, 3), (1, 1), (2, 1), (False, True), 2, 4, 2, 16, 8, rpb=True,
+                n_extra=2)  # fmt: skip
+    grads = []
+    threads = torch.get_num_threads()
+    for n in (1, max(threads, 3)):
+        torch.set_num_threads(n)
+        try:
+            t = leaves(case, torch.float32, "cpu", requires_grad=True)
+            out = call(case, t)
+            out.backward(random_grad(out.shape, torch.float32, "cpu"))
+        finally:
+            torch.set_num_threads(threads)
+        grads.append({name: leaf.grad for name, leaf in t.items()})
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), f"d{name} depends on the threads"
+    expected = as_oracle(t)
+    oracle(case, expected).backward(random_grad(out.shape, torch.float32, "cpu").double())
+    for name, leaf in t.items():
+        assert_close(leaf.grad, expected[name].grad, torch.float32, what=f"d{name}")
+
+
 LSE_GRAD_PARAMS = _params([FIXED_CASES[3], FIXED_CASES[7], FIXED_CASES[11]])
 
 

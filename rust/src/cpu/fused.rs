@@ -184,22 +184,6 @@ impl<'g, T: Element> Attention<'g, T> {
         }
     }
 
-    /// The bias head `h`'s query at `x` gets for its neighbor `y` (0 without rpb).
-    ///
-    /// # Safety
-    /// `y` must be in the window of the query at `x`.
-    #[inline(always)]
-    pub unsafe fn bias_at(&self, h: usize, x: [usize; 3], y: [usize; 3]) -> T::Acc {
-        match self.bias {
-            None => T::Acc::ZERO,
-            Some(bias) => {
-                let [i0, i1, i2] = [0, 1, 2].map(|a| self.g.axes[a].bias_index(x[a], y[a]));
-                // SAFETY: offsets inside a window index the validated `[heads, 2K-1, ...]`.
-                unsafe { (*bias.at([h, i0, i1, i2])).to_acc() }
-            }
-        }
-    }
-
     /// Load the query row of `row`, times the scale, into `q`.
     ///
     /// # Safety

@@ -1,14 +1,15 @@
 //! Fused neighborhood attention, backward, FlashAttention-style: probabilities are recomputed,
-//! no `[tokens x window]` buffer is kept. Four passes, each writing its outputs from one task
-//! per row (no atomics, deterministic): queries (`d_query`; and per query `delta = d_out . out -
-//! d_lse` and the logsumexp, recomputed at the accumulator's precision rather than read from the
-//! float32 `lse`), keys over inverse windows (`d_key`, `d_value`), additional tokens, and the
-//! bias (summed per batch in a fixed order).
+//! no `[tokens x window]` buffer is kept, and every sum runs in a fixed order (no atomics,
+//! deterministic). Three passes: queries (`fused_chunks`: `d_query`, per query `delta = d_out .
+//! out - d_lse` and the logsumexp, recomputed at the accumulator's precision rather than read
+//! from the float32 `lse`, and the window terms of `d_key`, `d_value`), additional tokens
+//! (`fused_kv`), and the bias (summed per batch in a fixed order).
 
 use std::sync::Mutex;
 
 use super::element::{dot, load, Accum, Element};
 use super::fused::{Attention, FusedTensors, RowScratch};
+use super::fused_chunks::query_pass;
 use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
 use super::qk::store_bias_grad;
@@ -59,15 +60,11 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
             values: vec![T::Acc::ZERO; g.rows()],
         },
     };
-    let pass = QueryPass {
-        bwd: &bwd,
-        d_query: tokens(grads.d_query),
+    let key_grads = match (t.key, t.value, grads.d_key, grads.d_value) {
+        (Some(_), Some(_), Some(dk), Some(dv)) => Some((tokens(dk), tokens(dv))),
+        _ => None,
     };
-    // SAFETY: `QueryPass::row` writes only row `r` of `d_query`, `delta` and `lse`.
-    unsafe { par_rows((g.rows(), g.row_cost() * 4), &pass) };
-    if let (Some(k), Some(v), Some(dk), Some(dv)) = (t.key, t.value, grads.d_key, grads.d_value) {
-        bwd.key_pass(p, [k, v, dk, dv].map(tokens));
-    }
+    query_pass(&bwd, tokens(grads.d_query), key_grads);
     let extras = (
         t.additional_keys,
         t.additional_values,
@@ -92,7 +89,7 @@ impl<A: Copy> PerRow<A> {
     ///
     /// # Safety
     /// No other task may access row `r` meanwhile.
-    unsafe fn set(&self, r: usize, value: A) {
+    pub(super) unsafe fn set(&self, r: usize, value: A) {
         assert!(r < self.values.len(), "row {r} out of range");
         // SAFETY: `r` is in range and, by contract, no other task touches it.
         unsafe { *(self.values.as_ptr().add(r) as *mut A) = value };
@@ -115,14 +112,17 @@ pub(super) struct Backward<'a, 'g, T: Element> {
 }
 
 /// Scratch of a pass over query rows.
-struct QueryScratch<A> {
-    row: RowScratch<A>,
-    d_o: Vec<A>,
-    dp: Vec<A>,
+pub(super) struct QueryScratch<A> {
+    /// The row's keys, scaled query and probabilities.
+    pub(super) row: RowScratch<A>,
+    /// The row's `d_out`.
+    pub(super) d_o: Vec<A>,
+    /// The logit gradients `ds` of the row's keys.
+    pub(super) dp: Vec<A>,
 }
 
 impl<T: Element> Backward<'_, '_, T> {
-    fn query_scratch(&self) -> QueryScratch<T::Acc> {
+    pub(super) fn query_scratch(&self) -> QueryScratch<T::Acc> {
         let row = self.a.row_scratch();
         let keys = row.logits.len();
         QueryScratch {
@@ -132,13 +132,17 @@ impl<T: Element> Backward<'_, '_, T> {
         }
     }
 
-    /// `ds[n] = p[n] (d_out . value_n - delta)` into `s.row.logits` for the keys of query row
-    /// `row`; returns `(lse, delta)`.
+    /// For the keys of query row `row`: probabilities `p[n]` into `s.row.logits` and
+    /// `ds[n] = p[n] (d_out . value_n - delta)` into `s.dp`; returns `(lse, delta)`.
     ///
     /// # Safety
     /// `row` must be a row of the validated problem.
     #[inline(always)]
-    unsafe fn logit_grads(&self, row: Row, s: &mut QueryScratch<T::Acc>) -> (T::Acc, T::Acc) {
+    pub(super) unsafe fn logit_grads(
+        &self,
+        row: Row,
+        s: &mut QueryScratch<T::Acc>,
+    ) -> (T::Acc, T::Acc) {
         let a = self.a;
         let Row {
             b,
@@ -162,8 +166,8 @@ impl<T: Element> Backward<'_, '_, T> {
             }
             let lse = a.probabilities(row, &mut s.row);
             a.value_dots(&s.row.keys, &s.d_o, &mut s.dp);
-            for (p, &dp) in s.row.logits[..s.row.keys.len].iter_mut().zip(&s.dp) {
-                *p = *p * (dp - delta);
+            for (dp, &p) in s.dp[..s.row.keys.len].iter_mut().zip(&s.row.logits) {
+                *dp = p * (*dp - delta);
             }
             (lse, delta)
         }
@@ -194,39 +198,6 @@ impl<T: Element> Backward<'_, '_, T> {
     }
 }
 
-/// `d_query = scale * sum_n ds_n key_n`, one task per query row.
-struct QueryPass<'a, 'b, 'g, T: Element> {
-    bwd: &'a Backward<'b, 'g, T>,
-    d_query: Tokens<T>,
-}
-
-impl<T: Element> RowKernel for QueryPass<'_, '_, '_, T> {
-    type Scratch = QueryScratch<T::Acc>;
-
-    fn scratch(&self) -> Self::Scratch {
-        self.bwd.query_scratch()
-    }
-
-    #[inline(always)]
-    unsafe fn row(&self, r: usize, s: &mut QueryScratch<T::Acc>) {
-        let a = self.bwd.a;
-        let row = a.g.row(r);
-        let [x0, x1, x2] = row.x;
-        // SAFETY: `row` is a row of the validated problem; its rows of `d_query`, `delta` and
-        // `lse` are ours.
-        unsafe {
-            let (lse, delta) = self.bwd.logit_grads(row, s);
-            let index = a.g.row_index(row.b, row.h, row.x);
-            self.bwd.lse.set(index, lse);
-            self.bwd.delta.set(index, delta);
-            let d_query = self.d_query.at([row.b, row.h, x0, x1, x2, 0]);
-            let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
-            let terms = (row, &s.row.keys, &s.row.logits[..], false);
-            a.store_weighted_sum(terms, dst, a.scale, &mut s.row.tail);
-        }
-    }
-}
-
 /// Bias gradient per `(b, h)`: its queries' `ds` binned by relative offset.
 struct BiasPass<'a, 'b, 'g, T: Element> {
     bwd: &'a Backward<'b, 'g, T>,
@@ -248,7 +219,7 @@ impl<T: Element> RowKernel for BiasPass<'_, '_, '_, T> {
             // SAFETY: rows of the validated problem.
             unsafe { self.bwd.logit_grads(g.row(bh * g.tokens() + n), s) };
             let keys = &s.row.keys;
-            for (&bin, &ds) in keys.bias_bin[..keys.window].iter().zip(&s.row.logits) {
+            for (&bin, &ds) in keys.bias_bin[..keys.window].iter().zip(&s.dp) {
                 bins[bin] += ds;
             }
         }

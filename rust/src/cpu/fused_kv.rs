@@ -1,31 +1,14 @@
-//! Key-side passes of the fused backward: one task per key row (`d_key`, `d_value`, over the
-//! row's inverse windows) or per additional token. The queries that attend a row come in runs
-//! along the last axis, a fixed step apart, which the SIMD row kernels take as they are.
+//! The additional-token pass of the fused backward: one task per additional token, over every
+//! query of its `(batch, kv head)`, which come in runs along the last axis that the SIMD row
+//! kernels take as they are.
 
 use super::element::{axpy, dot, load, store, Accum, Element, Rows, Run};
 use super::fused_bwd::Backward;
-use super::grid::{Grid, Row};
 use super::parallel::{par_rows, RowKernel};
 use super::view::{Extras, Tokens};
 use crate::problem::FusedProblem;
 
 impl<T: Element> Backward<'_, '_, T> {
-    /// `d_key`, `d_value` from `[key, value, d_key, d_value]`.
-    pub(super) fn key_pass(&self, p: &FusedProblem, [k, v, d_k, d_v]: [Tokens<T>; 4]) {
-        let kv = Grid::with(p.axes, (p.batch, p.heads_kv), p.dim, 0);
-        let pass = KeyPass {
-            bwd: self,
-            kv: &kv,
-            k,
-            v,
-            d_k,
-            d_v,
-        };
-        let cost = self.a.g.row_cost() * 4 * self.a.group;
-        // SAFETY: `KeyPass::row` writes only row `r` of `d_key` and `d_value`.
-        unsafe { par_rows((kv.rows(), cost), &pass) };
-    }
-
     /// Gradients of the additional tokens from `[keys, values, d_keys, d_values]`.
     pub(super) fn extra_pass(&self, p: &FusedProblem, [ek, ev, d_ek, d_ev]: [Extras<T>; 4]) {
         let pass = ExtraPass {
@@ -42,8 +25,8 @@ impl<T: Element> Backward<'_, '_, T> {
     }
 
     /// Add the contributions of `count` queries of head `h` along the last axis, from `x`
-    /// on, `step` positions apart, to one key-side row's gradients (`s.k`, `s.v` loaded):
-    /// `d_k += ds q`, `d_v += p d_out`. `bias(x2)` is the logit bias of the query at `x2`.
+    /// on, `step` positions apart, to one additional token's gradients (`s.k`, `s.v` loaded):
+    /// `d_k += ds q`, `d_v += p d_out`.
     ///
     /// # Safety
     /// Every such query must be in shape and attend the row; `count` fits the scratch.
@@ -53,7 +36,6 @@ impl<T: Element> Backward<'_, '_, T> {
         s: &mut KeyScratch<T::Acc>,
         (b, h, x, step): (usize, usize, [usize; 3], usize),
         count: usize,
-        bias: impl Fn(usize) -> T::Acc,
     ) {
         let a = self.a;
         let [x0, x1, x2] = x;
@@ -82,7 +64,7 @@ impl<T: Element> Backward<'_, '_, T> {
             }
             for (i, p) in p.iter_mut().enumerate() {
                 let row = first_row + i * step;
-                *p = a.scale * *p + bias(x2 + i * step) - self.lse.values[row];
+                *p = a.scale * *p - self.lse.values[row];
             }
             T::Acc::exp_shifted(p, T::Acc::ZERO);
             for (i, (dp, &p)) in dp.iter_mut().zip(p.iter()).enumerate() {
@@ -169,50 +151,6 @@ impl<T: Element> Backward<'_, '_, T> {
     }
 }
 
-/// `d_key`, `d_value` over inverse windows: one task per key row `(b, kv head, y)`.
-struct KeyPass<'a, 'b, 'g, T: Element> {
-    bwd: &'a Backward<'b, 'g, T>,
-    kv: &'a Grid,
-    k: Tokens<T>,
-    v: Tokens<T>,
-    d_k: Tokens<T>,
-    d_v: Tokens<T>,
-}
-
-impl<T: Element> RowKernel for KeyPass<'_, '_, '_, T> {
-    type Scratch = KeyScratch<T::Acc>;
-
-    fn scratch(&self) -> Self::Scratch {
-        self.bwd.key_scratch()
-    }
-
-    #[inline(always)]
-    unsafe fn row(&self, r: usize, s: &mut KeyScratch<T::Acc>) {
-        let (bwd, kv) = (self.bwd, self.kv);
-        let Row { b, h: hk, x: y } = kv.row(r);
-        let at = [b, hk, y[0], y[1], y[2], 0];
-        // SAFETY (whole block): key rows and their inverse windows are in shape; row `r` of the
-        // outputs is written by this task only.
-        unsafe {
-            let steps = (self.k.inner_stride(), self.v.inner_stride());
-            bwd.start_key_row(s, (self.k.at(at), self.v.at(at)), steps);
-            for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
-                let line = kv.queries_of(2, y[2]);
-                let (x2, count) = (line[0].0, line.len());
-                let step = kv.axes[2].dilation;
-                for &(x0, _) in kv.queries_of(0, y[0]) {
-                    for &(x1, _) in kv.queries_of(1, y[1]) {
-                        let bias = |x2| bwd.a.bias_at(h, [x0, x1, x2], y);
-                        bwd.add_run(s, (b, h, [x0, x1, x2], step), count, bias);
-                    }
-                }
-            }
-            let steps = (self.d_k.inner_stride(), self.d_v.inner_stride());
-            bwd.finish_key_row(s, (self.d_k.at(at), self.d_v.at(at)), steps);
-        }
-    }
-}
-
 /// Gradients of the additional tokens: one task per `(b, kv head, e)`.
 struct ExtraPass<'a, 'b, 'g, T: Element> {
     bwd: &'a Backward<'b, 'g, T>,
@@ -251,7 +189,7 @@ impl<T: Element> RowKernel for ExtraPass<'_, '_, '_, T> {
             for h in hk * bwd.a.group..(hk + 1) * bwd.a.group {
                 for x0 in 0..l0 {
                     for x1 in 0..l1 {
-                        bwd.add_run(s, (b, h, [x0, x1, 0], 1), l2, |_| T::Acc::ZERO);
+                        bwd.add_run(s, (b, h, [x0, x1, 0], 1), l2);
                     }
                 }
             }

@@ -10,6 +10,7 @@ mod av;
 mod element;
 mod fused;
 mod fused_bwd;
+mod fused_chunks;
 mod fused_kv;
 mod grid;
 mod keys;

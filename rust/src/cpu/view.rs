@@ -33,6 +33,19 @@ impl<T, const N: usize> View<T, N> {
         }
     }
 
+    /// View memory at `ptr` with element strides `strides`.
+    pub fn from_parts(ptr: *mut T, strides: [isize; N]) -> Self {
+        View { ptr, strides }
+    }
+
+    /// The same memory viewed as elements of type `U` (the caller knows it holds `U`s).
+    pub fn cast<U>(self) -> View<U, N> {
+        View {
+            ptr: self.ptr as *mut U,
+            strides: self.strides,
+        }
+    }
+
     /// Stride of the last logical axis.
     pub fn inner_stride(&self) -> isize {
         self.strides[N - 1]

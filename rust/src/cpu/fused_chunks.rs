@@ -1,0 +1,442 @@
+//! The query pass of the fused backward: per query, its probabilities are recomputed once and
+//! give `d_query`, and the query's terms of `d_key` and `d_value` are added to float
+//! accumulators of its window's key rows right away, while those rows are in cache. Keys are
+//! never revisited from their side, so the backward costs five products per (query, key) pair
+//! (logit, `d_out . value`, and the three gradients) instead of seven.
+//!
+//! Several queries add to one key, so work is split into chunks of one `(batch, kv head)`
+//! plane, along one axis inside one dilation group, each at least twice as long as a query's
+//! reach: chunks two apart never share a key. Even chunks run in parallel, then odd ones. The
+//! split depends on the problem alone, so every key's sum runs in one fixed order
+//! (deterministic for any thread count).
+
+use std::any::TypeId;
+use std::ops::Range;
+
+use super::element::{store, Accum, Element};
+use super::fused_bwd::{Backward, QueryScratch};
+use super::grid::{Grid, Row};
+use super::parallel::{for_each_with, par_rows, RowKernel};
+use super::view::Tokens;
+
+/// At most this many chunks per dilation group (more buy no parallelism).
+const MAX_CHUNKS: usize = 64;
+
+/// The chunks of a plane: positions `group + j * dilation` for `j` in `range` along `axis`.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Chunk {
+    pub(super) group: usize,
+    pub(super) range: Range<usize>,
+}
+
+/// Tile extents along axes 1 and 2 (when they come after the chunk axis).
+const TILE: [usize; 3] = [0, 4, 8];
+
+/// How the query grid is split for the scatter.
+pub(super) struct ChunkPlan {
+    /// The axis chunks run along: the first one longer than 1 (consecutive chunks are then
+    /// contiguous blocks of tokens).
+    pub(super) axis: usize,
+    /// Chunks of even and of odd index within their group.
+    pub(super) phases: [Vec<Chunk>; 2],
+}
+
+impl ChunkPlan {
+    pub(super) fn new(g: &Grid) -> ChunkPlan {
+        let axis = (0..3).find(|&a| g.axes[a].length > 1).unwrap_or(2);
+        let a = g.axes[axis];
+        let d = a.dilation;
+        let span = (2 * reach(g, axis)).max(1);
+        let mut phases = [Vec::new(), Vec::new()];
+        for group in 0..d.min(a.length) {
+            let len = a.group_len(group);
+            let count = (len / span).clamp(1, MAX_CHUNKS);
+            for c in 0..count {
+                let range = c * len / count..(c + 1) * len / count;
+                phases[c % 2].push(Chunk { group, range });
+            }
+        }
+        ChunkPlan { axis, phases }
+    }
+}
+
+/// The largest distance, in steps of the dilation, from a query to a key of its window along
+/// `axis`.
+fn reach(g: &Grid, axis: usize) -> usize {
+    let a = g.axes[axis];
+    let d = a.dilation;
+    (0..a.length)
+        .map(|x| {
+            let w = a.window(x);
+            let last = w.first + w.count.saturating_sub(1) * d;
+            x.abs_diff(w.first).max(last.abs_diff(x)) / d
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Where `d_key` and `d_value` are summed, in the accumulator type: the gradient tensors
+/// themselves when they hold that type densely (float32, float64), else a buffer of rows of
+/// `dim + dim_v`, `(b, kv head, token)` row-major, rounded into them at the end.
+pub(super) struct KvSums<A> {
+    d_k: Tokens<A>,
+    d_v: Tokens<A>,
+    /// The memory behind `d_k` and `d_v` when they are not the gradient tensors.
+    buffer: Option<Vec<A>>,
+    dims: (usize, usize),
+    lengths: [usize; 3],
+    planes: (usize, usize),
+}
+
+// SAFETY: tasks of one phase add to disjoint rows (chunks of one parity share no key); the
+// clearing and rounding passes touch each row from one task.
+unsafe impl<A: Send> Sync for KvSums<A> {}
+
+impl<A: Accum> KvSums<A> {
+    /// Cleared sums for `d_k`, `d_v` `[B, *spatial, heads_kv, D / Dv]` over the grid `g`.
+    pub(super) fn new<T: Element<Acc = A>>(
+        g: &Grid,
+        heads_kv: usize,
+        dims: (usize, usize),
+        (d_k, d_v): (Tokens<T>, Tokens<T>),
+    ) -> Self {
+        let mut sums = KvSums {
+            d_k: d_k.cast(),
+            d_v: d_v.cast(),
+            buffer: None,
+            dims,
+            lengths: g.axes.map(|a| a.length),
+            planes: (g.batch, heads_kv),
+        };
+        let in_place = TypeId::of::<T>() == TypeId::of::<A>()
+            && d_k.inner_stride() == 1
+            && d_v.inner_stride() == 1;
+        if in_place {
+            sums.for_each_row(|_, dk, dv| {
+                dk.fill(A::ZERO);
+                dv.fill(A::ZERO);
+            });
+            return sums;
+        }
+        let width = dims.0 + dims.1;
+        let [_, l1, l2] = sums.lengths;
+        let tokens = g.tokens();
+        let strides = [heads_kv * tokens, tokens, l1 * l2, l2, 1].map(|s| (s * width) as isize);
+        let strides = [
+            strides[0], strides[1], strides[2], strides[3], strides[4], 1,
+        ];
+        let mut buffer = vec![A::ZERO; g.batch * heads_kv * tokens * width];
+        let ptr = buffer.as_mut_ptr();
+        sums.d_k = Tokens::from_parts(ptr, strides);
+        // SAFETY: `dims.0 < width`, inside the first row.
+        sums.d_v = Tokens::from_parts(unsafe { ptr.add(dims.0) }, strides);
+        sums.buffer = Some(buffer);
+        sums
+    }
+
+    /// Call `f(index, d_key row, d_value row)` for every kv row, in parallel.
+    fn for_each_row(&self, f: impl Fn([usize; 6], &mut [A], &mut [A]) + Sync) {
+        let tokens = self.lengths.iter().product::<usize>();
+        let [_, l1, l2] = self.lengths;
+        let (batch, heads_kv) = self.planes;
+        for_each_with(
+            (batch * heads_kv * tokens, self.dims.0 + self.dims.1),
+            || (),
+            |r, _| {
+                let (bh, t) = (r / tokens, r % tokens);
+                let at = [
+                    bh / heads_kv,
+                    bh % heads_kv,
+                    t / (l1 * l2),
+                    t / l2 % l1,
+                    t % l2,
+                    0,
+                ];
+                // SAFETY: every row of the kv grid is in shape, dense, and this task's.
+                unsafe { f(at, self.row(self.d_k, at, 0), self.row(self.d_v, at, 1)) }
+            },
+        );
+    }
+
+    /// The dense row of `view` at `at` (`dims.0` or `dims.1` long, by `which`).
+    ///
+    /// # Safety
+    /// `at` must be a kv row; no other task may use the row meanwhile.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn row(&self, view: Tokens<A>, at: [usize; 6], which: usize) -> &mut [A] {
+        let len = if which == 0 { self.dims.0 } else { self.dims.1 };
+        // SAFETY: by the caller's contract; rows of `d_k` / `d_v` are dense.
+        unsafe { std::slice::from_raw_parts_mut(view.at(at), len) }
+    }
+
+    /// Add one query's terms to its window's rows: `d_key_n += ds[n] q`,
+    /// `d_value_n += p[n] d_o` (`n` in window order).
+    ///
+    /// # Safety
+    /// `x` must be a query of `g` in batch `b` of kv head `hk`; no other task may touch its
+    /// window's rows meanwhile.
+    #[inline(always)]
+    unsafe fn add_query(
+        &self,
+        g: &Grid,
+        (b, hk, x): (usize, usize, [usize; 3]),
+        (ds, p): (&[A], &[A]),
+        (q, d_o): (&[A], &[A]),
+    ) {
+        let w = g.window(x);
+        let d = g.axes.map(|a| a.dilation);
+        let mut n = 0;
+        for s0 in 0..w[0].count {
+            for s1 in 0..w[1].count {
+                for s2 in 0..w[2].count {
+                    let y = [0, 1, 2].map(|a| w[a].first + [s0, s1, s2][a] * d[a]);
+                    let at = [b, hk, y[0], y[1], y[2], 0];
+                    // SAFETY: keys of a window are kv rows; this task's by the contract.
+                    unsafe {
+                        add_scaled(self.row(self.d_k, at, 0), ds[n], q);
+                        add_scaled(self.row(self.d_v, at, 1), p[n], d_o);
+                    }
+                    n += 1;
+                }
+            }
+        }
+    }
+
+    /// Round buffered sums into `d_key` and `d_value` (nothing to do when summed in place).
+    fn finish<T: Element<Acc = A>>(&self, (d_k, d_v): (Tokens<T>, Tokens<T>)) {
+        if self.buffer.is_none() {
+            return;
+        }
+        self.for_each_row(|at, dk, dv| {
+            // SAFETY: every kv row is in shape and stored by this task only.
+            unsafe {
+                store(d_k.at(at), d_k.inner_stride(), dk);
+                store(d_v.at(at), d_v.inner_stride(), dv);
+            }
+        });
+    }
+}
+
+/// `acc += w x`, a loop the compiler vectorizes.
+#[inline(always)]
+fn add_scaled<A: Accum>(acc: &mut [A], w: A, x: &[A]) {
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a += w * v;
+    }
+}
+
+/// One task per chunk of one `(batch, kv head)` plane, for the chunks of one phase: every
+/// query of the chunk, every head of the group, gets `d_query`, `lse`, `delta` written and its
+/// key-side terms added to `sums` (when key gradients are wanted).
+pub(super) struct ChunkPass<'a, 'b, 'g, T: Element> {
+    pub(super) bwd: &'a Backward<'b, 'g, T>,
+    pub(super) d_query: Tokens<T>,
+    pub(super) sums: Option<&'a KvSums<T::Acc>>,
+    pub(super) plan: &'a ChunkPlan,
+    /// Positions of every axis in dilation-group order (neighbors share most keys).
+    pub(super) orders: &'a [Vec<usize>; 3],
+    pub(super) phase: usize,
+}
+
+impl<T: Element> ChunkPass<'_, '_, '_, T> {
+    /// Tasks of this phase.
+    pub(super) fn tasks(&self) -> usize {
+        let a = self.bwd.a;
+        a.g.batch * (a.g.heads / a.group) * self.plan.phases[self.phase].len()
+    }
+
+    /// Positions of `axis` this chunk covers.
+    fn positions(&self, axis: usize, chunk: &Chunk) -> Vec<usize> {
+        if axis != self.plan.axis {
+            return self.orders[axis].clone();
+        }
+        let d = self.bwd.a.g.axes[axis].dilation;
+        chunk.range.clone().map(|j| chunk.group + j * d).collect()
+    }
+
+    /// `d_query`, `lse` and `delta` of row `row`, and its key-side terms.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem in this task's chunk.
+    #[inline(always)]
+    unsafe fn query(&self, row: Row, hk: usize, s: &mut QueryScratch<T::Acc>) {
+        let (bwd, a) = (self.bwd, self.bwd.a);
+        let [x0, x1, x2] = row.x;
+        // SAFETY (whole block): `row` is in shape; its rows of `d_query`, `lse` and `delta`
+        // are this task's, as are its window's key rows (the chunk's contract).
+        unsafe {
+            let (lse, delta) = bwd.logit_grads(row, s);
+            let index = a.g.row_index(row.b, row.h, row.x);
+            bwd.lse.set(index, lse);
+            bwd.delta.set(index, delta);
+            let d_query = self.d_query.at([row.b, row.h, x0, x1, x2, 0]);
+            let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
+            let terms = (row, &s.row.keys, &s.dp[..], false);
+            a.store_weighted_sum(terms, dst, a.scale, &mut s.row.tail);
+            if let Some(sums) = self.sums {
+                let window = s.row.keys.window;
+                let weights = (&s.dp[..window], &s.row.logits[..window]);
+                sums.add_query(a.g, (row.b, hk, row.x), weights, (&s.row.q, &s.d_o));
+            }
+        }
+    }
+}
+
+impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
+    type Scratch = QueryScratch<T::Acc>;
+
+    fn scratch(&self) -> Self::Scratch {
+        self.bwd.query_scratch()
+    }
+
+    #[inline(always)]
+    unsafe fn row(&self, u: usize, s: &mut QueryScratch<T::Acc>) {
+        let a = self.bwd.a;
+        let chunks = &self.plan.phases[self.phase];
+        let heads_kv = a.g.heads / a.group;
+        let (bh, chunk) = (u / chunks.len(), &chunks[u % chunks.len()]);
+        let (b, hk) = (bh / heads_kv, bh % heads_kv);
+        let [p0, p1, p2] = [0, 1, 2].map(|axis| self.positions(axis, chunk));
+        // The axes after the chunk axis are walked in tiles, each tile along the whole chunk
+        // axis: the tile's window box then slides one position at a time, and the key rows
+        // it adds to stay in cache while every query of the tile reaches them.
+        let tile = |axis: usize, len: usize| match axis > self.plan.axis {
+            true => TILE[axis].min(len),
+            false => len.max(1),
+        };
+        for t1 in p1.chunks(tile(1, p1.len())) {
+            for t2 in p2.chunks(tile(2, p2.len())) {
+                for &x0 in &p0 {
+                    for &x1 in t1 {
+                        for &x2 in t2 {
+                            for h in hk * a.group..(hk + 1) * a.group {
+                                let row = Row {
+                                    b,
+                                    h,
+                                    x: [x0, x1, x2],
+                                };
+                                // SAFETY: a query of this task's chunk.
+                                unsafe { self.query(row, hk, s) };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Run the query pass: both phases, then the key sums rounded into `d_key`, `d_value`.
+pub(super) fn query_pass<T: Element>(
+    bwd: &Backward<'_, '_, T>,
+    d_query: Tokens<T>,
+    key_grads: Option<(Tokens<T>, Tokens<T>)>,
+) {
+    let a = bwd.a;
+    let g = a.g;
+    let plan = ChunkPlan::new(g);
+    let orders = g.axes.map(|axis| {
+        let d = axis.dilation;
+        (0..d)
+            .flat_map(|group| (group..axis.length).step_by(d))
+            .collect()
+    });
+    let heads_kv = g.heads / a.group;
+    let sums = key_grads.map(|grads| KvSums::new(g, heads_kv, (g.dim, a.dim_v), grads));
+    for phase in 0..2 {
+        let pass = ChunkPass {
+            bwd,
+            d_query,
+            sums: sums.as_ref(),
+            plan: &plan,
+            orders: &orders,
+            phase,
+        };
+        let cost = g.rows() * g.row_cost() * 5 / pass.tasks().max(1);
+        // SAFETY: a task writes the query rows of its chunk and adds to its chunk's keys, which
+        // no other task of the phase touches.
+        unsafe { par_rows((pass.tasks(), cost), &pass) };
+    }
+    if let (Some(sums), Some(grads)) = (sums, key_grads) {
+        sums.finish(grads);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::Axis;
+
+    fn grid(axes: [Axis; 3]) -> Grid {
+        Grid::with(axes, (1, 1), 8, 0)
+    }
+
+    fn axis(length: usize, kernel: usize, stride: usize, dilation: usize, causal: bool) -> Axis {
+        Axis {
+            length,
+            kernel,
+            stride,
+            dilation,
+            causal,
+        }
+    }
+
+    /// Keys (positions along the chunk axis) the queries of `chunk` reach.
+    fn keys_of(g: &Grid, axis: usize, chunk: &Chunk) -> Vec<usize> {
+        let a = g.axes[axis];
+        let mut keys = Vec::new();
+        for j in chunk.range.clone() {
+            let w = a.window(chunk.group + j * a.dilation);
+            keys.extend((0..w.count).map(|n| w.first + n * a.dilation));
+        }
+        keys
+    }
+
+    #[test]
+    fn chunks_cover_every_query_once_and_same_phase_chunks_share_no_key() {
+        let cases = [
+            axis(56, 7, 1, 1, false),
+            axis(56, 7, 1, 4, false),
+            axis(57, 8, 3, 2, false),
+            axis(40, 5, 5, 1, false),
+            axis(33, 6, 2, 3, true),
+            axis(5, 5, 1, 1, false),
+            axis(200, 3, 1, 1, true),
+        ];
+        for a in cases {
+            let g = grid([Axis::UNIT, a, axis(9, 3, 1, 1, false)]);
+            let plan = ChunkPlan::new(&g);
+            assert_eq!(plan.axis, 1, "{a:?}");
+            let mut seen = vec![0; a.length];
+            for phase in &plan.phases {
+                for (i, c) in phase.iter().enumerate() {
+                    for j in c.range.clone() {
+                        seen[c.group + j * a.dilation] += 1;
+                    }
+                    let mine = keys_of(&g, 1, c);
+                    for other in &phase[i + 1..] {
+                        let theirs = keys_of(&g, 1, other);
+                        assert!(
+                            mine.iter().all(|k| !theirs.contains(k)),
+                            "{a:?}: {c:?} and {other:?} share a key"
+                        );
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&n| n == 1), "{a:?}: {seen:?}");
+        }
+    }
+
+    #[test]
+    fn long_axes_split_into_several_chunks() {
+        let g = grid([
+            axis(56, 7, 1, 1, false),
+            axis(56, 7, 1, 1, false),
+            Axis::UNIT,
+        ]);
+        let plan = ChunkPlan::new(&g);
+        assert_eq!(plan.axis, 0);
+        assert_eq!(plan.phases[0].len() + plan.phases[1].len(), 56 / 12);
+    }
+}
