@@ -34,6 +34,22 @@ pub trait Accum:
     fn ln(self) -> Self;
     /// `xs[i] = exp(xs[i] - shift)`; returns the sum of the results.
     fn exp_shifted(xs: &mut [Self], shift: Self) -> Self;
+
+    /// `row_n[c] += w[n] x[c]` for dense rows of `x.len()` accumulators at the addresses
+    /// `rows`.
+    ///
+    /// # Safety
+    /// Every address must hold `x.len()` writable accumulators no other thread touches.
+    #[inline(always)]
+    unsafe fn spread_rows<R: Rows>(w: &[Self], x: &[Self], rows: R) {
+        for (k, &weight) in w.iter().enumerate().take(rows.len()) {
+            // SAFETY: by the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(rows.at(k) as *mut Self, x.len()) };
+            for (r, &v) in row.iter_mut().zip(x) {
+                *r += weight * v;
+            }
+        }
+    }
 }
 
 impl Accum for f32 {
@@ -52,6 +68,21 @@ impl Accum for f32 {
     #[inline(always)]
     fn exp_shifted(xs: &mut [Self], shift: Self) -> Self {
         super::math::exp_shifted_f32(xs, shift)
+    }
+    #[inline(always)]
+    unsafe fn spread_rows<R: Rows>(w: &[f32], x: &[f32], rows: R) {
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::available() {
+            // SAFETY: the CPU has the kernel's features; the rest is the caller's.
+            return unsafe { super::simd::spread_rows(w, x, rows) };
+        }
+        for (k, &weight) in w.iter().enumerate().take(rows.len()) {
+            // SAFETY: by the caller's contract.
+            let row = unsafe { std::slice::from_raw_parts_mut(rows.at(k) as *mut f32, x.len()) };
+            for (r, &v) in row.iter_mut().zip(x) {
+                *r += weight * v;
+            }
+        }
     }
 }
 

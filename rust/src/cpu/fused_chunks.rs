@@ -13,7 +13,7 @@
 use std::any::TypeId;
 use std::ops::Range;
 
-use super::element::{store, Accum, Element};
+use super::element::{store, Accum, Element, Run};
 use super::fused_bwd::{Backward, QueryScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
@@ -186,19 +186,31 @@ impl<A: Accum> KvSums<A> {
     ) {
         let w = g.window(x);
         let d = g.axes.map(|a| a.dilation);
+        let size = std::mem::size_of::<A>() as isize;
+        let run = |view: Tokens<A>, at: [usize; 6]| Run {
+            // SAFETY: keys of a window are kv rows.
+            first: unsafe { view.at(at) } as usize,
+            step: d[2] as isize * view.stride(4) * size,
+            len: w[2].count,
+        };
         let mut n = 0;
         for s0 in 0..w[0].count {
             for s1 in 0..w[1].count {
-                for s2 in 0..w[2].count {
-                    let y = [0, 1, 2].map(|a| w[a].first + [s0, s1, s2][a] * d[a]);
-                    let at = [b, hk, y[0], y[1], y[2], 0];
-                    // SAFETY: keys of a window are kv rows; this task's by the contract.
-                    unsafe {
-                        add_scaled(self.row(self.d_k, at, 0), ds[n], q);
-                        add_scaled(self.row(self.d_v, at, 1), p[n], d_o);
-                    }
-                    n += 1;
+                let at = [
+                    b,
+                    hk,
+                    w[0].first + s0 * d[0],
+                    w[1].first + s1 * d[1],
+                    w[2].first,
+                    0,
+                ];
+                let terms = n..n + w[2].count;
+                // SAFETY: the runs' rows are this task's, by the caller's contract.
+                unsafe {
+                    A::spread_rows(&ds[terms.clone()], q, run(self.d_k, at));
+                    A::spread_rows(&p[terms], d_o, run(self.d_v, at));
                 }
+                n += w[2].count;
             }
         }
     }
@@ -215,14 +227,6 @@ impl<A: Accum> KvSums<A> {
                 store(d_v.at(at), d_v.inner_stride(), dv);
             }
         });
-    }
-}
-
-/// `acc += w x`, a loop the compiler vectorizes.
-#[inline(always)]
-fn add_scaled<A: Accum>(acc: &mut [A], w: A, x: &[A]) {
-    for (a, &v) in acc.iter_mut().zip(x) {
-        *a += w * v;
     }
 }
 

@@ -499,6 +499,63 @@ pub unsafe fn sum_rows<T: Wide, R: Rows>(w: &[f32], rows: R, acc: &mut [f32]) {
     }
 }
 
+/// `row_n[c] += w[n] x[c]` for dense float32 rows of `x.len()` elements at `rows` (the
+/// transpose of `sum_rows`: one vector spread over many rows).
+///
+/// # Safety
+/// The CPU must pass `available()`; every address must hold `x.len()` writable floats that
+/// no other thread touches meanwhile.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn spread_rows<R: Rows>(w: &[f32], x: &[f32], rows: R) {
+    let dim = x.len();
+    let n = w.len().min(rows.len());
+    let mut c = 0;
+    // Up to 64 channels of `x` in registers per sweep over the rows (one sweep up to D = 64).
+    // SAFETY (whole block): channels `c..c + 8 N` of `x` and of every row exist.
+    unsafe {
+        while c + 64 <= dim {
+            spread_block::<R, 8>(&w[..n], x.as_ptr().add(c), rows, c);
+            c += 64;
+        }
+        if c + 32 <= dim {
+            spread_block::<R, 4>(&w[..n], x.as_ptr().add(c), rows, c);
+            c += 32;
+        }
+        while c + 8 <= dim {
+            spread_block::<R, 1>(&w[..n], x.as_ptr().add(c), rows, c);
+            c += 8;
+        }
+        for (k, &weight) in w[..n].iter().enumerate() {
+            let row = rows.at(k) as *mut f32;
+            for (j, &v) in x.iter().enumerate().skip(c) {
+                *row.add(j) += weight * v;
+            }
+        }
+    }
+}
+
+/// Channels `c..c + 8 N` of `spread_rows`, with those of `x` (at `x`) held in registers.
+///
+/// # Safety
+/// `x` must hold `8 N` floats and every row `c + 8 N` writable ones.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn spread_block<R: Rows, const N: usize>(w: &[f32], x: *const f32, rows: R, c: usize) {
+    // SAFETY (whole block): by the caller's contract.
+    unsafe {
+        let xs: [__m256; N] = std::array::from_fn(|i| _mm256_loadu_ps(x.add(8 * i)));
+        for (k, &weight) in w.iter().enumerate() {
+            let weight = _mm256_set1_ps(weight);
+            let row = (rows.at(k) as *mut f32).add(c);
+            for (i, &xv) in xs.iter().enumerate() {
+                let r = row.add(8 * i);
+                _mm256_storeu_ps(r, _mm256_fmadd_ps(weight, xv, _mm256_loadu_ps(r)));
+            }
+        }
+    }
+}
+
 /// `sums += sum_k w[k] row_k[c .. c + 8N]` over the rows `w` weighs, rows two at a time
 /// into the two register sets, so that consecutive FMAs do not wait on each other.
 ///
