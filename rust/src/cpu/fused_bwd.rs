@@ -5,15 +5,11 @@
 //! from the float32 `lse`, and the window terms of `d_key`, `d_value`), additional tokens
 //! (`fused_kv`), and the bias (summed per batch in a fixed order).
 
-use std::sync::Mutex;
-
 use super::element::{dot, load, Accum, Element};
 use super::fused::{Attention, FusedTensors, RowScratch};
 use super::fused_chunks::query_pass;
 use super::grid::{Grid, Row};
-use super::parallel::{par_rows, RowKernel};
-use super::qk::store_bias_grad;
-use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Tokens};
+use super::view::{bias, extras_heads_last, tokens_heads_last, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
 
@@ -64,7 +60,12 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
         (Some(_), Some(_), Some(dk), Some(dv)) => Some((tokens(dk), tokens(dv))),
         _ => None,
     };
-    query_pass(&bwd, tokens(grads.d_query), key_grads);
+    query_pass(
+        &bwd,
+        tokens(grads.d_query),
+        key_grads,
+        grads.d_rpb.map(bias),
+    );
     let extras = (
         t.additional_keys,
         t.additional_values,
@@ -73,9 +74,6 @@ pub fn backward<T: Element>(p: &FusedProblem, t: &FusedTensors, saved: &Saved, g
     );
     if let (Some(ek), Some(ev), Some(dek), Some(dev)) = extras {
         bwd.extra_pass(p, [ek, ev, dek, dev].map(extras_heads_last));
-    }
-    if let Some(d_rpb) = grads.d_rpb {
-        bwd.bias_grad(p, bias(d_rpb));
     }
 }
 
@@ -170,58 +168,6 @@ impl<T: Element> Backward<'_, '_, T> {
                 *dp = p * (*dp - delta);
             }
             (lse, delta)
-        }
-    }
-
-    /// `d_rpb[h, offset] = sum of ds` at that offset: per `(b, h)` in parallel, then summed over
-    /// the batch in a fixed order.
-    fn bias_grad(&self, p: &FusedProblem, d_bias: Bias<T>) {
-        let span = p.axes.map(|a| 2 * a.kernel - 1);
-        let size = span.iter().product::<usize>();
-        let pass = BiasPass {
-            bwd: self,
-            partials: (0..p.batch * p.heads)
-                .map(|_| Mutex::new(vec![T::Acc::ZERO; size]))
-                .collect(),
-        };
-        // SAFETY: `BiasPass::row` writes only partial `r`.
-        unsafe {
-            par_rows(
-                (
-                    p.batch * p.heads,
-                    self.a.g.tokens() * self.a.g.row_cost() * 4,
-                ),
-                &pass,
-            )
-        };
-        store_bias_grad(pass.partials, p.batch, span, d_bias);
-    }
-}
-
-/// Bias gradient per `(b, h)`: its queries' `ds` binned by relative offset.
-struct BiasPass<'a, 'b, 'g, T: Element> {
-    bwd: &'a Backward<'b, 'g, T>,
-    partials: Vec<Mutex<Vec<T::Acc>>>,
-}
-
-impl<T: Element> RowKernel for BiasPass<'_, '_, '_, T> {
-    type Scratch = QueryScratch<T::Acc>;
-
-    fn scratch(&self) -> Self::Scratch {
-        self.bwd.query_scratch()
-    }
-
-    #[inline(always)]
-    unsafe fn row(&self, bh: usize, s: &mut QueryScratch<T::Acc>) {
-        let g = self.bwd.a.g;
-        let mut bins = self.partials[bh].lock().unwrap_or_else(|e| e.into_inner());
-        for n in 0..g.tokens() {
-            // SAFETY: rows of the validated problem.
-            unsafe { self.bwd.logit_grads(g.row(bh * g.tokens() + n), s) };
-            let keys = &s.row.keys;
-            for (&bin, &ds) in keys.bias_bin[..keys.window].iter().zip(&s.dp) {
-                bins[bin] += ds;
-            }
         }
     }
 }

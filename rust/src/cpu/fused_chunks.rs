@@ -12,15 +12,21 @@
 
 use std::any::TypeId;
 use std::ops::Range;
+use std::sync::{Mutex, MutexGuard};
 
 use super::element::{store, Accum, Element, Run};
 use super::fused_bwd::{Backward, QueryScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
-use super::view::Tokens;
+use super::qk::store_bias_grad;
+use super::view::{Bias, Tokens};
 
 /// At most this many chunks per dilation group (more buy no parallelism).
 const MAX_CHUNKS: usize = 64;
+
+/// Tile extents along axes 1 and 2 (when they come after the chunk axis); 4 x 8 queries of a
+/// 7x7x7 window touch a box of key rows that fits in L2.
+const TILE: [usize; 3] = [0, 4, 8];
 
 /// The chunks of a plane: positions `group + j * dilation` for `j` in `range` along `axis`.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,9 +34,6 @@ pub(super) struct Chunk {
     pub(super) group: usize,
     pub(super) range: Range<usize>,
 }
-
-/// Tile extents along axes 1 and 2 (when they come after the chunk axis).
-const TILE: [usize; 3] = [0, 4, 8];
 
 /// How the query grid is split for the scatter.
 pub(super) struct ChunkPlan {
@@ -232,20 +235,82 @@ impl<A: Accum> KvSums<A> {
 
 /// One task per chunk of one `(batch, kv head)` plane, for the chunks of one phase: every
 /// query of the chunk, every head of the group, gets `d_query`, `lse`, `delta` written and its
-/// key-side terms added to `sums` (when key gradients are wanted).
-pub(super) struct ChunkPass<'a, 'b, 'g, T: Element> {
-    pub(super) bwd: &'a Backward<'b, 'g, T>,
-    pub(super) d_query: Tokens<T>,
-    pub(super) sums: Option<&'a KvSums<T::Acc>>,
-    pub(super) plan: &'a ChunkPlan,
+/// key-side terms added to `sums` (when key gradients are wanted), its logit gradients binned
+/// by relative offset into the task's `bins` (when the bias gradient is).
+struct ChunkPass<'a, 'b, 'g, T: Element> {
+    bwd: &'a Backward<'b, 'g, T>,
+    d_query: Tokens<T>,
+    sums: Option<&'a KvSums<T::Acc>>,
+    bins: Option<&'a BiasBins<T::Acc>>,
+    plan: &'a ChunkPlan,
     /// Positions of every axis in dilation-group order (neighbors share most keys).
-    pub(super) orders: &'a [Vec<usize>; 3],
-    pub(super) phase: usize,
+    orders: &'a [Vec<usize>; 3],
+    phase: usize,
+}
+
+/// Per task, the bias gradient of each head of its group: `[group][(2K-1)^3]`, summed per
+/// `(batch, head)` over the chunks in plan order once both phases have run.
+struct BiasBins<A> {
+    tasks: Vec<Mutex<Vec<A>>>,
+    /// `(2K - 1)` per axis.
+    span: [usize; 3],
+}
+
+impl<A: Accum> BiasBins<A> {
+    fn new(plan: &ChunkPlan, g: &Grid, group: usize) -> Self {
+        let span = g.axes.map(|a| 2 * a.kernel - 1);
+        let planes = g.batch * g.heads / group;
+        let size = group * span.iter().product::<usize>();
+        let tasks = planes * (plan.phases[0].len() + plan.phases[1].len());
+        BiasBins {
+            tasks: (0..tasks)
+                .map(|_| Mutex::new(vec![A::ZERO; size]))
+                .collect(),
+            span,
+        }
+    }
+
+    /// Task `u` of phase `phase`'s bins.
+    fn of(&self, plan: &ChunkPlan, phase: usize, u: usize) -> MutexGuard<'_, Vec<A>> {
+        let planes = self.tasks.len() / (plan.phases[0].len() + plan.phases[1].len());
+        let offset = if phase == 1 {
+            planes * plan.phases[0].len()
+        } else {
+            0
+        };
+        let bins = &self.tasks[offset + u];
+        bins.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Per `(batch, head)` (`b * heads + h`), the sum of its plane's tasks, in plan order.
+    fn per_head(self, plan: &ChunkPlan, g: &Grid, group: usize) -> Vec<Mutex<Vec<A>>> {
+        let size = self.span.iter().product::<usize>();
+        let planes = g.batch * g.heads / group;
+        let tasks: Vec<Vec<A>> = self
+            .tasks
+            .into_iter()
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let (first, second) = tasks.split_at(planes * plan.phases[0].len());
+        let mut heads = vec![vec![A::ZERO; size]; g.batch * g.heads];
+        for (bh, head) in heads.iter_mut().enumerate() {
+            let (plane, h) = (bh / group, bh % group);
+            for (phase, chunks) in [first, second].iter().enumerate() {
+                let n = plan.phases[phase].len();
+                for bins in &chunks[plane * n..(plane + 1) * n] {
+                    for (t, &x) in head.iter_mut().zip(&bins[h * size..(h + 1) * size]) {
+                        *t += x;
+                    }
+                }
+            }
+        }
+        heads.into_iter().map(Mutex::new).collect()
+    }
 }
 
 impl<T: Element> ChunkPass<'_, '_, '_, T> {
     /// Tasks of this phase.
-    pub(super) fn tasks(&self) -> usize {
+    fn tasks(&self) -> usize {
         let a = self.bwd.a;
         a.g.batch * (a.g.heads / a.group) * self.plan.phases[self.phase].len()
     }
@@ -264,7 +329,13 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
     /// # Safety
     /// `row` must be a row of the validated problem in this task's chunk.
     #[inline(always)]
-    unsafe fn query(&self, row: Row, hk: usize, s: &mut QueryScratch<T::Acc>) {
+    unsafe fn query(
+        &self,
+        row: Row,
+        hk: usize,
+        bins: Option<&mut [T::Acc]>,
+        s: &mut QueryScratch<T::Acc>,
+    ) {
         let (bwd, a) = (self.bwd, self.bwd.a);
         let [x0, x1, x2] = row.x;
         // SAFETY (whole block): `row` is in shape; its rows of `d_query`, `lse` and `delta`
@@ -282,6 +353,14 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
                 let window = s.row.keys.window;
                 let weights = (&s.dp[..window], &s.row.logits[..window]);
                 sums.add_query(a.g, (row.b, hk, row.x), weights, (&s.row.q, &s.d_o));
+            }
+            if let Some(bins) = bins {
+                let keys = &s.row.keys;
+                let size = bins.len() / a.group;
+                let head = &mut bins[(row.h % a.group) * size..];
+                for (&bin, &ds) in keys.bias_bin[..keys.window].iter().zip(&s.dp) {
+                    head[bin] += ds;
+                }
             }
         }
     }
@@ -301,6 +380,7 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
         let heads_kv = a.g.heads / a.group;
         let (bh, chunk) = (u / chunks.len(), &chunks[u % chunks.len()]);
         let (b, hk) = (bh / heads_kv, bh % heads_kv);
+        let mut bins = self.bins.map(|bins| bins.of(self.plan, self.phase, u));
         let [p0, p1, p2] = [0, 1, 2].map(|axis| self.positions(axis, chunk));
         // The axes after the chunk axis are walked in tiles, each tile along the whole chunk
         // axis: the tile's window box then slides one position at a time, and the key rows
@@ -321,7 +401,9 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
                                     x: [x0, x1, x2],
                                 };
                                 // SAFETY: a query of this task's chunk.
-                                unsafe { self.query(row, hk, s) };
+                                unsafe {
+                                    self.query(row, hk, bins.as_deref_mut().map(|b| &mut b[..]), s)
+                                };
                             }
                         }
                     }
@@ -331,11 +413,13 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
     }
 }
 
-/// Run the query pass: both phases, then the key sums rounded into `d_key`, `d_value`.
+/// Run the query pass: both phases, then the key sums rounded into `d_key`, `d_value` and the
+/// bias bins summed into `d_rpb`.
 pub(super) fn query_pass<T: Element>(
     bwd: &Backward<'_, '_, T>,
     d_query: Tokens<T>,
     key_grads: Option<(Tokens<T>, Tokens<T>)>,
+    d_bias: Option<Bias<T>>,
 ) {
     let a = bwd.a;
     let g = a.g;
@@ -348,11 +432,13 @@ pub(super) fn query_pass<T: Element>(
     });
     let heads_kv = g.heads / a.group;
     let sums = key_grads.map(|grads| KvSums::new(g, heads_kv, (g.dim, a.dim_v), grads));
+    let bins = d_bias.map(|_| BiasBins::new(&plan, g, a.group));
     for phase in 0..2 {
         let pass = ChunkPass {
             bwd,
             d_query,
             sums: sums.as_ref(),
+            bins: bins.as_ref(),
             plan: &plan,
             orders: &orders,
             phase,
@@ -364,6 +450,10 @@ pub(super) fn query_pass<T: Element>(
     }
     if let (Some(sums), Some(grads)) = (sums, key_grads) {
         sums.finish(grads);
+    }
+    if let (Some(bins), Some(d_bias)) = (bins, d_bias) {
+        let span = bins.span;
+        store_bias_grad(bins.per_head(&plan, g, a.group), g.batch, span, d_bias);
     }
 }
 
