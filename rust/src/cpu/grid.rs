@@ -97,7 +97,11 @@ impl Grid {
 
     /// Keys seen by the query at `x`, per axis.
     pub fn window(&self, x: [usize; 3]) -> [Span; 3] {
-        [0, 1, 2].map(|a| self.forward[a][x[a]])
+        [
+            self.forward[0][x[0]],
+            self.forward[1][x[1]],
+            self.forward[2][x[2]],
+        ]
     }
 
     /// `(query position, slot)` of every query that sees key position `j` on axis `axis`.

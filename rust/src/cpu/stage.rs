@@ -70,19 +70,45 @@ impl KeyBox {
     }
 
     /// Index of position `x` (in the box) in row-major box order.
+    #[inline(always)]
     fn index(&self, x: [usize; 3]) -> usize {
-        let i = [0, 1, 2].map(|a| (x[a] - self.first[a]) / self.step[a]);
-        (i[0] * self.count[1] + i[1]) * self.count[2] + i[2]
+        let along = |a: usize| steps_in(x[a] - self.first[a], self.step[a]);
+        (along(0) * self.count[1] + along(1)) * self.count[2] + along(2)
     }
 
-    /// Position number `n` of the box, row-major.
-    fn position(&self, n: usize) -> [usize; 3] {
-        let i = [
-            n / (self.count[1] * self.count[2]),
-            n / self.count[2] % self.count[1],
-            n % self.count[2],
+    /// Positions numbered `numbers` in the box (row-major), with their numbers: the first
+    /// found by division, the rest by counting on.
+    fn positions(self, numbers: Range<usize>) -> impl Iterator<Item = (usize, [usize; 3])> {
+        let [_, c1, c2] = self.count;
+        let n = numbers.start;
+        let mut i = [
+            n / (c1 * c2).max(1),
+            n / c2.max(1) % c1.max(1),
+            n % c2.max(1),
         ];
-        [0, 1, 2].map(|a| self.first[a] + i[a] * self.step[a])
+        numbers.map(move |n| {
+            let x = [0, 1, 2].map(|a| self.first[a] + i[a] * self.step[a]);
+            i[2] += 1;
+            if i[2] == c2 {
+                i[2] = 0;
+                i[1] += 1;
+                if i[1] == c1 {
+                    i[1] = 0;
+                    i[0] += 1;
+                }
+            }
+            (n, x)
+        })
+    }
+}
+
+/// `offset / step` for a box step of 1 (no division: the common, undilated case) or more.
+#[inline(always)]
+fn steps_in(offset: usize, step: usize) -> usize {
+    if step == 1 {
+        offset
+    } else {
+        offset / step
     }
 }
 
@@ -224,7 +250,8 @@ impl<T: Element> Stage<T> {
         if w.iter().any(|s| s.count == 0) {
             return;
         }
-        let last = [0, 1, 2].map(|a| w[a].first + (w[a].count - 1) * dilation[a]);
+        let last = |a: usize| w[a].first + (w[a].count - 1) * dilation[a];
+        let last = [last(0), last(1), last(2)];
         let need = kbox.index(last) + 1;
         if need <= self.filled {
             return;
@@ -250,8 +277,7 @@ impl<T: Element> Stage<T> {
             Some((rows, at)) => (rows.window, at),
             None => return,
         };
-        for n in positions {
-            let [x0, x1, x2] = kbox.position(n);
+        for (n, [x0, x1, x2]) in kbox.positions(positions) {
             let at = [b, hk, x0, x1, x2, 0];
             // SAFETY: in shape and in the buffers by the caller's contract.
             unsafe {
@@ -271,8 +297,7 @@ impl<T: Element> Stage<T> {
             return;
         };
         let bytes = self.dims.0.max(self.dims.1) * std::mem::size_of::<T>();
-        for n in positions {
-            let [x0, x1, x2] = kbox.position(n);
+        for (_, [x0, x1, x2]) in kbox.positions(positions) {
             let at = [b, hk, x0, x1, x2, 0];
             for line in (0..bytes).step_by(64) {
                 // SAFETY: the addresses are in the tensors (only hints are issued for them).
@@ -301,13 +326,14 @@ impl<T: Element> Stage<T> {
     pub fn window_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> WindowRows {
         let kbox = self.kbox.expect("a begun stage");
         let size = std::mem::size_of::<T::Acc>();
-        let first = kbox.index(w.map(|s| s.first));
+        let first = kbox.index([w[0].first, w[1].first, w[2].first]);
         let pitch = [kbox.count[1] * kbox.count[2], kbox.count[2], 1];
         let (dk, dv) = self.dims;
-        let steps = [0, 1, 2].map(|a| {
-            let rows = (dilation[a] / kbox.step[a] * pitch[a]) as isize;
+        let step = |a: usize| {
+            let rows = (steps_in(dilation[a], kbox.step[a]) * pitch[a]) as isize;
             (rows * (dk * size) as isize, rows * (dv * size) as isize)
-        });
+        };
+        let steps = [step(0), step(1), step(2)];
         WindowRows {
             first: (
                 self.keys.ptr() as usize + first * dk * size,
@@ -456,6 +482,25 @@ mod tests {
             let kbox = kbox.expect("staged");
             assert_eq!(kbox.step[2], 8);
             assert!(kbox.volume() <= range.len() + 126, "{range:?}: {kbox:?}");
+        }
+    }
+
+    /// Counting positions on from any start gives each number's position, and `index` maps
+    /// it back to its number.
+    #[test]
+    fn positions_count_on_in_row_major_order() {
+        let kbox = KeyBox {
+            first: [2, 1, 3],
+            step: [1, 3, 2],
+            count: [3, 4, 5],
+        };
+        for start in [0, 1, 4, 5, 19, 20, 37] {
+            for (n, x) in kbox.positions(start..kbox.volume()) {
+                let i = [n / 20, n / 5 % 4, n % 5];
+                let expected = [0, 1, 2].map(|a| kbox.first[a] + i[a] * kbox.step[a]);
+                assert_eq!(x, expected, "start {start}, n {n}");
+                assert_eq!(kbox.index(x), n);
+            }
         }
     }
 }
