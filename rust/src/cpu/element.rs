@@ -42,12 +42,22 @@ pub trait Accum:
     /// Every address must hold `x.len()` writable accumulators no other thread touches.
     #[inline(always)]
     unsafe fn spread_rows<R: Rows>(w: &[Self], x: &[Self], rows: R) {
-        for (k, &weight) in w.iter().enumerate().take(rows.len()) {
-            // SAFETY: by the caller's contract.
-            let row = unsafe { std::slice::from_raw_parts_mut(rows.at(k) as *mut Self, x.len()) };
-            for (r, &v) in row.iter_mut().zip(x) {
-                *r += weight * v;
-            }
+        // SAFETY: forwarded contract.
+        unsafe { spread_rows_portable(w, x, rows) }
+    }
+}
+
+/// The portable loop of `Accum::spread_rows`.
+///
+/// # Safety
+/// As `Accum::spread_rows`.
+#[inline(always)]
+unsafe fn spread_rows_portable<A: Accum, R: Rows>(w: &[A], x: &[A], rows: R) {
+    for (k, &weight) in w.iter().enumerate().take(rows.len()) {
+        // SAFETY: by the caller's contract.
+        let row = unsafe { std::slice::from_raw_parts_mut(rows.at(k) as *mut A, x.len()) };
+        for (r, &v) in row.iter_mut().zip(x) {
+            *r += weight * v;
         }
     }
 }
@@ -76,13 +86,8 @@ impl Accum for f32 {
             // SAFETY: the CPU has the kernel's features; the rest is the caller's.
             return unsafe { super::simd::spread_rows(w, x, rows) };
         }
-        for (k, &weight) in w.iter().enumerate().take(rows.len()) {
-            // SAFETY: by the caller's contract.
-            let row = unsafe { std::slice::from_raw_parts_mut(rows.at(k) as *mut f32, x.len()) };
-            for (r, &v) in row.iter_mut().zip(x) {
-                *r += weight * v;
-            }
-        }
+        // SAFETY: forwarded contract.
+        unsafe { spread_rows_portable(w, x, rows) }
     }
 }
 

@@ -1,9 +1,9 @@
 //! Fused neighborhood attention, backward, FlashAttention-style: probabilities are recomputed,
 //! no `[tokens x window]` buffer is kept, and every sum runs in a fixed order (no atomics,
-//! deterministic). Three passes: queries (`fused_chunks`: `d_query`, per query `delta = d_out .
+//! deterministic). Two passes: queries (`fused_chunks`: `d_query`, per query `delta = d_out .
 //! out - d_lse` and the logsumexp, recomputed at the accumulator's precision rather than read
-//! from the float32 `lse`, and the window terms of `d_key`, `d_value`), additional tokens
-//! (`fused_kv`), and the bias (summed per batch in a fixed order).
+//! from the float32 `lse`, and the window terms of `d_key`, `d_value` and `d_rpb`), then the
+//! additional tokens (`fused_kv`).
 
 use super::element::{dot, load, Accum, Element};
 use super::fused::{Attention, FusedTensors, RowScratch};

@@ -1,6 +1,7 @@
 //! The query pass of the fused backward: per query, its probabilities are recomputed once and
 //! give `d_query`, and the query's terms of `d_key` and `d_value` are added to float
-//! accumulators of its window's key rows right away, while those rows are in cache. Keys are
+//! accumulators of its window's key rows right away, while those rows are in cache (its logit
+//! gradients binned by relative offset too, for `d_rpb`). Keys are
 //! never revisited from their side, so the backward costs five products per (query, key) pair
 //! (logit, `d_out . value`, and the three gradients) instead of seven.
 //!
@@ -460,20 +461,10 @@ pub(super) fn query_pass<T: Element>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::Axis;
+    use crate::window::{axis, Axis};
 
     fn grid(axes: [Axis; 3]) -> Grid {
         Grid::with(axes, (1, 1), 8, 0)
-    }
-
-    fn axis(length: usize, kernel: usize, stride: usize, dilation: usize, causal: bool) -> Axis {
-        Axis {
-            length,
-            kernel,
-            stride,
-            dilation,
-            causal,
-        }
     }
 
     /// Keys (positions along the chunk axis) the queries of `chunk` reach.
