@@ -291,12 +291,20 @@ def cpu_tier(request):
 
 
 # Head dims around the SIMD widths (tails of 8 and 16 lanes) and past what the AVX-512 pair
-# kernel keeps in registers (264 channels: it hands those rows to the AVX2 one).
+# kernel keeps in registers (264 channels: it hands those rows to the AVX2 one); and the widths
+# the AVX-512 pair kernel has unrolled versions of (16, 32, 64 channels, keys and values alike,
+# no extras), with rpb, causal and dilated windows, against the same width with extras.
 TIER_CASES = [
     *FIXED_CASES,
     *SLAB_CASES,
     Case((9, 11), (5, 7), (1, 1), (1, 1), (False, False), 1, 2, 1, 264, 40, n_extra=3),
     Case((6, 13), (3, 5), (1, 1), (2, 1), (False, True), 1, 2, 2, 24, 72, rpb=True),
+    Case((9, 20), (3, 7), (1, 1), (1, 2), (False, True), 1, 2, 1, 32, 32, rpb=True),
+    Case((13, 12), (5, 5), (1, 1), (2, 1), (False, False), 2, 2, 2, 64, 64, rpb=True,
+         layout="permuted"),
+    Case((40,), (7,), (1,), (3,), (False,), 1, 2, 2, 16, 16),
+    Case((5, 6, 9), (3, 3, 5), (1, 1, 1), (1, 1, 1), (True, False, False), 1, 2, 2, 32, 32,
+         n_extra=2),
 ]  # fmt: skip
 
 

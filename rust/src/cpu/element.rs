@@ -162,6 +162,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     /// Round from the accumulator.
     fn from_acc(a: Self::Acc) -> Self;
 
+    /// Whether this type is its own accumulator (widening is a copy).
+    #[inline(always)]
+    fn is_acc() -> bool {
+        std::any::TypeId::of::<Self>() == std::any::TypeId::of::<Self::Acc>()
+    }
+
     /// `out[n] = a . row_n` for dense rows of `a.len()` elements at the addresses `rows`.
     ///
     /// # Safety

@@ -7,7 +7,7 @@ use super::element::{dot, load, store, Accum, Attend, AttendKernels, AttendPair,
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
-use super::stage::{Slabs, Stage, StagedViews, WindowRows};
+use super::stage::{prefetch_lines, Intent, Slabs, Stage, StagedViews, WindowRows};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -355,6 +355,11 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
     unsafe { par_rows((tasks, cost), &slabbed) }
 }
 
+/// How many points ahead of the pair being attended the staged forward fetches query rows and
+/// output lines (output lines are fetched for writing, so the stores find them owned): with
+/// neither, the query loads and output stores stalled P1's forward by about a fifth.
+const PREFETCH_POINTS: usize = 4;
+
 /// The forward pass of the attend kernels, one slab (`stage`) of one batch and kv head per
 /// task: the slab's key and value rows are staged once, then every query head of the group
 /// attends from the slab's queries, two consecutive rows through one `AttendPair` call where
@@ -416,11 +421,18 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         };
         let points = self.slabs.ranges[slab].clone();
         for h in hk * a.group..(hk + 1) * a.group {
-            let base = (b * a.g.heads + h) * a.g.tokens();
+            let row = |p: usize| Row {
+                b,
+                h,
+                x: a.g.point(p),
+            };
             let mut p = points.start;
             while p < points.end {
-                let ra = a.g.row(base + p);
-                let rb = (p + 1 < points.end).then(|| a.g.row(base + p + 1));
+                let ra = row(p);
+                let rb = (p + 1 < points.end).then(|| row(p + 1));
+                if p + PREFETCH_POINTS < points.end {
+                    f.prefetch_rows(row(p + PREFETCH_POINTS));
+                }
                 let paired = pair
                     .zip(rb)
                     .and_then(|(pair, rb)| a.pair_offset(ra, rb).map(|offset| (pair, rb, offset)));
@@ -485,7 +497,8 @@ impl<T: Element> Attention<'_, T> {
     fn logit_slots(&self) -> usize {
         let [k0, k1, k2] = self.g.axes.map(|a| a.kernel);
         let runs = usize::from(self.window) * k0 * k1;
-        let padded = runs * k2.next_multiple_of(LANES) + self.g.extra.next_multiple_of(LANES);
+        let padded =
+            runs * k2.next_multiple_of(LANES).max(2 * LANES) + self.g.extra.next_multiple_of(LANES);
         padded.max(runs * k2 + self.g.extra)
     }
 
@@ -597,6 +610,19 @@ impl<T: Element> Forward<'_, '_, T> {
             self.finish(ra, results[0], &mut sa.tail[..dim]);
             self.finish(rb, results[1], &mut sb.tail[..dim]);
         }
+    }
+
+    /// Hint that row `row`'s query will be read and its output written soon.
+    #[inline(always)]
+    fn prefetch_rows(&self, row: Row) {
+        let a = self.a;
+        let [x0, x1, x2] = row.x;
+        // SAFETY: rows of the validated problem are in shape.
+        let query = unsafe { a.q.at([row.b, row.h, x0, x1, x2, 0]) };
+        let size = std::mem::size_of::<T>();
+        prefetch_lines(query as *const u8, a.g.dim * size, Intent::Read);
+        let (out, _, dim) = self.out_row(row);
+        prefetch_lines(out as *const u8, dim * size, Intent::Write);
     }
 
     /// Where row `row`'s output goes: `(address, channel stride, channels)`.

@@ -11,7 +11,6 @@
 //! split depends on the problem alone, so every key's sum runs in one fixed order
 //! (deterministic for any thread count).
 
-use std::any::TypeId;
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
@@ -112,9 +111,7 @@ impl<A: Accum> KvSums<A> {
             lengths: g.axes.map(|a| a.length),
             planes: (g.batch, heads_kv),
         };
-        let in_place = TypeId::of::<T>() == TypeId::of::<A>()
-            && d_k.inner_stride() == 1
-            && d_v.inner_stride() == 1;
+        let in_place = T::is_acc() && d_k.inner_stride() == 1 && d_v.inner_stride() == 1;
         if in_place {
             sums.for_each_row(|_, dk, dv| {
                 dk.fill(A::ZERO);

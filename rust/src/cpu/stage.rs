@@ -266,24 +266,25 @@ impl<T: Element> Stage<T> {
         self.prefetched = self.prefetched.max(ahead);
     }
 
-    /// Copy the rows of box positions `positions`.
+    /// Copy the rows of box positions `positions`, a line segment (positions along the last
+    /// axis, one source stride apart) at a time.
     ///
     /// # Safety
     /// As `begin`, for positions of the box.
     unsafe fn fill(&mut self, positions: Range<usize>) {
         let (dk, dv) = self.dims;
-        let kbox = self.kbox.expect("a begun stage");
-        let ((k, v), (b, hk)) = match self.source {
-            Some((rows, at)) => (rows.window, at),
-            None => return,
-        };
-        for (n, [x0, x1, x2]) in kbox.positions(positions) {
-            let at = [b, hk, x0, x1, x2, 0];
-            // SAFETY: in shape and in the buffers by the caller's contract.
-            unsafe {
-                widen(k.at(at), self.keys.ptr_mut().add(n * dk), dk);
-                widen(v.at(at), self.values.ptr_mut().add(n * dv), dv);
-            }
+        let mut dst_k = self.keys.ptr_mut().wrapping_add(positions.start * dk);
+        let mut dst_v = self.values.ptr_mut().wrapping_add(positions.start * dv);
+        // SAFETY: in shape and in the buffers by the caller's contract.
+        unsafe {
+            self.for_each_segment(positions, |(mut k, mut v), (k_step, v_step), len| {
+                for _ in 0..len {
+                    widen(k, dst_k, dk);
+                    widen(v, dst_v, dv);
+                    (k, v) = (k.offset(k_step), v.offset(v_step));
+                    (dst_k, dst_v) = (dst_k.add(dk), dst_v.add(dv));
+                }
+            })
         }
     }
 
@@ -292,20 +293,48 @@ impl<T: Element> Stage<T> {
     /// # Safety
     /// As `fill`.
     unsafe fn prefetch(&self, positions: Range<usize>) {
+        let size = std::mem::size_of::<T>();
+        let (key_bytes, value_bytes) = (self.dims.0 * size, self.dims.1 * size);
+        // SAFETY: forwarded contract (only hints are issued for the addresses).
+        unsafe {
+            self.for_each_segment(positions, |(mut k, mut v), (k_step, v_step), len| {
+                for _ in 0..len {
+                    prefetch_lines(k as *const u8, key_bytes, Intent::Read);
+                    prefetch_lines(v as *const u8, value_bytes, Intent::Read);
+                    (k, v) = (k.wrapping_offset(k_step), v.wrapping_offset(v_step));
+                }
+            })
+        }
+    }
+
+    /// Split box positions `positions` into segments along the box's last axis and call
+    /// `f((first key row, first value row), (key step, value step), positions in it)` for
+    /// each, in order (steps in elements).
+    ///
+    /// # Safety
+    /// As `begin`, for positions of the box.
+    #[inline(always)]
+    unsafe fn for_each_segment(
+        &self,
+        positions: Range<usize>,
+        mut f: impl FnMut((*const T, *const T), (isize, isize), usize),
+    ) {
         let kbox = self.kbox.expect("a begun stage");
         let Some(((k, v), (b, hk))) = self.source.map(|(rows, at)| (rows.window, at)) else {
             return;
         };
-        let bytes = self.dims.0.max(self.dims.1) * std::mem::size_of::<T>();
-        for (_, [x0, x1, x2]) in kbox.positions(positions) {
+        let line = kbox.count[2].max(1);
+        let step = |t: Tokens<T>| t.stride(4) * kbox.step[2] as isize;
+        let mut n = positions.start;
+        while n < positions.end {
+            let end = positions.end.min((n / line + 1) * line);
+            let Some((_, [x0, x1, x2])) = kbox.positions(n..n + 1).next() else {
+                return;
+            };
             let at = [b, hk, x0, x1, x2, 0];
-            for line in (0..bytes).step_by(64) {
-                // SAFETY: the addresses are in the tensors (only hints are issued for them).
-                unsafe {
-                    prefetch((k.at(at) as *const u8).add(line));
-                    prefetch((v.at(at) as *const u8).add(line));
-                }
-            }
+            // SAFETY: box positions are in the views' shape (the caller's contract).
+            unsafe { f((k.at(at), v.at(at)), (step(k), step(v)), end - n) };
+            n = end;
         }
     }
 
@@ -361,17 +390,34 @@ impl<T> Clone for StagedViews<T> {
 
 impl<T> Copy for StagedViews<T> {}
 
-/// Hint that the cache line at `p` will be read soon (a no-op where there is no such hint).
+/// What a prefetched line is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Intent {
+    Read,
+    /// Fetched owned, so that stores to it do not wait for a read first.
+    Write,
+}
+
+/// Hint that the `bytes` bytes from `p` will be used soon: every cache line they touch (a
+/// no-op where there is no such hint).
 #[inline(always)]
-fn prefetch(p: *const u8) {
+pub(super) fn prefetch_lines(p: *const u8, bytes: usize, intent: Intent) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch never faults, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p as *const i8)
-    };
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        let first = p as usize & !63;
+        for line in (first..p as usize + bytes).step_by(64) {
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe {
+                match intent {
+                    Intent::Read => _mm_prefetch::<_MM_HINT_T0>(line as *const i8),
+                    Intent::Write => _mm_prefetch::<_MM_HINT_ET0>(line as *const i8),
+                }
+            };
+        }
+    }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
+    let _ = (p, bytes, intent);
 }
 
 /// `n` elements from `src` to `dst`, widened to the accumulator type.
@@ -380,6 +426,21 @@ fn prefetch(p: *const u8) {
 /// `src` must hold `n` readable elements and `dst` `n` writable ones.
 #[inline(always)]
 unsafe fn widen<T: Element>(src: *const T, dst: *mut T::Acc, n: usize) {
+    if T::is_acc() {
+        // Sixteen elements a move, inline (a library call per row costs more than the row).
+        let (src, blocks) = (src as *const T::Acc, n / 16);
+        // SAFETY (whole block): by the caller's contract; the types are the same.
+        unsafe {
+            for i in 0..blocks {
+                let block = (src.add(16 * i) as *const [T::Acc; 16]).read_unaligned();
+                (dst.add(16 * i) as *mut [T::Acc; 16]).write_unaligned(block);
+            }
+            for i in 16 * blocks..n {
+                *dst.add(i) = *src.add(i);
+            }
+        }
+        return;
+    }
     for i in 0..n {
         // SAFETY: by the caller's contract.
         unsafe { *dst.add(i) = (*src.add(i)).to_acc() };

@@ -161,6 +161,10 @@ unsafe fn weighted_runs<const Q: usize>(
             weighted_block::<Q, 4, false>(keys, len, w, &mut acc, c);
             c += 64;
         }
+        if c + 32 <= dim {
+            weighted_block::<Q, 2, false>(keys, len, w, &mut acc, c);
+            c += 32;
+        }
         while c + 16 <= dim {
             weighted_block::<Q, 1, false>(keys, len, w, &mut acc, c);
             c += 16;
@@ -297,6 +301,19 @@ pub unsafe fn attend_pair_f32(
         return unsafe { avx2::attend_pair::<f32>(q, keys, offset, with_bias, logits, acc) };
     }
     let [ka, kb] = keys;
+    if ka.len == ka.window && acc[0].len() == q[0].len() {
+        let exact = match q[0].len() {
+            16 => Some(attend_pair_exact::<2> as ExactPair),
+            32 => Some(attend_pair_exact::<4> as ExactPair),
+            64 => Some(attend_pair_exact::<8> as ExactPair),
+            _ => None,
+        };
+        if let Some(kernel) = exact {
+            let [la, _] = logits;
+            // SAFETY: forwarded contract; the kernel's width is the queries'.
+            return unsafe { kernel(q, keys, offset, with_bias, la, acc) };
+        }
+    }
     let union = offset + kb.run_len;
     let dim = q[0].len();
     // Eight channels of each query side by side, per group of eight channels.
@@ -381,6 +398,162 @@ pub unsafe fn attend_pair_f32(
         sum_extras(kb, lb, acc_b);
     }
     [(max[0], sums[0]), (max[1], sums[1])]
+}
+
+/// `attend_pair_exact` for one width.
+type ExactPair = unsafe fn(
+    [&[f32]; 2],
+    [&KeyList<f32>; 2],
+    usize,
+    bool,
+    &mut [f32],
+    [&mut [f32]; 2],
+) -> [(f32, f32); 2];
+
+/// `attend_pair_f32` for rows of exactly `8 G` channels and no additional tokens, loops
+/// unrolled over the channels: each run's sixteen logits (eight union rows against both
+/// queries) stay side by side in one vector from the dot products through the softmax, so
+/// both queries' exponentials take one call per run, and the value sums weight each row
+/// for both queries from one load.
+///
+/// # Safety
+/// As `attend_pair_f32`, with queries and outputs of `8 G` channels, no extras, and logit
+/// scratch of at least sixteen slots per run.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn attend_pair_exact<const G: usize>(
+    q: [&[f32]; 2],
+    keys: [&KeyList<f32>; 2],
+    offset: usize,
+    with_bias: bool,
+    logits: &mut [f32],
+    acc: [&mut [f32]; 2],
+) -> [(f32, f32); 2] {
+    let [ka, kb] = keys;
+    let union = offset + kb.run_len;
+    // SAFETY (whole block): queries hold 8 G floats; union rows are keys of one of the
+    // queries (rows of 8 G floats); the scratch holds sixteen slots per run.
+    unsafe {
+        let both: [__m512; G] = std::array::from_fn(|g| {
+            _mm512_insertf32x8::<1>(
+                _mm512_castps256_ps512(_mm256_loadu_ps(q[0].as_ptr().add(8 * g))),
+                _mm256_loadu_ps(q[1].as_ptr().add(8 * g)),
+            )
+        });
+        let inside_a = lanes_below(ka.run_len);
+        let inside_b = (lanes_below(union) & !lanes_below(offset)) << 8;
+        let inside = inside_a | inside_b;
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut max = neg_inf;
+        let runs = ka.run_count;
+        for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
+            let rows = padded(Run { len: union, ..run }, 0).map(|r| r as *const f32);
+            let mut sums = [_mm512_setzero_ps(); 8];
+            for (g, x) in both.iter().enumerate() {
+                for j in 0..8 {
+                    let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
+                    sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
+                }
+            }
+            let mut l = sum_pairs(sums);
+            if with_bias {
+                let a = _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().add(na));
+                let from = kb.bias.as_ptr().add(nb).wrapping_sub(8 + offset);
+                l = _mm512_add_ps(l, _mm512_mask_loadu_ps(a, inside_b, from));
+            }
+            l = _mm512_mask_blend_ps(inside, neg_inf, l);
+            max = _mm512_max_ps(max, l);
+            _mm512_storeu_ps(logits.as_mut_ptr().add(16 * i), l);
+        }
+        let max = half_reduce(max, |a, b| _mm512_max_ps(a, b));
+        let mut total = _mm512_setzero_ps();
+        for i in 0..runs {
+            let at = logits.as_mut_ptr().add(16 * i);
+            let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(at), max));
+            _mm512_storeu_ps(at, p);
+            total = _mm512_add_ps(total, p);
+        }
+        let total = half_reduce(total, |a, b| _mm512_add_ps(a, b));
+        weighted_pair::<G>(ka, union, logits, acc);
+        let lane = |v: __m512, k: usize| {
+            let mut out = [0.0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), v);
+            out[8 * k]
+        };
+        [
+            (lane(max, 0), lane(total, 0)),
+            (lane(max, 1), lane(total, 1)),
+        ]
+    }
+}
+
+/// `op` over the lanes of each half of `v` (lanes 0..8, then 8..16), in every lane of it.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn half_reduce(v: __m512, op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
+    let v = op(v, _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v));
+    let v = op(v, _mm512_permute_ps::<0b01_00_11_10>(v));
+    op(v, _mm512_permute_ps::<0b10_11_00_01>(v))
+}
+
+/// The value sums of `attend_pair_exact`: `acc[k] = sum_i sum_j w[16 i + 8 k + j] row_ij`
+/// over the first `len` rows of each value run, `8 G` channels (`G` even, at most 8), in
+/// registers sixteen at a time.
+///
+/// # Safety
+/// As `attend_pair_exact`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn weighted_pair<const G: usize>(
+    keys: &KeyList<f32>,
+    len: usize,
+    w: &[f32],
+    acc: [&mut [f32]; 2],
+) {
+    const {
+        assert!(
+            G.is_multiple_of(2) && G <= 8,
+            "whole blocks of sixteen channels, four at most"
+        )
+    };
+    // Rows alternate between two sets of sums, so consecutive multiply-adds are independent.
+    let mut even = [[_mm512_setzero_ps(); 2]; 4];
+    let mut odd = [[_mm512_setzero_ps(); 2]; 4];
+    let add = |sums: &mut [[__m512; 2]; 4], row: *const f32, wa: f32, wb: f32| {
+        let (wa, wb) = (_mm512_set1_ps(wa), _mm512_set1_ps(wb));
+        for (b, s) in sums.iter_mut().enumerate().take(G / 2) {
+            // SAFETY: value rows hold 8 G floats.
+            let v = unsafe { _mm512_loadu_ps(row.add(16 * b)) };
+            s[0] = _mm512_fmadd_ps(wa, v, s[0]);
+            s[1] = _mm512_fmadd_ps(wb, v, s[1]);
+        }
+    };
+    // SAFETY (whole block): by the caller's contract.
+    unsafe {
+        for (i, (_, run)) in keys.runs(true).enumerate() {
+            let w = w.as_ptr().add(16 * i);
+            let mut j = 0;
+            while j + 2 <= len {
+                add(&mut even, run.at(j) as *const f32, *w.add(j), *w.add(8 + j));
+                add(
+                    &mut odd,
+                    run.at(j + 1) as *const f32,
+                    *w.add(j + 1),
+                    *w.add(9 + j),
+                );
+                j += 2;
+            }
+            if j < len {
+                add(&mut even, run.at(j) as *const f32, *w.add(j), *w.add(8 + j));
+            }
+        }
+        for (k, out) in acc.into_iter().enumerate() {
+            for b in 0..G / 2 {
+                let v = _mm512_add_ps(even[b][k], odd[b][k]);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * b), v);
+            }
+        }
+    }
 }
 
 /// For eight rows whose vectors hold two queries' partial dot products (lanes 0..8 the
