@@ -22,6 +22,16 @@ const SLAB_SLOTS: usize = 1 << 15;
 /// Bytes of staged rows above which a slab reads its rows in place.
 const STAGE_LIMIT: usize = 8 << 20;
 
+/// Positions staged per query point above which slabs are made larger: copying a row into
+/// the stage costs about what attending from a query does, so boxes many times their slab
+/// spend most of the forward on copies (3-D, kernel 7: 21 rows staged per query with
+/// `SLAB_SLOTS` slabs; P1 and the 1-D problems stage 1.5).
+const MAX_STAGED_PER_POINT: f64 = 3.0;
+
+/// The largest box a slab is grown to (past a core's L2 cache, but the copies saved weigh
+/// more; measured on the 3-D problem).
+const GROWN_BOX_BYTES: usize = 4 << 20;
+
 /// Key positions on a lattice: per axis, `count` positions from `first`, `step` apart.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KeyBox {
@@ -127,8 +137,26 @@ impl Slabs {
     /// Cut `g`'s points into slabs of about `SLAB_SLOTS / slots` points, never mixing
     /// dilation groups of the leading axes, and for rows longer than a slab, never mixing
     /// groups of the last axis either; rows of `row_bytes` staged bytes per position.
+    ///
+    /// Where those slabs' boxes would stage each position many times over (windows reaching
+    /// far past a slab along the leading axes, as in 3-D), the slabs are made larger, while
+    /// their boxes stay within `GROWN_BOX_BYTES`.
     pub fn plan(g: &Grid, row_bytes: usize) -> Slabs {
-        let target = (SLAB_SLOTS / g.slots.max(1)).max(16);
+        let mut target = (SLAB_SLOTS / g.slots.max(1)).max(16);
+        let mut slabs = Slabs::cut(g, row_bytes, target);
+        while slabs.staged_per_point(g) > MAX_STAGED_PER_POINT && target < g.tokens() {
+            target *= 2;
+            let larger = Slabs::cut(g, row_bytes, target);
+            if larger.max_volume * row_bytes > GROWN_BOX_BYTES {
+                break;
+            }
+            slabs = larger;
+        }
+        slabs
+    }
+
+    /// Slabs of about `target` points.
+    fn cut(g: &Grid, row_bytes: usize, target: usize) -> Slabs {
         let line = g.axes[2].length;
         let n = g.tokens();
         let mut ranges = Vec::new();
@@ -156,6 +184,12 @@ impl Slabs {
             boxes,
             max_volume,
         }
+    }
+
+    /// Positions staged per point of the grid, over all staged slabs.
+    fn staged_per_point(&self, g: &Grid) -> f64 {
+        let staged: usize = self.boxes.iter().flatten().map(KeyBox::volume).sum();
+        staged as f64 / g.tokens().max(1) as f64
     }
 }
 
@@ -531,6 +565,37 @@ mod tests {
             }
             assert_eq!(next, g.tokens(), "{axes:?}");
         }
+    }
+
+    /// Where first-cut boxes stage many rows per point (3-D, kernel 7), slabs grow until they
+    /// stage few, or their boxes reach the grown limit; slabs of problems that stage few rows
+    /// are left as cut.
+    #[test]
+    fn slabs_grow_where_boxes_stage_many_rows_per_point() {
+        let cube = [
+            axis(16, 7, 1, 1, false),
+            axis(32, 7, 1, 1, false),
+            axis(32, 7, 1, 1, false),
+        ];
+        let g = Grid::with(cube, (1, 1), 64, 0);
+        let row_bytes = 512;
+        let first = Slabs::cut(&g, row_bytes, SLAB_SLOTS / g.slots);
+        let grown = Slabs::plan(&g, row_bytes);
+        assert!(first.staged_per_point(&g) > MAX_STAGED_PER_POINT);
+        assert!(grown.staged_per_point(&g) < first.staged_per_point(&g) / 2.0);
+        assert!(grown.max_volume * row_bytes <= GROWN_BOX_BYTES);
+        assert!(grown.ranges.len() > 1, "still more than one slab per plane");
+        let plane = [
+            Axis::UNIT,
+            axis(56, 7, 1, 1, false),
+            axis(56, 7, 1, 1, false),
+        ];
+        let g = Grid::with(plane, (1, 1), 32, 0);
+        let planned = Slabs::plan(&g, 256);
+        assert_eq!(
+            planned.ranges,
+            Slabs::cut(&g, 256, SLAB_SLOTS / g.slots).ranges
+        );
     }
 
     /// Staged boxes stay near the slab's own window union: dilated axes keep their step.
