@@ -293,7 +293,8 @@ def cpu_tier(request):
 # Head dims around the SIMD widths (tails of 8 and 16 lanes) and past what the AVX-512 pair
 # kernel keeps in registers (264 channels: it hands those rows to the AVX2 one); and the widths
 # the AVX-512 pair kernel has unrolled versions of (16, 32, 64 channels, keys and values alike,
-# no extras), with rpb, causal and dilated windows, against the same width with extras.
+# no extras), with rpb, causal and dilated windows, against the same width with extras; and
+# windows wider than eight keys (that kernel pairs their queries over unions of 8-key groups).
 TIER_CASES = [
     *FIXED_CASES,
     *SLAB_CASES,
@@ -305,6 +306,10 @@ TIER_CASES = [
     Case((40,), (7,), (1,), (3,), (False,), 1, 2, 2, 16, 16),
     Case((5, 6, 9), (3, 3, 5), (1, 1, 1), (1, 1, 1), (True, False, False), 1, 2, 2, 32, 32,
          n_extra=2),
+    Case((60,), (13,), (1,), (2,), (True,), 1, 2, 1, 32, 32, rpb=True),
+    Case((7, 30), (3, 11), (1, 1), (1, 2), (False, False), 2, 2, 2, 64, 64, rpb=True),
+    Case((10, 24), (3, 6), (1, 3), (1, 1), (False, False), 1, 2, 2, 16, 16, layout="sliced"),
+    Case((4, 5, 21), (3, 3, 9), (1, 1, 1), (1, 1, 2), (False, False, True), 1, 2, 1, 32, 32),
 ]  # fmt: skip
 
 

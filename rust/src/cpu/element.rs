@@ -204,6 +204,13 @@ pub trait Element: Copy + Send + Sync + 'static {
         None
     }
 
+    /// A pair kernel for staged rows that takes unions longer than `LANES` rows (windows
+    /// wider than eight keys), for rows of `dim` key and `dim_v` value channels and no
+    /// additional tokens, where this type has one on this CPU.
+    fn wide_pair_kernel(_dim: usize, _dim_v: usize) -> Option<AttendPair<Self::Acc>> {
+        None
+    }
+
     /// `attend_kernel` and `attend_pair_kernel` for rows already widened to the accumulator
     /// type (the forward's staged rows), where this type has them on this CPU.
     fn staged_kernels() -> Option<AttendKernels<Self::Acc>> {
@@ -290,6 +297,14 @@ macro_rules! wide_rows {
                 if super::simd::available() {
                     return Some(super::simd::attend_pair::<$t>);
                 }
+                None
+            }
+            fn wide_pair_kernel(dim: usize, dim_v: usize) -> Option<AttendPair<f32>> {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::isa() == super::simd::Isa::Avx512 {
+                    return super::simd::exact_pair_kernel(dim, dim_v);
+                }
+                let _ = (dim, dim_v);
                 None
             }
             fn staged_kernels() -> Option<AttendKernels<f32>> {

@@ -346,6 +346,7 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
     let slabbed = Slabbed {
         forward: &kernel,
         pair: T::attend_pair_kernel(),
+        wide: T::wide_pair_kernel(p.dim, p.dim_v).filter(|_| p.extra == 0),
         staged: T::staged_kernels(),
         slabs: Slabs::plan(&g, row_bytes),
     };
@@ -367,6 +368,8 @@ const PREFETCH_POINTS: usize = 4;
 struct Slabbed<'k, 'a, 'g, T: Element> {
     forward: &'k Forward<'a, 'g, T>,
     pair: Option<AttendPair<T::Acc>>,
+    /// The pair kernel for staged rows whose windows' union is longer than `LANES` rows.
+    wide: Option<AttendPair<T::Acc>>,
     /// The kernels for staged (widened) rows; without them, slabs are not staged.
     staged: Option<AttendKernels<T::Acc>>,
     slabs: Slabs,
@@ -415,9 +418,9 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             _ => false,
         };
         let d = a.g.axes.map(|axis| axis.dilation);
-        let (single, pair) = match (staged, self.staged) {
-            (true, Some((single, pair))) => (single, Some(pair)),
-            _ => (f.attend.expect("an attend kernel"), self.pair),
+        let (single, pair, wide) = match (staged, self.staged) {
+            (true, Some((single, pair))) => (single, Some(pair), self.wide),
+            _ => (f.attend.expect("an attend kernel"), self.pair, None),
         };
         let points = self.slabs.ranges[slab].clone();
         for h in hk * a.group..(hk + 1) * a.group {
@@ -433,9 +436,11 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                 if p + PREFETCH_POINTS < points.end {
                     f.prefetch_rows(row(p + PREFETCH_POINTS));
                 }
-                let paired = pair
-                    .zip(rb)
-                    .and_then(|(pair, rb)| a.pair_offset(ra, rb).map(|offset| (pair, rb, offset)));
+                let paired = rb.and_then(|rb| {
+                    let (offset, union) = a.pair_offset(ra, rb)?;
+                    let kernel = if union <= LANES { pair } else { wide };
+                    kernel.map(|kernel| (kernel, rb, offset))
+                });
                 // The other heads of the group find the whole box staged.
                 if staged && h == hk * a.group {
                     let last = paired.map_or(ra, |(_, rb, _)| rb);
@@ -497,8 +502,10 @@ impl<T: Element> Attention<'_, T> {
     fn logit_slots(&self) -> usize {
         let [k0, k1, k2] = self.g.axes.map(|a| a.kernel);
         let runs = usize::from(self.window) * k0 * k1;
+        // Pair kernels keep sixteen slots per eight union rows, unions up to twice `k2` long.
+        let pairs = (2 * k2).div_ceil(LANES) * 2 * LANES;
         let padded =
-            runs * k2.next_multiple_of(LANES).max(2 * LANES) + self.g.extra.next_multiple_of(LANES);
+            runs * k2.next_multiple_of(LANES).max(pairs) + self.g.extra.next_multiple_of(LANES);
         padded.max(runs * k2 + self.g.extra)
     }
 
@@ -671,10 +678,11 @@ impl<T: Element> Attention<'_, T> {
         self.key_steps() == (1, 1) && self.value_steps() == (1, 1)
     }
 
-    /// For two consecutive rows: the offset of the second's window runs in the first's, when
-    /// one union of at most `LANES` rows holds both (same batch, head and leading coordinates,
-    /// windows in one dilation group along the last axis).
-    fn pair_offset(&self, a: Row, b: Row) -> Option<usize> {
+    /// For two consecutive rows: the offset of the second's window runs in the first's and the
+    /// length of their union, when one contiguous union of at most twice a window's last-axis
+    /// kernel holds both (same batch, head and leading coordinates, windows in one dilation
+    /// group along the last axis, the second's starting inside or just past the first's).
+    fn pair_offset(&self, a: Row, b: Row) -> Option<(usize, usize)> {
         if (a.b, a.h, a.x[0], a.x[1]) != (b.b, b.h, b.x[0], b.x[1]) {
             return None;
         }
@@ -686,6 +694,8 @@ impl<T: Element> Attention<'_, T> {
         }
         let offset = shift / d;
         let union = offset + wb.count;
-        (union <= LANES && wa.count <= union).then_some(offset)
+        let longest = 2 * self.g.axes[2].kernel;
+        (offset <= wa.count && wa.count <= union && union <= longest.max(LANES))
+            .then_some((offset, union))
     }
 }

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{self, load_partial, mask_past, max8, padded};
-use crate::cpu::element::{Rows, Run};
+use crate::cpu::element::{AttendPair, Rows, Run};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
 
@@ -301,17 +301,10 @@ pub unsafe fn attend_pair_f32(
         return unsafe { avx2::attend_pair::<f32>(q, keys, offset, with_bias, logits, acc) };
     }
     let [ka, kb] = keys;
-    if ka.len == ka.window && acc[0].len() == q[0].len() {
-        let exact = match q[0].len() {
-            16 => Some(attend_pair_exact::<2> as ExactPair),
-            32 => Some(attend_pair_exact::<4> as ExactPair),
-            64 => Some(attend_pair_exact::<8> as ExactPair),
-            _ => None,
-        };
-        if let Some(kernel) = exact {
-            let [la, _] = logits;
-            // SAFETY: forwarded contract; the kernel's width is the queries'.
-            return unsafe { kernel(q, keys, offset, with_bias, la, acc) };
+    if ka.len == ka.window {
+        if let Some(kernel) = exact_pair_kernel(q[0].len(), acc[0].len()) {
+            // SAFETY: forwarded contract; the kernel's widths are the rows'.
+            return unsafe { kernel(q, keys, offset, with_bias, logits, acc) };
         }
     }
     let union = offset + kb.run_len;
@@ -400,25 +393,28 @@ pub unsafe fn attend_pair_f32(
     [(max[0], sums[0]), (max[1], sums[1])]
 }
 
-/// `attend_pair_exact` for one width.
-type ExactPair = unsafe fn(
-    [&[f32]; 2],
-    [&KeyList<f32>; 2],
-    usize,
-    bool,
-    &mut [f32],
-    [&mut [f32]; 2],
-) -> [(f32, f32); 2];
+/// The pair kernel unrolled for rows of `dim` channels, keys and values alike, where there is
+/// one (16, 32 or 64 channels). It takes unions of any length (see `attend_pair_exact`).
+pub fn exact_pair_kernel(dim: usize, dim_v: usize) -> Option<AttendPair<f32>> {
+    match (dim, dim_v) {
+        (16, 16) => Some(attend_pair_exact::<2>),
+        (32, 32) => Some(attend_pair_exact::<4>),
+        (64, 64) => Some(attend_pair_exact::<8>),
+        _ => None,
+    }
+}
 
 /// `attend_pair_f32` for rows of exactly `8 G` channels and no additional tokens, loops
-/// unrolled over the channels: each run's sixteen logits (eight union rows against both
-/// queries) stay side by side in one vector from the dot products through the softmax, so
-/// both queries' exponentials take one call per run, and the value sums weight each row
-/// for both queries from one load.
+/// unrolled over the channels, for unions of any length (taken eight rows at a time; its
+/// union rows must all be keys of one of the queries): each group's sixteen logits (eight
+/// union rows against both queries) stay side by side in one vector from the dot products
+/// through the softmax, so both queries' exponentials take one call per group, and the value
+/// sums weight each row for both queries from one load.
 ///
 /// # Safety
-/// As `attend_pair_f32`, with queries and outputs of `8 G` channels, no extras, and logit
-/// scratch of at least sixteen slots per run.
+/// As `attend_pair_f32` but for the union's length, with queries and outputs of `8 G`
+/// channels, no extras, and logit scratch (the first slice) of at least sixteen slots per
+/// group of eight union rows per run.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
 unsafe fn attend_pair_exact<const G: usize>(
@@ -426,13 +422,15 @@ unsafe fn attend_pair_exact<const G: usize>(
     keys: [&KeyList<f32>; 2],
     offset: usize,
     with_bias: bool,
-    logits: &mut [f32],
+    logits: [&mut [f32]; 2],
     acc: [&mut [f32]; 2],
 ) -> [(f32, f32); 2] {
     let [ka, kb] = keys;
+    let [logits, _] = logits;
     let union = offset + kb.run_len;
+    let groups = union.div_ceil(LANES);
     // SAFETY (whole block): queries hold 8 G floats; union rows are keys of one of the
-    // queries (rows of 8 G floats); the scratch holds sixteen slots per run.
+    // queries (rows of 8 G floats); the scratch holds sixteen slots per group.
     unsafe {
         let both: [__m512; G] = std::array::from_fn(|g| {
             _mm512_insertf32x8::<1>(
@@ -440,35 +438,52 @@ unsafe fn attend_pair_exact<const G: usize>(
                 _mm256_loadu_ps(q[1].as_ptr().add(8 * g)),
             )
         });
-        let inside_a = lanes_below(ka.run_len);
-        let inside_b = (lanes_below(union) & !lanes_below(offset)) << 8;
-        let inside = inside_a | inside_b;
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max = neg_inf;
-        let runs = ka.run_count;
-        for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
-            let rows = padded(Run { len: union, ..run }, 0).map(|r| r as *const f32);
-            let mut sums = [_mm512_setzero_ps(); 8];
-            for (g, x) in both.iter().enumerate() {
-                for j in 0..8 {
-                    let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
-                    sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
+        let mut slot = logits.as_mut_ptr();
+        for ((na, run), (nb, _)) in ka.runs(false).zip(kb.runs(false)) {
+            for first in (0..union).step_by(LANES) {
+                // Lanes of the group's rows in each query's window: the first query's in
+                // lanes 0..8, the second's in 8..16.
+                let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
+                let inside_a = below(ka.run_len);
+                let inside_b = (below(union) & !below(offset)) << 8;
+                let group = Run {
+                    first: run.at(first),
+                    len: union - first,
+                    ..run
+                };
+                let rows = padded(group, 0).map(|r| r as *const f32);
+                let mut sums = [_mm512_setzero_ps(); 8];
+                for (g, x) in both.iter().enumerate() {
+                    for j in 0..8 {
+                        let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
+                        sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
+                    }
                 }
+                let mut l = sum_pairs(sums);
+                if with_bias {
+                    let a =
+                        _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().wrapping_add(na + first));
+                    // Lane 8 + j holds union row `first + j`, the second query's key
+                    // `first + j - offset`.
+                    let from = kb
+                        .bias
+                        .as_ptr()
+                        .wrapping_add(nb + first)
+                        .wrapping_sub(8 + offset);
+                    l = _mm512_add_ps(l, _mm512_mask_loadu_ps(a, inside_b, from));
+                }
+                l = _mm512_mask_blend_ps(inside_a | inside_b, neg_inf, l);
+                max = _mm512_max_ps(max, l);
+                _mm512_storeu_ps(slot, l);
+                slot = slot.add(2 * LANES);
             }
-            let mut l = sum_pairs(sums);
-            if with_bias {
-                let a = _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().add(na));
-                let from = kb.bias.as_ptr().add(nb).wrapping_sub(8 + offset);
-                l = _mm512_add_ps(l, _mm512_mask_loadu_ps(a, inside_b, from));
-            }
-            l = _mm512_mask_blend_ps(inside, neg_inf, l);
-            max = _mm512_max_ps(max, l);
-            _mm512_storeu_ps(logits.as_mut_ptr().add(16 * i), l);
         }
         let max = half_reduce(max, |a, b| _mm512_max_ps(a, b));
         let mut total = _mm512_setzero_ps();
-        for i in 0..runs {
-            let at = logits.as_mut_ptr().add(16 * i);
+        for i in 0..ka.run_count * groups {
+            let at = logits.as_mut_ptr().add(2 * LANES * i);
             let p = exp16(_mm512_sub_ps(_mm512_loadu_ps(at), max));
             _mm512_storeu_ps(at, p);
             total = _mm512_add_ps(total, p);
@@ -496,9 +511,9 @@ fn half_reduce(v: __m512, op: impl Fn(__m512, __m512) -> __m512) -> __m512 {
     op(v, _mm512_permute_ps::<0b10_11_00_01>(v))
 }
 
-/// The value sums of `attend_pair_exact`: `acc[k] = sum_i sum_j w[16 i + 8 k + j] row_ij`
-/// over the first `len` rows of each value run, `8 G` channels (`G` even, at most 8), in
-/// registers sixteen at a time.
+/// The value sums of `attend_pair_exact`: `acc[k] = sum_i sum_j w[16 (i groups + j / 8) +
+/// 8 k + j % 8] row_ij` over the first `len` rows of each value run (`groups` groups of eight
+/// slots per run), `8 G` channels (`G` even, at most 8), in registers sixteen at a time.
 ///
 /// # Safety
 /// As `attend_pair_exact`.
@@ -530,21 +545,21 @@ unsafe fn weighted_pair<const G: usize>(
     };
     // SAFETY (whole block): by the caller's contract.
     unsafe {
-        for (i, (_, run)) in keys.runs(true).enumerate() {
-            let w = w.as_ptr().add(16 * i);
-            let mut j = 0;
-            while j + 2 <= len {
-                add(&mut even, run.at(j) as *const f32, *w.add(j), *w.add(8 + j));
-                add(
-                    &mut odd,
-                    run.at(j + 1) as *const f32,
-                    *w.add(j + 1),
-                    *w.add(9 + j),
-                );
-                j += 2;
-            }
-            if j < len {
-                add(&mut even, run.at(j) as *const f32, *w.add(j), *w.add(8 + j));
+        let mut slot = w.as_ptr();
+        for (_, run) in keys.runs(true) {
+            for first in (0..len).step_by(LANES) {
+                let count = (len - first).min(LANES);
+                let row = |j: usize| run.at(first + j) as *const f32;
+                let mut j = 0;
+                while j + 2 <= count {
+                    add(&mut even, row(j), *slot.add(j), *slot.add(8 + j));
+                    add(&mut odd, row(j + 1), *slot.add(j + 1), *slot.add(9 + j));
+                    j += 2;
+                }
+                if j < count {
+                    add(&mut even, row(j), *slot.add(j), *slot.add(8 + j));
+                }
+                slot = slot.add(2 * LANES);
             }
         }
         for (k, out) in acc.into_iter().enumerate() {
