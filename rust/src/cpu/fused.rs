@@ -7,7 +7,7 @@ use super::element::{dot, load, store, Accum, Attend, AttendKernels, AttendPair,
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
-use super::stage::{prefetch_lines, Intent, Slabs, Stage, StagedViews, WindowRows};
+use super::stage::{prefetch_lines, Slabs, Stage, StagedViews, WindowRows};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -357,8 +357,8 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
 }
 
 /// How many points ahead of the pair being attended the staged forward fetches query rows and
-/// output lines (output lines are fetched for writing, so the stores find them owned): with
-/// neither, the query loads and output stores stalled P1's forward by about a fifth.
+/// output lines: with neither, the query loads and output stores stalled P1's forward by about
+/// a fifth.
 const PREFETCH_POINTS: usize = 4;
 
 /// The forward pass of the attend kernels, one slab (`stage`) of one batch and kv head per
@@ -627,9 +627,9 @@ impl<T: Element> Forward<'_, '_, T> {
         // SAFETY: rows of the validated problem are in shape.
         let query = unsafe { a.q.at([row.b, row.h, x0, x1, x2, 0]) };
         let size = std::mem::size_of::<T>();
-        prefetch_lines(query as *const u8, a.g.dim * size, Intent::Read);
+        prefetch_lines(query as *const u8, a.g.dim * size);
         let (out, _, dim) = self.out_row(row);
-        prefetch_lines(out as *const u8, dim * size, Intent::Write);
+        prefetch_lines(out as *const u8, dim * size);
     }
 
     /// Where row `row`'s output goes: `(address, channel stride, channels)`.

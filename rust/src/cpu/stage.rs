@@ -333,8 +333,8 @@ impl<T: Element> Stage<T> {
         unsafe {
             self.for_each_segment(positions, |(mut k, mut v), (k_step, v_step), len| {
                 for _ in 0..len {
-                    prefetch_lines(k as *const u8, key_bytes, Intent::Read);
-                    prefetch_lines(v as *const u8, value_bytes, Intent::Read);
+                    prefetch_lines(k as *const u8, key_bytes);
+                    prefetch_lines(v as *const u8, value_bytes);
                     (k, v) = (k.wrapping_offset(k_step), v.wrapping_offset(v_step));
                 }
             })
@@ -424,34 +424,22 @@ impl<T> Clone for StagedViews<T> {
 
 impl<T> Copy for StagedViews<T> {}
 
-/// What a prefetched line is for.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Intent {
-    Read,
-    /// Fetched owned, so that stores to it do not wait for a read first.
-    Write,
-}
-
 /// Hint that the `bytes` bytes from `p` will be used soon: every cache line they touch (a
-/// no-op where there is no such hint).
+/// no-op where there is no such hint). Lines about to be written are fetched the same way: a
+/// line no other core holds arrives exclusive, so the stores to it then wait for nothing.
 #[inline(always)]
-pub(super) fn prefetch_lines(p: *const u8, bytes: usize, intent: Intent) {
+pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let first = p as usize & !63;
         for line in (first..p as usize + bytes).step_by(64) {
             // SAFETY: a prefetch never faults, whatever the address.
-            unsafe {
-                match intent {
-                    Intent::Read => _mm_prefetch::<_MM_HINT_T0>(line as *const i8),
-                    Intent::Write => _mm_prefetch::<_MM_HINT_ET0>(line as *const i8),
-                }
-            };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, bytes, intent);
+    let _ = (p, bytes);
 }
 
 /// `n` elements from `src` to `dst`, widened to the accumulator type.
