@@ -255,12 +255,16 @@ def test_forward(case, device, dtype):
 
 
 # Windows large enough that the CPU forward cuts each problem into many slabs (runs of queries
-# whose key and value rows it stages together), across dilation groups, strides, causal axes.
+# whose key and value rows it stages together), across dilation groups, strides, causal axes;
+# and outputs of 2 MiB and more, which the CPU forward writes with streaming stores where its
+# rows are whole cache lines (256 channels) and with plain ones where not (40 channels, float32).
 SLAB_CASES = [
     Case((1100,), (129,), (3,), (3,), (True,), 1, 4, 2, 16, 8, n_extra=2),
     Case((40, 46), (15, 13), (1, 1), (2, 3), (False, True), 1, 4, 2, 16, 24, rpb=True,
          layout="permuted"),
     Case((6, 20, 21), (5, 7, 7), (2, 1, 1), (1, 2, 3), (True, False, False), 2, 2, 1, 8, 8),
+    Case((256,), (31,), (1,), (2,), (False,), 4, 4, 2, 32, 256),
+    Case((256,), (17,), (1,), (1,), (True,), 16, 4, 4, 16, 40, rpb=True),
 ]  # fmt: skip
 
 

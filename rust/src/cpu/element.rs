@@ -478,3 +478,108 @@ pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
         unsafe { *dst.offset(n as isize * stride) = T::from_acc(x) };
     }
 }
+
+/// Bytes of a cache line: the unit non-temporal stores should fill whole.
+const LINE_BYTES: usize = 64;
+
+/// Write `src` rounded to the dense row at `dst` with non-temporal stores, which skip reading
+/// the destination's lines into the caches first (a write-allocate read per line, and output
+/// that evicts the inputs still being read). Writes nothing and returns false unless `dst` is
+/// line-aligned and the row whole lines (partial lines would leave write-combining buffers half
+/// full), or off x86-64. The stores are weakly ordered: call `fence_streams` before anything
+/// else may read the row.
+///
+/// # Safety
+/// As `store`, stride 1.
+#[inline(always)]
+pub unsafe fn stream_row<T: Element>(dst: *mut T, src: &[T::Acc]) -> bool {
+    let size = std::mem::size_of::<T>();
+    let whole_lines =
+        (src.len() * size).is_multiple_of(LINE_BYTES) && LINE_BYTES.is_multiple_of(size);
+    if !cfg!(target_arch = "x86_64") || !(dst as usize).is_multiple_of(LINE_BYTES) || !whole_lines {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_load_si128, _mm_stream_si128};
+        #[repr(align(64))]
+        struct Line([u8; LINE_BYTES]);
+        let mut line = Line([0; LINE_BYTES]);
+        for (i, chunk) in src.chunks_exact(LINE_BYTES / size).enumerate() {
+            let staged = line.0.as_mut_ptr() as *mut T;
+            for (j, &x) in chunk.iter().enumerate() {
+                // SAFETY: `chunk` holds one line's worth of elements.
+                unsafe { staged.add(j).write(T::from_acc(x)) };
+            }
+            let from = line.0.as_ptr() as *const __m128i;
+            // SAFETY: line `i` of the row is ours (the caller's contract) and aligned (checked);
+            // SSE2, which these intrinsics need, is part of x86-64.
+            unsafe {
+                let to = (dst as *mut u8).add(i * LINE_BYTES) as *mut __m128i;
+                for k in 0..LINE_BYTES / 16 {
+                    _mm_stream_si128(to.add(k), _mm_load_si128(from.add(k)));
+                }
+            }
+        }
+    }
+    true
+}
+
+/// Order this thread's earlier `stream_row` stores before its later stores (among them, the
+/// ones that tell other threads its work is done).
+#[inline(always)]
+pub fn fence_streams() {
+    // SAFETY: SSE, which `sfence` needs, is part of x86-64.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[repr(align(64))]
+    struct Lines([f32; 48]);
+
+    #[test]
+    fn stream_row_writes_whole_aligned_lines_and_refuses_the_rest() {
+        let src: Vec<f32> = (0..32).map(|i| i as f32 * 0.5 - 3.0).collect();
+        let mut dst = Lines([f32::NAN; 48]);
+        let base = dst.0.as_mut_ptr();
+        // SAFETY (all calls): every row written lies inside `dst`, which nothing else reads.
+        let streamed = unsafe { stream_row::<f32>(base, &src) };
+        fence_streams();
+        assert_eq!(streamed, cfg!(target_arch = "x86_64"));
+        if streamed {
+            assert_eq!(&dst.0[..32], &src[..]);
+            assert!(dst.0[32..].iter().all(|x| x.is_nan()), "wrote past the row");
+        }
+        // Not line-aligned, or not whole lines: nothing is written.
+        let before = dst.0;
+        assert!(!unsafe { stream_row::<f32>(base.add(4), &src) });
+        assert!(!unsafe { stream_row::<f32>(base, &src[..24]) });
+        assert!(dst
+            .0
+            .iter()
+            .zip(&before)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
+
+    #[test]
+    fn stream_row_rounds_half_types() {
+        let src: Vec<f32> = (0..32).map(|i| 1.0 + i as f32 / 1024.0).collect();
+        let mut dst = Lines([0.0; 48]);
+        let base = dst.0.as_mut_ptr() as *mut bf16;
+        // SAFETY: 32 bf16 (one line) inside `dst`.
+        if unsafe { stream_row::<bf16>(base, &src) } {
+            fence_streams();
+            // SAFETY: the line just written.
+            let row = unsafe { std::slice::from_raw_parts(base, 32) };
+            for (&got, &x) in row.iter().zip(&src) {
+                assert_eq!(got, bf16::from_f32(x));
+            }
+        }
+    }
+}
