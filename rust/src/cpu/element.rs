@@ -484,8 +484,9 @@ pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
     }
 }
 
-/// Bytes of a cache line: the unit non-temporal stores should fill whole.
-const LINE_BYTES: usize = 64;
+/// Bytes of a cache line: the unit of prefetches, of staging buffers' alignment, and of what
+/// non-temporal stores should fill whole.
+pub const LINE_BYTES: usize = 64;
 
 /// Write `src` rounded to the dense row at `dst` with non-temporal stores, which skip reading
 /// the destination's lines into the caches first (a write-allocate read per line, and output

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::element::{Accum, Element};
+use super::element::{Accum, Element, LINE_BYTES};
 use super::grid::Grid;
 use super::view::{Extras, Tokens};
 use crate::window::Span;
@@ -441,8 +441,8 @@ pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let first = p as usize & !63;
-        for line in (first..p as usize + bytes).step_by(64) {
+        let first = p as usize & !(LINE_BYTES - 1);
+        for line in (first..p as usize + bytes).step_by(LINE_BYTES) {
             // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
         }
@@ -496,9 +496,9 @@ struct Aligned<A> {
 
 impl<A: Accum> Aligned<A> {
     fn new(len: usize) -> Self {
-        let slack = 64 / std::mem::size_of::<A>();
+        let slack = LINE_BYTES / std::mem::size_of::<A>();
         let buf = vec![A::ZERO; len + slack];
-        let offset = buf.as_ptr().align_offset(64).min(slack);
+        let offset = buf.as_ptr().align_offset(LINE_BYTES).min(slack);
         Aligned { buf, offset }
     }
 
