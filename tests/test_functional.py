@@ -417,6 +417,10 @@ TYPE_ERRORS = {
     "dilation_float": ("dilation", lambda: F.na1d_av(_t(*A1), _t(*Q1), 3, 1.5)),
     "is_causal_str": ("is_causal", lambda: F.na1d_qk(_t(*Q1), _t(*Q1), 3, is_causal="yes")),
     "query_list": ("query", lambda: F.na1d_qk(_t(*Q1).tolist(), _t(*Q1), 3)),
+    "value_sparse": (
+        "value: expected a strided",
+        lambda: F.na1d_av(_t(*A1), _t(*Q1).to_sparse(), 3),
+    ),
     "value_list": ("value", lambda: F.na1d_av(_t(*A1), _t(*Q1).tolist(), 3)),
     "rpb_list": ("rpb", lambda: F.na1d_qk(_t(*Q1), _t(*Q1), 3, rpb=[[0.0] * 5] * 2)),
     "unfused_has_no_stride": ("stride", lambda: F.na1d_qk(_t(*Q1), _t(*Q1), 3, stride=2)),

@@ -30,7 +30,7 @@ from conftest import (
     make_inputs,
     make_tensor,
 )
-from natten_rs import _core
+from natten_rs import _core, _ops
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 
@@ -873,6 +873,7 @@ TYPE_ERRORS = {
     "dilation_float": ("dilation", lambda: _na(2, dilation=(1, 1.5))),
     "is_causal_str": ("is_causal", lambda: _na(is_causal="yes")),
     "query_list": ("query", lambda: _na(q=_t(*SHAPES[1]).tolist())),
+    "query_sparse": ("query: expected a strided", lambda: _na(q=_t(*SHAPES[1]).to_sparse())),
     "key_list": ("key", lambda: _na(k=_t(*SHAPES[1]).tolist())),
     "value_none": ("value", lambda: natten_rs.na1d(_t(*SHAPES[1]), _t(*SHAPES[1]), None, 3)),
     "rpb_list": ("rpb", lambda: _na(rpb=[[0.0] * 5] * 2)),
@@ -909,6 +910,24 @@ def _error_params():
 def test_bad_arguments_raise(error, match, call):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_plain_cpu_tensors_skip_the_python_export_wrapper():
+    # torch's versioned export is called directly on the CPU (about 2 us a tensor less than
+    # `Tensor.__dlpack__`); a torch that has it under its usual name must keep the fast path.
+    if hasattr(torch._C, "_to_dlpack_versioned"):
+        assert _ops._VERSIONED_EXPORT is not None
+
+
+def test_subclassed_and_grad_requiring_inputs_export_like_plain_ones():
+    q, k, v = (_t(*SHAPES[2]) for _ in range(3))
+    expected = natten_rs.na2d(q, k, v, 3)
+    # A Parameter is a Tensor subclass: it goes through the public protocol.
+    with torch.no_grad():
+        got = natten_rs.na2d(torch.nn.Parameter(q), k, v, 3)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = natten_rs.na2d(q.clone().requires_grad_(), k, v, 3)
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=0)
 
 
 def test_merging_parts_that_attend_nothing_gives_zero_not_nan():

@@ -33,6 +33,9 @@ NATTEN_TUNING_KWARGS = frozenset(
 
 def per_axis(name: str, value, rank: int, kind: type) -> list:
     """``value`` as a list of ``rank`` items of ``kind`` (an int or bool repeats)."""
+    # The common case first: every op call forms four of these.
+    if type(value) is kind and (kind is bool or INT64_MIN <= value <= INT64_MAX):
+        return [value] * rank
     if _is(value, kind):
         value = [value] * rank
     if not isinstance(value, (tuple, list)) or not all(_is(v, kind) for v in value):
@@ -68,6 +71,8 @@ def tensor_arg(name: str, value, optional: bool = False) -> Tensor | None:
     if not isinstance(value, Tensor):
         expected = "a torch.Tensor or None" if optional else "a torch.Tensor"
         raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name}: expected a strided (dense) tensor, got layout {value.layout}")
     return value
 
 
