@@ -1,0 +1,89 @@
+"""Every kernel family once, on small problems, for a memory checker to watch.
+
+``compute-sanitizer --tool memcheck --error-exitcode 1 python tests/cuda_workload.py`` (and
+``--tool racecheck``) checks the CUDA kernels: the unfused ops forward and backward (rpb,
+additional tokens, causal, dilation, a strided input) and the fused forward (GQA, stride,
+additional tokens, rpb, head dims that differ), at ranks 1-3, in every dtype. test_cuda.py runs
+it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
+same calls on the CPU, so CI keeps the script itself working.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import natten_rs
+import natten_rs.functional as F
+import torch
+
+# (spatial, kernel, dilation, causal): every rank, dilation, causal on some axes.
+PROBLEMS = [
+    ((13,), (3,), (2,), (True,)),
+    ((9, 10), (5, 3), (1, 3), (False, True)),
+    ((5, 6, 7), (3, 3, 5), (1, 2, 1), (False, False, True)),
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+BATCH, HEADS, DIM, EXTRA = 2, 4, 16, 3
+
+
+def unfused(spatial, kernel, dilation, causal, dtype, device) -> None:
+    """qk (+rpb, +extra keys) -> softmax -> av (+extra values), forward and backward, with the
+    query read through a transposed view."""
+    rank = len(spatial)
+    make = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
+    tokens = (BATCH, HEADS, *spatial, DIM)
+    q = make(*tokens[:-1][::-1], DIM).permute(*range(rank + 1, -1, -1), rank + 2)
+    k, v = make(*tokens), make(*tokens)
+    rpb = make(HEADS, *(2 * n - 1 for n in kernel)) if not any(causal) else None
+    ek, ev = make(BATCH, HEADS, EXTRA, DIM), make(BATCH, HEADS, EXTRA, DIM)
+    leaves = [t.requires_grad_() for t in (q, k, v, ek, ev) if t is not None]
+    if rpb is not None:
+        leaves.append(rpb.requires_grad_())
+    qk = getattr(F, f"na{rank}d_qk")
+    av = getattr(F, f"na{rank}d_av")
+    attn = qk(q, k, kernel, dilation, additional_keys=ek, is_causal=causal, rpb=rpb)
+    out = av(attn.softmax(-1), v, kernel, dilation, additional_values=ev, is_causal=causal)
+    out.backward(torch.randn_like(out))
+    assert all(t.grad is not None for t in leaves)
+
+
+def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
+    """The fused forward with GQA (two query heads per kv head), stride 2 on the first axis,
+    additional tokens, rpb where nothing is causal and a value head dim unlike the query's."""
+    rank = len(spatial)
+    make = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
+    q = make(BATCH, *spatial, HEADS, DIM)
+    k = make(BATCH, *spatial, HEADS // 2, DIM)
+    v = make(BATCH, *spatial, HEADS // 2, 2 * DIM)
+    ek, ev = make(BATCH, EXTRA, HEADS // 2, DIM), make(BATCH, EXTRA, HEADS // 2, 2 * DIM)
+    rpb = make(HEADS, *(2 * n - 1 for n in kernel)) if not any(causal) else None
+    stride = (min(2, kernel[0]),) + (1,) * (rank - 1)
+    na = getattr(natten_rs, f"na{rank}d")
+    with torch.no_grad():
+        out, lse = na(q, k, v, kernel, stride, dilation, causal, None, ek, ev, rpb, True)
+    assert out.shape[-1] == 2 * DIM and lse.dtype == torch.float32
+
+
+def run(device: torch.device) -> int:
+    """Every workload on ``device``; returns how many ran."""
+    torch.manual_seed(0)
+    count = 0
+    for problem in PROBLEMS:
+        for dtype in DTYPES:
+            for workload in (unfused, fused):
+                workload(*problem, dtype, device)
+                count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
+    device = torch.device(parser.parse_args().device)
+    print(f"{run(device)} workloads ran on {device}")
+
+
+if __name__ == "__main__":
+    main()
