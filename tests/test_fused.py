@@ -393,6 +393,32 @@ def test_backward_is_the_same_on_any_number_of_threads():
         assert_close(leaf.grad, expected[name].grad, torch.float32, what=f"d{name}")
 
 
+# Float32 problems whose backward takes neighboring queries in pairs (head dims of 16, 32 or 64
+# for both keys and values, no additional tokens, dense rows), at every rank: even kernels,
+# dilation, causal, stride, rpb, GQA/MQA, Dv != D, and pairs broken by causal window edges.
+PAIR_CASES = [
+    Case((24,), (5,), (1,), (1,), (False,), 2, 4, 2, 32, 32, rpb=True),
+    Case((40,), (13,), (1,), (1,), (False,), 1, 2, 2, 16, 16, rpb=True),  # unions over 8 rows
+    Case((19,), (6,), (1,), (2,), (True,), 1, 2, 2, 16, 64),
+    Case((9, 13), (3, 5), (1, 1), (2, 1), (False, False), 1, 2, 1, 64, 16, rpb=True),
+    Case((8, 12), (4, 4), (1, 1), (1, 2), (False, True), 2, 2, 2, 32, 32, layout="permuted"),
+    Case((10, 14), (3, 5), (1, 2), (1, 1), (True, False), 1, 3, 3, 16, 32),
+    Case((4, 5, 11), (3, 3, 5), (1, 1, 1), (1, 1, 2), (False,) * 3, 1, 2, 2, 16, 16, rpb=True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", _params(PAIR_CASES))
+def test_backward_of_query_pairs(case):
+    t = leaves(case, torch.float32, "cpu", requires_grad=True)
+    out = call(case, t)
+    grad = random_grad(out.shape, torch.float32, "cpu")
+    out.backward(grad)
+    expected = as_oracle(t)
+    oracle(case, expected).backward(grad.double())
+    for name, leaf in t.items():
+        assert_close(leaf.grad, expected[name].grad, torch.float32, what=f"d{name}")
+
+
 LSE_GRAD_PARAMS = _params([FIXED_CASES[3], FIXED_CASES[7], FIXED_CASES[11]])
 
 

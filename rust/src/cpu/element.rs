@@ -211,6 +211,12 @@ pub trait Element: Copy + Send + Sync + 'static {
         None
     }
 
+    /// The dots kernel for two queries sharing their window runs (see `PairDots`), for rows of
+    /// `dim` channels of this type, where there is one on this CPU.
+    fn pair_dots_kernel(_dim: usize) -> Option<PairDots<Self::Acc>> {
+        None
+    }
+
     /// `attend_kernel` and `attend_pair_kernel` for rows already widened to the accumulator
     /// type (the forward's staged rows), where this type has them on this CPU.
     fn staged_kernels() -> Option<AttendKernels<Self::Acc>> {
@@ -243,6 +249,18 @@ pub type AttendPair<A> = unsafe fn(
     [&mut [A]; 2],
     [&mut [A]; 2],
 ) -> [(A, A); 2];
+
+/// Dot products of two vectors with the window rows of two queries that share their window
+/// runs as in `AttendPair` (vectors, key lists, `offset`): `out[k][n] = v[k] . row_n` over
+/// query `k`'s window, in window order, with key rows or (the flag set) value rows.
+///
+/// # Safety
+/// As `AttendPair`, for lists without additional tokens, with dense rows of `v[k].len()`
+/// elements; `out[k]` holds list `k`'s window.
+pub type PairDots<A> = unsafe fn([&[A]; 2], [&KeyList<A>; 2], usize, bool, [&mut [A]; 2]);
+
+/// `PairDots` kernels for key rows (query channels) and value rows (value channels).
+pub type PairDotsKernels<A> = (PairDots<A>, PairDots<A>);
 
 /// An `Attend` kernel and its `AttendPair` counterpart.
 pub type AttendKernels<A> = (Attend<A>, AttendPair<A>);
@@ -305,6 +323,15 @@ macro_rules! wide_rows {
                     return super::simd::exact_pair_kernel(dim, dim_v);
                 }
                 let _ = (dim, dim_v);
+                None
+            }
+            fn pair_dots_kernel(dim: usize) -> Option<PairDots<f32>> {
+                // The kernels read rows as float32: only float32 rows qualify.
+                #[cfg(target_arch = "x86_64")]
+                if Self::is_acc() && super::simd::isa() == super::simd::Isa::Avx512 {
+                    return super::simd::exact_pair_dots(dim);
+                }
+                let _ = dim;
                 None
             }
             fn staged_kernels() -> Option<AttendKernels<f32>> {

@@ -5,7 +5,7 @@
 use super::av::weighted_sum;
 use super::element::{
     dot, fence_streams, load, store, stream_row, Accum, Attend, AttendKernels, AttendPair, Element,
-    Rows,
+    PairDotsKernels, Rows,
 };
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
@@ -213,6 +213,12 @@ impl<'g, T: Element> Attention<'g, T> {
     pub unsafe fn scores(&self, list: &KeyList<T::Acc>, q: &[T::Acc], logits: &mut [T::Acc]) {
         // SAFETY: the list's rows hold `q.len()` channels.
         unsafe { self.dots(list, false, q, logits) };
+        self.add_bias(list, logits);
+    }
+
+    /// Add the list's bias (with rpb) to the logits of its window.
+    #[inline(always)]
+    pub fn add_bias(&self, list: &KeyList<T::Acc>, logits: &mut [T::Acc]) {
         if self.bias.is_some() {
             for (l, &b) in logits[..list.window].iter_mut().zip(&list.bias) {
                 *l += b;
@@ -540,15 +546,18 @@ impl<T: Element> Attention<'_, T> {
             self.collect_keys(row, &mut s.keys);
             self.scores(&s.keys, &s.q, &mut s.logits);
         }
-        let p = &mut s.logits[..s.keys.len];
-        let max = p
-            .iter()
-            .fold(T::Acc::NEG_INF, |m, &x| if x > m { x } else { m });
-        let sum = T::Acc::exp_shifted(p, max);
-        let inv = T::Acc::ONE / sum;
-        p.iter_mut().for_each(|x| *x = *x * inv);
-        max + sum.ln()
+        softmax(&mut s.logits[..s.keys.len])
     }
+}
+
+/// Logits to probabilities in place; returns their logsumexp.
+#[inline(always)]
+pub fn softmax<A: Accum>(p: &mut [A]) -> A {
+    let max = p.iter().fold(A::NEG_INF, |m, &x| if x > m { x } else { m });
+    let sum = A::exp_shifted(p, max);
+    let inv = A::ONE / sum;
+    p.iter_mut().for_each(|x| *x = *x * inv);
+    max + sum.ln()
 }
 
 impl<T: Element> RowKernel for Forward<'_, '_, T> {
@@ -701,11 +710,20 @@ impl<T: Element> Attention<'_, T> {
         self.key_steps() == (1, 1) && self.value_steps() == (1, 1)
     }
 
+    /// The dots kernels for pairs of query rows (key rows against query channels, value rows
+    /// against value channels), where this problem's rows allow them: dense window rows and no
+    /// additional tokens.
+    pub(super) fn pair_dots(&self) -> Option<PairDotsKernels<T::Acc>> {
+        let fits = self.window && self.g.extra == 0 && self.dense_rows();
+        let kernels = T::pair_dots_kernel(self.g.dim).zip(T::pair_dots_kernel(self.dim_v));
+        kernels.filter(|_| fits)
+    }
+
     /// For two consecutive rows: the offset of the second's window runs in the first's and the
     /// length of their union, when one contiguous union of at most twice a window's last-axis
     /// kernel holds both (same batch, head and leading coordinates, windows in one dilation
     /// group along the last axis, the second's starting inside or just past the first's).
-    fn pair_offset(&self, a: Row, b: Row) -> Option<(usize, usize)> {
+    pub(super) fn pair_offset(&self, a: Row, b: Row) -> Option<(usize, usize)> {
         if (a.b, a.h, a.x[0], a.x[1]) != (b.b, b.h, b.x[0], b.x[1]) {
             return None;
         }

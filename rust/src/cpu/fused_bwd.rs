@@ -5,8 +5,8 @@
 //! from the float32 `lse`, and the window terms of `d_key`, `d_value` and `d_rpb`), then the
 //! additional tokens (`fused_kv`).
 
-use super::element::{dot, load, Accum, Element};
-use super::fused::{Attention, FusedTensors, RowScratch};
+use super::element::{dot, load, Accum, Element, PairDotsKernels};
+use super::fused::{softmax, Attention, FusedTensors, RowScratch};
 use super::fused_chunks::query_pass;
 use super::grid::{Grid, Row};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Tokens};
@@ -142,32 +142,81 @@ impl<T: Element> Backward<'_, '_, T> {
         s: &mut QueryScratch<T::Acc>,
     ) -> (T::Acc, T::Acc) {
         let a = self.a;
+        // SAFETY (whole block): in shape by the caller's contract.
+        unsafe {
+            let delta = self.load_d_out(row, &mut s.d_o);
+            let lse = a.probabilities(row, &mut s.row);
+            a.value_dots(&s.row.keys, &s.d_o, &mut s.dp);
+            logit_grads_from(s, delta);
+            (lse, delta)
+        }
+    }
+
+    /// `logit_grads` for two consecutive rows whose windows share their runs (`offset` from
+    /// `pair_offset`, no additional tokens): the dot products with the key rows (`dots.0`, query
+    /// channels) and the value rows (`dots.1`, value channels) are taken for both rows at once.
+    ///
+    /// # Safety
+    /// As `logit_grads`, for both rows; the kernels take rows as they lie in the tensors.
+    #[inline(always)]
+    pub(super) unsafe fn logit_grads_pair(
+        &self,
+        rows: [Row; 2],
+        offset: usize,
+        dots: PairDotsKernels<T::Acc>,
+        [sa, sb]: [&mut QueryScratch<T::Acc>; 2],
+    ) -> [(T::Acc, T::Acc); 2] {
+        let a = self.a;
+        // SAFETY (whole block): by the caller's contract.
+        unsafe {
+            let mut delta = [T::Acc::ZERO; 2];
+            for (k, s) in [&mut *sa, &mut *sb].into_iter().enumerate() {
+                delta[k] = self.load_d_out(rows[k], &mut s.d_o);
+                a.load_query(rows[k], &mut s.row.q);
+                a.collect_keys(rows[k], &mut s.row.keys);
+            }
+            let lists = [&sa.row.keys, &sb.row.keys];
+            let logits = [&mut sa.row.logits[..], &mut sb.row.logits[..]];
+            (dots.0)([&sa.row.q, &sb.row.q], lists, offset, false, logits);
+            let dp = [&mut sa.dp[..], &mut sb.dp[..]];
+            (dots.1)([&sa.d_o, &sb.d_o], lists, offset, true, dp);
+            [(sa, delta[0]), (sb, delta[1])].map(|(s, delta)| {
+                a.add_bias(&s.row.keys, &mut s.row.logits);
+                let lse = softmax(&mut s.row.logits[..s.row.keys.len]);
+                logit_grads_from(s, delta);
+                (lse, delta)
+            })
+        }
+    }
+
+    /// Load row `row`'s `d_out` into `d_o`; returns its `delta = d_out . out - d_lse`.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem.
+    #[inline(always)]
+    unsafe fn load_d_out(&self, row: Row, d_o: &mut [T::Acc]) -> T::Acc {
         let Row {
             b,
             h,
             x: [x0, x1, x2],
         } = row;
+        let at = [b, h, x0, x1, x2, 0];
         // SAFETY (whole block): in shape by the caller's contract.
         unsafe {
-            load(
-                &mut s.d_o,
-                self.d_out.at([b, h, x0, x1, x2, 0]),
-                self.d_out.inner_stride(),
-            );
-            let mut delta = dot(
-                &s.d_o,
-                self.out.at([b, h, x0, x1, x2, 0]),
-                self.out.inner_stride(),
-            );
-            if let Some(d_lse) = self.d_lse {
-                delta = delta - T::Acc::from_f64(f64::from(*d_lse.at([b, h, x0, x1, x2, 0])));
+            load(d_o, self.d_out.at(at), self.d_out.inner_stride());
+            let delta = dot(d_o, self.out.at(at), self.out.inner_stride());
+            match self.d_lse {
+                Some(d_lse) => delta - T::Acc::from_f64(f64::from(*d_lse.at(at))),
+                None => delta,
             }
-            let lse = a.probabilities(row, &mut s.row);
-            a.value_dots(&s.row.keys, &s.d_o, &mut s.dp);
-            for (dp, &p) in s.dp[..s.row.keys.len].iter_mut().zip(&s.row.logits) {
-                *dp = p * (*dp - delta);
-            }
-            (lse, delta)
         }
+    }
+}
+
+/// `ds[n] = p[n] (dp[n] - delta)` in place of `dp`, from the probabilities in `s.row.logits`.
+#[inline(always)]
+fn logit_grads_from<A: Accum>(s: &mut QueryScratch<A>, delta: A) {
+    for (dp, &p) in s.dp[..s.row.keys.len].iter_mut().zip(&s.row.logits) {
+        *dp = p * (*dp - delta);
     }
 }

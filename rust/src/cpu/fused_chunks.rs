@@ -14,7 +14,7 @@
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
-use super::element::{store, Accum, Element, Run};
+use super::element::{store, Accum, Element, PairDotsKernels, Run};
 use super::fused_bwd::{Backward, QueryScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
@@ -244,6 +244,8 @@ struct ChunkPass<'a, 'b, 'g, T: Element> {
     /// Positions of every axis in dilation-group order (neighbors share most keys).
     orders: &'a [Vec<usize>; 3],
     phase: usize,
+    /// The dots kernels that take two queries at once, where the problem allows them.
+    dots: Option<PairDotsKernels<T::Acc>>,
 }
 
 /// Per task, the bias gradient of each head of its group: `[group][(2K-1)^3]`, summed per
@@ -334,12 +336,102 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
         bins: Option<&mut [T::Acc]>,
         s: &mut QueryScratch<T::Acc>,
     ) {
-        let (bwd, a) = (self.bwd, self.bwd.a);
+        // SAFETY: forwarded contract.
+        unsafe {
+            let grads = self.bwd.logit_grads(row, s);
+            self.gradients(row, hk, grads, bins, s);
+        }
+    }
+
+    /// The queries of batch `b`, head `h` (of kv head `hk`) at leading coordinates `lead` and
+    /// last-axis positions `line`, in order: neighbors whose windows share their runs go
+    /// through the pair kernels, the others one by one.
+    ///
+    /// # Safety
+    /// Every query must be in this task's chunk.
+    #[inline(always)]
+    unsafe fn line(
+        &self,
+        (b, h, hk): (usize, usize, usize),
+        [x0, x1]: [usize; 2],
+        line: &[usize],
+        mut bins: Option<&mut [T::Acc]>,
+        [sa, sb]: &mut [QueryScratch<T::Acc>; 2],
+    ) {
+        let row = |x2| Row {
+            b,
+            h,
+            x: [x0, x1, x2],
+        };
+        let mut i = 0;
+        while i < line.len() {
+            let ra = row(line[i]);
+            let pair = match (self.dots, line.get(i + 1)) {
+                (Some(dots), Some(&x2)) => {
+                    let rb = row(x2);
+                    let offset = self.bwd.a.pair_offset(ra, rb).map(|(offset, _)| offset);
+                    offset.map(|offset| ([ra, rb], offset, dots))
+                }
+                _ => None,
+            };
+            let bins = bins.as_deref_mut();
+            // SAFETY (both arms): queries of this task's chunk, by the caller's contract.
+            match pair {
+                Some(pair) => {
+                    unsafe { self.query_pair(pair, hk, bins, [&mut *sa, &mut *sb]) };
+                    i += 2;
+                }
+                None => {
+                    unsafe { self.query(ra, hk, bins, sa) };
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// `query` for two consecutive rows whose windows share their runs (`offset` from
+    /// `pair_offset`), their probabilities and logit gradients taken together by `dots`.
+    ///
+    /// # Safety
+    /// As `query`, for both rows.
+    #[inline(always)]
+    unsafe fn query_pair(
+        &self,
+        (rows, offset, dots): ([Row; 2], usize, PairDotsKernels<T::Acc>),
+        hk: usize,
+        mut bins: Option<&mut [T::Acc]>,
+        [sa, sb]: [&mut QueryScratch<T::Acc>; 2],
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            let [ga, gb] = self
+                .bwd
+                .logit_grads_pair(rows, offset, dots, [&mut *sa, &mut *sb]);
+            self.gradients(rows[0], hk, ga, bins.as_deref_mut(), sa);
+            self.gradients(rows[1], hk, gb, bins, sb);
+        }
+    }
+
+    /// Given row `row`'s probabilities and logit gradients in `s` (and its `(lse, delta)`):
+    /// its `d_query`, `lse` and `delta`, and its key-side terms.
+    ///
+    /// # Safety
+    /// As `query`.
+    #[inline(always)]
+    unsafe fn gradients(
+        &self,
+        row: Row,
+        hk: usize,
+        (lse, delta): (T::Acc, T::Acc),
+        bins: Option<&mut [T::Acc]>,
+        s: &mut QueryScratch<T::Acc>,
+    ) {
+        let a = self.bwd.a;
+        let bwd = self.bwd;
         let [x0, x1, x2] = row.x;
         // SAFETY (whole block): `row` is in shape; its rows of `d_query`, `lse` and `delta`
         // are this task's, as are its window's key rows (the chunk's contract).
         unsafe {
-            let (lse, delta) = bwd.logit_grads(row, s);
             let index = a.g.row_index(row.b, row.h, row.x);
             bwd.lse.set(index, lse);
             bwd.delta.set(index, delta);
@@ -365,14 +457,14 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
 }
 
 impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
-    type Scratch = QueryScratch<T::Acc>;
+    type Scratch = [QueryScratch<T::Acc>; 2];
 
     fn scratch(&self) -> Self::Scratch {
-        self.bwd.query_scratch()
+        [self.bwd.query_scratch(), self.bwd.query_scratch()]
     }
 
     #[inline(always)]
-    unsafe fn row(&self, u: usize, s: &mut QueryScratch<T::Acc>) {
+    unsafe fn row(&self, u: usize, scratch: &mut Self::Scratch) {
         let a = self.bwd.a;
         let chunks = &self.plan.phases[self.phase];
         let heads_kv = a.g.heads / a.group;
@@ -391,18 +483,10 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
             for t2 in p2.chunks(tile(2, p2.len())) {
                 for &x0 in &p0 {
                     for &x1 in t1 {
-                        for &x2 in t2 {
-                            for h in hk * a.group..(hk + 1) * a.group {
-                                let row = Row {
-                                    b,
-                                    h,
-                                    x: [x0, x1, x2],
-                                };
-                                // SAFETY: a query of this task's chunk.
-                                unsafe {
-                                    self.query(row, hk, bins.as_deref_mut().map(|b| &mut b[..]), s)
-                                };
-                            }
+                        for h in hk * a.group..(hk + 1) * a.group {
+                            let bins = bins.as_deref_mut().map(|b| &mut b[..]);
+                            // SAFETY: queries of this task's chunk.
+                            unsafe { self.line((b, h, hk), [x0, x1], t2, bins, scratch) };
                         }
                     }
                 }
@@ -440,6 +524,7 @@ pub(super) fn query_pass<T: Element>(
             plan: &plan,
             orders: &orders,
             phase,
+            dots: a.pair_dots(),
         };
         let cost = g.rows() * g.row_cost() * 5 / pass.tasks().max(1);
         // SAFETY: a task writes the query rows of its chunk and adds to its chunk's keys, which

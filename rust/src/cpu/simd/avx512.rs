@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{self, load_partial, mask_past, max8, padded};
-use crate::cpu::element::{AttendPair, Rows, Run};
+use crate::cpu::element::{AttendPair, PairDots, Rows, Run};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
 
@@ -393,6 +393,32 @@ pub unsafe fn attend_pair_f32(
     [(max[0], sums[0]), (max[1], sums[1])]
 }
 
+/// The dots of two vectors side by side (`side_by_side`, `8 G` channels) with union rows
+/// `first..first + 8` of `run` (those past `union` repeat row `first`): union row `first +
+/// j`'s in lanes `j` (first vector) and `8 + j` (second). A macro rather than a function: as
+/// an inlined function it cost the forward's pair kernel about a fifth (its registers were
+/// allocated worse).
+///
+/// Unsafe to expand: the CPU must have the AVX-512 tier and the rows hold `8 G` floats.
+macro_rules! group_dots {
+    ($both:expr, $run:expr, ($first:expr, $union:expr)) => {{
+        let group = Run {
+            first: $run.at($first),
+            len: $union - $first,
+            ..$run
+        };
+        let rows = padded(group, 0).map(|r| r as *const f32);
+        let mut sums = [_mm512_setzero_ps(); 8];
+        for (g, x) in $both.iter().enumerate() {
+            for j in 0..8 {
+                let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
+                sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
+            }
+        }
+        sum_pairs(sums)
+    }};
+}
+
 /// The pair kernel unrolled for rows of `dim` channels, keys and values alike, where there is
 /// one (16, 32 or 64 channels). It takes unions of any length (see `attend_pair_exact`).
 pub fn exact_pair_kernel(dim: usize, dim_v: usize) -> Option<AttendPair<f32>> {
@@ -432,12 +458,7 @@ unsafe fn attend_pair_exact<const G: usize>(
     // SAFETY (whole block): queries hold 8 G floats; union rows are keys of one of the
     // queries (rows of 8 G floats); the scratch holds sixteen slots per group.
     unsafe {
-        let both: [__m512; G] = std::array::from_fn(|g| {
-            _mm512_insertf32x8::<1>(
-                _mm512_castps256_ps512(_mm256_loadu_ps(q[0].as_ptr().add(8 * g))),
-                _mm256_loadu_ps(q[1].as_ptr().add(8 * g)),
-            )
-        });
+        let both = side_by_side::<G>(q);
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max = neg_inf;
         let mut slot = logits.as_mut_ptr();
@@ -448,20 +469,7 @@ unsafe fn attend_pair_exact<const G: usize>(
                 let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
                 let inside_a = below(ka.run_len);
                 let inside_b = (below(union) & !below(offset)) << 8;
-                let group = Run {
-                    first: run.at(first),
-                    len: union - first,
-                    ..run
-                };
-                let rows = padded(group, 0).map(|r| r as *const f32);
-                let mut sums = [_mm512_setzero_ps(); 8];
-                for (g, x) in both.iter().enumerate() {
-                    for j in 0..8 {
-                        let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
-                        sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
-                    }
-                }
-                let mut l = sum_pairs(sums);
+                let mut l = group_dots!(both, run, (first, union));
                 if with_bias {
                     let a =
                         _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().wrapping_add(na + first));
@@ -500,6 +508,76 @@ unsafe fn attend_pair_exact<const G: usize>(
             (lane(max, 1), lane(total, 1)),
         ]
     }
+}
+
+/// The dots kernel unrolled for vectors and rows of `dim` channels, where there is one (16, 32
+/// or 64 channels; see `pair_dots_exact`).
+pub fn exact_pair_dots(dim: usize) -> Option<PairDots<f32>> {
+    match dim {
+        16 => Some(pair_dots_exact::<2>),
+        32 => Some(pair_dots_exact::<4>),
+        64 => Some(pair_dots_exact::<8>),
+        _ => None,
+    }
+}
+
+/// A `PairDots` kernel for dense float32 rows of exactly `8 G` channels: each group of eight
+/// union rows is read once for both vectors (first vector in lanes 0..8, second in 8..16, as
+/// in `attend_pair_exact`), and each side's lanes are stored straight to its window positions.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the rest is `PairDots`' contract, with vectors and rows
+/// of `8 G` floats.
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn pair_dots_exact<const G: usize>(
+    v: [&[f32]; 2],
+    keys: [&KeyList<f32>; 2],
+    offset: usize,
+    values: bool,
+    out: [&mut [f32]; 2],
+) {
+    let [ka, kb] = keys;
+    let union = offset + kb.run_len;
+    let [out_a, out_b] = out;
+    let (out_a, out_b) = (out_a.as_mut_ptr(), out_b.as_mut_ptr());
+    // SAFETY (whole block): vectors hold 8 G floats; union rows are rows of one of the lists
+    // (8 G floats each); every store lane left on is a window position of its side's output.
+    unsafe {
+        let both = side_by_side::<G>(v);
+        for (i, (_, run)) in ka.runs(values).enumerate() {
+            for first in (0..union).step_by(LANES) {
+                let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
+                let inside_a = below(ka.run_len) as __mmask8;
+                let inside_b = (below(union) & !below(offset)) as __mmask8;
+                let l = group_dots!(both, run, (first, union));
+                // Lane j holds union row `first + j`: the first side's position `first + j` of
+                // run i, the second side's `first + j - offset`.
+                let a = out_a.wrapping_add(i * ka.run_len + first);
+                let b = out_b
+                    .wrapping_add(i * kb.run_len + first)
+                    .wrapping_sub(offset);
+                _mm256_mask_storeu_ps(a, inside_a, _mm512_castps512_ps256(l));
+                _mm256_mask_storeu_ps(b, inside_b, _mm512_extractf32x8_ps::<1>(l));
+            }
+        }
+    }
+}
+
+/// Two vectors of `8 G` floats side by side, eight channels at a time: channels `8 g..8 g + 8`
+/// of the first in lanes 0..8 of `out[g]`, of the second in lanes 8..16.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; both vectors hold `8 G` floats.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn side_by_side<const G: usize>(v: [&[f32]; 2]) -> [__m512; G] {
+    // SAFETY: by the caller's contract.
+    std::array::from_fn(|g| unsafe {
+        _mm512_insertf32x8::<1>(
+            _mm512_castps256_ps512(_mm256_loadu_ps(v[0].as_ptr().add(8 * g))),
+            _mm256_loadu_ps(v[1].as_ptr().add(8 * g)),
+        )
+    })
 }
 
 /// `op` over the lanes of each half of `v` (lanes 0..8, then 8..16), in every lane of it.
