@@ -43,9 +43,14 @@ __device__ __forceinline__ acc_t to_acc(elem_t x) { return x; }
 __device__ __forceinline__ elem_t from_acc(acc_t x) { return x; }
 __device__ __forceinline__ acc_t neg_inf() { return -__longlong_as_double(0x7ff0000000000000LL); }
 #elif NA_DTYPE == NA_F16
-// IEEE half as raw bits: the PTX conversions need no header and run on every architecture.
+// IEEE half as raw bits: the PTX conversions need no header and run on every architecture
+// (kernels/host.h gives host builds the same conversions).
 typedef unsigned short elem_t;
 typedef float acc_t;
+#ifdef NA_HOST
+__device__ __forceinline__ acc_t to_acc(elem_t x) { return na_host_f16_to_f32(x); }
+__device__ __forceinline__ elem_t from_acc(acc_t x) { return na_host_f32_to_f16(x); }
+#else
 __device__ __forceinline__ acc_t to_acc(elem_t x) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
@@ -56,6 +61,7 @@ __device__ __forceinline__ elem_t from_acc(acc_t x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     return h;
 }
+#endif
 __device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
 #elif NA_DTYPE == NA_BF16
 // bfloat16 as raw bits: the upper half of a float. Rounding to nearest even is done on the bits

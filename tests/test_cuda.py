@@ -6,6 +6,7 @@ and the refusal of the (CPU-only) fused backward. Skipped without a GPU."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -91,37 +92,46 @@ def _backward(logits, out, seed=1):
     torch.autograd.backward([logits, out], [d_logits, d_out.to(out.device, out.dtype)])
 
 
+def check_unfused(case, dtype, layout, device, kernels=contextlib.nullcontext):
+    """qk and av forward and backward on `device` (inside `kernels()`) against the CPU path and
+    the oracle."""
+    on_device = _inputs(case, dtype, device, layout)
+    on_cpu = _inputs(case, dtype, "cpu", layout)
+    with kernels():
+        results = _run(case, on_device)
+    cpu = _run(case, on_cpu)
+    oracle_leaves, *oracle = _oracle(case, on_cpu)
+    for name, a, b, o in zip(("logits", "out"), results, cpu, oracle):
+        assert a.device.type == torch.device(device).type and a.is_contiguous()
+        assert_close(a, o, dtype, what=f"{name} vs oracle")
+        assert_close(a, b.double(), dtype, what=f"{name} vs cpu")
+    with kernels():
+        _backward(*results)
+    _backward(*cpu)
+    _backward(*oracle)
+    expected, from_cpu = _grads(oracle_leaves), _grads(on_cpu)
+    for name, grad in _grads(on_device).items():
+        assert_close(grad, expected[name], dtype, what=f"d_{name} vs oracle")
+        assert_close(grad, from_cpu[name].double(), dtype, what=f"d_{name} vs cpu")
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_and_backward_match_the_cpu_path_and_the_oracle(case, dtype, layout):
-    on_gpu = _inputs(case, dtype, "cuda", layout)
-    on_cpu = _inputs(case, dtype, "cpu", layout)
-    gpu, cpu = _run(case, on_gpu), _run(case, on_cpu)
-    oracle_leaves, *oracle = _oracle(case, on_cpu)
-    for name, a, b, o in zip(("logits", "out"), gpu, cpu, oracle):
-        assert a.device.type == "cuda" and a.is_contiguous()
-        assert_close(a, o, dtype, what=f"{name} vs oracle")
-        assert_close(a, b.double(), dtype, what=f"{name} vs cpu")
-    _backward(*gpu)
-    _backward(*cpu)
-    _backward(*oracle)
-    expected, from_cpu = _grads(oracle_leaves), _grads(on_cpu)
-    for name, grad in _grads(on_gpu).items():
-        assert_close(grad, expected[name], dtype, what=f"d_{name} vs oracle")
-        assert_close(grad, from_cpu[name].double(), dtype, what=f"d_{name} vs cpu")
+    check_unfused(case, dtype, layout, "cuda")
 
 
 def _poisoned(*shape, like):
     return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
 
 
-def test_every_output_element_is_written():
-    # The core writes into outputs that start as NaN: any element left unwritten shows.
+def check_every_output_element_is_written(device):
+    """The core writes into outputs that start as NaN: any element left unwritten shows."""
     _, kernel, dilation, causal, _, _ = case = CASES[2]
     t = {
         n: None if x is None else x.detach()
-        for n, x in _inputs(case, torch.float32, "cuda").items()
+        for n, x in _inputs(case, torch.float32, device).items()
     }
     params = (list(kernel), list(dilation), list(causal))
     q, k, v, attn, rpb, ek, ev = (
@@ -140,6 +150,10 @@ def test_every_output_element_is_written():
                          *(dlpack(g) for g in av_grads), *params, stream)  # fmt: skip
     for result in (logits, out, *grads, *av_grads):
         assert not result.isnan().any()
+
+
+def test_every_output_element_is_written():
+    check_every_output_element_is_written("cuda")
 
 
 def test_a_non_default_stream_is_used_and_ordered():
@@ -220,16 +234,16 @@ def test_precompile_defaults_to_the_device_arch(tmp_path, monkeypatch):
     assert len(rows) == 5 and all(r[1] > 0 for r in rows)
 
 
-@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
-def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
-    # Ranks 1-3, odd and even kernels, stride, dilation, causal per axis, GQA/MQA, Dv != D,
-    # (expanded) additional tokens, rpb, custom scale, every layout.
-    on_gpu, on_cpu = leaves(case, dtype, "cuda"), leaves(case, dtype, "cpu")
-    out, lse = call(case, on_gpu, return_lse=True)
+def check_fused_forward(case, dtype, device, kernels=contextlib.nullcontext):
+    """The fused forward on `device` (inside `kernels()`) against the CPU path and the
+    oracle."""
+    on_device, on_cpu = leaves(case, dtype, device), leaves(case, dtype, "cpu")
+    with kernels():
+        out, lse = call(case, on_device, return_lse=True)
     cpu_out, cpu_lse = call(case, on_cpu, return_lse=True)
     expected, expected_lse = oracle(case, as_oracle(on_cpu), return_lse=True)
-    assert out.device.type == "cuda" and out.dtype == dtype and lse.dtype == torch.float32
+    assert out.device.type == torch.device(device).type
+    assert out.dtype == dtype and lse.dtype == torch.float32
     assert_close(out, expected, dtype, what="out vs oracle")
     assert_close(out, cpu_out.double(), dtype, what="out vs cpu")
     assert_close(lse, expected_lse, lse_tolerance(dtype), what="lse vs oracle")
@@ -237,26 +251,44 @@ def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
-def test_dense_attention_runs_on_the_fused_kernel(dtype):
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
+    # Ranks 1-3, odd and even kernels, stride, dilation, causal per axis, GQA/MQA, Dv != D,
+    # (expanded) additional tokens, rpb, custom scale, every layout.
+    check_fused_forward(case, dtype, "cuda")
+
+
+def check_dense_attention(dtype, device, kernels=contextlib.nullcontext):
+    """Dense attention (the fused kernel with only additional tokens) against the CPU path."""
     q, k, v = make_inputs((2, 7, 4, 16), (2, 13, 2, 16), (2, 13, 2, 8), dtype=dtype,
-                          device="cuda", seed=5)  # fmt: skip
-    out, lse = natten_rs.attention(q, k, v, scale=0.3, return_lse=True)
+                          device=device, seed=5)  # fmt: skip
+    with kernels():
+        out, lse = natten_rs.attention(q, k, v, scale=0.3, return_lse=True)
     cpu = natten_rs.attention(q.cpu(), k.cpu(), v.cpu(), scale=0.3, return_lse=True)
     assert_close(out, cpu[0].double(), dtype, what="out vs cpu")
     assert_close(lse, cpu[1].double(), lse_tolerance(dtype), what="lse vs cpu")
 
 
-def test_fused_forward_writes_every_output_element():
-    # Outputs start as NaN: any element left unwritten shows.
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_dense_attention_runs_on_the_fused_kernel(dtype):
+    check_dense_attention(dtype, "cuda")
+
+
+def check_fused_forward_writes_every_output_element(device):
+    """Outputs start as NaN: any element left unwritten shows."""
     q, k, v = make_inputs((2, 9, 8, 4, 24), (2, 9, 8, 2, 24), (2, 9, 8, 2, 40),
-                          dtype=torch.float32, device="cuda")  # fmt: skip
-    ek, ev = make_inputs((2, 3, 2, 24), (2, 3, 2, 40), dtype=torch.float32, device="cuda")
+                          dtype=torch.float32, device=device)  # fmt: skip
+    ek, ev = make_inputs((2, 3, 2, 24), (2, 3, 2, 40), dtype=torch.float32, device=device)
     out = _poisoned(2, 9, 8, 4, 40, like=q)
     lse = _poisoned(2, 9, 8, 4, like=q)
     nbhd = ([3, 4], [1, 2], [2, 1], [True, False])
     inputs = tuple(dlpack(t) for t in (q, k, v, ek, ev, None))
     _core.na_fused(inputs, nbhd, 0.5, dlpack(out), dlpack(lse), _cuda.launch_stream(q))
     assert not out.isnan().any() and not lse.isnan().any()
+
+
+def test_fused_forward_writes_every_output_element():
+    check_fused_forward_writes_every_output_element("cuda")
 
 
 def test_fused_head_dims_past_the_limit_are_refused_naming_them():

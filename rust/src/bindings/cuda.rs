@@ -187,11 +187,27 @@ fn forget_compiled() {
     cuda::forget_programs();
 }
 
+/// Run the CUDA kernels on the CPU for CPU tensors (a test aid): while `directory` is set, ops
+/// on CPU tensors plan their CUDA launches and run them through kernels built there by
+/// `compiler` (C++17) from the same sources. `None` turns it off. Returns whether it was on.
+#[pyfunction]
+#[pyo3(signature = (directory, compiler = "c++"))]
+fn run_cuda_kernels_on_host(directory: Option<std::path::PathBuf>, compiler: &str) -> bool {
+    cuda::host::enable(directory, compiler)
+}
+
+/// Whether a CPU problem runs the CUDA kernels (`run_cuda_kernels_on_host`) rather than the CPU
+/// kernels.
+pub(super) fn on_host(device: Device) -> bool {
+    device == Device::Cpu && cuda::host::enabled()
+}
+
 /// Add the CUDA entry points to the module.
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(compile_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(precompile, m)?)?;
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(forget_compiled, m)?)?;
+    m.add_function(wrap_pyfunction!(run_cuda_kernels_on_host, m)?)?;
     Ok(())
 }

@@ -124,7 +124,7 @@ fn na_fused(
     p.expect_output("out", &out, (&p.out_shape(), p.dtype), &ins)?;
     p.expect_output("lse", &lse, (&p.lse_shape(), DType::F32), &ins)?;
     let t = borrowed.tensors();
-    if p.device == Device::Cpu {
+    if p.device == Device::Cpu && !on_cuda::on_host(p.device) {
         py.detach(|| cpu::fused_forward(&p, &t, &out, &lse));
         return Ok(());
     }

@@ -82,11 +82,11 @@ pub(crate) fn launch(
     on_cuda: impl FnOnce(Stream) -> crate::error::Result<()> + Send,
 ) -> PyResult<()> {
     match p.device {
-        Device::Cpu => {
+        Device::Cpu if !cuda::on_host(p.device) => {
             py.detach(on_cpu);
             Ok(())
         }
-        Device::Cuda(_) => {
+        _ => {
             cuda::prepare(py, p, sources)?;
             Ok(py.detach(|| cuda::guarded(|| on_cuda(Stream(stream))))?)
         }

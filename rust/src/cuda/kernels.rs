@@ -64,6 +64,15 @@ impl Source {
     pub fn fused(self) -> bool {
         self == Source::FusedFwd
     }
+
+    /// The parameter struct (kernels/common.cuh) that each of its kernels takes by value.
+    pub fn params_struct(self) -> &'static str {
+        if self.fused() {
+            "NaFusedParams"
+        } else {
+            "NaParams"
+        }
+    }
 }
 
 /// One `extern "C" __global__` kernel.
@@ -280,11 +289,7 @@ mod tests {
         for source in Source::ALL {
             for f in source.functions() {
                 assert_eq!(f.source(), source);
-                let params = if source.fused() {
-                    "NaFusedParams"
-                } else {
-                    "NaParams"
-                };
+                let params = source.params_struct();
                 assert!(source
                     .text()
                     .contains(&format!(" {}(const {params} p)", f.symbol())));

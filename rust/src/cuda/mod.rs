@@ -4,11 +4,12 @@
 //! libnvrtc is linked: both are opened at first use, so the extension imports without CUDA.
 //!
 //! `kernels` says which variant a problem needs, `launch` and `fused_launch` plan the launches
-//! (pure), `programs`
-//! and `nvrtc` compile, `cache` keeps binaries on disk, `runtime` talks to the driver.
+//! (pure), `programs` and `nvrtc` compile, `cache` keeps binaries on disk, `runtime` talks to
+//! the driver, and `host` runs the kernels on the CPU for tests.
 
 mod cache;
 mod fused_launch;
+pub mod host;
 mod kernels;
 mod launch;
 mod nvrtc;
@@ -26,19 +27,48 @@ use crate::error::{Error, Result};
 use crate::problem::{FusedProblem, Problem};
 use launch::Launch;
 
-/// The CUDA ordinal of a problem's device.
-fn ordinal(p: &Problem) -> Result<i32> {
-    device_ordinal(p.device)
+/// Where launches run: a CUDA device, or the CPU through the host build of the kernels
+/// (`host::enable`, for tests).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Gpu(i32),
+    Host,
 }
 
-fn device_ordinal(device: Device) -> Result<i32> {
-    match device {
-        Device::Cuda(n) => Ok(n),
-        Device::Cpu => Err(Error::invalid(
-            "device",
-            "CUDA tensors on the CUDA path",
-            "cpu",
-        )),
+impl Target {
+    fn of(device: Device) -> Result<Target> {
+        match device {
+            Device::Cuda(n) => Ok(Target::Gpu(n)),
+            Device::Cpu if host::enabled() => Ok(Target::Host),
+            Device::Cpu => Err(Error::invalid(
+                "device",
+                "CUDA tensors on the CUDA path",
+                "cpu",
+            )),
+        }
+    }
+
+    /// Launch kernel `function` of `key` with `params`: enqueued on `stream` for a GPU (after
+    /// loading `key`), run to its end on the host.
+    ///
+    /// # Safety
+    /// As `runtime::enqueue_with`, with memory of the target's device.
+    unsafe fn launch<P: Copy>(
+        self,
+        key: &KernelKey,
+        shape: (kernels::Function, launch::Config),
+        params: P,
+        stream: Stream,
+    ) -> Result<()> {
+        match self {
+            Target::Gpu(device) => {
+                runtime::load(device, *key)?;
+                // SAFETY: forwarded contract.
+                unsafe { runtime::enqueue_with(device, key, shape, params, stream) }
+            }
+            // SAFETY: forwarded contract.
+            Target::Host => unsafe { host::run(key, shape, params) },
+        }
     }
 }
 
@@ -87,12 +117,12 @@ pub fn prepare(device: i32, keys: &[KernelKey]) -> Result<Vec<Report>> {
 /// problem's shapes and strides (what `Problem` and `expect_output` validated), and stay
 /// allocated until the stream has run the kernels.
 unsafe fn run(p: &Problem, launches: &[Launch], stream: Stream) -> Result<()> {
-    let device = ordinal(p)?;
+    let target = Target::of(p.device)?;
     for launch in launches {
         let key = KernelKey::for_problem(launch.function.source(), p);
-        runtime::load(device, key)?;
-        // SAFETY: forwarded contract.
-        unsafe { runtime::enqueue(device, &key, launch, stream)? };
+        let shape = (launch.function, launch.config);
+        // SAFETY: forwarded contract; kernels of the unfused sources take one `NaParams`.
+        unsafe { target.launch(&key, shape, launch.params, stream)? };
     }
     Ok(())
 }
@@ -156,23 +186,15 @@ pub unsafe fn fused_forward(
     lse: &TensorRef,
     stream: Stream,
 ) -> Result<()> {
-    let device = device_ordinal(p.device)?;
+    let target = Target::of(p.device)?;
     let key = fused_forward_key(p)?;
-    runtime::load(device, key)?;
     let Some(launch) = fused_launch::forward(p, t, out, lse) else {
         return Ok(());
     };
+    let shape = (launch.function, launch.config);
     // SAFETY: forwarded contract; the fused forward takes one `NaFusedParams`, which
     // `FusedParams` mirrors.
-    unsafe {
-        runtime::enqueue_with(
-            device,
-            &key,
-            (launch.function, launch.config),
-            launch.params,
-            stream,
-        )
-    }
+    unsafe { target.launch(&key, shape, launch.params, stream) }
 }
 
 /// The architecture kernels are compiled for on CUDA device `ordinal`.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::sys::{self as cu, CUresult};
 
 use super::kernels::{Function, KernelKey};
-use super::launch::{Config, Launch};
+use super::launch::Config;
 use super::nvrtc::Arch;
 use super::programs::{self, Report};
 use crate::error::{Error, Result};
@@ -221,30 +221,6 @@ fn function(module: cu::CUmodule, f: Function) -> Result<cu::CUfunction> {
         )
     })?;
     Ok(handle)
-}
-
-/// Enqueue `launch` (a kernel of `key`, loaded on device `ordinal`) on `stream`.
-///
-/// # Safety
-/// Every address in `launch.params` must be device memory of device `ordinal` that holds the
-/// elements the problem's shapes and strides reach, and must stay allocated until the kernel
-/// has run (torch's stream semantics guarantee this for tensors used on `stream`).
-pub unsafe fn enqueue(
-    ordinal: i32,
-    key: &KernelKey,
-    launch: &Launch,
-    stream: Stream,
-) -> Result<()> {
-    // SAFETY: forwarded contract; kernels of the unfused sources take one `NaParams`.
-    unsafe {
-        enqueue_with(
-            ordinal,
-            key,
-            (launch.function, launch.config),
-            launch.params,
-            stream,
-        )
-    }
 }
 
 /// Enqueue kernel `function` of `key` (loaded on device `ordinal`) on `stream` with grid

@@ -1,0 +1,333 @@
+// The CUDA built-ins that kernels/*.cu use, for a C++17 host compiler: with this header included
+// first, a kernel source compiles into an ordinary shared library whose kernels run on CPU
+// memory. rust/src/cuda/host.rs builds and calls such libraries so that the kernels' logic
+// (indexing, windows, reductions, warp shuffles, block barriers) is tested against the CPU path
+// on machines without a GPU. Timing, the memory model and the driver are not emulated.
+//
+// A launch runs its blocks one after another. The threads of a block are fibers on the calling
+// thread, switched only at __syncthreads and warp shuffles, so a block of 256 threads
+// costs 256 small stacks and no OS threads. Shared memory is `static`: one copy, used by one block
+// at a time. A barrier that some live thread of the block (or warp) never reaches would hang a
+// GPU; here it ends the launch with an error.
+#pragma once
+
+// C headers only: they parse in a fraction of the time of their C++ counterparts, and every
+// kernel variant is compiled separately.
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#define NA_HOST 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __shared__ static
+
+struct uint3 {
+    unsigned x, y, z;
+};
+typedef uint3 dim3;
+
+// Launches are serialised by the caller (host.rs), so the launch geometry is global.
+inline uint3 threadIdx;
+inline dim3 blockIdx, blockDim, gridDim;
+
+template <class T>
+inline T min(T a, T b) {
+    return b < a ? b : a;
+}
+template <class T>
+inline T max(T a, T b) {
+    return a < b ? b : a;
+}
+
+template <class To, class From>
+inline To na_host_bits(From x) {
+    static_assert(sizeof(To) == sizeof(From), "bit casts keep the size");
+    To y;
+    memcpy(&y, &x, sizeof(To));
+    return y;
+}
+inline float __int_as_float(int x) { return na_host_bits<float>(x); }
+inline float __uint_as_float(unsigned x) { return na_host_bits<float>(x); }
+inline unsigned __float_as_uint(float x) { return na_host_bits<unsigned>(x); }
+inline int __float_as_int(float x) { return na_host_bits<int>(x); }
+inline double __longlong_as_double(long long x) { return na_host_bits<double>(x); }
+inline long long __double_as_longlong(double x) { return na_host_bits<long long>(x); }
+
+// IEEE half through the compiler's _Float16 (round to nearest even, as cvt.rn.f16.f32).
+inline float na_host_f16_to_f32(unsigned short bits) {
+    return (float)na_host_bits<_Float16>(bits);
+}
+inline unsigned short na_host_f32_to_f16(float x) {
+    return na_host_bits<unsigned short>((_Float16)x);
+}
+
+namespace na_host {
+
+// A barrier among the live threads of a block or of a warp: a thread that returns from the
+// kernel leaves every barrier it belongs to.
+struct Barrier {
+    unsigned expected = 0;
+    unsigned arrived = 0;
+    unsigned long long phase = 0;
+
+    void arrive() {
+        if (++arrived == expected) {
+            arrived = 0;
+            ++phase;
+        }
+    }
+    void leave() {
+        --expected;
+        if (expected > 0 && arrived == expected) {
+            arrived = 0;
+            ++phase;
+        }
+    }
+};
+
+// A thread's own stack and saved context. On x86-64 a switch saves the callee-saved registers
+// on the stack and swaps stack pointers (no system call, unlike swapcontext, which also saves the
+// signal mask: the shuffles of a warp switch hundreds of thousands of times per launch).
+#if defined(__x86_64__)
+extern "C" void na_host_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .p2align 4
+    .type na_host_switch, @function
+na_host_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size na_host_switch, .-na_host_switch
+)");
+
+struct Context {
+    void* sp = nullptr;
+};
+
+// Resume `to`, saving the running context in `from`.
+inline void switch_to(Context& from, Context& to) { na_host_switch(&from.sp, to.sp); }
+
+// A context that enters `entry` (which never returns) on the stack `[stack, stack + size)`:
+// six zeroed registers for na_host_switch to pop, then `entry` for its `ret`, then a null
+// return address so that `entry` starts with the stack aligned as after a call.
+inline void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
+    auto top = reinterpret_cast<uintptr_t>(stack + size) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top);
+    *--sp = nullptr;
+    *--sp = reinterpret_cast<void*>(entry);
+    for (int r = 0; r < 6; ++r) {
+        *--sp = nullptr;
+    }
+    c.sp = sp;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+inline void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
+struct Fiber {
+    Context context;
+    char* stack = nullptr;
+    bool done = false;
+};
+
+// The threads of a launch's blocks (one block at a time) and their barriers; arrays of
+// `threads` fibers, `threads / 32` warps (rounded up) and `2 * threads` shuffle slots.
+struct Block {
+    Context scheduler;
+    unsigned threads = 0;
+    Fiber* fibers = nullptr;
+    Barrier sync;
+    Barrier* warps = nullptr;
+    unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
+    unsigned current = 0;
+    bool deadlock = false;
+    void (*body)(const void*) = nullptr;
+    const void* params = nullptr;
+};
+
+inline Block* block = nullptr;
+constexpr unsigned kWarp = 32;
+constexpr size_t kStack = 256 * 1024;
+
+// Back to the scheduler until `barrier` has moved past `phase`.
+inline void wait(Barrier& barrier, unsigned long long phase) {
+    while (barrier.phase == phase && !block->deadlock) {
+        switch_to(block->fibers[block->current].context, block->scheduler);
+    }
+}
+
+inline void sync_block() {
+    const unsigned long long phase = block->sync.phase;
+    block->sync.arrive();
+    wait(block->sync, phase);
+}
+
+// One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
+// two banks by barrier phase, so a lane that races ahead to the next shuffle writes the other
+// bank while slower lanes still read this one (one barrier per shuffle, not two).
+inline unsigned long long exchange(unsigned long long bits, int lane_mask) {
+    const unsigned t = block->current;
+    Barrier& warp = block->warps[t / kWarp];
+    const unsigned long long phase = warp.phase;
+    const size_t bank = (phase % 2) * block->threads;
+    block->lanes[bank + t] = bits;
+    warp.arrive();
+    wait(warp, phase);
+    const unsigned partner = (t / kWarp) * kWarp + ((t % kWarp) ^ (unsigned)lane_mask);
+    return block->lanes[bank + partner];
+}
+
+// The body of every fiber: the kernel, then leaving the barriers and handing back for good.
+inline void run_thread() {
+    Block& b = *block;
+    b.body(b.params);
+    b.fibers[b.current].done = true;
+    b.sync.leave();
+    b.warps[b.current / kWarp].leave();
+    switch_to(b.fibers[b.current].context, b.scheduler);
+    __builtin_unreachable();
+}
+
+// Run every thread of the current block to its end. Returns false on a deadlock: every live
+// thread waits at a barrier that cannot complete.
+inline bool run_block(Block& b) {
+    const unsigned threads = b.threads, warps = (threads + kWarp - 1) / kWarp;
+    b.sync = Barrier{threads, 0, 0};
+    for (unsigned w = 0; w < warps; ++w) {
+        b.warps[w] = Barrier{};
+    }
+    for (unsigned t = 0; t < threads; ++t) {
+        b.warps[t / kWarp].expected++;
+        Fiber& f = b.fibers[t];
+        f.done = false;
+        prepare(f.context, f.stack, kStack, run_thread);
+    }
+    unsigned live = threads;
+    while (live > 0) {
+        unsigned long long before = b.sync.phase;
+        for (unsigned w = 0; w < warps; ++w) {
+            before += b.warps[w].phase;
+        }
+        unsigned finished = 0;
+        for (unsigned t = 0; t < threads; ++t) {
+            if (b.fibers[t].done) {
+                continue;
+            }
+            b.current = t;
+            threadIdx = {t % blockDim.x, t / blockDim.x, 0};
+            switch_to(b.scheduler, b.fibers[t].context);
+            finished += b.fibers[t].done ? 1 : 0;
+        }
+        unsigned long long after = b.sync.phase;
+        for (unsigned w = 0; w < warps; ++w) {
+            after += b.warps[w].phase;
+        }
+        live -= finished;
+        if (live > 0 && finished == 0 && after == before) {
+            // Nobody finished and no barrier moved in a whole round: stuck. Let every waiting
+            // thread run to its end (the barriers now fall through) so no stack stays in use.
+            b.deadlock = true;
+            for (unsigned t = 0; t < threads; ++t) {
+                while (!b.fibers[t].done) {
+                    b.current = t;
+                    threadIdx = {t % blockDim.x, t / blockDim.x, 0};
+                    switch_to(b.scheduler, b.fibers[t].context);
+                }
+            }
+            return false;
+        }
+    }
+    return true;
+}
+
+// Run kernel `body` over a grid of `grid` blocks of `bx` x `by` threads. Returns 0, or 1 when a
+// block deadlocked.
+inline int launch(void (*body)(const void*), const void* params, unsigned grid, unsigned bx,
+                  unsigned by) {
+    Block b;
+    b.body = body;
+    b.params = params;
+    b.threads = bx * by;
+    b.fibers = new Fiber[b.threads];
+    b.warps = new Barrier[(b.threads + kWarp - 1) / kWarp];
+    b.lanes = new unsigned long long[2 * b.threads]();
+    for (unsigned t = 0; t < b.threads; ++t) {
+        b.fibers[t].stack = static_cast<char*>(malloc(kStack));
+    }
+    gridDim = {grid, 1, 1};
+    blockDim = {bx, by, 1};
+    block = &b;
+    int status = 0;
+    for (unsigned g = 0; g < grid && status == 0; ++g) {
+        blockIdx = {g, 0, 0};
+        status = run_block(b) ? 0 : 1;
+    }
+    block = nullptr;
+    for (unsigned t = 0; t < b.threads; ++t) {
+        free(b.fibers[t].stack);
+    }
+    delete[] b.fibers;
+    delete[] b.warps;
+    delete[] b.lanes;
+    return status;
+}
+
+}  // namespace na_host
+
+inline void __syncthreads() { na_host::sync_block(); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned, T x, int lane_mask) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    unsigned long long bits = 0;
+    memcpy(&bits, &x, sizeof(T));
+    const unsigned long long other = na_host::exchange(bits, lane_mask);
+    T y;
+    memcpy(&y, &other, sizeof(T));
+    return y;
+}
+
+// `extern "C" int na_host_<kernel>(params, grid, bx, by)`: the entry point host.rs calls for
+// kernel `kernel` taking one `Params` by value.
+#define NA_HOST_ENTRY(kernel, Params)                                                          \
+    static void na_host_body_##kernel(const void* p) {                                         \
+        Params params;                                                                         \
+        memcpy(&params, p, sizeof(Params));                                               \
+        kernel(params);                                                                        \
+    }                                                                                          \
+    extern "C" int na_host_##kernel(const void* p, unsigned grid, unsigned bx, unsigned by) { \
+        return na_host::launch(na_host_body_##kernel, p, grid, bx, by);                        \
+    }

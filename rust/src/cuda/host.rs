@@ -1,0 +1,318 @@
+//! The CUDA kernels on the CPU, for testing without a GPU: a kernel source, with
+//! kernels/host.h in front of it, compiles with the host's C++ compiler into a shared library
+//! whose kernels run on CPU memory (threads as fibers, launches one block after another). While
+//! `enable` has a directory set, ops on CPU tensors take the CUDA path, plan their launches as
+//! for a GPU and run them here, so the kernels' indexing, window math, reductions and warp
+//! shuffles are checked against the CPU kernels. Nothing here is used otherwise.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::cache::StableHasher;
+use super::kernels::{Function, KernelKey, COMMON_HEADER};
+use super::launch::Config;
+use crate::error::{Error, Result};
+
+/// `kernels/host.h`: the CUDA built-ins for a host compiler.
+const HOST_HEADER: (&str, &str) = ("host.h", include_str!("../../../kernels/host.h"));
+
+/// `extern "C" int na_host_<kernel>(const void* params, unsigned grid, unsigned bx, unsigned by)`.
+type Entry = unsafe extern "C" fn(*const c_void, u32, u32, u32) -> i32;
+
+struct Host {
+    /// Where sources and libraries are written.
+    dir: PathBuf,
+    /// The C++17 compiler.
+    compiler: String,
+    /// Opened libraries, one per variant; never closed (their code may be running elsewhere
+    /// only while the lock is held, but closing buys nothing in a test process).
+    libraries: HashMap<KernelKey, libloading::Library>,
+}
+
+static HOST: Mutex<Option<Host>> = Mutex::new(None);
+
+fn host() -> MutexGuard<'static, Option<Host>> {
+    HOST.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`; `None`
+/// turns it off. Returns whether it was on.
+pub fn enable(dir: Option<PathBuf>, compiler: &str) -> bool {
+    let mut host = host();
+    let was = host.is_some();
+    *host = dir.map(|dir| Host {
+        dir,
+        compiler: compiler.to_string(),
+        libraries: HashMap::new(),
+    });
+    was
+}
+
+/// Whether CPU tensors take the CUDA kernels (see `enable`).
+pub fn enabled() -> bool {
+    host().is_some()
+}
+
+/// The translation unit of `key`: the header, the source, and an entry point per kernel.
+fn unit(key: &KernelKey) -> String {
+    let mut text = format!(
+        "#include \"{}\"\n#include \"{}\"\n",
+        HOST_HEADER.0,
+        key.source.file_name()
+    );
+    for f in key.source.functions() {
+        let params = key.source.params_struct();
+        text.push_str(&format!("NA_HOST_ENTRY({}, {params})\n", f.symbol()));
+    }
+    text
+}
+
+fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::Kernel {
+        message: format!("host kernels: {what} {}: {e}", path.display()),
+        log: String::new(),
+    }
+}
+
+/// Compile `key` into a library under `dir`; its path.
+fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
+    let source = (key.source.file_name(), key.source.text());
+    let files = [HOST_HEADER, COMMON_HEADER, source];
+    compile(dir, compiler, &files, &unit(key), &key.defines()).map_err(|e| match e {
+        Error::Kernel { message, log } => Error::Kernel {
+            message: format!("{message} ({})", key.name()),
+            log,
+        },
+        other => other,
+    })
+}
+
+/// Compile translation unit `unit` (which includes `files`, written beside it) with `defines`
+/// into a shared library under `dir`, named by a hash of everything that goes in; its path. A
+/// library already there is reused; a new one appears under its name only once complete.
+fn compile(
+    dir: &Path,
+    compiler: &str,
+    files: &[(&str, &str)],
+    unit: &str,
+    defines: &[String],
+) -> Result<PathBuf> {
+    let mut hash = StableHasher::new();
+    for (name, text) in files {
+        hash.write_part(name.as_bytes()).write_part(text.as_bytes());
+    }
+    hash.write_part(unit.as_bytes());
+    for d in defines {
+        hash.write_part(d.as_bytes());
+    }
+    let stem = format!("{:016x}", hash.finish());
+    let library = dir.join(format!("{stem}.so"));
+    if library.is_file() {
+        return Ok(library);
+    }
+    // Each build works in a folder of its own (builds of one unit may run at once, in threads or
+    // processes) and only renames the finished library into place.
+    static BUILDS: AtomicU64 = AtomicU64::new(0);
+    let nonce = BUILDS.fetch_add(1, Ordering::Relaxed);
+    let folder = dir.join(format!("{stem}.{}.{nonce}", std::process::id()));
+    std::fs::create_dir_all(&folder).map_err(|e| io_error("creating", &folder, e))?;
+    let unit_name = format!("{stem}.cpp");
+    for &(name, text) in files.iter().chain([(unit_name.as_str(), unit)].iter()) {
+        let path = folder.join(name);
+        std::fs::write(&path, text).map_err(|e| io_error("writing", &path, e))?;
+    }
+    let partial = folder.join(format!("{stem}.so"));
+    let output = Command::new(compiler)
+        .args([
+            "-std=c++17",
+            "-O1",
+            "-shared",
+            "-fPIC",
+            "-Wno-unknown-pragmas",
+        ])
+        .args(defines)
+        .arg(folder.join(&unit_name))
+        .arg("-o")
+        .arg(&partial)
+        .output()
+        .map_err(|e| io_error(&format!("running {compiler} in"), &folder, e))?;
+    if !output.status.success() {
+        return Err(Error::Kernel {
+            message: format!("host kernels: {compiler} failed"),
+            log: String::from_utf8_lossy(&output.stderr).into_owned(),
+        });
+    }
+    std::fs::rename(&partial, &library).map_err(|e| io_error("moving", &partial, e))?;
+    // The sources stay behind only when the compiler failed on them.
+    let _ = std::fs::remove_dir_all(&folder);
+    Ok(library)
+}
+
+fn open(path: &Path) -> Result<libloading::Library> {
+    // SAFETY: a library built from our sources; its initialisers are plain-data statics.
+    unsafe { libloading::Library::new(path) }.map_err(|e| Error::Kernel {
+        message: format!("host kernels: opening {}: {e}", path.display()),
+        log: String::new(),
+    })
+}
+
+/// Call `symbol` (an `NA_HOST_ENTRY`) of `library` over grid `config` with `params`.
+///
+/// # Safety
+/// As `run`.
+unsafe fn call<P: Copy>(
+    library: &libloading::Library,
+    symbol: &str,
+    config: Config,
+    params: &P,
+) -> Result<i32> {
+    // SAFETY: NA_HOST_ENTRY defines the symbol with exactly this signature.
+    let entry: libloading::Symbol<Entry> =
+        unsafe { library.get(symbol.as_bytes()) }.map_err(|e| Error::Kernel {
+            message: format!("host kernels: {symbol}: {e}"),
+            log: String::new(),
+        })?;
+    let (bx, by) = config.block;
+    // SAFETY: the entry copies `params` (the kernel's struct, by the caller's contract) and
+    // runs the kernel over memory the caller vouches for.
+    Ok(unsafe { entry(params as *const P as *const c_void, config.grid, bx, by) })
+}
+
+/// Run kernel `function` of `key` over grid `config` with `params`, on this thread, to its end.
+///
+/// # Safety
+/// `P` must be the `#[repr(C)]` mirror of the kernel's parameter struct, and every address in
+/// `params` CPU memory holding what the kernel reaches (as `runtime::enqueue_with` demands of
+/// device memory).
+pub unsafe fn run<P: Copy>(
+    key: &KernelKey,
+    (function, config): (Function, Config),
+    params: P,
+) -> Result<()> {
+    let mut guard = host();
+    let Some(host) = guard.as_mut() else {
+        return Err(Error::Kernel {
+            message: "host kernels are not enabled".into(),
+            log: String::new(),
+        });
+    };
+    if !host.libraries.contains_key(key) {
+        let library = open(&build(&host.dir, &host.compiler, key)?)?;
+        host.libraries.insert(*key, library);
+    }
+    let symbol = format!("na_host_{}", function.symbol());
+    // SAFETY: forwarded contract; the lock serialises launches, whose geometry the library
+    // keeps in globals.
+    let status = unsafe { call(&host.libraries[key], &symbol, config, &params)? };
+    if status != 0 {
+        return Err(Error::Kernel {
+            message: format!(
+                "host kernels: {} of {} deadlocked (a barrier or shuffle that some live \
+                 thread never reaches)",
+                function.symbol(),
+                key.name()
+            ),
+            log: String::new(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Kernels that exercise the emulation itself: shuffles, shared memory with barriers,
+    /// threads that leave early, and a barrier only half a block reaches.
+    const UNIT: &str = r#"
+#include "host.h"
+struct P {
+    float* out;
+};
+// Every lane ends with the sum of all lanes' values (a butterfly), plus its block's index.
+extern "C" __global__ void butterfly(const P p) {
+    float x = (float)(threadIdx.x % 32);
+    for (int mask = 16; mask > 0; mask /= 2) {
+        x += __shfl_xor_sync(0xffffffffu, x, mask);
+    }
+    p.out[blockIdx.x * blockDim.x + threadIdx.x] = x + 1000.0f * blockIdx.x;
+}
+// Each block writes its threads' indices to shared memory and reads them back reversed.
+extern "C" __global__ void reverse(const P p) {
+    __shared__ float s[64];
+    s[threadIdx.x] = (float)(100 * blockIdx.x + threadIdx.x);
+    __syncthreads();
+    p.out[blockIdx.x * 64 + threadIdx.x] = s[63 - threadIdx.x];
+}
+// Half the block returns at once; the rest meet at a barrier they alone must complete.
+extern "C" __global__ void early_exit(const P p) {
+    if (threadIdx.x >= 32) {
+        return;
+    }
+    __syncthreads();
+    p.out[threadIdx.x] = 1.0f;
+}
+// Half of warp 0 waits at the block barrier, the other half at a shuffle: neither can complete.
+extern "C" __global__ void divergent(const P p) {
+    if (threadIdx.x % 32 < 16) {
+        __syncthreads();
+    } else {
+        p.out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 1);
+        __syncthreads();
+    }
+}
+NA_HOST_ENTRY(butterfly, P)
+NA_HOST_ENTRY(reverse, P)
+NA_HOST_ENTRY(early_exit, P)
+NA_HOST_ENTRY(divergent, P)
+"#;
+
+    fn library() -> Option<libloading::Library> {
+        if Command::new("c++").arg("--version").output().is_err() {
+            eprintln!("no C++ compiler: skipped");
+            return None;
+        }
+        let dir = std::env::temp_dir().join(format!("natten_rs_host_{}", std::process::id()));
+        let path = compile(&dir, "c++", &[HOST_HEADER], UNIT, &[]).expect("the unit compiles");
+        Some(open(&path).expect("the library opens"))
+    }
+
+    fn launch(library: &libloading::Library, kernel: &str, grid: u32, out: &mut [f32]) -> i32 {
+        let config = Config {
+            grid,
+            block: (64, 1),
+        };
+        let params = out.as_mut_ptr();
+        // SAFETY: the kernels take `struct P { float* out; }` and write within `grid * 64`
+        // floats.
+        unsafe { call(library, &format!("na_host_{kernel}"), config, &params) }.unwrap()
+    }
+
+    #[test]
+    fn shuffles_barriers_and_early_exits_behave_as_on_a_gpu() {
+        let Some(library) = library() else { return };
+        let mut out = vec![0.0f32; 3 * 64];
+        assert_eq!(launch(&library, "butterfly", 3, &mut out), 0);
+        for (i, &x) in out.iter().enumerate() {
+            assert_eq!(x, 496.0 + 1000.0 * (i / 64) as f32, "thread {i}");
+        }
+        assert_eq!(launch(&library, "reverse", 3, &mut out), 0);
+        for (i, &x) in out.iter().enumerate() {
+            assert_eq!(x, (100 * (i / 64) + 63 - i % 64) as f32, "thread {i}");
+        }
+        let mut flags = vec![0.0f32; 64];
+        assert_eq!(launch(&library, "early_exit", 1, &mut flags), 0);
+        assert!(flags[..32].iter().all(|&f| f == 1.0) && flags[32..].iter().all(|&f| f == 0.0));
+    }
+
+    #[test]
+    fn a_barrier_that_cannot_complete_is_reported_not_hung() {
+        let Some(library) = library() else { return };
+        let mut out = vec![0.0f32; 64];
+        assert_eq!(launch(&library, "divergent", 2, &mut out), 1);
+    }
+}

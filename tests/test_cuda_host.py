@@ -1,0 +1,103 @@
+"""The CUDA kernels, run on the CPU: kernels/host.h lets the host's C++ compiler build the very
+sources NVRTC compiles, and while ``_core.run_cuda_kernels_on_host`` is on, ops on CPU tensors
+plan their CUDA launches as for a GPU and run them there. Against the CPU kernels and the oracle,
+this checks the kernels' logic (indexing, windows, dilation, causal masks, strides, reductions,
+warp shuffles, block barriers) where there is no GPU. Speed, the memory model, streams and the
+driver are test_cuda.py's, on a GPU."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import natten_rs
+import natten_rs.functional as F
+import pytest
+import torch
+from conftest import DTYPE_PARAMS, LAYOUTS
+from natten_rs import KernelError, _core
+from test_cuda import (
+    CASE_IDS,
+    CASES,
+    check_dense_attention,
+    check_every_output_element_is_written,
+    check_fused_forward,
+    check_fused_forward_writes_every_output_element,
+    check_unfused,
+)
+from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """A context in which CPU tensors run the CUDA kernels (built once per session)."""
+    directory = tmp_path_factory.mktemp("host_kernels")
+
+    @contextlib.contextmanager
+    def on_host():
+        _core.run_cuda_kernels_on_host(str(directory))
+        try:
+            yield
+        finally:
+            _core.run_cuda_kernels_on_host(None)
+
+    return on_host
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_unfused_kernels_match_the_cpu_path_and_the_oracle(case, dtype, layout, kernels):
+    check_unfused(case, dtype, layout, "cpu", kernels)
+
+
+def test_unfused_kernels_write_every_output_element(kernels):
+    with kernels():
+        check_every_output_element_is_written("cpu")
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_forward_kernel_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
+    check_fused_forward(case, dtype, "cpu", kernels)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+def test_dense_attention_on_the_fused_kernel(dtype, kernels):
+    check_dense_attention(dtype, "cpu", kernels)
+
+
+def test_fused_forward_kernel_writes_every_output_element(kernels):
+    with kernels():
+        check_fused_forward_writes_every_output_element("cpu")
+
+
+def test_ops_take_the_cuda_kernels_while_it_is_on(tmp_path):
+    # With a compiler that cannot run, an op that took the CUDA path fails naming it; once off,
+    # the same call takes the CPU kernels again.
+    q = torch.randn(1, 2, 9, 4)
+    was = _core.run_cuda_kernels_on_host(str(tmp_path), "/nonexistent/c++")
+    try:
+        assert not was
+        with pytest.raises(KernelError, match="/nonexistent/c"):
+            F.na1d_qk(q, q, 3, 1)
+        with pytest.raises(KernelError, match="/nonexistent/c"):
+            natten_rs.na1d(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2), 3)
+    finally:
+        assert _core.run_cuda_kernels_on_host(None)
+    assert F.na1d_qk(q, q, 3, 1).shape == (1, 2, 9, 3)
+
+
+def test_a_compile_error_carries_the_compiler_log(tmp_path):
+    # A compiler that rejects every unit ("false" exits 1): the KernelError names the variant.
+    if shutil.which("false") is None:
+        pytest.skip("no `false` command")
+    q = torch.randn(1, 2, 9, 4)
+    _core.run_cuda_kernels_on_host(str(tmp_path), shutil.which("false"))
+    try:
+        with pytest.raises(KernelError, match=r"failed \(na_qk\[float32, kernel 1x1x3"):
+            F.na1d_qk(q, q, 3, 1)
+    finally:
+        _core.run_cuda_kernels_on_host(None)
