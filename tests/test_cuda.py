@@ -2,7 +2,8 @@
 ranks 1-3, dilation, causal, rpb, additional tokens, gradients, strided inputs; torch's
 streams, other devices, CUDA graphs, tensors past 2^31 elements, deterministic d_rpb. The fused
 forward against the CPU fused path and the oracle over every feature of test_fused.py's cases,
-and the refusal of the (CPU-only) fused backward. Skipped without a GPU."""
+and the fused backward likewise. Skipped without a GPU (test_cuda_host.py runs the same checks on
+the CPU through the host build of the kernels)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from conftest import DTYPE_PARAMS, LAYOUTS, assert_close, make_inputs
 from natten_rs import _core, _cuda, _ops
 from natten_rs._ops import dlpack
 from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
-from test_fused import as_oracle, call, leaves, lse_tolerance, oracle
+from test_fused import as_oracle, call, leaves, lse_tolerance, oracle, random_grad
 
 pytestmark = [
     pytest.mark.cuda,
@@ -293,15 +294,43 @@ def test_fused_forward_writes_every_output_element():
 
 def test_fused_head_dims_past_the_limit_are_refused_naming_them():
     q = torch.randn(1, 8, 2, 520, device="cuda")
-    with pytest.raises(NotImplementedError, match="head dim above 512"):
+    with pytest.raises(NotImplementedError, match="forward on CUDA with a head dim above 512"):
         natten_rs.na1d(q, q, q, kernel_size=3)
-
-
-def test_fused_backward_refuses_cuda_tensors_naming_the_device():
-    q = torch.randn(1, 8, 2, 4, device="cuda", requires_grad=True)
+    q = torch.randn(1, 8, 2, 264, device="cuda", requires_grad=True)
     out = natten_rs.na1d(q, q, q, kernel_size=3)
-    with pytest.raises(NotImplementedError, match="cuda:0"):
+    with pytest.raises(NotImplementedError, match="backward on CUDA with a head dim above 256"):
         out.sum().backward()
+
+
+def check_fused_backward(case, dtype, device, kernels=contextlib.nullcontext):
+    """Gradients of the fused op through out and lse on `device` (inside `kernels()`) against
+    the CPU path and the oracle."""
+    on_device = leaves(case, dtype, device, requires_grad=True)
+    on_cpu = leaves(case, dtype, "cpu", requires_grad=True)
+    cpu_out, cpu_lse = call(case, on_cpu, return_lse=True)
+    g_out = random_grad(cpu_out.shape, dtype, "cpu")
+    g_lse = random_grad(cpu_lse.shape, torch.float32, "cpu", 8)
+    torch.autograd.backward((cpu_out, cpu_lse), (g_out, g_lse))
+    with kernels():
+        out, lse = call(case, on_device, return_lse=True)
+        torch.autograd.backward((out, lse), (g_out.to(device), g_lse.to(device)))
+    expected = as_oracle(on_cpu)
+    torch.autograd.backward(
+        oracle(case, expected, return_lse=True), (g_out.double(), g_lse.double())
+    )
+    for name, leaf in on_device.items():
+        assert leaf.grad is not None and leaf.grad.device.type == torch.device(device).type
+        what = f"d{name}"
+        assert_close(leaf.grad, expected[name].grad, lse_tolerance(dtype), what=what + " vs oracle")
+        assert_close(
+            leaf.grad, on_cpu[name].grad.double(), lse_tolerance(dtype), what=what + " vs cpu"
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_backward_matches_the_cpu_path_and_the_oracle(case, dtype):
+    check_fused_backward(case, dtype, "cuda")
 
 
 @pytest.mark.parametrize("op", ["qk", "av"])

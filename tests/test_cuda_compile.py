@@ -1,4 +1,4 @@
-"""The CUDA kernels (unfused, and the fused forward over strides, even kernels and head dims up
+"""The CUDA kernels (unfused, and the fused forward and backward over strides, even kernels and head dims up
 to the largest it takes) compile with NVRTC for sm_80 and sm_90a without warnings or spills (no GPU
 needed: this runs in CI), the disk cache hits, survives damage and honours
 $NATTEN_RS_CACHE_DIR, and a missing libnvrtc says what to install."""
@@ -20,6 +20,12 @@ KERNELS = {
     "na_qk": ("na_pairwise", "na_bias_grad"),
     "na_av": ("na_gather", "na_scatter", "na_extra_grad"),
     "na_fused_fwd": ("na_fused_forward",),
+    "na_fused_bwd": (
+        "na_fused_backward_query",
+        "na_fused_backward_keys",
+        "na_fused_backward_extras",
+        "na_fused_backward_bias",
+    ),
 }
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 

@@ -16,11 +16,13 @@ import pytest
 import torch
 from conftest import DTYPE_PARAMS, LAYOUTS
 from natten_rs import KernelError, _core
+from natten_rs._ops import dlpack
 from test_cuda import (
     CASE_IDS,
     CASES,
     check_dense_attention,
     check_every_output_element_is_written,
+    check_fused_backward,
     check_fused_forward,
     check_fused_forward_writes_every_output_element,
     check_unfused,
@@ -65,6 +67,12 @@ def test_fused_forward_kernel_matches_the_cpu_path_and_the_oracle(case, dtype, k
 
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_backward_kernels_match_the_cpu_path_and_the_oracle(case, dtype, kernels):
+    check_fused_backward(case, dtype, "cpu", kernels)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 def test_dense_attention_on_the_fused_kernel(dtype, kernels):
     check_dense_attention(dtype, "cpu", kernels)
 
@@ -101,3 +109,31 @@ def test_a_compile_error_carries_the_compiler_log(tmp_path):
             F.na1d_qk(q, q, 3, 1)
     finally:
         _core.run_cuda_kernels_on_host(None)
+
+
+def test_fused_backward_head_dims_past_its_limit_are_refused_naming_them(kernels):
+    q = torch.randn(1, 8, 2, 264, requires_grad=True)
+    with kernels():
+        out = natten_rs.na1d(q, q, q, kernel_size=3)  # the forward takes up to 512
+        with pytest.raises(NotImplementedError, match="backward on CUDA with a head dim above 256"):
+            out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    "stats, message",
+    [
+        (lambda n: torch.empty(n - 1), r"stats: expected shape \[\d+\], got shape \[\d+\]"),
+        (lambda n: torch.empty(n, dtype=torch.float64), "stats: expected float32, got float64"),
+        (lambda n: torch.empty(2 * n)[::2], "stats: expected a contiguous output"),
+    ],
+    ids=["short", "wrong-dtype", "strided"],
+)
+def test_the_backward_scratch_is_checked_naming_it(stats, message, kernels):
+    q, d_out = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    inputs = tuple(dlpack(t) for t in (q, q, q, None, None, None))
+    nbhd = ([3], [1], [1], [False])
+    length, _ = _core.fused_stats_shape(inputs, nbhd, 0.25)
+    grads = (dlpack(torch.empty_like(q)),) * 3 + (None, None, None)
+    saved = (dlpack(d_out), dlpack(d_out), None)
+    with kernels(), pytest.raises(ValueError, match=message):
+        _core.na_fused_backward(inputs, nbhd, 0.25, saved, grads, dlpack(stats(length)), 0)

@@ -212,13 +212,6 @@ def guarded(device: str, dtype, fn):
         raise
 
 
-def needs_backward_on(device: str):
-    """Skip a gradient test on CUDA, where the fused backward is not implemented yet (it raises
-    NotImplementedError naming the device: test_cuda.py checks that)."""
-    if device == "cuda":
-        pytest.skip("the fused backward runs on the CPU only so far")
-
-
 def lse_tolerance(dtype):
     """lse is float32 by contract: what derives from it is float32-accurate at best."""
     return torch.float32 if dtype == torch.float64 else dtype
@@ -356,7 +349,6 @@ def test_cpu_tier_environment_variable_is_checked_at_import():
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_backward(case, device, dtype):
-    needs_backward_on(device)
     t = leaves(case, dtype, device, requires_grad=True)
     out = guarded(device, dtype, lambda: call(case, t))
     grad = random_grad(out.shape, dtype, device)
@@ -426,7 +418,6 @@ LSE_GRAD_PARAMS = _params([FIXED_CASES[3], FIXED_CASES[7], FIXED_CASES[11]])
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", LSE_GRAD_PARAMS)
 def test_backward_through_out_and_lse(case, device, dtype):
-    needs_backward_on(device)
     t = leaves(case, dtype, device, requires_grad=True)
     out, lse = guarded(device, dtype, lambda: call(case, t, return_lse=True))
     grads = random_grad(out.shape, dtype, device), random_grad(lse.shape, torch.float32, device, 8)
@@ -455,7 +446,6 @@ def upstream_loss(upstream: str, out, lse, g_out, g_lse):
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("upstream", ["strided", "expanded", "lse_only", "out_only"])
 def test_backward_with_any_upstream_gradient(upstream, device, dtype):
-    needs_backward_on(device)
     case = FIXED_CASES[9]
     t = leaves(case, dtype, device, requires_grad=True)
     out, lse = guarded(device, dtype, lambda: call(case, t, return_lse=True))
@@ -536,7 +526,6 @@ GQA_PARAMS = _params([FIXED_CASES[1], FIXED_CASES[4], FIXED_CASES[9], FIXED_CASE
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("case", GQA_PARAMS)
 def test_gqa_matches_repeated_kv(case, device, dtype):
-    needs_backward_on(device)
     group = case.heads // case.heads_kv
     t = leaves(case, dtype, device, requires_grad=True)
     r = leaves(case, dtype, device, requires_grad=True)
@@ -622,7 +611,6 @@ ATTENTION_CASES = [
 @pytest.mark.parametrize("q_tokens, kv_tokens, heads, heads_kv, dim, dim_v, causal, scale",
                          ATTENTION_CASES, ids=str)  # fmt: skip
 def test_attention(q_tokens, kv_tokens, heads, heads_kv, dim, dim_v, causal, scale, device, dtype):
-    needs_backward_on(device)
     t = dict(zip("qkv", make_inputs(
         (2, *q_tokens, heads, dim), (2, kv_tokens, heads_kv, dim), (2, kv_tokens, heads_kv, dim_v),
         dtype=dtype, device=device, seed=4, requires_grad=True)))  # fmt: skip
@@ -651,7 +639,6 @@ def test_attention(q_tokens, kv_tokens, heads, heads_kv, dim, dim_v, causal, sca
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 @pytest.mark.parametrize("bounds", [(0, 6, 14), (0, 5, 6, 14)], ids=["2-way", "3-way"])
 def test_merge_of_key_splits_is_attention_over_all_keys(bounds, device, dtype):
-    needs_backward_on(device)
     t = dict(zip(("query", "key", "value"), make_inputs(
         (2, 9, 4, 8), (2, 14, 2, 8), (2, 14, 2, 6), dtype=dtype, device=device, seed=5,
         requires_grad=True)))  # fmt: skip
@@ -684,7 +671,6 @@ def _merge_oracle(outputs, lses):
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("device", DEVICE_PARAMS)
 def test_merge_attentions_gradients(device, dtype):
-    needs_backward_on(device)
     shape = (2, 3, 4, 3, 5)  # [B, *spatial, heads, Dv]
     outputs = list(make_inputs(shape, shape, dtype=dtype, device=device, seed=6,
                                requires_grad=True))  # fmt: skip

@@ -110,8 +110,8 @@ def na_fused(
     lse: Capsule,
     stream: int,
 ) -> None:
-    """Fused attention into ``out`` ``[B, *spatial, heads, Dv]`` and ``lse`` (float32). CPU
-    only so far: CUDA tensors raise NotImplementedError."""
+    """Fused attention into ``out`` ``[B, *spatial, heads, Dv]`` and ``lse`` (float32), on
+    the CPU or on ``stream`` of the tensors' CUDA device."""
 
 def na_fused_backward(
     inputs: FusedInputs,
@@ -119,10 +119,15 @@ def na_fused_backward(
     scale: float,
     saved: tuple[Capsule, Capsule, Capsule | None],
     grads: FusedInputs,
+    stats: Capsule,
     stream: int,
 ) -> None:
     """Gradients of a fused op. ``saved`` is ``(out, d_out, d_lse)``; ``grads`` holds the
-    gradient outputs in ``inputs`` order, each written when given. CPU only so far."""
+    gradient outputs in ``inputs`` order, each written when given; ``stats`` is scratch of
+    ``fused_stats_shape`` (used by the CUDA kernels)."""
+
+def fused_stats_shape(inputs: FusedInputs, nbhd: Neighborhood, scale: float) -> tuple[int, str]:
+    """Validate the inputs of a fused op; the backward's scratch as ``(elements, dtype name)``."""
 
 def dlpack_info(capsule: Capsule) -> tuple[int, list[int], list[int], str, str]:
     """``(data address, shape, strides, dtype, device)`` as natten_rs reads the capsule."""
@@ -154,6 +159,10 @@ def precompile(
 
 def nvrtc_version() -> tuple[int, int]:
     """The version of the libnvrtc in use."""
+
+def run_cuda_kernels_on_host(directory: str | None, compiler: str = "c++") -> bool:
+    """While ``directory`` is set, ops on CPU tensors run the CUDA kernels, built there by the
+    host C++ compiler ``compiler`` (a test aid); ``None`` turns it off. Whether it was on."""
 
 def forget_compiled() -> None:
     """Forget the compiled kernels held in memory (the disk cache and loaded modules stay)."""

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _core
-from ._cuda import current_stream, launch_stream
+from ._cuda import launch_stream
 
 
 def _probe_versioned_export():
@@ -338,13 +338,19 @@ def na_fused_backward(
     inputs get empty tensors."""
     inputs = (query, key, value, additional_keys, additional_values, rpb)
     grads = _fused_grads(*inputs)
+    exported = _fused_inputs(*inputs)
+    nbhd = (kernel_size, stride, dilation, is_causal)
+    # Per-row scratch for the CUDA kernels (a few bytes per query row; the CPU ignores it).
+    length, dtype = _core.fused_stats_shape(exported, nbhd, scale)
+    stats = query.new_empty(length, dtype=getattr(torch, dtype))
     _core.na_fused_backward(
-        _fused_inputs(*inputs),
-        (kernel_size, stride, dilation, is_causal),
+        exported,
+        nbhd,
         scale,
         (dlpack(out), dlpack(d_out), dlpack(d_lse)),
         tuple(None if t is None else dlpack(g) for t, g in zip(inputs, grads)),
-        current_stream(query),
+        dlpack(stats),
+        launch_stream(query),
     )
     return grads
 

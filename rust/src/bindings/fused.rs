@@ -2,9 +2,9 @@
 
 use pyo3::prelude::*;
 
-use super::{borrow, borrow_opt, cuda as on_cuda, launch_cpu, Capsule};
+use super::{borrow, borrow_opt, cuda as on_cuda, Capsule};
 use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
-use crate::cuda::{self, Stream};
+use crate::cuda::{self, Source, Stream};
 use crate::dlpack::{DType, Device, TensorRef};
 use crate::error::Error;
 use crate::problem::{FusedInputs, FusedProblem, Neighborhood};
@@ -128,7 +128,7 @@ fn na_fused(
         py.detach(|| cpu::fused_forward(&p, &t, &out, &lse));
         return Ok(());
     }
-    on_cuda::prepare_keys(py, p.device, &[cuda::fused_forward_key(&p)?])?;
+    on_cuda::prepare_keys(py, p.device, &[cuda::fused_key(Source::FusedFwd, &p)?])?;
     Ok(py.detach(|| {
         on_cuda::guarded(|| {
             // SAFETY: `p` validated every input and both outputs (shapes, strides, device, no
@@ -139,8 +139,9 @@ fn na_fused(
 }
 
 /// Fused attention backward. `saved` is `(out, d_out, d_lse)`; `grads` is `(d_query, d_key,
-/// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given. `stream`
-/// is torch's current CUDA stream (unused: the backward runs on the CPU only so far).
+/// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given. `stats`
+/// is scratch for the CUDA kernels, `fused_stats_shape` of it (the CPU kernels ignore it).
+/// `stream` is torch's current CUDA stream (for CUDA tensors).
 #[pyfunction]
 fn na_fused_backward(
     py: Python<'_>,
@@ -149,9 +150,9 @@ fn na_fused_backward(
     scale: f64,
     saved: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
     grads: FusedArgs,
+    stats: Capsule,
     stream: u64,
 ) -> PyResult<()> {
-    let _ = stream;
     let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
     let p = borrowed.problem(nbhd, scale)?;
     let (out, d_out) = (borrow("out", &saved.0)?, borrow("d_out", &saved.1)?);
@@ -211,12 +212,40 @@ fn na_fused_backward(
         d_lse: d_lse.as_ref(),
     };
     let t = borrowed.tensors();
-    launch_cpu(
-        py,
-        p.device,
-        "fused neighborhood attention backward",
-        || cpu::fused_backward(&p, &t, &saved, &grads),
-    )
+    if p.device == Device::Cpu && !on_cuda::on_host(p.device) {
+        py.detach(|| cpu::fused_backward(&p, &t, &saved, &grads));
+        return Ok(());
+    }
+    let stats = borrow("stats", stats)?;
+    let (len, dtype) = stats_shape(&p);
+    p.expect_output("stats", &stats, (&[len], dtype), &ins)?;
+    on_cuda::prepare_keys(py, p.device, &[cuda::fused_key(Source::FusedBwd, &p)?])?;
+    Ok(py.detach(|| {
+        on_cuda::guarded(|| {
+            // SAFETY: `p` validated every input, gradient and the scratch (shapes, strides,
+            // device, no overlap with the inputs); torch keeps them alive until `stream` has run
+            // the kernels.
+            unsafe { cuda::fused_backward(&p, &t, &saved, &grads, &stats, Stream(stream)) }
+        })
+    })?)
+}
+
+/// The backward's scratch: `(elements, dtype)` (the accumulator type of the problem's dtype).
+fn stats_shape(p: &FusedProblem) -> (usize, DType) {
+    let dtype = if p.dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    (cuda::fused_stats_len(p), dtype)
+}
+
+/// Validate the inputs of a fused op; the backward's scratch as `(elements, dtype name)`.
+#[pyfunction]
+fn fused_stats_shape(inputs: FusedArgs, nbhd: NbhdArgs, scale: f64) -> PyResult<(usize, String)> {
+    let p = Borrowed::new(&inputs, INPUT_NAMES)?.problem(nbhd, scale)?;
+    let (len, dtype) = stats_shape(&p);
+    Ok((len, dtype.name().to_string()))
 }
 
 /// Add the fused entry points to the module.
@@ -224,5 +253,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(fused_output_shapes, m)?)?;
     m.add_function(wrap_pyfunction!(na_fused, m)?)?;
     m.add_function(wrap_pyfunction!(na_fused_backward, m)?)?;
+    m.add_function(wrap_pyfunction!(fused_stats_shape, m)?)?;
     Ok(())
 }

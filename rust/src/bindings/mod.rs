@@ -48,28 +48,6 @@ pub(crate) fn borrow_opt(arg: &'static str, obj: Option<Capsule>) -> PyResult<Op
     obj.map(|o| borrow(arg, o)).transpose()
 }
 
-/// Run a CPU-only kernel with the GIL released; `what` names the op for the refusal of CUDA
-/// tensors.
-pub(crate) fn launch_cpu(
-    py: Python<'_>,
-    device: Device,
-    what: &str,
-    kernel: impl FnOnce() + Send,
-) -> PyResult<()> {
-    match device {
-        Device::Cpu => {
-            py.detach(kernel);
-            Ok(())
-        }
-        Device::Cuda(_) => Err(Error::Unsupported(format!(
-            "{what} on {device}: natten_rs runs it on the CPU only so far (on CUDA, use the \
-             unfused ops natten_rs.functional.na*d_qk / na*d_av; modules take them after \
-             natten_rs.use_fused_na(False))"
-        ))
-        .into()),
-    }
-}
-
 /// Run an unfused op on the problem's device with the GIL released: `on_cpu` for CPU tensors,
 /// `on_cuda` on `stream` for CUDA tensors, after loading (and, at first use, compiling) the
 /// kernels of `sources`.

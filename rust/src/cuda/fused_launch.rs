@@ -1,10 +1,11 @@
-//! What to launch for the fused ops: the `#[repr(C)]` parameter block that kernels/common.cuh
-//! mirrors (`NaFusedParams`), heads-last tensors as the kernels' six logical axes, and the grid
-//! (one warp per query row). Pure planning, testable without a GPU.
+//! What to launch for the fused ops: the `#[repr(C)]` parameter blocks that the kernels mirror
+//! (`NaFusedParams` in kernels/common.cuh, `NaFusedBwdParams` in kernels/na_fused_bwd.cu),
+//! heads-last tensors as the kernels' six logical axes, and the grids (one warp per row). Pure
+//! planning, testable without a GPU.
 
-use super::kernels::{Function, BLOCK};
+use super::kernels::{Function, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
-use crate::cpu::FusedTensors;
+use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
 use crate::layout;
 use crate::problem::FusedProblem;
@@ -106,6 +107,136 @@ impl FusedParams {
     }
 }
 
+/// The fused backward's parameter block (`NaFusedBwdParams` in kernels/na_fused_bwd.cu), by
+/// value: the forward's block (its `out` is the forward's output) and the gradients.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FusedBackwardParams {
+    /// Inputs and sizes as in the forward.
+    pub forward: FusedParams,
+    /// The gradient of the output `[b, h, s0, s1, s2, c]`.
+    pub d_out: View,
+    /// The gradient of the logsumexp `[b, h, s0, s1, s2, -]`, float32 (when `has_d_lse`).
+    pub d_lse: View,
+    /// Written gradients, laid out as the tensors they belong to.
+    pub d_query: View,
+    /// Of the keys.
+    pub d_key: View,
+    /// Of the values.
+    pub d_value: View,
+    /// Of the additional keys.
+    pub d_extra_key: View,
+    /// Of the additional values.
+    pub d_extra_value: View,
+    /// Of the bias `[h, r0, r1, r2, -, -]`.
+    pub d_bias: View,
+    /// Scratch: `(lse, delta)` per query row at the accumulator's precision, rows numbered
+    /// `(b * heads + h) * tokens + token`.
+    pub stats: u64,
+    /// Whether `d_lse` is given (0 or 1).
+    pub has_d_lse: i32,
+    /// Padding to a multiple of 8 bytes (as in the kernel source).
+    pub reserved: i32,
+}
+
+// The static_assert of na_fused_bwd.cu checks the same size on the device side.
+const _: () = assert!(
+    std::mem::size_of::<FusedBackwardParams>()
+        == std::mem::size_of::<FusedParams>() + 8 * 56 + 8 + 2 * 4
+);
+
+/// One launch of a fused backward kernel.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FusedBackwardLaunch {
+    /// Which kernel.
+    pub function: Function,
+    /// Its argument.
+    pub params: FusedBackwardParams,
+    /// Its shape.
+    pub config: Config,
+}
+
+/// Elements of the backward's `stats` scratch: `(lse, delta)` for each query row.
+pub fn backward_stats_len(p: &FusedProblem) -> usize {
+    let tokens: usize = p.axes.iter().map(|a| a.length).product();
+    2 * p.batch * p.heads * tokens
+}
+
+/// One warp per row: enough blocks of `BLOCK` threads for `rows` rows.
+fn warp_rows(rows: usize) -> Config {
+    Config::covering(rows as u64, BLOCK / WARP, (BLOCK, 1))
+}
+
+/// Backward, in launch order: `d_query` and the stats (one warp per query row), then `d_key` and
+/// `d_value` (one warp per key row), the additional tokens' gradients (one warp each) and
+/// `d_rpb` (one block per entry), each when the problem has them. `stats` is the scratch of
+/// `backward_stats_len` elements of the accumulator type.
+pub fn backward(
+    p: &FusedProblem,
+    t: &FusedTensors,
+    saved: &Saved,
+    grads: &FusedGrads,
+    stats: &TensorRef,
+) -> Vec<FusedBackwardLaunch> {
+    let tokens = |t: &TensorRef| View::heads_last(t, p.rank, true);
+    let extras = |t: Option<&TensorRef>| t.map(View::extras_heads_last).unwrap_or_default();
+    let params = FusedBackwardParams {
+        forward: FusedParams {
+            out: tokens(saved.out),
+            ..FusedParams::of(p, t)
+        },
+        d_out: tokens(saved.d_out),
+        d_lse: saved
+            .d_lse
+            .map(|t| View::heads_last(t, p.rank, false))
+            .unwrap_or_default(),
+        d_query: tokens(grads.d_query),
+        d_key: grads.d_key.map(tokens).unwrap_or_default(),
+        d_value: grads.d_value.map(tokens).unwrap_or_default(),
+        d_extra_key: extras(grads.d_additional_keys),
+        d_extra_value: extras(grads.d_additional_values),
+        d_bias: grads.d_rpb.map(View::bias).unwrap_or_default(),
+        stats: stats.data as u64,
+        has_d_lse: i32::from(saved.d_lse.is_some()),
+        reserved: 0,
+    };
+    let token_count: usize = p.axes.iter().map(|a| a.length).product();
+    let heads_kv = p.heads_kv;
+    let keys = grads.d_key.is_some() && grads.d_value.is_some();
+    let extras = grads.d_additional_keys.is_some() && grads.d_additional_values.is_some();
+    let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
+    let plan = [
+        (
+            Function::FusedBackwardQuery,
+            true,
+            warp_rows(p.batch * p.heads * token_count),
+        ),
+        (
+            Function::FusedBackwardKeys,
+            keys,
+            warp_rows(p.batch * heads_kv * token_count),
+        ),
+        (
+            Function::FusedBackwardExtras,
+            extras,
+            warp_rows(p.batch * heads_kv * p.extra),
+        ),
+        (
+            Function::FusedBackwardBias,
+            grads.d_rpb.is_some(),
+            Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1)),
+        ),
+    ];
+    plan.into_iter()
+        .filter(|&(_, wanted, config)| wanted && config.grid > 0)
+        .map(|(function, _, config)| FusedBackwardLaunch {
+            function,
+            params,
+            config,
+        })
+        .collect()
+}
+
 /// Forward: `out` and `lse`, one warp per query row; `None` when there is no row (CUDA refuses
 /// empty grids).
 pub fn forward(
@@ -120,8 +251,7 @@ pub fn forward(
         ..FusedParams::of(p, t)
     };
     let tokens: usize = p.axes.iter().map(|a| a.length).product();
-    let rows = (p.batch * p.heads * tokens) as u64;
-    let config = Config::covering(rows, BLOCK / WARP, (BLOCK, 1));
+    let config = warp_rows(p.batch * p.heads * tokens);
     (config.grid > 0).then_some(FusedLaunch {
         function: Function::FusedForward,
         params,

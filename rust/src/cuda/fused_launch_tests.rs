@@ -123,3 +123,113 @@ fn empty_problems_launch_nothing() {
     let lse = tensor(&p.lse_shape(), 0);
     assert!(forward(&p, &t, &q, &lse).is_none());
 }
+
+fn grads_for(p: &FusedProblem, base: usize) -> [TensorRef; 5] {
+    [
+        tensor(&p.token_shape(p.heads, p.dim), base),
+        tensor(&p.token_shape(p.heads_kv, p.dim), base + 0x100),
+        tensor(&p.token_shape(p.heads_kv, p.dim_v), base + 0x200),
+        tensor(&p.extra_shape(p.dim), base + 0x300),
+        tensor(&p.extra_shape(p.dim_v), base + 0x400),
+    ]
+}
+
+#[test]
+fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
+    let (p, t) = problem();
+    let out = tensor(&p.out_shape(), 0x6000);
+    let d_out = tensor(&p.out_shape(), 0x7000);
+    let d_lse = TensorRef {
+        data: 0x8000,
+        ..TensorRef::meta(&p.lse_shape(), DType::F32, Device::Cuda(0))
+    };
+    let g = grads_for(&p, 0x10000);
+    let stats = TensorRef {
+        data: 0x9000,
+        ..TensorRef::meta(&[backward_stats_len(&p)], DType::F32, Device::Cuda(0))
+    };
+    let saved = Saved {
+        out: &out,
+        d_out: &d_out,
+        d_lse: Some(&d_lse),
+    };
+    let grads = FusedGrads {
+        d_query: &g[0],
+        d_key: Some(&g[1]),
+        d_value: Some(&g[2]),
+        d_additional_keys: Some(&g[3]),
+        d_additional_values: Some(&g[4]),
+        d_rpb: None,
+    };
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats);
+    let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
+    assert_eq!(
+        functions,
+        [
+            Function::FusedBackwardQuery,
+            Function::FusedBackwardKeys,
+            Function::FusedBackwardExtras
+        ]
+    );
+    let per_block = BLOCK / WARP;
+    let rows = [2 * 9 * 8 * 6, 2 * 9 * 8 * 2, 2 * 2 * 5];
+    for (l, rows) in launches.iter().zip(rows) {
+        assert_eq!(
+            l.config.grid,
+            (rows as u32).div_ceil(per_block),
+            "{:?}",
+            l.function
+        );
+    }
+    assert_eq!(backward_stats_len(&p), 2 * 2 * 6 * 9 * 8);
+    let pr = launches[0].params;
+    assert_eq!(
+        (pr.forward.out.data, pr.d_out.data, pr.d_lse.data),
+        (0x6000, 0x7000, 0x8000)
+    );
+    assert_eq!((pr.stats, pr.has_d_lse, pr.d_bias.data), (0x9000, 1, 0));
+    assert_eq!(
+        [pr.d_query.data, pr.d_key.data, pr.d_value.data],
+        [0x10000, 0x10100, 0x10200]
+    );
+    assert_eq!(
+        [pr.d_extra_key.data, pr.d_extra_value.data],
+        [0x10300, 0x10400]
+    );
+    assert_eq!((pr.forward.group, pr.forward.extra_count), (3, 5));
+    // Without d_lse, and with neither key-side nor extra gradients, only the query kernel runs.
+    let bare = Saved {
+        d_lse: None,
+        ..saved
+    };
+    let only_query = FusedGrads {
+        d_key: None,
+        d_value: None,
+        d_additional_keys: None,
+        d_additional_values: None,
+        ..grads
+    };
+    let launches = backward(&p, &tensors(&t), &bare, &only_query, &stats);
+    assert_eq!(launches.len(), 1);
+    assert_eq!(launches[0].params.has_d_lse, 0);
+}
+
+#[test]
+fn backward_head_dims_have_their_own_limit() {
+    let q = tensor(&[1, 8, 2, 264], 0);
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&q),
+        value: Some(&q),
+        ..FusedInputs::default()
+    };
+    let p = FusedProblem::new(&inputs, &nbhd(vec![3], vec![1], vec![1], vec![false]), 1.0).unwrap();
+    assert!(crate::cuda::fused_key(Source::FusedFwd, &p).is_ok());
+    let refused = crate::cuda::fused_key(Source::FusedBwd, &p)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("backward on CUDA with a head dim above 256"),
+        "{refused}"
+    );
+}

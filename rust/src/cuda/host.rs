@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::cache::StableHasher;
-use super::kernels::{Function, KernelKey, COMMON_HEADER};
+use super::kernels::{Function, KernelKey, HEADERS};
 use super::launch::Config;
 use crate::error::{Error, Result};
 
@@ -81,7 +81,7 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// Compile `key` into a library under `dir`; its path.
 fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
     let source = (key.source.file_name(), key.source.text());
-    let files = [HOST_HEADER, COMMON_HEADER, source];
+    let files = [HOST_HEADER, HEADERS[0], HEADERS[1], source];
     compile(dir, compiler, &files, &unit(key), &key.defines()).map_err(|e| match e {
         Error::Kernel { message, log } => Error::Kernel {
             message: format!("{message} ({})", key.name()),

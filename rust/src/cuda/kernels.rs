@@ -6,8 +6,12 @@
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
-/// Header included by every source, as NVRTC sees it: `(include name, text)`.
-pub const COMMON_HEADER: (&str, &str) = ("common.cuh", include_str!("../../../kernels/common.cuh"));
+/// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
+/// included by every source, `fused.cuh` by the fused ones.
+pub const HEADERS: [(&str, &str); 2] = [
+    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
+];
 
 /// Threads per block of the one-thread-per-output kernels.
 pub const BLOCK: u32 = 256;
@@ -25,11 +29,15 @@ pub enum Source {
     Av,
     /// `kernels/na_fused_fwd.cu`: fused attention forward (output and logsumexp).
     FusedFwd,
+    /// `kernels/na_fused_bwd.cu`: fused attention backward (every gradient).
+    FusedBwd,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 3] = [Source::Qk, Source::Av, Source::FusedFwd];
+    pub const ALL: [Source; 4] = [Source::Qk, Source::Av, Source::FusedFwd, Source::FusedBwd];
+    /// The sources of the fused ops.
+    pub const FUSED: [Source; 2] = [Source::FusedFwd, Source::FusedBwd];
     /// The sources of the unfused ops.
     pub const UNFUSED: [Source; 2] = [Source::Qk, Source::Av];
 
@@ -39,6 +47,7 @@ impl Source {
             Source::Qk => "na_qk.cu",
             Source::Av => "na_av.cu",
             Source::FusedFwd => "na_fused_fwd.cu",
+            Source::FusedBwd => "na_fused_bwd.cu",
         }
     }
 
@@ -48,6 +57,7 @@ impl Source {
             Source::Qk => include_str!("../../../kernels/na_qk.cu"),
             Source::Av => include_str!("../../../kernels/na_av.cu"),
             Source::FusedFwd => include_str!("../../../kernels/na_fused_fwd.cu"),
+            Source::FusedBwd => include_str!("../../../kernels/na_fused_bwd.cu"),
         }
     }
 
@@ -57,20 +67,36 @@ impl Source {
             Source::Qk => &[Function::Pairwise, Function::BiasGrad],
             Source::Av => &[Function::Gather, Function::Scatter, Function::ExtraGrad],
             Source::FusedFwd => &[Function::FusedForward],
+            Source::FusedBwd => &[
+                Function::FusedBackwardQuery,
+                Function::FusedBackwardKeys,
+                Function::FusedBackwardExtras,
+                Function::FusedBackwardBias,
+            ],
+        }
+    }
+
+    /// The largest head dim a fused source takes (0 for the unfused ones, whose head dim is a
+    /// run-time parameter).
+    pub fn max_dim(self) -> usize {
+        match self {
+            Source::Qk | Source::Av => 0,
+            Source::FusedFwd => MAX_FUSED_DIM,
+            Source::FusedBwd => MAX_FUSED_BACKWARD_DIM,
         }
     }
 
     /// Whether the head dims are compile-time constants of the source (`NA_DIM`, `NA_DIM_V`).
     pub fn fused(self) -> bool {
-        self == Source::FusedFwd
+        matches!(self, Source::FusedFwd | Source::FusedBwd)
     }
 
-    /// The parameter struct (kernels/common.cuh) that each of its kernels takes by value.
+    /// The parameter struct that each of its kernels takes by value.
     pub fn params_struct(self) -> &'static str {
-        if self.fused() {
-            "NaFusedParams"
-        } else {
-            "NaParams"
+        match self {
+            Source::Qk | Source::Av => "NaParams",
+            Source::FusedFwd => "NaFusedParams",
+            Source::FusedBwd => "NaFusedBwdParams",
         }
     }
 }
@@ -90,6 +116,14 @@ pub enum Function {
     ExtraGrad,
     /// `out[x] = softmax(scale q[x] . k[keys(x)] (+ bias)) . v[keys(x)]` and its logsumexp.
     FusedForward,
+    /// Fused backward per query row: `d_query`, and the row's `(lse, delta)`.
+    FusedBackwardQuery,
+    /// Fused backward per key row: `d_key`, `d_value`.
+    FusedBackwardKeys,
+    /// Fused backward per additional token: its `d_key`, `d_value`.
+    FusedBackwardExtras,
+    /// Fused backward per bias entry: `d_rpb`.
+    FusedBackwardBias,
 }
 
 impl Function {
@@ -102,6 +136,10 @@ impl Function {
             Function::Scatter => "na_scatter",
             Function::ExtraGrad => "na_extra_grad",
             Function::FusedForward => "na_fused_forward",
+            Function::FusedBackwardQuery => "na_fused_backward_query",
+            Function::FusedBackwardKeys => "na_fused_backward_keys",
+            Function::FusedBackwardExtras => "na_fused_backward_extras",
+            Function::FusedBackwardBias => "na_fused_backward_bias",
         }
     }
 
@@ -111,6 +149,10 @@ impl Function {
             Function::Pairwise | Function::BiasGrad => Source::Qk,
             Function::Gather | Function::Scatter | Function::ExtraGrad => Source::Av,
             Function::FusedForward => Source::FusedFwd,
+            Function::FusedBackwardQuery
+            | Function::FusedBackwardKeys
+            | Function::FusedBackwardExtras
+            | Function::FusedBackwardBias => Source::FusedBwd,
         }
     }
 }
@@ -134,9 +176,12 @@ pub struct KernelKey {
     pub dims: (usize, usize),
 }
 
-/// The largest head dim the fused kernels take: each lane of a warp keeps `dim / 32` query
+/// The largest head dim the fused forward takes: each lane of a warp keeps `dim / 32` query
 /// channels and `dim_v / 32` output channels in registers.
 pub const MAX_FUSED_DIM: usize = 512;
+/// The largest head dim the fused backward takes: its kernels keep two gradient rows per lane in
+/// registers, which past 256 float64 channels no longer fit.
+pub const MAX_FUSED_BACKWARD_DIM: usize = 256;
 
 impl KernelKey {
     /// The variant of `source` that problem `p` needs.
@@ -249,7 +294,8 @@ pub fn representative_keys() -> Vec<KernelKey> {
     keys
 }
 
-/// Fused variants: `(kernel, causal, stride, (D, Dv))` shapes for every dtype.
+/// Fused variants: `(kernel, causal, stride, (D, Dv))` shapes for every dtype and fused source,
+/// the last at the source's largest head dim.
 fn representative_fused_keys() -> Vec<KernelKey> {
     type Shape = ([usize; 3], [bool; 3], [usize; 3], (usize, usize));
     let shapes: [Shape; 5] = [
@@ -257,24 +303,23 @@ fn representative_fused_keys() -> Vec<KernelKey> {
         ([1, 8, 8], [false, true, false], [1, 2, 4], (64, 64)),
         ([3, 5, 7], [true, false, true], [1, 5, 1], (128, 96)),
         ([1, 13, 13], [false; 3], [1; 3], (24, 40)),
-        (
-            [2, 4, 6],
-            [false; 3],
-            [2, 1, 3],
-            (MAX_FUSED_DIM, MAX_FUSED_DIM),
-        ),
+        ([2, 4, 6], [false; 3], [2, 1, 3], (0, 0)),
     ];
     let mut keys = Vec::new();
-    for dtype in DTYPES {
-        for (kernel, causal, stride, dims) in shapes {
-            keys.push(KernelKey {
-                source: Source::FusedFwd,
-                dtype,
-                kernel,
-                causal,
-                stride,
-                dims,
-            });
+    for source in Source::FUSED {
+        for dtype in DTYPES {
+            for (kernel, causal, stride, dims) in shapes {
+                let widest = (source.max_dim(), source.max_dim());
+                let dims = if dims == (0, 0) { widest } else { dims };
+                keys.push(KernelKey {
+                    source,
+                    dtype,
+                    kernel,
+                    causal,
+                    stride,
+                    dims,
+                });
+            }
         }
     }
     keys
@@ -311,7 +356,7 @@ mod tests {
                     .to_string()
             })
             .collect();
-        let (_, header) = COMMON_HEADER;
+        let (_, header) = HEADERS[0];
         let guard = header.split("#error").next().unwrap();
         for name in guard.split("defined(").skip(1) {
             let name = name.split(')').next().unwrap();
@@ -333,7 +378,7 @@ mod tests {
 
     #[test]
     fn dtype_codes_match_common_cuh() {
-        let (_, header) = COMMON_HEADER;
+        let (_, header) = HEADERS[0];
         for (dtype, name) in [
             (DType::F32, "NA_F32"),
             (DType::F64, "NA_F64"),

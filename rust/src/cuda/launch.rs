@@ -167,8 +167,12 @@ impl Launch {
                 let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;
                 Config::covering(blocks, 1, (32, EXTRA_ROWS))
             }
-            // The fused kernels take their own parameter block (fused_launch.rs).
-            Function::FusedForward => return None,
+            // The fused kernels take their own parameter blocks (fused_launch.rs).
+            Function::FusedForward
+            | Function::FusedBackwardQuery
+            | Function::FusedBackwardKeys
+            | Function::FusedBackwardExtras
+            | Function::FusedBackwardBias => return None,
             Function::BiasGrad => {
                 let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
                 Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))

@@ -16,12 +16,12 @@ mod nvrtc;
 mod programs;
 mod runtime;
 
-pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_DIM};
+pub use kernels::{representative_keys, KernelKey, Source, DTYPES};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
 pub use programs::{Origin, Report};
 pub use runtime::Stream;
 
-use crate::cpu::{AvGrads, AvTensors, FusedTensors, QkGrads, QkTensors};
+use crate::cpu::{AvGrads, AvTensors, FusedGrads, FusedTensors, QkGrads, QkTensors, Saved};
 use crate::dlpack::{DType, Device, TensorRef};
 use crate::error::{Error, Result};
 use crate::problem::{FusedProblem, Problem};
@@ -80,17 +80,23 @@ pub fn keys(p: &Problem, sources: &[Source]) -> Vec<KernelKey> {
         .collect()
 }
 
-/// The variant the fused forward needs for problem `p`, or why there is none: what `prepare`
-/// must load before `fused_forward`.
-pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
-    if p.dim.max(p.dim_v) > MAX_FUSED_DIM {
+/// The variant of fused source `source` (forward or backward) that problem `p` needs, or why
+/// there is none: what `prepare` must load before `fused_forward` or `fused_backward`.
+pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
+    let limit = source.max_dim();
+    if p.dim.max(p.dim_v) > limit {
+        let pass = if source == Source::FusedBwd {
+            "backward"
+        } else {
+            "forward"
+        };
         return Err(Error::Unsupported(format!(
-            "fused neighborhood attention on CUDA with a head dim above {MAX_FUSED_DIM} (got \
+            "fused neighborhood attention {pass} on CUDA with a head dim above {limit} (got \
              query/key {}, value {}); the CPU runs it",
             p.dim, p.dim_v
         )));
     }
-    Ok(KernelKey::for_fused(Source::FusedFwd, p))
+    Ok(KernelKey::for_fused(source, p))
 }
 
 /// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
@@ -187,7 +193,7 @@ pub unsafe fn fused_forward(
     stream: Stream,
 ) -> Result<()> {
     let target = Target::of(p.device)?;
-    let key = fused_forward_key(p)?;
+    let key = fused_key(Source::FusedFwd, p)?;
     let Some(launch) = fused_launch::forward(p, t, out, lse) else {
         return Ok(());
     };
@@ -195,6 +201,36 @@ pub unsafe fn fused_forward(
     // SAFETY: forwarded contract; the fused forward takes one `NaFusedParams`, which
     // `FusedParams` mirrors.
     unsafe { target.launch(&key, shape, launch.params, stream) }
+}
+
+/// Fused attention backward into `grads` (see `cpu::fused_backward`); `stats` is a scratch
+/// tensor of `fused_stats_len(p)` elements of the accumulator type (float64 for float64
+/// problems, float32 otherwise) on the problem's device.
+///
+/// # Safety
+/// As `qk`: validated tensors of `p`'s device, alive until `stream` has run the kernels.
+pub unsafe fn fused_backward(
+    p: &FusedProblem,
+    t: &FusedTensors,
+    saved: &Saved,
+    grads: &FusedGrads,
+    stats: &TensorRef,
+    stream: Stream,
+) -> Result<()> {
+    let target = Target::of(p.device)?;
+    let key = fused_key(Source::FusedBwd, p)?;
+    for launch in fused_launch::backward(p, t, saved, grads, stats) {
+        let shape = (launch.function, launch.config);
+        // SAFETY: forwarded contract; the backward kernels take one `NaFusedBwdParams`, which
+        // `FusedBackwardParams` mirrors, and run in stream order (stats before their readers).
+        unsafe { target.launch(&key, shape, launch.params, stream)? };
+    }
+    Ok(())
+}
+
+/// Elements of the fused backward's `stats` scratch for problem `p`.
+pub fn fused_stats_len(p: &FusedProblem) -> usize {
+    fused_launch::backward_stats_len(p)
 }
 
 /// The architecture kernels are compiled for on CUDA device `ordinal`.

@@ -7,7 +7,7 @@ use std::sync::OnceLock;
 
 use cudarc::nvrtc::sys::{self as nv, nvrtcResult};
 
-use super::kernels::{KernelKey, COMMON_HEADER};
+use super::kernels::{KernelKey, HEADERS};
 use crate::error::{Error, Result};
 
 /// A GPU architecture to compile for: `sm_80`, `sm_90a`, ...
@@ -200,19 +200,26 @@ fn c_string(text: &str) -> Result<CString> {
 fn compile_with(key: &KernelKey, options: &[String]) -> Result<Compiled> {
     let source = c_string(key.source.text())?;
     let name = c_string(key.source.file_name())?;
-    let (header_name, header_text) = COMMON_HEADER;
-    let (header_name, header_text) = (c_string(header_name)?, c_string(header_text)?);
-    let headers = [header_text.as_ptr()];
-    let include_names = [header_name.as_ptr()];
+    let names: Vec<CString> = HEADERS
+        .iter()
+        .map(|h| c_string(h.0))
+        .collect::<Result<_>>()?;
+    let texts: Vec<CString> = HEADERS
+        .iter()
+        .map(|h| c_string(h.1))
+        .collect::<Result<_>>()?;
+    let headers: Vec<*const c_char> = texts.iter().map(|t| t.as_ptr()).collect();
+    let include_names: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let mut handle = std::ptr::null_mut();
     // SAFETY: every pointer is a NUL-terminated string alive until the program is destroyed
-    // (they outlive `program`, dropped first at the end of this function); one header.
+    // (they outlive `program`, dropped first at the end of this function); `headers` and
+    // `include_names` hold one entry per header.
     let created = unsafe {
         nv::nvrtcCreateProgram(
             &mut handle,
             source.as_ptr(),
             name.as_ptr(),
-            1,
+            HEADERS.len() as i32,
             headers.as_ptr(),
             include_names.as_ptr(),
         )

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use super::cache::{self, Entry, StableHasher};
-use super::kernels::{KernelKey, COMMON_HEADER};
+use super::kernels::{KernelKey, HEADERS};
 use super::nvrtc::{self, Arch, Resources};
 use crate::error::Result;
 
@@ -136,14 +136,15 @@ pub fn forget() {
     programs().clear();
 }
 
-/// Stable hash of everything that determines the binary: both source texts, the options, the
-/// architecture and NVRTC's version.
+/// Stable hash of everything that determines the binary: the source and header texts, the
+/// options, the architecture and NVRTC's version.
 fn cache_key(key: &KernelKey, arch: Arch) -> Result<u64> {
     let (major, minor) = nvrtc::version()?;
     let mut hasher = StableHasher::new();
-    hasher
-        .write_part(COMMON_HEADER.1.as_bytes())
-        .write_part(key.source.text().as_bytes());
+    for (_, text) in HEADERS {
+        hasher.write_part(text.as_bytes());
+    }
+    hasher.write_part(key.source.text().as_bytes());
     for option in nvrtc::options(key, arch) {
         hasher.write_part(option.as_bytes());
     }
