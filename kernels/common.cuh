@@ -162,6 +162,18 @@ __device__ __forceinline__ void na_store(const NaView& v, long long offset, acc_
     reinterpret_cast<elem_t*>(v.data)[offset] = from_acc(x);
 }
 
+// Sum `partial[0..NA_REDUCE_THREADS)` into `partial[0]` by a tree of fixed shape (the same bits
+// on every run, no atomics). Every thread of the block calls it after writing its own slot.
+__device__ __forceinline__ void na_tree_sum(acc_t* partial) {
+    __syncthreads();
+    for (int half = NA_REDUCE_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) {
+            partial[threadIdx.x] += partial[threadIdx.x + half];
+        }
+        __syncthreads();
+    }
+}
+
 // ---- indexing -----------------------------------------------------------------------------------
 
 // Quotient and remainder of non-negative n by positive d. All index arithmetic is 64-bit (tensors

@@ -121,6 +121,50 @@ extern "C" __global__ void NA_FUSED_BOUNDS
     }
 }
 
+// The gradients of one key-side row (a key and its value, in the window or additional), this
+// lane's channels, summed over the (query, head) pairs that see it.
+struct NaKeyGrads {
+    acc_t d_key[NA_LANE_DIM];
+    acc_t d_value[NA_LANE_DIM_V];
+
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int k = 0; k < NA_LANE_DIM; ++k) {
+            d_key[k] = 0;
+        }
+#pragma unroll
+        for (int k = 0; k < NA_LANE_DIM_V; ++k) {
+            d_value[k] = 0;
+        }
+    }
+
+    // Add the terms of query row (b, h, x), whose logit with `key` gets `bias`: d_value += p
+    // d_out, d_key += scale ds q. The query and d_out rows are read where they lie (twice each,
+    // the second time from cache), so only the gradients stay in registers.
+    __device__ __forceinline__ void add(const NaFusedBwdParams& p, const elem_t* key,
+                                        long long k_step, const elem_t* value, long long v_step,
+                                        acc_t bias, long long b, long long h, const long long x[3],
+                                        int lane) {
+        const NaFusedParams& f = p.f;
+        const elem_t* q = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
+        const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+        const long long q_step = f.query.stride[5], d_step = p.d_out.stride[5];
+        const acc_t scale = acc_t(f.scale);
+        const acc_t logit = na_warp_dot_rows<NA_DIM>(q, q_step, scale, key, k_step, lane) + bias;
+        const acc_t dp = na_warp_dot_rows<NA_DIM_V>(d_out, d_step, acc_t(1), value, v_step, lane);
+        const long long n = na_query_row(f, b, h, x);
+        const NaPair g = na_pair(logit, na_stats(p)[2 * n], dp, na_stats(p)[2 * n + 1]);
+        na_lane_axpy<NA_DIM>(d_key, g.ds * scale, q, q_step, lane);
+        na_lane_axpy<NA_DIM_V>(d_value, g.prob, d_out, d_step, lane);
+    }
+
+    __device__ __forceinline__ void store(const NaView& dk, long long dk_offset, const NaView& dv,
+                                          long long dv_offset, int lane) const {
+        na_lane_store<NA_DIM>(dk, dk_offset, d_key, acc_t(1), lane);
+        na_lane_store<NA_DIM_V>(dv, dv_offset, d_value, acc_t(1), lane);
+    }
+};
+
 // Queries (group indices) whose window holds key group index `kj`: one run `[start, end)`, since
 // windows move monotonically with the query. A window holds keys at most K + S - 1 from its
 // query (its leader is under S away, and the window spans K), so those are the candidates.
@@ -152,16 +196,8 @@ extern "C" __global__ void NA_FUSED_BOUNDS
         const NaRow r = na_row_of(heads_kv, f.length, row);  // r.h is the kv head
         const elem_t* key = na_row_ptr(f.key, r.b, r.h, r.x[0], r.x[1], r.x[2]);
         const elem_t* value = na_row_ptr(f.value, r.b, r.h, r.x[0], r.x[1], r.x[2]);
-        const acc_t scale = acc_t(f.scale);
-        acc_t d_key[NA_LANE_DIM], d_value[NA_LANE_DIM_V];
-#pragma unroll
-        for (int k = 0; k < NA_LANE_DIM; ++k) {
-            d_key[k] = 0;
-        }
-#pragma unroll
-        for (int k = 0; k < NA_LANE_DIM_V; ++k) {
-            d_value[k] = 0;
-        }
+        NaKeyGrads g;
+        g.zero();
         NaGroupPos pos[3];
         NaRange run[3];
 #pragma unroll
@@ -180,32 +216,17 @@ extern "C" __global__ void NA_FUSED_BOUNDS
                                               pos[1].index - q1 + NA_K1 - 1,
                                               pos[2].index - q2 + NA_K2 - 1};
                     for (long long h = r.h * f.group; h < (r.h + 1) * f.group; ++h) {
-                        const elem_t* q = na_row_ptr(f.query, r.b, h, x[0], x[1], x[2]);
-                        const elem_t* d_out = na_row_ptr(p.d_out, r.b, h, x[0], x[1], x[2]);
-                        const long long q_step = f.query.stride[5], d_step = p.d_out.stride[5];
-                        // Query and d_out rows are read where they lie (twice each, the second
-                        // time from cache): only the gradients stay in registers.
-                        acc_t logit = na_warp_dot_rows<NA_DIM>(q, q_step, scale, key,
-                                                               f.key.stride[5], lane);
-                        if (f.has_bias) {
-                            logit += na_load(f.bias, h, rel[0], rel[1], rel[2], 0, 0);
-                        }
-                        const long long n = na_query_row(f, r.b, h, x);
-                        const acc_t lse = na_stats(p)[2 * n], delta = na_stats(p)[2 * n + 1];
-                        const acc_t dp = na_warp_dot_rows<NA_DIM_V>(d_out, d_step, acc_t(1), value,
-                                                                    f.value.stride[5], lane);
-                        const NaPair g = na_pair(logit, lse, dp, delta);
-                        na_lane_axpy<NA_DIM>(d_key, g.ds * scale, q, q_step, lane);
-                        na_lane_axpy<NA_DIM_V>(d_value, g.prob, d_out, d_step, lane);
+                        const acc_t bias =
+                            f.has_bias ? na_load(f.bias, h, rel[0], rel[1], rel[2], 0, 0)
+                                       : acc_t(0);
+                        g.add(p, key, f.key.stride[5], value, f.value.stride[5], bias, r.b, h, x,
+                              lane);
                     }
                 }
             }
         }
-        na_lane_store<NA_DIM>(p.d_key, na_offset(p.d_key, r.b, r.h, r.x[0], r.x[1], r.x[2], 0),
-                              d_key, acc_t(1), lane);
-        na_lane_store<NA_DIM_V>(p.d_value,
-                                na_offset(p.d_value, r.b, r.h, r.x[0], r.x[1], r.x[2], 0),
-                                d_value, acc_t(1), lane);
+        g.store(p.d_key, na_offset(p.d_key, r.b, r.h, r.x[0], r.x[1], r.x[2], 0), p.d_value,
+                na_offset(p.d_value, r.b, r.h, r.x[0], r.x[1], r.x[2], 0), lane);
     }
 }
 
@@ -226,37 +247,18 @@ extern "C" __global__ void NA_FUSED_BOUNDS
         const long long e = be.rem, hk = bh.rem, b = bh.quot;
         const elem_t* key = na_row_ptr(f.extra_key, b, hk, e, 0, 0);
         const elem_t* value = na_row_ptr(f.extra_value, b, hk, e, 0, 0);
-        acc_t d_key[NA_LANE_DIM], d_value[NA_LANE_DIM_V];
-#pragma unroll
-        for (int k = 0; k < NA_LANE_DIM; ++k) {
-            d_key[k] = 0;
-        }
-#pragma unroll
-        for (int k = 0; k < NA_LANE_DIM_V; ++k) {
-            d_value[k] = 0;
-        }
+        NaKeyGrads g;
+        g.zero();
         for (long long t = 0; t < tokens; ++t) {
             long long x[3];
             na_token_of(f.length, t, x);
             for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
-                const elem_t* q = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
-                const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
-                const long long q_step = f.query.stride[5], d_step = p.d_out.stride[5];
-                const acc_t scale = acc_t(f.scale);
-                const acc_t logit =
-                    na_warp_dot_rows<NA_DIM>(q, q_step, scale, key, f.extra_key.stride[5], lane);
-                const long long n = na_query_row(f, b, h, x);
-                const acc_t dp = na_warp_dot_rows<NA_DIM_V>(d_out, d_step, acc_t(1), value,
-                                                            f.extra_value.stride[5], lane);
-                const NaPair g = na_pair(logit, na_stats(p)[2 * n], dp, na_stats(p)[2 * n + 1]);
-                na_lane_axpy<NA_DIM>(d_key, g.ds * scale, q, q_step, lane);
-                na_lane_axpy<NA_DIM_V>(d_value, g.prob, d_out, d_step, lane);
+                g.add(p, key, f.extra_key.stride[5], value, f.extra_value.stride[5], acc_t(0), b,
+                      h, x, lane);
             }
         }
-        na_lane_store<NA_DIM>(p.d_extra_key, na_offset(p.d_extra_key, b, hk, e, 0, 0, 0), d_key,
-                              acc_t(1), lane);
-        na_lane_store<NA_DIM_V>(p.d_extra_value, na_offset(p.d_extra_value, b, hk, e, 0, 0, 0),
-                                d_value, acc_t(1), lane);
+        g.store(p.d_extra_key, na_offset(p.d_extra_key, b, hk, e, 0, 0, 0), p.d_extra_value,
+                na_offset(p.d_extra_value, b, hk, e, 0, 0, 0), lane);
     }
 }
 
@@ -314,13 +316,7 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
         const long long at[3] = {r / (span[1] * span[2]), (r / span[2]) % span[1], r % span[2]};
         const long long rel[3] = {at[0] - (NA_K0 - 1), at[1] - (NA_K1 - 1), at[2] - (NA_K2 - 1)};
         partial[threadIdx.x] = na_bias_partial(p, h, rel);
-        __syncthreads();
-        for (int half = NA_REDUCE_THREADS / 2; half > 0; half /= 2) {
-            if (threadIdx.x < half) {
-                partial[threadIdx.x] += partial[threadIdx.x + half];
-            }
-            __syncthreads();
-        }
+        na_tree_sum(partial);
         if (threadIdx.x == 0) {
             na_store(p.d_bias, na_offset(p.d_bias, h, at[0], at[1], at[2], 0, 0), partial[0]);
         }

@@ -114,13 +114,7 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad(con
             rel[a] = at[a] - (na_kernel(a) - 1);
         }
         partial[threadIdx.x] = na_offset_partial(p, h, rel);
-        __syncthreads();
-        for (int half = NA_REDUCE_THREADS / 2; half > 0; half /= 2) {
-            if (threadIdx.x < half) {
-                partial[threadIdx.x] += partial[threadIdx.x + half];
-            }
-            __syncthreads();
-        }
+        na_tree_sum(partial);
         if (threadIdx.x == 0) {
             na_store(p.out, na_offset(p.out, h, at[0], at[1], at[2], 0, 0), partial[0]);
         }

@@ -2,8 +2,8 @@
 
 ``compute-sanitizer --tool memcheck --error-exitcode 1 python tests/cuda_workload.py`` (and
 ``--tool racecheck``) checks the CUDA kernels: the unfused ops forward and backward (rpb,
-additional tokens, causal, dilation, a strided input) and the fused forward (GQA, stride,
-additional tokens, rpb, head dims that differ), at ranks 1-3, in every dtype. test_cuda.py runs
+additional tokens, causal, dilation, a strided input) and the fused forward and backward (GQA,
+stride, additional tokens, rpb, head dims that differ), at ranks 1-3, in every dtype. test_cuda.py runs
 it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
 same calls on the CPU, so CI keeps the script itself working.
 """
@@ -48,8 +48,9 @@ def unfused(spatial, kernel, dilation, causal, dtype, device) -> None:
 
 
 def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
-    """The fused forward with GQA (two query heads per kv head), stride 2 on the first axis,
-    additional tokens, rpb where nothing is causal and a value head dim unlike the query's."""
+    """The fused forward and backward (through out and lse) with GQA (two query heads per kv
+    head), stride 2 on the first axis, additional tokens, rpb where nothing is causal and a value
+    head dim unlike the query's."""
     rank = len(spatial)
     make = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     q = make(BATCH, *spatial, HEADS, DIM)
@@ -58,10 +59,12 @@ def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
     ek, ev = make(BATCH, EXTRA, HEADS // 2, DIM), make(BATCH, EXTRA, HEADS // 2, 2 * DIM)
     rpb = make(HEADS, *(2 * n - 1 for n in kernel)) if not any(causal) else None
     stride = (min(2, kernel[0]),) + (1,) * (rank - 1)
+    leaves = [t.requires_grad_() for t in (q, k, v, ek, ev, rpb) if t is not None]
     na = getattr(natten_rs, f"na{rank}d")
-    with torch.no_grad():
-        out, lse = na(q, k, v, kernel, stride, dilation, causal, None, ek, ev, rpb, True)
+    out, lse = na(q, k, v, kernel, stride, dilation, causal, None, ek, ev, rpb, True)
     assert out.shape[-1] == 2 * DIM and lse.dtype == torch.float32
+    torch.autograd.backward((out, lse), (torch.randn_like(out), torch.randn_like(lse)))
+    assert all(t.grad is not None for t in leaves)
 
 
 def run(device: torch.device) -> int:

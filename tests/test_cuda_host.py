@@ -137,3 +137,11 @@ def test_the_backward_scratch_is_checked_naming_it(stats, message, kernels):
     saved = (dlpack(d_out), dlpack(d_out), None)
     with kernels(), pytest.raises(ValueError, match=message):
         _core.na_fused_backward(inputs, nbhd, 0.25, saved, grads, dlpack(stats(length)), 0)
+
+
+def test_the_sanitizer_workload_runs_on_the_cuda_kernels(kernels):
+    # The script a GPU session runs under compute-sanitizer, through the same kernels here.
+    import cuda_workload
+
+    with kernels():
+        assert cuda_workload.run(torch.device("cpu")) == 24
