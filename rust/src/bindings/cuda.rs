@@ -196,10 +196,10 @@ fn run_cuda_kernels_on_host(directory: Option<std::path::PathBuf>, compiler: &st
     cuda::host::enable(directory, compiler)
 }
 
-/// Whether a CPU problem runs the CUDA kernels (`run_cuda_kernels_on_host`) rather than the CPU
-/// kernels.
-pub(super) fn on_host(device: Device) -> bool {
-    device == Device::Cpu && cuda::host::enabled()
+/// Whether a problem on `device` runs the CPU kernels: CPU tensors do, unless
+/// `run_cuda_kernels_on_host` sends them through the CUDA kernels.
+pub(super) fn cpu_kernels(device: Device) -> bool {
+    device == Device::Cpu && !cuda::host::enabled()
 }
 
 /// Add the CUDA entry points to the module.

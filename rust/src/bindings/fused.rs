@@ -5,7 +5,7 @@ use pyo3::prelude::*;
 use super::{borrow, borrow_opt, cuda as on_cuda, Capsule};
 use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
 use crate::cuda::{self, Source, Stream};
-use crate::dlpack::{DType, Device, TensorRef};
+use crate::dlpack::{DType, TensorRef};
 use crate::error::Error;
 use crate::problem::{FusedInputs, FusedProblem, Neighborhood};
 
@@ -124,7 +124,7 @@ fn na_fused(
     p.expect_output("out", &out, (&p.out_shape(), p.dtype), &ins)?;
     p.expect_output("lse", &lse, (&p.lse_shape(), DType::F32), &ins)?;
     let t = borrowed.tensors();
-    if p.device == Device::Cpu && !on_cuda::on_host(p.device) {
+    if on_cuda::cpu_kernels(p.device) {
         py.detach(|| cpu::fused_forward(&p, &t, &out, &lse));
         return Ok(());
     }
@@ -212,7 +212,7 @@ fn na_fused_backward(
         d_lse: d_lse.as_ref(),
     };
     let t = borrowed.tensors();
-    if p.device == Device::Cpu && !on_cuda::on_host(p.device) {
+    if on_cuda::cpu_kernels(p.device) {
         py.detach(|| cpu::fused_backward(&p, &t, &saved, &grads));
         return Ok(());
     }

@@ -15,7 +15,7 @@ mod unfused;
 
 use crate::cpu;
 use crate::cuda::{Source, Stream};
-use crate::dlpack::{borrow_capsule, Device, TensorRef};
+use crate::dlpack::{borrow_capsule, TensorRef};
 use crate::error::Error;
 use crate::problem::Problem;
 
@@ -59,16 +59,12 @@ pub(crate) fn launch(
     on_cpu: impl FnOnce() + Send,
     on_cuda: impl FnOnce(Stream) -> crate::error::Result<()> + Send,
 ) -> PyResult<()> {
-    match p.device {
-        Device::Cpu if !cuda::on_host(p.device) => {
-            py.detach(on_cpu);
-            Ok(())
-        }
-        _ => {
-            cuda::prepare(py, p, sources)?;
-            Ok(py.detach(|| cuda::guarded(|| on_cuda(Stream(stream))))?)
-        }
+    if cuda::cpu_kernels(p.device) {
+        py.detach(on_cpu);
+        return Ok(());
     }
+    cuda::prepare(py, p, sources)?;
+    Ok(py.detach(|| cuda::guarded(|| on_cuda(Stream(stream))))?)
 }
 
 type DlpackInfo = (usize, Vec<usize>, Vec<isize>, String, String);
