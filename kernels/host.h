@@ -28,6 +28,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
     unsigned x, y, z;
@@ -172,6 +173,7 @@ struct Block {
     Barrier sync;
     Barrier* warps = nullptr;
     unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
+    unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned current = 0;
     bool deadlock = false;
     void (*body)(const void*) = nullptr;
@@ -181,6 +183,7 @@ struct Block {
 inline Block* block = nullptr;
 constexpr unsigned kWarp = 32;
 constexpr size_t kStack = 256 * 1024;
+constexpr size_t kGather = 64;  // bytes a lane contributes to one warp gather, at most
 
 // Back to the scheduler until `barrier` has moved past `phase`.
 inline void wait(Barrier& barrier, unsigned long long phase) {
@@ -208,6 +211,24 @@ inline unsigned long long exchange(unsigned long long bits, int lane_mask) {
     wait(warp, phase);
     const unsigned partner = (t / kWarp) * kWarp + ((t % kWarp) ^ (unsigned)lane_mask);
     return block->lanes[bank + partner];
+}
+
+// One gather: publish `bytes` (at most kGather) from `mine`, wait for the warp, read every
+// lane's into `all` (lane order). Banks alternate by barrier phase, as for `exchange`. Warp-wide
+// instructions that combine all lanes' registers (mma.sync) are emulated on top of this.
+inline void warp_gather(const void* mine, size_t bytes, void* all) {
+    const unsigned t = block->current;
+    Barrier& warp = block->warps[t / kWarp];
+    const unsigned long long phase = warp.phase;
+    unsigned char* bank = block->wide + (phase % 2) * block->threads * kGather;
+    memcpy(bank + t * kGather, mine, bytes);
+    warp.arrive();
+    wait(warp, phase);
+    const unsigned first = (t / kWarp) * kWarp;
+    for (unsigned lane = 0; lane < kWarp && first + lane < block->threads; ++lane) {
+        memcpy(static_cast<unsigned char*>(all) + lane * bytes, bank + (first + lane) * kGather,
+               bytes);
+    }
 }
 
 // The body of every fiber: the kernel, then leaving the barriers and handing back for good.
@@ -284,6 +305,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     b.fibers = new Fiber[b.threads];
     b.warps = new Barrier[(b.threads + kWarp - 1) / kWarp];
     b.lanes = new unsigned long long[2 * b.threads]();
+    b.wide = new unsigned char[2 * b.threads * kGather]();
     for (unsigned t = 0; t < b.threads; ++t) {
         b.fibers[t].stack = static_cast<char*>(malloc(kStack));
     }
@@ -302,6 +324,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     delete[] b.fibers;
     delete[] b.warps;
     delete[] b.lanes;
+    delete[] b.wide;
     return status;
 }
 

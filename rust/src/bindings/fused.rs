@@ -128,7 +128,7 @@ fn na_fused(
         py.detach(|| cpu::fused_forward(&p, &t, &out, &lse));
         return Ok(());
     }
-    on_cuda::prepare_keys(py, p.device, &[cuda::fused_key(Source::FusedFwd, &p)?])?;
+    on_cuda::prepare_keys(py, p.device, &[cuda::fused_forward_key(&p)?])?;
     Ok(py.detach(|| {
         on_cuda::guarded(|| {
             // SAFETY: `p` validated every input and both outputs (shapes, strides, device, no

@@ -3,7 +3,7 @@
 //! heads-last tensors as the kernels' six logical axes, and the grids (one warp per row). Pure
 //! planning, testable without a GPU.
 
-use super::kernels::{Function, BLOCK, REDUCE_THREADS};
+use super::kernels::{Function, Source, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
 use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
@@ -70,13 +70,13 @@ pub struct FusedParams {
 // The static_assert of common.cuh checks the same size on the device side.
 const _: () = assert!(std::mem::size_of::<FusedParams>() == 8 * 56 + 10 * 8 + 8 + 2 * 4);
 
-/// One launch of a fused kernel.
+/// One launch of a fused kernel, with its parameter block `P`.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FusedLaunch {
+pub struct FusedLaunch<P = FusedParams> {
     /// Which kernel.
     pub function: Function,
     /// Its argument.
-    pub params: FusedParams,
+    pub params: P,
     /// Its shape.
     pub config: Config,
 }
@@ -146,15 +146,7 @@ const _: () = assert!(
 );
 
 /// One launch of a fused backward kernel.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct FusedBackwardLaunch {
-    /// Which kernel.
-    pub function: Function,
-    /// Its argument.
-    pub params: FusedBackwardParams,
-    /// Its shape.
-    pub config: Config,
-}
+pub type FusedBackwardLaunch = FusedLaunch<FusedBackwardParams>;
 
 /// Elements of the backward's `stats` scratch: `(lse, delta)` for each query row.
 pub fn backward_stats_len(p: &FusedProblem) -> usize {
@@ -256,6 +248,84 @@ pub fn forward(
         function: Function::FusedForward,
         params,
         config,
+    })
+}
+
+/// The tensor-core forward's parameter block (`NaFusedTcParams` in kernels/na_fused_tc.cu): the
+/// forward's, and how the queries are tiled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct FusedTcParams {
+    /// Inputs, outputs and sizes as in the forward.
+    pub forward: FusedParams,
+    /// Queries per tile along each (padded) axis.
+    pub tile: [i64; 3],
+    /// Tiles along each axis, every dilation group's together.
+    pub tiles: [i64; 3],
+}
+
+// The static_assert of na_fused_tc.cu checks the same size on the device side.
+const _: () = assert!(
+    std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8
+);
+
+/// Queries per tile of the tensor-core forward (four warps of sixteen rows).
+pub const TC_QUERIES: usize = 64;
+/// Threads per block of the tensor-core forward.
+const TC_THREADS: u32 = 128;
+
+/// Whether the tensor-core forward takes problem `p`: half types, head dims that are multiples
+/// of 8 up to the limit of its source, and a window or additional tokens to attend.
+pub fn takes_tensor_cores(p: &FusedProblem) -> bool {
+    use crate::dlpack::DType;
+    let dims_fit = |d: usize| d > 0 && d % 8 == 0 && d <= Source::FusedTc.max_dim();
+    matches!(p.dtype, DType::F16 | DType::BF16) && dims_fit(p.dim) && dims_fit(p.dim_v)
+}
+
+/// The query tile of the tensor-core forward: `TC_QUERIES` queries at most, grown by doubling
+/// the axis whose longest dilation group holds the most tiles, so that a tile is as square as
+/// the grid allows (a square tile of a square window shares the most keys) and never much
+/// longer than an axis.
+pub fn query_tile(p: &FusedProblem) -> [usize; 3] {
+    let longest = p.axes.map(|a| a.length.div_ceil(a.dilation));
+    let mut tile = [1; 3];
+    while tile.iter().product::<usize>() * 2 <= TC_QUERIES {
+        let spare = |a: usize| longest[a].div_ceil(tile[a]);
+        let Some(axis) = (0..3).filter(|&a| spare(a) > 1).max_by_key(|&a| (spare(a), 3 - a)) else {
+            break;
+        };
+        tile[axis] *= 2;
+    }
+    tile
+}
+
+/// Tiles of `tile` queries along one axis, each dilation group cut from its start.
+fn tiles_along(axis: &crate::window::Axis, tile: usize) -> usize {
+    (0..axis.dilation.min(axis.length))
+        .map(|group| axis.group_len(group).div_ceil(tile))
+        .sum()
+}
+
+/// The tensor-core forward: one block of `TC_THREADS` per query tile of every `(batch, head)`;
+/// `None` when there is no query.
+pub fn tensor_core_forward(
+    p: &FusedProblem,
+    t: &FusedTensors,
+    out: &TensorRef,
+    lse: &TensorRef,
+) -> Option<FusedLaunch<FusedTcParams>> {
+    let plain = forward(p, t, out, lse)?;
+    let tile = query_tile(p);
+    let tiles = [0, 1, 2].map(|a| tiles_along(&p.axes[a], tile[a]));
+    let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
+    Some(FusedLaunch {
+        function: Function::FusedForwardTc,
+        params: FusedTcParams {
+            forward: plain.params,
+            tile: tile.map(|x| x as i64),
+            tiles: tiles.map(|x| x as i64),
+        },
+        config: Config::covering(blocks as u64, 1, (TC_THREADS, 1)),
     })
 }
 

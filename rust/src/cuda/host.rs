@@ -81,7 +81,11 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// Compile `key` into a library under `dir`; its path.
 fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
     let source = (key.source.file_name(), key.source.text());
-    let files = [HOST_HEADER, HEADERS[0], HEADERS[1], source];
+    let files: Vec<_> = [HOST_HEADER]
+        .into_iter()
+        .chain(HEADERS)
+        .chain([source])
+        .collect();
     compile(dir, compiler, &files, &unit(key), &key.defines()).map_err(|e| match e {
         Error::Kernel { message, log } => Error::Kernel {
             message: format!("{message} ({})", key.name()),

@@ -7,10 +7,15 @@ use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
 /// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
-/// included by every source, `fused.cuh` by the fused ones.
-pub const HEADERS: [(&str, &str); 2] = [
+/// included by every source, `fused.cuh` by the fused ones, `tensor_core.cuh` by the
+/// tensor-core one.
+pub const HEADERS: [(&str, &str); 3] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
+    (
+        "tensor_core.cuh",
+        include_str!("../../../kernels/tensor_core.cuh"),
+    ),
 ];
 
 /// Threads per block of the one-thread-per-output kernels.
@@ -31,12 +36,20 @@ pub enum Source {
     FusedFwd,
     /// `kernels/na_fused_bwd.cu`: fused attention backward (every gradient).
     FusedBwd,
+    /// `kernels/na_fused_tc.cu`: fused attention forward on tensor cores (half types, sm_80+).
+    FusedTc,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 4] = [Source::Qk, Source::Av, Source::FusedFwd, Source::FusedBwd];
-    /// The sources of the fused ops.
+    pub const ALL: [Source; 5] = [
+        Source::Qk,
+        Source::Av,
+        Source::FusedFwd,
+        Source::FusedBwd,
+        Source::FusedTc,
+    ];
+    /// The sources of the fused ops that take every dtype.
     pub const FUSED: [Source; 2] = [Source::FusedFwd, Source::FusedBwd];
     /// The sources of the unfused ops.
     pub const UNFUSED: [Source; 2] = [Source::Qk, Source::Av];
@@ -48,6 +61,7 @@ impl Source {
             Source::Av => "na_av.cu",
             Source::FusedFwd => "na_fused_fwd.cu",
             Source::FusedBwd => "na_fused_bwd.cu",
+            Source::FusedTc => "na_fused_tc.cu",
         }
     }
 
@@ -58,6 +72,7 @@ impl Source {
             Source::Av => include_str!("../../../kernels/na_av.cu"),
             Source::FusedFwd => include_str!("../../../kernels/na_fused_fwd.cu"),
             Source::FusedBwd => include_str!("../../../kernels/na_fused_bwd.cu"),
+            Source::FusedTc => include_str!("../../../kernels/na_fused_tc.cu"),
         }
     }
 
@@ -73,6 +88,7 @@ impl Source {
                 Function::FusedBackwardExtras,
                 Function::FusedBackwardBias,
             ],
+            Source::FusedTc => &[Function::FusedForwardTc],
         }
     }
 
@@ -82,13 +98,21 @@ impl Source {
         match self {
             Source::Qk | Source::Av => 0,
             Source::FusedFwd => MAX_FUSED_DIM,
-            Source::FusedBwd => MAX_FUSED_BACKWARD_DIM,
+            Source::FusedBwd | Source::FusedTc => MAX_FUSED_BACKWARD_DIM,
+        }
+    }
+
+    /// The dtypes the source compiles for.
+    pub fn dtypes(self) -> &'static [DType] {
+        match self {
+            Source::FusedTc => &[DType::F16, DType::BF16],
+            _ => &DTYPES,
         }
     }
 
     /// Whether the head dims are compile-time constants of the source (`NA_DIM`, `NA_DIM_V`).
     pub fn fused(self) -> bool {
-        matches!(self, Source::FusedFwd | Source::FusedBwd)
+        matches!(self, Source::FusedFwd | Source::FusedBwd | Source::FusedTc)
     }
 
     /// The parameter struct that each of its kernels takes by value.
@@ -97,6 +121,7 @@ impl Source {
             Source::Qk | Source::Av => "NaParams",
             Source::FusedFwd => "NaFusedParams",
             Source::FusedBwd => "NaFusedBwdParams",
+            Source::FusedTc => "NaFusedTcParams",
         }
     }
 }
@@ -116,6 +141,8 @@ pub enum Function {
     ExtraGrad,
     /// `out[x] = softmax(scale q[x] . k[keys(x)] (+ bias)) . v[keys(x)]` and its logsumexp.
     FusedForward,
+    /// `FusedForward` on tensor cores, a tile of queries per block.
+    FusedForwardTc,
     /// Fused backward per query row: `d_query`, and the row's `(lse, delta)`.
     FusedBackwardQuery,
     /// Fused backward per key row: `d_key`, `d_value`.
@@ -136,6 +163,7 @@ impl Function {
             Function::Scatter => "na_scatter",
             Function::ExtraGrad => "na_extra_grad",
             Function::FusedForward => "na_fused_forward",
+            Function::FusedForwardTc => "na_fused_forward_tc",
             Function::FusedBackwardQuery => "na_fused_backward_query",
             Function::FusedBackwardKeys => "na_fused_backward_keys",
             Function::FusedBackwardExtras => "na_fused_backward_extras",
@@ -149,6 +177,7 @@ impl Function {
             Function::Pairwise | Function::BiasGrad => Source::Qk,
             Function::Gather | Function::Scatter | Function::ExtraGrad => Source::Av,
             Function::FusedForward => Source::FusedFwd,
+            Function::FusedForwardTc => Source::FusedTc,
             Function::FusedBackwardQuery
             | Function::FusedBackwardKeys
             | Function::FusedBackwardExtras
@@ -294,8 +323,9 @@ pub fn representative_keys() -> Vec<KernelKey> {
     keys
 }
 
-/// Fused variants: `(kernel, causal, stride, (D, Dv))` shapes for every dtype and fused source,
-/// the last at the source's largest head dim.
+/// Fused variants: `(kernel, causal, stride, (D, Dv))` shapes for every fused source and the
+/// dtypes it takes, the last at the source's largest head dim (every head dim here is a multiple
+/// of 8, as the tensor-core source needs).
 fn representative_fused_keys() -> Vec<KernelKey> {
     type Shape = ([usize; 3], [bool; 3], [usize; 3], (usize, usize));
     let shapes: [Shape; 5] = [
@@ -306,8 +336,8 @@ fn representative_fused_keys() -> Vec<KernelKey> {
         ([2, 4, 6], [false; 3], [2, 1, 3], (0, 0)),
     ];
     let mut keys = Vec::new();
-    for source in Source::FUSED {
-        for dtype in DTYPES {
+    for source in Source::FUSED.into_iter().chain([Source::FusedTc]) {
+        for &dtype in source.dtypes() {
             for (kernel, causal, stride, dims) in shapes {
                 let widest = (source.max_dim(), source.max_dim());
                 let dims = if dims == (0, 0) { widest } else { dims };

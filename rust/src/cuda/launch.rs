@@ -169,6 +169,7 @@ impl Launch {
             }
             // The fused kernels take their own parameter blocks (fused_launch.rs).
             Function::FusedForward
+            | Function::FusedForwardTc
             | Function::FusedBackwardQuery
             | Function::FusedBackwardKeys
             | Function::FusedBackwardExtras

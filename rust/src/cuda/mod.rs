@@ -99,6 +99,20 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
     Ok(KernelKey::for_fused(source, p))
 }
 
+/// The variant the fused forward of problem `p` runs: the tensor-core one where the problem and
+/// the device allow it (half types, head dims multiples of 8, compute capability 8.0 or later),
+/// else the one-warp-per-query one.
+pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
+    let capable = match Target::of(p.device)? {
+        Target::Host => true,
+        Target::Gpu(device) => runtime::device_arch(device)?.number >= 80,
+    };
+    if capable && fused_launch::takes_tensor_cores(p) {
+        return Ok(KernelKey::for_fused(Source::FusedTc, p));
+    }
+    fused_key(Source::FusedFwd, p)
+}
+
 /// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
 pub fn pending(device: i32, keys: &[KernelKey]) -> Vec<KernelKey> {
     keys.iter()
@@ -193,7 +207,16 @@ pub unsafe fn fused_forward(
     stream: Stream,
 ) -> Result<()> {
     let target = Target::of(p.device)?;
-    let key = fused_key(Source::FusedFwd, p)?;
+    let key = fused_forward_key(p)?;
+    if key.source == Source::FusedTc {
+        let Some(launch) = fused_launch::tensor_core_forward(p, t, out, lse) else {
+            return Ok(());
+        };
+        let shape = (launch.function, launch.config);
+        // SAFETY: forwarded contract; the tensor-core forward takes one `NaFusedTcParams`,
+        // which `FusedTcParams` mirrors.
+        return unsafe { target.launch(&key, shape, launch.params, stream) };
+    }
     let Some(launch) = fused_launch::forward(p, t, out, lse) else {
         return Ok(());
     };

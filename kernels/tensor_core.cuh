@@ -1,0 +1,68 @@
+// Warp-wide matrix multiply-accumulate on tensor cores (mma.sync, sm_80 and later) for the
+// half types: D = A B + C with A 16x16 (row-major), B 16x8 (column-major), both elem_t, and C, D
+// 16x8 float, spread over the 32 lanes of a warp. Lane `4 g + t` holds:
+//   A: a[0] = A[g][2t, 2t+1]   a[1] = A[g+8][2t, 2t+1]   a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B: b[0] = B[2t, 2t+1][g]   b[1] = B[2t+8, 2t+9][g]
+//   C: c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+// where each a[i], b[i] packs two elements, the lower column (or row) in the low half. With A a
+// block of queries and B the transpose of a block of keys, C is a block of logits; the C layout
+// of two adjacent 8-column blocks is the A layout of one 16-column block, so probabilities go
+// from the logits' registers straight into the next product.
+//
+// The host build (kernels/host.h) emulates the instruction: the lanes gather each other's
+// fragments and every lane computes its four outputs in float.
+#pragma once
+#include "common.cuh"
+
+#if NA_DTYPE != NA_F16 && NA_DTYPE != NA_BF16
+#error "tensor-core kernels take float16 or bfloat16"
+#endif
+
+// Two elements in one 32-bit fragment register, `lo` in the low half.
+__device__ __forceinline__ unsigned na_pack(elem_t lo, elem_t hi) {
+    return (unsigned)lo | ((unsigned)hi << 16);
+}
+
+#ifdef NA_HOST
+__device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[2]) {
+    struct Fragments {
+        unsigned a[4];
+        unsigned b[2];
+    };
+    const Fragments mine = {{a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+    Fragments all[32];
+    na_host::warp_gather(&mine, sizeof mine, all);
+    // Element k (0..15) of a fragment pair: lane (k % 8) / 2 of the quad, register k / 8, half
+    // k % 2.
+    auto half = [](unsigned word, int k) {
+        return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
+    };
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; ++i) {
+        const int row = g + 8 * (i / 2), col = 2 * t + i % 2;
+        float sum = 0;
+        for (int k = 0; k < 16; ++k) {
+            const float x = half(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k);
+            const float y = half(all[4 * col + (k % 8) / 2].b[k / 8], k);
+            sum += x * y;
+        }
+        c[i] += sum;
+    }
+}
+#else
+__device__ __forceinline__ void na_mma(float c[4], const unsigned a[4], const unsigned b[2]) {
+#if NA_DTYPE == NA_F16
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+#endif
