@@ -20,6 +20,7 @@ from conftest import DTYPE_PARAMS, LAYOUTS, assert_close, make_inputs
 from natten_rs import _core, _cuda, _ops
 from natten_rs._ops import dlpack
 from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
+from test_fused import Case as FusedCase
 from test_fused import as_oracle, call, leaves, lse_tolerance, oracle, random_grad
 
 pytestmark = [
@@ -259,6 +260,29 @@ def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
     check_fused_forward(case, dtype, "cuda")
 
 
+# Problems for the tensor-core forward (half types, head dims multiples of 8) beyond the shared
+# fused cases: windows spanning several key slabs, dilation with rpb and GQA, head dims past 128
+# (output passes, query fragments read per step) with MQA, more additional tokens than a slab,
+# and a strided causal 3-D problem. Positional fields as in test_fused.FIXED_CASES.
+TENSOR_CORE_CASES = [
+    FusedCase((100,), (33,), (1,), (1,), (False,), 1, 2, 2, 32, 32),
+    FusedCase((20, 18), (7, 5), (1, 1), (2, 3), (False, False), 2, 4, 2, 64, 64, rpb=True),
+    FusedCase((9,), (3,), (1,), (1,), (False,), 1, 2, 1, 256, 200, n_extra=3),
+    FusedCase((6, 7), (3, 3), (2, 1), (1, 1), (True, False), 1, 2, 2, 16, 24, n_extra=70,
+              layout="permuted"),
+    FusedCase((6, 9, 10), (3, 4, 5), (1, 2, 1), (2, 1, 1), (True, False, True), 1, 2, 2, 40, 8,
+              layout="sliced"),
+]  # fmt: skip
+TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES]
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
+    check_fused_forward(case, dtype, "cuda")
+
+
 def check_dense_attention(dtype, device, kernels=contextlib.nullcontext):
     """Dense attention (the fused kernel with only additional tokens) against the CPU path."""
     q, k, v = make_inputs((2, 7, 4, 16), (2, 13, 2, 16), (2, 13, 2, 8), dtype=dtype,
@@ -275,21 +299,23 @@ def test_dense_attention_runs_on_the_fused_kernel(dtype):
     check_dense_attention(dtype, "cuda")
 
 
-def check_fused_forward_writes_every_output_element(device):
-    """Outputs start as NaN: any element left unwritten shows."""
+def check_fused_forward_writes_every_output_element(device, dtype=torch.float32):
+    """Outputs start as NaN: any element left unwritten shows (half types take the tensor-core
+    kernel)."""
     q, k, v = make_inputs((2, 9, 8, 4, 24), (2, 9, 8, 2, 24), (2, 9, 8, 2, 40),
-                          dtype=torch.float32, device=device)  # fmt: skip
-    ek, ev = make_inputs((2, 3, 2, 24), (2, 3, 2, 40), dtype=torch.float32, device=device)
+                          dtype=dtype, device=device)  # fmt: skip
+    ek, ev = make_inputs((2, 3, 2, 24), (2, 3, 2, 40), dtype=dtype, device=device)
     out = _poisoned(2, 9, 8, 4, 40, like=q)
-    lse = _poisoned(2, 9, 8, 4, like=q)
+    lse = _poisoned(2, 9, 8, 4, like=q.float())
     nbhd = ([3, 4], [1, 2], [2, 1], [True, False])
     inputs = tuple(dlpack(t) for t in (q, k, v, ek, ev, None))
     _core.na_fused(inputs, nbhd, 0.5, dlpack(out), dlpack(lse), _cuda.launch_stream(q))
     assert not out.isnan().any() and not lse.isnan().any()
 
 
-def test_fused_forward_writes_every_output_element():
-    check_fused_forward_writes_every_output_element("cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_fused_forward_writes_every_output_element(dtype):
+    check_fused_forward_writes_every_output_element("cuda", dtype)
 
 
 def test_fused_head_dims_past_the_limit_are_refused_naming_them():

@@ -8,6 +8,7 @@ driver are test_cuda.py's, on a GPU."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import shutil
 
 import natten_rs
@@ -20,6 +21,8 @@ from natten_rs._ops import dlpack
 from test_cuda import (
     CASE_IDS,
     CASES,
+    HALF_DTYPES,
+    TENSOR_CORE_CASE_PARAMS,
     check_dense_attention,
     check_every_output_element_is_written,
     check_fused_backward,
@@ -77,9 +80,47 @@ def test_dense_attention_on_the_fused_kernel(dtype, kernels):
     check_dense_attention(dtype, "cpu", kernels)
 
 
-def test_fused_forward_kernel_writes_every_output_element(kernels):
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_DTYPES])
+def test_fused_forward_kernel_writes_every_output_element(dtype, kernels):
     with kernels():
-        check_fused_forward_writes_every_output_element("cpu")
+        check_fused_forward_writes_every_output_element("cpu", dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
+    check_fused_forward(case, dtype, "cpu", kernels)
+
+
+def _built_kernels(directory) -> set:
+    """The kernel entry points of the host libraries built in `directory`."""
+    names = ("na_host_na_fused_forward", "na_host_na_fused_forward_tc")
+    found = set()
+    for library in directory.glob("*.so"):
+        handle = ctypes.CDLL(str(library))
+        found |= {name for name in names if hasattr(handle, name)}
+    return found
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, kernel",
+    [
+        (torch.float16, 16, "na_host_na_fused_forward_tc"),
+        (torch.bfloat16, 8, "na_host_na_fused_forward_tc"),
+        (torch.float32, 16, "na_host_na_fused_forward"),
+        (torch.float16, 12, "na_host_na_fused_forward"),  # not a multiple of 8
+    ],
+)
+def test_half_types_with_head_dims_in_eights_take_the_tensor_core_forward(
+    dtype, dim, kernel, tmp_path
+):
+    q = torch.randn(1, 10, 2, dim).to(dtype)
+    _core.run_cuda_kernels_on_host(str(tmp_path))
+    try:
+        natten_rs.na1d(q, q, q, kernel_size=3)
+    finally:
+        _core.run_cuda_kernels_on_host(None)
+    assert _built_kernels(tmp_path) == {kernel}
 
 
 def test_ops_take_the_cuda_kernels_while_it_is_on(tmp_path):

@@ -265,9 +265,8 @@ pub struct FusedTcParams {
 }
 
 // The static_assert of na_fused_tc.cu checks the same size on the device side.
-const _: () = assert!(
-    std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8
-);
+const _: () =
+    assert!(std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8);
 
 /// Queries per tile of the tensor-core forward (four warps of sixteen rows).
 pub const TC_QUERIES: usize = 64;
@@ -278,20 +277,28 @@ const TC_THREADS: u32 = 128;
 /// of 8 up to the limit of its source, and a window or additional tokens to attend.
 pub fn takes_tensor_cores(p: &FusedProblem) -> bool {
     use crate::dlpack::DType;
-    let dims_fit = |d: usize| d > 0 && d % 8 == 0 && d <= Source::FusedTc.max_dim();
+    let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= Source::FusedTc.max_dim();
     matches!(p.dtype, DType::F16 | DType::BF16) && dims_fit(p.dim) && dims_fit(p.dim_v)
 }
 
-/// The query tile of the tensor-core forward: `TC_QUERIES` queries at most, grown by doubling
-/// the axis whose longest dilation group holds the most tiles, so that a tile is as square as
-/// the grid allows (a square tile of a square window shares the most keys) and never much
-/// longer than an axis.
+/// The query tile of the tensor-core forward: `TC_QUERIES` queries at most, grown by doubling,
+/// among the axes it is still shorter than the longest dilation group of, the one whose group
+/// is longest relative to the tile, so that a tile is as square as the grid allows (a square
+/// tile of a square window shares the most keys).
 pub fn query_tile(p: &FusedProblem) -> [usize; 3] {
     let longest = p.axes.map(|a| a.length.div_ceil(a.dilation));
     let mut tile = [1; 3];
     while tile.iter().product::<usize>() * 2 <= TC_QUERIES {
-        let spare = |a: usize| longest[a].div_ceil(tile[a]);
-        let Some(axis) = (0..3).filter(|&a| spare(a) > 1).max_by_key(|&a| (spare(a), 3 - a)) else {
+        let growable = (0..3).filter(|&a| tile[a] < longest[a]);
+        // longest[a] / tile[a], compared across axes without division.
+        let Some(axis) = growable.reduce(|best, a| {
+            let (x, y) = (longest[a] * tile[best], longest[best] * tile[a]);
+            if x > y {
+                a
+            } else {
+                best
+            }
+        }) else {
             break;
         };
         tile[axis] *= 2;

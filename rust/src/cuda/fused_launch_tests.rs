@@ -233,3 +233,87 @@ fn backward_head_dims_have_their_own_limit() {
         "{refused}"
     );
 }
+
+/// A self-attention problem (query, key and value alike) of `shape` `[B, *spatial, heads, D]`.
+fn self_attention(
+    shape: &[usize],
+    dtype: DType,
+    kernel: Vec<i64>,
+    dilation: Vec<i64>,
+) -> FusedProblem {
+    let q = TensorRef {
+        data: 0x1000,
+        ..TensorRef::meta(shape, dtype, Device::Cuda(0))
+    };
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&q),
+        value: Some(&q),
+        ..FusedInputs::default()
+    };
+    let rank = kernel.len();
+    let n = nbhd(kernel, vec![1; rank], dilation, vec![false; rank]);
+    FusedProblem::new(&inputs, &n, 1.0).unwrap()
+}
+
+#[test]
+fn query_tiles_are_as_square_as_the_grid_allows() {
+    type Case = (&'static [usize], Vec<i64>, Vec<i64>, [usize; 3]);
+    let cases: [Case; 5] = [
+        (&[2, 56, 56, 2, 32], vec![7, 7], vec![1, 1], [1, 8, 8]),
+        (&[1, 8192, 2, 64], vec![127], vec![8], [1, 1, 64]),
+        (
+            &[1, 16, 32, 32, 2, 64],
+            vec![7, 7, 7],
+            vec![1, 1, 1],
+            [4, 4, 4],
+        ),
+        // A short axis (dilation groups of 3) stops growing once the long one is relatively
+        // shorter.
+        (&[1, 6, 90, 2, 16], vec![3, 5], vec![2, 1], [1, 2, 32]),
+        // Fewer queries than a tile.
+        (&[1, 5, 2, 16], vec![3], vec![1], [1, 1, 8]),
+    ];
+    for (shape, kernel, dilation, tile) in cases {
+        let p = self_attention(shape, DType::F16, kernel, dilation);
+        assert_eq!(query_tile(&p), tile, "{shape:?}");
+        assert!(tile.iter().product::<usize>() <= TC_QUERIES);
+    }
+}
+
+#[test]
+fn tensor_core_tiles_cover_every_dilation_group() {
+    // 2-D, dilation 2 x 3 over 20 x 19: axis 1 has groups of 7, 6, 6 (tile 8: one tile each),
+    // axis 0 groups of 10 and 10 (tile 8: two tiles each).
+    let p = self_attention(&[2, 20, 19, 4, 16], DType::BF16, vec![3, 3], vec![2, 3]);
+    let t = [TensorRef::meta(
+        &[2, 20, 19, 4, 16],
+        DType::BF16,
+        Device::Cuda(0),
+    )];
+    let tensors = FusedTensors {
+        query: &t[0],
+        key: Some(&t[0]),
+        value: Some(&t[0]),
+        additional_keys: None,
+        additional_values: None,
+        rpb: None,
+    };
+    let out = TensorRef::meta(&[2, 20, 19, 4, 16], DType::BF16, Device::Cuda(0));
+    let lse = TensorRef::meta(&[2, 20, 19, 4], DType::F32, Device::Cuda(0));
+    let launch = tensor_core_forward(&p, &tensors, &out, &lse).unwrap();
+    assert_eq!(launch.function, Function::FusedForwardTc);
+    assert_eq!(launch.params.tile, [1, 8, 8]);
+    assert_eq!(launch.params.tiles, [1, 4, 3]);
+    assert_eq!(launch.config.grid, 2 * 4 * 12);
+    assert_eq!(launch.config.block, (128, 1));
+}
+
+#[test]
+fn tensor_cores_take_half_types_with_head_dims_in_eights() {
+    let takes =
+        |dtype, dim| takes_tensor_cores(&self_attention(&[1, 16, 2, dim], dtype, vec![3], vec![1]));
+    assert!(takes(DType::F16, 64) && takes(DType::BF16, 8) && takes(DType::BF16, 256));
+    assert!(!takes(DType::F32, 64) && !takes(DType::F64, 64));
+    assert!(!takes(DType::F16, 12) && !takes(DType::F16, 264));
+}
