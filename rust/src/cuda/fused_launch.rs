@@ -273,8 +273,8 @@ pub const TC_QUERIES: usize = 64;
 /// Threads per block of the tensor-core forward.
 const TC_THREADS: u32 = 128;
 
-/// Whether the tensor-core forward takes problem `p`: half types, head dims that are multiples
-/// of 8 up to the limit of its source, and a window or additional tokens to attend.
+/// Whether the tensor-core forward takes problem `p`: half types, and head dims that are
+/// multiples of 8 up to the limit of its source (window, additional tokens or both).
 pub fn takes_tensor_cores(p: &FusedProblem) -> bool {
     use crate::dlpack::DType;
     let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= Source::FusedTc.max_dim();
