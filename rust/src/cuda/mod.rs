@@ -72,6 +72,25 @@ impl Target {
     }
 }
 
+impl Target {
+    /// `launch` for a planned fused launch; nothing when the plan is empty.
+    ///
+    /// # Safety
+    /// As `launch`.
+    unsafe fn launch_planned<P: Copy>(
+        self,
+        key: &KernelKey,
+        launch: Option<fused_launch::FusedLaunch<P>>,
+        stream: Stream,
+    ) -> Result<()> {
+        let Some(launch) = launch else {
+            return Ok(());
+        };
+        // SAFETY: forwarded contract.
+        unsafe { self.launch(key, (launch.function, launch.config), launch.params, stream) }
+    }
+}
+
 /// The variants an op family needs for problem `p`: what `prepare` must load before a launch.
 pub fn keys(p: &Problem, sources: &[Source]) -> Vec<KernelKey> {
     sources
@@ -208,22 +227,16 @@ pub unsafe fn fused_forward(
 ) -> Result<()> {
     let target = Target::of(p.device)?;
     let key = fused_forward_key(p)?;
-    if key.source == Source::FusedTc {
-        let Some(launch) = fused_launch::tensor_core_forward(p, t, out, lse) else {
-            return Ok(());
-        };
-        let shape = (launch.function, launch.config);
-        // SAFETY: forwarded contract; the tensor-core forward takes one `NaFusedTcParams`,
-        // which `FusedTcParams` mirrors.
-        return unsafe { target.launch(&key, shape, launch.params, stream) };
+    // SAFETY (both arms): forwarded contract; each kernel takes the parameter block its plan
+    // mirrors (`NaFusedTcParams`, `NaFusedParams`).
+    unsafe {
+        if key.source == Source::FusedTc {
+            let launch = fused_launch::tensor_core_forward(p, t, out, lse);
+            target.launch_planned(&key, launch, stream)
+        } else {
+            target.launch_planned(&key, fused_launch::forward(p, t, out, lse), stream)
+        }
     }
-    let Some(launch) = fused_launch::forward(p, t, out, lse) else {
-        return Ok(());
-    };
-    let shape = (launch.function, launch.config);
-    // SAFETY: forwarded contract; the fused forward takes one `NaFusedParams`, which
-    // `FusedParams` mirrors.
-    unsafe { target.launch(&key, shape, launch.params, stream) }
 }
 
 /// Fused attention backward into `grads` (see `cpu::fused_backward`); `stats` is a scratch
