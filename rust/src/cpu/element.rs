@@ -45,6 +45,37 @@ pub trait Accum:
         // SAFETY: forwarded contract.
         unsafe { spread_rows_portable(w, x, rows) }
     }
+
+    /// `spread_rows` for two queries whose windows share a run: the first's weights `w[0]`
+    /// for rows `0..` of `run`, the second's `w[1]` for rows `offset..` (`offset +
+    /// w[1].len() = run.len`, and `w[0]` no longer), so that rows both weigh are read and
+    /// written once.
+    ///
+    /// # Safety
+    /// As `spread_rows`, for the rows of `run`.
+    #[inline(always)]
+    unsafe fn spread_pair(w: [&[Self]; 2], offset: usize, x: [&[Self]; 2], run: Run) {
+        // SAFETY: forwarded contract.
+        unsafe { spread_pair_by_rows(w, offset, x, run) }
+    }
+}
+
+/// `Accum::spread_pair` as two `spread_rows` calls, one per query.
+///
+/// # Safety
+/// As `Accum::spread_pair`.
+#[inline(always)]
+unsafe fn spread_pair_by_rows<A: Accum>(w: [&[A]; 2], offset: usize, x: [&[A]; 2], run: Run) {
+    let second = Run {
+        first: run.at(offset),
+        len: w[1].len(),
+        ..run
+    };
+    // SAFETY: forwarded contract; both runs are rows of `run`.
+    unsafe {
+        A::spread_rows(w[0], x[0], run);
+        A::spread_rows(w[1], x[1], second);
+    }
 }
 
 /// The portable loop of `Accum::spread_rows`.
@@ -88,6 +119,17 @@ impl Accum for f32 {
         }
         // SAFETY: forwarded contract.
         unsafe { spread_rows_portable(w, x, rows) }
+    }
+    #[inline(always)]
+    unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Run) {
+        // Only the AVX-512 tier has a kernel: pairs come from its pair kernels alone.
+        #[cfg(target_arch = "x86_64")]
+        if super::simd::isa() >= super::simd::Isa::Avx512 {
+            // SAFETY: the CPU has the kernel's features; the rest is the caller's.
+            return unsafe { super::simd::spread_pair(w, offset, x, run) };
+        }
+        // SAFETY: forwarded contract.
+        unsafe { spread_pair_by_rows(w, offset, x, run) }
     }
 }
 

@@ -171,6 +171,43 @@ impl<A: Accum> KvSums<A> {
         unsafe { std::slice::from_raw_parts_mut(view.at(at), len) }
     }
 
+    /// Call `f(n, key run, value run)` for every run of the window of query `x` in batch `b`,
+    /// kv head `hk` (`n` its first key's index in window order), each run `len` rows long
+    /// from the window's first key along the last axis.
+    #[inline(always)]
+    fn for_each_run(
+        &self,
+        g: &Grid,
+        (b, hk, x): (usize, usize, [usize; 3]),
+        len: usize,
+        mut f: impl FnMut(usize, Run, Run),
+    ) {
+        let w = g.window(x);
+        let d = g.axes.map(|a| a.dilation);
+        let size = std::mem::size_of::<A>() as isize;
+        let run = |view: Tokens<A>, at: [usize; 6]| Run {
+            // SAFETY: keys of a window are kv rows.
+            first: unsafe { view.at(at) } as usize,
+            step: d[2] as isize * view.stride(4) * size,
+            len,
+        };
+        let mut n = 0;
+        for s0 in 0..w[0].count {
+            for s1 in 0..w[1].count {
+                let at = [
+                    b,
+                    hk,
+                    w[0].first + s0 * d[0],
+                    w[1].first + s1 * d[1],
+                    w[2].first,
+                    0,
+                ];
+                f(n, run(self.d_k, at), run(self.d_v, at));
+                n += w[2].count;
+            }
+        }
+    }
+
     /// Add one query's terms to its window's rows: `d_key_n += ds[n] q`,
     /// `d_value_n += p[n] d_o` (`n` in window order).
     ///
@@ -185,35 +222,48 @@ impl<A: Accum> KvSums<A> {
         (ds, p): (&[A], &[A]),
         (q, d_o): (&[A], &[A]),
     ) {
-        let w = g.window(x);
-        let d = g.axes.map(|a| a.dilation);
-        let size = std::mem::size_of::<A>() as isize;
-        let run = |view: Tokens<A>, at: [usize; 6]| Run {
-            // SAFETY: keys of a window are kv rows.
-            first: unsafe { view.at(at) } as usize,
-            step: d[2] as isize * view.stride(4) * size,
-            len: w[2].count,
-        };
-        let mut n = 0;
-        for s0 in 0..w[0].count {
-            for s1 in 0..w[1].count {
-                let at = [
-                    b,
-                    hk,
-                    w[0].first + s0 * d[0],
-                    w[1].first + s1 * d[1],
-                    w[2].first,
-                    0,
-                ];
-                let terms = n..n + w[2].count;
-                // SAFETY: the runs' rows are this task's, by the caller's contract.
-                unsafe {
-                    A::spread_rows(&ds[terms.clone()], q, run(self.d_k, at));
-                    A::spread_rows(&p[terms], d_o, run(self.d_v, at));
-                }
-                n += w[2].count;
+        let len = g.window(x)[2].count;
+        self.for_each_run(g, (b, hk, x), len, |n, keys, values| {
+            // SAFETY: the runs' rows are this task's, by the caller's contract.
+            unsafe {
+                A::spread_rows(&ds[n..n + len], q, keys);
+                A::spread_rows(&p[n..n + len], d_o, values);
             }
-        }
+        });
+    }
+
+    /// `add_query` for two consecutive queries `x` of one line whose windows share their runs,
+    /// the second's starting `offset` keys into the first's (`Attention::pair_offset`): each
+    /// row of a run's union is updated once for both.
+    ///
+    /// # Safety
+    /// As `add_query`, for both queries.
+    #[inline(always)]
+    unsafe fn add_pair(
+        &self,
+        g: &Grid,
+        (b, hk, x): (usize, usize, [[usize; 3]; 2]),
+        offset: usize,
+        weights: [(&[A], &[A]); 2],
+        vectors: [(&[A], &[A]); 2],
+    ) {
+        let lens = x.map(|x| g.window(x)[2].count);
+        let union = offset + lens[1];
+        let mut second = 0;
+        self.for_each_run(g, (b, hk, x[0]), union, |n, keys, values| {
+            // Each query's weights of this run, in its own window order.
+            let (own_a, own_b) = (n..n + lens[0], second..second + lens[1]);
+            second += lens[1];
+            let [(ds_a, p_a), (ds_b, p_b)] = weights;
+            let [(q_a, d_o_a), (q_b, d_o_b)] = vectors;
+            let ds = [&ds_a[own_a.clone()], &ds_b[own_b.clone()]];
+            let p = [&p_a[own_a], &p_b[own_b]];
+            // SAFETY: the union rows are keys of one of the queries, this task's rows.
+            unsafe {
+                A::spread_pair(ds, offset, [q_a, q_b], keys);
+                A::spread_pair(p, offset, [d_o_a, d_o_b], values);
+            }
+        });
     }
 
     /// Round buffered sums into `d_key` and `d_value` (nothing to do when summed in place).
@@ -407,8 +457,18 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
             let [ga, gb] = self
                 .bwd
                 .logit_grads_pair(rows, offset, dots, [&mut *sa, &mut *sb]);
-            self.gradients(rows[0], hk, ga, bins.as_deref_mut(), sa);
-            self.gradients(rows[1], hk, gb, bins, sb);
+            self.query_side(rows[0], ga, bins.as_deref_mut(), sa);
+            self.query_side(rows[1], gb, bins, sb);
+            if let Some(sums) = self.sums {
+                let (wa, wb) = (sa.row.keys.window, sb.row.keys.window);
+                let weights = [
+                    (&sa.dp[..wa], &sa.row.logits[..wa]),
+                    (&sb.dp[..wb], &sb.row.logits[..wb]),
+                ];
+                let vectors = [(&sa.row.q[..], &sa.d_o[..]), (&sb.row.q[..], &sb.d_o[..])];
+                let at = (rows[0].b, hk, rows.map(|r| r.x));
+                sums.add_pair(self.bwd.a.g, at, offset, weights, vectors);
+            }
         }
     }
 
@@ -422,6 +482,30 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
         &self,
         row: Row,
         hk: usize,
+        grads: (T::Acc, T::Acc),
+        bins: Option<&mut [T::Acc]>,
+        s: &mut QueryScratch<T::Acc>,
+    ) {
+        // SAFETY (whole block): forwarded contract.
+        unsafe {
+            self.query_side(row, grads, bins, s);
+            if let Some(sums) = self.sums {
+                let window = s.row.keys.window;
+                let weights = (&s.dp[..window], &s.row.logits[..window]);
+                let a = self.bwd.a;
+                sums.add_query(a.g, (row.b, hk, row.x), weights, (&s.row.q, &s.d_o));
+            }
+        }
+    }
+
+    /// The query-side part of `gradients`: `d_query`, `lse`, `delta` and the bias bins.
+    ///
+    /// # Safety
+    /// As `query`.
+    #[inline(always)]
+    unsafe fn query_side(
+        &self,
+        row: Row,
         (lse, delta): (T::Acc, T::Acc),
         bins: Option<&mut [T::Acc]>,
         s: &mut QueryScratch<T::Acc>,
@@ -430,7 +514,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
         let bwd = self.bwd;
         let [x0, x1, x2] = row.x;
         // SAFETY (whole block): `row` is in shape; its rows of `d_query`, `lse` and `delta`
-        // are this task's, as are its window's key rows (the chunk's contract).
+        // are this task's (the chunk's contract).
         unsafe {
             let index = a.g.row_index(row.b, row.h, row.x);
             bwd.lse.set(index, lse);
@@ -439,11 +523,6 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
             let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
             let terms = (row, &s.row.keys, &s.dp[..], false);
             a.store_weighted_sum(terms, dst, a.scale, &mut s.row.tail);
-            if let Some(sums) = self.sums {
-                let window = s.row.keys.window;
-                let weights = (&s.dp[..window], &s.row.logits[..window]);
-                sums.add_query(a.g, (row.b, hk, row.x), weights, (&s.row.q, &s.d_o));
-            }
             if let Some(bins) = bins {
                 let keys = &s.row.keys;
                 let size = bins.len() / a.group;

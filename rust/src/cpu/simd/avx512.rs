@@ -649,6 +649,71 @@ unsafe fn weighted_pair<const G: usize>(
     }
 }
 
+/// `Accum::spread_pair` for float32: both vectors' channels in registers (64 at a time, then
+/// 16, the last block's lanes past the rows masked off), each row of the run loaded and
+/// stored once for both.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the rest is `Accum::spread_pair`'s contract.
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Run) {
+    let dim = x[0].len();
+    let mut c = 0;
+    // SAFETY (whole block): channels `c..` of both vectors and of every row, the tail masked.
+    unsafe {
+        while c + 64 <= dim {
+            spread_pair_block::<4>(w, offset, x, run, c);
+            c += 64;
+        }
+        while c < dim {
+            spread_pair_block::<1>(w, offset, x, run, c);
+            c += 16;
+        }
+    }
+}
+
+/// The weights of run row `j` in `spread_pair`: zero for a query whose window misses it.
+#[inline(always)]
+fn pair_weights(w: [&[f32]; 2], offset: usize, j: usize) -> [f32; 2] {
+    let second = j.checked_sub(offset).and_then(|i| w[1].get(i));
+    [
+        w[0].get(j).copied().unwrap_or(0.0),
+        second.copied().unwrap_or(0.0),
+    ]
+}
+
+/// Channels `c..c + 16 N` of `spread_pair` (those past the rows masked off).
+///
+/// # Safety
+/// As `spread_pair`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn spread_pair_block<const N: usize>(
+    w: [&[f32]; 2],
+    offset: usize,
+    x: [&[f32]; 2],
+    run: Run,
+    c: usize,
+) {
+    let dim = x[0].len();
+    let masks: [__mmask16; N] = std::array::from_fn(|i| lanes_below(dim - (c + 16 * i)));
+    // SAFETY (whole block): by the caller's contract, lanes past the rows masked off.
+    unsafe {
+        let xs = x.map(|x| -> [__m512; N] {
+            std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], x.as_ptr().add(c + 16 * i)))
+        });
+        for j in 0..run.len {
+            let [wa, wb] = pair_weights(w, offset, j).map(|w| _mm512_set1_ps(w));
+            let row = (run.at(j) as *mut f32).add(c);
+            for i in 0..N {
+                let r = row.add(16 * i);
+                let sum = _mm512_fmadd_ps(wa, xs[0][i], _mm512_maskz_loadu_ps(masks[i], r));
+                _mm512_mask_storeu_ps(r, masks[i], _mm512_fmadd_ps(wb, xs[1][i], sum));
+            }
+        }
+    }
+}
+
 /// For eight rows whose vectors hold two queries' partial dot products (lanes 0..8 the
 /// first's, 8..16 the second's): row `j`'s full dot products in lanes `j` and `8 + j`.
 #[inline]
@@ -677,6 +742,51 @@ mod tests {
 
     fn tier() -> bool {
         super::super::detected() >= super::super::Isa::Avx512
+    }
+
+    /// Every row of the run gets each query's weighted vector exactly where that query's
+    /// window holds it: rows below `offset` the first's only, rows past the first's window
+    /// the second's only, channel tails included.
+    #[test]
+    fn spread_pair_adds_each_query_to_its_own_rows() {
+        if !tier() {
+            return;
+        }
+        let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+        for dim in [8, 16, 24, 32, 40, 64, 72, 136] {
+            for (len_a, offset, len_b) in [(7, 1, 7), (7, 0, 7), (5, 2, 6), (3, 3, 4), (9, 1, 8)] {
+                let union = offset + len_b;
+                // Rows two row-lengths apart (a strided run), the gaps must stay untouched.
+                let pitch = 2 * dim;
+                let mut rows: Vec<f32> = (0..union * pitch).map(|i| value(i + 7)).collect();
+                let mut expected = rows.clone();
+                let x: [Vec<f32>; 2] = [0, 1].map(|k| (0..dim).map(|c| value(c * 3 + k)).collect());
+                let w: [Vec<f32>; 2] =
+                    [len_a, len_b].map(|n| (0..n).map(|j| value(j + n)).collect());
+                for j in 0..union {
+                    for c in 0..dim {
+                        let row = &mut expected[j * pitch + c];
+                        if j < len_a {
+                            *row += w[0][j] * x[0][c];
+                        }
+                        if j >= offset {
+                            *row += w[1][j - offset] * x[1][c];
+                        }
+                    }
+                }
+                let run = Run {
+                    first: rows.as_mut_ptr() as usize,
+                    step: (pitch * 4) as isize,
+                    len: union,
+                };
+                // SAFETY: the CPU has the tier; the run's rows hold `dim` floats.
+                unsafe { spread_pair([&w[0], &w[1]], offset, [&x[0], &x[1]], run) };
+                for (i, (got, want)) in rows.iter().zip(&expected).enumerate() {
+                    let case = (dim, len_a, offset, len_b, i / pitch, i % pitch);
+                    assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{case:?}");
+                }
+            }
+        }
     }
 
     #[test]
