@@ -19,6 +19,7 @@ use super::fused_bwd::{Backward, QueryScratch};
 use super::grid::{Grid, Row};
 use super::parallel::{for_each_with, par_rows, RowKernel};
 use super::qk::store_bias_grad;
+use super::stage::prefetch_lines;
 use super::view::{Bias, Tokens};
 
 /// At most this many chunks per dilation group (more buy no parallelism).
@@ -439,6 +440,22 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
         }
     }
 
+    /// Hint that row `row`'s query, output and output gradient will be read soon.
+    #[inline(always)]
+    fn prefetch_rows(&self, row: Row) {
+        let a = self.bwd.a;
+        let [x0, x1, x2] = row.x;
+        let at = [row.b, row.h, x0, x1, x2, 0];
+        let size = std::mem::size_of::<T>();
+        let (dim, dim_v) = (a.g.dim * size, a.dim_v * size);
+        // SAFETY: rows of the validated problem are in shape.
+        unsafe {
+            prefetch_lines(a.q.at(at) as *const u8, dim);
+            prefetch_lines(self.bwd.out.at(at) as *const u8, dim_v);
+            prefetch_lines(self.bwd.d_out.at(at) as *const u8, dim_v);
+        }
+    }
+
     /// `query` for two consecutive rows whose windows share their runs (`offset` from
     /// `pair_offset`), their probabilities and logit gradients taken together by `dots`.
     ///
@@ -560,14 +577,28 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
         };
         for t1 in p1.chunks(tile(1, p1.len())) {
             for t2 in p2.chunks(tile(2, p2.len())) {
-                for &x0 in &p0 {
-                    for &x1 in t1 {
-                        for h in hk * a.group..(hk + 1) * a.group {
-                            let bins = bins.as_deref_mut().map(|b| &mut b[..]);
-                            // SAFETY: queries of this task's chunk.
-                            unsafe { self.line((b, h, hk), [x0, x1], t2, bins, scratch) };
+                let heads = hk * a.group..(hk + 1) * a.group;
+                let mut lines = p0
+                    .iter()
+                    .flat_map(|&x0| t1.iter().map(move |&x1| (x0, x1)))
+                    .flat_map(|x| heads.clone().map(move |h| (x, h)))
+                    .peekable();
+                while let Some(((x0, x1), h)) = lines.next() {
+                    // The next line's rows arrive while this one is computed: a tile's line is
+                    // too short, and too far from the last, for the hardware to guess it (a
+                    // line longer than a tile's streams on from its first rows).
+                    if let Some(&((n0, n1), nh)) = lines.peek() {
+                        for &x2 in t2.iter().take(TILE[2]) {
+                            self.prefetch_rows(Row {
+                                b,
+                                h: nh,
+                                x: [n0, n1, x2],
+                            });
                         }
                     }
+                    let bins = bins.as_deref_mut().map(|b| &mut b[..]);
+                    // SAFETY: queries of this task's chunk.
+                    unsafe { self.line((b, h, hk), [x0, x1], t2, bins, scratch) };
                 }
             }
         }
