@@ -343,6 +343,17 @@ inline T __shfl_xor_sync(unsigned, T x, int lane_mask) {
     return y;
 }
 
+// The bitwise or of every lane's `bits`.
+inline unsigned __reduce_or_sync(unsigned, unsigned bits) {
+    unsigned all[na_host::kWarp] = {};
+    na_host::warp_gather(&bits, sizeof bits, all);
+    unsigned any = 0;
+    for (unsigned lane : all) {
+        any |= lane;
+    }
+    return any;
+}
+
 // `extern "C" int na_host_<kernel>(params, grid, bx, by)`: the entry point host.rs calls for
 // kernel `kernel` taking one `Params` by value.
 #define NA_HOST_ENTRY(kernel, Params)                                                          \

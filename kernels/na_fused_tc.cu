@@ -5,12 +5,14 @@
 // query positions inside one dilation group per axis, shaped by the host so that neighbouring
 // queries share most of their windows (a 2-D tile of a 2-D problem). Its keys are the box of
 // key positions that holds all of their windows, walked in slabs of NA_TC_KEYS positions and
-// then the additional tokens. A slab's key and value rows are staged in shared memory; each warp
-// multiplies its 16 queries by the slab's keys (mma.sync, float accumulators), masks the logits
-// of keys outside each query's own window (every neighbourhood rule, stride and causality
-// included, comes from the window math of common.cuh), and folds them into a running softmax
-// (max and sum per query) and output, FlashAttention-style. Nothing is written but the output
-// and the logsumexp.
+// then the additional tokens. A slab's key and value rows are staged in shared memory (16 bytes
+// per load where rows are dense; rows padded so fragment reads do not collide in banks). Each
+// warp first works out which of its logits count (keys inside each query's own window: every
+// neighbourhood rule, stride and causality included, comes from the window math of
+// common.cuh), skips the blocks of keys none of its 16 queries sees (a warp's queries see only
+// part of the tile's box), multiplies its queries by the rest (mma.sync, float accumulators),
+// and folds them into a running softmax (max and sum per query) and output,
+// FlashAttention-style. Nothing is written but the output and the logsumexp.
 #include "fused.cuh"
 #include "tensor_core.cuh"
 
@@ -36,8 +38,12 @@
 // accumulators would not fit in registers beside the rest).
 #define NA_TC_OUT_BLOCKS (NA_DIM_V / 8 < 16 ? NA_DIM_V / 8 : 16)
 #define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
+static_assert(4 * NA_TC_KEY_BLOCKS <= 32, "a slab's logit mask takes one 32-bit word per lane");
 // Threads that stage one key row.
 #define NA_TC_ROW_THREADS (NA_TC_THREADS / NA_TC_KEYS)
+// Elements each staged row is padded by: 16 bytes, so that the eight rows a fragment read spans
+// start in different banks (with rows a multiple of 128 bytes long they would all share one).
+#define NA_TC_SKEW 8
 // Whether a warp keeps its query fragments in registers for the whole tile; wider rows read
 // them again for every product (registers go to the output instead of spilling).
 #define NA_TC_QUERY_REGISTERS (NA_DIM <= 128)
@@ -110,6 +116,35 @@ __device__ __forceinline__ unsigned na_pair(const elem_t* at) {
 #endif
 }
 
+// Sixteen bytes from `src` to `dst` (both 16-byte aligned).
+__device__ __forceinline__ void na_copy16(elem_t* dst, const elem_t* src) {
+#ifdef NA_HOST
+    memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// This thread's share (`part` of NA_TC_ROW_THREADS) of staging a row of N channels from `src`
+// (`step` apart; none when null) into `dst`, zeros up to `padded` channels: 16 bytes at a time
+// where the row is dense and aligned, else one element at a time. N is a multiple of 8.
+template <int N>
+__device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
+                                             int padded, int part) {
+    const bool whole = src != nullptr && step == 1 &&
+                       reinterpret_cast<unsigned long long>(src) % 16 == 0;
+    for (int c = 8 * part; c < padded; c += 8 * NA_TC_ROW_THREADS) {
+        if (whole && c < N) {
+            na_copy16(dst + c, src + c);
+            continue;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            dst[c + i] = src != nullptr && c + i < N ? src[(c + i) * step] : elem_t(0);
+        }
+    }
+}
+
 // Fragment `s` (channels 16 s .. 16 s + 15) of this lane's query rows `query[0]` (row g) and
 // `query[1]` (row g + 8), missing rows and channels past NA_DIM as zeros.
 __device__ __forceinline__ void na_query_fragment(unsigned frag[4], const elem_t* const query[2],
@@ -125,8 +160,8 @@ __device__ __forceinline__ void na_query_fragment(unsigned frag[4], const elem_t
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_forward_tc(const NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
-    __shared__ __align__(16) elem_t keys[NA_TC_KEYS][NA_TC_DIM_PAD];
-    __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_DIM_V];
+    __shared__ __align__(16) elem_t keys[NA_TC_KEYS][NA_TC_DIM_PAD + NA_TC_SKEW];
+    __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_DIM_V + NA_TC_SKEW];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
@@ -232,14 +267,49 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                     k_step = f.key.stride[5];
                     v_step = f.value.stride[5];
                 }
-                for (int c = part; c < NA_TC_DIM_PAD; c += NA_TC_ROW_THREADS) {
-                    keys[n][c] = k != nullptr && c < NA_DIM ? k[c * k_step] : elem_t(0);
-                }
-                for (int c = part; c < NA_DIM_V; c += NA_TC_ROW_THREADS) {
-                    values[n][c] = v != nullptr ? v[c * v_step] : elem_t(0);
-                }
+                na_stage_row<NA_DIM>(keys[n], k, k_step, NA_TC_DIM_PAD, part);
+                na_stage_row<NA_DIM_V>(values[n], v, v_step, NA_DIM_V, part);
             }
             __syncthreads();
+
+            // Which of this lane's logits count, known before any product: bit 4 kb + 2 r + e
+            // when the key of logit (kb, 2 r + e) is in its query's window (or is an additional
+            // token).
+            auto key_position = [&](int n, int k[3]) {
+                k[0] = k[1] = k[2] = 0;
+                if (!extra && n < count) {
+                    na_coords((int)first + n, box_len, k);
+#pragma unroll
+                    for (int a = 0; a < 3; ++a) {
+                        k[a] += box_first[a];
+                    }
+                }
+            };
+            unsigned seen = 0;
+#pragma unroll
+            for (int kb = 0; kb < NA_TC_KEY_BLOCKS; ++kb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int n = 8 * kb + 2 * t + e;
+                    int k[3];
+                    key_position(n, k);
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        const NaTcRow& row = rows[r];
+                        bool in = row.valid && n < count;
+#pragma unroll
+                        for (int a = 0; a < 3; ++a) {
+                            in = in && (extra || (row.start[a] <= k[a] && k[a] < row.end[a]));
+                        }
+                        seen |= (in ? 1u : 0u) << (4 * kb + 2 * r + e);
+                    }
+                }
+            }
+            // Blocks of eight keys that no query of the warp sees are skipped: their products
+            // (and, for sixteen such keys, the value product) are never issued. Warp-uniform, as
+            // mma.sync needs.
+            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+            auto block_live = [&](int kb) { return (live >> (4 * kb) & 0xfu) != 0u; };
 
             // Logits of this warp's sixteen queries against the slab's keys.
             float logits[NA_TC_KEY_BLOCKS][4];
@@ -263,38 +333,30 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
 #endif
 #pragma unroll
                 for (int kb = 0; kb < NA_TC_KEY_BLOCKS; ++kb) {
+                    if (!block_live(kb)) {
+                        continue;
+                    }
                     const elem_t* key = &keys[8 * kb + g][16 * s + 2 * t];
                     const unsigned frag_k[2] = {na_pair(key), na_pair(key + 8)};
                     na_mma(logits[kb], frag_q, frag_k);
                 }
             }
 
-            // Scale, bias and mask: a logit counts when its key is in its query's window (or is
-            // an additional token); the others are -inf.
+            // Scale, bias and mask: logits that do not count are -inf.
             float slab_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
             for (int kb = 0; kb < NA_TC_KEY_BLOCKS; ++kb) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
-                    const int n = 8 * kb + 2 * t + e;
                     int k[3] = {0, 0, 0};
-                    if (!extra && n < count) {
-                        na_coords((int)first + n, box_len, k);
-#pragma unroll
-                        for (int a = 0; a < 3; ++a) {
-                            k[a] += box_first[a];
-                        }
+                    if (!extra && f.has_bias) {
+                        key_position(8 * kb + 2 * t + e, k);
                     }
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         const NaTcRow& row = rows[r];
-                        bool seen = row.valid && n < count;
-#pragma unroll
-                        for (int a = 0; a < 3; ++a) {
-                            seen = seen && (extra || (row.start[a] <= k[a] && k[a] < row.end[a]));
-                        }
                         float logit = neg_inf();
-                        if (seen) {
+                        if (seen >> (4 * kb + 2 * r + e) & 1u) {
                             logit = logits[kb][2 * r + e] * (float)f.scale;
                             if (!extra && f.has_bias) {
                                 logit += na_load(f.bias, h, k[0] - row.qi[0] + NA_K0 - 1,
@@ -339,6 +401,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             // blocks are one A fragment.
 #pragma unroll
             for (int kc = 0; kc < NA_TC_KEYS / 16; ++kc) {
+                if (!block_live(2 * kc) && !block_live(2 * kc + 1)) {
+                    continue;
+                }
                 const float* lo = logits[2 * kc];
                 const float* hi = logits[2 * kc + 1];
                 const unsigned weights[4] = {na_pack(from_acc(lo[0]), from_acc(lo[1])),
