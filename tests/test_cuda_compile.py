@@ -136,9 +136,32 @@ def test_precompile_compiles_both_sources_per_shape_and_logs(cache_dir, caplog):
     assert len(logged) == 4 and all("compiled with NVRTC" in m for m in logged), logged
 
 
+def test_precompile_with_head_dims_builds_the_fused_kernels_each_gpu_would_run(cache_dir):
+    rows = natten_rs.precompile([(3, 5)], dtypes=[torch.bfloat16, torch.float32],
+                                head_dims=[32, (64, 48)], arch="sm_80")  # fmt: skip
+    modules = {name.rsplit("/", 1)[0] for name, *_ in rows}
+    for dims in ("dim 32/32", "dim 64/48"):
+        # bfloat16 takes tensor cores on sm_80, float32 the warp forward; both get the backward.
+        assert any(m.startswith("na_fused_tc[bfloat16") and dims in m for m in modules)
+        assert any(m.startswith("na_fused_fwd[float32") and dims in m for m in modules)
+        for dtype in ("bfloat16", "float32"):
+            assert any(m.startswith(f"na_fused_bwd[{dtype}") and dims in m for m in modules)
+    assert not any(m.startswith("na_fused_fwd[bfloat16") for m in modules)
+    assert all(spills == 0 for _, _, spills in rows)
+    older = natten_rs.precompile([(3, 5)], dtypes=[torch.float16], head_dims=[32], arch="sm_75")
+    older = {name.rsplit("/", 1)[0] for name, *_ in older}
+    assert any(m.startswith("na_fused_fwd[float16") for m in older), older
+    assert not any(m.startswith("na_fused_tc") for m in older), older
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
+        ({"kernel_sizes": [7], "head_dims": [512], "arch": "sm_80"}, ValueError, "head_dims"),
+        ({"kernel_sizes": [7], "head_dims": [(32, 0)], "arch": "sm_80"}, ValueError, "head_dims"),
+        ({"kernel_sizes": [7], "head_dims": [2**70], "arch": "sm_80"}, ValueError, "head_dims"),
+        ({"kernel_sizes": [7], "head_dims": [(32, 32, 32)]}, TypeError, "head_dims"),
+        ({"kernel_sizes": [7], "head_dims": [32.0]}, TypeError, "head_dims"),
         ({"kernel_sizes": [4], "arch": "sm_80"}, ValueError, "kernel_size"),
         ({"kernel_sizes": [(3, 3)], "is_causal": (True,)}, ValueError, "is_causal"),
         ({"kernel_sizes": 7}, TypeError, "kernel_sizes"),

@@ -153,6 +153,7 @@ def precompile(
     device: int,
     dtypes: list[str],
     shapes: list[tuple[list[int], list[bool]]],
+    head_dims: list[tuple[int, int]] = ...,
 ) -> list[KernelRow]:
     """Compile the unfused kernels for every dtype name and ``(kernel_size, is_causal)`` shape,
     for ``arch`` or (when None) for CUDA device ``device``; logs each module at INFO."""

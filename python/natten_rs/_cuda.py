@@ -133,6 +133,20 @@ def _kernel_shape(kernel_size) -> list[int]:
     )
 
 
+def _head_dims(entry) -> tuple[int, int]:
+    """``(head_dim, head_dim_v)`` of one ``head_dims`` entry (the core checks the range)."""
+    pair = (entry, entry) if not isinstance(entry, (tuple, list)) else tuple(entry)
+    if len(pair) != 2 or not all(isinstance(d, int) and not isinstance(d, bool) for d in pair):
+        raise TypeError(
+            "head_dims: expected entries that are an int or a (head_dim, head_dim_v) pair of "
+            f"ints, got {entry!r}"
+        )
+    # The core checks the upper limit; values it could not even take are refused here.
+    if not all(1 <= d < 2**63 for d in pair):
+        raise ValueError(f"head_dims: expected positive head dims, got {entry!r}")
+    return pair
+
+
 def _device_index(device) -> int:
     if device is None:
         return torch.cuda.current_device()
@@ -150,12 +164,18 @@ def precompile(
     is_causal: bool | tuple[bool, ...] = False,
     arch: str | None = None,
     device: int | str | torch.device | None = None,
+    head_dims: Iterable[int | tuple[int, int]] = (),
 ) -> list[tuple[str, int | None, int | None]]:
-    """Compile the CUDA kernels of the unfused ops ahead of time, so that no first call pauses.
+    """Compile CUDA kernels ahead of time, so that no first call pauses: those of the unfused
+    ops, and with ``head_dims``, those of the fused ops (``na1d``/``na2d``/``na3d``).
 
     ``kernel_sizes`` lists neighborhood shapes, one entry each: an int for 1-D, a tuple for
     2-D/3-D (``[7, (7, 7), (3, 3, 3)]``). ``is_causal`` is a bool or a per-axis tuple applied to
-    every shape of its rank. ``arch`` (``"sm_80"``, ``"sm_90a"``, ...) defaults to that of
+    every shape of its rank. Fused kernels are specialised by head dim as well: each entry of
+    ``head_dims`` is an int (query, key and value head dim) or a ``(head_dim, head_dim_v)``
+    pair, up to 256; they are built for stride 1 (strided problems compile at first use), the
+    forward the GPU would run (tensor cores for float16/bfloat16 with head dims in multiples of
+    8 on sm_80 and later) and the backward. ``arch`` (``"sm_80"``, ``"sm_90a"``, ...) defaults to that of
     ``device`` (default: the current CUDA device); with an explicit ``arch`` no GPU is needed.
     Binaries land in the disk cache (``$NATTEN_RS_CACHE_DIR``, default ``~/.cache/natten_rs``)
     and in memory. Each compiled module is logged at INFO on the ``natten_rs`` logger.
@@ -172,6 +192,7 @@ def precompile(
         kernel = _kernel_shape(entry)
         shapes.append((kernel, per_axis("is_causal", is_causal, len(kernel), bool)))
     names = [_dtype_name(d) for d in dtypes]
+    dims = [_head_dims(entry) for entry in head_dims]
     index = 0
     if arch is None:
         if not torch.cuda.is_available():
@@ -183,7 +204,7 @@ def precompile(
     elif not isinstance(arch, str):
         raise TypeError(f"arch: expected a str such as 'sm_80' or None, got {arch!r}")
     load_nvrtc()
-    rows = _core.precompile(arch, index, names, shapes)
+    rows = _core.precompile(arch, index, names, shapes, dims)
     return [(name, registers, spills) for name, registers, spills, _log, _origin in rows]
 
 

@@ -139,16 +139,19 @@ fn parse_dtype(name: &str) -> Result<DType> {
 }
 
 /// Compile ahead of time the unfused kernels for every dtype in `dtypes` and every
-/// `(kernel_size, is_causal)` in `shapes`, for `arch`, or for device `device`'s architecture
-/// when `arch` is None. Results land in the in-process and disk caches. Returns rows as
-/// `compile_kernels` does.
+/// `(kernel_size, is_causal)` in `shapes`, and the fused ones for every `(head dim, value head
+/// dim)` in `head_dims` too, for `arch`, or for device `device`'s architecture when `arch` is
+/// None. Results land in the in-process and disk caches. Returns rows as `compile_kernels`
+/// does.
 #[pyfunction]
+#[pyo3(signature = (arch, device, dtypes, shapes, head_dims=Vec::new()))]
 fn precompile(
     py: Python<'_>,
     arch: Option<&str>,
     device: i32,
     dtypes: Vec<String>,
     shapes: Vec<(Vec<i64>, Vec<bool>)>,
+    head_dims: Vec<(i64, i64)>,
 ) -> PyResult<Vec<KernelRow>> {
     let dtypes = dtypes
         .iter()
@@ -158,14 +161,25 @@ fn precompile(
         .into_iter()
         .map(|(kernel, causal)| Problem::kernel_shape(kernel, causal))
         .collect::<Result<Vec<_>>>()?;
-    let keys = cuda::variants(&dtypes, &shapes);
+    let limit = cuda::MAX_FUSED_BACKWARD_DIM;
+    let dims = head_dims
+        .into_iter()
+        .map(|(d, dv)| match (usize::try_from(d), usize::try_from(dv)) {
+            (Ok(d @ 1..), Ok(dv @ 1..)) if d.max(dv) <= limit => Ok((d, dv)),
+            _ => Err(Error::invalid(
+                "head_dims",
+                format!("head dims from 1 to {limit}"),
+                format!("({d}, {dv})"),
+            )),
+        })
+        .collect::<Result<Vec<_>>>()?;
     let reports = py.detach(|| {
         guarded(|| {
             let arch = match arch {
                 Some(name) => Arch::parse(name)?,
                 None => cuda::device_arch(device)?,
             };
-            cuda::compile(&keys, arch)
+            cuda::compile(&cuda::variants(&dtypes, &shapes, &dims, arch), arch)
         })
     })?;
     for report in &reports {

@@ -273,12 +273,13 @@ pub const TC_QUERIES: usize = 64;
 /// Threads per block of the tensor-core forward.
 const TC_THREADS: u32 = 128;
 
-/// Whether the tensor-core forward takes problem `p`: half types, and head dims that are
-/// multiples of 8 up to the limit of its source (window, additional tokens or both).
-pub fn takes_tensor_cores(p: &FusedProblem) -> bool {
+/// Whether the tensor-core forward takes problems of `dtype` with head dims `(query/key,
+/// value)`: half types, and head dims that are multiples of 8 up to the limit of its source
+/// (window, additional tokens or both).
+pub fn takes_tensor_cores(dtype: crate::dlpack::DType, (dim, dim_v): (usize, usize)) -> bool {
     use crate::dlpack::DType;
     let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= Source::FusedTc.max_dim();
-    matches!(p.dtype, DType::F16 | DType::BF16) && dims_fit(p.dim) && dims_fit(p.dim_v)
+    matches!(dtype, DType::F16 | DType::BF16) && dims_fit(dim) && dims_fit(dim_v)
 }
 
 /// The query tile of the tensor-core forward: `TC_QUERIES` queries at most, grown by doubling,

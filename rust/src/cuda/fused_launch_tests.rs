@@ -311,9 +311,40 @@ fn tensor_core_tiles_cover_every_dilation_group() {
 
 #[test]
 fn tensor_cores_take_half_types_with_head_dims_in_eights() {
-    let takes =
-        |dtype, dim| takes_tensor_cores(&self_attention(&[1, 16, 2, dim], dtype, vec![3], vec![1]));
+    let takes = |dtype, dim| takes_tensor_cores(dtype, (dim, dim));
     assert!(takes(DType::F16, 64) && takes(DType::BF16, 8) && takes(DType::BF16, 256));
     assert!(!takes(DType::F32, 64) && !takes(DType::F64, 64));
     assert!(!takes(DType::F16, 12) && !takes(DType::F16, 264));
+    assert!(!takes_tensor_cores(DType::F16, (64, 12)) && takes_tensor_cores(DType::F16, (64, 200)));
+}
+
+/// `precompile`'s fused variants are the keys the problems they stand for look up at launch:
+/// the tensor-core forward for half types on sm_80 and later, the warp forward otherwise, and
+/// the backward.
+#[test]
+fn precompiled_fused_variants_are_the_ones_problems_launch() {
+    let arch = |name| crate::cuda::Arch::parse(name).unwrap();
+    let cases = [
+        (DType::F16, "sm_80", Source::FusedTc),
+        (DType::BF16, "sm_90a", Source::FusedTc),
+        (DType::F16, "sm_75", Source::FusedFwd),
+        (DType::F32, "sm_80", Source::FusedFwd),
+    ];
+    for (dtype, name, forward) in cases {
+        let p = self_attention(&[1, 12, 16, 2, 32], dtype, vec![3, 5], vec![1, 1]);
+        let shapes = [(p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal))];
+        let keys = crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], arch(name));
+        for source in [forward, Source::FusedBwd] {
+            let key = KernelKey::for_fused(source, &p);
+            assert!(
+                keys.contains(&key),
+                "{dtype:?} {name}: {key:?} not in {keys:?}"
+            );
+        }
+        assert_eq!(
+            keys.len(),
+            4,
+            "two unfused sources, one forward, one backward"
+        );
+    }
 }

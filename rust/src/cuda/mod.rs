@@ -16,7 +16,7 @@ mod nvrtc;
 mod programs;
 mod runtime;
 
-pub use kernels::{representative_keys, KernelKey, Source, DTYPES};
+pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_BACKWARD_DIM};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
 pub use programs::{Origin, Report};
 pub use runtime::Stream;
@@ -124,12 +124,26 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
 pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
     let capable = match Target::of(p.device)? {
         Target::Host => true,
-        Target::Gpu(device) => runtime::device_arch(device)?.number >= 80,
+        Target::Gpu(device) => has_tensor_cores(runtime::device_arch(device)?),
     };
-    if capable && fused_launch::takes_tensor_cores(p) {
-        return Ok(KernelKey::for_fused(Source::FusedTc, p));
+    match forward_source(p.dtype, (p.dim, p.dim_v), capable) {
+        Source::FusedTc => Ok(KernelKey::for_fused(Source::FusedTc, p)),
+        source => fused_key(source, p),
     }
-    fused_key(Source::FusedFwd, p)
+}
+
+/// Whether the tensor-core forward runs on `arch` (mma.sync: compute capability 8.0 on).
+fn has_tensor_cores(arch: Arch) -> bool {
+    arch.number >= 80
+}
+
+/// The source of the fused forward of `dtype` with head dims `dims` on a device with tensor
+/// cores or not (`has_tensor_cores`).
+fn forward_source(dtype: DType, dims: (usize, usize), tensor_cores: bool) -> Source {
+    match tensor_cores && fused_launch::takes_tensor_cores(dtype, dims) {
+        true => Source::FusedTc,
+        false => Source::FusedFwd,
+    }
 }
 
 /// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
@@ -281,21 +295,32 @@ pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
         .collect()
 }
 
-/// The variants of both sources for every combination of `dtypes` and neighborhood shapes
-/// (kernel sizes and causal flags per padded axis, as `Problem::kernel_shape` validates them).
-pub fn variants(dtypes: &[DType], shapes: &[([usize; 3], [bool; 3])]) -> Vec<KernelKey> {
+/// The variants `precompile` builds for `arch`: for every combination of `dtypes` and
+/// neighborhood shapes (kernel sizes and causal flags per padded axis, as
+/// `Problem::kernel_shape` validates them), the unfused ops' two sources, and for every pair of
+/// head dims in `dims` (query/key, value), the fused forward the device would run and the fused
+/// backward (stride 1; strided problems compile at first use).
+pub fn variants(
+    dtypes: &[DType],
+    shapes: &[([usize; 3], [bool; 3])],
+    dims: &[(usize, usize)],
+    arch: Arch,
+) -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &(kernel, causal) in shapes {
         for &dtype in dtypes {
-            for source in Source::UNFUSED {
-                keys.push(KernelKey {
-                    source,
-                    dtype,
-                    kernel,
-                    causal,
-                    stride: [1; 3],
-                    dims: (0, 0),
-                });
+            let key = |source, dims| KernelKey {
+                source,
+                dtype,
+                kernel,
+                causal,
+                stride: [1; 3],
+                dims,
+            };
+            keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
+            for &d in dims {
+                let forward = forward_source(dtype, d, has_tensor_cores(arch));
+                keys.extend([key(forward, d), key(Source::FusedBwd, d)]);
             }
         }
     }
