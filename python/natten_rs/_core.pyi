@@ -156,7 +156,8 @@ def precompile(
     head_dims: list[tuple[int, int]] = ...,
 ) -> list[KernelRow]:
     """Compile the unfused kernels for every dtype name and ``(kernel_size, is_causal)`` shape,
-    for ``arch`` or (when None) for CUDA device ``device``; logs each module at INFO."""
+    and the fused ones for every ``(head_dim, head_dim_v)`` in ``head_dims``, for ``arch`` or
+    (when None) for CUDA device ``device``; logs each module at INFO."""
 
 def nvrtc_version() -> tuple[int, int]:
     """The version of the libnvrtc in use."""
