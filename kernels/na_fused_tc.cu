@@ -415,9 +415,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                     if (o >= blocks) {
                         break;
                     }
-                    const int c = first_channel + 8 * o + g, n = 16 * kc + 2 * t;
-                    const unsigned frag_v[2] = {na_pack(values[n][c], values[n + 1][c]),
-                                                na_pack(values[n + 8][c], values[n + 9][c])};
+                    unsigned frag_v[2];
+                    na_load_b_transposed(frag_v,
+                                         &values[16 * kc + lane % 16][first_channel + 8 * o]);
                     na_mma(out[o], weights, frag_v);
                 }
             }

@@ -9,8 +9,10 @@
 // of two adjacent 8-column blocks is the A layout of one 16-column block, so probabilities go
 // from the logits' registers straight into the next product.
 //
-// The host build (kernels/host.h) emulates the instruction: the lanes gather each other's
-// fragments and every lane computes its four outputs in float.
+// The B fragments of row-major rows (a slab's values) are read transposed by ldmatrix.
+//
+// The host build (kernels/host.h) emulates both instructions: the lanes gather each other's
+// fragments (or row addresses) and every lane computes its own outputs.
 #pragma once
 #include "common.cuh"
 
@@ -49,6 +51,19 @@ __device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[
         c[i] += sum;
     }
 }
+
+// The B fragment of 16 rows of 8 elements in shared memory read as their transpose (the rows of
+// a product's second factor stored row-major, as a slab's value rows are): b[0] = rows 2t, 2t+1
+// and b[1] = rows 2t+8, 2t+9, element g of each. Lane i < 16 passes the address of row i
+// (16-byte aligned); the other lanes' addresses are not read.
+__device__ inline void na_load_b_transposed(unsigned b[2], const elem_t* row) {
+    const elem_t* rows[32];
+    na_host::warp_gather(&row, sizeof row, rows);
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int m = 0; m < 2; ++m) {
+        b[m] = na_pack(rows[8 * m + 2 * t][g], rows[8 * m + 2 * t + 1][g]);
+    }
+}
 #else
 // The element type's name in PTX.
 #if NA_DTYPE == NA_F16
@@ -61,5 +76,12 @@ __device__ __forceinline__ void na_mma(float c[4], const unsigned a[4], const un
                  ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void na_load_b_transposed(unsigned b[2], const elem_t* row) {
+    const unsigned address = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                 : "=r"(b[0]), "=r"(b[1])
+                 : "r"(address));
 }
 #endif
