@@ -368,10 +368,9 @@ macro_rules! wide_rows {
                 None
             }
             fn pair_dots_kernel(dim: usize) -> Option<PairDots<f32>> {
-                // The kernels read rows as float32: only float32 rows qualify.
                 #[cfg(target_arch = "x86_64")]
-                if Self::is_acc() && super::simd::isa() == super::simd::Isa::Avx512 {
-                    return super::simd::exact_pair_dots(dim);
+                if super::simd::isa() == super::simd::Isa::Avx512 {
+                    return super::simd::exact_pair_dots::<$t>(dim);
                 }
                 let _ = dim;
                 None

@@ -40,7 +40,7 @@ impl Wide for f16 {
 /// Eight elements at `p`, as float32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load8<T: Wide>(p: *const T) -> __m256 {
+pub(super) unsafe fn load8<T: Wide>(p: *const T) -> __m256 {
     // SAFETY: the caller guarantees 8 readable elements at `p`.
     unsafe {
         match T::FORMAT {

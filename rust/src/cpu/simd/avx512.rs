@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::avx2::{self, load_partial, mask_past, max8, padded};
+use super::avx2::{self, load8, load_partial, mask_past, max8, padded, Wide};
 use crate::cpu::element::{AttendPair, PairDots, Rows, Run};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
@@ -394,24 +394,24 @@ pub unsafe fn attend_pair_f32(
 }
 
 /// The dots of two vectors side by side (`side_by_side`, `8 G` channels) with union rows
-/// `first..first + 8` of `run` (those past `union` repeat row `first`): union row `first +
-/// j`'s in lanes `j` (first vector) and `8 + j` (second). A macro rather than a function: as
-/// an inlined function it cost the forward's pair kernel about a fifth (its registers were
-/// allocated worse).
+/// `first..first + 8` of `run` (those past `union` repeat row `first`), rows of element type
+/// `T` (widened to float32 as they are loaded): union row `first + j`'s in lanes `j` (first
+/// vector) and `8 + j` (second). A macro rather than a function: as an inlined function it
+/// cost the forward's pair kernel about a fifth (its registers were allocated worse).
 ///
-/// Unsafe to expand: the CPU must have the AVX-512 tier and the rows hold `8 G` floats.
+/// Unsafe to expand: the CPU must have the AVX-512 tier and the rows hold `8 G` elements.
 macro_rules! group_dots {
-    ($both:expr, $run:expr, ($first:expr, $union:expr)) => {{
+    ($T:ty, $both:expr, $run:expr, ($first:expr, $union:expr)) => {{
         let group = Run {
             first: $run.at($first),
             len: $union - $first,
             ..$run
         };
-        let rows = padded(group, 0).map(|r| r as *const f32);
+        let rows = padded(group, 0).map(|r| r as *const $T);
         let mut sums = [_mm512_setzero_ps(); 8];
         for (g, x) in $both.iter().enumerate() {
             for j in 0..8 {
-                let row = _mm512_broadcast_f32x8(_mm256_loadu_ps(rows[j].add(8 * g)));
+                let row = _mm512_broadcast_f32x8(load8::<$T>(rows[j].add(8 * g)));
                 sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
             }
         }
@@ -469,7 +469,7 @@ unsafe fn attend_pair_exact<const G: usize>(
                 let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
                 let inside_a = below(ka.run_len);
                 let inside_b = (below(union) & !below(offset)) << 8;
-                let mut l = group_dots!(both, run, (first, union));
+                let mut l = group_dots!(f32, both, run, (first, union));
                 if with_bias {
                     let a =
                         _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().wrapping_add(na + first));
@@ -510,18 +510,18 @@ unsafe fn attend_pair_exact<const G: usize>(
     }
 }
 
-/// The dots kernel unrolled for vectors and rows of `dim` channels, where there is one (16, 32
-/// or 64 channels; see `pair_dots_exact`).
-pub fn exact_pair_dots(dim: usize) -> Option<PairDots<f32>> {
+/// The dots kernel unrolled for vectors of `dim` channels and rows of `dim` elements of `T`,
+/// where there is one (16, 32 or 64 channels; see `pair_dots_exact`).
+pub fn exact_pair_dots<T: Wide>(dim: usize) -> Option<PairDots<f32>> {
     match dim {
-        16 => Some(pair_dots_exact::<2>),
-        32 => Some(pair_dots_exact::<4>),
-        64 => Some(pair_dots_exact::<8>),
+        16 => Some(pair_dots_exact::<2, T>),
+        32 => Some(pair_dots_exact::<4, T>),
+        64 => Some(pair_dots_exact::<8, T>),
         _ => None,
     }
 }
 
-/// A `PairDots` kernel for dense float32 rows of exactly `8 G` channels: each group of eight
+/// A `PairDots` kernel for dense rows of exactly `8 G` elements of `T`: each group of eight
 /// union rows is read once for both vectors (first vector in lanes 0..8, second in 8..16, as
 /// in `attend_pair_exact`), and each side's lanes are stored straight to its window positions.
 ///
@@ -529,7 +529,7 @@ pub fn exact_pair_dots(dim: usize) -> Option<PairDots<f32>> {
 /// The CPU must have the AVX-512 tier; the rest is `PairDots`' contract, with vectors and rows
 /// of `8 G` floats.
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn pair_dots_exact<const G: usize>(
+unsafe fn pair_dots_exact<const G: usize, T: Wide>(
     v: [&[f32]; 2],
     keys: [&KeyList<f32>; 2],
     offset: usize,
@@ -541,7 +541,8 @@ unsafe fn pair_dots_exact<const G: usize>(
     let [out_a, out_b] = out;
     let (out_a, out_b) = (out_a.as_mut_ptr(), out_b.as_mut_ptr());
     // SAFETY (whole block): vectors hold 8 G floats; union rows are rows of one of the lists
-    // (8 G floats each); every store lane left on is a window position of its side's output.
+    // (8 G elements of T each); every store lane left on is a window position of its side's
+    // output.
     unsafe {
         let both = side_by_side::<G>(v);
         for (i, (_, run)) in ka.runs(values).enumerate() {
@@ -549,7 +550,7 @@ unsafe fn pair_dots_exact<const G: usize>(
                 let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
                 let inside_a = below(ka.run_len) as __mmask8;
                 let inside_b = (below(union) & !below(offset)) as __mmask8;
-                let l = group_dots!(both, run, (first, union));
+                let l = group_dots!(T, both, run, (first, union));
                 // Lane j holds union row `first + j`: the first side's position `first + j` of
                 // run i, the second side's `first + j - offset`.
                 let a = out_a.wrapping_add(i * ka.run_len + first);
@@ -787,6 +788,65 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The pair dots kernels give the same dots whether rows are float32 or half types holding
+    /// the same values.
+    #[test]
+    fn pair_dots_widen_half_rows() {
+        if !tier() {
+            return;
+        }
+        let (dim, len, offset) = (32, 7, 1);
+        let union = offset + len;
+        let value = |i: usize| ((i * 37 % 29) as f32 - 14.0) / 8.0;
+        // Rows two row-lengths apart, as heads-last tensors of two kv heads hold them.
+        let rows32: Vec<f32> = (0..2 * union * dim).map(value).collect();
+        let rows16: Vec<half::f16> = rows32.iter().map(|&x| half::f16::from_f32(x)).collect();
+        let rowsb: Vec<half::bf16> = rows32.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        let v: [Vec<f32>; 2] = [0, 1].map(|k| (0..dim).map(|c| value(c * 5 + k)).collect());
+        let dots = |first: usize, size: usize, kernel: PairDots<f32>| {
+            let list = |start: usize| {
+                let pitch = 2 * dim * size;
+                let mut keys = KeyList::<f32>::new(1, len, 0);
+                // Value rows are the other kv head's.
+                let at = first + start * pitch;
+                keys.runs[0] = (at, at + dim * size);
+                keys.run_count = 1;
+                keys.run_len = len;
+                keys.steps = (pitch as isize, pitch as isize);
+                keys.window = len;
+                keys.len = len;
+                keys
+            };
+            let (a, b) = (list(0), list(offset));
+            let mut out = [[0.0f32; 7]; 4];
+            for values in [false, true] {
+                let [oa, ob] = &mut out[2 * usize::from(values)..][..2] else {
+                    unreachable!()
+                };
+                // SAFETY: the CPU has the tier; both windows' rows hold `dim` elements.
+                unsafe { kernel([&v[0], &v[1]], [&a, &b], offset, values, [oa, ob]) };
+            }
+            out
+        };
+        let want = dots(
+            rows32.as_ptr() as usize,
+            4,
+            exact_pair_dots::<f32>(dim).unwrap(),
+        );
+        let f16s = dots(
+            rows16.as_ptr() as usize,
+            2,
+            exact_pair_dots::<half::f16>(dim).unwrap(),
+        );
+        let bf16s = dots(
+            rowsb.as_ptr() as usize,
+            2,
+            exact_pair_dots::<half::bf16>(dim).unwrap(),
+        );
+        assert_eq!(f16s, want, "float16");
+        assert_eq!(bf16s, want, "bfloat16");
     }
 
     #[test]
