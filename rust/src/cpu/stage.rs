@@ -312,8 +312,12 @@ impl<T: Element> Stage<T> {
     /// Copy the rows of box positions `positions`, a line segment (positions along the last
     /// axis, one source stride apart) at a time.
     ///
+    /// Inlined into the forward's row kernel, so that the copies take its instruction set
+    /// (wide moves, and vector conversions of half types) rather than the baseline's.
+    ///
     /// # Safety
     /// As `begin`, for positions of the box.
+    #[inline(always)]
     unsafe fn fill(&mut self, positions: Range<usize>) {
         let (dk, dv) = self.dims;
         let mut dst_k = self.keys.ptr_mut().wrapping_add(positions.start * dk);
