@@ -279,7 +279,8 @@ pub type Attend<A> = unsafe fn(&[A], &KeyList<A>, bool, &mut [A], &mut [A]) -> (
 /// `Attend` for two queries at once: queries, key lists, `offset`, the bias flag, logit scratch
 /// and outputs per query, `(max, sum)` per query. The second query's window runs must start
 /// `offset` rows (of the same step) after the first's, in a union of at most eight rows that
-/// holds both; the lists' extras must be the same rows.
+/// holds both; the lists' extras must be the same rows. Rows are read through the first list
+/// only: the second's run addresses need not be set (`Attention::collect_keys_in`).
 ///
 /// # Safety
 /// As `Attend`, for both lists, and the union rows must all be keys of one of the queries.
@@ -459,16 +460,33 @@ const LANES: usize = 8;
 /// `src + n * stride` must be readable for every `n < dst.len()`.
 #[inline(always)]
 pub unsafe fn load<T: Element>(dst: &mut [T::Acc], src: *const T, stride: isize) {
+    // SAFETY: forwarded contract.
+    unsafe { load_scaled(dst, src, stride, T::Acc::ONE) }
+}
+
+/// `load`, each element times `scale` (one pass over the row, not two).
+///
+/// # Safety
+/// As `load`.
+#[inline(always)]
+pub unsafe fn load_scaled<T: Element>(
+    dst: &mut [T::Acc],
+    src: *const T,
+    stride: isize,
+    scale: T::Acc,
+) {
     if stride == 1 {
         // A dense row: a loop the compiler vectorizes.
         // SAFETY: `dst.len()` elements at `src` by the caller's contract.
         let src = unsafe { std::slice::from_raw_parts(src, dst.len()) };
-        dst.iter_mut().zip(src).for_each(|(d, &x)| *d = x.to_acc());
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, &x)| *d = x.to_acc() * scale);
         return;
     }
     for (n, d) in dst.iter_mut().enumerate() {
         // SAFETY: in bounds by the caller's contract.
-        *d = unsafe { *src.offset(n as isize * stride) }.to_acc();
+        *d = unsafe { *src.offset(n as isize * stride) }.to_acc() * scale;
     }
 }
 

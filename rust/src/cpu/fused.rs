@@ -4,8 +4,8 @@
 
 use super::av::weighted_sum;
 use super::element::{
-    dot, fence_streams, load, store, stream_row, Accum, Attend, AttendKernels, AttendPair, Element,
-    PairDotsKernels, Rows,
+    dot, fence_streams, load_scaled, store, stream_row, Accum, Attend, AttendKernels, AttendPair,
+    Element, PairDotsKernels, Rows,
 };
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
@@ -102,10 +102,12 @@ impl<'g, T: Element> Attention<'g, T> {
     #[inline(always)]
     pub unsafe fn collect_keys(&self, row: Row, list: &mut KeyList<T::Acc>) {
         // SAFETY: forwarded contract.
-        unsafe { self.collect_keys_in(row, None, list) }
+        unsafe { self.collect_keys_in(row, None, true, list) }
     }
 
-    /// `collect_keys`, reading the window's rows from `stage` when given.
+    /// `collect_keys`, reading the window's rows from `stage` when given, and leaving the
+    /// runs' addresses unset unless `addresses` (the second list of an `AttendPair` call
+    /// needs only the runs' shape).
     ///
     /// # Safety
     /// `row` must be a row of the validated problem; a stage must hold its window's rows.
@@ -114,6 +116,7 @@ impl<'g, T: Element> Attention<'g, T> {
         &self,
         row: Row,
         stage: Option<&Stage<T>>,
+        addresses: bool,
         list: &mut KeyList<T::Acc>,
     ) {
         let Row { b, h, x } = row;
@@ -124,24 +127,18 @@ impl<'g, T: Element> Attention<'g, T> {
         unsafe {
             if let (Some(k), Some(v)) = (self.k, self.v) {
                 let w = self.g.window(x);
-                let d = self.g.axes.map(|a| a.dilation);
-                let rows = match stage {
-                    Some(stage) => stage.window_rows(&w, d),
-                    None => window_rows((k, v), (b, hk), &w, d),
-                };
-                let (k0, v0) = rows.first;
-                let [(k_step0, v_step0), (k_step1, v_step1), steps] = rows.steps;
-                for s0 in 0..w[0].count as isize {
-                    for s1 in 0..w[1].count as isize {
-                        let k1 = k0.wrapping_add_signed(s0 * k_step0 + s1 * k_step1);
-                        let v1 = v0.wrapping_add_signed(s0 * v_step0 + s1 * v_step1);
-                        list.runs[list.run_count] = (k1, v1);
-                        list.run_count += 1;
-                    }
-                }
+                list.run_count = w[0].count * w[1].count;
                 list.run_len = w[2].count;
-                list.steps = steps;
                 list.window = list.run_count * list.run_len;
+                if addresses {
+                    let d = self.g.axes.map(|a| a.dilation);
+                    let rows = match stage {
+                        Some(stage) => stage.window_rows(&w, d),
+                        None => window_rows((k, v), (b, hk), &w, d),
+                    };
+                    list.steps = rows.steps[2];
+                    list.set_runs(rows, [w[0].count, w[1].count]);
+                }
                 if let Some(bias) = self.bias {
                     self.collect_bias(bias, row, w, list);
                 }
@@ -194,15 +191,9 @@ impl<'g, T: Element> Attention<'g, T> {
     #[inline(always)]
     pub unsafe fn load_query(&self, row: Row, q: &mut [T::Acc]) {
         let [x0, x1, x2] = row.x;
+        let at = [row.b, row.h, x0, x1, x2, 0];
         // SAFETY: in shape by the caller's contract.
-        unsafe {
-            load(
-                q,
-                self.q.at([row.b, row.h, x0, x1, x2, 0]),
-                self.q.inner_stride(),
-            )
-        };
-        q.iter_mut().for_each(|v| *v = *v * self.scale);
+        unsafe { load_scaled(q, self.q.at(at), self.q.inner_stride(), self.scale) };
     }
 
     /// `logits[n] = q . key_n + bias_n` over `list` (`q` already scaled).
@@ -606,7 +597,7 @@ impl<T: Element> Forward<'_, '_, T> {
         // SAFETY: by the caller's contract.
         unsafe {
             a.load_query(row, &mut s.q);
-            a.collect_keys_in(row, stage, &mut s.keys);
+            a.collect_keys_in(row, stage, true, &mut s.keys);
             let acc = &mut s.tail[..a.dim_v];
             let result = kernel(&s.q, &s.keys, a.bias.is_some(), &mut s.logits, acc);
             self.finish(row, result, acc);
@@ -630,9 +621,9 @@ impl<T: Element> Forward<'_, '_, T> {
         let (a, dim) = (self.a, self.a.dim_v);
         // SAFETY: by the caller's contract.
         unsafe {
-            for (row, s) in [(ra, &mut *sa), (rb, &mut *sb)] {
+            for (row, s, addresses) in [(ra, &mut *sa, true), (rb, &mut *sb, false)] {
                 a.load_query(row, &mut s.q);
-                a.collect_keys_in(row, stage, &mut s.keys);
+                a.collect_keys_in(row, stage, addresses, &mut s.keys);
             }
             let results = pair(
                 [&sa.q, &sb.q],

@@ -4,6 +4,7 @@
 use super::av::WeightedSum;
 use super::element::{Accum, Element, Rows, Run};
 use super::grid::Row;
+use super::stage::WindowRows;
 
 /// Logits a SIMD kernel computes at once.
 pub const LANES: usize = 8;
@@ -45,6 +46,27 @@ impl<A: Accum> KeyList<A> {
             bias_bin: vec![0; neighbors],
             len: 0,
             window: 0,
+        }
+    }
+
+    /// Set the run addresses of a window of `counts` runs along its first two axes, whose
+    /// rows lie as `rows` says.
+    #[inline(always)]
+    pub(super) fn set_runs(&mut self, rows: WindowRows, counts: [usize; 2]) {
+        let (k0, v0) = rows.first;
+        let [(k_step0, v_step0), (k_step1, v_step1), _] = rows.steps;
+        let mut runs = self.runs.iter_mut();
+        for s0 in 0..counts[0] as isize {
+            let (k, v) = (
+                k0.wrapping_add_signed(s0 * k_step0),
+                v0.wrapping_add_signed(s0 * v_step0),
+            );
+            for (s1, run) in (0..counts[1] as isize).zip(&mut runs) {
+                *run = (
+                    k.wrapping_add_signed(s1 * k_step1),
+                    v.wrapping_add_signed(s1 * v_step1),
+                );
+            }
         }
     }
 

@@ -445,10 +445,13 @@ pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let first = p as usize & !(LINE_BYTES - 1);
-        for line in (first..p as usize + bytes).step_by(LINE_BYTES) {
+        // A plain loop: `step_by` cost about sixty instructions a call here, more than the
+        // two or three prefetches of a row.
+        let (mut line, end) = (p as usize & !(LINE_BYTES - 1), p as usize + bytes);
+        while line < end {
             // SAFETY: a prefetch never faults, whatever the address.
             unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+            line += LINE_BYTES;
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
