@@ -136,7 +136,6 @@ impl<'g, T: Element> Attention<'g, T> {
                         Some(stage) => stage.window_rows(&w, d),
                         None => window_rows((k, v), (b, hk), &w, d),
                     };
-                    list.steps = rows.steps[2];
                     list.set_runs(rows, [w[0].count, w[1].count]);
                 }
                 if let Some(bias) = self.bias {

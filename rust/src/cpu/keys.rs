@@ -49,12 +49,13 @@ impl<A: Accum> KeyList<A> {
         }
     }
 
-    /// Set the run addresses of a window of `counts` runs along its first two axes, whose
-    /// rows lie as `rows` says.
+    /// Set the run addresses (and the step along each run) of a window of `counts` runs
+    /// along its first two axes, whose rows lie as `rows` says.
     #[inline(always)]
     pub(super) fn set_runs(&mut self, rows: WindowRows, counts: [usize; 2]) {
         let (k0, v0) = rows.first;
-        let [(k_step0, v_step0), (k_step1, v_step1), _] = rows.steps;
+        let [(k_step0, v_step0), (k_step1, v_step1), steps] = rows.steps;
+        self.steps = steps;
         let mut runs = self.runs.iter_mut();
         for s0 in 0..counts[0] as isize {
             let (k, v) = (
