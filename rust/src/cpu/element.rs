@@ -280,7 +280,7 @@ pub type Attend<A> = unsafe fn(&[A], &KeyList<A>, bool, &mut [A], &mut [A]) -> (
 /// and outputs per query, `(max, sum)` per query. The second query's window runs must start
 /// `offset` rows (of the same step) after the first's, in a union of at most eight rows that
 /// holds both; the lists' extras must be the same rows. Rows are read through the first list
-/// only: the second's run addresses need not be set (`Attention::collect_keys_in`).
+/// only: the second's run addresses need not be set (`Attention::begin_line`).
 ///
 /// # Safety
 /// As `Attend`, for both lists, and the union rows must all be keys of one of the queries.

@@ -2,6 +2,8 @@
 //! tokens are computed into a scratch row (never a `[tokens x window]` matrix), softmaxed, and
 //! summed against the values. Heads-last tensors; GQA through `kv head = head / group`.
 
+use std::ops::Range;
+
 use super::av::weighted_sum;
 use super::element::{
     dot, fence_streams, load_scaled, store, stream_row, Accum, Attend, AttendKernels, AttendPair,
@@ -10,7 +12,7 @@ use super::element::{
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
 use super::parallel::{par_rows, RowKernel};
-use super::stage::{prefetch_lines, Slabs, Stage, StagedViews, WindowRows};
+use super::stage::{prefetch_lines, LineRows, Slabs, Stage, StagedViews, WindowRows};
 use super::view::{bias, extras_heads_last, tokens_heads_last, Bias, Extras, Tokens};
 use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
@@ -102,57 +104,81 @@ impl<'g, T: Element> Attention<'g, T> {
     #[inline(always)]
     pub unsafe fn collect_keys(&self, row: Row, list: &mut KeyList<T::Acc>) {
         // SAFETY: forwarded contract.
-        unsafe { self.collect_keys_in(row, None, true, list) }
+        unsafe {
+            let line = self.begin_line(row, None, true, list);
+            self.point_keys(row, line.as_ref(), list);
+        }
     }
 
-    /// `collect_keys`, reading the window's rows from `stage` when given, and leaving the
-    /// runs' addresses unset unless `addresses` (the second list of an `AttendPair` call
-    /// needs only the runs' shape).
+    /// Start the key lists of the queries on `row`'s line (same batch, head and leading
+    /// coordinates): the runs' count, and their addresses up to the shift along the last
+    /// axis (returned) when `addresses`; the additional tokens. `point_keys` finishes the
+    /// list for each query of the line.
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem; a stage must hold its window's rows.
+    /// `row` must be a row of the validated problem; a stage must hold the windows of the
+    /// line's queries that `point_keys` takes.
     #[inline(always)]
-    unsafe fn collect_keys_in(
+    unsafe fn begin_line(
         &self,
         row: Row,
         stage: Option<&Stage<T>>,
         addresses: bool,
         list: &mut KeyList<T::Acc>,
-    ) {
+    ) -> Option<LineRows> {
         let Row { b, h, x } = row;
         let hk = h / self.group;
         list.run_count = 0;
-        list.window = 0;
+        let mut line = None;
         // SAFETY (whole block): window keys of a validated row, and its extras, are in shape.
         unsafe {
             if let (Some(k), Some(v)) = (self.k, self.v) {
                 let w = self.g.window(x);
                 list.run_count = w[0].count * w[1].count;
-                list.run_len = w[2].count;
-                list.window = list.run_count * list.run_len;
                 if addresses {
                     let d = self.g.axes.map(|a| a.dilation);
                     let rows = match stage {
-                        Some(stage) => stage.window_rows(&w, d),
-                        None => window_rows((k, v), (b, hk), &w, d),
+                        Some(stage) => stage.line_rows(&w, d),
+                        None => line_rows((k, v), (b, hk), &w, d),
                     };
-                    list.set_runs(rows, [w[0].count, w[1].count]);
-                }
-                if let Some(bias) = self.bias {
-                    self.collect_bias(bias, row, w, list);
+                    list.set_runs(rows.rows, [w[0].count, w[1].count]);
+                    line = Some(rows);
                 }
             }
-            let extra = if self.ek.is_some() { self.g.extra } else { 0 };
             if let (Some(ek), Some(ev)) = (self.ek, self.ev) {
-                for e in 0..extra {
+                for e in 0..self.g.extra {
                     (list.extra_keys[e], list.extra_values[e]) = match stage {
                         Some(stage) => stage.extra_rows(e),
                         None => (ek.at([b, hk, e, 0]) as usize, ev.at([b, hk, e, 0]) as usize),
                     };
                 }
             }
-            list.len = list.window + extra;
         }
+        line
+    }
+
+    /// Finish the key list of `row` on the line that `begin_line` started in `list` (which
+    /// returned `line` when it set addresses): its runs' length, their shift and its bias.
+    ///
+    /// # Safety
+    /// As `begin_line`, for a row of that line.
+    #[inline(always)]
+    unsafe fn point_keys(&self, row: Row, line: Option<&LineRows>, list: &mut KeyList<T::Acc>) {
+        let extra = if self.ek.is_some() { self.g.extra } else { 0 };
+        list.window = 0;
+        if self.k.is_some() && self.v.is_some() {
+            let span = self.g.span(2, row.x[2]);
+            list.run_len = span.count;
+            list.window = list.run_count * span.count;
+            if let Some(line) = line {
+                list.shift = line.shift(span.first);
+            }
+            if let Some(bias) = self.bias {
+                // SAFETY: the window of a validated row.
+                unsafe { self.collect_bias(bias, row, self.g.window(row.x), list) };
+            }
+        }
+        list.len = list.window + extra;
     }
 
     /// The bias (and its bin in the `(2K-1)^3` box) of every neighbor of `row`, window order.
@@ -189,10 +215,18 @@ impl<'g, T: Element> Attention<'g, T> {
     /// `row` must be a row of the validated problem.
     #[inline(always)]
     pub unsafe fn load_query(&self, row: Row, q: &mut [T::Acc]) {
-        let [x0, x1, x2] = row.x;
-        let at = [row.b, row.h, x0, x1, x2, 0];
         // SAFETY: in shape by the caller's contract.
-        unsafe { load_scaled(q, self.q.at(at), self.q.inner_stride(), self.scale) };
+        unsafe { self.load_query_from(self.q.at(lse_index(row)), q) };
+    }
+
+    /// Load the query row at `src` (a row of the query view), times the scale, into `q`.
+    ///
+    /// # Safety
+    /// `src` must be the first element of a query row.
+    #[inline(always)]
+    unsafe fn load_query_from(&self, src: *const T, q: &mut [T::Acc]) {
+        // SAFETY: by the caller's contract.
+        unsafe { load_scaled(q, src, self.q.inner_stride(), self.scale) };
     }
 
     /// `logits[n] = q . key_n + bias_n` over `list` (`q` already scaled).
@@ -306,24 +340,30 @@ impl<T: Element> Attention<'_, T> {
     }
 }
 
-/// The window `w` of batch `b`, kv head `hk` where the key and value tensors hold it.
+/// Where the key and value tensors of batch `b`, kv head `hk` hold the windows of the line
+/// holding window `w` (see `LineRows`).
 ///
 /// # Safety
 /// The window must be in the tensors' validated shape.
 #[inline(always)]
-unsafe fn window_rows<T: Element>(
+unsafe fn line_rows<T: Element>(
     (k, v): (Tokens<T>, Tokens<T>),
     (b, hk): (usize, usize),
     w: &[Span; 3],
     dilation: [usize; 3],
-) -> WindowRows {
-    let at = [b, hk, w[0].first, w[1].first, w[2].first, 0];
+) -> LineRows {
+    let at = [b, hk, w[0].first, w[1].first, 0, 0];
     let size = std::mem::size_of::<T>() as isize;
     let step = |t: Tokens<T>, a: usize| dilation[a] as isize * t.stride(2 + a) * size;
-    WindowRows {
-        // SAFETY: in shape by the caller's contract.
-        first: unsafe { (k.at(at) as usize, v.at(at) as usize) },
-        steps: [0, 1, 2].map(|a| (step(k, a), step(v, a))),
+    LineRows {
+        rows: WindowRows {
+            // SAFETY: in shape by the caller's contract.
+            first: unsafe { (k.at(at) as usize, v.at(at) as usize) },
+            steps: [0, 1, 2].map(|a| (step(k, a), step(v, a))),
+        },
+        origin: 0,
+        unit: 1,
+        unit_bytes: (k.stride(4) * size, v.stride(4) * size),
     }
 }
 
@@ -410,10 +450,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         // The kv heads of one slab are consecutive tasks: heads-last rows interleave them, so
         // the second stage finds the lines the first one brought in still in cache.
         let (b, slab, hk) = (u / heads_kv / slabs, u / heads_kv % slabs, u % heads_kv);
-        let SlabScratch {
-            rows: [sa, sb],
-            stage,
-        } = s;
+        let SlabScratch { rows, stage } = s;
         let staged = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
             (Some(_), Some(kbox), Some(k), Some(v)) => {
                 let views = StagedViews {
@@ -427,55 +464,77 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             }
             _ => false,
         };
-        let d = a.g.axes.map(|axis| axis.dilation);
-        let (single, pair, wide) = match (staged, self.staged) {
-            (true, Some((single, pair))) => (single, Some(pair), self.wide),
-            _ => (f.attend.expect("an attend kernel"), self.pair, None),
+        let kernels = match (staged, self.staged) {
+            (true, Some((single, pair))) => LineKernels {
+                single,
+                pair: Some(pair),
+                wide: self.wide,
+            },
+            _ => LineKernels {
+                single: f.attend.expect("an attend kernel"),
+                pair: self.pair,
+                wide: None,
+            },
         };
         let points = self.slabs.ranges[slab].clone();
+        let length = a.g.axes[2].length;
         for h in hk * a.group..(hk + 1) * a.group {
-            let row = |p: usize| Row {
-                b,
-                h,
-                x: a.g.point(p),
-            };
-            let mut p = points.start;
-            while p < points.end {
-                let ra = row(p);
-                let rb = (p + 1 < points.end).then(|| row(p + 1));
-                if p + PREFETCH_POINTS < points.end {
-                    f.prefetch_rows(row(p + PREFETCH_POINTS));
-                }
-                let paired = rb.and_then(|rb| {
-                    let (offset, union) = a.pair_offset(ra, rb)?;
-                    let kernel = if union <= LANES { pair } else { wide };
-                    kernel.map(|kernel| (kernel, rb, offset))
-                });
-                // The other heads of the group find the whole box staged.
-                if staged && h == hk * a.group {
-                    let last = paired.map_or(ra, |(_, rb, _)| rb);
-                    stage.reach(&a.g.window(last.x), d);
-                }
-                let stage = staged.then_some(&*stage);
-                // SAFETY (both arms): rows of this task, of the validated problem; the stage
-                // holds their windows (`reach`).
-                unsafe {
-                    match paired {
-                        Some((pair, rb, offset)) => {
-                            f.attend_pair(pair, [ra, rb], offset, stage, [sa, sb]);
-                            p += 2;
-                        }
-                        None => {
-                            f.attend_row(single, ra, stage, sa);
-                            p += 1;
-                        }
-                    }
-                }
+            // The other heads of the group find the whole box staged.
+            let reach = staged && h == hk * a.group;
+            let mut start = points.start;
+            while start < points.end {
+                // A line's points are consecutive in the point order, `length` of them.
+                let end = points.end.min((start / length + 1) * length);
+                let line = SlabLine {
+                    b,
+                    h,
+                    points: start..end,
+                    slab_end: points.end,
+                };
+                let stage = staged.then_some(&mut *stage);
+                // SAFETY: points of this task's slab, batch and head; the stage (begun above)
+                // holds the slab's box.
+                unsafe { f.attend_line(line, kernels, (stage, reach), rows) };
+                start = end;
             }
         }
         if f.stream {
             fence_streams();
         }
+    }
+}
+
+/// The kernels a task of `Slabbed` attends with: one row at a time, pairs whose union fits
+/// `LANES` rows, and pairs with longer unions.
+#[derive(Clone, Copy)]
+struct LineKernels<A> {
+    single: Attend<A>,
+    pair: Option<AttendPair<A>>,
+    wide: Option<AttendPair<A>>,
+}
+
+/// Part of one line (the points of `points`, consecutive in the point order and sharing
+/// their leading coordinates) of batch `b` and head `h`, in a slab that ends at `slab_end`.
+struct SlabLine {
+    b: usize,
+    h: usize,
+    points: Range<usize>,
+    slab_end: usize,
+}
+
+/// The query, output and lse views of one line, from the line's first position on: a point
+/// of the line finds its rows with one multiplication along the last axis.
+struct LineViews<T> {
+    q: Tokens<T>,
+    out: Tokens<T>,
+    lse: Tokens<f32>,
+}
+
+impl<T> LineViews<T> {
+    /// Index of the element (channel 0) of the point at `x` on the line's last axis.
+    #[inline(always)]
+    fn at(x: usize) -> [usize; 6] {
+        [0, 0, 0, 0, x, 0]
     }
 }
 
@@ -557,6 +616,7 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         self.a.row_scratch()
     }
 
+    /// The portable path, for problems without an attend kernel (`Slabbed` takes the rest).
     #[inline(always)]
     unsafe fn row(&self, r: usize, s: &mut RowScratch<T::Acc>) {
         let a = self.a;
@@ -564,65 +624,158 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
         // SAFETY (whole block): `row` is a row of the validated problem; its output rows are
         // written by this call only.
         unsafe {
-            match self.attend {
-                Some(kernel) => self.attend_row(kernel, row, None, s),
-                None => {
-                    let lse = a.probabilities(row, s);
-                    let terms = (row, &s.keys, &s.logits[..], true);
-                    a.store_weighted_sum(terms, self.out_row(row), T::Acc::ONE, &mut s.tail);
-                    self.store_lse(row, lse);
-                }
-            }
+            let lse = a.probabilities(row, s);
+            let terms = (row, &s.keys, &s.logits[..], true);
+            a.store_weighted_sum(terms, self.out_row(row), T::Acc::ONE, &mut s.tail);
+            *self.lse.at(lse_index(row)) = lse.to_f32();
         }
     }
 }
 
+/// Index of row `row`'s lse in a `[B, heads, *spatial]` view (channel 0).
+fn lse_index(row: Row) -> [usize; 6] {
+    let [x0, x1, x2] = row.x;
+    [row.b, row.h, x0, x1, x2, 0]
+}
+
 impl<T: Element> Forward<'_, '_, T> {
-    /// Row `row` through `kernel`, its rows read from `stage` when given.
+    /// The queries of `line` through `kernels`, two at a time where their windows allow,
+    /// their windows read from the stage when given; first filling the stage as far as the
+    /// line's queries reach (`reach`, set for the first head of a kv head's group).
+    ///
+    /// Everything that is the same along a line (the key runs' addresses up to a shift, and
+    /// where the line's queries, outputs and lse lie) is found once per line.
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem, written by this task only; the kernel
-    /// must read rows as they lie (staged rows are widened); a stage must hold the row's
-    /// window.
+    /// The line's rows must be rows of the validated problem, written by this task only; the
+    /// kernels must read rows as they lie (staged rows are widened); a stage must have begun
+    /// on a box holding the line's windows.
+    #[inline(always)]
+    unsafe fn attend_line(
+        &self,
+        line: SlabLine,
+        kernels: LineKernels<T::Acc>,
+        (mut stage, reach): (Option<&mut Stage<T>>, bool),
+        [sa, sb]: &mut [RowScratch<T::Acc>; 2],
+    ) {
+        let (a, g) = (self.a, self.a.g);
+        let first = Row {
+            b: line.b,
+            h: line.h,
+            x: g.point(line.points.start),
+        };
+        let at = |p: usize| Row {
+            x: g.point(p),
+            ..first
+        };
+        let d = g.axes.map(|axis| axis.dilation);
+        // SAFETY (whole block): rows of the validated problem, ours to write; the stage holds
+        // every window it is asked for (`reach` before each use).
+        unsafe {
+            let views = self.line_views(first);
+            let rows = a.begin_line(first, stage.as_deref(), true, &mut sa.keys);
+            a.begin_line(first, stage.as_deref(), false, &mut sb.keys);
+            let mut p = line.points.start;
+            while p < line.points.end {
+                let ra = at(p);
+                let rb = (p + 1 < line.points.end).then(|| at(p + 1));
+                let ahead = p + PREFETCH_POINTS;
+                if ahead < line.points.end {
+                    self.prefetch_point(&views, g.point(ahead)[2]);
+                } else if ahead < line.slab_end {
+                    self.prefetch_point(&self.line_views(at(ahead)), g.point(ahead)[2]);
+                }
+                let paired = rb.and_then(|rb| {
+                    let (offset, union) = a.pair_offset_along(ra.x[2], rb.x[2])?;
+                    let kernel = if union <= LANES {
+                        kernels.pair
+                    } else {
+                        kernels.wide
+                    };
+                    kernel.map(|kernel| (kernel, rb, offset))
+                });
+                if let Some(stage) = stage.as_deref_mut().filter(|_| reach) {
+                    let last = paired.map_or(ra, |(_, rb, _)| rb);
+                    stage.reach(&g.window(last.x), d);
+                }
+                let line = (&views, rows.as_ref());
+                match paired {
+                    Some((pair, rb, offset)) => {
+                        self.attend_pair(pair, [ra, rb], offset, line, [sa, sb]);
+                        p += 2;
+                    }
+                    None => {
+                        self.attend_row(kernels.single, ra, line, sa);
+                        p += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The views of the line of `row`, from the line's first position on.
+    ///
+    /// # Safety
+    /// `row` must be a row of the validated problem.
+    #[inline(always)]
+    unsafe fn line_views(&self, row: Row) -> LineViews<T> {
+        let [x0, x1, _] = row.x;
+        let start = [row.b, row.h, x0, x1, 0, 0];
+        // SAFETY: the line's first position is in shape with the row's.
+        unsafe {
+            LineViews {
+                q: self.a.q.rebased(start),
+                out: self.out.rebased(start),
+                lse: self.lse.rebased(start),
+            }
+        }
+    }
+
+    /// Row `row` (on the line of `views`, whose key runs `begin_line` put in `s.keys` with
+    /// `rows`) through `kernel`.
+    ///
+    /// # Safety
+    /// As `attend_line`, for a row of the line.
     #[inline(always)]
     unsafe fn attend_row(
         &self,
         kernel: Attend<T::Acc>,
         row: Row,
-        stage: Option<&Stage<T>>,
+        (views, rows): (&LineViews<T>, Option<&LineRows>),
         s: &mut RowScratch<T::Acc>,
     ) {
         let a = self.a;
         // SAFETY: by the caller's contract.
         unsafe {
-            a.load_query(row, &mut s.q);
-            a.collect_keys_in(row, stage, true, &mut s.keys);
+            a.load_query_from(views.q.at(LineViews::<T>::at(row.x[2])), &mut s.q);
+            a.point_keys(row, rows, &mut s.keys);
             let acc = &mut s.tail[..a.dim_v];
             let result = kernel(&s.q, &s.keys, a.bias.is_some(), &mut s.logits, acc);
-            self.finish(row, result, acc);
+            self.finish(views, row.x[2], result, acc);
         }
     }
 
     /// Rows `rows` through one `AttendPair` call (the second's window runs start `offset` rows
-    /// into the first's), windows read from `stage` when given.
+    /// into the first's), as `attend_row` does one.
     ///
     /// # Safety
-    /// As `attend_row`, for both rows, and `offset` from `pair_offset`.
+    /// As `attend_row`, for both rows, and `offset` from `pair_offset_along`.
     #[inline(always)]
     unsafe fn attend_pair(
         &self,
         pair: AttendPair<T::Acc>,
         [ra, rb]: [Row; 2],
         offset: usize,
-        stage: Option<&Stage<T>>,
+        (views, rows): (&LineViews<T>, Option<&LineRows>),
         [sa, sb]: [&mut RowScratch<T::Acc>; 2],
     ) {
         let (a, dim) = (self.a, self.a.dim_v);
         // SAFETY: by the caller's contract.
         unsafe {
-            for (row, s, addresses) in [(ra, &mut *sa, true), (rb, &mut *sb, false)] {
-                a.load_query(row, &mut s.q);
-                a.collect_keys_in(row, stage, addresses, &mut s.keys);
+            // Only the first list's runs are read, so only it needs their shift.
+            for (row, s, rows) in [(ra, &mut *sa, rows), (rb, &mut *sb, None)] {
+                a.load_query_from(views.q.at(LineViews::<T>::at(row.x[2])), &mut s.q);
+                a.point_keys(row, rows, &mut s.keys);
             }
             let results = pair(
                 [&sa.q, &sb.q],
@@ -632,23 +785,24 @@ impl<T: Element> Forward<'_, '_, T> {
                 [&mut sa.logits, &mut sb.logits],
                 [&mut sa.tail[..dim], &mut sb.tail[..dim]],
             );
-            self.finish(ra, results[0], &mut sa.tail[..dim]);
-            self.finish(rb, results[1], &mut sb.tail[..dim]);
+            self.finish(views, ra.x[2], results[0], &mut sa.tail[..dim]);
+            self.finish(views, rb.x[2], results[1], &mut sb.tail[..dim]);
         }
     }
 
-    /// Hint that row `row`'s query will be read soon, and its output written (unless streamed).
+    /// Hint that the query at `x` on the line of `views` will be read soon, and its output
+    /// written (unless streamed).
     #[inline(always)]
-    fn prefetch_rows(&self, row: Row) {
-        let a = self.a;
-        let [x0, x1, x2] = row.x;
-        // SAFETY: rows of the validated problem are in shape.
-        let query = unsafe { a.q.at([row.b, row.h, x0, x1, x2, 0]) };
+    fn prefetch_point(&self, views: &LineViews<T>, x: usize) {
         let size = std::mem::size_of::<T>();
-        prefetch_lines(query as *const u8, a.g.dim * size);
-        let (out, _, dim) = self.out_row(row);
+        // SAFETY: points of the line are in shape.
+        let (query, out) = unsafe {
+            let at = LineViews::<T>::at(x);
+            (views.q.at(at), views.out.at(at))
+        };
+        prefetch_lines(query as *const u8, self.a.g.dim * size);
         if !self.stream {
-            prefetch_lines(out as *const u8, dim * size);
+            prefetch_lines(out as *const u8, self.a.dim_v * size);
         }
     }
 
@@ -660,22 +814,19 @@ impl<T: Element> Forward<'_, '_, T> {
         (at, self.out.inner_stride(), self.a.dim_v)
     }
 
-    /// Write the lse of row `row`.
+    /// Write the output `acc / sum` and the lse of the point at `x` on the line of `views`
+    /// from an attend kernel's `(max, sum)`.
     ///
     /// # Safety
-    /// `row` must be a row of the validated problem, written by this task only.
-    unsafe fn store_lse(&self, row: Row, lse: T::Acc) {
-        let [x0, x1, x2] = row.x;
-        // SAFETY: by the caller's contract.
-        unsafe { *self.lse.at([row.b, row.h, x0, x1, x2, 0]) = lse.to_f32() };
-    }
-
-    /// Write row `row`'s output `acc / sum` and its lse from an attend kernel's `(max, sum)`.
-    ///
-    /// # Safety
-    /// `row` must be a row of the validated problem, written by this task only.
+    /// The point's row must be a row of the validated problem, written by this task only.
     #[inline(always)]
-    unsafe fn finish(&self, row: Row, (max, sum): (T::Acc, T::Acc), acc: &mut [T::Acc]) {
+    unsafe fn finish(
+        &self,
+        views: &LineViews<T>,
+        x: usize,
+        (max, sum): (T::Acc, T::Acc),
+        acc: &mut [T::Acc],
+    ) {
         // A row that sees no key (merged attention over nothing) gives zeros, lse -inf.
         let inv = if sum > T::Acc::ZERO {
             T::Acc::ONE / sum
@@ -683,13 +834,14 @@ impl<T: Element> Forward<'_, '_, T> {
             T::Acc::ZERO
         };
         acc.iter_mut().for_each(|x| *x = *x * inv);
-        let (ptr, step, _) = self.out_row(row);
+        let at = LineViews::<T>::at(x);
         // SAFETY: by the caller's contract.
         unsafe {
+            let ptr = views.out.at(at);
             if !(self.stream && stream_row(ptr, acc)) {
-                store(ptr, step, acc);
+                store(ptr, views.out.inner_stride(), acc);
             }
-            self.store_lse(row, max + sum.ln());
+            *views.lse.at(at) = (max + sum.ln()).to_f32();
         }
     }
 }
@@ -717,7 +869,13 @@ impl<T: Element> Attention<'_, T> {
         if (a.b, a.h, a.x[0], a.x[1]) != (b.b, b.h, b.x[0], b.x[1]) {
             return None;
         }
-        let (wa, wb) = (self.g.window(a.x)[2], self.g.window(b.x)[2]);
+        self.pair_offset_along(a.x[2], b.x[2])
+    }
+
+    /// `pair_offset` for two consecutive rows of one line, at `a` and `b` on its last axis.
+    #[inline(always)]
+    fn pair_offset_along(&self, a: usize, b: usize) -> Option<(usize, usize)> {
+        let (wa, wb) = (self.g.span(2, a), self.g.span(2, b));
         let d = self.g.axes[2].dilation;
         let shift = wb.first.checked_sub(wa.first)?;
         if shift % d != 0 {

@@ -104,6 +104,12 @@ impl Grid {
         ]
     }
 
+    /// Keys seen along axis `axis` by the queries at position `x` on it.
+    #[inline(always)]
+    pub fn span(&self, axis: usize, x: usize) -> Span {
+        self.forward[axis][x]
+    }
+
     /// `(query position, slot)` of every query that sees key position `j` on axis `axis`.
     pub fn queries_of(&self, axis: usize, j: usize) -> &[(usize, usize)] {
         self.inverse[axis].of(j)

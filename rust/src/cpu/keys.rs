@@ -13,8 +13,11 @@ pub const LANES: usize = 8;
 /// neighbors first (as runs along the window's last axis, whose keys lie a fixed step apart),
 /// then the additional tokens.
 pub struct KeyList<A> {
-    /// Per run: addresses of its first key row and first value row.
+    /// Per run: addresses of its first key row and first value row, before `shift`.
     pub(super) runs: Vec<(usize, usize)>,
+    /// Bytes added to every run's key and value addresses: the queries of one line share
+    /// their runs' addresses up to this shift along the last axis (`LineRows`).
+    pub(super) shift: (isize, isize),
     pub(super) run_count: usize,
     /// Keys per run.
     pub(super) run_len: usize,
@@ -37,6 +40,7 @@ impl<A: Accum> KeyList<A> {
     pub(super) fn new(runs: usize, neighbors: usize, extra: usize) -> Self {
         KeyList {
             runs: vec![(0, 0); runs],
+            shift: (0, 0),
             run_count: 0,
             run_len: 0,
             steps: (0, 0),
@@ -50,12 +54,13 @@ impl<A: Accum> KeyList<A> {
     }
 
     /// Set the run addresses (and the step along each run) of a window of `counts` runs
-    /// along its first two axes, whose rows lie as `rows` says.
+    /// along its first two axes, whose rows lie as `rows` says; no shift.
     #[inline(always)]
     pub(super) fn set_runs(&mut self, rows: WindowRows, counts: [usize; 2]) {
         let (k0, v0) = rows.first;
         let [(k_step0, v_step0), (k_step1, v_step1), steps] = rows.steps;
         self.steps = steps;
+        self.shift = (0, 0);
         let mut runs = self.runs.iter_mut();
         for s0 in 0..counts[0] as isize {
             let (k, v) = (
@@ -74,12 +79,16 @@ impl<A: Accum> KeyList<A> {
     /// The neighbors' key rows (or value rows) as runs, each with the index of its first key.
     #[inline(always)]
     pub fn runs(&self, values: bool) -> impl Iterator<Item = (usize, Run)> + '_ {
-        let step = if values { self.steps.1 } else { self.steps.0 };
+        let (step, shift) = if values {
+            (self.steps.1, self.shift.1)
+        } else {
+            (self.steps.0, self.shift.0)
+        };
         self.runs[..self.run_count]
             .iter()
             .enumerate()
             .map(move |(i, &(k, v))| {
-                let first = if values { v } else { k };
+                let first = if values { v } else { k }.wrapping_add_signed(shift);
                 (
                     i * self.run_len,
                     Run {

@@ -399,7 +399,7 @@ impl<T: Element> Stage<T> {
     /// The staged window `w` (inside the filled box): addresses of its first key and value
     /// rows, and the byte steps between neighbours along each axis.
     #[inline(always)]
-    pub fn window_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> WindowRows {
+    fn window_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> WindowRows {
         let kbox = self.kbox.expect("a begun stage");
         let size = std::mem::size_of::<T::Acc>();
         let first = kbox.index([w[0].first, w[1].first, w[2].first]);
@@ -417,6 +417,50 @@ impl<T: Element> Stage<T> {
             ),
             steps,
         }
+    }
+
+    /// Where the windows of the line holding window `w` lie in the stage (see `LineRows`).
+    #[inline(always)]
+    pub fn line_rows(&self, w: &[Span; 3], dilation: [usize; 3]) -> LineRows {
+        let kbox = self.kbox.expect("a begun stage");
+        let size = std::mem::size_of::<T::Acc>() as isize;
+        let origin = Span {
+            first: kbox.first[2],
+            count: 0,
+        };
+        LineRows {
+            rows: self.window_rows(&[w[0], w[1], origin], dilation),
+            origin: origin.first,
+            unit: kbox.step[2],
+            unit_bytes: (self.dims.0 as isize * size, self.dims.1 as isize * size),
+        }
+    }
+}
+
+/// Where the windows of one line's queries lie (queries that differ only along the last axis,
+/// whose windows then differ only along it): the rows of the window that starts at `origin`
+/// on the last axis, and how far the rows move per `unit` positions that a window starts
+/// further on. A line's queries then find their rows with one multiplication each.
+#[derive(Clone, Copy, Debug)]
+pub struct LineRows {
+    /// The rows of the window starting at `origin`.
+    pub rows: WindowRows,
+    /// Where that window starts on the last axis.
+    pub origin: usize,
+    /// Positions on the last axis per row moved (a window's start lies a whole number of
+    /// units past the origin).
+    pub unit: usize,
+    /// Bytes key rows and value rows move per unit.
+    pub unit_bytes: (isize, isize),
+}
+
+impl LineRows {
+    /// Bytes `(keys, values)` from the origin's rows to those of the window starting at
+    /// `first` on the last axis.
+    #[inline(always)]
+    pub fn shift(&self, first: usize) -> (isize, isize) {
+        let units = steps_in(first - self.origin, self.unit) as isize;
+        (units * self.unit_bytes.0, units * self.unit_bytes.1)
     }
 }
 

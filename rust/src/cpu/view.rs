@@ -56,6 +56,19 @@ impl<T, const N: usize> View<T, N> {
         self.strides[axis]
     }
 
+    /// The same memory viewed from the element at `index` on (indices count from there).
+    ///
+    /// # Safety
+    /// As `at`.
+    #[inline(always)]
+    pub unsafe fn rebased(&self, index: [usize; N]) -> Self {
+        View {
+            // SAFETY: forwarded contract.
+            ptr: unsafe { self.at(index) },
+            strides: self.strides,
+        }
+    }
+
     /// Address of the element at `index`.
     ///
     /// # Safety
