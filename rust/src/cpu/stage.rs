@@ -225,9 +225,31 @@ pub struct Stage<T: Element> {
     kbox: Option<KeyBox>,
     /// Where the box's rows come from: the views and `(batch, kv head)`.
     source: Option<(StagedViews<T>, (usize, usize))>,
-    /// Positions of the box staged so far (a prefix, row-major), and prefetched so far.
+    /// Positions of the box staged so far (a prefix, row-major).
     filled: usize,
-    prefetched: usize,
+    /// Where prefetching has got to.
+    prefetched: Segment<T>,
+}
+
+/// Box positions `next..end` on one line of the box, whose source rows lie `steps` elements
+/// apart from `rows` (those of `next`) on.
+struct Segment<T> {
+    next: usize,
+    end: usize,
+    rows: (*const T, *const T),
+    steps: (isize, isize),
+}
+
+impl<T> Segment<T> {
+    /// No positions.
+    fn empty() -> Self {
+        Segment {
+            next: 0,
+            end: 0,
+            rows: (std::ptr::null(), std::ptr::null()),
+            steps: (0, 0),
+        }
+    }
 }
 
 impl<T: Element> Stage<T> {
@@ -243,7 +265,7 @@ impl<T: Element> Stage<T> {
             kbox: None,
             source: None,
             filled: 0,
-            prefetched: 0,
+            prefetched: Segment::empty(),
         }
     }
 
@@ -274,7 +296,7 @@ impl<T: Element> Stage<T> {
         }
         self.kbox = Some(kbox);
         self.source = Some((rows, (b, hk)));
-        (self.filled, self.prefetched) = (0, 0);
+        (self.filled, self.prefetched) = (0, Segment::empty());
     }
 
     /// Make sure the window `w` (inside the box) is staged: fill the box to the end of the
@@ -296,11 +318,8 @@ impl<T: Element> Stage<T> {
         let need = kbox.index([last(0), last(1), last(2)]) + 1;
         let (line, volume) = (kbox.count[2].max(1), kbox.volume());
         let ahead = (need + line).min(volume);
-        if ahead > self.prefetched {
-            // SAFETY: positions of the box; the views hold them (`begin`'s contract).
-            unsafe { self.prefetch(self.prefetched.max(self.filled)..ahead) };
-            self.prefetched = ahead;
-        }
+        // SAFETY: positions of the box; the views hold them (`begin`'s contract).
+        unsafe { self.prefetch(ahead) };
         if need > self.filled {
             let end = need.next_multiple_of(line).min(volume);
             // SAFETY: as above.
@@ -320,69 +339,87 @@ impl<T: Element> Stage<T> {
     #[inline(always)]
     unsafe fn fill(&mut self, positions: Range<usize>) {
         let (dk, dv) = self.dims;
-        let mut dst_k = self.keys.ptr_mut().wrapping_add(positions.start * dk);
-        let mut dst_v = self.values.ptr_mut().wrapping_add(positions.start * dv);
+        let mut n = positions.start;
         // SAFETY: in shape and in the buffers by the caller's contract.
         unsafe {
-            self.for_each_segment(positions, |(mut k, mut v), (k_step, v_step), len| {
-                for _ in 0..len {
-                    widen(k, dst_k, dk);
-                    widen(v, dst_v, dv);
-                    (k, v) = (k.offset(k_step), v.offset(v_step));
-                    (dst_k, dst_v) = (dst_k.add(dk), dst_v.add(dv));
-                }
-            })
+            while n < positions.end {
+                let Some(segment) = self.segment(n) else {
+                    return;
+                };
+                let len = segment.end.min(positions.end) - n;
+                let (k, v) = segment.rows;
+                widen_rows(
+                    k,
+                    segment.steps.0,
+                    self.keys.ptr_mut().add(n * dk),
+                    (dk, len),
+                );
+                widen_rows(
+                    v,
+                    segment.steps.1,
+                    self.values.ptr_mut().add(n * dv),
+                    (dv, len),
+                );
+                n += len;
+            }
         }
     }
 
-    /// Ask the memory system for the source rows of box positions `positions`.
+    /// Ask the memory system for the source rows of the box positions from where the last
+    /// call stopped (or the first unfilled one) up to `end`, carrying the source addresses
+    /// along each box line instead of looking up every call's first position.
     ///
     /// # Safety
-    /// As `fill`.
-    unsafe fn prefetch(&self, positions: Range<usize>) {
+    /// As `fill`, for `end` at most the box's volume.
+    #[inline(always)]
+    unsafe fn prefetch(&mut self, end: usize) {
         let size = std::mem::size_of::<T>();
         let (key_bytes, value_bytes) = (self.dims.0 * size, self.dims.1 * size);
-        // SAFETY: forwarded contract (only hints are issued for the addresses).
-        unsafe {
-            self.for_each_segment(positions, |(mut k, mut v), (k_step, v_step), len| {
-                for _ in 0..len {
-                    prefetch_lines(k as *const u8, key_bytes);
-                    prefetch_lines(v as *const u8, value_bytes);
-                    (k, v) = (k.wrapping_offset(k_step), v.wrapping_offset(v_step));
-                }
-            })
+        let mut n = self.prefetched.next.max(self.filled);
+        while n < end {
+            if n != self.prefetched.next || n == self.prefetched.end {
+                let Some(segment) = self.segment(n) else {
+                    return;
+                };
+                self.prefetched = segment;
+            }
+            let Segment {
+                rows: (mut k, mut v),
+                steps,
+                ..
+            } = self.prefetched;
+            let stop = end.min(self.prefetched.end);
+            for _ in n..stop {
+                prefetch_lines(k as *const u8, key_bytes);
+                prefetch_lines(v as *const u8, value_bytes);
+                (k, v) = (k.wrapping_offset(steps.0), v.wrapping_offset(steps.1));
+            }
+            self.prefetched.rows = (k, v);
+            self.prefetched.next = stop;
+            n = stop;
         }
     }
 
-    /// Split box positions `positions` into segments along the box's last axis and call
-    /// `f((first key row, first value row), (key step, value step), positions in it)` for
-    /// each, in order (steps in elements).
+    /// The positions from box position `n` to the end of its box line, with their source rows
+    /// (none without a source).
     ///
     /// # Safety
-    /// As `begin`, for positions of the box.
+    /// As `begin`, for a position of the box.
     #[inline(always)]
-    unsafe fn for_each_segment(
-        &self,
-        positions: Range<usize>,
-        mut f: impl FnMut((*const T, *const T), (isize, isize), usize),
-    ) {
+    unsafe fn segment(&self, n: usize) -> Option<Segment<T>> {
         let kbox = self.kbox.expect("a begun stage");
-        let Some(((k, v), (b, hk))) = self.source.map(|(rows, at)| (rows.window, at)) else {
-            return;
-        };
+        let ((k, v), (b, hk)) = self.source.map(|(rows, at)| (rows.window, at))?;
         let line = kbox.count[2].max(1);
+        let (_, [x0, x1, x2]) = kbox.positions(n..n + 1).next()?;
+        let at = [b, hk, x0, x1, x2, 0];
         let step = |t: Tokens<T>| t.stride(4) * kbox.step[2] as isize;
-        let mut n = positions.start;
-        while n < positions.end {
-            let end = positions.end.min((n / line + 1) * line);
-            let Some((_, [x0, x1, x2])) = kbox.positions(n..n + 1).next() else {
-                return;
-            };
-            let at = [b, hk, x0, x1, x2, 0];
+        Some(Segment {
+            next: n,
+            end: (n / line + 1) * line,
             // SAFETY: box positions are in the views' shape (the caller's contract).
-            unsafe { f((k.at(at), v.at(at)), (step(k), step(v)), end - n) };
-            n = end;
-        }
+            rows: unsafe { (k.at(at) as *const T, v.at(at) as *const T) },
+            steps: (step(k), step(v)),
+        })
     }
 
     /// Addresses of additional token `e`'s staged key row and value row.
@@ -500,6 +537,24 @@ pub(super) fn prefetch_lines(p: *const u8, bytes: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (p, bytes);
+}
+
+/// `len` rows of `n` elements, `step` elements apart from `src` on, to consecutive rows at
+/// `dst`, widened to the accumulator type.
+///
+/// # Safety
+/// `src` must hold the rows and `dst` `len * n` writable elements.
+#[inline(always)]
+unsafe fn widen_rows<T: Element>(
+    src: *const T,
+    step: isize,
+    dst: *mut T::Acc,
+    (n, len): (usize, usize),
+) {
+    for r in 0..len {
+        // SAFETY: by the caller's contract.
+        unsafe { widen(src.offset(r as isize * step), dst.add(r * n), n) };
+    }
 }
 
 /// `n` elements from `src` to `dst`, widened to the accumulator type.

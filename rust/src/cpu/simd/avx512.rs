@@ -393,21 +393,16 @@ pub unsafe fn attend_pair_f32(
     [(max[0], sums[0]), (max[1], sums[1])]
 }
 
-/// The dots of two vectors side by side (`side_by_side`, `8 G` channels) with union rows
-/// `first..first + 8` of `run` (those past `union` repeat row `first`), rows of element type
-/// `T` (widened to float32 as they are loaded): union row `first + j`'s in lanes `j` (first
-/// vector) and `8 + j` (second). A macro rather than a function: as an inlined function it
-/// cost the forward's pair kernel about a fifth (its registers were allocated worse).
+/// The dots of two vectors side by side (`side_by_side`, `8 G` channels) with the eight rows
+/// at `$rows` (`group_rows`), rows of element type `T` (widened to float32 as they are
+/// loaded): row `j`'s in lanes `j` (first vector) and `8 + j` (second). A macro rather than a
+/// function: as an inlined function it cost the forward's pair kernel about a fifth (its
+/// registers were allocated worse).
 ///
 /// Unsafe to expand: the CPU must have the AVX-512 tier and the rows hold `8 G` elements.
 macro_rules! group_dots {
-    ($T:ty, $both:expr, $run:expr, ($first:expr, $union:expr)) => {{
-        let group = Run {
-            first: $run.at($first),
-            len: $union - $first,
-            ..$run
-        };
-        let rows = padded(group, 0).map(|r| r as *const $T);
+    ($T:ty, $both:expr, $rows:expr) => {{
+        let rows: [*const $T; 8] = $rows;
         let mut sums = [_mm512_setzero_ps(); 8];
         for (g, x) in $both.iter().enumerate() {
             for j in 0..8 {
@@ -417,6 +412,21 @@ macro_rules! group_dots {
         }
         sum_pairs(sums)
     }};
+}
+
+/// Byte offsets from a run's first row to its union rows `first..first + 8` (those past
+/// `union` repeat row `first`), rows `step` bytes apart: the same for every run of a list, so
+/// found once per group rather than once per run.
+#[inline(always)]
+fn group_offsets(first: usize, union: usize, step: isize) -> [isize; 8] {
+    let count = (union - first).min(LANES);
+    std::array::from_fn(|j| (first + if j < count { j } else { 0 }) as isize * step)
+}
+
+/// The rows of `run` at `offsets` (`group_offsets`).
+#[inline(always)]
+fn group_rows<T>(run: Run, offsets: &[isize; 8]) -> [*const T; 8] {
+    offsets.map(|o| run.first.wrapping_add_signed(o) as *const T)
 }
 
 /// The pair kernel unrolled for rows of `dim` channels, keys and values alike, where there is
@@ -461,15 +471,16 @@ unsafe fn attend_pair_exact<const G: usize>(
         let both = side_by_side::<G>(q);
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max = neg_inf;
-        let mut slot = logits.as_mut_ptr();
-        for ((na, run), (nb, _)) in ka.runs(false).zip(kb.runs(false)) {
-            for first in (0..union).step_by(LANES) {
-                // Lanes of the group's rows in each query's window: the first query's in
-                // lanes 0..8, the second's in 8..16.
-                let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
-                let inside_a = below(ka.run_len);
-                let inside_b = (below(union) & !below(offset)) << 8;
-                let mut l = group_dots!(f32, both, run, (first, union));
+        // Groups outside, runs inside: a group's masks and row offsets hold for every run.
+        for (group, first) in (0..union).step_by(LANES).enumerate() {
+            // Lanes of the group's rows in each query's window: the first query's in lanes
+            // 0..8, the second's in 8..16.
+            let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
+            let inside_a = below(ka.run_len);
+            let inside_b = (below(union) & !below(offset)) << 8;
+            let offsets = group_offsets(first, union, ka.steps.0);
+            for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
+                let mut l = group_dots!(f32, both, group_rows(run, &offsets));
                 if with_bias {
                     let a =
                         _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().wrapping_add(na + first));
@@ -484,8 +495,7 @@ unsafe fn attend_pair_exact<const G: usize>(
                 }
                 l = _mm512_mask_blend_ps(inside_a | inside_b, neg_inf, l);
                 max = _mm512_max_ps(max, l);
-                _mm512_storeu_ps(slot, l);
-                slot = slot.add(2 * LANES);
+                _mm512_storeu_ps(logits.as_mut_ptr().add(2 * LANES * (i * groups + group)), l);
             }
         }
         let max = half_reduce(max, |a, b| _mm512_max_ps(a, b));
@@ -545,12 +555,14 @@ unsafe fn pair_dots_exact<const G: usize, T: Wide>(
     // output.
     unsafe {
         let both = side_by_side::<G>(v);
-        for (i, (_, run)) in ka.runs(values).enumerate() {
-            for first in (0..union).step_by(LANES) {
-                let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
-                let inside_a = below(ka.run_len) as __mmask8;
-                let inside_b = (below(union) & !below(offset)) as __mmask8;
-                let l = group_dots!(T, both, run, (first, union));
+        let step = if values { ka.steps.1 } else { ka.steps.0 };
+        for first in (0..union).step_by(LANES) {
+            let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
+            let inside_a = below(ka.run_len) as __mmask8;
+            let inside_b = (below(union) & !below(offset)) as __mmask8;
+            let offsets = group_offsets(first, union, step);
+            for (i, (_, run)) in ka.runs(values).enumerate() {
+                let l = group_dots!(T, both, group_rows(run, &offsets));
                 // Lane j holds union row `first + j`: the first side's position `first + j` of
                 // run i, the second side's `first + j - offset`.
                 let a = out_a.wrapping_add(i * ka.run_len + first);
