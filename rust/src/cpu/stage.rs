@@ -227,12 +227,14 @@ pub struct Stage<T: Element> {
     source: Option<(StagedViews<T>, (usize, usize))>,
     /// Positions of the box staged so far (a prefix, row-major).
     filled: usize,
-    /// Where prefetching has got to.
+    /// Where filling, and prefetching, have got to.
+    filling: Segment<T>,
     prefetched: Segment<T>,
 }
 
 /// Box positions `next..end` on one line of the box, whose source rows lie `steps` elements
 /// apart from `rows` (those of `next`) on.
+#[derive(Clone, Copy)]
 struct Segment<T> {
     next: usize,
     end: usize,
@@ -265,6 +267,7 @@ impl<T: Element> Stage<T> {
             kbox: None,
             source: None,
             filled: 0,
+            filling: Segment::empty(),
             prefetched: Segment::empty(),
         }
     }
@@ -296,7 +299,8 @@ impl<T: Element> Stage<T> {
         }
         self.kbox = Some(kbox);
         self.source = Some((rows, (b, hk)));
-        (self.filled, self.prefetched) = (0, Segment::empty());
+        self.filled = 0;
+        (self.filling, self.prefetched) = (Segment::empty(), Segment::empty());
     }
 
     /// Make sure the window `w` (inside the box) is staged: fill the box to the end of the
@@ -328,8 +332,7 @@ impl<T: Element> Stage<T> {
         }
     }
 
-    /// Copy the rows of box positions `positions`, a line segment (positions along the last
-    /// axis, one source stride apart) at a time.
+    /// Copy the rows of box positions `positions` (along from where the last fill stopped).
     ///
     /// Inlined into the forward's row kernel, so that the copies take its instruction set
     /// (wide moves, and vector conversions of half types) rather than the baseline's.
@@ -339,35 +342,20 @@ impl<T: Element> Stage<T> {
     #[inline(always)]
     unsafe fn fill(&mut self, positions: Range<usize>) {
         let (dk, dv) = self.dims;
-        let mut n = positions.start;
+        let (keys, values) = (self.keys.ptr_mut(), self.values.ptr_mut());
+        let mut cursor = self.filling;
         // SAFETY: in shape and in the buffers by the caller's contract.
         unsafe {
-            while n < positions.end {
-                let Some(segment) = self.segment(n) else {
-                    return;
-                };
-                let len = segment.end.min(positions.end) - n;
-                let (k, v) = segment.rows;
-                widen_rows(
-                    k,
-                    segment.steps.0,
-                    self.keys.ptr_mut().add(n * dk),
-                    (dk, len),
-                );
-                widen_rows(
-                    v,
-                    segment.steps.1,
-                    self.values.ptr_mut().add(n * dv),
-                    (dv, len),
-                );
-                n += len;
-            }
+            self.walk(&mut cursor, positions, |(k, v), steps, n, len| {
+                widen_rows(k, steps.0, keys.add(n * dk), (dk, len));
+                widen_rows(v, steps.1, values.add(n * dv), (dv, len));
+            });
         }
+        self.filling = cursor;
     }
 
     /// Ask the memory system for the source rows of the box positions from where the last
-    /// call stopped (or the first unfilled one) up to `end`, carrying the source addresses
-    /// along each box line instead of looking up every call's first position.
+    /// call stopped (or the first unfilled one) up to `end`.
     ///
     /// # Safety
     /// As `fill`, for `end` at most the box's volume.
@@ -375,28 +363,53 @@ impl<T: Element> Stage<T> {
     unsafe fn prefetch(&mut self, end: usize) {
         let size = std::mem::size_of::<T>();
         let (key_bytes, value_bytes) = (self.dims.0 * size, self.dims.1 * size);
-        let mut n = self.prefetched.next.max(self.filled);
-        while n < end {
-            if n != self.prefetched.next || n == self.prefetched.end {
-                let Some(segment) = self.segment(n) else {
+        let mut cursor = self.prefetched;
+        let start = cursor.next.max(self.filled);
+        // SAFETY: forwarded contract (only hints are issued for the addresses).
+        unsafe {
+            self.walk(&mut cursor, start..end, |(mut k, mut v), steps, _, len| {
+                for _ in 0..len {
+                    prefetch_lines(k as *const u8, key_bytes);
+                    prefetch_lines(v as *const u8, value_bytes);
+                    (k, v) = (k.wrapping_offset(steps.0), v.wrapping_offset(steps.1));
+                }
+            });
+        }
+        self.prefetched = cursor;
+    }
+
+    /// Call `f(first rows, steps, first position, positions)` for the box positions
+    /// `positions`, a segment of a box line at a time, carrying `cursor` along: a call that
+    /// goes on from where the cursor stopped, on the same box line, looks up no position.
+    ///
+    /// # Safety
+    /// As `begin`, for positions of the box.
+    #[inline(always)]
+    unsafe fn walk(
+        &self,
+        cursor: &mut Segment<T>,
+        positions: Range<usize>,
+        mut f: impl FnMut((*const T, *const T), (isize, isize), usize, usize),
+    ) {
+        let mut n = positions.start;
+        while n < positions.end {
+            if n != cursor.next || n == cursor.end {
+                // SAFETY: by the caller's contract.
+                let Some(segment) = (unsafe { self.segment(n) }) else {
                     return;
                 };
-                self.prefetched = segment;
+                *cursor = segment;
             }
-            let Segment {
-                rows: (mut k, mut v),
-                steps,
-                ..
-            } = self.prefetched;
-            let stop = end.min(self.prefetched.end);
-            for _ in n..stop {
-                prefetch_lines(k as *const u8, key_bytes);
-                prefetch_lines(v as *const u8, value_bytes);
-                (k, v) = (k.wrapping_offset(steps.0), v.wrapping_offset(steps.1));
-            }
-            self.prefetched.rows = (k, v);
-            self.prefetched.next = stop;
-            n = stop;
+            let len = positions.end.min(cursor.end) - n;
+            let (k, v) = cursor.rows;
+            f((k, v), cursor.steps, n, len);
+            let moved = |step: isize| step * len as isize;
+            cursor.rows = (
+                k.wrapping_offset(moved(cursor.steps.0)),
+                v.wrapping_offset(moved(cursor.steps.1)),
+            );
+            cursor.next += len;
+            n += len;
         }
     }
 
