@@ -732,20 +732,32 @@ unsafe fn spread_pair_block<const N: usize>(
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq")]
 fn sum_pairs(v: [__m512; 8]) -> __m512 {
-    // Blocks [a_j, b_j, a_k, b_k]: each half's two blocks of rows j and k added.
-    let fold = |j: __m512, k: __m512| {
+    // Each step adds two vectors' lanes in pairs: one operand is a blend of the two (lanes
+    // that already line up), the other the rest brought into line by one permute, so a step
+    // costs one shuffle instead of two (shuffles, not the adds, bound this reduction).
+    // Blocks of four lanes: [a_j, a_k, b_j, b_k], each the sum of row j's (or k's) two blocks.
+    let pair_blocks = |j: __m512, k: __m512| {
+        let other = _mm512_setr_epi32(4, 5, 6, 7, 16, 17, 18, 19, 12, 13, 14, 15, 24, 25, 26, 27);
         _mm512_add_ps(
-            _mm512_shuffle_f32x4::<0b10_00_10_00>(j, k),
-            _mm512_shuffle_f32x4::<0b11_01_11_01>(j, k),
+            _mm512_mask_blend_ps(0xf0f0, j, k),
+            _mm512_permutex2var_ps(j, other, k),
         )
     };
-    // Lane pairs within blocks added: block k of rows (0, 1, 2, 3) then (4, 5, 6, 7).
-    let lanes = |p, q| _mm512_add_ps(_mm512_unpacklo_ps(p, q), _mm512_unpackhi_ps(p, q));
-    let low = lanes(fold(v[0], v[1]), fold(v[2], v[3]));
-    let high = lanes(fold(v[4], v[5]), fold(v[6], v[7]));
-    // Blocks: [a0 a4 a2 a6], [b0 b4 b2 b6], [a1 a5 a3 a7], [b1 b5 b3 b7].
-    let z = lanes(low, high);
-    let order = _mm512_setr_epi32(0, 8, 2, 10, 1, 9, 3, 11, 4, 12, 6, 14, 5, 13, 7, 15);
+    // Within blocks: lanes (0, 1) + (2, 3) of `p`, then of `q`.
+    let pair_halves = |p: __m512, q: __m512| {
+        let swapped = _mm512_permute_ps::<0b01_00_11_10>(_mm512_mask_blend_ps(0xcccc, q, p));
+        _mm512_add_ps(_mm512_mask_blend_ps(0xcccc, p, q), swapped)
+    };
+    // Within blocks: lanes 0 + 1 of `p`, of `q`, then 2 + 3 of `p`, of `q`.
+    let pair_lanes = |p: __m512, q: __m512| {
+        let swapped = _mm512_permute_ps::<0b10_11_00_01>(_mm512_mask_blend_ps(0xaaaa, q, p));
+        _mm512_add_ps(_mm512_mask_blend_ps(0xaaaa, p, q), swapped)
+    };
+    let low = pair_halves(pair_blocks(v[0], v[1]), pair_blocks(v[2], v[3]));
+    let high = pair_halves(pair_blocks(v[4], v[5]), pair_blocks(v[6], v[7]));
+    // Lanes: a0 a4 a2 a6 a1 a5 a3 a7, then the same of b.
+    let z = pair_lanes(low, high);
+    let order = _mm512_setr_epi32(0, 4, 2, 6, 1, 5, 3, 7, 8, 12, 10, 14, 9, 13, 11, 15);
     _mm512_permutexvar_ps(order, z)
 }
 
@@ -755,6 +767,31 @@ mod tests {
 
     fn tier() -> bool {
         super::super::detected() >= super::super::Isa::Avx512
+    }
+
+    /// Lane `j` gets the sum of row `j`'s first eight lanes, lane `8 + j` of its last eight.
+    #[test]
+    fn sum_pairs_adds_each_half_of_each_row() {
+        if !tier() {
+            return;
+        }
+        let value = |j: usize, i: usize| ((j * 16 + i) * 37 % 101) as f32 - 50.0;
+        // SAFETY: the CPU has the AVX-512 tier (checked above).
+        let got = unsafe {
+            let rows: [__m512; 8] = std::array::from_fn(|j| {
+                let lanes: [f32; 16] = std::array::from_fn(|i| value(j, i));
+                _mm512_loadu_ps(lanes.as_ptr())
+            });
+            let mut out = [0.0f32; 16];
+            _mm512_storeu_ps(out.as_mut_ptr(), sum_pairs(rows));
+            out
+        };
+        for j in 0..8 {
+            for half in 0..2 {
+                let want: f32 = (0..8).map(|i| value(j, 8 * half + i)).sum();
+                assert_eq!(got[8 * half + j], want, "row {j}, half {half}");
+            }
+        }
     }
 
     /// Every row of the run gets each query's weighted vector exactly where that query's
