@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from natten_rs.functional import na2d_av, na2d_qk
+from rounds import interleaved
 
 
 @dataclass
@@ -78,14 +78,8 @@ def timed(call) -> float:
 
 
 def measure(calls: dict, rounds: int) -> dict:
-    for call in calls.values():  # warm up: first-use compiles, allocator, autotuning
-        call()
-        call()
-    samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            samples[name].append(timed(call))
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    # Two warm-up calls: first-use compiles, the allocator, autotuning.
+    return interleaved(calls, rounds, timer=timed, warmups=2)
 
 
 def calls_for(p: Problem, dilation: int, backward: bool) -> dict:

@@ -15,14 +15,13 @@ forward capped at the AVX2 tier (``fused avx2``) against the default (AVX-512) o
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import dataclass
 
 import natten_rs
 import torch
 import torch.nn.functional as F
 from natten_rs import _core, functional
+from rounds import interleaved
 
 
 @dataclass
@@ -72,18 +71,6 @@ def unfused(p, q, k, v):
 
     attn = qk(heads_first(q) * p.dim**-0.5, heads_first(k), p.kernel, p.dilation).softmax(-1)
     return av(attn, heads_first(v), p.kernel, p.dilation)
-
-
-def measure(calls: dict, rounds: int) -> dict:
-    for call in calls.values():
-        call()
-    samples = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
 def forward_calls(p):
@@ -140,8 +127,8 @@ def main() -> None:
     for key in args.problems:
         for p in PROBLEMS[key]:
             with torch.no_grad():
-                report(p, "fwd", measure(forward_calls(p), args.rounds))
-            report(p, "fwd+bwd", measure(backward_calls(p), args.rounds))
+                report(p, "fwd", interleaved(forward_calls(p), args.rounds))
+            report(p, "fwd+bwd", interleaved(backward_calls(p), args.rounds))
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ its ratio to natten_rs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from natten_rs import reference
 from natten_rs.functional import na2d_av, na2d_qk
+from rounds import interleaved
 
 B, HEADS, SIZE, DIM, KERNEL = 8, 2, (56, 56), 32, 7
 
@@ -41,12 +40,6 @@ def reference_fwd(q, k, v, dilation):
     return reference.na(heads_last(q), heads_last(k), heads_last(v), KERNEL, dilation=dilation)
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def measure(contenders: dict, rounds: int, backward: bool, inputs, dilation) -> dict:
     """Median seconds per contender over ``rounds`` interleaved rounds (after a warm-up)."""
 
@@ -58,13 +51,7 @@ def measure(contenders: dict, rounds: int, backward: bool, inputs, dilation) -> 
             with torch.no_grad():
                 fn(*inputs, dilation)
 
-    for fn in contenders.values():
-        call(fn)
-    samples = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
-            samples[name].append(timed(lambda fn=fn: call(fn)))
-    return {name: statistics.median(ts) for name, ts in samples.items()}
+    return interleaved({name: (lambda fn=fn: call(fn)) for name, fn in contenders.items()}, rounds)
 
 
 def main() -> None:
