@@ -216,7 +216,7 @@ impl<'g, T: Element> Attention<'g, T> {
     #[inline(always)]
     pub unsafe fn load_query(&self, row: Row, q: &mut [T::Acc]) {
         // SAFETY: in shape by the caller's contract.
-        unsafe { self.load_query_from(self.q.at(lse_index(row)), q) };
+        unsafe { self.load_query_from(self.q.at(token_index(row)), q) };
     }
 
     /// Load the query row at `src` (a row of the query view), times the scale, into `q`.
@@ -627,13 +627,13 @@ impl<T: Element> RowKernel for Forward<'_, '_, T> {
             let lse = a.probabilities(row, s);
             let terms = (row, &s.keys, &s.logits[..], true);
             a.store_weighted_sum(terms, self.out_row(row), T::Acc::ONE, &mut s.tail);
-            *self.lse.at(lse_index(row)) = lse.to_f32();
+            *self.lse.at(token_index(row)) = lse.to_f32();
         }
     }
 }
 
-/// Index of row `row`'s lse in a `[B, heads, *spatial]` view (channel 0).
-fn lse_index(row: Row) -> [usize; 6] {
+/// Index of row `row`'s token (channel 0) in a `[B, heads, *spatial, C]` view.
+fn token_index(row: Row) -> [usize; 6] {
     let [x0, x1, x2] = row.x;
     [row.b, row.h, x0, x1, x2, 0]
 }
