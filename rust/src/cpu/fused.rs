@@ -408,7 +408,8 @@ const STREAM_OUTPUT_BYTES: usize = 2 << 20;
 
 /// How many points ahead of the pair being attended the staged forward fetches query rows and
 /// output lines: with neither, the query loads and output stores stalled P1's forward by about
-/// a fifth.
+/// a fifth. Every point is fetched, the pair's two included (fetching one point per step, as
+/// pairs step two points, left every other query unfetched: twice the query-load stalls).
 const PREFETCH_POINTS: usize = 4;
 
 /// The forward pass of the attend kernels, one slab (`stage`) of one batch and kv head per
@@ -676,14 +677,20 @@ impl<T: Element> Forward<'_, '_, T> {
             let rows = a.begin_line(first, stage.as_deref(), true, &mut sa.keys);
             a.begin_line(first, stage.as_deref(), false, &mut sb.keys);
             let mut p = line.points.start;
+            // Points up to here have been asked for (the line's first few by the line before).
+            let mut fetched = (p + PREFETCH_POINTS).min(line.slab_end);
             while p < line.points.end {
                 let ra = at(p);
                 let rb = (p + 1 < line.points.end).then(|| at(p + 1));
-                let ahead = p + PREFETCH_POINTS;
-                if ahead < line.points.end {
-                    self.prefetch_point(&views, g.point(ahead)[2]);
-                } else if ahead < line.slab_end {
-                    self.prefetch_point(&self.line_views(at(ahead)), g.point(ahead)[2]);
+                // Every point up to PREFETCH_POINTS past this step's (one or two).
+                let ahead = (p + 2 + PREFETCH_POINTS).min(line.slab_end);
+                while fetched < ahead {
+                    if fetched < line.points.end {
+                        self.prefetch_point(&views, g.point(fetched)[2]);
+                    } else {
+                        self.prefetch_point(&self.line_views(at(fetched)), g.point(fetched)[2]);
+                    }
+                    fetched += 1;
                 }
                 let paired = rb.and_then(|rb| {
                     let (offset, union) = a.pair_offset_along(ra.x[2], rb.x[2])?;
