@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
-use super::avx2::{self, load8, load_partial, mask_past, max8, padded, Wide};
+use super::avx2::{self, load_partial, mask_past, max8, padded, Format, Wide};
 use crate::cpu::element::{AttendPair, PairDots, Rows, Run};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
@@ -393,23 +393,34 @@ pub unsafe fn attend_pair_f32(
     [(max[0], sums[0]), (max[1], sums[1])]
 }
 
-/// The dots of two vectors side by side (`side_by_side`, `8 G` channels) with the eight rows
-/// at `$rows` (`group_rows`), rows of element type `T` (widened to float32 as they are
-/// loaded): row `j`'s in lanes `j` (first vector) and `8 + j` (second). A macro rather than a
-/// function: as an inlined function it cost the forward's pair kernel about a fifth (its
-/// registers were allocated worse).
+/// The dots of two vectors (`crossed`, `8 G` channels) with the eight rows at `$rows`
+/// (`group_rows`), rows of element type `T` (widened to float32 as they are loaded): row `j`'s
+/// in lanes `j` (first vector) and `8 + j` (second). Each row is read sixteen channels a load
+/// and multiplied with both crossed halves of a block: lanes 0..8 then hold the first vector's
+/// partial sums of the block's low channels and the second's of its high ones, or the reverse,
+/// and one swap of halves per row lines them up for `sum_pairs`. (Broadcasting eight channels
+/// into both halves instead cost a shuffle per load: P1's forward 1.06x the time.) A macro
+/// rather than a function: as an inlined function it cost the forward's pair kernel about a
+/// fifth (its registers were allocated worse).
 ///
 /// Unsafe to expand: the CPU must have the AVX-512 tier and the rows hold `8 G` elements.
 macro_rules! group_dots {
-    ($T:ty, $both:expr, $rows:expr) => {{
+    ($T:ty, $crossed:expr, $rows:expr) => {{
         let rows: [*const $T; 8] = $rows;
-        let mut sums = [_mm512_setzero_ps(); 8];
-        for (g, x) in $both.iter().enumerate() {
+        let crossed: &[__m512] = &$crossed;
+        let mut straight = [_mm512_setzero_ps(); 8];
+        let mut swapped = [_mm512_setzero_ps(); 8];
+        for (b, pair) in crossed.chunks_exact(2).enumerate() {
             for j in 0..8 {
-                let row = _mm512_broadcast_f32x8(load8::<$T>(rows[j].add(8 * g)));
-                sums[j] = _mm512_fmadd_ps(*x, row, sums[j]);
+                let row = load16::<$T>(rows[j].add(16 * b));
+                straight[j] = _mm512_fmadd_ps(pair[0], row, straight[j]);
+                swapped[j] = _mm512_fmadd_ps(pair[1], row, swapped[j]);
             }
         }
+        let sums: [__m512; 8] = std::array::from_fn(|j| {
+            let back = _mm512_shuffle_f32x4::<0b01_00_11_10>(swapped[j], swapped[j]);
+            _mm512_add_ps(straight[j], back)
+        });
         sum_pairs(sums)
     }};
 }
@@ -468,7 +479,7 @@ unsafe fn attend_pair_exact<const G: usize>(
     // SAFETY (whole block): queries hold 8 G floats; union rows are keys of one of the
     // queries (rows of 8 G floats); the scratch holds sixteen slots per group.
     unsafe {
-        let both = side_by_side::<G>(q);
+        let halves = crossed::<G>(q);
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let mut max = neg_inf;
         // Groups outside, runs inside: a group's masks and row offsets hold for every run.
@@ -480,7 +491,7 @@ unsafe fn attend_pair_exact<const G: usize>(
             let inside_b = (below(union) & !below(offset)) << 8;
             let offsets = group_offsets(first, union, ka.steps.0);
             for (i, ((na, run), (nb, _))) in ka.runs(false).zip(kb.runs(false)).enumerate() {
-                let mut l = group_dots!(f32, both, group_rows(run, &offsets));
+                let mut l = group_dots!(f32, halves, group_rows(run, &offsets));
                 if with_bias {
                     let a =
                         _mm512_maskz_loadu_ps(inside_a, ka.bias.as_ptr().wrapping_add(na + first));
@@ -554,7 +565,7 @@ unsafe fn pair_dots_exact<const G: usize, T: Wide>(
     // (8 G elements of T each); every store lane left on is a window position of its side's
     // output.
     unsafe {
-        let both = side_by_side::<G>(v);
+        let halves = crossed::<G>(v);
         let step = if values { ka.steps.1 } else { ka.steps.0 };
         for first in (0..union).step_by(LANES) {
             let below = |n: usize| lanes_below(n.saturating_sub(first).min(LANES));
@@ -562,7 +573,7 @@ unsafe fn pair_dots_exact<const G: usize, T: Wide>(
             let inside_b = (below(union) & !below(offset)) as __mmask8;
             let offsets = group_offsets(first, union, step);
             for (i, (_, run)) in ka.runs(values).enumerate() {
-                let l = group_dots!(T, both, group_rows(run, &offsets));
+                let l = group_dots!(T, halves, group_rows(run, &offsets));
                 // Lane j holds union row `first + j`: the first side's position `first + j` of
                 // run i, the second side's `first + j - offset`.
                 let a = out_a.wrapping_add(i * ka.run_len + first);
@@ -576,21 +587,46 @@ unsafe fn pair_dots_exact<const G: usize, T: Wide>(
     }
 }
 
-/// Two vectors of `8 G` floats side by side, eight channels at a time: channels `8 g..8 g + 8`
-/// of the first in lanes 0..8 of `out[g]`, of the second in lanes 8..16.
+/// Two vectors of `8 G` floats (`G` even) crossed, sixteen channels at a time, for
+/// `group_dots`: `out[2 b]` holds the first vector's channels `16 b..16 b + 8` in lanes 0..8
+/// and the second's `16 b + 8..16 b + 16` in lanes 8..16; `out[2 b + 1]` the other halves
+/// (the second's low channels, the first's high ones).
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; both vectors hold `8 G` floats.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn side_by_side<const G: usize>(v: [&[f32]; 2]) -> [__m512; G] {
+unsafe fn crossed<const G: usize>(v: [&[f32]; 2]) -> [__m512; G] {
     // SAFETY: by the caller's contract.
-    std::array::from_fn(|g| unsafe {
-        _mm512_insertf32x8::<1>(
-            _mm512_castps256_ps512(_mm256_loadu_ps(v[0].as_ptr().add(8 * g))),
-            _mm256_loadu_ps(v[1].as_ptr().add(8 * g)),
+    std::array::from_fn(|i| unsafe {
+        let (a, b) = (v[i % 2].as_ptr(), v[1 - i % 2].as_ptr());
+        let at = 16 * (i / 2);
+        _mm512_mask_blend_ps(
+            0xff00,
+            _mm512_loadu_ps(a.add(at)),
+            _mm512_loadu_ps(b.add(at)),
         )
     })
+}
+
+/// Sixteen elements at `p`, as float32.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; 16 readable elements at `p`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn load16<T: Wide>(p: *const T) -> __m512 {
+    // SAFETY: by the caller's contract.
+    unsafe {
+        match T::FORMAT {
+            Format::F32 => _mm512_loadu_ps(p as *const f32),
+            Format::BF16 => {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves))
+            }
+            Format::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+        }
+    }
 }
 
 /// `op` over the lanes of each half of `v` (lanes 0..8, then 8..16), in every lane of it.
