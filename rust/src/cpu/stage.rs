@@ -227,8 +227,8 @@ pub struct Stage<T: Element> {
     source: Option<(StagedViews<T>, (usize, usize))>,
     /// Positions of the box staged so far (a prefix, row-major).
     filled: usize,
-    /// Where filling, and prefetching, have got to.
-    filling: Segment<T>,
+    /// Where prefetching has got to (fills start on a new box line each time, so they carry
+    /// nothing from call to call).
     prefetched: Segment<T>,
 }
 
@@ -267,7 +267,6 @@ impl<T: Element> Stage<T> {
             kbox: None,
             source: None,
             filled: 0,
-            filling: Segment::empty(),
             prefetched: Segment::empty(),
         }
     }
@@ -299,8 +298,7 @@ impl<T: Element> Stage<T> {
         }
         self.kbox = Some(kbox);
         self.source = Some((rows, (b, hk)));
-        self.filled = 0;
-        (self.filling, self.prefetched) = (Segment::empty(), Segment::empty());
+        (self.filled, self.prefetched) = (0, Segment::empty());
     }
 
     /// Make sure the window `w` (inside the box) is staged: fill the box to the end of the
@@ -332,7 +330,7 @@ impl<T: Element> Stage<T> {
         }
     }
 
-    /// Copy the rows of box positions `positions` (along from where the last fill stopped).
+    /// Copy the rows of box positions `positions`.
     ///
     /// Inlined into the forward's row kernel, so that the copies take its instruction set
     /// (wide moves, and vector conversions of half types) rather than the baseline's.
@@ -343,15 +341,13 @@ impl<T: Element> Stage<T> {
     unsafe fn fill(&mut self, positions: Range<usize>) {
         let (dk, dv) = self.dims;
         let (keys, values) = (self.keys.ptr_mut(), self.values.ptr_mut());
-        let mut cursor = self.filling;
         // SAFETY: in shape and in the buffers by the caller's contract.
         unsafe {
-            self.walk(&mut cursor, positions, |(k, v), steps, n, len| {
+            self.walk(&mut Segment::empty(), positions, |(k, v), steps, n, len| {
                 widen_rows(k, steps.0, keys.add(n * dk), (dk, len));
                 widen_rows(v, steps.1, values.add(n * dv), (dv, len));
             });
         }
-        self.filling = cursor;
     }
 
     /// Ask the memory system for the source rows of the box positions from where the last

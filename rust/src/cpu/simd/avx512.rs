@@ -1,8 +1,9 @@
 //! The AVX-512 tier of the forward's attend kernels, for staged rows (dense float32; half
 //! types are widened when they are staged). Sixteen lanes hold the partial logits of two
-//! queries side by side (eight channels of each against the same key row, broadcast to both
-//! halves), so a query pair's logits take half the multiply-adds of the AVX2 kernels; value
-//! sums run sixteen channels at a time, tails through lane masks.
+//! queries side by side (eight channels of each against the same key row: broadcast to both
+//! halves in the general kernels, read sixteen at a time against crossed query halves in the
+//! exact ones, `group_dots`), so a query pair's logits take half the multiply-adds of the AVX2
+//! kernels; value sums run sixteen channels at a time, tails through lane masks.
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
