@@ -4,6 +4,8 @@
 
 use std::ops::Range;
 
+use rayon::current_num_threads;
+
 use super::av::weighted_sum;
 use super::element::{
     dot, fence_streams, load_scaled, store, stream_row, Accum, Attend, AttendKernels, AttendPair,
@@ -97,6 +99,23 @@ impl<'g, T: Element> Attention<'g, T> {
         )
     }
 
+    /// Kv heads a forward task can stage together (see `Stage::new`): all of them where each
+    /// position's key rows, and value rows, of all kv heads lie side by side and there are no
+    /// additional tokens (staged one head at a time), else one.
+    fn side_by_side_heads(&self) -> usize {
+        let heads_kv = self.g.heads / self.group;
+        let side_by_side =
+            |t: Option<Tokens<T>>, dim: usize| t.is_some_and(|t| t.stride(1) == dim as isize);
+        let together = self.ek.is_none()
+            && side_by_side(self.k, self.g.dim)
+            && side_by_side(self.v, self.dim_v);
+        if together {
+            heads_kv
+        } else {
+            1
+        }
+    }
+
     /// Gather the keys of query row `row` into `list`.
     ///
     /// # Safety
@@ -138,7 +157,7 @@ impl<'g, T: Element> Attention<'g, T> {
                 if addresses {
                     let d = self.g.axes.map(|a| a.dilation);
                     let rows = match stage {
-                        Some(stage) => stage.line_rows(&w, d),
+                        Some(stage) => stage.line_rows(&w, d, hk),
                         None => line_rows((k, v), (b, hk), &w, d),
                     };
                     list.set_runs(rows.rows, [w[0].count, w[1].count]);
@@ -386,14 +405,24 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         return unsafe { par_rows((g.rows(), g.row_cost() * 2), &kernel) };
     }
     let row_bytes = (p.dim + p.dim_v) * std::mem::size_of::<T::Acc>();
+    let slabs = Slabs::plan(&g, row_bytes);
+    // Heads staged together must not make the slabs smaller (boxes grown for long windows
+    // are bounded in bytes: the 3-D problem's forward took 1.2x the time with its four heads
+    // together), nor leave the threads too few tasks.
+    let heads = Some(a.side_by_side_heads())
+        .filter(|&heads| heads > 1)
+        .filter(|_| p.batch * slabs.ranges.len() >= MIN_TASKS_PER_THREAD * current_num_threads())
+        .filter(|&heads| Slabs::plan(&g, heads * row_bytes).ranges == slabs.ranges)
+        .unwrap_or(1);
     let slabbed = Slabbed {
         forward: &kernel,
         pair: T::attend_pair_kernel(),
         wide: T::wide_pair_kernel(p.dim, p.dim_v).filter(|_| p.extra == 0),
         staged: T::staged_kernels(),
-        slabs: Slabs::plan(&g, row_bytes),
+        slabs,
+        heads,
     };
-    let tasks = p.batch * p.heads_kv * slabbed.slabs.ranges.len();
+    let tasks = p.batch * p.heads_kv / heads * slabbed.slabs.ranges.len();
     let cost = (g.rows() * g.row_cost() * 2).div_ceil(tasks.max(1));
     // SAFETY: task `u` writes only the rows of its slab, batch and kv head's query heads.
     unsafe { par_rows((tasks, cost), &slabbed) }
@@ -406,16 +435,21 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
 /// 0.94-0.98.
 const STREAM_OUTPUT_BYTES: usize = 2 << 20;
 
+/// Tasks per thread below which the forward stages kv heads one at a time (making as many
+/// times more tasks as there are kv heads), so that the threads have work to balance.
+const MIN_TASKS_PER_THREAD: usize = 2;
+
 /// How many points ahead of the pair being attended the staged forward fetches query rows and
 /// output lines: with neither, the query loads and output stores stalled P1's forward by about
 /// a fifth. Every point is fetched, the pair's two included (fetching one point per step, as
 /// pairs step two points, left every other query unfetched: twice the query-load stalls).
 const PREFETCH_POINTS: usize = 4;
 
-/// The forward pass of the attend kernels, one slab (`stage`) of one batch and kv head per
-/// task: the slab's key and value rows are staged once, then every query head of the group
-/// attends from the slab's queries, two consecutive rows through one `AttendPair` call where
-/// their windows allow (neighbors along the last axis share most keys), else one by one.
+/// The forward pass of the attend kernels, one slab (`stage`) of one batch and `heads`
+/// consecutive kv heads per task: the slab's key and value rows are staged once, then every
+/// query head of those kv heads attends from the slab's queries, two consecutive rows through
+/// one `AttendPair` call where their windows allow (neighbors along the last axis share most
+/// keys), else one by one.
 struct Slabbed<'k, 'a, 'g, T: Element> {
     forward: &'k Forward<'a, 'g, T>,
     pair: Option<AttendPair<T::Acc>>,
@@ -424,6 +458,8 @@ struct Slabbed<'k, 'a, 'g, T: Element> {
     /// The kernels for staged (widened) rows; without them, slabs are not staged.
     staged: Option<AttendKernels<T::Acc>>,
     slabs: Slabs,
+    /// Kv heads a task stages together (all of `Attention::side_by_side_heads`, or one).
+    heads: usize,
 }
 
 /// Per-worker scratch of `Slabbed`.
@@ -439,7 +475,12 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         let a = self.forward.a;
         SlabScratch {
             rows: [a.row_scratch(), a.row_scratch()],
-            stage: Stage::new(self.slabs.max_volume, a.g.extra, (a.g.dim, a.dim_v)),
+            stage: Stage::new(
+                self.slabs.max_volume,
+                a.g.extra,
+                (a.g.dim, a.dim_v),
+                self.heads,
+            ),
         }
     }
 
@@ -447,10 +488,15 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
     unsafe fn row(&self, u: usize, s: &mut Self::Scratch) {
         let (f, a) = (self.forward, self.forward.a);
         let slabs = self.slabs.ranges.len();
-        let heads_kv = a.g.heads / a.group;
-        // The kv heads of one slab are consecutive tasks: heads-last rows interleave them, so
-        // the second stage finds the lines the first one brought in still in cache.
-        let (b, slab, hk) = (u / heads_kv / slabs, u / heads_kv % slabs, u % heads_kv);
+        let stages = a.g.heads / a.group / self.heads;
+        // A slab's stages (one per kv head where they are staged one at a time) are
+        // consecutive tasks: heads-last rows interleave the heads, so the second stage finds
+        // the lines the first one brought in still in cache.
+        let (b, slab, hk) = (
+            u / stages / slabs,
+            u / stages % slabs,
+            u % stages * self.heads,
+        );
         let SlabScratch { rows, stage } = s;
         let staged = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
             (Some(_), Some(kbox), Some(k), Some(v)) => {
@@ -479,7 +525,7 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
         };
         let points = self.slabs.ranges[slab].clone();
         let length = a.g.axes[2].length;
-        for h in hk * a.group..(hk + 1) * a.group {
+        for h in hk * a.group..(hk + self.heads) * a.group {
             // The other heads of the group find the whole box staged.
             let reach = staged && h == hk * a.group;
             let mut start = points.start;
