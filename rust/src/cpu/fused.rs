@@ -406,13 +406,17 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
     }
     let row_bytes = (p.dim + p.dim_v) * std::mem::size_of::<T::Acc>();
     let slabs = Slabs::plan(&g, row_bytes);
-    // Heads staged together must not make the slabs smaller (boxes grown for long windows
-    // are bounded in bytes: the 3-D problem's forward took 1.2x the time with its four heads
-    // together), nor leave the threads too few tasks.
+    // Heads staged together must not change the slabs (boxes grown for long windows are
+    // bounded in bytes: the 3-D problem's forward took 1.2x the time with its four heads
+    // together; boxes too large are not staged), nor leave the threads too few tasks.
+    let same_slabs = |heads: usize| {
+        let together = Slabs::plan(&g, heads * row_bytes);
+        together.ranges == slabs.ranges && together.boxes == slabs.boxes
+    };
     let heads = Some(a.side_by_side_heads())
         .filter(|&heads| heads > 1)
         .filter(|_| p.batch * slabs.ranges.len() >= MIN_TASKS_PER_THREAD * current_num_threads())
-        .filter(|&heads| Slabs::plan(&g, heads * row_bytes).ranges == slabs.ranges)
+        .filter(|&heads| same_slabs(heads))
         .unwrap_or(1);
     let slabbed = Slabbed {
         forward: &kernel,
@@ -436,8 +440,10 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
 const STREAM_OUTPUT_BYTES: usize = 2 << 20;
 
 /// Tasks per thread below which the forward stages kv heads one at a time (making as many
-/// times more tasks as there are kv heads), so that the threads have work to balance.
-const MIN_TASKS_PER_THREAD: usize = 2;
+/// times more tasks as there are kv heads), so that the threads have work to balance: with
+/// a few tasks each, one thread finishes a whole task before the others (P1 with B = 1 on two
+/// threads: five tasks with its two heads together).
+const MIN_TASKS_PER_THREAD: usize = 4;
 
 /// How many points ahead of the pair being attended the staged forward fetches query rows and
 /// output lines: with neither, the query loads and output stores stalled P1's forward by about
