@@ -428,7 +428,7 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
     };
     let tasks = p.batch * p.heads_kv / heads * slabbed.slabs.ranges.len();
     let cost = (g.rows() * g.row_cost() * 2).div_ceil(tasks.max(1));
-    // SAFETY: task `u` writes only the rows of its slab, batch and kv head's query heads.
+    // SAFETY: task `u` writes only the rows of its slab, batch and kv heads' query heads.
     unsafe { par_rows((tasks, cost), &slabbed) }
 }
 
