@@ -460,11 +460,12 @@ const PREFETCH_POINTS: usize = 4;
 /// Attending eight consecutive queries of a line at once instead (lanes holding queries,
 /// keys staged channel-major, so that a block's logits at one offset from each query's column
 /// take one multiply-add per channel and no sums across lanes) was built and measured three
-/// times, on AVX-512 (Zen 4), and lost each time. Its interior blocks beat the pair kernel
-/// (about 88 ns per query against 110-117 on P1's rows in cache), but the blocks at a line's
-/// ends, whose clamped windows widen the offsets to ten and mask lanes, took about 175, and
-/// transposing keys into the stage cost more than copying them: P1's forward took 0.95 to
-/// 1.2x the time of this path, the 3-D problem 1.1 to 1.4x.
+/// times, on AVX-512 (Zen 4), and never paid overall. Its interior blocks beat the pair
+/// kernel (about 88 ns per query against 110-117 on P1's rows in cache), but the blocks at a
+/// line's ends, whose clamped windows widen the offsets to ten and mask lanes, took about
+/// 175, and transposing keys into the stage cost more than copying them: P1's forward took
+/// 0.95 to 1.2x the time of this path, the 3-D problem 1.1 to 1.4x (one build took the 1-D
+/// problem 0.84x).
 ///
 /// Neither does keeping the rows a worker staged for the last slab that the next slab's box
 /// shares (six of P1's eighteen box lines) pay: moved in the stage rather than copied again,
