@@ -234,6 +234,17 @@ pub trait Element: Copy + Send + Sync + 'static {
         }
     }
 
+    /// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
+    /// rows at `dst`.
+    ///
+    /// # Safety
+    /// `src` must hold the rows and `dst` `len * n` writable accumulators.
+    #[inline(always)]
+    unsafe fn widen_rows(src: *const Self, step: isize, dst: *mut Self::Acc, rows: (usize, usize)) {
+        // SAFETY: forwarded contract.
+        unsafe { widen_rows_portable(src, step, dst, rows) }
+    }
+
     /// The kernel that attends from one query over the dense key and value rows of a key list
     /// in one call, where this type has one on this CPU (see `Attend`).
     fn attend_kernel() -> Option<Attend<Self::Acc>> {
@@ -346,6 +357,16 @@ macro_rules! wide_rows {
                     unsafe { axpy(acc, weight, rows.at(i) as *const Self, 1) };
                 }
             }
+            #[inline(always)]
+            unsafe fn widen_rows(src: *const Self, step: isize, dst: *mut f32, rows: (usize, usize)) {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::available() {
+                    // SAFETY: the CPU has the kernels' features; the rest is the caller's.
+                    return unsafe { super::simd::widen_rows::<$t>(src, step, dst, rows) };
+                }
+                // SAFETY: forwarded contract.
+                unsafe { widen_rows_portable(src, step, dst, rows) }
+            }
             fn attend_kernel() -> Option<Attend<f32>> {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
@@ -395,6 +416,25 @@ macro_rules! wide_rows {
 }
 
 wide_rows!(f32, f16, bf16);
+
+/// The portable loop of `Element::widen_rows`.
+///
+/// # Safety
+/// As `Element::widen_rows`.
+#[inline(always)]
+unsafe fn widen_rows_portable<T: Element>(
+    src: *const T,
+    step: isize,
+    dst: *mut T::Acc,
+    (n, len): (usize, usize),
+) {
+    for r in 0..len {
+        for c in 0..n {
+            // SAFETY: inside the rows and `dst` by the caller's contract.
+            unsafe { *dst.add(r * n + c) = (*src.offset(r as isize * step).add(c)).to_acc() };
+        }
+    }
+}
 
 /// Conversions of the widened types to and from `f32`.
 trait F32Convert {

@@ -303,16 +303,9 @@ impl<T: Element> Stage<T> {
             for e in 0..extra {
                 // SAFETY: in shape and in the buffers by the caller's contract.
                 unsafe {
-                    widen(
-                        ek.at([b, hk, e, 0]),
-                        self.extra_keys.ptr_mut().add(e * dk),
-                        dk,
-                    );
-                    widen(
-                        ev.at([b, hk, e, 0]),
-                        self.extra_values.ptr_mut().add(e * dv),
-                        dv,
-                    );
+                    let (keys, values) = (self.extra_keys.ptr_mut(), self.extra_values.ptr_mut());
+                    widen_rows(ek.at([b, hk, e, 0]), 0, keys.add(e * dk), (dk, 1));
+                    widen_rows(ev.at([b, hk, e, 0]), 0, values.add(e * dv), (dv, 1));
                 }
             }
         }
@@ -610,10 +603,8 @@ unsafe fn widen_rows<T: Element>(
             }
         }
     }
-    for r in 0..len {
-        // SAFETY: by the caller's contract.
-        unsafe { widen(src.offset(r as isize * step), dst.add(r * n), n) };
-    }
+    // SAFETY: by the caller's contract.
+    unsafe { T::widen_rows(src, step, dst, (n, len)) };
 }
 
 /// `widen_rows` for rows of exactly `N` elements of the accumulator type: a row is a fixed
@@ -630,33 +621,6 @@ unsafe fn copy_rows<A: Copy, const N: usize>(src: *const A, step: isize, dst: *m
             let row = (src.offset(r as isize * step) as *const [A; N]).read_unaligned();
             (dst.add(r * N) as *mut [A; N]).write_unaligned(row);
         }
-    }
-}
-
-/// `n` elements from `src` to `dst`, widened to the accumulator type.
-///
-/// # Safety
-/// `src` must hold `n` readable elements and `dst` `n` writable ones.
-#[inline(always)]
-unsafe fn widen<T: Element>(src: *const T, dst: *mut T::Acc, n: usize) {
-    if T::is_acc() {
-        // Sixteen elements a move, inline (a library call per row costs more than the row).
-        let (src, blocks) = (src as *const T::Acc, n / 16);
-        // SAFETY (whole block): by the caller's contract; the types are the same.
-        unsafe {
-            for i in 0..blocks {
-                let block = (src.add(16 * i) as *const [T::Acc; 16]).read_unaligned();
-                (dst.add(16 * i) as *mut [T::Acc; 16]).write_unaligned(block);
-            }
-            for i in 16 * blocks..n {
-                *dst.add(i) = *src.add(i);
-            }
-        }
-        return;
-    }
-    for i in 0..n {
-        // SAFETY: by the caller's contract.
-        unsafe { *dst.add(i) = (*src.add(i)).to_acc() };
     }
 }
 

@@ -54,6 +54,34 @@ pub(super) unsafe fn load8<T: Wide>(p: *const T) -> __m256 {
     }
 }
 
+/// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
+/// float32 rows at `dst`: eight elements a load, the row's tail one at a time.
+///
+/// # Safety
+/// The CPU must pass `available()`; `src` must hold the rows and `dst` `len * n` writable
+/// floats.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn widen_rows<T: Wide>(
+    src: *const T,
+    step: isize,
+    dst: *mut f32,
+    (n, len): (usize, usize),
+) {
+    let body = n - n % 8;
+    // SAFETY (whole block): inside the rows and `dst` by the caller's contract.
+    unsafe {
+        for r in 0..len {
+            let (from, to) = (src.offset(r as isize * step), dst.add(r * n));
+            for c in (0..body).step_by(8) {
+                _mm256_storeu_ps(to.add(c), load8(from.add(c)));
+            }
+            for c in body..n {
+                *to.add(c) = (*from.add(c)).to_acc();
+            }
+        }
+    }
+}
+
 /// The eight lane sums of eight vectors, as one vector.
 #[inline]
 #[target_feature(enable = "avx2,fma")]

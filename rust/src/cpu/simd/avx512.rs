@@ -640,6 +640,56 @@ unsafe fn load16<T: Wide>(p: *const T) -> __m512 {
     }
 }
 
+/// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
+/// float32 rows at `dst`: sixteen elements a load, the row's tail through a lane mask.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; `src` must hold the rows and `dst` `len * n` writable
+/// floats.
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+pub unsafe fn widen_rows<T: Wide>(
+    src: *const T,
+    step: isize,
+    dst: *mut f32,
+    (n, len): (usize, usize),
+) {
+    let body = n - n % 16;
+    let tail = lanes_below(n - body);
+    // SAFETY (whole block): inside the rows and `dst` by the caller's contract, lanes past a
+    // row masked off.
+    unsafe {
+        for r in 0..len {
+            let (from, to) = (src.offset(r as isize * step), dst.add(r * n));
+            for c in (0..body).step_by(16) {
+                _mm512_storeu_ps(to.add(c), load16(from.add(c)));
+            }
+            if body < n {
+                _mm512_mask_storeu_ps(to.add(body), tail, load16_masked(from.add(body), tail));
+            }
+        }
+    }
+}
+
+/// The elements of `p` in the lanes of `mask` (at most sixteen), as float32; zero elsewhere.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the masked lanes' elements at `p` readable.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn load16_masked<T: Wide>(p: *const T, mask: __mmask16) -> __m512 {
+    // SAFETY: by the caller's contract.
+    unsafe {
+        match T::FORMAT {
+            Format::F32 => _mm512_maskz_loadu_ps(mask, p as *const f32),
+            Format::BF16 => {
+                let halves = _mm256_maskz_loadu_epi16(mask, p as *const i16);
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(halves)))
+            }
+            Format::F16 => _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, p as *const i16)),
+        }
+    }
+}
+
 /// `op` over the lanes of each half of `v` (lanes 0..8, then 8..16), in every lane of it.
 #[inline]
 #[target_feature(enable = "avx512f")]

@@ -12,6 +12,8 @@ mod avx2;
 mod avx512;
 
 #[cfg(target_arch = "x86_64")]
+pub use avx2::Wide;
+#[cfg(target_arch = "x86_64")]
 pub use avx2::{attend, attend_pair, dot_rows, spread_rows, sum_rows};
 #[cfg(target_arch = "x86_64")]
 pub use avx512::{
@@ -81,6 +83,24 @@ pub fn detected() -> Isa {
     })
 }
 
+/// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
+/// float32 rows at `dst`, on the best tier in use.
+///
+/// # Safety
+/// `available()` must hold; `src` must hold the rows and `dst` `len * n` writable floats.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub unsafe fn widen_rows<T: Wide>(src: *const T, step: isize, dst: *mut f32, rows: (usize, usize)) {
+    // SAFETY (both arms): forwarded contract; each tier's features are the CPU's.
+    unsafe {
+        if isa() >= Isa::Avx512 {
+            avx512::widen_rows(src, step, dst, rows)
+        } else {
+            avx2::widen_rows(src, step, dst, rows)
+        }
+    }
+}
+
 /// The ceiling, a tier's number.
 static CEILING: AtomicU8 = AtomicU8::new(Isa::Avx512 as u8);
 
@@ -110,6 +130,54 @@ pub fn available() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each tier's widening gives `to_acc`'s values for every row and channel (tails past the
+    /// last whole vector included), and writes nothing past the rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn widened_rows_hold_each_element_as_float32() {
+        use half::{bf16, f16};
+
+        fn check<T: Wide>(tier: Isa, from: fn(f32) -> T) {
+            if detected() < tier {
+                return;
+            }
+            let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 7.0;
+            for n in [1, 7, 8, 15, 16, 17, 32, 40, 64, 72] {
+                let (len, step) = (3, n as isize + 5);
+                let src: Vec<T> = (0..len * step as usize).map(|i| from(value(i))).collect();
+                let mut dst = vec![f32::NAN; len * n + 16];
+                let rows = (src.as_ptr(), step, dst.as_mut_ptr(), (n, len));
+                // SAFETY: the CPU has the tier (checked above); `src` holds `len` rows `step`
+                // apart and `dst` room for `len * n` floats.
+                unsafe {
+                    match tier {
+                        Isa::Avx512 => avx512::widen_rows(rows.0, rows.1, rows.2, rows.3),
+                        _ => avx2::widen_rows(rows.0, rows.1, rows.2, rows.3),
+                    }
+                }
+                for r in 0..len {
+                    for c in 0..n {
+                        let want = src[r * step as usize + c].to_acc();
+                        assert_eq!(
+                            dst[r * n + c],
+                            want,
+                            "{tier:?}, n {n}, row {r}, channel {c}"
+                        );
+                    }
+                }
+                assert!(
+                    dst[len * n..].iter().all(|x| x.is_nan()),
+                    "{tier:?}: wrote past the rows"
+                );
+            }
+        }
+        for tier in [Isa::Avx2, Isa::Avx512] {
+            check::<f32>(tier, |x| x);
+            check::<bf16>(tier, bf16::from_f32);
+            check::<f16>(tier, f16::from_f32);
+        }
+    }
 
     #[test]
     fn tiers_round_trip_their_names_and_never_exceed_detection() {
