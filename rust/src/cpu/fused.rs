@@ -890,7 +890,9 @@ impl<T: Element> Forward<'_, '_, T> {
     }
 
     /// Write the output `acc / sum` and the lse of the point at `x` on the line of `views`
-    /// from an attend kernel's `(max, sum)`.
+    /// from an attend kernel's `(max, sum)`. (Taking the logarithms of a whole line at once, a
+    /// vectorized loop instead of a libm call per point, which had 3.6% of P1's forward samples,
+    /// left the forward's time as it was: 1.005x.)
     ///
     /// # Safety
     /// The point's row must be a row of the validated problem, written by this task only.

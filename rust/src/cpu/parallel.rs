@@ -96,7 +96,9 @@ pub unsafe fn par_rows<K: RowKernel>((rows, cost): (usize, usize), kernel: &K) {
     );
 }
 
-/// `kernel.row` inlined and compiled with AVX2, FMA and F16C enabled.
+/// `kernel.row` inlined and compiled with AVX2, FMA and F16C enabled. (A version with the
+/// AVX-512 tier's features too, for the forward's staging and stores, left P1's forward as it
+/// was: 1.02x and 0.97x the time in float32 and bfloat16, within noise.)
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn row_avx2_fma<K: RowKernel>(kernel: &K, r: usize, scratch: &mut K::Scratch) {

@@ -400,7 +400,11 @@ pub unsafe fn attend_pair_f32(
 /// and multiplied with both crossed halves of a block: lanes 0..8 then hold the first vector's
 /// partial sums of the block's low channels and the second's of its high ones, or the reverse,
 /// and one swap of halves per row lines them up for `sum_pairs`. (Broadcasting eight channels
-/// into both halves instead cost a shuffle per load: P1's forward 1.06x the time.) A macro
+/// into both halves instead cost a shuffle per load on Zen 4: P1's forward 1.06x the time. On
+/// an Intel Xeon with AMX, where such a broadcast is a plain load, it took these dot products
+/// 0.77x the time alone, on P1's rows in cache, yet the forward the same time.) Bfloat16 rows
+/// dotted in pairs of channels by AVX512_BF16 (`vdpbf16ps`, half the multiply-adds) took that
+/// Xeon 1.25x the time of these float32 ones, and were not built into a kernel. A macro
 /// rather than a function: as an inlined function it cost the forward's pair kernel about a
 /// fifth (its registers were allocated worse).
 ///
