@@ -180,13 +180,27 @@ impl<T: Element> Backward<'_, '_, T> {
             (dots.0)([&sa.row.q, &sb.row.q], lists, offset, false, logits);
             let dp = [&mut sa.dp[..], &mut sb.dp[..]];
             (dots.1)([&sa.d_o, &sb.d_o], lists, offset, true, dp);
-            [(sa, delta[0]), (sb, delta[1])].map(|(s, delta)| {
-                a.add_bias(&s.row.keys, &mut s.row.logits);
-                let lse = softmax(&mut s.row.logits[..s.row.keys.len]);
-                logit_grads_from(s, delta);
-                (lse, delta)
-            })
+            // Called for each rather than mapped over an array of the two: `array::map` kept
+            // its closure out of line, compiled without the caller's instruction set.
+            [
+                self.probabilities_and_grads(sa, delta[0]),
+                self.probabilities_and_grads(sb, delta[1]),
+            ]
         }
+    }
+
+    /// From the logits of a row's keys in `s` (bias not yet added): its probabilities and
+    /// logit gradients, as `logit_grads` leaves them; returns `(lse, delta)`.
+    #[inline(always)]
+    fn probabilities_and_grads(
+        &self,
+        s: &mut QueryScratch<T::Acc>,
+        delta: T::Acc,
+    ) -> (T::Acc, T::Acc) {
+        self.a.add_bias(&s.row.keys, &mut s.row.logits);
+        let lse = softmax(&mut s.row.logits[..s.row.keys.len]);
+        logit_grads_from(s, delta);
+        (lse, delta)
     }
 
     /// Load row `row`'s `d_out` into `d_o`; returns its `delta = d_out . out - d_lse`.
