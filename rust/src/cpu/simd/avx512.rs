@@ -763,46 +763,46 @@ unsafe fn weighted_pair<const G: usize>(
     }
 }
 
-/// `Accum::spread_pair` for float32: both vectors' channels in registers (64 at a time, then
-/// 16, the last block's lanes past the rows masked off), each row of the run loaded and
-/// stored once for both.
+/// `Accum::spread_pair` for float32: both vectors' channels in registers (64 at a time, the
+/// last block's lanes past the rows masked off), each row of the run loaded and stored once
+/// for both.
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `Accum::spread_pair`'s contract.
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
 pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Run) {
     let dim = x[0].len();
-    let mut c = 0;
     // SAFETY (whole block): channels `c..` of both vectors and of every row, the tail masked.
     unsafe {
-        while c + 64 <= dim {
-            spread_pair_block::<4>(w, offset, x, run, c);
-            c += 64;
-        }
-        while c < dim {
-            spread_pair_block::<1>(w, offset, x, run, c);
-            c += 16;
+        for c in (0..dim).step_by(64) {
+            let left = dim - c;
+            match (
+                left.div_ceil(16).min(4),
+                !left.is_multiple_of(16) && left < 64,
+            ) {
+                (4, false) => spread_pair_block::<4, false>(w, offset, x, run, c),
+                (4, true) => spread_pair_block::<4, true>(w, offset, x, run, c),
+                (3, false) => spread_pair_block::<3, false>(w, offset, x, run, c),
+                (3, true) => spread_pair_block::<3, true>(w, offset, x, run, c),
+                (2, false) => spread_pair_block::<2, false>(w, offset, x, run, c),
+                (2, true) => spread_pair_block::<2, true>(w, offset, x, run, c),
+                (_, false) => spread_pair_block::<1, false>(w, offset, x, run, c),
+                (_, true) => spread_pair_block::<1, true>(w, offset, x, run, c),
+            }
         }
     }
 }
 
-/// The weights of run row `j` in `spread_pair`: zero for a query whose window misses it.
-#[inline(always)]
-fn pair_weights(w: [&[f32]; 2], offset: usize, j: usize) -> [f32; 2] {
-    let second = j.checked_sub(offset).and_then(|i| w[1].get(i));
-    [
-        w[0].get(j).copied().unwrap_or(0.0),
-        second.copied().unwrap_or(0.0),
-    ]
-}
-
-/// Channels `c..c + 16 N` of `spread_pair` (those past the rows masked off).
+/// Channels `c..c + 16 N` of `spread_pair` (those past the rows masked off when `TAIL`). The
+/// union's rows come in three stretches, so that no row asks which windows hold it: the first
+/// query's alone (`0..offset`), both queries' (`offset..` the first's end), the second's
+/// alone (to the union's end).
 ///
 /// # Safety
 /// As `spread_pair`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn spread_pair_block<const N: usize>(
+unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
     w: [&[f32]; 2],
     offset: usize,
     x: [&[f32]; 2],
@@ -811,19 +811,43 @@ unsafe fn spread_pair_block<const N: usize>(
 ) {
     let dim = x[0].len();
     let masks: [__mmask16; N] = std::array::from_fn(|i| lanes_below(dim - (c + 16 * i)));
+    let [wa, wb] = w;
+    let (first_end, union) = (wa.len(), offset + wb.len());
     // SAFETY (whole block): by the caller's contract, lanes past the rows masked off.
     unsafe {
+        let load = |p: *const f32, i: usize| match TAIL {
+            true => _mm512_maskz_loadu_ps(masks[i], p),
+            false => _mm512_loadu_ps(p),
+        };
         let xs = x.map(|x| -> [__m512; N] {
-            std::array::from_fn(|i| _mm512_maskz_loadu_ps(masks[i], x.as_ptr().add(c + 16 * i)))
+            std::array::from_fn(|i| load(x.as_ptr().add(c + 16 * i), i))
         });
-        for j in 0..run.len {
-            let [wa, wb] = pair_weights(w, offset, j).map(|w| _mm512_set1_ps(w));
+        // `row += sum_k weight_k xs[k]` over the vectors `k` of `which`.
+        let add = |j: usize, weights: [f32; 2], which: [bool; 2]| {
             let row = (run.at(j) as *mut f32).add(c);
+            let weights = weights.map(|w| _mm512_set1_ps(w));
             for i in 0..N {
                 let r = row.add(16 * i);
-                let sum = _mm512_fmadd_ps(wa, xs[0][i], _mm512_maskz_loadu_ps(masks[i], r));
-                _mm512_mask_storeu_ps(r, masks[i], _mm512_fmadd_ps(wb, xs[1][i], sum));
+                let mut sum = load(r, i);
+                for k in 0..2 {
+                    if which[k] {
+                        sum = _mm512_fmadd_ps(weights[k], xs[k][i], sum);
+                    }
+                }
+                match TAIL {
+                    true => _mm512_mask_storeu_ps(r, masks[i], sum),
+                    false => _mm512_storeu_ps(r, sum),
+                }
             }
+        };
+        for (j, &weight) in wa[..offset].iter().enumerate() {
+            add(j, [weight, 0.0], [true, false]);
+        }
+        for j in offset..first_end {
+            add(j, [wa[j], wb[j - offset]], [true, true]);
+        }
+        for j in first_end..union {
+            add(j, [0.0, wb[j - offset]], [false, true]);
         }
     }
 }
