@@ -234,6 +234,18 @@ pub trait Element: Copy + Send + Sync + 'static {
         }
     }
 
+    /// `sum_rows` for two queries whose windows share `run` (as `Accum::spread_pair`): the
+    /// first's weights `w[0]` for rows `0..` of the run, the second's `w[1]` for rows
+    /// `offset..`, into `acc[0]` and `acc[1]`, so that rows both weigh are read once.
+    ///
+    /// # Safety
+    /// As `sum_rows`, for the rows of `run`.
+    #[inline(always)]
+    unsafe fn sum_pair(w: [&[Self::Acc]; 2], offset: usize, run: Run, acc: [&mut [Self::Acc]; 2]) {
+        // SAFETY: forwarded contract.
+        unsafe { sum_pair_by_rows::<Self>(w, offset, run, acc) }
+    }
+
     /// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
     /// rows at `dst`.
     ///
@@ -358,6 +370,16 @@ macro_rules! wide_rows {
                 }
             }
             #[inline(always)]
+            unsafe fn sum_pair(w: [&[f32]; 2], offset: usize, run: Run, acc: [&mut [f32]; 2]) {
+                #[cfg(target_arch = "x86_64")]
+                if super::simd::isa() >= super::simd::Isa::Avx512 {
+                    // SAFETY: the CPU has the kernel's features; the rest is the caller's.
+                    return unsafe { super::simd::sum_pair::<$t>(w, offset, run, acc) };
+                }
+                // SAFETY: forwarded contract.
+                unsafe { sum_pair_by_rows::<Self>(w, offset, run, acc) }
+            }
+            #[inline(always)]
             unsafe fn widen_rows(src: *const Self, step: isize, dst: *mut f32, rows: (usize, usize)) {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::available() {
@@ -416,6 +438,33 @@ macro_rules! wide_rows {
 }
 
 wide_rows!(f32, f16, bf16);
+
+/// `Element::sum_pair` as two `sum_rows` calls, one per query.
+///
+/// # Safety
+/// As `Element::sum_pair`.
+#[inline(always)]
+unsafe fn sum_pair_by_rows<T: Element>(
+    w: [&[T::Acc]; 2],
+    offset: usize,
+    run: Run,
+    [acc_a, acc_b]: [&mut [T::Acc]; 2],
+) {
+    let first = Run {
+        len: w[0].len(),
+        ..run
+    };
+    let second = Run {
+        first: run.at(offset),
+        len: w[1].len(),
+        ..run
+    };
+    // SAFETY: forwarded contract; both runs are rows of `run`.
+    unsafe {
+        T::sum_rows(w[0], first, acc_a);
+        T::sum_rows(w[1], second, acc_b);
+    }
+}
 
 /// The portable loop of `Element::widen_rows`.
 ///

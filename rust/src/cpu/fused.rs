@@ -9,7 +9,7 @@ use rayon::current_num_threads;
 use super::av::weighted_sum;
 use super::element::{
     dot, fence_streams, load_scaled, store, stream_row, Accum, Attend, AttendKernels, AttendPair,
-    Element, PairDotsKernels, Rows,
+    Element, PairDotsKernels, Rows, Run,
 };
 use super::grid::{Grid, Row};
 use super::keys::{KeyList, KeyTerms, LANES};
@@ -355,6 +355,44 @@ impl<T: Element> Attention<'_, T> {
             T::sum_rows(&w[list.window..list.len], list.extra_rows(values), acc);
             acc.iter_mut().for_each(|a| *a = *a * scale);
             store(ptr, step, acc);
+        }
+    }
+}
+
+impl<T: Element> Attention<'_, T> {
+    /// `store_weighted_sum` over the key rows for two rows whose windows share their runs
+    /// (`offset` from `pair_offset`; dense rows, no additional tokens): each row of a run's
+    /// union is read once for both (`Element::sum_pair`).
+    ///
+    /// # Safety
+    /// As `store_weighted_sum`, for both rows and their lists.
+    #[inline(always)]
+    pub unsafe fn store_weighted_pair(
+        &self,
+        lists: [&KeyList<T::Acc>; 2],
+        (w, offset): ([&[T::Acc]; 2], usize),
+        dst: [(*mut T, isize, usize); 2],
+        scale: T::Acc,
+        [tail_a, tail_b]: [&mut [T::Acc]; 2],
+    ) {
+        let [la, lb] = lists;
+        let dim = dst[0].2;
+        let (acc_a, acc_b) = (&mut tail_a[..dim], &mut tail_b[..dim]);
+        acc_a.fill(T::Acc::ZERO);
+        acc_b.fill(T::Acc::ZERO);
+        let union = offset + lb.run_len;
+        // SAFETY (whole block): the union rows are keys of one of the rows, of `dim` channels;
+        // `dst` is this task's.
+        unsafe {
+            for ((na, run), (nb, _)) in la.runs(false).zip(lb.runs(false)) {
+                let weights = [&w[0][na..na + la.run_len], &w[1][nb..nb + lb.run_len]];
+                let union_rows = Run { len: union, ..run };
+                T::sum_pair(weights, offset, union_rows, [&mut *acc_a, &mut *acc_b]);
+            }
+            for (acc, (ptr, step, _)) in [(acc_a, dst[0]), (acc_b, dst[1])] {
+                acc.iter_mut().for_each(|a| *a = *a * scale);
+                store(ptr, step, acc);
+            }
         }
     }
 }

@@ -472,8 +472,14 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
             let [ga, gb] = self
                 .bwd
                 .logit_grads_pair(rows, offset, dots, [&mut *sa, &mut *sb]);
-            self.query_side(rows[0], ga, bins.as_deref_mut(), sa);
-            self.query_side(rows[1], gb, bins, sb);
+            self.query_stats(rows[0], ga, bins.as_deref_mut(), sa);
+            self.query_stats(rows[1], gb, bins, sb);
+            let a = self.bwd.a;
+            let lists = [&sa.row.keys, &sb.row.keys];
+            let weights = [&sa.dp[..sa.row.keys.window], &sb.dp[..sb.row.keys.window]];
+            let dst = [self.d_query_row(rows[0]), self.d_query_row(rows[1])];
+            let tails = [&mut sa.row.tail[..], &mut sb.row.tail[..]];
+            a.store_weighted_pair(lists, (weights, offset), dst, a.scale, tails);
             if let Some(sums) = self.sums {
                 let (wa, wb) = (sa.row.keys.window, sb.row.keys.window);
                 let weights = [
@@ -521,23 +527,48 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
     unsafe fn query_side(
         &self,
         row: Row,
+        grads: (T::Acc, T::Acc),
+        bins: Option<&mut [T::Acc]>,
+        s: &mut QueryScratch<T::Acc>,
+    ) {
+        let a = self.bwd.a;
+        // SAFETY (whole block): forwarded contract.
+        unsafe {
+            self.query_stats(row, grads, bins, s);
+            let terms = (row, &s.row.keys, &s.dp[..], false);
+            a.store_weighted_sum(terms, self.d_query_row(row), a.scale, &mut s.row.tail);
+        }
+    }
+
+    /// Where row `row`'s `d_query` goes: `(address, channel stride, channels)`.
+    #[inline(always)]
+    fn d_query_row(&self, row: Row) -> (*mut T, isize, usize) {
+        let [x0, x1, x2] = row.x;
+        // SAFETY: rows of the validated problem are in shape.
+        let at = unsafe { self.d_query.at([row.b, row.h, x0, x1, x2, 0]) };
+        (at, self.d_query.inner_stride(), self.bwd.a.g.dim)
+    }
+
+    /// `query_side` but for `d_query`: `lse`, `delta` and the bias bins.
+    ///
+    /// # Safety
+    /// As `query`.
+    #[inline(always)]
+    unsafe fn query_stats(
+        &self,
+        row: Row,
         (lse, delta): (T::Acc, T::Acc),
         bins: Option<&mut [T::Acc]>,
         s: &mut QueryScratch<T::Acc>,
     ) {
         let a = self.bwd.a;
         let bwd = self.bwd;
-        let [x0, x1, x2] = row.x;
-        // SAFETY (whole block): `row` is in shape; its rows of `d_query`, `lse` and `delta`
-        // are this task's (the chunk's contract).
+        // SAFETY (whole block): `row` is in shape; its rows of `lse` and `delta` are this
+        // task's (the chunk's contract).
         unsafe {
             let index = a.g.row_index(row.b, row.h, row.x);
             bwd.lse.set(index, lse);
             bwd.delta.set(index, delta);
-            let d_query = self.d_query.at([row.b, row.h, x0, x1, x2, 0]);
-            let dst = (d_query, self.d_query.inner_stride(), a.g.dim);
-            let terms = (row, &s.row.keys, &s.dp[..], false);
-            a.store_weighted_sum(terms, dst, a.scale, &mut s.row.tail);
             if let Some(bins) = bins {
                 let keys = &s.row.keys;
                 let size = bins.len() / a.group;

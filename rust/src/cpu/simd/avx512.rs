@@ -852,6 +852,116 @@ unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
     }
 }
 
+/// `Element::sum_pair` for rows of `T` (widened as they are loaded): up to 64 channels of both
+/// queries' sums in registers, each union row loaded once for both (a query whose window
+/// misses a row weighs it 0); rows alternate between two sets of sums, so that consecutive
+/// multiply-adds do not wait on each other.
+///
+/// # Safety
+/// The CPU must have the AVX-512 tier; the rest is `Element::sum_pair`'s contract.
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+pub unsafe fn sum_pair<T: Wide>(w: [&[f32]; 2], offset: usize, run: Run, acc: [&mut [f32]; 2]) {
+    let dim = acc[0].len();
+    let [acc_a, acc_b] = acc;
+    // SAFETY (whole block): channels `c..` of both sums and of every row, the tail masked.
+    unsafe {
+        for c in (0..dim).step_by(64) {
+            let left = dim - c;
+            let at = ([&mut *acc_a, &mut *acc_b], c);
+            match (
+                left.div_ceil(16).min(4),
+                !left.is_multiple_of(16) && left < 64,
+            ) {
+                (4, false) => sum_pair_block::<T, 4, false>(w, offset, run, at),
+                (4, true) => sum_pair_block::<T, 4, true>(w, offset, run, at),
+                (3, false) => sum_pair_block::<T, 3, false>(w, offset, run, at),
+                (3, true) => sum_pair_block::<T, 3, true>(w, offset, run, at),
+                (2, false) => sum_pair_block::<T, 2, false>(w, offset, run, at),
+                (2, true) => sum_pair_block::<T, 2, true>(w, offset, run, at),
+                (_, false) => sum_pair_block::<T, 1, false>(w, offset, run, at),
+                (_, true) => sum_pair_block::<T, 1, true>(w, offset, run, at),
+            }
+        }
+    }
+}
+
+/// Channels `c..c + 16 N` of `sum_pair` (those past the rows masked off when `TAIL`).
+///
+/// # Safety
+/// As `sum_pair`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn sum_pair_block<T: Wide, const N: usize, const TAIL: bool>(
+    w: [&[f32]; 2],
+    offset: usize,
+    run: Run,
+    (acc, c): ([&mut [f32]; 2], usize),
+) {
+    let dim = acc[0].len();
+    let masks: [__mmask16; N] = std::array::from_fn(|i| lanes_below(dim - (c + 16 * i)));
+    let [wa, wb] = w;
+    let union = offset + wb.len();
+    let weight = |j: usize| {
+        let a = wa.get(j).copied().unwrap_or(0.0);
+        let b = j.checked_sub(offset).map_or(0.0, |i| wb[i]);
+        (a, b)
+    };
+    // Per set: the first query's sums, then the second's.
+    let mut even = [[_mm512_setzero_ps(); N]; 2];
+    let mut odd = [[_mm512_setzero_ps(); N]; 2];
+    // SAFETY (whole block): by the caller's contract, lanes past the rows masked off.
+    unsafe {
+        let mut j = 0;
+        while j + 2 <= union {
+            pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
+            pair_row_sums::<T, N, TAIL>(&mut odd, run.at(j + 1), weight(j + 1), (c, masks));
+            j += 2;
+        }
+        if j < union {
+            pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
+        }
+        for (k, out) in acc.into_iter().enumerate() {
+            for i in 0..N {
+                let at = out.as_mut_ptr().add(c + 16 * i);
+                let sum = _mm512_add_ps(even[k][i], odd[k][i]);
+                if TAIL {
+                    let old = _mm512_maskz_loadu_ps(masks[i], at);
+                    _mm512_mask_storeu_ps(at, masks[i], _mm512_add_ps(old, sum));
+                } else {
+                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), sum));
+                }
+            }
+        }
+    }
+}
+
+/// `sums[k][i] += weights.k row[c + 16 i..]` for both queries `k` (`sum_pair_block`).
+///
+/// # Safety
+/// As `sum_pair`, for a row of the run.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
+unsafe fn pair_row_sums<T: Wide, const N: usize, const TAIL: bool>(
+    sums: &mut [[__m512; N]; 2],
+    row: usize,
+    (wa, wb): (f32, f32),
+    (c, masks): (usize, [__mmask16; N]),
+) {
+    let row = (row as *const T).wrapping_add(c);
+    let (wa, wb) = (_mm512_set1_ps(wa), _mm512_set1_ps(wb));
+    for i in 0..N {
+        // SAFETY: by the caller's contract, lanes past the row masked off.
+        let x = unsafe {
+            match TAIL {
+                true => load16_masked(row.add(16 * i), masks[i]),
+                false => load16(row.add(16 * i)),
+            }
+        };
+        sums[0][i] = _mm512_fmadd_ps(wa, x, sums[0][i]);
+        sums[1][i] = _mm512_fmadd_ps(wb, x, sums[1][i]);
+    }
+}
+
 /// For eight rows whose vectors hold two queries' partial dot products (lanes 0..8 the
 /// first's, 8..16 the second's): row `j`'s full dot products in lanes `j` and `8 + j`.
 #[inline]
@@ -962,6 +1072,59 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Each query's weighted sum takes exactly the rows its window holds (rows below `offset`
+    /// the first's only, rows past the first's window the second's only), added to what the
+    /// sums held, for channel tails and rows of each element type.
+    #[test]
+    fn sum_pair_weighs_each_query_over_its_own_rows() {
+        if !tier() {
+            return;
+        }
+        fn check<T: Wide>(from: fn(f32) -> T) {
+            let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+            for dim in [8, 16, 24, 32, 40, 64, 72, 136] {
+                for (len_a, offset, len_b) in
+                    [(7, 1, 7), (7, 0, 7), (5, 2, 6), (3, 3, 4), (9, 1, 8)]
+                {
+                    let union = offset + len_b;
+                    let pitch = 2 * dim;
+                    let rows: Vec<T> = (0..union * pitch).map(|i| from(value(i + 7))).collect();
+                    let w: [Vec<f32>; 2] =
+                        [len_a, len_b].map(|n| (0..n).map(|j| value(j + n)).collect());
+                    let start: [Vec<f32>; 2] =
+                        [0, 1].map(|k| (0..dim).map(|c| value(c * 3 + k)).collect());
+                    let [mut acc_a, mut acc_b] = start.clone();
+                    let run = Run {
+                        first: rows.as_ptr() as usize,
+                        step: (pitch * std::mem::size_of::<T>()) as isize,
+                        len: union,
+                    };
+                    // SAFETY: the CPU has the tier; the run's rows hold `dim` elements.
+                    unsafe { sum_pair::<T>([&w[0], &w[1]], offset, run, [&mut acc_a, &mut acc_b]) };
+                    for c in 0..dim {
+                        let row = |j: usize| rows[j * pitch + c].to_acc() as f64;
+                        let want_a = start[0][c] as f64
+                            + (0..len_a).map(|j| w[0][j] as f64 * row(j)).sum::<f64>();
+                        let want_b = start[1][c] as f64
+                            + (0..len_b)
+                                .map(|j| w[1][j] as f64 * row(offset + j))
+                                .sum::<f64>();
+                        let case = (dim, len_a, offset, len_b, c);
+                        for (got, want) in [(acc_a[c], want_a), (acc_b[c], want_b)] {
+                            assert!(
+                                (got as f64 - want).abs() <= 1e-5 * want.abs().max(1.0),
+                                "{case:?}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        check::<f32>(|x| x);
+        check::<half::bf16>(half::bf16::from_f32);
+        check::<half::f16>(half::f16::from_f32);
     }
 
     /// The pair dots kernels give the same dots whether rows are float32 or half types holding

@@ -18,7 +18,7 @@ pub use avx2::{attend, attend_pair, dot_rows, spread_rows, sum_rows};
 #[cfg(target_arch = "x86_64")]
 pub use avx512::{
     attend_f32 as attend_avx512, attend_pair_f32 as attend_pair_avx512, exact_pair_dots,
-    exact_pair_kernel, spread_pair,
+    exact_pair_kernel, spread_pair, sum_pair,
 };
 
 use std::sync::atomic::{AtomicU8, Ordering};
