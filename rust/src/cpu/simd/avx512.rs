@@ -763,6 +763,27 @@ unsafe fn weighted_pair<const G: usize>(
     }
 }
 
+/// Call `$block::<.., N, TAIL>(args)` for the channels of rows of `$dim`, `c` (bound in the
+/// args) stepping 64 at a time: `N` blocks of sixteen channels in registers (four, or fewer for
+/// the last), `TAIL` when the last block is partial (its lanes past the rows masked off).
+macro_rules! by_channel_blocks {
+    ($dim:expr, |$c:ident| $block:ident $(::<$($g:ty),*>)? ($($arg:expr),* $(,)?)) => {
+        for $c in (0..$dim).step_by(64) {
+            let left = $dim - $c;
+            match (left.div_ceil(16).min(4), !left.is_multiple_of(16) && left < 64) {
+                (4, false) => $block::<$($($g,)*)? 4, false>($($arg),*),
+                (4, true) => $block::<$($($g,)*)? 4, true>($($arg),*),
+                (3, false) => $block::<$($($g,)*)? 3, false>($($arg),*),
+                (3, true) => $block::<$($($g,)*)? 3, true>($($arg),*),
+                (2, false) => $block::<$($($g,)*)? 2, false>($($arg),*),
+                (2, true) => $block::<$($($g,)*)? 2, true>($($arg),*),
+                (_, false) => $block::<$($($g,)*)? 1, false>($($arg),*),
+                (_, true) => $block::<$($($g,)*)? 1, true>($($arg),*),
+            }
+        }
+    };
+}
+
 /// `Accum::spread_pair` for float32: both vectors' channels in registers (64 at a time, the
 /// last block's lanes past the rows masked off), each row of the run loaded and stored once
 /// for both.
@@ -774,22 +795,7 @@ pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Ru
     let dim = x[0].len();
     // SAFETY (whole block): channels `c..` of both vectors and of every row, the tail masked.
     unsafe {
-        for c in (0..dim).step_by(64) {
-            let left = dim - c;
-            match (
-                left.div_ceil(16).min(4),
-                !left.is_multiple_of(16) && left < 64,
-            ) {
-                (4, false) => spread_pair_block::<4, false>(w, offset, x, run, c),
-                (4, true) => spread_pair_block::<4, true>(w, offset, x, run, c),
-                (3, false) => spread_pair_block::<3, false>(w, offset, x, run, c),
-                (3, true) => spread_pair_block::<3, true>(w, offset, x, run, c),
-                (2, false) => spread_pair_block::<2, false>(w, offset, x, run, c),
-                (2, true) => spread_pair_block::<2, true>(w, offset, x, run, c),
-                (_, false) => spread_pair_block::<1, false>(w, offset, x, run, c),
-                (_, true) => spread_pair_block::<1, true>(w, offset, x, run, c),
-            }
-        }
+        by_channel_blocks!(dim, |c| spread_pair_block(w, offset, x, run, c));
     }
 }
 
@@ -865,23 +871,12 @@ pub unsafe fn sum_pair<T: Wide>(w: [&[f32]; 2], offset: usize, run: Run, acc: [&
     let [acc_a, acc_b] = acc;
     // SAFETY (whole block): channels `c..` of both sums and of every row, the tail masked.
     unsafe {
-        for c in (0..dim).step_by(64) {
-            let left = dim - c;
-            let at = ([&mut *acc_a, &mut *acc_b], c);
-            match (
-                left.div_ceil(16).min(4),
-                !left.is_multiple_of(16) && left < 64,
-            ) {
-                (4, false) => sum_pair_block::<T, 4, false>(w, offset, run, at),
-                (4, true) => sum_pair_block::<T, 4, true>(w, offset, run, at),
-                (3, false) => sum_pair_block::<T, 3, false>(w, offset, run, at),
-                (3, true) => sum_pair_block::<T, 3, true>(w, offset, run, at),
-                (2, false) => sum_pair_block::<T, 2, false>(w, offset, run, at),
-                (2, true) => sum_pair_block::<T, 2, true>(w, offset, run, at),
-                (_, false) => sum_pair_block::<T, 1, false>(w, offset, run, at),
-                (_, true) => sum_pair_block::<T, 1, true>(w, offset, run, at),
-            }
-        }
+        by_channel_blocks!(dim, |c| sum_pair_block::<T>(
+            w,
+            offset,
+            run,
+            ([&mut *acc_a, &mut *acc_b], c)
+        ));
     }
 }
 
