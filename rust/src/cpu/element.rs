@@ -10,6 +10,7 @@ use super::keys::KeyList;
 /// The type sums are carried in: `f32`, or `f64` for `f64` tensors.
 pub trait Accum:
     Copy
+    + Default
     + Send
     + Sync
     + PartialOrd
@@ -662,6 +663,33 @@ pub unsafe fn store<T: Element>(dst: *mut T, stride: isize, src: &[T::Acc]) {
 /// Bytes of a cache line: the unit of prefetches, of staging buffers' alignment, and of what
 /// non-temporal stores should fill whole.
 pub const LINE_BYTES: usize = 64;
+
+/// `len` elements of `A` starting on a cache-line boundary (so that buffers of whole rows hold
+/// them in whole lines), zeroed.
+pub struct Aligned<A> {
+    buf: Vec<A>,
+    offset: usize,
+}
+
+impl<A: Copy + Default> Aligned<A> {
+    /// A zeroed buffer of `len` elements.
+    pub fn new(len: usize) -> Self {
+        let slack = LINE_BYTES / std::mem::size_of::<A>();
+        let buf = vec![A::default(); len + slack];
+        let offset = buf.as_ptr().align_offset(LINE_BYTES).min(slack);
+        Aligned { buf, offset }
+    }
+
+    /// The first element.
+    pub fn ptr(&self) -> *const A {
+        self.buf[self.offset..].as_ptr()
+    }
+
+    /// The first element, writable.
+    pub fn ptr_mut(&mut self) -> *mut A {
+        self.buf[self.offset..].as_mut_ptr()
+    }
+}
 
 /// Write `src` rounded to the dense row at `dst` with non-temporal stores, which skip reading
 /// the destination's lines into the caches first (a write-allocate read per line, and output

@@ -10,7 +10,7 @@
 
 use std::ops::Range;
 
-use super::element::{Accum, Element, LINE_BYTES};
+use super::element::{Aligned, Element, LINE_BYTES};
 use super::grid::Grid;
 use super::view::{Extras, Tokens};
 use crate::window::Span;
@@ -632,29 +632,6 @@ pub struct WindowRows {
     pub first: (usize, usize),
     /// Byte steps between neighbours per axis, keys and values.
     pub steps: [(isize, isize); 3],
-}
-
-/// `len` elements of `T` starting on a 64-byte boundary (cache lines hold whole rows).
-struct Aligned<A> {
-    buf: Vec<A>,
-    offset: usize,
-}
-
-impl<A: Accum> Aligned<A> {
-    fn new(len: usize) -> Self {
-        let slack = LINE_BYTES / std::mem::size_of::<A>();
-        let buf = vec![A::ZERO; len + slack];
-        let offset = buf.as_ptr().align_offset(LINE_BYTES).min(slack);
-        Aligned { buf, offset }
-    }
-
-    fn ptr(&self) -> *const A {
-        self.buf[self.offset..].as_ptr()
-    }
-
-    fn ptr_mut(&mut self) -> *mut A {
-        self.buf[self.offset..].as_mut_ptr()
-    }
 }
 
 #[cfg(test)]
