@@ -271,7 +271,7 @@ def test_forward_over_many_slabs(case, dtype):
     assert_close(lse, expected_lse, lse_tolerance(dtype), what="lse")
 
 
-CPU_TIERS = ["portable", "avx2", "avx512"]
+CPU_TIERS = ["portable", "avx2", "avx512", "amx"]
 
 
 @pytest.fixture(params=CPU_TIERS)
@@ -286,6 +286,20 @@ def cpu_tier(request):
     yield tier
     _core.set_cpu_isa(previous)
 
+
+# Problems the AMX tier's bfloat16 tile forward takes (key channels a multiple of 32 up to 128,
+# value channels a multiple of 32, no rpb or extras): windows of at most eight keys per run (two
+# runs share a vector in its softmax) and wider ones; blocks cut short by line ends, dilation
+# groups, strides and causal windows; value rows wider than one pass of four output tiles; GQA;
+# heads-first views of heads-last memory; and key rows too wide for it (160 channels).
+TILE_CASES = [
+    Case((19, 37), (7, 7), (1, 1), (1, 1), (False, False), 2, 2, 2, 32, 32),
+    Case((12, 40), (5, 7), (2, 3), (2, 1), (True, False), 1, 4, 2, 64, 96),
+    Case((150,), (31,), (1,), (3,), (False,), 1, 2, 1, 128, 160),
+    Case((9, 70), (3, 9), (1, 1), (1, 4), (False, True), 1, 2, 2, 96, 32, layout="permuted"),
+    Case((5, 7, 20), (3, 5, 7), (1, 1, 7), (1, 1, 2), (False, False, False), 1, 2, 2, 64, 64),
+    Case((8, 18), (3, 3), (1, 1), (1, 1), (False, False), 1, 2, 2, 160, 32),
+]  # fmt: skip
 
 # Head dims around the SIMD widths (tails of 8 and 16 lanes) and past what the AVX-512 pair
 # kernel keeps in registers (264 channels: it hands those rows to the AVX2 one); and the widths
@@ -307,6 +321,7 @@ TIER_CASES = [
     Case((7, 30), (3, 11), (1, 1), (1, 2), (False, False), 2, 2, 2, 64, 64, rpb=True),
     Case((10, 24), (3, 6), (1, 3), (1, 1), (False, False), 1, 2, 2, 16, 16, layout="sliced"),
     Case((4, 5, 21), (3, 3, 9), (1, 1, 1), (1, 1, 2), (False, False, True), 1, 2, 1, 32, 32),
+    *TILE_CASES,
 ]  # fmt: skip
 
 
@@ -322,7 +337,7 @@ def test_forward_on_every_cpu_tier(case, dtype, cpu_tier):
 
 def test_cpu_tier_rejects_unknown_names():
     with pytest.raises(
-        ValueError, match=r"isa: expected one of 'portable', 'avx2', 'avx512', got 'sse4'"
+        ValueError, match=r"isa: expected one of 'portable', 'avx2', 'avx512', 'amx', got 'sse4'"
     ):
         _core.set_cpu_isa("sse4")
     assert _core.cpu_isa()[0] in CPU_TIERS
@@ -340,7 +355,7 @@ def test_cpu_tier_environment_variable_is_checked_at_import():
     bad = run("avx1024")
     assert bad.returncode != 0
     assert (
-        "NATTEN_RS_CPU_ISA: expected one of 'portable', 'avx2', 'avx512', got 'avx1024'"
+        "NATTEN_RS_CPU_ISA: expected one of 'portable', 'avx2', 'avx512', 'amx', got 'avx1024'"
         in bad.stderr
     )
 

@@ -288,6 +288,12 @@ pub trait Element: Copy + Send + Sync + 'static {
     fn staged_kernels() -> Option<AttendKernels<Self::Acc>> {
         None
     }
+
+    /// Whether the forward's tile kernels (bfloat16 products on AMX, `simd::amx`) take rows
+    /// of this type on this CPU.
+    fn tile_forward() -> bool {
+        false
+    }
 }
 
 /// Softmax attention from a scaled query `q` over the keys of a key list (dense rows of
@@ -406,7 +412,7 @@ macro_rules! wide_rows {
             }
             fn wide_pair_kernel(dim: usize, dim_v: usize) -> Option<AttendPair<f32>> {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::isa() == super::simd::Isa::Avx512 {
+                if super::simd::isa() >= super::simd::Isa::Avx512 {
                     return super::simd::exact_pair_kernel(dim, dim_v);
                 }
                 let _ = (dim, dim_v);
@@ -414,7 +420,7 @@ macro_rules! wide_rows {
             }
             fn pair_dots_kernel(dim: usize) -> Option<PairDots<f32>> {
                 #[cfg(target_arch = "x86_64")]
-                if super::simd::isa() == super::simd::Isa::Avx512 {
+                if super::simd::isa() >= super::simd::Isa::Avx512 {
                     return super::simd::exact_pair_dots::<$t>(dim);
                 }
                 let _ = dim;
@@ -425,7 +431,7 @@ macro_rules! wide_rows {
                 {
                     use super::simd::{self, Isa};
                     match simd::isa() {
-                        Isa::Avx512 => {
+                        Isa::Avx512 | Isa::Amx => {
                             return Some((simd::attend_avx512, simd::attend_pair_avx512));
                         }
                         Isa::Avx2 => return Some((simd::attend::<f32>, simd::attend_pair::<f32>)),
@@ -433,6 +439,13 @@ macro_rules! wide_rows {
                     }
                 }
                 None
+            }
+            fn tile_forward() -> bool {
+                #[cfg(target_arch = "x86_64")]
+                if std::any::TypeId::of::<$t>() == std::any::TypeId::of::<bf16>() {
+                    return super::simd::isa() >= super::simd::Isa::Amx;
+                }
+                false
             }
         }
     )*};

@@ -20,6 +20,11 @@ use crate::dlpack::TensorRef;
 use crate::problem::FusedProblem;
 use crate::window::Span;
 
+#[cfg(target_arch = "x86_64")]
+mod tiles;
+#[cfg(target_arch = "x86_64")]
+use tiles::{TileForward, TileScratch};
+
 /// The borrowed tensors of a fused problem.
 #[derive(Clone, Copy)]
 pub struct FusedTensors<'a> {
@@ -456,8 +461,12 @@ pub fn forward<T: Element>(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, 
         .filter(|_| p.batch * slabs.ranges.len() >= MIN_TASKS_PER_THREAD * current_num_threads())
         .filter(|&heads| same_slabs(heads))
         .unwrap_or(1);
+    #[cfg(target_arch = "x86_64")]
+    let tiles = TileForward::new(&kernel, &slabs);
     let slabbed = Slabbed {
         forward: &kernel,
+        #[cfg(target_arch = "x86_64")]
+        tiles,
         pair: T::attend_pair_kernel(),
         wide: T::wide_pair_kernel(p.dim, p.dim_v).filter(|_| p.extra == 0),
         staged: T::staged_kernels(),
@@ -510,6 +519,9 @@ const PREFETCH_POINTS: usize = 4;
 /// P1's forward on one thread took the same time, the rows it would read again still cached.
 struct Slabbed<'k, 'a, 'g, T: Element> {
     forward: &'k Forward<'a, 'g, T>,
+    /// The tile forward, where it takes the problem (and then every staged slab).
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<TileForward<'g>>,
     pair: Option<AttendPair<T::Acc>>,
     /// The pair kernel for staged rows whose windows' union is longer than `LANES` rows.
     wide: Option<AttendPair<T::Acc>>,
@@ -524,6 +536,8 @@ struct Slabbed<'k, 'a, 'g, T: Element> {
 struct SlabScratch<T: Element> {
     rows: [RowScratch<T::Acc>; 2],
     stage: Stage<T>,
+    #[cfg(target_arch = "x86_64")]
+    tiles: Option<TileScratch>,
 }
 
 impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
@@ -539,6 +553,8 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                 (a.g.dim, a.dim_v),
                 self.heads,
             ),
+            #[cfg(target_arch = "x86_64")]
+            tiles: self.tiles.as_ref().map(TileForward::scratch),
         }
     }
 
@@ -555,7 +571,17 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
             u / stages % slabs,
             u % stages * self.heads,
         );
-        let SlabScratch { rows, stage } = s;
+        let points = self.slabs.ranges[slab].clone();
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(tiles), Some(kbox), Some(scratch)) =
+            (&self.tiles, &self.slabs.boxes[slab], &mut s.tiles)
+        {
+            let heads = hk..hk + self.heads;
+            // SAFETY: the tile forward exists only on the AMX tier; this task's slab, batch
+            // and heads, whose box holds the slab's windows.
+            return unsafe { tiles.attend_slab((b, heads), points, kbox, scratch) };
+        }
+        let SlabScratch { rows, stage, .. } = s;
         let staged = match (self.staged, self.slabs.boxes[slab], a.k, a.v) {
             (Some(_), Some(kbox), Some(k), Some(v)) => {
                 let views = StagedViews {
@@ -581,7 +607,6 @@ impl<T: Element> RowKernel for Slabbed<'_, '_, '_, T> {
                 wide: None,
             },
         };
-        let points = self.slabs.ranges[slab].clone();
         let length = a.g.axes[2].length;
         for h in hk * a.group..(hk + self.heads) * a.group {
             // The other heads of the group find the whole box staged.

@@ -79,6 +79,44 @@ impl KeyBox {
         self.count.iter().product()
     }
 
+    /// Lines of the box: its positions that share their leading coordinates.
+    pub fn lines(&self) -> usize {
+        self.count[0] * self.count[1]
+    }
+
+    /// Positions of each line.
+    pub fn line_len(&self) -> usize {
+        self.count[2]
+    }
+
+    /// Positions along the last axis from one of a line's positions to the next.
+    pub fn line_step(&self) -> usize {
+        self.step[2]
+    }
+
+    /// Coordinates of the first position of line `line` (row-major over the leading axes).
+    pub fn line_start(&self, line: usize) -> [usize; 3] {
+        let c1 = self.count[1].max(1);
+        [
+            self.first[0] + line / c1 * self.step[0],
+            self.first[1] + line % c1 * self.step[1],
+            self.first[2],
+        ]
+    }
+
+    /// The line holding the positions with leading coordinates `(x0, x1)`.
+    #[inline(always)]
+    pub fn line_of(&self, x0: usize, x1: usize) -> usize {
+        steps_in(x0 - self.first[0], self.step[0]) * self.count[1]
+            + steps_in(x1 - self.first[1], self.step[1])
+    }
+
+    /// Where last-axis coordinate `x2` lies on a line (positions from its start).
+    #[inline(always)]
+    pub fn along_line(&self, x2: usize) -> usize {
+        steps_in(x2 - self.first[2], self.step[2])
+    }
+
     /// Index of position `x` (in the box) in row-major box order.
     #[inline(always)]
     fn index(&self, x: [usize; 3]) -> usize {

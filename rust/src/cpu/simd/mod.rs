@@ -7,6 +7,8 @@
 //! the machine has side by side, and users can step down from a tier that does not pay.
 
 #[cfg(target_arch = "x86_64")]
+pub mod amx;
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
@@ -34,11 +36,14 @@ pub enum Isa {
     Avx2 = 1,
     /// The AVX2 tier plus AVX-512 F, VL, BW and DQ.
     Avx512 = 2,
+    /// The AVX-512 tier plus AVX512_BF16 and AMX bfloat16 tiles, where the OS grants them:
+    /// the bfloat16 forward's tile kernels (`amx`); everything else runs as on AVX-512.
+    Amx = 3,
 }
 
 impl Isa {
     /// Every tier, lowest first.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// The tier's name, as `NATTEN_RS_CPU_ISA` spells it.
     pub fn name(self) -> &'static str {
@@ -46,6 +51,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -74,6 +80,7 @@ pub fn detected() -> Isa {
                 is_x86_feature_detected!("avx512dq"),
             ]);
             match (avx2, avx512) {
+                (true, true) if amx::usable() => return Isa::Amx,
                 (true, true) => return Isa::Avx512,
                 (true, false) => return Isa::Avx2,
                 _ => {}
@@ -102,7 +109,7 @@ pub unsafe fn widen_rows<T: Wide>(src: *const T, step: isize, dst: *mut f32, row
 }
 
 /// The ceiling, a tier's number.
-static CEILING: AtomicU8 = AtomicU8::new(Isa::Avx512 as u8);
+static CEILING: AtomicU8 = AtomicU8::new(Isa::Amx as u8);
 
 fn ceiling() -> Isa {
     Isa::ALL[CEILING.load(Ordering::Relaxed) as usize]
@@ -188,7 +195,7 @@ mod tests {
         let previous = set_ceiling(Isa::Portable);
         assert_eq!(isa(), Isa::Portable);
         assert!(!available());
-        set_ceiling(Isa::Avx512);
+        set_ceiling(Isa::Amx);
         assert_eq!(isa(), detected());
         set_ceiling(previous);
     }
