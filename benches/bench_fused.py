@@ -6,8 +6,9 @@ the fused forward (or forward + backward):
   * fused: ``natten_rs.na{1,2,3}d`` (heads-last)
   * sdpa: ``torch.nn.functional.scaled_dot_product_attention`` over all tokens
   * unfused: ``na*d_qk`` -> softmax -> ``na*d_av`` on the same memory (heads-first views)
-and, for P1, the bf16 fused forward against the fp32 one; where the CPU has AVX-512, the fused
-forward capped at the AVX2 tier (``fused avx2``) against the default (AVX-512) one.
+and the bf16 fused forward against the fp32 one (on the AMX tier, also the bf16 forward capped
+at AVX-512, ``bf16 avx512``); where the CPU has AVX-512, the fp32 fused forward capped at the
+AVX2 tier (``fused avx2``) against the default one.
 
     python benches/bench_fused.py [--problems p1 3d 1d] [--rounds 5]
 """
@@ -79,10 +80,12 @@ def forward_calls(p):
         name: (lambda fn=fn: fn(p, q, k, v))
         for name, fn in (("fused", fused), ("sdpa", sdpa), ("unfused", unfused))
     }
-    if p.name.startswith("P1"):
-        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-        calls["fused bf16"] = lambda: fused(p, qb, kb, vb)
-    if _core.cpu_isa()[0] == "avx512":
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    calls["fused bf16"] = lambda: fused(p, qb, kb, vb)
+    tier = _core.cpu_isa()[0]
+    if tier == "amx":
+        calls["bf16 avx512"] = lambda: capped("avx512", lambda: fused(p, qb, kb, vb))
+    if tier in ("avx512", "amx"):
         calls["fused avx2"] = lambda: capped("avx2", lambda: fused(p, q, k, v))
     return calls
 

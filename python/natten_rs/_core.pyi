@@ -134,7 +134,7 @@ def dlpack_info(capsule: Capsule) -> tuple[int, list[int], list[int], str, str]:
 
 def cpu_isa() -> tuple[str, str]:
     """The CPU kernels' instruction-set tier: ``(in use, best this CPU has)``, each one of
-    ``"portable"``, ``"avx2"``, ``"avx512"``."""
+    ``"portable"``, ``"avx2"``, ``"avx512"``, ``"amx"`` (AVX-512 plus AMX bfloat16 tiles)."""
 
 def set_cpu_isa(isa: str) -> str:
     """Cap the CPU kernels' tier at ``isa`` (a tier the CPU lacks runs as the best it has);

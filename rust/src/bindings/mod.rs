@@ -87,7 +87,7 @@ fn cpu_isa() -> (&'static str, &'static str) {
     (cpu::isa().name(), cpu::detected_isa().name())
 }
 
-/// Cap the CPU kernels' tier at `isa` (`portable`, `avx2` or `avx512`; a tier the CPU lacks
+/// Cap the CPU kernels' tier at `isa` (`portable`, `avx2`, `avx512` or `amx`; a tier the CPU lacks
 /// runs as the best it has); returns the previous cap.
 #[pyfunction]
 fn set_cpu_isa(isa: &str) -> PyResult<&'static str> {

@@ -234,7 +234,8 @@ impl<'g> TileForward<'g> {
             return;
         }
         s.runs.clear();
-        s.runs.extend(s.lines.iter().map(|line| groups * line + group));
+        s.runs
+            .extend(s.lines.iter().map(|line| groups * line + group));
         // SAFETY: the caller's contract; AVX-512 and AVX512_BF16 come with the AMX tier.
         unsafe { attend_block(&s.stage, &s.runs, block, self.scale, &mut s.block) };
     }

@@ -231,7 +231,10 @@ unsafe fn dot_keys(chunk: usize) {
 unsafe fn dot_values(out: usize) {
     macro_rules! product {
         ($o:literal) => {
-            asm!(concat!("tdpbf16ps tmm", $o, ", tmm4, tmm5"), options(nostack, nomem))
+            asm!(
+                concat!("tdpbf16ps tmm", $o, ", tmm4, tmm5"),
+                options(nostack, nomem)
+            )
         };
     }
     // SAFETY: the caller's contract.
@@ -393,7 +396,9 @@ impl TileStage {
             if n >= count {
                 return _mm512_setzero_si512();
             }
-            let at = rows.wrapping_offset(n as isize * step).wrapping_add(chunk * 64);
+            let at = rows
+                .wrapping_offset(n as isize * step)
+                .wrapping_add(chunk * 64);
             // SAFETY: channels `32 chunk..32 (chunk + 1)` of a valid position's row.
             unsafe { _mm512_loadu_si512(at as *const _) }
         };
@@ -572,7 +577,8 @@ pub unsafe fn attend_block(
                 for group in (0..slots.span).step_by(GROUP) {
                     load(4, probabilities.add(r * slots.span + group), row * 2);
                     for out in 0..tiles {
-                        let (tile, stride) = stage.value_tile(line, pass + out, slots.origin + group);
+                        let (tile, stride) =
+                            stage.value_tile(line, pass + out, slots.origin + group);
                         load(5, tile, stride);
                         dot_values(out);
                     }
@@ -715,7 +721,10 @@ unsafe fn softmax_narrow(
                 _mm512_cvtneps_pbh(e),
             ));
             let dst = probabilities.add(r * GROUP) as *mut __m512i;
-            _mm512_storeu_si512(dst as *mut _, _mm512_maskz_permutexvar_epi16(window, from_first, rounded));
+            _mm512_storeu_si512(
+                dst as *mut _,
+                _mm512_maskz_permutexvar_epi16(window, from_first, rounded),
+            );
             if r + 1 < runs {
                 let second = _mm512_maskz_permutexvar_epi16(window, from_second, rounded);
                 _mm512_storeu_si512(dst.add(1) as *mut _, second);
