@@ -13,6 +13,7 @@ use std::arch::asm;
 use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
+use super::avx512::lanes_below;
 use crate::cpu::element::Aligned;
 use crate::cpu::math::avx512::exp16;
 
@@ -419,19 +420,10 @@ impl TileStage {
     }
 }
 
-/// Lanes `0..n` (at most 16) of a mask.
-#[inline(always)]
-fn lanes_below(n: usize) -> __mmask16 {
-    if n >= 16 {
-        0xffff
-    } else {
-        (1u16 << n) - 1
-    }
-}
-
-/// Up to sixteen queries of one line, over the same runs of staged keys (lines of the box):
-/// their rows (dense bfloat16), where each one's window starts on its runs (a position of the
-/// box's lines) and how many positions it holds, and where each output and lse goes.
+/// Up to sixteen queries of one line, over the same runs of staged keys (lines of a
+/// `TileStage`): their rows (dense bfloat16), where each one's window starts on its runs (a
+/// position of the staged lines) and how many positions it holds, and where each output and
+/// lse goes.
 pub struct Block {
     /// Queries in the block.
     pub len: usize,

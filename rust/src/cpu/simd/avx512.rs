@@ -18,7 +18,7 @@ const PAIR_DIM: usize = 256;
 
 /// Lanes `0..n` (at most 16) of a mask.
 #[inline(always)]
-fn lanes_below(n: usize) -> __mmask16 {
+pub(super) fn lanes_below(n: usize) -> __mmask16 {
     if n >= 16 {
         0xffff
     } else {
