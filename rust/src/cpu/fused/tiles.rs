@@ -10,7 +10,8 @@ use super::{Attention, Forward};
 use crate::cpu::element::{Accum, Element};
 use crate::cpu::grid::Grid;
 use crate::cpu::simd::amx::{
-    attend_block, Block, BlockScratch, TileStage, Tiles, BLOCK, GROUP, KEY_CHUNK, MAX_KEY_CHUNKS,
+    attend_block, slots_cap, slots_of, Block, BlockScratch, TileStage, Tiles, BLOCK, GROUP,
+    KEY_CHUNK, MAX_KEY_CHUNKS,
 };
 use crate::cpu::stage::{KeyBox, Slabs};
 use crate::cpu::view::Tokens;
@@ -190,17 +191,34 @@ impl<'g> TileForward<'g> {
         }
         let mut block = Block::new();
         let mut last: Option<usize> = None;
-        // The staged line (dilation group) the block's windows lie on.
-        let mut group = 0;
+        // The staged line (dilation group) the block's windows lie on, and the positions
+        // they cover on it.
+        let (mut group, mut covers) = (0, 0..0);
+        let cap = slots_cap(g.axes[2].kernel);
         for p in points {
             let x2 = g.point(p)[2];
-            // A block holds consecutive points of one dilation group.
-            if block.len == BLOCK || last.is_some_and(|l| l + d[2] != x2) {
+            let span = g.span(2, x2);
+            let (first, count, point_group) = match span.count {
+                0 => (0, 0, group),
+                count => {
+                    let along = kbox.along_line(span.first);
+                    (along / groups, count, along % groups)
+                }
+            };
+            let joined = covers.start.min(first)..covers.end.max(first + count);
+            // A block holds consecutive points of one dilation group, and takes no more
+            // logit slots than a block of windows starting a tile.
+            let full = block.len == BLOCK || slots_of(joined.start, joined.end) > cap;
+            if block.len > 0 && (full || last.is_some_and(|l| l + d[2] != x2)) {
                 // SAFETY: the caller's contract.
                 unsafe { self.attend(&block, (groups, group), s) };
                 block.len = 0;
             }
-            let span = g.span(2, x2);
+            covers = if block.len == 0 {
+                first..first + count
+            } else {
+                joined
+            };
             let j = block.len;
             let at = [b, h, x0, x1, x2, 0];
             // SAFETY: a point of the validated problem.
@@ -209,14 +227,7 @@ impl<'g> TileForward<'g> {
                 block.outputs[j] = self.out.at(at);
                 block.lse[j] = self.lse.at(at);
             }
-            (block.first[j], block.count[j]) = match span.count {
-                0 => (0, 0),
-                count => {
-                    let along = kbox.along_line(span.first);
-                    group = along % groups;
-                    (along / groups, count)
-                }
-            };
+            (block.first[j], block.count[j], group) = (first, count, point_group);
             block.len += 1;
             last = Some(x2);
         }

@@ -440,6 +440,15 @@ pub struct Block {
 }
 
 impl Block {
+    /// The bytes between consecutive query rows of a full block whose rows lie equally far
+    /// apart, in increasing order: a tile loads them where they are.
+    fn even_rows(&self) -> Option<usize> {
+        let at = |j: usize| self.queries[j] as usize;
+        let step = at(1).wrapping_sub(at(0));
+        let even = (1..BLOCK).all(|j| at(j) == at(0).wrapping_add(j * step));
+        (self.len == BLOCK && even && (step as isize) > 0).then_some(step)
+    }
+
     /// An empty block.
     pub fn new() -> Self {
         Block {
@@ -515,25 +524,27 @@ pub unsafe fn attend_block(
         .map(|j| block.first[j] + block.count[j])
         .max()
         .unwrap_or(0);
-    // Slots from an even position on, as value rows pair positions. (Logits from a position
-    // on a 64-byte boundary of the key rows instead, so that no key tile row straddles two
-    // cache lines, made P1's forward 1.07x slower: its windows' union then often spans two
-    // groups, not one.)
-    let slots = Slots::from(lo & !1, hi);
+    let slots = Slots::from(lo, hi);
     s.reserve(runs.len() * slots.span);
     let (dim, dim_v) = s.dims;
     let row = s.slots;
     // SAFETY (whole block): rows inside the scratch and stage buffers sized above; the
     // block's rows by the caller's contract.
     unsafe {
-        let queries = s.queries.ptr_mut();
-        for (j, &q) in block.queries[..len].iter().enumerate() {
-            std::ptr::copy_nonoverlapping(q, queries.add(j * dim), dim);
-        }
+        let (queries, query_stride) = match block.even_rows() {
+            Some(stride) => (block.queries[0], stride),
+            None => {
+                let to = s.queries.ptr_mut();
+                for (j, &q) in block.queries[..len].iter().enumerate() {
+                    std::ptr::copy_nonoverlapping(q, to.add(j * dim), dim);
+                }
+                (to as *const u16, dim * 2)
+            }
+        };
         let logits = s.logits.ptr_mut();
         let key_chunks = dim / KEY_CHUNK;
         for chunk in 0..key_chunks {
-            load(2 + chunk, queries.add(chunk * KEY_CHUNK), dim * 2);
+            load(2 + chunk, queries.add(chunk * KEY_CHUNK), query_stride);
         }
         // Logits of keys `slots.origin..hi` (rounded up to whole groups) on each run.
         for (r, &line) in runs.iter().enumerate() {
@@ -596,13 +607,28 @@ struct Slots {
 }
 
 impl Slots {
-    /// Slots from position `origin` on, up to position `end` at least.
-    fn from(origin: usize, end: usize) -> Slots {
+    /// Slots of positions `lo..hi` at least, from the start of the key tile holding `lo` on:
+    /// a tile load whose rows straddle cache lines takes three times as long as one whose
+    /// rows are whole lines. (That start is even too, as value tiles need.)
+    fn from(lo: usize, hi: usize) -> Slots {
+        let origin = lo & !(BLOCK - 1);
         Slots {
             origin,
-            span: (end.max(origin + 1) - origin).next_multiple_of(GROUP),
+            span: (hi.max(lo + 1) - origin).next_multiple_of(GROUP),
         }
     }
+}
+
+/// Logit slots per run of a block whose windows cover positions `lo..hi` of its runs.
+pub fn slots_of(lo: usize, hi: usize) -> usize {
+    Slots::from(lo, hi).span
+}
+
+/// Logit slots per run that a block of sixteen windows of `kernel` positions each, one
+/// position apart, takes where the first one starts a tile: blocks cut so as not to take
+/// more are as cheap per query as any.
+pub fn slots_cap(kernel: usize) -> usize {
+    (kernel + BLOCK - 1).next_multiple_of(GROUP)
 }
 
 /// One query's softmax: the logits of its window (`count` positions from `first` on each of
