@@ -563,7 +563,7 @@ pub unsafe fn attend_block(
             }
         }
         let probabilities = s.probabilities.ptr_mut();
-        let mut stats = [(0.0f32, 0.0f32); BLOCK];
+        let mut stats = [Exponentials::default(); BLOCK];
         for (j, stat) in stats[..len].iter_mut().enumerate() {
             let window = (runs.len(), block.first[j], block.count[j]);
             let (logit_row, probability_row) = (logits.add(j * row), probabilities.add(j * row));
@@ -591,9 +591,14 @@ pub unsafe fn attend_block(
                 store(out, outputs.add((pass + out) * VALUE_CHUNK), dim_v * 4);
             }
         }
-        for (j, &(max, sum)) in stats[..len].iter().enumerate() {
-            finish_row(outputs.add(j * dim_v), dim_v, (max, sum), block.outputs[j]);
-            *block.lse[j] = max + sum.ln();
+        for (j, stat) in stats[..len].iter().enumerate() {
+            finish_row(
+                outputs.add(j * dim_v),
+                dim_v,
+                stat.rounded,
+                block.outputs[j],
+            );
+            *block.lse[j] = stat.shift + stat.sum.ln();
         }
     }
 }
@@ -631,10 +636,28 @@ pub fn slots_cap(kernel: usize) -> usize {
     (kernel + BLOCK - 1).next_multiple_of(GROUP)
 }
 
+/// What a query's softmax leaves for writing its output and lse: the shift taken off its
+/// scaled logits, the sum of their exponentials, and the sum of those rounded to bfloat16 as
+/// the probabilities are (the output's divisor, so that its weights sum to one exactly).
+#[derive(Clone, Copy, Default)]
+struct Exponentials {
+    shift: f32,
+    sum: f32,
+    rounded: f32,
+}
+
+/// Sums of exponentials accepted from the pass that subtracts no max (see `softmax_row`).
+const UNSHIFTED_SUMS: std::ops::RangeInclusive<f32> = 1.0 / (1 << 20) as f32..=(1 << 20) as f32;
+
 /// One query's softmax: the logits of its window (`count` positions from `first` on each of
 /// `runs` runs, laid out as `slots`) times `scale`, as probabilities rounded to bfloat16 into
-/// the same slots of `probabilities`, the row's other slots zeroed. Returns the largest
-/// scaled logit and the sum of the exponentials (unrounded).
+/// the same slots of `probabilities`, the row's other slots zeroed.
+///
+/// The shift is 0 where that keeps the sum within `UNSHIFTED_SUMS`, as it does for the
+/// logits of most attention: float32 exponentials are as precise at any scale, and the
+/// bounds keep the largest probability far from the underflow that tile products flush to
+/// zero, and its products with values far from overflow. Only other windows take a second
+/// pass shifted by their largest scaled logit.
 ///
 /// # Safety
 /// Both rows hold `runs` spans; the window lies inside each span.
@@ -645,43 +668,67 @@ unsafe fn softmax_row(
     slots: Slots,
     (runs, first, count): (usize, usize, usize),
     scale: f32,
-) -> (f32, f32) {
+) -> Exponentials {
     let at = first - slots.origin;
     if slots.span == GROUP && count <= BLOCK / 2 {
         // SAFETY: the caller's contract.
         return unsafe { softmax_narrow((logits, probabilities), (runs, at, count), scale) };
     }
     let scale_v = _mm512_set1_ps(scale);
-    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-    // SAFETY (whole block): every access is masked to the window's slots, or is a whole row
-    // of 64 bytes inside the row's spans (multiples of 32 slots).
-    unsafe {
+    // Every access below is masked to the window's slots, or is a whole row of 64 bytes
+    // inside the row's spans (multiples of 32 slots).
+    let window = |r: usize, c: usize| {
+        let mask = lanes_below(count - c);
+        // SAFETY: as above.
+        (mask, unsafe {
+            _mm512_maskz_loadu_ps(mask, logits.add(r * slots.span + at + c))
+        })
+    };
+    let exponentials = |shift: f32| {
+        let shift = _mm512_set1_ps(shift);
+        let (mut sum, mut rounded_sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for r in 0..runs {
-            let src = logits.add(r * slots.span + at);
             for c in (0..count).step_by(16) {
-                let mask = lanes_below(count - c);
-                let x = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, src.add(c)), scale_v);
-                max = _mm512_mask_max_ps(max, mask, max, x);
-            }
-        }
-        let max = _mm512_reduce_max_ps(max);
-        for slot in (0..runs * slots.span).step_by(32) {
-            _mm512_storeu_si512(probabilities.add(slot) as *mut _, _mm512_setzero_si512());
-        }
-        let shift = _mm512_set1_ps(max);
-        let mut sum = _mm512_setzero_ps();
-        for r in 0..runs {
-            let offset = r * slots.span + at;
-            for c in (0..count).step_by(16) {
-                let mask = lanes_below(count - c);
-                let x = _mm512_maskz_loadu_ps(mask, logits.add(offset + c));
+                let (mask, x) = window(r, c);
                 let e = _mm512_maskz_mov_ps(mask, exp16(_mm512_fmsub_ps(x, scale_v, shift)));
+                let rounded = _mm512_cvtneps_pbh(e);
                 sum = _mm512_add_ps(sum, e);
-                let rounded: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
-                _mm256_mask_storeu_epi16(probabilities.add(offset + c) as *mut i16, mask, rounded);
+                rounded_sum = _mm512_add_ps(rounded_sum, _mm512_cvtpbh_ps(rounded));
+                // SAFETY: as above.
+                unsafe {
+                    let to = probabilities.add(r * slots.span + at + c);
+                    let rounded = std::mem::transmute::<__m256bh, __m256i>(rounded);
+                    _mm256_mask_storeu_epi16(to as *mut i16, mask, rounded);
+                }
             }
         }
-        (max, _mm512_reduce_add_ps(sum))
+        (_mm512_reduce_add_ps(sum), _mm512_reduce_add_ps(rounded_sum))
+    };
+    for slot in (0..runs * slots.span).step_by(32) {
+        // SAFETY: as above.
+        unsafe { _mm512_storeu_si512(probabilities.add(slot) as *mut _, _mm512_setzero_si512()) };
+    }
+    let (sum, rounded) = exponentials(0.0);
+    if UNSHIFTED_SUMS.contains(&sum) {
+        return Exponentials {
+            shift: 0.0,
+            sum,
+            rounded,
+        };
+    }
+    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+    for r in 0..runs {
+        for c in (0..count).step_by(16) {
+            let (mask, x) = window(r, c);
+            max = _mm512_mask_max_ps(max, mask, max, _mm512_mul_ps(x, scale_v));
+        }
+    }
+    let max = _mm512_reduce_max_ps(max);
+    let (sum, rounded) = exponentials(max);
+    Exponentials {
+        shift: max,
+        sum,
+        rounded,
     }
 }
 
@@ -699,7 +746,7 @@ unsafe fn softmax_narrow(
     (logits, probabilities): (*const f32, *mut u16),
     (runs, at, count): (usize, usize, usize),
     scale: f32,
-) -> (f32, f32) {
+) -> Exponentials {
     let scale_v = _mm512_set1_ps(scale);
     let half = BLOCK / 2;
     let low = lanes_below(count);
@@ -723,33 +770,50 @@ unsafe fn softmax_narrow(
         }
     };
     let lanes = |r: usize| if r + 1 < runs { both } else { low };
+    let exponentials = |shift: f32| {
+        let shift = _mm512_set1_ps(shift);
+        let (mut sum, mut rounded_sum) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        for r in (0..runs).step_by(2) {
+            let e = _mm512_maskz_mov_ps(lanes(r), exp16(_mm512_fmsub_ps(pair(r), scale_v, shift)));
+            let rounded = _mm512_cvtneps_pbh(e);
+            sum = _mm512_add_ps(sum, e);
+            rounded_sum = _mm512_add_ps(rounded_sum, _mm512_cvtpbh_ps(rounded));
+            // SAFETY: 32 bf16 lanes; each store is a run's whole span, inside the row.
+            unsafe {
+                let rounded =
+                    _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(rounded));
+                let dst = probabilities.add(r * GROUP) as *mut __m512i;
+                _mm512_storeu_si512(
+                    dst as *mut _,
+                    _mm512_maskz_permutexvar_epi16(window, from_first, rounded),
+                );
+                if r + 1 < runs {
+                    let second = _mm512_maskz_permutexvar_epi16(window, from_second, rounded);
+                    _mm512_storeu_si512(dst.add(1) as *mut _, second);
+                }
+            }
+        }
+        (_mm512_reduce_add_ps(sum), _mm512_reduce_add_ps(rounded_sum))
+    };
+    let (sum, rounded) = exponentials(0.0);
+    if UNSHIFTED_SUMS.contains(&sum) {
+        return Exponentials {
+            shift: 0.0,
+            sum,
+            rounded,
+        };
+    }
     let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
     for r in (0..runs).step_by(2) {
         max = _mm512_mask_max_ps(max, lanes(r), max, _mm512_mul_ps(pair(r), scale_v));
     }
     let max = _mm512_reduce_max_ps(max);
-    let shift = _mm512_set1_ps(max);
-    let mut sum = _mm512_setzero_ps();
-    for r in (0..runs).step_by(2) {
-        let e = _mm512_maskz_mov_ps(lanes(r), exp16(_mm512_fmsub_ps(pair(r), scale_v, shift)));
-        sum = _mm512_add_ps(sum, e);
-        // SAFETY: 32 bf16 lanes; each store is a run's whole span, inside the row.
-        unsafe {
-            let rounded = _mm512_castsi256_si512(std::mem::transmute::<__m256bh, __m256i>(
-                _mm512_cvtneps_pbh(e),
-            ));
-            let dst = probabilities.add(r * GROUP) as *mut __m512i;
-            _mm512_storeu_si512(
-                dst as *mut _,
-                _mm512_maskz_permutexvar_epi16(window, from_first, rounded),
-            );
-            if r + 1 < runs {
-                let second = _mm512_maskz_permutexvar_epi16(window, from_second, rounded);
-                _mm512_storeu_si512(dst.add(1) as *mut _, second);
-            }
-        }
+    let (sum, rounded) = exponentials(max);
+    Exponentials {
+        shift: max,
+        sum,
+        rounded,
     }
-    (max, _mm512_reduce_add_ps(sum))
 }
 
 /// Lane numbers `0..32` of 16-bit lanes.
@@ -771,7 +835,7 @@ fn lanes_16() -> __m512i {
 /// `sums` readable, `out` writable for `dim_v` elements.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")]
-unsafe fn finish_row(sums: *const f32, dim_v: usize, (_, sum): (f32, f32), out: *mut u16) {
+unsafe fn finish_row(sums: *const f32, dim_v: usize, sum: f32, out: *mut u16) {
     let inv = _mm512_set1_ps(if sum > 0.0 { 1.0 / sum } else { 0.0 });
     for c in (0..dim_v).step_by(16) {
         // SAFETY: channels of the rows, by the caller's contract.
