@@ -261,8 +261,8 @@ unsafe fn dot_values(out: usize) {
 ///   positions, as a product with probability rows needs (a tile: sixteen consecutive rows,
 ///   16 channels of each).
 ///
-/// Lines are padded with zero positions to `line_cap`, a group past their end, so that tiles
-/// starting on a window reach past it without leaving the line.
+/// Lines are padded with zero positions to `line_cap`, so that tiles starting on a window
+/// reach past it without leaving the line.
 pub struct TileStage {
     keys: Aligned<u32>,
     values: Aligned<u32>,
@@ -293,9 +293,11 @@ impl TileStage {
         lines * Self::line_cap(line_len)
     }
 
-    /// Positions a line of `line_len` takes: a whole number of groups, one more than it fills.
+    /// Positions a line of `line_len` takes: as far as a block's tiles reach, whole key tiles.
+    /// (Its slots start on a tile at or before its first window position, and end less than a
+    /// group past its last one, so before `line_len + GROUP - 1`.)
     fn line_cap(line_len: usize) -> usize {
-        line_len.next_multiple_of(GROUP) + GROUP
+        (line_len + GROUP - BLOCK).next_multiple_of(BLOCK)
     }
 
     /// Start staging a box of `lines` lines of `line_len` positions (within `capacity`).
@@ -359,6 +361,16 @@ impl TileStage {
             let base = rows.wrapping_offset(first as isize * step);
             for chunk in 0..self.key_chunks {
                 let (tile, stride) = self.key_tile(line, chunk, first);
+                if valid == 0 {
+                    for pair in 0..BLOCK {
+                        // SAFETY: the tile's rows are in the buffer.
+                        unsafe {
+                            let to = (tile as *mut u8).add(pair * stride);
+                            _mm512_storeu_si512(to as *mut _, _mm512_setzero_si512());
+                        }
+                    }
+                    continue;
+                }
                 for pair in 0..BLOCK {
                     let at = base.wrapping_add(chunk * KEY_CHUNK * 2 + pair * 4);
                     // SAFETY: lanes of valid positions read their rows' channel pairs; masked
@@ -525,6 +537,10 @@ pub unsafe fn attend_block(
         .max()
         .unwrap_or(0);
     let slots = Slots::from(lo, hi);
+    assert!(
+        slots.origin + slots.span <= stage.line_cap,
+        "tiles past the staged line"
+    );
     s.reserve(runs.len() * slots.span);
     let (dim, dim_v) = s.dims;
     let row = s.slots;
