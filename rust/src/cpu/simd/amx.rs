@@ -662,6 +662,30 @@ struct Exponentials {
     rounded: f32,
 }
 
+impl Exponentials {
+    /// A window's exponentials, taken by `take(shift)` (which writes the probabilities and
+    /// returns both sums): unshifted where their sum lies in `UNSHIFTED_SUMS`, else taken
+    /// again shifted by the window's largest scaled logit, `max()`.
+    #[inline(always)]
+    fn of(take: impl Fn(f32) -> (f32, f32), max: impl FnOnce() -> f32) -> Self {
+        let (sum, rounded) = take(0.0);
+        if UNSHIFTED_SUMS.contains(&sum) {
+            return Exponentials {
+                shift: 0.0,
+                sum,
+                rounded,
+            };
+        }
+        let shift = max();
+        let (sum, rounded) = take(shift);
+        Exponentials {
+            shift,
+            sum,
+            rounded,
+        }
+    }
+}
+
 /// Sums of exponentials accepted from the pass that subtracts no max (see `softmax_row`).
 const UNSHIFTED_SUMS: std::ops::RangeInclusive<f32> = 1.0 / (1 << 20) as f32..=(1 << 20) as f32;
 
@@ -724,28 +748,17 @@ unsafe fn softmax_row(
         // SAFETY: as above.
         unsafe { _mm512_storeu_si512(probabilities.add(slot) as *mut _, _mm512_setzero_si512()) };
     }
-    let (sum, rounded) = exponentials(0.0);
-    if UNSHIFTED_SUMS.contains(&sum) {
-        return Exponentials {
-            shift: 0.0,
-            sum,
-            rounded,
-        };
-    }
-    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-    for r in 0..runs {
-        for c in (0..count).step_by(16) {
-            let (mask, x) = window(r, c);
-            max = _mm512_mask_max_ps(max, mask, max, _mm512_mul_ps(x, scale_v));
+    let max = || {
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for r in 0..runs {
+            for c in (0..count).step_by(16) {
+                let (mask, x) = window(r, c);
+                max = _mm512_mask_max_ps(max, mask, max, _mm512_mul_ps(x, scale_v));
+            }
         }
-    }
-    let max = _mm512_reduce_max_ps(max);
-    let (sum, rounded) = exponentials(max);
-    Exponentials {
-        shift: max,
-        sum,
-        rounded,
-    }
+        _mm512_reduce_max_ps(max)
+    };
+    Exponentials::of(exponentials, max)
 }
 
 /// `softmax_row` for windows of at most eight positions per run in spans of one group (P1's
@@ -811,25 +824,14 @@ unsafe fn softmax_narrow(
         }
         (_mm512_reduce_add_ps(sum), _mm512_reduce_add_ps(rounded_sum))
     };
-    let (sum, rounded) = exponentials(0.0);
-    if UNSHIFTED_SUMS.contains(&sum) {
-        return Exponentials {
-            shift: 0.0,
-            sum,
-            rounded,
-        };
-    }
-    let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
-    for r in (0..runs).step_by(2) {
-        max = _mm512_mask_max_ps(max, lanes(r), max, _mm512_mul_ps(pair(r), scale_v));
-    }
-    let max = _mm512_reduce_max_ps(max);
-    let (sum, rounded) = exponentials(max);
-    Exponentials {
-        shift: max,
-        sum,
-        rounded,
-    }
+    let max = || {
+        let mut max = _mm512_set1_ps(f32::NEG_INFINITY);
+        for r in (0..runs).step_by(2) {
+            max = _mm512_mask_max_ps(max, lanes(r), max, _mm512_mul_ps(pair(r), scale_v));
+        }
+        _mm512_reduce_max_ps(max)
+    };
+    Exponentials::of(exponentials, max)
 }
 
 /// Lane numbers `0..32` of 16-bit lanes.
