@@ -13,54 +13,7 @@
 //   na_fused_backward_keys    one warp per key row: d_key, d_value over the queries that see it
 //   na_fused_backward_extras  one warp per additional token: its d_key, d_value over all queries
 //   na_fused_backward_bias    one block per rpb entry: d_rpb, a tree reduction
-#include "fused.cuh"
-
-// The backward's parameter block: the forward's (with `out` the forward's output; `lse` unused)
-// and the gradients. Mirrors fused_launch::FusedBackwardParams.
-struct NaFusedBwdParams {
-    NaFusedParams f;
-    NaView d_out;          // [b, h, s0, s1, s2, c]
-    NaView d_lse;          // [b, h, s0, s1, s2, -], float32; when has_d_lse
-    NaView d_query;        // written: [b, h, s0, s1, s2, c]
-    NaView d_key;          // written: [b, kv head, s0, s1, s2, c]
-    NaView d_value;        // written: [b, kv head, s0, s1, s2, c]
-    NaView d_extra_key;    // written: [b, kv head, e, -, -, c]
-    NaView d_extra_value;  // written: [b, kv head, e, -, -, c]
-    NaView d_bias;         // written: [h, r0, r1, r2, -, -]
-    unsigned long long stats;  // acc_t (lse, delta) per query row, rows numbered as na_row_of's
-    int has_d_lse;
-    int reserved;
-};
-
-static_assert(sizeof(NaFusedBwdParams) == sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4,
-              "NaFusedBwdParams must match fused_launch::FusedBackwardParams");
-
-__device__ __forceinline__ long long na_fused_tokens(const NaFusedParams& p) {
-    return p.length[0] * p.length[1] * p.length[2];
-}
-
-__device__ __forceinline__ acc_t* na_stats(const NaFusedBwdParams& p) {
-    return reinterpret_cast<acc_t*>(p.stats);
-}
-
-// Row number (as na_row_of numbers them) of query (b, h, x).
-__device__ __forceinline__ long long na_query_row(const NaFusedParams& p, long long b, long long h,
-                                                  const long long x[3]) {
-    return ((b * p.heads + h) * p.length[0] + x[0]) * p.length[1] * p.length[2] +
-           x[1] * p.length[2] + x[2];
-}
-
-// The logit gradient of one (query, key) pair: p (dp - delta), with p = exp(logit - lse).
-struct NaPair {
-    acc_t prob;
-    acc_t ds;
-};
-
-__device__ __forceinline__ NaPair na_pair(acc_t logit, acc_t lse, acc_t dp, acc_t delta) {
-    // A key at -inf (or a row that sees none) has probability 0.
-    const acc_t prob = logit == neg_inf() ? acc_t(0) : na_exp(logit - lse);
-    return {prob, prob * (dp - delta)};
-}
+#include "fused_bwd.cuh"
 
 extern "C" __global__ void NA_FUSED_BOUNDS
     na_fused_backward_query(const NaFusedBwdParams p) {
@@ -165,23 +118,6 @@ struct NaKeyGrads {
     }
 };
 
-// Queries (group indices) whose window holds key group index `kj`: one run `[start, end)`, since
-// windows move monotonically with the query. A window holds keys at most K + S - 1 from its
-// query (its leader is under S away, and the window spans K), so those are the candidates.
-__device__ __forceinline__ NaRange na_fused_inverse_run(long long kj, long long lg, int a) {
-    const long long reach = na_kernel(a) + na_stride(a);
-    const long long last = min(kj + reach, lg - 1);
-    long long first = 0, count = 0;
-    for (long long qi = max(kj - reach, 0LL); qi <= last; ++qi) {
-        const NaRange w = na_group_window(qi, lg, na_kernel(a), na_stride(a), na_causal(a));
-        if (w.start <= kj && kj < w.end) {
-            first = count == 0 ? qi : first;
-            ++count;
-        }
-    }
-    return {first, first + count};
-}
-
 // d_key and d_value of key row (b, kv head, y): over every query x whose window holds y and every
 // query head of the kv head's group, in a fixed order.
 extern "C" __global__ void NA_FUSED_BOUNDS
@@ -203,7 +139,7 @@ extern "C" __global__ void NA_FUSED_BOUNDS
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
             pos[a] = na_group_pos(r.x[a], f.length[a], f.dilation[a]);
-            run[a] = na_fused_inverse_run(pos[a].index, pos[a].len, a);
+            run[a] = na_fused_inverse_run(pos[a].index, pos[a].index, pos[a].len, a);
         }
         for (long long q0 = run[0].start; q0 < run[0].end; ++q0) {
             for (long long q1 = run[1].start; q1 < run[1].end; ++q1) {

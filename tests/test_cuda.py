@@ -276,6 +276,21 @@ TENSOR_CORE_CASES = [
 TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES]
 HALF_DTYPES = [torch.float16, torch.bfloat16]
 
+# Problems for the tensor-core backward (half types, head dims multiples of 8 up to 128; wider
+# ones take the warp kernels) beyond the tensor-core forward's: key tiles whose box of queries
+# spans several slabs, in both slab widths (32 queries up to head dim 64, 16 past it); stride
+# with causal and GQA at head dims 128/96; a 1-D problem with dilation, stride and MQA at head
+# dims 64/128 with extras; dilation with rpb on a causal 3-D problem.
+TENSOR_CORE_BACKWARD_CASES = [
+    FusedCase((12, 20), (5, 7), (1, 2), (1, 1), (False, True), 1, 4, 2, 128, 96),
+    FusedCase((40,), (13,), (4,), (2,), (False,), 2, 2, 1, 64, 128, n_extra=5, layout="permuted"),
+    FusedCase((6, 7, 8), (3, 3, 5), (1, 1, 1), (2, 1, 1), (False, True, False), 1, 2, 2, 32, 32,
+              rpb=True, layout="sliced"),
+]  # fmt: skip
+TENSOR_CORE_BACKWARD_CASE_PARAMS = [
+    pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES + TENSOR_CORE_BACKWARD_CASES
+]
+
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
@@ -356,6 +371,12 @@ def check_fused_backward(case, dtype, device, kernels=contextlib.nullcontext):
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
 def test_fused_backward_matches_the_cpu_path_and_the_oracle(case, dtype):
+    check_fused_backward(case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype):
     check_fused_backward(case, dtype, "cuda")
 
 

@@ -28,6 +28,12 @@ KERNELS = {
     ),
 }
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+# The tensor-core kernels, for the half types only.
+TENSOR_CORE_KERNELS = {
+    "na_fused_tc": ("na_fused_forward_tc",),
+    "na_fused_bwd_tc": ("na_fused_backward_query_tc", "na_fused_backward_keys_tc"),
+}
+HALF_DTYPES = ("float16", "bfloat16")
 
 if torch.version.cuda is None:
     pytest.skip("a CPU-only torch build brings no libnvrtc", allow_module_level=True)
@@ -56,7 +62,11 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
     rows = _cuda.compile_kernels(arch)
     print(f"\nNVRTC {_core.nvrtc_version()}\n{_table(arch, rows)}")
     names = [row[0] for row in rows]
-    for (source, functions), dtype in itertools.product(KERNELS.items(), DTYPES):
+    expected = [
+        *itertools.product(KERNELS.items(), DTYPES),
+        *itertools.product(TENSOR_CORE_KERNELS.items(), HALF_DTYPES),
+    ]
+    for (source, functions), dtype in expected:
         for function in functions:
             assert any(n.startswith(f"{source}[{dtype},") and n.endswith(f"/{function}")
                        for n in names), f"{source}/{function} for {dtype} was not compiled"  # fmt: skip

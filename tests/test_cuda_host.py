@@ -22,6 +22,7 @@ from test_cuda import (
     CASE_IDS,
     CASES,
     HALF_DTYPES,
+    TENSOR_CORE_BACKWARD_CASE_PARAMS,
     TENSOR_CORE_CASE_PARAMS,
     check_dense_attention,
     check_every_output_element_is_written,
@@ -92,9 +93,14 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, ke
     check_fused_forward(case, dtype, "cpu", kernels)
 
 
-def _built_kernels(directory) -> set:
-    """The kernel entry points of the host libraries built in `directory`."""
-    names = ("na_host_na_fused_forward", "na_host_na_fused_forward_tc")
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
+    check_fused_backward(case, dtype, "cpu", kernels)
+
+
+def _built_kernels(directory, names) -> set:
+    """Which of the kernel entry points `names` the host libraries built in `directory` have."""
     found = set()
     for library in directory.glob("*.so"):
         handle = ctypes.CDLL(str(library))
@@ -120,7 +126,38 @@ def test_half_types_with_head_dims_in_eights_take_the_tensor_core_forward(
         natten_rs.na1d(q, q, q, kernel_size=3)
     finally:
         _core.run_cuda_kernels_on_host(None)
-    assert _built_kernels(tmp_path) == {kernel}
+    names = ("na_host_na_fused_forward", "na_host_na_fused_forward_tc")
+    assert _built_kernels(tmp_path, names) == {kernel}
+
+
+@pytest.mark.parametrize(
+    "dtype, dims, rpb, tensor_cores",
+    [
+        (torch.float16, (16, 16), False, True),
+        (torch.bfloat16, (128, 8), True, True),  # rpb: plus the warp kernels' d_rpb
+        (torch.float16, (136, 136), False, False),  # past the tensor-core backward's 128
+        (torch.float32, (16, 16), False, False),
+        (torch.bfloat16, (16, 12), False, False),  # not a multiple of 8
+    ],
+)
+def test_half_types_with_head_dims_in_eights_up_to_128_take_the_tensor_core_backward(
+    dtype, dims, rpb, tensor_cores, tmp_path
+):
+    q = torch.randn(1, 10, 2, dims[0]).to(dtype).requires_grad_()
+    v = torch.randn(1, 10, 2, dims[1]).to(dtype).requires_grad_()
+    bias = torch.zeros(2, 5, dtype=dtype, requires_grad=True) if rpb else None
+    _core.run_cuda_kernels_on_host(str(tmp_path))
+    try:
+        natten_rs.na1d(q, q, v, kernel_size=3, rpb=bias).sum().backward()
+    finally:
+        _core.run_cuda_kernels_on_host(None)
+    tc = {"na_host_na_fused_backward_query_tc", "na_host_na_fused_backward_keys_tc"}
+    warp = {"na_host_na_fused_backward_query", "na_host_na_fused_backward_keys"}
+    expected = tc if tensor_cores else warp
+    # The warp kernels' module holds d_rpb too: a tensor-core backward with rpb loads it as well.
+    if rpb:
+        expected = expected | warp
+    assert _built_kernels(tmp_path, (*tc, *warp)) == expected
 
 
 def test_ops_take_the_cuda_kernels_while_it_is_on(tmp_path):

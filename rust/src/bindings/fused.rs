@@ -4,7 +4,7 @@ use pyo3::prelude::*;
 
 use super::{borrow, borrow_opt, cuda as on_cuda, Capsule};
 use crate::cpu::{self, FusedGrads, FusedTensors, Saved};
-use crate::cuda::{self, Source, Stream};
+use crate::cuda::{self, Stream};
 use crate::dlpack::{DType, TensorRef};
 use crate::error::Error;
 use crate::problem::{FusedInputs, FusedProblem, Neighborhood};
@@ -219,7 +219,7 @@ fn na_fused_backward(
     let stats = borrow("stats", stats)?;
     let (len, dtype) = stats_shape(&p);
     p.expect_output("stats", &stats, (&[len], dtype), &ins)?;
-    on_cuda::prepare_keys(py, p.device, &[cuda::fused_key(Source::FusedBwd, &p)?])?;
+    on_cuda::prepare_keys(py, p.device, &cuda::fused_backward_keys(&p, &grads)?)?;
     Ok(py.detach(|| {
         on_cuda::guarded(|| {
             // SAFETY: `p` validated every input, gradient and the scratch (shapes, strides,

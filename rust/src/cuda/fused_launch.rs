@@ -137,12 +137,16 @@ pub struct FusedBackwardParams {
     pub has_d_lse: i32,
     /// Padding to a multiple of 8 bytes (as in the kernel source).
     pub reserved: i32,
+    /// Rows per tile along each (padded) axis (the tensor-core kernels; zeros otherwise).
+    pub tile: [i64; 3],
+    /// Tiles along each axis, every dilation group's together.
+    pub tiles: [i64; 3],
 }
 
-// The static_assert of na_fused_bwd.cu checks the same size on the device side.
+// The static_assert of fused_bwd.cuh checks the same size on the device side.
 const _: () = assert!(
     std::mem::size_of::<FusedBackwardParams>()
-        == std::mem::size_of::<FusedParams>() + 8 * 56 + 8 + 2 * 4
+        == std::mem::size_of::<FusedParams>() + 8 * 56 + 8 + 2 * 4 + 6 * 8
 );
 
 /// One launch of a fused backward kernel.
@@ -159,16 +163,80 @@ fn warp_rows(rows: usize) -> Config {
     Config::covering(rows as u64, BLOCK / WARP, (BLOCK, 1))
 }
 
-/// Backward, in launch order: `d_query` and the stats (one warp per query row), then `d_key` and
-/// `d_value` (one warp per key row), the additional tokens' gradients (one warp each) and
-/// `d_rpb` (one block per entry), each when the problem has them. `stats` is the scratch of
-/// `backward_stats_len` elements of the accumulator type.
+/// The backward's kernels in launch order, each with its grid: `d_query` and the stats, then
+/// `d_key` and `d_value` (on tensor cores a tile of 64 rows per block, else one warp per row),
+/// the additional tokens' gradients (one warp each) and `d_rpb` (one block per entry), each when
+/// the problem has them and the grid is not empty.
+pub fn backward_plan(
+    p: &FusedProblem,
+    grads: &FusedGrads,
+    tensor_cores: bool,
+) -> Vec<(Function, Config)> {
+    let token_count: usize = p.axes.iter().map(|a| a.length).product();
+    let keys = grads.d_key.is_some() && grads.d_value.is_some();
+    let extras = grads.d_additional_keys.is_some() && grads.d_additional_values.is_some();
+    let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
+    let tiles: usize = tiling(p).1.iter().product();
+    let tile_blocks =
+        |heads: usize| Config::covering((p.batch * heads * tiles) as u64, 1, (TC_THREADS, 1));
+    let (query, key) = if tensor_cores {
+        (
+            (Function::FusedBackwardQueryTc, tile_blocks(p.heads)),
+            (Function::FusedBackwardKeysTc, tile_blocks(p.heads_kv)),
+        )
+    } else {
+        (
+            (
+                Function::FusedBackwardQuery,
+                warp_rows(p.batch * p.heads * token_count),
+            ),
+            (
+                Function::FusedBackwardKeys,
+                warp_rows(p.batch * p.heads_kv * token_count),
+            ),
+        )
+    };
+    let plan = [
+        (query, true),
+        (key, keys),
+        (
+            (
+                Function::FusedBackwardExtras,
+                warp_rows(p.batch * p.heads_kv * p.extra),
+            ),
+            extras,
+        ),
+        (
+            (
+                Function::FusedBackwardBias,
+                Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1)),
+            ),
+            grads.d_rpb.is_some(),
+        ),
+    ];
+    plan.into_iter()
+        .filter(|&((_, config), wanted)| wanted && config.grid > 0)
+        .map(|(launch, _)| launch)
+        .collect()
+}
+
+/// The tile (rows per tile along each axis) and the tile counts of the tensor-core kernels
+/// (queries and keys share one grid, so one tiling serves every one of them).
+fn tiling(p: &FusedProblem) -> ([usize; 3], [usize; 3]) {
+    let tile = query_tile(p);
+    (tile, [0, 1, 2].map(|a| tiles_along(&p.axes[a], tile[a])))
+}
+
+/// Backward, in launch order (`backward_plan`); `tensor_cores` picks the tensor-core kernels
+/// for `d_query`, `d_key` and `d_value`. `stats` is the scratch of `backward_stats_len`
+/// elements of the accumulator type.
 pub fn backward(
     p: &FusedProblem,
     t: &FusedTensors,
     saved: &Saved,
     grads: &FusedGrads,
     stats: &TensorRef,
+    tensor_cores: bool,
 ) -> Vec<FusedBackwardLaunch> {
     let tokens = |t: &TensorRef| View::heads_last(t, p.rank, true);
     let extras = |t: Option<&TensorRef>| t.map(View::extras_heads_last).unwrap_or_default();
@@ -191,37 +259,21 @@ pub fn backward(
         stats: stats.data as u64,
         has_d_lse: i32::from(saved.d_lse.is_some()),
         reserved: 0,
+        ..FusedBackwardParams::default()
     };
-    let token_count: usize = p.axes.iter().map(|a| a.length).product();
-    let heads_kv = p.heads_kv;
-    let keys = grads.d_key.is_some() && grads.d_value.is_some();
-    let extras = grads.d_additional_keys.is_some() && grads.d_additional_values.is_some();
-    let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
-    let plan = [
-        (
-            Function::FusedBackwardQuery,
-            true,
-            warp_rows(p.batch * p.heads * token_count),
-        ),
-        (
-            Function::FusedBackwardKeys,
-            keys,
-            warp_rows(p.batch * heads_kv * token_count),
-        ),
-        (
-            Function::FusedBackwardExtras,
-            extras,
-            warp_rows(p.batch * heads_kv * p.extra),
-        ),
-        (
-            Function::FusedBackwardBias,
-            grads.d_rpb.is_some(),
-            Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1)),
-        ),
-    ];
-    plan.into_iter()
-        .filter(|&(_, wanted, config)| wanted && config.grid > 0)
-        .map(|(function, _, config)| FusedBackwardLaunch {
+    let params = if tensor_cores {
+        let (tile, tiles) = tiling(p);
+        FusedBackwardParams {
+            tile: tile.map(|x| x as i64),
+            tiles: tiles.map(|x| x as i64),
+            ..params
+        }
+    } else {
+        params
+    };
+    backward_plan(p, grads, tensor_cores)
+        .into_iter()
+        .map(|(function, config)| FusedBackwardLaunch {
             function,
             params,
             config,
@@ -268,28 +320,30 @@ pub struct FusedTcParams {
 const _: () =
     assert!(std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8);
 
-/// Queries per tile of the tensor-core forward (four warps of sixteen rows).
-pub const TC_QUERIES: usize = 64;
-/// Threads per block of the tensor-core forward.
+/// Rows per tile of the tensor-core kernels (four warps of sixteen rows).
+pub const TC_ROWS: usize = 64;
+/// Threads per block of the tensor-core kernels.
 const TC_THREADS: u32 = 128;
 
-/// Whether the tensor-core forward takes problems of `dtype` with head dims `(query/key,
-/// value)`: half types, and head dims that are multiples of 8 up to the limit of its source
-/// (window, additional tokens or both).
-pub fn takes_tensor_cores(dtype: crate::dlpack::DType, (dim, dim_v): (usize, usize)) -> bool {
-    use crate::dlpack::DType;
-    let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= Source::FusedTc.max_dim();
-    matches!(dtype, DType::F16 | DType::BF16) && dims_fit(dim) && dims_fit(dim_v)
+/// Whether tensor-core source `source` takes problems of `dtype` with head dims `(query/key,
+/// value)`: the dtypes it compiles for, and head dims that are multiples of 8 up to its limit.
+pub fn takes_tensor_cores(
+    source: Source,
+    dtype: crate::dlpack::DType,
+    (dim, dim_v): (usize, usize),
+) -> bool {
+    let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= source.max_dim();
+    source.dtypes().contains(&dtype) && dims_fit(dim) && dims_fit(dim_v)
 }
 
-/// The query tile of the tensor-core forward: `TC_QUERIES` queries at most, grown by doubling,
+/// The query tile of the tensor-core forward: `TC_ROWS` queries at most, grown by doubling,
 /// among the axes it is still shorter than the longest dilation group of, the one whose group
 /// is longest relative to the tile, so that a tile is as square as the grid allows (a square
 /// tile of a square window shares the most keys).
 pub fn query_tile(p: &FusedProblem) -> [usize; 3] {
     let longest = p.axes.map(|a| a.length.div_ceil(a.dilation));
     let mut tile = [1; 3];
-    while tile.iter().product::<usize>() * 2 <= TC_QUERIES {
+    while tile.iter().product::<usize>() * 2 <= TC_ROWS {
         let growable = (0..3).filter(|&a| tile[a] < longest[a]);
         // longest[a] / tile[a], compared across axes without division.
         let Some(axis) = growable.reduce(|best, a| {
@@ -323,8 +377,7 @@ pub fn tensor_core_forward(
     lse: &TensorRef,
 ) -> Option<FusedLaunch<FusedTcParams>> {
     let plain = forward(p, t, out, lse)?;
-    let tile = query_tile(p);
-    let tiles = [0, 1, 2].map(|a| tiles_along(&p.axes[a], tile[a]));
+    let (tile, tiles) = tiling(p);
     let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
     Some(FusedLaunch {
         function: Function::FusedForwardTc,

@@ -161,7 +161,7 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         d_additional_values: Some(&g[4]),
         d_rpb: None,
     };
-    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats);
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, false);
     let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
     assert_eq!(
         functions,
@@ -197,6 +197,11 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         [0x10300, 0x10400]
     );
     assert_eq!((pr.forward.group, pr.forward.extra_count), (3, 5));
+    assert_eq!(
+        (pr.tile, pr.tiles),
+        ([0; 3], [0; 3]),
+        "the warp kernels are not tiled"
+    );
     // Without d_lse, and with neither key-side nor extra gradients, only the query kernel runs.
     let bare = Saved {
         d_lse: None,
@@ -209,9 +214,59 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         d_additional_values: None,
         ..grads
     };
-    let launches = backward(&p, &tensors(&t), &bare, &only_query, &stats);
+    let launches = backward(&p, &tensors(&t), &bare, &only_query, &stats, false);
     assert_eq!(launches.len(), 1);
     assert_eq!(launches[0].params.has_d_lse, 0);
+}
+
+/// On tensor cores, `d_query` and `d_key`/`d_value` take a block of 128 threads per tile of
+/// queries (every head) or keys (every kv head), tiled as the forward's queries; the additional
+/// tokens' and the bias's gradients stay on the warp kernels, in the same order.
+#[test]
+fn tensor_core_backward_launches_a_block_per_tile_then_the_warp_kernels() {
+    let (p, t) = problem();
+    let rows = |shape: &[usize], base| tensor(shape, base);
+    let (out, d_out) = (rows(&p.out_shape(), 0x6000), rows(&p.out_shape(), 0x7000));
+    let stats = TensorRef::meta(&[backward_stats_len(&p)], DType::F32, Device::Cuda(0));
+    let saved = Saved {
+        out: &out,
+        d_out: &d_out,
+        d_lse: None,
+    };
+    let g = grads_for(&p, 0x10000);
+    let bias_grad = tensor(&[6, 5, 7], 0x20000);
+    let grads = FusedGrads {
+        d_query: &g[0],
+        d_key: Some(&g[1]),
+        d_value: Some(&g[2]),
+        d_additional_keys: Some(&g[3]),
+        d_additional_values: Some(&g[4]),
+        d_rpb: Some(&bias_grad),
+    };
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, true);
+    let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
+    assert_eq!(
+        functions,
+        [
+            Function::FusedBackwardQueryTc,
+            Function::FusedBackwardKeysTc,
+            Function::FusedBackwardExtras,
+            Function::FusedBackwardBias,
+        ]
+    );
+    let pr = launches[0].params;
+    assert_eq!(pr.tile, query_tile(&p).map(|x| x as i64));
+    // Axis 1 (9 tokens, dilation 2) has groups of 5 and 4, one tile of 8 each; axis 2 (8
+    // tokens) one tile of 8.
+    assert_eq!((pr.tile, pr.tiles), ([1, 8, 8], [1, 2, 1]));
+    let blocks = [2 * 6 * 2, 2 * 2 * 2];
+    for (l, blocks) in launches.iter().zip(blocks) {
+        assert_eq!((l.config.grid, l.config.block), (blocks, (128, 1)));
+    }
+    assert!(
+        launches.iter().all(|l| l.params == pr),
+        "one parameter block"
+    );
 }
 
 #[test]
@@ -277,7 +332,7 @@ fn query_tiles_are_as_square_as_the_grid_allows() {
     for (shape, kernel, dilation, tile) in cases {
         let p = self_attention(shape, DType::F16, kernel, dilation);
         assert_eq!(query_tile(&p), tile, "{shape:?}");
-        assert!(tile.iter().product::<usize>() <= TC_QUERIES);
+        assert!(tile.iter().product::<usize>() <= TC_ROWS);
     }
 }
 
@@ -311,30 +366,38 @@ fn tensor_core_tiles_cover_every_dilation_group() {
 
 #[test]
 fn tensor_cores_take_half_types_with_head_dims_in_eights() {
-    let takes = |dtype, dim| takes_tensor_cores(dtype, (dim, dim));
+    let forward = |dtype, dims| takes_tensor_cores(Source::FusedTc, dtype, dims);
+    let takes = |dtype, dim| forward(dtype, (dim, dim));
     assert!(takes(DType::F16, 64) && takes(DType::BF16, 8) && takes(DType::BF16, 256));
     assert!(!takes(DType::F32, 64) && !takes(DType::F64, 64));
     assert!(!takes(DType::F16, 12) && !takes(DType::F16, 264));
-    assert!(!takes_tensor_cores(DType::F16, (64, 12)) && takes_tensor_cores(DType::F16, (64, 200)));
+    assert!(!forward(DType::F16, (64, 12)) && forward(DType::F16, (64, 200)));
+    // The backward's tensor-core kernels stop at 128.
+    let backward = |dtype, dims| takes_tensor_cores(Source::FusedBwdTc, dtype, dims);
+    assert!(backward(DType::BF16, (128, 8)) && backward(DType::F16, (32, 128)));
+    assert!(!backward(DType::F16, (136, 64)) && !backward(DType::BF16, (64, 200)));
+    assert!(!backward(DType::F32, (64, 64)));
 }
 
 /// `precompile`'s fused variants are the keys the problems they stand for look up at launch:
-/// the tensor-core forward for half types on sm_80 and later, the warp forward otherwise, and
-/// the backward.
+/// the tensor-core forward and backward for half types on sm_80 and later (beside the warp
+/// backward, whose module holds the extras' and bias's gradients), the warp kernels otherwise.
 #[test]
 fn precompiled_fused_variants_are_the_ones_problems_launch() {
     let arch = |name| crate::cuda::Arch::parse(name).unwrap();
-    let cases = [
-        (DType::F16, "sm_80", Source::FusedTc),
-        (DType::BF16, "sm_90a", Source::FusedTc),
-        (DType::F16, "sm_75", Source::FusedFwd),
-        (DType::F32, "sm_80", Source::FusedFwd),
+    let tensor_cores = [Source::FusedTc, Source::FusedBwdTc, Source::FusedBwd];
+    let warp = [Source::FusedFwd, Source::FusedBwd];
+    let cases: [(DType, &str, &[Source]); 4] = [
+        (DType::F16, "sm_80", &tensor_cores),
+        (DType::BF16, "sm_90a", &tensor_cores),
+        (DType::F16, "sm_75", &warp),
+        (DType::F32, "sm_80", &warp),
     ];
-    for (dtype, name, forward) in cases {
+    for (dtype, name, sources) in cases {
         let p = self_attention(&[1, 12, 16, 2, 32], dtype, vec![3, 5], vec![1, 1]);
         let shapes = [(p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal))];
         let keys = crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], arch(name));
-        for source in [forward, Source::FusedBwd] {
+        for &source in sources {
             let key = KernelKey::for_fused(source, &p);
             assert!(
                 keys.contains(&key),
@@ -343,8 +406,8 @@ fn precompiled_fused_variants_are_the_ones_problems_launch() {
         }
         assert_eq!(
             keys.len(),
-            4,
-            "two unfused sources, one forward, one backward"
+            2 + sources.len(),
+            "two unfused sources and {sources:?}"
         );
     }
 }

@@ -7,14 +7,22 @@ use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
 /// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
-/// included by every source, `fused.cuh` by the fused ones, `tensor_core.cuh` by the
-/// tensor-core one.
-pub const HEADERS: [(&str, &str); 3] = [
+/// included by every source, `fused.cuh` by the fused ones, `fused_bwd.cuh` by the backward
+/// ones, `tensor_core.cuh` and `fused_tc.cuh` by the tensor-core ones.
+pub const HEADERS: [(&str, &str); 5] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
     (
+        "fused_bwd.cuh",
+        include_str!("../../../kernels/fused_bwd.cuh"),
+    ),
+    (
         "tensor_core.cuh",
         include_str!("../../../kernels/tensor_core.cuh"),
+    ),
+    (
+        "fused_tc.cuh",
+        include_str!("../../../kernels/fused_tc.cuh"),
     ),
 ];
 
@@ -38,16 +46,20 @@ pub enum Source {
     FusedBwd,
     /// `kernels/na_fused_tc.cu`: fused attention forward on tensor cores (half types, sm_80+).
     FusedTc,
+    /// `kernels/na_fused_bwd_tc.cu`: fused attention `d_query`, `d_key`, `d_value` on tensor
+    /// cores (half types, sm_80+; the rest of the backward stays on `FusedBwd`).
+    FusedBwdTc,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 5] = [
+    pub const ALL: [Source; 6] = [
         Source::Qk,
         Source::Av,
         Source::FusedFwd,
         Source::FusedBwd,
         Source::FusedTc,
+        Source::FusedBwdTc,
     ];
     /// The sources of the fused ops that take every dtype.
     pub const FUSED: [Source; 2] = [Source::FusedFwd, Source::FusedBwd];
@@ -62,6 +74,7 @@ impl Source {
             Source::FusedFwd => "na_fused_fwd.cu",
             Source::FusedBwd => "na_fused_bwd.cu",
             Source::FusedTc => "na_fused_tc.cu",
+            Source::FusedBwdTc => "na_fused_bwd_tc.cu",
         }
     }
 
@@ -73,6 +86,7 @@ impl Source {
             Source::FusedFwd => include_str!("../../../kernels/na_fused_fwd.cu"),
             Source::FusedBwd => include_str!("../../../kernels/na_fused_bwd.cu"),
             Source::FusedTc => include_str!("../../../kernels/na_fused_tc.cu"),
+            Source::FusedBwdTc => include_str!("../../../kernels/na_fused_bwd_tc.cu"),
         }
     }
 
@@ -89,6 +103,10 @@ impl Source {
                 Function::FusedBackwardBias,
             ],
             Source::FusedTc => &[Function::FusedForwardTc],
+            Source::FusedBwdTc => &[
+                Function::FusedBackwardQueryTc,
+                Function::FusedBackwardKeysTc,
+            ],
         }
     }
 
@@ -99,20 +117,21 @@ impl Source {
             Source::Qk | Source::Av => 0,
             Source::FusedFwd => MAX_FUSED_DIM,
             Source::FusedBwd | Source::FusedTc => MAX_FUSED_BACKWARD_DIM,
+            Source::FusedBwdTc => MAX_TENSOR_CORE_BACKWARD_DIM,
         }
     }
 
     /// The dtypes the source compiles for.
     pub fn dtypes(self) -> &'static [DType] {
         match self {
-            Source::FusedTc => &[DType::F16, DType::BF16],
+            Source::FusedTc | Source::FusedBwdTc => &[DType::F16, DType::BF16],
             _ => &DTYPES,
         }
     }
 
     /// Whether the head dims are compile-time constants of the source (`NA_DIM`, `NA_DIM_V`).
     pub fn fused(self) -> bool {
-        matches!(self, Source::FusedFwd | Source::FusedBwd | Source::FusedTc)
+        !matches!(self, Source::Qk | Source::Av)
     }
 
     /// The parameter struct that each of its kernels takes by value.
@@ -120,7 +139,7 @@ impl Source {
         match self {
             Source::Qk | Source::Av => "NaParams",
             Source::FusedFwd => "NaFusedParams",
-            Source::FusedBwd => "NaFusedBwdParams",
+            Source::FusedBwd | Source::FusedBwdTc => "NaFusedBwdParams",
             Source::FusedTc => "NaFusedTcParams",
         }
     }
@@ -151,6 +170,10 @@ pub enum Function {
     FusedBackwardExtras,
     /// Fused backward per bias entry: `d_rpb`.
     FusedBackwardBias,
+    /// `FusedBackwardQuery` on tensor cores, a tile of queries per block.
+    FusedBackwardQueryTc,
+    /// `FusedBackwardKeys` on tensor cores, a tile of keys per block.
+    FusedBackwardKeysTc,
 }
 
 impl Function {
@@ -168,6 +191,8 @@ impl Function {
             Function::FusedBackwardKeys => "na_fused_backward_keys",
             Function::FusedBackwardExtras => "na_fused_backward_extras",
             Function::FusedBackwardBias => "na_fused_backward_bias",
+            Function::FusedBackwardQueryTc => "na_fused_backward_query_tc",
+            Function::FusedBackwardKeysTc => "na_fused_backward_keys_tc",
         }
     }
 
@@ -182,6 +207,7 @@ impl Function {
             | Function::FusedBackwardKeys
             | Function::FusedBackwardExtras
             | Function::FusedBackwardBias => Source::FusedBwd,
+            Function::FusedBackwardQueryTc | Function::FusedBackwardKeysTc => Source::FusedBwdTc,
         }
     }
 }
@@ -211,6 +237,10 @@ pub const MAX_FUSED_DIM: usize = 512;
 /// The largest head dim the fused backward takes: its kernels keep two gradient rows per lane in
 /// registers, which past 256 float64 channels no longer fit.
 pub const MAX_FUSED_BACKWARD_DIM: usize = 256;
+/// The largest head dim the tensor-core backward takes: its key kernel keeps both gradient rows'
+/// accumulators in registers and stages its tile's key and value rows in 48 KiB of shared
+/// memory. Wider problems take the warp kernels.
+pub const MAX_TENSOR_CORE_BACKWARD_DIM: usize = 128;
 
 impl KernelKey {
     /// The variant of `source` that problem `p` needs.
@@ -336,7 +366,10 @@ fn representative_fused_keys() -> Vec<KernelKey> {
         ([2, 4, 6], [false; 3], [2, 1, 3], (0, 0)),
     ];
     let mut keys = Vec::new();
-    for source in Source::FUSED.into_iter().chain([Source::FusedTc]) {
+    for source in Source::FUSED
+        .into_iter()
+        .chain([Source::FusedTc, Source::FusedBwdTc])
+    {
         for &dtype in source.dtypes() {
             for (kernel, causal, stride, dims) in shapes {
                 let widest = (source.max_dim(), source.max_dim());

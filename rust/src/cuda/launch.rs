@@ -173,7 +173,9 @@ impl Launch {
             | Function::FusedBackwardQuery
             | Function::FusedBackwardKeys
             | Function::FusedBackwardExtras
-            | Function::FusedBackwardBias => return None,
+            | Function::FusedBackwardBias
+            | Function::FusedBackwardQueryTc
+            | Function::FusedBackwardKeysTc => return None,
             Function::BiasGrad => {
                 let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
                 Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))

@@ -122,14 +122,49 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
 /// the device allow it (half types, head dims multiples of 8, compute capability 8.0 or later),
 /// else the one-warp-per-query one.
 pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
-    let capable = match Target::of(p.device)? {
-        Target::Host => true,
-        Target::Gpu(device) => has_tensor_cores(runtime::device_arch(device)?),
-    };
-    match forward_source(p.dtype, (p.dim, p.dim_v), capable) {
+    match forward_source(p.dtype, (p.dim, p.dim_v), target_has_tensor_cores(p)?) {
         Source::FusedTc => Ok(KernelKey::for_fused(Source::FusedTc, p)),
         source => fused_key(source, p),
     }
+}
+
+/// Whether the device of problem `p` has tensor cores (the host build emulates them).
+fn target_has_tensor_cores(p: &FusedProblem) -> Result<bool> {
+    Ok(match Target::of(p.device)? {
+        Target::Host => true,
+        Target::Gpu(device) => has_tensor_cores(runtime::device_arch(device)?),
+    })
+}
+
+/// Whether the backward of problem `p` takes the tensor-core kernels for `d_query`, `d_key` and
+/// `d_value`; or why it has no kernels (its head dims).
+fn backward_on_tensor_cores(p: &FusedProblem) -> Result<bool> {
+    fused_key(Source::FusedBwd, p)?;
+    Ok(backward_takes_tensor_cores(
+        p.dtype,
+        (p.dim, p.dim_v),
+        target_has_tensor_cores(p)?,
+    ))
+}
+
+/// Whether a backward of `dtype` with head dims `dims` takes the tensor-core kernels on a device
+/// with tensor cores or not.
+fn backward_takes_tensor_cores(dtype: DType, dims: (usize, usize), tensor_cores: bool) -> bool {
+    tensor_cores && fused_launch::takes_tensor_cores(Source::FusedBwdTc, dtype, dims)
+}
+
+/// The variants the fused backward of problem `p` with gradients `grads` launches, without
+/// repeats: what `prepare` must load before `fused_backward`.
+pub fn fused_backward_keys(p: &FusedProblem, grads: &FusedGrads) -> Result<Vec<KernelKey>> {
+    let plan = fused_launch::backward_plan(p, grads, backward_on_tensor_cores(p)?);
+    let mut keys: Vec<KernelKey> = Vec::new();
+    for (function, _) in plan {
+        let key = KernelKey::for_fused(function.source(), p);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
 }
 
 /// Whether the tensor-core forward runs on `arch` (mma.sync: compute capability 8.0 on).
@@ -140,7 +175,7 @@ fn has_tensor_cores(arch: Arch) -> bool {
 /// The source of the fused forward of `dtype` with head dims `dims` on a device with tensor
 /// cores or not (`has_tensor_cores`).
 fn forward_source(dtype: DType, dims: (usize, usize), tensor_cores: bool) -> Source {
-    match tensor_cores && fused_launch::takes_tensor_cores(dtype, dims) {
+    match tensor_cores && fused_launch::takes_tensor_cores(Source::FusedTc, dtype, dims) {
         true => Source::FusedTc,
         false => Source::FusedFwd,
     }
@@ -268,8 +303,9 @@ pub unsafe fn fused_backward(
     stream: Stream,
 ) -> Result<()> {
     let target = Target::of(p.device)?;
-    let key = fused_key(Source::FusedBwd, p)?;
-    for launch in fused_launch::backward(p, t, saved, grads, stats) {
+    let tensor_cores = backward_on_tensor_cores(p)?;
+    for launch in fused_launch::backward(p, t, saved, grads, stats, tensor_cores) {
+        let key = KernelKey::for_fused(launch.function.source(), p);
         let shape = (launch.function, launch.config);
         // SAFETY: forwarded contract; the backward kernels take one `NaFusedBwdParams`, which
         // `FusedBackwardParams` mirrors, and run in stream order (stats before their readers).
@@ -299,7 +335,7 @@ pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
 /// neighborhood shapes (kernel sizes and causal flags per padded axis, as
 /// `Problem::kernel_shape` validates them), the unfused ops' two sources, and for every pair of
 /// head dims in `dims` (query/key, value), the fused forward the device would run and the fused
-/// backward (stride 1; strided problems compile at first use).
+/// backward's sources (stride 1; strided problems compile at first use).
 pub fn variants(
     dtypes: &[DType],
     shapes: &[([usize; 3], [bool; 3])],
@@ -319,8 +355,12 @@ pub fn variants(
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             for &d in dims {
-                let forward = forward_source(dtype, d, has_tensor_cores(arch));
-                keys.extend([key(forward, d), key(Source::FusedBwd, d)]);
+                let tensor_cores = has_tensor_cores(arch);
+                keys.push(key(forward_source(dtype, d, tensor_cores), d));
+                if backward_takes_tensor_cores(dtype, d, tensor_cores) {
+                    keys.push(key(Source::FusedBwdTc, d));
+                }
+                keys.push(key(Source::FusedBwd, d));
             }
         }
     }

@@ -1,0 +1,76 @@
+// Device code shared by the fused backward kernels (na_fused_bwd.cu, one warp per row;
+// na_fused_bwd_tc.cu, tensor cores): their parameter block, the per-row statistics the first
+// kernel leaves for the others, and the logit gradient of one (query, key) pair.
+#pragma once
+#include "fused.cuh"
+
+// The backward's parameter block: the forward's (with `out` the forward's output; `lse` unused)
+// and the gradients. Mirrors fused_launch::FusedBackwardParams.
+struct NaFusedBwdParams {
+    NaFusedParams f;
+    NaView d_out;          // [b, h, s0, s1, s2, c]
+    NaView d_lse;          // [b, h, s0, s1, s2, -], float32; when has_d_lse
+    NaView d_query;        // written: [b, h, s0, s1, s2, c]
+    NaView d_key;          // written: [b, kv head, s0, s1, s2, c]
+    NaView d_value;        // written: [b, kv head, s0, s1, s2, c]
+    NaView d_extra_key;    // written: [b, kv head, e, -, -, c]
+    NaView d_extra_value;  // written: [b, kv head, e, -, -, c]
+    NaView d_bias;         // written: [h, r0, r1, r2, -, -]
+    unsigned long long stats;  // acc_t (lse, delta) per query row, rows numbered as na_row_of's
+    int has_d_lse;
+    int reserved;
+    long long tile[3];   // rows per tile along each axis (tensor-core kernels; else unused)
+    long long tiles[3];  // tiles along each axis, every dilation group's together
+};
+
+static_assert(sizeof(NaFusedBwdParams) == sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4 + 6 * 8,
+              "NaFusedBwdParams must match fused_launch::FusedBackwardParams");
+
+__device__ __forceinline__ long long na_fused_tokens(const NaFusedParams& p) {
+    return p.length[0] * p.length[1] * p.length[2];
+}
+
+__device__ __forceinline__ acc_t* na_stats(const NaFusedBwdParams& p) {
+    return reinterpret_cast<acc_t*>(p.stats);
+}
+
+// Row number (as na_row_of numbers them) of query (b, h, x).
+__device__ __forceinline__ long long na_query_row(const NaFusedParams& p, long long b, long long h,
+                                                  const long long x[3]) {
+    return ((b * p.heads + h) * p.length[0] + x[0]) * p.length[1] * p.length[2] +
+           x[1] * p.length[2] + x[2];
+}
+
+// The logit gradient of one (query, key) pair: p (dp - delta), with p = exp(logit - lse).
+struct NaPair {
+    acc_t prob;
+    acc_t ds;
+};
+
+__device__ __forceinline__ NaPair na_pair(acc_t logit, acc_t lse, acc_t dp, acc_t delta) {
+    // A key at -inf (or a row that sees none) has probability 0.
+    const acc_t prob = logit == neg_inf() ? acc_t(0) : na_exp(logit - lse);
+    return {prob, prob * (dp - delta)};
+}
+
+// Queries (group indices) whose windows hold some key of group indices `[first, last]`: one
+// run `[start, end)`, since windows move monotonically with the query (those that start at or
+// before `last` are a prefix, those that end after `first` a suffix). A window holds keys at most
+// K + S - 1 from its query (its leader is under S away, and the window spans K), so those are the
+// candidates.
+__device__ __forceinline__ NaRange na_fused_inverse_run(long long first, long long last,
+                                                        long long lg, int a) {
+    const long long reach = na_kernel(a) + na_stride(a);
+    const long long top = min(last + reach, lg - 1);
+    NaRange run = {0, 0};
+    bool found = false;
+    for (long long qi = max(first - reach, 0LL); qi <= top; ++qi) {
+        const NaRange w = na_group_window(qi, lg, na_kernel(a), na_stride(a), na_causal(a));
+        if (w.start <= last && first < w.end) {
+            run.start = found ? run.start : qi;
+            run.end = qi + 1;
+            found = true;
+        }
+    }
+    return run;
+}

@@ -1,0 +1,426 @@
+// Device code shared by the tensor-core fused kernels (na_fused_tc.cu, the forward;
+// na_fused_bwd_tc.cu, the backward). A thread block of four warps takes a tile of up to 64
+// rows of one (batch, head): a box of positions inside one dilation group per axis, shaped by the
+// host (fused_launch::query_tile) so that neighbouring rows share most of their partners. Rows
+// are queries (forward, d_query) or keys (d_key, d_value); their partners, the columns, are the
+// box of positions every row's range spans (the key box of the queries' windows, or the query
+// box of the keys' inverse windows), walked in slabs staged in shared memory. Each warp holds
+// sixteen rows, two per lane (rows g and g + 8 of the m16n8k16 layout, tensor_core.cuh):
+//   - which of its products count is worked out per slab before any product (one bit per
+//     product, from the window math of common.cuh: every neighbourhood rule comes from there);
+//   - blocks of eight columns that none of its rows pairs with are skipped;
+//   - products run on tensor cores (float accumulators), the C layout of one product feeding the
+//     A layout of the next.
+#pragma once
+#include "fused.cuh"
+#include "tensor_core.cuh"
+
+#if NA_DIM % 8 != 0 || NA_DIM_V % 8 != 0
+#error "the tensor-core kernels take head dims that are multiples of 8"
+#endif
+
+#define NA_TC_WARPS 4
+#define NA_TC_THREADS (NA_WARP * NA_TC_WARPS)
+// Rows per tile: sixteen per warp.
+#define NA_TC_ROWS (16 * NA_TC_WARPS)
+// Channels padded to whole 16-channel steps of a product (padding staged as zeros).
+#define NA_TC_PAD(n) (((n) + 15) / 16 * 16)
+// Elements each staged row is padded by: 16 bytes, so that the eight rows a fragment read spans
+// start in different banks (with rows a multiple of 128 bytes long they would all share one).
+#define NA_TC_SKEW 8
+
+// Tile `i` of one axis: its dilation group and that group's length, and the group indices
+// `[first, first + count)` of its rows. Groups below `length % dilation` are one longer; each
+// group is cut into tiles of `tile` rows from its start.
+struct NaAxisTile {
+    long long group;
+    long long len;
+    long long first;
+    long long count;
+};
+
+__device__ __forceinline__ NaAxisTile na_axis_tile(long long i, long long length,
+                                                   long long dilation, long long tile) {
+    const NaDivMod l = na_divmod(length, dilation);
+    const long long long_tiles = (l.quot + tile) / tile;
+    const long long short_tiles = (l.quot + tile - 1) / tile;
+    NaAxisTile a;
+    long long j;
+    if (i < l.rem * long_tiles) {
+        a.group = i / long_tiles;
+        j = i % long_tiles;
+    } else {
+        const long long k = i - l.rem * long_tiles;
+        a.group = l.rem + k / short_tiles;
+        j = k % short_tiles;
+    }
+    a.len = l.quot + (a.group < l.rem ? 1 : 0);
+    a.first = j * tile;
+    a.count = min(tile, a.len - a.first);
+    return a;
+}
+
+// One row of a warp's sixteen: whether it exists, and per axis its group index and the range
+// `[start, end)` of the column group indices it pairs with (a query's window, or the queries
+// whose windows hold a key). Positions along one axis fit 32 bits; addresses are formed in 64.
+struct NaTcRow {
+    bool valid;
+    int index[3];
+    int start[3];
+    int end[3];
+};
+
+// Coordinates of number `n` in row-major order over `extent` (32-bit).
+__device__ __forceinline__ void na_coords(int n, const int extent[3], int c[3]) {
+    c[2] = n % extent[2];
+    n /= extent[2];
+    c[1] = n % extent[1];
+    c[0] = n / extent[1];
+}
+
+// The tile of a block: per axis, which part of which dilation group it takes (na_axis_tile's
+// fields, in 32 bits); and the box of column group indices its rows pair with.
+struct NaTcTile {
+    int tile[3];       // rows per tile along each axis
+    int group[3];      // the tile's dilation group
+    int len[3];        // that group's length
+    int first[3];      // the group index of the tile's first row
+    int count[3];      // rows of the tile
+    int box_first[3];  // first column group index of the box
+    int box_len[3];    // columns of the box along each axis
+};
+
+// Tile number `index` (of one (batch, head)) of `tiles`, and this lane's rows `rows[0]` (g) and
+// `rows[1]` (g + 8) of warp `warp`; the ranges and the box are the caller's to fill.
+__device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const long long tile[3],
+                                                 const long long tiles[3], long long index,
+                                                 int warp, int g, NaTcRow rows[2]) {
+    NaTcTile tl;
+    long long at[3];
+    na_token_of(tiles, index, at);
+    int within[2][3];
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        tl.tile[a] = (int)tile[a];
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        na_coords(16 * warp + g + 8 * r, tl.tile, within[r]);
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        const NaAxisTile axis = na_axis_tile(at[a], f.length[a], f.dilation[a], tile[a]);
+        tl.group[a] = (int)axis.group;
+        tl.len[a] = (int)axis.len;
+        tl.first[a] = (int)axis.first;
+        tl.count[a] = (int)axis.count;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            rows[r].valid = (a == 0 || rows[r].valid) && within[r][a] < tl.count[a];
+            rows[r].index[a] = tl.first[a] + within[r][a];
+        }
+    }
+    return tl;
+}
+
+// Position along axis `a` of group index `index` of the tile's dilation group.
+__device__ __forceinline__ long long na_tile_position(const NaFusedParams& f, const NaTcTile& tl,
+                                                      int a, long long index) {
+    return index * f.dilation[a] + tl.group[a];
+}
+
+// The window of group index `qi` along axis `a` of the tile's group.
+__device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, long long qi) {
+    return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
+}
+
+// Row-major number `n` of a tile (as na_tile_rows numbers its rows): its group indices, and
+// whether it lies inside the tile.
+__device__ __forceinline__ bool na_tile_row(const NaTcTile& tl, int n, long long index[3]) {
+    int c[3];
+    na_coords(n, tl.tile, c);
+    bool inside = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        inside = inside && c[a] < tl.count[a];
+        index[a] = tl.first[a] + c[a];
+    }
+    return inside;
+}
+
+// A slab of columns: `count` of them from number `first` of the box, or of the additional
+// tokens.
+struct NaSlab {
+    long long first;
+    int count;
+    bool extra;
+};
+
+// Slab `slab` of `COLUMNS` columns: the box's (`volume` columns) first, then the additional
+// tokens'.
+template <int COLUMNS>
+__device__ __forceinline__ NaSlab na_slab(long long slab, long long volume, long long extras) {
+    const long long window_slabs = (volume + COLUMNS - 1) / COLUMNS;
+    const bool extra = slab >= window_slabs;
+    const long long first = (extra ? slab - window_slabs : slab) * COLUMNS;
+    return {first, (int)min((long long)COLUMNS, (extra ? extras : volume) - first), extra};
+}
+
+// Slabs of `COLUMNS` over `volume` box columns and `extras` additional tokens.
+template <int COLUMNS>
+__device__ __forceinline__ long long na_slab_count(long long volume, long long extras) {
+    return (volume + COLUMNS - 1) / COLUMNS + (extras + COLUMNS - 1) / COLUMNS;
+}
+
+// Group indices of box column `n` of a slab (zeros for additional tokens and past its end).
+__device__ __forceinline__ void na_column(const NaTcTile& tl, const NaSlab& s, int n, int c[3]) {
+    c[0] = c[1] = c[2] = 0;
+    if (!s.extra && n < s.count) {
+        na_coords((int)s.first + n, tl.box_len, c);
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+            c[a] += tl.box_first[a];
+        }
+    }
+}
+
+// Which of this lane's products with a slab count: bit 4 kb + 2 r + e when column 8 kb + 2 t + e
+// exists and lies in the range of row r (every additional token counts for every valid row).
+template <int BLOCKS>
+__device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
+                                                 const NaTcRow rows[2], int t) {
+    static_assert(4 * BLOCKS <= 32, "a slab's mask takes one 32-bit word per lane");
+    unsigned seen = 0;
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int n = 8 * kb + 2 * t + e;
+            int c[3];
+            na_column(tl, s, n, c);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                bool in = rows[r].valid && n < s.count;
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    in = in && (s.extra || (rows[r].start[a] <= c[a] && c[a] < rows[r].end[a]));
+                }
+                seen |= (in ? 1u : 0u) << (4 * kb + 2 * r + e);
+            }
+        }
+    }
+    return seen;
+}
+
+// Whether 8-column block `kb` is seen by some lane of the warp (`live`: the warp's masks or-ed).
+__device__ __forceinline__ bool na_block_live(unsigned live, int kb) {
+    return (live >> (4 * kb) & 0xfu) != 0u;
+}
+
+// Scale, bias and mask a slab's products into logits: products that do not count are -inf.
+// Rows are queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`:
+// d_key, d_value); the bias is indexed by key - query in group steps (stride 1).
+template <int BLOCKS, bool KEY_ROWS>
+__device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen,
+                                          const NaFusedParams& f, long long h, const NaTcTile& tl,
+                                          const NaSlab& s, const NaTcRow rows[2], int t) {
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            int c[3] = {0, 0, 0};
+            if (!s.extra && f.has_bias) {
+                na_column(tl, s, 8 * kb + 2 * t + e, c);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float logit = neg_inf();
+                if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                    logit = logits[kb][2 * r + e] * (float)f.scale;
+                    if (!s.extra && f.has_bias) {
+                        const int* key = KEY_ROWS ? rows[r].index : c;
+                        const int* query = KEY_ROWS ? c : rows[r].index;
+                        logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,
+                                         key[1] - query[1] + NA_K1 - 1,
+                                         key[2] - query[2] + NA_K2 - 1, 0, 0);
+                    }
+                }
+                logits[kb][2 * r + e] = logit;
+            }
+        }
+    }
+}
+
+// Two elements of a staged row, `at[0]` in the low half (4-byte aligned: even offsets of rows of
+// an even length).
+__device__ __forceinline__ unsigned na_pair_at(const elem_t* at) {
+#ifdef NA_HOST
+    return na_pack(at[0], at[1]);
+#else
+    return *reinterpret_cast<const unsigned*>(at);
+#endif
+}
+
+// Sixteen bytes from `src` to `dst` (both 16-byte aligned).
+__device__ __forceinline__ void na_copy16(elem_t* dst, const elem_t* src) {
+#ifdef NA_HOST
+    memcpy(dst, src, 16);
+#else
+    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+#endif
+}
+
+// This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
+// apart; none when null) into `dst`, zeros up to `padded` channels: 16 bytes at a time where the
+// row is dense and aligned, else one element at a time. N is a multiple of 8.
+template <int N, int PARTS>
+__device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
+                                             int padded, int part) {
+    const bool whole = src != nullptr && step == 1 &&
+                       reinterpret_cast<unsigned long long>(src) % 16 == 0;
+    for (int c = 8 * part; c < padded; c += 8 * PARTS) {
+        if (whole && c < N) {
+            na_copy16(dst + c, src + c);
+            continue;
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            dst[c + i] = src != nullptr && c + i < N ? src[(c + i) * step] : elem_t(0);
+        }
+    }
+}
+
+// Fragment `s` (channels 16 s .. 16 s + 15) of the A operand whose rows g and g + 8 are
+// `row[0]` and `row[1]` (rows of N channels, `step` apart; missing rows and channels past N as
+// zeros).
+template <int N>
+__device__ __forceinline__ void na_a_fragment(unsigned frag[4], const elem_t* const row[2],
+                                              long long step, int s, int t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const elem_t* q = row[i % 2];
+        const int c = 16 * s + 2 * t + 8 * (i / 2);
+        frag[i] = q != nullptr && c < N ? na_pack(q[c * step], q[(c + 1) * step]) : 0u;
+    }
+}
+
+// The A fragments of `STEPS` 16-channel steps of two staged rows (padded with zeros to whole
+// steps).
+template <int STEPS>
+__device__ __forceinline__ void na_staged_fragments(unsigned frag[STEPS][4], const elem_t* row_g,
+                                                    const elem_t* row_g8, int t) {
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const elem_t* row = i % 2 ? row_g8 : row_g;
+            frag[s][i] = na_pair_at(row + 16 * s + 2 * t + 8 * (i / 2));
+        }
+    }
+}
+
+// acc[kb] += A . columns^T over `STEPS` 16-channel steps, for the 8-column blocks `kb` of a
+// staged slab (rows `pitch` elements apart, padded to whole steps) that the warp sees.
+template <int STEPS, int BLOCKS>
+__device__ __forceinline__ void na_row_products(float acc[BLOCKS][4], const unsigned a[STEPS][4],
+                                                const elem_t* columns, int pitch, unsigned live,
+                                                int g, int t) {
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+#pragma unroll
+        for (int kb = 0; kb < BLOCKS; ++kb) {
+            if (!na_block_live(live, kb)) {
+                continue;
+            }
+            const elem_t* column = columns + (8 * kb + g) * pitch + 16 * s + 2 * t;
+            const unsigned b[2] = {na_pair_at(column), na_pair_at(column + 8)};
+            na_mma(acc[kb], a[s], b);
+        }
+    }
+}
+
+// acc[o] += weights . rows[:, first_channel + 8 o ...] for the `blocks` 8-channel blocks `o`,
+// 16 slab columns at a time: `weights` are per-column factors of this warp's rows in the C
+// layout of a product (two 8-column blocks of which are one A fragment), `rows` the slab's
+// staged rows (`pitch` elements apart, 16-byte aligned). Chunks of 16 columns the warp does not
+// see are skipped.
+template <int CHUNKS, int OUT_BLOCKS>
+__device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
+                                                 const float weights[2 * CHUNKS][4],
+                                                 const elem_t* rows, int pitch, int first_channel,
+                                                 int blocks, unsigned live, int lane) {
+#pragma unroll
+    for (int kc = 0; kc < CHUNKS; ++kc) {
+        if (!na_block_live(live, 2 * kc) && !na_block_live(live, 2 * kc + 1)) {
+            continue;
+        }
+        const float* lo = weights[2 * kc];
+        const float* hi = weights[2 * kc + 1];
+        const unsigned a[4] = {na_pack(from_acc(lo[0]), from_acc(lo[1])),
+                               na_pack(from_acc(lo[2]), from_acc(lo[3])),
+                               na_pack(from_acc(hi[0]), from_acc(hi[1])),
+                               na_pack(from_acc(hi[2]), from_acc(hi[3]))};
+#pragma unroll
+        for (int o = 0; o < OUT_BLOCKS; ++o) {
+            if (o >= blocks) {
+                break;
+            }
+            unsigned b[2];
+            na_load_b_transposed(b, rows + (16 * kc + lane % 16) * pitch + first_channel + 8 * o);
+            na_mma(acc[o], a, b);
+        }
+    }
+}
+
+// The sum and the max of `x` over the quad of lanes that share a row (lanes 4 g .. 4 g + 3).
+__device__ __forceinline__ float na_quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+__device__ __forceinline__ float na_quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+// Running softmax of this lane's two rows over slabs of `BLOCKS` 8-column blocks: the max and
+// this lane's share of the sum of exp(logit - max) (the quad's four shares add up to the row's).
+template <int BLOCKS>
+struct NaTcSoftmax {
+    float max[2] = {neg_inf(), neg_inf()};
+    float sum[2] = {0, 0};
+
+    // Fold a slab's logits in, turning them into exp(logit - max) (0 for -inf); returns each
+    // row's factor for what was accumulated before (0 before the first finite logit).
+    __device__ __forceinline__ void fold(float logits[BLOCKS][4], float rescale[2]) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float slab_max = neg_inf();
+#pragma unroll
+            for (int kb = 0; kb < BLOCKS; ++kb) {
+                slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
+            }
+            const float top = fmaxf(max[r], na_quad_max(slab_max));
+            rescale[r] = max[r] == neg_inf() ? 0.0f : na_exp(max[r] - top);
+            max[r] = top;
+            float slab_sum = 0;
+#pragma unroll
+            for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    float& l = logits[kb][2 * r + e];
+                    l = l == neg_inf() ? 0.0f : na_exp(l - top);
+                    slab_sum += l;
+                }
+            }
+            sum[r] = sum[r] * rescale[r] + slab_sum;
+        }
+    }
+
+    // The row's sum over its quad (every lane of the quad calls it).
+    __device__ __forceinline__ float total(int r) const { return na_quad_sum(sum[r]); }
+
+    // The row's logsumexp from its quad total; -inf for a row that saw no key.
+    __device__ __forceinline__ float lse(int r, float total) const {
+        return max[r] + na_log(total);
+    }
+};

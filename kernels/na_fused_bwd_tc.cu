@@ -1,0 +1,437 @@
+// Fused neighborhood attention backward on tensor cores (sm_80 and later; float16 and bfloat16,
+// head dims multiples of 8 up to 128): the d_query, d_key and d_value of na_fused_bwd.cu, a
+// tile of 64 rows per block (fused_tc.cuh), in a fixed order (no atomics: the same bits on every
+// run). The additional tokens' and the bias's gradients stay on na_fused_bwd.cu's kernels, which
+// read the statistics the query kernel leaves.
+//
+// With P = softmax(scale Q K^T + bias) per query row, dP = dO V^T, delta = rowsum(dO . O) - d_lse
+// and dS = P (dP - delta):
+//   na_fused_backward_query_tc  a tile of queries: its rows' lse (a first pass over the keys, as
+//                               the forward's), delta, and d_query = scale dS K (a second pass);
+//                               (lse, delta) go to `stats`
+//   na_fused_backward_keys_tc   a tile of keys of one kv head: d_value = P^T dO and
+//                               d_key = scale dS^T Q over the queries whose windows hold them (the
+//                               box of the keys' inverse windows), every query head of the group
+// Products take half-precision operands and float accumulators; the probabilities and logit
+// gradients are rounded to the element type for the products that take them, as in the forward.
+#include "fused_bwd.cuh"
+#include "fused_tc.cuh"
+
+#if NA_DIM > 128 || NA_DIM_V > 128
+#error "the tensor-core backward takes head dims up to 128"
+#endif
+
+#define NA_TCB_STEPS (NA_TC_PAD(NA_DIM) / 16)
+#define NA_TCB_STEPS_V (NA_TC_PAD(NA_DIM_V) / 16)
+#define NA_TCB_PITCH (NA_TC_PAD(NA_DIM) + NA_TC_SKEW)
+#define NA_TCB_PITCH_V (NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW)
+// Columns per slab: fewer for wide rows, whose fragments and gradients take more registers (and,
+// in the key kernel, whose staged tile takes more shared memory).
+#define NA_TCB_WIDE (NA_DIM > 64 || NA_DIM_V > 64)
+#define NA_TCB_KEYS (NA_TCB_WIDE ? 32 : 64)
+#define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
+
+// Stage slab rows `[0, ROWS)`: row n from `row_of(n, ptrs, steps)`, which sets the channel-0
+// pointers (null for none: zeros) and channel steps of the rows of `dst` (N channels, padded
+// with zeros to whole steps) and `dst_v` (N_V channels).
+template <int ROWS, int N, int N_V, class RowOf>
+__device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
+    constexpr int parts = NA_TC_THREADS / ROWS;
+    const int part = threadIdx.x % parts;
+    for (int n = threadIdx.x / parts; n < ROWS; n += NA_TC_THREADS / parts) {
+        const elem_t* src[2] = {nullptr, nullptr};
+        long long step[2] = {0, 0};
+        row_of(n, src, step);
+        na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
+                               NA_TC_PAD(N), part);
+        if (dst_v != nullptr) {
+            na_stage_row<N_V, parts>(dst_v + n * (NA_TC_PAD(N_V) + NA_TC_SKEW), src[1], step[1],
+                                     NA_TC_PAD(N_V), part);
+        }
+    }
+}
+
+template <int BLOCKS>
+__device__ __forceinline__ void na_zero(float acc[BLOCKS][4]) {
+#pragma unroll
+    for (int i = 0; i < BLOCKS; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
+    }
+}
+
+// Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times
+// `factor` at `offset[r]` of `v`, for the rows that exist.
+template <int BLOCKS>
+__device__ __forceinline__ void na_store_rows(const NaView& v, const long long offset[2],
+                                              const NaTcRow rows[2], const float acc[BLOCKS][4],
+                                              float factor, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        if (!rows[r].valid) {
+            continue;
+        }
+#pragma unroll
+        for (int o = 0; o < BLOCKS; ++o) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = 8 * o + 2 * t + e;
+                na_store(v, offset[r] + c * v.stride[5], acc[o][2 * r + e] * factor);
+            }
+        }
+    }
+}
+
+// A query row's statistics: its logsumexp and delta = d_out . out - d_lse.
+struct NaStat {
+    float lse;
+    float delta;
+};
+
+// dS = P (dP - delta) in place of dP, with P = exp(logit - lse) in place of the logits where
+// they count (0 elsewhere, and for a row that sees no key). `stat(kb, i)` gives the statistics
+// of the query of product i of block kb.
+template <int BLOCKS, class Stat>
+__device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[BLOCKS][4],
+                                               Stat&& stat) {
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const NaStat q = stat(kb, i);
+            const float l = probs[kb][i];
+            const float prob = l == neg_inf() || q.lse == neg_inf() ? 0.0f : na_exp(l - q.lse);
+            probs[kb][i] = prob;
+            dp[kb][i] = prob * (dp[kb][i] - q.delta);
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+    na_fused_backward_query_tc(const NaFusedBwdParams p) {
+    const NaFusedParams& f = p.f;
+    constexpr int BLOCKS = NA_TCB_KEYS / 8;
+    // A slab's key and value rows, and the tile's own output gradient rows (their fragments are
+    // read per slab: in registers beside the query's and d_query's they would spill).
+    __shared__ __align__(16) elem_t keys[NA_TCB_KEYS][NA_TCB_PITCH];
+    __shared__ __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
+    __shared__ __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
+    const long long tasks = f.batch * f.heads * tiles;
+    // Control flow depends on the task only: every lane of a block takes every loop and barrier.
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaDivMod bh = na_divmod(task, tiles);
+        const NaDivMod split = na_divmod(bh.quot, f.heads);
+        const long long b = split.quot, h = split.rem, hk = h / f.group;
+        NaTcRow rows[2];
+        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, bh.rem, warp, g, rows);
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+            tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
+            tl.box_len[a] =
+                (int)(na_tile_window(tl, a, tl.first[a] + tl.count[a] - 1).end -
+                      tl.box_first[a]);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const NaRange w = na_tile_window(tl, a, rows[r].index[a]);
+                rows[r].start[a] = (int)w.start;
+                rows[r].end[a] = (int)w.end;
+            }
+        }
+        long long x[2][3];
+        const elem_t* query_rows[2];
+        float delta[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                x[r][a] = na_tile_position(f, tl, a, rows[r].index[a]);
+            }
+            const bool valid = rows[r].valid;
+            query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[r][0], x[r][1], x[r][2]) : nullptr;
+            // delta = d_out . out - d_lse, the quad's lanes taking every fourth channel.
+            float partial = 0;
+            if (valid) {
+                const elem_t* out = na_row_ptr(f.out, b, h, x[r][0], x[r][1], x[r][2]);
+                const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[r][0], x[r][1], x[r][2]);
+                for (int c = t; c < NA_DIM_V; c += 4) {
+                    partial += to_acc(d_out[c * p.d_out.stride[5]]) *
+                               to_acc(out[c * f.out.stride[5]]);
+                }
+            }
+            delta[r] = na_quad_sum(partial);
+            if (valid && p.has_d_lse) {
+                delta[r] -= na_load_f32(p.d_lse, b, h, x[r][0], x[r][1], x[r][2]);
+            }
+        }
+        unsigned query[NA_TCB_STEPS][4];
+#pragma unroll
+        for (int s = 0; s < NA_TCB_STEPS; ++s) {
+            na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
+        }
+        // The tile's output gradient rows, row n as na_tile_rows numbers them (the barrier in
+        // front of the first slab orders these writes before their reads).
+        __syncthreads();
+        na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
+            d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
+                long long index[3], x[3];
+                if (!na_tile_row(tl, n, index)) {
+                    return;
+                }
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    x[a] = na_tile_position(f, tl, a, index[a]);
+                }
+                src[0] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+                step[0] = p.d_out.stride[5];
+            });
+        const elem_t* own_d_out = d_outs[16 * warp + g];
+
+        const long long volume =
+            f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
+        const long long slabs = na_slab_count<NA_TCB_KEYS>(volume, f.extra_count);
+        // Stage slab `s`'s keys, and its values when `with_values`.
+        auto stage = [&](const NaSlab& s, bool with_values) {
+            __syncthreads();
+            na_stage_pairs<NA_TCB_KEYS, NA_DIM, NA_DIM_V>(
+                keys[0], with_values ? values[0] : nullptr,
+                [&](int n, const elem_t* src[2], long long step[2]) {
+                    if (n >= s.count) {
+                        return;
+                    }
+                    if (s.extra) {
+                        src[0] = na_row_ptr(f.extra_key, b, hk, s.first + n, 0, 0);
+                        src[1] = na_row_ptr(f.extra_value, b, hk, s.first + n, 0, 0);
+                        step[0] = f.extra_key.stride[5];
+                        step[1] = f.extra_value.stride[5];
+                        return;
+                    }
+                    int c[3];
+                    na_column(tl, s, n, c);
+                    long long y[3];
+#pragma unroll
+                    for (int a = 0; a < 3; ++a) {
+                        y[a] = na_tile_position(f, tl, a, c[a]);
+                    }
+                    src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
+                    src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+                    step[0] = f.key.stride[5];
+                    step[1] = f.value.stride[5];
+                });
+            __syncthreads();
+        };
+        // The slab's logits (scaled, biased, -inf where they do not count) and the warp's live
+        // blocks.
+        auto logits_of = [&](const NaSlab& s, float logits[BLOCKS][4], unsigned& live) {
+            const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
+            live = __reduce_or_sync(0xffffffffu, seen);
+            na_zero<BLOCKS>(logits);
+            na_row_products<NA_TCB_STEPS, BLOCKS>(logits, query, keys[0], NA_TCB_PITCH, live, g,
+                                                  t);
+            na_logits<BLOCKS, false>(logits, seen, f, h, tl, s, rows, t);
+        };
+
+        // First pass: each row's logsumexp, as the forward forms it.
+        NaTcSoftmax<BLOCKS> softmax;
+        for (long long slab = 0; slab < slabs; ++slab) {
+            const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
+            stage(s, false);
+            float logits[BLOCKS][4], rescale[2];
+            unsigned live;
+            logits_of(s, logits, live);
+            softmax.fold(logits, rescale);
+        }
+        NaStat stats[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            stats[r] = {softmax.lse(r, softmax.total(r)), delta[r]};
+        }
+
+        // Second pass: d_query += dS . K.
+        float d_query[NA_DIM / 8][4];
+        na_zero<NA_DIM / 8>(d_query);
+        for (long long slab = 0; slab < slabs; ++slab) {
+            const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
+            stage(s, true);
+            float probs[BLOCKS][4], grads[BLOCKS][4];
+            unsigned live;
+            logits_of(s, probs, live);
+            na_zero<BLOCKS>(grads);
+            {
+                unsigned d_out[NA_TCB_STEPS_V][4];
+                na_staged_fragments<NA_TCB_STEPS_V>(d_out, own_d_out,
+                                                    own_d_out + 8 * NA_TCB_PITCH_V, t);
+                na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, d_out, values[0], NA_TCB_PITCH_V,
+                                                        live, g, t);
+            }
+            na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
+            na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[0], NA_TCB_PITCH,
+                                                           0, NA_DIM / 8, live, lane);
+        }
+
+        long long at[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            at[r] = na_offset(p.d_query, b, h, x[r][0], x[r][1], x[r][2], 0);
+            if (rows[r].valid && t == 0) {
+                const long long n = na_query_row(f, b, h, x[r]);
+                na_stats(p)[2 * n] = stats[r].lse;
+                na_stats(p)[2 * n + 1] = delta[r];
+            }
+        }
+        na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+    na_fused_backward_keys_tc(const NaFusedBwdParams p) {
+    const NaFusedParams& f = p.f;
+    constexpr int BLOCKS = NA_TCB_QUERIES / 8;
+    // The tile's own key and value rows, and a slab of query and d_out rows with their stats.
+    __shared__ __align__(16) elem_t keys[NA_TC_ROWS][NA_TCB_PITCH];
+    __shared__ __align__(16) elem_t values[NA_TC_ROWS][NA_TCB_PITCH_V];
+    __shared__ __align__(16) elem_t queries[NA_TCB_QUERIES][NA_TCB_PITCH];
+    __shared__ __align__(16) elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
+    __shared__ NaStat column_stats[NA_TCB_QUERIES];
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
+    const long long heads_kv = f.heads / f.group;
+    const long long tasks = f.batch * heads_kv * tiles;
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaDivMod bh = na_divmod(task, tiles);
+        const NaDivMod split = na_divmod(bh.quot, heads_kv);
+        const long long b = split.quot, hk = split.rem;
+        NaTcRow rows[2];  // keys
+        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, bh.rem, warp, g, rows);
+        // Per axis: the box of queries whose windows hold some key of the tile, and each key's.
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+            const NaRange box = na_fused_inverse_run(
+                tl.first[a], tl.first[a] + tl.count[a] - 1, tl.len[a], a);
+            tl.box_first[a] = (int)box.start;
+            tl.box_len[a] = (int)(box.end - box.start);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const long long kj = rows[r].index[a];
+                const NaRange run = rows[r].valid
+                                        ? na_fused_inverse_run(kj, kj, tl.len[a], a)
+                                        : NaRange{0, 0};
+                rows[r].start[a] = (int)run.start;
+                rows[r].end[a] = (int)run.end;
+            }
+        }
+        // The tile's keys and values, row n as na_tile_rows numbers them.
+        __syncthreads();
+        na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(
+            keys[0], values[0], [&](int n, const elem_t* src[2], long long step[2]) {
+                long long index[3], y[3];
+                if (!na_tile_row(tl, n, index)) {
+                    return;
+                }
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    y[a] = na_tile_position(f, tl, a, index[a]);
+                }
+                src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
+                src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+                step[0] = f.key.stride[5];
+                step[1] = f.value.stride[5];
+            });
+        // (The barrier in front of the first slab's staging orders these writes before reads.)
+
+        float d_key[NA_DIM / 8][4], d_value[NA_DIM_V / 8][4];
+        na_zero<NA_DIM / 8>(d_key);
+        na_zero<NA_DIM_V / 8>(d_value);
+        const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
+        const long long slabs = na_slab_count<NA_TCB_QUERIES>(volume, 0);
+        for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
+            for (long long slab = 0; slab < slabs; ++slab) {
+                const NaSlab s = na_slab<NA_TCB_QUERIES>(slab, volume, 0);
+                // Stage the slab's queries and output gradients, and their rows' statistics.
+                auto position = [&](int n, long long x[3]) {
+                    int c[3];
+                    na_column(tl, s, n, c);
+#pragma unroll
+                    for (int a = 0; a < 3; ++a) {
+                        x[a] = na_tile_position(f, tl, a, c[a]);
+                    }
+                };
+                __syncthreads();
+                na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
+                    queries[0], d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
+                        if (n >= s.count) {
+                            return;
+                        }
+                        long long x[3];
+                        position(n, x);
+                        src[0] = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
+                        src[1] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+                        step[0] = f.query.stride[5];
+                        step[1] = p.d_out.stride[5];
+                    });
+                for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
+                    column_stats[n] = {0, 0};
+                    if (n < s.count) {
+                        long long x[3];
+                        position(n, x);
+                        const long long row = na_query_row(f, b, h, x);
+                        column_stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
+                    }
+                }
+                __syncthreads();
+
+                const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
+                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+                if (live == 0) {
+                    continue;  // warp-uniform; the next barrier is at the loop's top
+                }
+                const elem_t* own_key = keys[16 * warp + g];
+                const elem_t* own_value = values[16 * warp + g];
+                // S^T = K Q^T, then the logits.
+                float probs[BLOCKS][4];
+                {
+                    unsigned a[NA_TCB_STEPS][4];
+                    na_staged_fragments<NA_TCB_STEPS>(a, own_key, own_key + 8 * NA_TCB_PITCH, t);
+                    na_zero<BLOCKS>(probs);
+                    na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, queries[0], NA_TCB_PITCH,
+                                                          live, g, t);
+                }
+                na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, t);
+                // dP^T = V dO^T.
+                float grads[BLOCKS][4];
+                {
+                    unsigned a[NA_TCB_STEPS_V][4];
+                    na_staged_fragments<NA_TCB_STEPS_V>(a, own_value,
+                                                        own_value + 8 * NA_TCB_PITCH_V, t);
+                    na_zero<BLOCKS>(grads);
+                    na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, a, d_outs[0], NA_TCB_PITCH_V,
+                                                            live, g, t);
+                }
+                na_logit_grads<BLOCKS>(probs, grads, [&](int kb, int i) {
+                    return column_stats[8 * kb + 2 * t + i % 2];
+                });
+                // d_value += P^T dO, d_key += dS^T Q.
+                na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
+                    d_value, probs, d_outs[0], NA_TCB_PITCH_V, 0, NA_DIM_V / 8, live, lane);
+                na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
+                    d_key, grads, queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
+            }
+        }
+
+        long long at_key[2], at_value[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            long long y[3];
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                y[a] = na_tile_position(f, tl, a, rows[r].index[a]);
+            }
+            at_key[r] = na_offset(p.d_key, b, hk, y[0], y[1], y[2], 0);
+            at_value[r] = na_offset(p.d_value, b, hk, y[0], y[1], y[2], 0);
+        }
+        na_store_rows<NA_DIM / 8>(p.d_key, at_key, rows, d_key, (float)f.scale, t);
+        na_store_rows<NA_DIM_V / 8>(p.d_value, at_value, rows, d_value, 1.0f, t);
+    }
+}
