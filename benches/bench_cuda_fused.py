@@ -1,0 +1,192 @@
+"""The fused CUDA kernels (``na1d``/``na2d``/``na3d``) against dense attention, this project's
+unfused CUDA path and NATTEN's flex backend, on the same GPU.
+
+Side by side in one process, interleaved round by round, median of the rounds, timed with CUDA
+events (benches/rounds.py). For each problem and pass (forward; forward + backward) it prints:
+  * natten_rs: the fused op, its time and effective TFLOP/s: 4 B heads tokens window D / time
+    for the forward, 2.5 times that for forward + backward (window: the kernel's volume);
+  * sdpa: ``scaled_dot_product_attention`` over all tokens, and ``vs flop share``: the fused
+    time over sdpa's scaled by window / tokens, the time a kernel as efficient as dense attention
+    would take (1.0 is as efficient; lower is better);
+  * with ``--unfused`` (the vision problems): na{n}d_qk -> softmax -> na{n}d_av on CUDA,
+    and unfused / fused;
+  * with NATTEN importable (installed, or its source tree given by ``--natten``): its flex
+    backend (compiled by torch.compile), and natten / fused;
+  * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
+    lse written once) over its time, against the device's memory bandwidth.
+
+    python benches/bench_cuda_fused.py [--problems flux video vision vision-d4] [--rounds 10]
+        [--natten path/to/natten/src] [--peak-gbs 3350]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+import natten_rs
+import torch
+import torch.nn.functional as F
+from bench_cuda import peak_bandwidth, timed
+from natten_rs import functional as nf
+from rounds import interleaved
+
+
+@dataclass
+class Problem:
+    name: str
+    batch: int
+    heads: int
+    size: tuple
+    dim: int
+    kernel: tuple
+    dilation: int = 1
+    dtype: torch.dtype = torch.bfloat16
+    unfused: bool = False  # whether the unfused path is a contender (its weights must fit)
+
+    @property
+    def rank(self) -> int:
+        return len(self.size)
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.size)
+
+    @property
+    def window(self) -> int:
+        return math.prod(self.kernel)
+
+    def flops(self, backward: bool) -> float:
+        forward = 4 * self.batch * self.heads * self.tokens * self.window * self.dim
+        return forward * (3.5 if backward else 1.0)
+
+    def forward_bytes(self) -> int:
+        element = torch.finfo(self.dtype).bits // 8
+        rows = self.batch * self.heads * self.tokens
+        return rows * (4 * self.dim * element + 4)
+
+    def heads_last(self, grad: bool):
+        shape = (self.batch, *self.size, self.heads, self.dim)
+        return [
+            torch.randn(shape, device="cuda", dtype=self.dtype, requires_grad=grad)
+            for _ in range(3)
+        ]
+
+
+PROBLEMS = {
+    "flux": Problem("2-D FLUX-like 256x256 K80", 1, 24, (256, 256), 128, (80, 80)),
+    "video": Problem("3-D video 30x48x80 K18x24x24", 1, 24, (30, 48, 80), 128, (18, 24, 24)),
+    "vision": Problem("vision 56x56 K7", 128, 4, (56, 56), 32, (7, 7), unfused=True),
+    "vision-d4": Problem("vision 56x56 K7 d4", 128, 4, (56, 56), 32, (7, 7), 4, unfused=True),
+}
+
+
+def fused(p: Problem, q, k, v):
+    op = (natten_rs.na1d, natten_rs.na2d, natten_rs.na3d)[p.rank - 1]
+    return op(q, k, v, p.kernel, dilation=p.dilation)
+
+
+def sdpa(p: Problem, q, k, v):
+    heads_first = [t.flatten(1, p.rank).transpose(1, 2) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*heads_first)
+
+
+def unfused(p: Problem, q, k, v):
+    qk = (nf.na1d_qk, nf.na2d_qk, nf.na3d_qk)[p.rank - 1]
+    av = (nf.na1d_av, nf.na2d_av, nf.na3d_av)[p.rank - 1]
+    # The unfused ops take heads-first tensors [B, heads, *spatial, D].
+    q, k, v = (t.movedim(-2, 1) for t in (q, k, v))
+    attn = qk(q * p.dim**-0.5, k, p.kernel, p.dilation).softmax(-1)
+    return av(attn, v, p.kernel, p.dilation)
+
+
+def natten_flex(natten):
+    def call(p: Problem, q, k, v):
+        op = (natten.na1d, natten.na2d, natten.na3d)[p.rank - 1]
+        return op(q, k, v, p.kernel, dilation=p.dilation, backend="flex-fna", torch_compile=True)
+
+    return call
+
+
+def import_natten(path: str | None):
+    """NATTEN (its Python package runs its flex backend without its compiled library), or the
+    reason it is not there."""
+    if path:
+        sys.path.insert(0, path)
+    try:
+        import natten
+    except Exception as e:  # noqa: BLE001 - any import failure just drops the contender
+        return None, f"{type(e).__name__}: {e}"
+    return natten, None
+
+
+def calls_for(p: Problem, contenders: dict, backward: bool) -> dict:
+    q, k, v = p.heads_last(grad=backward)
+
+    def run(fn):
+        if not backward:
+            with torch.no_grad():
+                return fn(p, q, k, v)
+        out = fn(p, q, k, v)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return {name: (lambda fn=fn: run(fn)) for name, fn in contenders.items()}
+
+
+def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
+    ours = times["natten_rs"]
+    pass_name = "fwd+bwd" if backward else "fwd"
+    share = times["sdpa"] * p.window / p.tokens
+    parts = [
+        f"{p.name:>30} {pass_name:>7}",
+        f"natten_rs {ours * 1e3:9.3f} ms {p.flops(backward) / ours / 1e12:6.1f} TFLOP/s",
+        f"sdpa {times['sdpa'] * 1e3:9.3f} ms",
+        f"vs flop share {ours / share:5.2f}",
+    ]
+    for name in ("unfused", "natten"):
+        if name in times:
+            parts.append(f"{name}/natten_rs {times[name] / ours:5.2f}x")
+    if not backward:
+        gbs = p.forward_bytes() / ours / 1e9
+        parts.append(f"{gbs:6.0f} GB/s" + (f" ({gbs / peak:.0%} of peak)" if peak else ""))
+    return "  ".join(parts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, default=list(PROBLEMS))
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--natten", default=None, help="NATTEN's source tree (its src folder)")
+    parser.add_argument("--no-backward", action="store_true", help="forward only")
+    parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth, GB/s")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cuda_fused: no CUDA device (torch.cuda.is_available() is False)")
+    peak = peak_bandwidth(args.peak_gbs)
+    natten, why = import_natten(args.natten)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, median of {args.rounds}")
+    print(f"memory bandwidth: {f'{peak:.0f} GB/s' if peak else 'unknown (--peak-gbs)'}")
+    print(f"NATTEN: {natten.__version__ if natten else f'not timed ({why})'}")
+    for key in args.problems:
+        p = PROBLEMS[key]
+        contenders = {"natten_rs": fused, "sdpa": sdpa}
+        if p.unfused:
+            contenders["unfused"] = unfused
+        if natten is not None:
+            contenders["natten"] = natten_flex(natten)
+            try:
+                calls_for(p, {"natten": contenders["natten"]}, backward=False)["natten"]()
+            except Exception as e:  # noqa: BLE001 - NATTEN may not take the problem
+                print(f"{p.name}: NATTEN not timed ({type(e).__name__}: {e})")
+                del contenders["natten"]
+        for backward in (False,) if args.no_backward else (False, True):
+            times = interleaved(calls_for(p, contenders, backward), args.rounds, timer=timed,
+                                warmups=2)  # fmt: skip
+            print(report(p, backward, times, peak))
+
+
+if __name__ == "__main__":
+    main()
