@@ -134,6 +134,27 @@ __device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, lon
     return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
 }
 
+// A tile of queries (na_tile_rows): with the box of key group indices their windows span, and
+// each row's window.
+__device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const long long tile[3],
+                                                  const long long tiles[3], long long index,
+                                                  int warp, int g, NaTcRow rows[2]) {
+    NaTcTile tl = na_tile_rows(f, tile, tiles, index, warp, g, rows);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
+        tl.box_len[a] =
+            (int)(na_tile_window(tl, a, tl.first[a] + tl.count[a] - 1).end - tl.box_first[a]);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const NaRange w = na_tile_window(tl, a, rows[r].index[a]);
+            rows[r].start[a] = (int)w.start;
+            rows[r].end[a] = (int)w.end;
+        }
+    }
+    return tl;
+}
+
 // Row-major number `n` of a tile (as na_tile_rows numbers its rows): its group indices, and
 // whether it lies inside the tile.
 __device__ __forceinline__ bool na_tile_row(const NaTcTile& tl, int n, long long index[3]) {

@@ -125,20 +125,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const NaDivMod split = na_divmod(bh.quot, f.heads);
         const long long b = split.quot, h = split.rem, hk = h / f.group;
         NaTcRow rows[2];
-        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, bh.rem, warp, g, rows);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
-            tl.box_len[a] =
-                (int)(na_tile_window(tl, a, tl.first[a] + tl.count[a] - 1).end -
-                      tl.box_first[a]);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const NaRange w = na_tile_window(tl, a, rows[r].index[a]);
-                rows[r].start[a] = (int)w.start;
-                rows[r].end[a] = (int)w.end;
-            }
-        }
+        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, bh.rem, warp, g, rows);
         long long x[2][3];
         const elem_t* query_rows[2];
         float delta[2];

@@ -61,21 +61,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const NaDivMod split = na_divmod(bh.quot, f.heads);
         const long long b = split.quot, h = split.rem, hk = h / f.group;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, bh.rem, warp, g, rows);
-        // Per axis: the box of key group indices the tile's windows span, and each row's window.
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
-            tl.box_len[a] =
-                (int)(na_tile_window(tl, a, tl.first[a] + tl.count[a] - 1).end -
-                      tl.box_first[a]);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const NaRange w = na_tile_window(tl, a, rows[r].index[a]);
-                rows[r].start[a] = (int)w.start;
-                rows[r].end[a] = (int)w.end;
-            }
-        }
+        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, bh.rem, warp, g, rows);
         auto position = [&](const NaTcRow& row, int a) {
             return na_tile_position(f, tl, a, row.index[a]);
         };
