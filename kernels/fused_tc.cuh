@@ -70,6 +70,27 @@ struct NaTcRow {
     int end[3];
 };
 
+// What a block works on at a time: one tile of one (batch, head), numbered batch-major, then
+// head, then tile. Tile kernels walk their tasks grid-stride; control flow depends on the task
+// only, so every lane of a block takes every loop and barrier.
+struct NaTcTask {
+    long long batch;
+    long long head;  // a query head, or a kv head for the key tiles
+    long long tile;  // tile number within the (batch, head)
+};
+
+__device__ __forceinline__ long long na_tc_tasks(long long batch, long long heads,
+                                                 const long long tiles[3]) {
+    return batch * heads * tiles[0] * tiles[1] * tiles[2];
+}
+
+__device__ __forceinline__ NaTcTask na_tc_task(long long task, long long heads,
+                                               const long long tiles[3]) {
+    const NaDivMod bh = na_divmod(task, tiles[0] * tiles[1] * tiles[2]);
+    const NaDivMod split = na_divmod(bh.quot, heads);
+    return {split.quot, split.rem, bh.rem};
+}
+
 // Coordinates of number `n` in row-major order over `extent` (32-bit).
 __device__ __forceinline__ void na_coords(int n, const int extent[3], int c[3]) {
     c[2] = n % extent[2];

@@ -117,15 +117,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     __shared__ __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
-    const long long tasks = f.batch * f.heads * tiles;
-    // Control flow depends on the task only: every lane of a block takes every loop and barrier.
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaDivMod bh = na_divmod(task, tiles);
-        const NaDivMod split = na_divmod(bh.quot, f.heads);
-        const long long b = split.quot, h = split.rem, hk = h / f.group;
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];
-        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, bh.rem, warp, g, rows);
+        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
         long long x[2][3];
         const elem_t* query_rows[2];
         float delta[2];
@@ -283,15 +280,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     __shared__ NaStat column_stats[NA_TCB_QUERIES];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
     const long long heads_kv = f.heads / f.group;
-    const long long tasks = f.batch * heads_kv * tiles;
+    const long long tasks = na_tc_tasks(f.batch, heads_kv, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaDivMod bh = na_divmod(task, tiles);
-        const NaDivMod split = na_divmod(bh.quot, heads_kv);
-        const long long b = split.quot, hk = split.rem;
+        const NaTcTask job = na_tc_task(task, heads_kv, p.tiles);
+        const long long b = job.batch, hk = job.head;
         NaTcRow rows[2];  // keys
-        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, bh.rem, warp, g, rows);
+        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, job.tile, warp, g, rows);
         // Per axis: the box of queries whose windows hold some key of the tile, and each key's.
 #pragma unroll
         for (int a = 0; a < 3; ++a) {

@@ -53,15 +53,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_DIM_V + NA_TC_SKEW];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long tiles = p.tiles[0] * p.tiles[1] * p.tiles[2];
-    const long long tasks = f.batch * f.heads * tiles;
-    // Control flow depends on the task only: every lane of a block takes every loop and barrier.
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaDivMod bh = na_divmod(task, tiles);
-        const NaDivMod split = na_divmod(bh.quot, f.heads);
-        const long long b = split.quot, h = split.rem, hk = h / f.group;
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, bh.rem, warp, g, rows);
+        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
         auto position = [&](const NaTcRow& row, int a) {
             return na_tile_position(f, tl, a, row.index[a]);
         };
