@@ -220,6 +220,22 @@ def test_rpb_gradient_is_deterministic():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_is_deterministic(dtype):
+    # Every gradient of the fused op (tensor-core kernels in bfloat16; GQA, rpb, extras: each
+    # key row summed over several query heads and tiles) has the same bits on every run.
+    q, k, v = make_inputs((2, 20, 20, 4, 32), (2, 20, 20, 2, 32), (2, 20, 20, 2, 32),
+                          dtype=dtype, device="cuda")  # fmt: skip
+    ek, ev = make_inputs((2, 9, 2, 32), (2, 9, 2, 32), dtype=dtype, device="cuda")
+    rpb = torch.randn(4, 13, 13, device="cuda", dtype=dtype)
+    leaves = [t.requires_grad_() for t in (q, k, v, ek, ev, rpb)]
+    out = natten_rs.na2d(q, k, v, 7, dilation=2, additional_keys=ek, additional_values=ev, rpb=rpb)
+    d_out = torch.randn_like(out)
+    runs = [torch.autograd.grad(out, leaves, d_out, retain_graph=True) for _ in range(3)]
+    for first, *others in zip(*runs):
+        assert all(torch.equal(first, other) for other in others)
+
+
 def test_first_use_compile_is_logged(caplog, tmp_path, monkeypatch):
     monkeypatch.setenv("NATTEN_RS_CACHE_DIR", str(tmp_path))
     caplog.set_level(logging.INFO, logger="natten_rs")
