@@ -1,7 +1,8 @@
-//! CUDA kernels of the unfused ops and the fused forward: sources under `kernels/` embedded in the binary, compiled by
-//! NVRTC at first use for the device's exact architecture (cached in memory and on disk), and
-//! launched in the device's primary context on the stream torch is using. Neither libcuda nor
-//! libnvrtc is linked: both are opened at first use, so the extension imports without CUDA.
+//! CUDA kernels of the unfused and the fused ops (forward and backward): sources under `kernels/`
+//! embedded in the binary, compiled by NVRTC at first use for the device's exact architecture
+//! (cached in memory and on disk), and launched in the device's primary context on the stream
+//! torch is using. Neither libcuda nor libnvrtc is linked: both are opened at first use, so the
+//! extension imports without CUDA.
 //!
 //! `kernels` says which variant a problem needs, `launch` and `fused_launch` plan the launches
 //! (pure), `programs` and `nvrtc` compile, `cache` keeps binaries on disk, `runtime` talks to
