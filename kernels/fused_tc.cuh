@@ -150,6 +150,16 @@ __device__ __forceinline__ long long na_tile_position(const NaFusedParams& f, co
     return index * f.dilation[a] + tl.group[a];
 }
 
+// Positions `x` of the group indices `index` of the tile's dilation group, every axis.
+template <class Index>
+__device__ __forceinline__ void na_tile_positions(const NaFusedParams& f, const NaTcTile& tl,
+                                                  const Index index[3], long long x[3]) {
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        x[a] = na_tile_position(f, tl, a, index[a]);
+    }
+}
+
 // The window of group index `qi` along axis `a` of the tile's group.
 __device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, long long qi) {
     return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
@@ -332,6 +342,60 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
     }
 }
 
+// Stage slab rows `[0, ROWS)`: row n from `row_of(n, ptrs, steps)`, which sets the channel-0
+// pointers (null for none: zeros) and channel steps of the rows of `dst` (N channels, padded
+// with zeros to whole steps) and `dst_v` (N_V channels).
+template <int ROWS, int N, int N_V, class RowOf>
+__device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
+    constexpr int parts = NA_TC_THREADS / ROWS;
+    const int part = threadIdx.x % parts;
+    for (int n = threadIdx.x / parts; n < ROWS; n += NA_TC_THREADS / parts) {
+        const elem_t* src[2] = {nullptr, nullptr};
+        long long step[2] = {0, 0};
+        row_of(n, src, step);
+        na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
+                               NA_TC_PAD(N), part);
+        if (dst_v != nullptr) {
+            na_stage_row<N_V, parts>(dst_v + n * (NA_TC_PAD(N_V) + NA_TC_SKEW), src[1], step[1],
+                                     NA_TC_PAD(N_V), part);
+        }
+    }
+}
+
+// Stage slab `s` of a query tile's key box (or of the additional tokens): its key rows into
+// `keys` and, unless it is null, its value rows into `values` (rows padded as na_stage_pairs
+// pads them); rows past the slab's end are zeros (a zero weight times a zero row adds nothing).
+// Every thread of the block calls it; the barriers before and after order the slab's writes
+// after the last slab's reads and before this one's.
+template <int KEYS>
+__device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const NaTcTile& tl,
+                                                  const NaSlab& s, long long b, long long hk,
+                                                  elem_t* keys, elem_t* values) {
+    __syncthreads();
+    na_stage_pairs<KEYS, NA_DIM, NA_DIM_V>(
+        keys, values, [&](int n, const elem_t* src[2], long long step[2]) {
+            if (n >= s.count) {
+                return;
+            }
+            if (s.extra) {
+                src[0] = na_row_ptr(f.extra_key, b, hk, s.first + n, 0, 0);
+                src[1] = na_row_ptr(f.extra_value, b, hk, s.first + n, 0, 0);
+                step[0] = f.extra_key.stride[5];
+                step[1] = f.extra_value.stride[5];
+                return;
+            }
+            int c[3];
+            long long y[3];
+            na_column(tl, s, n, c);
+            na_tile_positions(f, tl, c, y);
+            src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
+            src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+            step[0] = f.key.stride[5];
+            step[1] = f.value.stride[5];
+        });
+    __syncthreads();
+}
+
 // Fragment `s` (channels 16 s .. 16 s + 15) of the A operand whose rows g and g + 8 are
 // `row[0]` and `row[1]` (rows of N channels, `step` apart; missing rows and channels past N as
 // zeros).
@@ -358,6 +422,15 @@ __device__ __forceinline__ void na_staged_fragments(unsigned frag[STEPS][4], con
             const elem_t* row = i % 2 ? row_g8 : row_g;
             frag[s][i] = na_pair_at(row + 16 * s + 2 * t + 8 * (i / 2));
         }
+    }
+}
+
+// Zero `BLOCKS` accumulator blocks (C layout).
+template <int BLOCKS>
+__device__ __forceinline__ void na_zero(float acc[BLOCKS][4]) {
+#pragma unroll
+    for (int i = 0; i < BLOCKS; ++i) {
+        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
     }
 }
 

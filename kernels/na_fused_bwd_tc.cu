@@ -31,34 +31,6 @@
 #define NA_TCB_KEYS (NA_TCB_WIDE ? 32 : 64)
 #define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
 
-// Stage slab rows `[0, ROWS)`: row n from `row_of(n, ptrs, steps)`, which sets the channel-0
-// pointers (null for none: zeros) and channel steps of the rows of `dst` (N channels, padded
-// with zeros to whole steps) and `dst_v` (N_V channels).
-template <int ROWS, int N, int N_V, class RowOf>
-__device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
-    constexpr int parts = NA_TC_THREADS / ROWS;
-    const int part = threadIdx.x % parts;
-    for (int n = threadIdx.x / parts; n < ROWS; n += NA_TC_THREADS / parts) {
-        const elem_t* src[2] = {nullptr, nullptr};
-        long long step[2] = {0, 0};
-        row_of(n, src, step);
-        na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
-                               NA_TC_PAD(N), part);
-        if (dst_v != nullptr) {
-            na_stage_row<N_V, parts>(dst_v + n * (NA_TC_PAD(N_V) + NA_TC_SKEW), src[1], step[1],
-                                     NA_TC_PAD(N_V), part);
-        }
-    }
-}
-
-template <int BLOCKS>
-__device__ __forceinline__ void na_zero(float acc[BLOCKS][4]) {
-#pragma unroll
-    for (int i = 0; i < BLOCKS; ++i) {
-        acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0;
-    }
-}
-
 // Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times
 // `factor` at `offset[r]` of `v`, for the rows that exist.
 template <int BLOCKS>
@@ -128,10 +100,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         float delta[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-#pragma unroll
-            for (int a = 0; a < 3; ++a) {
-                x[r][a] = na_tile_position(f, tl, a, rows[r].index[a]);
-            }
+            na_tile_positions(f, tl, rows[r].index, x[r]);
             const bool valid = rows[r].valid;
             query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[r][0], x[r][1], x[r][2]) : nullptr;
             // delta = d_out . out - d_lse, the quad's lanes taking every fourth channel.
@@ -163,10 +132,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 if (!na_tile_row(tl, n, index)) {
                     return;
                 }
-#pragma unroll
-                for (int a = 0; a < 3; ++a) {
-                    x[a] = na_tile_position(f, tl, a, index[a]);
-                }
+                na_tile_positions(f, tl, index, x);
                 src[0] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
                 step[0] = p.d_out.stride[5];
             });
@@ -175,36 +141,6 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const long long volume =
             f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
         const long long slabs = na_slab_count<NA_TCB_KEYS>(volume, f.extra_count);
-        // Stage slab `s`'s keys, and its values when `with_values`.
-        auto stage = [&](const NaSlab& s, bool with_values) {
-            __syncthreads();
-            na_stage_pairs<NA_TCB_KEYS, NA_DIM, NA_DIM_V>(
-                keys[0], with_values ? values[0] : nullptr,
-                [&](int n, const elem_t* src[2], long long step[2]) {
-                    if (n >= s.count) {
-                        return;
-                    }
-                    if (s.extra) {
-                        src[0] = na_row_ptr(f.extra_key, b, hk, s.first + n, 0, 0);
-                        src[1] = na_row_ptr(f.extra_value, b, hk, s.first + n, 0, 0);
-                        step[0] = f.extra_key.stride[5];
-                        step[1] = f.extra_value.stride[5];
-                        return;
-                    }
-                    int c[3];
-                    na_column(tl, s, n, c);
-                    long long y[3];
-#pragma unroll
-                    for (int a = 0; a < 3; ++a) {
-                        y[a] = na_tile_position(f, tl, a, c[a]);
-                    }
-                    src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
-                    src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
-                    step[0] = f.key.stride[5];
-                    step[1] = f.value.stride[5];
-                });
-            __syncthreads();
-        };
         // The slab's logits (scaled, biased, -inf where they do not count) and the warp's live
         // blocks.
         auto logits_of = [&](const NaSlab& s, float logits[BLOCKS][4], unsigned& live) {
@@ -220,7 +156,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         NaTcSoftmax<BLOCKS> softmax;
         for (long long slab = 0; slab < slabs; ++slab) {
             const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
-            stage(s, false);
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0], nullptr);
             float logits[BLOCKS][4], rescale[2];
             unsigned live;
             logits_of(s, logits, live);
@@ -237,7 +173,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_zero<NA_DIM / 8>(d_query);
         for (long long slab = 0; slab < slabs; ++slab) {
             const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
-            stage(s, true);
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0], values[0]);
             float probs[BLOCKS][4], grads[BLOCKS][4];
             unsigned live;
             logits_of(s, probs, live);
@@ -312,10 +248,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 if (!na_tile_row(tl, n, index)) {
                     return;
                 }
-#pragma unroll
-                for (int a = 0; a < 3; ++a) {
-                    y[a] = na_tile_position(f, tl, a, index[a]);
-                }
+                na_tile_positions(f, tl, index, y);
                 src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
                 src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
                 step[0] = f.key.stride[5];
@@ -335,10 +268,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 auto position = [&](int n, long long x[3]) {
                     int c[3];
                     na_column(tl, s, n, c);
-#pragma unroll
-                    for (int a = 0; a < 3; ++a) {
-                        x[a] = na_tile_position(f, tl, a, c[a]);
-                    }
+                    na_tile_positions(f, tl, c, x);
                 };
                 __syncthreads();
                 na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
@@ -406,10 +336,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             long long y[3];
-#pragma unroll
-            for (int a = 0; a < 3; ++a) {
-                y[a] = na_tile_position(f, tl, a, rows[r].index[a]);
-            }
+            na_tile_positions(f, tl, rows[r].index, y);
             at_key[r] = na_offset(p.d_key, b, hk, y[0], y[1], y[2], 0);
             at_value[r] = na_offset(p.d_value, b, hk, y[0], y[1], y[2], 0);
         }

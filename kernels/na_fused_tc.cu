@@ -30,8 +30,6 @@
 // accumulators would not fit in registers beside the rest).
 #define NA_TC_OUT_BLOCKS (NA_DIM_V / 8 < 16 ? NA_DIM_V / 8 : 16)
 #define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
-// Threads that stage one key row.
-#define NA_TC_ROW_THREADS (NA_TC_THREADS / NA_TC_KEYS)
 // Whether a warp keeps its query fragments in registers for the whole tile; wider rows read
 // them again for every product (registers go to the output instead of spilling).
 #define NA_TC_QUERY_REGISTERS (NA_DIM <= 128)
@@ -50,7 +48,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_forward_tc(const NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
     __shared__ __align__(16) elem_t keys[NA_TC_KEYS][NA_TC_DIM_PAD + NA_TC_SKEW];
-    __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_DIM_V + NA_TC_SKEW];
+    __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
@@ -83,10 +81,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const int first_channel = 8 * NA_TC_OUT_BLOCKS * pass;
         const int blocks = min(NA_TC_OUT_BLOCKS, NA_DIM_V / 8 - NA_TC_OUT_BLOCKS * pass);
         float out[NA_TC_OUT_BLOCKS][4];
-#pragma unroll
-        for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
-            out[o][0] = out[o][1] = out[o][2] = out[o][3] = 0;
-        }
+        na_zero<NA_TC_OUT_BLOCKS>(out);
         NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax;
 
         const long long volume =
@@ -95,37 +90,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         for (long long slab = 0; slab < slabs; ++slab) {
             const NaSlab s = na_slab<NA_TC_KEYS>(slab, volume, f.extra_count);
 
-            // Stage the slab's key and value rows; rows past `count` are zeros (a zero weight
-            // times a zero row adds nothing).
-            __syncthreads();
-            for (int n = threadIdx.x / NA_TC_ROW_THREADS; n < NA_TC_KEYS;
-                 n += NA_TC_THREADS / NA_TC_ROW_THREADS) {
-                const int part = threadIdx.x % NA_TC_ROW_THREADS;
-                const elem_t* k = nullptr;
-                const elem_t* v = nullptr;
-                long long k_step = 0, v_step = 0;
-                if (n < s.count && s.extra) {
-                    k = na_row_ptr(f.extra_key, b, hk, s.first + n, 0, 0);
-                    v = na_row_ptr(f.extra_value, b, hk, s.first + n, 0, 0);
-                    k_step = f.extra_key.stride[5];
-                    v_step = f.extra_value.stride[5];
-                } else if (n < s.count) {
-                    int c[3];
-                    na_column(tl, s, n, c);
-                    long long y[3];
-#pragma unroll
-                    for (int a = 0; a < 3; ++a) {
-                        y[a] = na_tile_position(f, tl, a, c[a]);
-                    }
-                    k = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
-                    v = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
-                    k_step = f.key.stride[5];
-                    v_step = f.value.stride[5];
-                }
-                na_stage_row<NA_DIM, NA_TC_ROW_THREADS>(keys[n], k, k_step, NA_TC_DIM_PAD, part);
-                na_stage_row<NA_DIM_V, NA_TC_ROW_THREADS>(values[n], v, v_step, NA_DIM_V, part);
-            }
-            __syncthreads();
+            na_stage_key_slab<NA_TC_KEYS>(f, tl, s, b, hk, keys[0], values[0]);
 
             // Which of this lane's logits count, known before any product. Blocks of eight keys
             // that no query of the warp sees are skipped: their products (and, for sixteen such
@@ -135,10 +100,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
 
             // Logits of this warp's sixteen queries against the slab's keys.
             float logits[NA_TC_KEY_BLOCKS][4];
-#pragma unroll
-            for (int kb = 0; kb < NA_TC_KEY_BLOCKS; ++kb) {
-                logits[kb][0] = logits[kb][1] = logits[kb][2] = logits[kb][3] = 0;
-            }
+            na_zero<NA_TC_KEY_BLOCKS>(logits);
 #if NA_TC_QUERY_REGISTERS
             na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(logits, query, keys[0],
                                                            NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
@@ -168,7 +130,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
 
             // out += probabilities . values.
             na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(
-                out, logits, values[0], NA_DIM_V + NA_TC_SKEW, first_channel, blocks, live, lane);
+                out, logits, values[0], NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW, first_channel, blocks,
+                live, lane);
         }
 
         // Normalise and store; a row that saw no key gives zeros and lse -inf.
