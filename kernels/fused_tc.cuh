@@ -4,8 +4,11 @@
 // host (fused_launch::query_tile) so that neighbouring rows share most of their partners. Rows
 // are queries (forward, d_query) or keys (d_key, d_value); their partners, the columns, are the
 // box of positions every row's range spans (the key box of the queries' windows, or the query
-// box of the keys' inverse windows), walked in slabs staged in shared memory. Each warp holds
-// sixteen rows, two per lane (rows g and g + 8 of the m16n8k16 layout, tensor_core.cuh):
+// box of the keys' inverse windows), walked in slabs staged in shared memory by cp.async (the
+// copies of one slab run under the products of another). The rows form a box too, and a row's
+// range is a product of per-axis runs whose union along each axis is the box's side, so every
+// slab holds columns some row pairs with: none is skipped whole. Each warp holds sixteen rows,
+// two per lane (rows g and g + 8 of the m16n8k16 layout, tensor_core.cuh):
 //   - which of its products count is worked out per slab before any product (one bit per
 //     product, from the window math of common.cuh: every neighbourhood rule comes from there);
 //   - blocks of eight columns that none of its rows pairs with are skipped;
@@ -313,18 +316,31 @@ __device__ __forceinline__ unsigned na_pair_at(const elem_t* at) {
 #endif
 }
 
-// Sixteen bytes from `src` to `dst` (both 16-byte aligned).
-__device__ __forceinline__ void na_copy16(elem_t* dst, const elem_t* src) {
+// Sixteen bytes from `src` to `dst` (both 16-byte aligned), asynchronously (cp.async, sm_80):
+// the copy bypasses registers, and the thread goes on at once. It is complete after the
+// thread's next na_copies_wait, and visible to the block after the barrier that follows it.
+__device__ __forceinline__ void na_copy16_async(elem_t* dst, const elem_t* src) {
 #ifdef NA_HOST
-    memcpy(dst, src, 16);
+    na_host::copy_async(dst, src);
 #else
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    const unsigned address = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(src) : "memory");
+#endif
+}
+
+// Wait for every copy this thread has issued (na_copy16_async).
+__device__ __forceinline__ void na_copies_wait() {
+#ifdef NA_HOST
+    na_host::wait_copies();
+#else
+    asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
 }
 
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
-// apart; none when null) into `dst`, zeros up to `padded` channels: 16 bytes at a time where the
-// row is dense and aligned, else one element at a time. N is a multiple of 8.
+// apart; none when null) into `dst`, zeros up to `padded` channels: 16 bytes at a time,
+// asynchronously, where the row is dense and aligned, else one element at a time. The thread
+// must na_copies_wait before the barrier that publishes the row. N is a multiple of 8.
 template <int N, int PARTS>
 __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
                                              int padded, int part) {
@@ -332,7 +348,7 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
     for (int c = 8 * part; c < padded; c += 8 * PARTS) {
         if (whole && c < N) {
-            na_copy16(dst + c, src + c);
+            na_copy16_async(dst + c, src + c);
             continue;
         }
 #pragma unroll
@@ -342,9 +358,10 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
     }
 }
 
-// Stage slab rows `[0, ROWS)`: row n from `row_of(n, ptrs, steps)`, which sets the channel-0
-// pointers (null for none: zeros) and channel steps of the rows of `dst` (N channels, padded
-// with zeros to whole steps) and `dst_v` (N_V channels).
+// Stage slab rows `[0, ROWS)` (as na_stage_row stages them): row n from `row_of(n, ptrs,
+// steps)`, which sets the channel-0 pointers (null for none: zeros) and channel steps of the
+// rows of `dst` (N channels, padded with zeros to whole steps) and `dst_v` (N_V channels); a
+// null destination is skipped.
 template <int ROWS, int N, int N_V, class RowOf>
 __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
     constexpr int parts = NA_TC_THREADS / ROWS;
@@ -353,8 +370,10 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
         const elem_t* src[2] = {nullptr, nullptr};
         long long step[2] = {0, 0};
         row_of(n, src, step);
-        na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
-                               NA_TC_PAD(N), part);
+        if (dst != nullptr) {
+            na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
+                                   NA_TC_PAD(N), part);
+        }
         if (dst_v != nullptr) {
             na_stage_row<N_V, parts>(dst_v + n * (NA_TC_PAD(N_V) + NA_TC_SKEW), src[1], step[1],
                                      NA_TC_PAD(N_V), part);
@@ -362,16 +381,15 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
     }
 }
 
-// Stage slab `s` of a query tile's key box (or of the additional tokens): its key rows into
-// `keys` and, unless it is null, its value rows into `values` (rows padded as na_stage_pairs
-// pads them); rows past the slab's end are zeros (a zero weight times a zero row adds nothing).
-// Every thread of the block calls it; the barriers before and after order the slab's writes
-// after the last slab's reads and before this one's.
+// Start staging slab `s` of a query tile's key box (or of the additional tokens): its key rows
+// into `keys` and its value rows into `values` (either may be null: not staged), padded as
+// na_stage_pairs pads them; rows past the slab's end are zeros (a zero weight times a zero row
+// adds nothing). Every thread of the block calls it, after a barrier that ends the reads of what
+// it overwrites, and waits for its copies before the barrier that publishes them.
 template <int KEYS>
 __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const NaTcTile& tl,
                                                   const NaSlab& s, long long b, long long hk,
                                                   elem_t* keys, elem_t* values) {
-    __syncthreads();
     na_stage_pairs<KEYS, NA_DIM, NA_DIM_V>(
         keys, values, [&](int n, const elem_t* src[2], long long step[2]) {
             if (n >= s.count) {
@@ -393,7 +411,6 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
             step[0] = f.key.stride[5];
             step[1] = f.value.stride[5];
         });
-    __syncthreads();
 }
 
 // Fragment `s` (channels 16 s .. 16 s + 15) of the A operand whose rows g and g + 8 are

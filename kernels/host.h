@@ -2,7 +2,8 @@
 // first, a kernel source compiles into an ordinary shared library whose kernels run on CPU
 // memory. rust/src/cuda/host.rs builds and calls such libraries so that the kernels' logic
 // (indexing, windows, reductions, warp shuffles, block barriers) is tested against the CPU path
-// on machines without a GPU. Timing, the memory model and the driver are not emulated.
+// on machines without a GPU. Timing, the memory model (but for cp.async's late completion) and
+// the driver are not emulated.
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads and warp shuffles, so a block of 256 threads
@@ -94,6 +95,12 @@ struct Barrier {
     }
 };
 
+// A cp.async copy of 16 bytes not yet completed: its destination and the bytes it brings.
+struct PendingCopy {
+    void* dst;
+    unsigned char bytes[16];
+};
+
 // A thread's own stack and saved context. On x86-64 a switch saves the callee-saved registers
 // on the stack and swaps stack pointers (no system call, unlike swapcontext, which also saves the
 // signal mask: the shuffles of a warp switch hundreds of thousands of times per launch).
@@ -162,6 +169,9 @@ struct Fiber {
     Context context;
     char* stack = nullptr;
     bool done = false;
+    PendingCopy* copies = nullptr;  // this thread's cp.async copies not yet waited for
+    unsigned pending = 0;
+    unsigned capacity = 0;
 };
 
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
@@ -196,6 +206,35 @@ inline void sync_block() {
     const unsigned long long phase = block->sync.phase;
     block->sync.arrive();
     wait(block->sync, phase);
+}
+
+// cp.async on the host: a copy completes as late as the GPU allows, at the issuing thread's
+// next wait, and its destination reads as all ones (a NaN in either half type) until then, so a
+// read that comes before its wait (or, from another thread, before the barrier after that wait)
+// sees NaNs instead of passing by luck. `src` null brings zeros.
+inline void copy_async(void* dst, const void* src) {
+    Fiber& f = block->fibers[block->current];
+    if (f.pending == f.capacity) {
+        f.capacity = f.capacity == 0 ? 64 : 2 * f.capacity;
+        f.copies = static_cast<PendingCopy*>(realloc(f.copies, f.capacity * sizeof(PendingCopy)));
+    }
+    PendingCopy& c = f.copies[f.pending++];
+    c.dst = dst;
+    if (src != nullptr) {
+        memcpy(c.bytes, src, 16);
+    } else {
+        memset(c.bytes, 0, 16);
+    }
+    memset(dst, 0xff, 16);
+}
+
+// Complete every copy this thread has issued.
+inline void wait_copies() {
+    Fiber& f = block->fibers[block->current];
+    for (unsigned i = 0; i < f.pending; ++i) {
+        memcpy(f.copies[i].dst, f.copies[i].bytes, 16);
+    }
+    f.pending = 0;
 }
 
 // One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
@@ -254,6 +293,7 @@ inline bool run_block(Block& b) {
         b.warps[t / kWarp].expected++;
         Fiber& f = b.fibers[t];
         f.done = false;
+        f.pending = 0;  // copies a thread never waited for do not complete
         prepare(f.context, f.stack, kStack, run_thread);
     }
     unsigned live = threads;
@@ -320,6 +360,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     block = nullptr;
     for (unsigned t = 0; t < b.threads; ++t) {
         free(b.fibers[t].stack);
+        free(b.fibers[t].copies);
     }
     delete[] b.fibers;
     delete[] b.warps;

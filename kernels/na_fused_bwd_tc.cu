@@ -12,7 +12,8 @@
 //   na_fused_backward_keys_tc   a tile of keys of one kv head: d_value = P^T dO and
 //                               d_key = scale dS^T Q over the queries whose windows hold them (the
 //                               box of the keys' inverse windows), every query head of the group
-// Products take half-precision operands and float accumulators; the probabilities and logit
+// Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
+// one's products run. Products take half-precision operands and float accumulators; the probabilities and logit
 // gradients are rounded to the element type for the products that take them, as in the forward.
 #include "fused_bwd.cuh"
 #include "fused_tc.cuh"
@@ -82,9 +83,10 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_query_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
-    // A slab's key and value rows, and the tile's own output gradient rows (their fragments are
-    // read per slab: in registers beside the query's and d_query's they would spill).
-    __shared__ __align__(16) elem_t keys[NA_TCB_KEYS][NA_TCB_PITCH];
+    // Two slabs' key rows (the next one's copies overlap this one's products), a slab's value
+    // rows, and the tile's own output gradient rows (their fragments are read per slab: in
+    // registers beside the query's and d_query's they would spill).
+    __shared__ __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
     __shared__ __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
     __shared__ __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
@@ -123,9 +125,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         for (int s = 0; s < NA_TCB_STEPS; ++s) {
             na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
         }
-        // The tile's output gradient rows, row n as na_tile_rows numbers them (the barrier in
-        // front of the first slab orders these writes before their reads).
-        __syncthreads();
+        // The tile's output gradient rows, row n as na_tile_rows numbers them (the last task's
+        // reads of them ended at a barrier in its second pass; the first slab's barrier
+        // publishes them).
         na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
             d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
                 long long index[3], x[3];
@@ -141,25 +143,48 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const long long volume =
             f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
         const long long slabs = na_slab_count<NA_TCB_KEYS>(volume, f.extra_count);
-        // The slab's logits (scaled, biased, -inf where they do not count) and the warp's live
-        // blocks.
-        auto logits_of = [&](const NaSlab& s, float logits[BLOCKS][4], unsigned& live) {
+        auto slab_at = [&](long long n) {
+            return na_slab<NA_TCB_KEYS>(n, volume, f.extra_count);
+        };
+        // Start staging the first slab's keys into the first key buffer (and its values into
+        // `values_into` unless it is null), after a barrier that ends the reads of both.
+        auto begin = [&](elem_t* values_into) {
+            __syncthreads();
+            if (slabs > 0) {
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(0), b, hk, keys[0][0], values_into);
+            }
+        };
+        // Publish this lane's copies of slab `slab` (a barrier that also ends every warp's reads
+        // of the last slab), then start staging the next slab's keys into `into`.
+        auto advance = [&](long long slab, elem_t* into) {
+            na_copies_wait();
+            __syncthreads();
+            if (slab + 1 < slabs) {
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk, into, nullptr);
+            }
+        };
+        // The slab's logits (scaled, biased, -inf where they do not count) from its staged
+        // `key_rows`, and the warp's live blocks.
+        auto logits_of = [&](const NaSlab& s, const elem_t* key_rows, float logits[BLOCKS][4],
+                             unsigned& live) {
             const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
             live = __reduce_or_sync(0xffffffffu, seen);
             na_zero<BLOCKS>(logits);
-            na_row_products<NA_TCB_STEPS, BLOCKS>(logits, query, keys[0], NA_TCB_PITCH, live, g,
+            na_row_products<NA_TCB_STEPS, BLOCKS>(logits, query, key_rows, NA_TCB_PITCH, live, g,
                                                   t);
             na_logits<BLOCKS, false>(logits, seen, f, h, tl, s, rows, t);
         };
 
-        // First pass: each row's logsumexp, as the forward forms it.
+        // First pass: each row's logsumexp, as the forward forms it. Key slabs alternate
+        // between the two buffers.
         NaTcSoftmax<BLOCKS> softmax;
+        begin(nullptr);
         for (long long slab = 0; slab < slabs; ++slab) {
-            const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
-            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0], nullptr);
+            const int buffer = slab % 2;
+            advance(slab, keys[buffer ^ 1][0]);
             float logits[BLOCKS][4], rescale[2];
             unsigned live;
-            logits_of(s, logits, live);
+            logits_of(slab_at(slab), keys[buffer][0], logits, live);
             softmax.fold(logits, rescale);
         }
         NaStat stats[2];
@@ -168,15 +193,18 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             stats[r] = {softmax.lse(r, softmax.total(r)), delta[r]};
         }
 
-        // Second pass: d_query += dS . K.
+        // Second pass: d_query += dS . K. The next slab's keys are copied under the whole of
+        // this slab's products, its values under dS and d_query's.
         float d_query[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(d_query);
+        begin(values[0]);
         for (long long slab = 0; slab < slabs; ++slab) {
-            const NaSlab s = na_slab<NA_TCB_KEYS>(slab, volume, f.extra_count);
-            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0], values[0]);
+            const int buffer = slab % 2;
+            const NaSlab s = slab_at(slab);
+            advance(slab, keys[buffer ^ 1][0]);
             float probs[BLOCKS][4], grads[BLOCKS][4];
             unsigned live;
-            logits_of(s, probs, live);
+            logits_of(s, keys[buffer][0], probs, live);
             na_zero<BLOCKS>(grads);
             {
                 unsigned d_out[NA_TCB_STEPS_V][4];
@@ -185,9 +213,14 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, d_out, values[0], NA_TCB_PITCH_V,
                                                         live, g, t);
             }
+            __syncthreads();  // every warp's reads of the values (and of d_outs) done
+            if (slab + 1 < slabs) {
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk, nullptr,
+                                               values[0]);
+            }
             na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
-            na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[0], NA_TCB_PITCH,
-                                                           0, NA_DIM / 8, live, lane);
+            na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(
+                d_query, grads, keys[buffer][0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
         }
 
         long long at[2];
@@ -201,6 +234,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             }
         }
         na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
+        na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }
 
@@ -240,8 +274,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 rows[r].end[a] = (int)run.end;
             }
         }
-        // The tile's keys and values, row n as na_tile_rows numbers them.
-        __syncthreads();
+        // The tile's keys and values, row n as na_tile_rows numbers them (the last task's reads
+        // of them ended at its last slab's closing barrier; the first slab's publishes them).
         na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(
             keys[0], values[0], [&](int n, const elem_t* src[2], long long step[2]) {
                 long long index[3], y[3];
@@ -254,7 +288,6 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 step[0] = f.key.stride[5];
                 step[1] = f.value.stride[5];
             });
-        // (The barrier in front of the first slab's staging orders these writes before reads.)
 
         float d_key[NA_DIM / 8][4], d_value[NA_DIM_V / 8][4];
         na_zero<NA_DIM / 8>(d_key);
@@ -262,15 +295,14 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
         const long long slabs = na_slab_count<NA_TCB_QUERIES>(volume, 0);
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
-            for (long long slab = 0; slab < slabs; ++slab) {
-                const NaSlab s = na_slab<NA_TCB_QUERIES>(slab, volume, 0);
-                // Stage the slab's queries and output gradients, and their rows' statistics.
+            // Start staging a slab's queries and output gradients, and store their rows'
+            // statistics (after the barrier that ends the reads of the last slab's).
+            auto stage = [&](const NaSlab& s) {
                 auto position = [&](int n, long long x[3]) {
                     int c[3];
                     na_column(tl, s, n, c);
                     na_tile_positions(f, tl, c, x);
                 };
-                __syncthreads();
                 na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
                     queries[0], d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
                         if (n >= s.count) {
@@ -292,43 +324,53 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                         column_stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
                     }
                 }
-                __syncthreads();
-
+            };
+            if (slabs > 0) {  // (every slab's reads end at its closing barrier)
+                stage(na_slab<NA_TCB_QUERIES>(0, volume, 0));
+            }
+            for (long long slab = 0; slab < slabs; ++slab) {
+                const NaSlab s = na_slab<NA_TCB_QUERIES>(slab, volume, 0);
+                na_copies_wait();
+                __syncthreads();  // the slab's rows (and, the first time, the tile's) staged
                 const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
                 const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-                if (live == 0) {
-                    continue;  // warp-uniform; the next barrier is at the loop's top
+                if (live != 0) {  // warp-uniform
+                    const elem_t* own_key = keys[16 * warp + g];
+                    const elem_t* own_value = values[16 * warp + g];
+                    // S^T = K Q^T, then the logits.
+                    float probs[BLOCKS][4];
+                    {
+                        unsigned a[NA_TCB_STEPS][4];
+                        na_staged_fragments<NA_TCB_STEPS>(a, own_key,
+                                                          own_key + 8 * NA_TCB_PITCH, t);
+                        na_zero<BLOCKS>(probs);
+                        na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, queries[0],
+                                                              NA_TCB_PITCH, live, g, t);
+                    }
+                    na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, t);
+                    // dP^T = V dO^T.
+                    float grads[BLOCKS][4];
+                    {
+                        unsigned a[NA_TCB_STEPS_V][4];
+                        na_staged_fragments<NA_TCB_STEPS_V>(a, own_value,
+                                                            own_value + 8 * NA_TCB_PITCH_V, t);
+                        na_zero<BLOCKS>(grads);
+                        na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, a, d_outs[0],
+                                                                NA_TCB_PITCH_V, live, g, t);
+                    }
+                    na_logit_grads<BLOCKS>(probs, grads, [&](int kb, int i) {
+                        return column_stats[8 * kb + 2 * t + i % 2];
+                    });
+                    // d_value += P^T dO, d_key += dS^T Q.
+                    na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
+                        d_value, probs, d_outs[0], NA_TCB_PITCH_V, 0, NA_DIM_V / 8, live, lane);
+                    na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
+                        d_key, grads, queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
                 }
-                const elem_t* own_key = keys[16 * warp + g];
-                const elem_t* own_value = values[16 * warp + g];
-                // S^T = K Q^T, then the logits.
-                float probs[BLOCKS][4];
-                {
-                    unsigned a[NA_TCB_STEPS][4];
-                    na_staged_fragments<NA_TCB_STEPS>(a, own_key, own_key + 8 * NA_TCB_PITCH, t);
-                    na_zero<BLOCKS>(probs);
-                    na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, queries[0], NA_TCB_PITCH,
-                                                          live, g, t);
+                __syncthreads();  // every warp's reads of the slab done
+                if (slab + 1 < slabs) {
+                    stage(na_slab<NA_TCB_QUERIES>(slab + 1, volume, 0));
                 }
-                na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, t);
-                // dP^T = V dO^T.
-                float grads[BLOCKS][4];
-                {
-                    unsigned a[NA_TCB_STEPS_V][4];
-                    na_staged_fragments<NA_TCB_STEPS_V>(a, own_value,
-                                                        own_value + 8 * NA_TCB_PITCH_V, t);
-                    na_zero<BLOCKS>(grads);
-                    na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, a, d_outs[0], NA_TCB_PITCH_V,
-                                                            live, g, t);
-                }
-                na_logit_grads<BLOCKS>(probs, grads, [&](int kb, int i) {
-                    return column_stats[8 * kb + 2 * t + i % 2];
-                });
-                // d_value += P^T dO, d_key += dS^T Q.
-                na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
-                    d_value, probs, d_outs[0], NA_TCB_PITCH_V, 0, NA_DIM_V / 8, live, lane);
-                na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
-                    d_key, grads, queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
             }
         }
 
@@ -342,5 +384,6 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         }
         na_store_rows<NA_DIM / 8>(p.d_key, at_key, rows, d_key, (float)f.scale, t);
         na_store_rows<NA_DIM_V / 8>(p.d_value, at_value, rows, d_value, 1.0f, t);
+        na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }

@@ -5,14 +5,14 @@
 // query positions inside one dilation group per axis, shaped by the host so that neighbouring
 // queries share most of their windows (a 2-D tile of a 2-D problem). Its keys are the box of
 // key positions that holds all of their windows, walked in slabs of NA_TC_KEYS positions and
-// then the additional tokens. A slab's key and value rows are staged in shared memory (16 bytes
-// per load where rows are dense; rows padded so fragment reads do not collide in banks). Each
-// warp first works out which of its logits count (keys inside each query's own window: every
-// neighbourhood rule, stride and causality included, comes from the window math of
-// common.cuh), skips the blocks of keys none of its 16 queries sees (a warp's queries see only
-// part of the tile's box), multiplies its queries by the rest (mma.sync, float accumulators),
-// and folds them into a running softmax (max and sum per query) and output,
-// FlashAttention-style. Nothing is written but the output and the logsumexp.
+// then the additional tokens. A slab's key and value rows are staged in shared memory by
+// cp.async (16 bytes per copy where rows are dense; rows padded so fragment reads do not collide
+// in banks), keys and values apart so that copies overlap products. Each warp first works out
+// which of its logits count (keys inside each query's own window: every neighbourhood rule,
+// stride and causality included, comes from the window math of common.cuh), skips the blocks
+// of keys none of its 16 queries sees (a warp's queries see only part of the tile's box),
+// multiplies its queries by the rest (mma.sync, float accumulators), and folds them into a
+// running softmax (max and sum per query) and output, FlashAttention-style. Nothing is written but the output and the logsumexp.
 #include "fused_tc.cuh"
 
 // Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
@@ -84,13 +84,24 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_zero<NA_TC_OUT_BLOCKS>(out);
         NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax;
 
+        // Slabs are staged by cp.async, keys and values apart, so that loads overlap products:
+        // a slab's values arrive while its logits are formed, the next slab's keys while its
+        // values are weighed. Each wait-and-barrier publishes one and ends the reads of the
+        // buffer the next copies overwrite. (Every slab of the box holds keys some query of the
+        // tile sees: the box is, per axis, the union of the queries' windows.)
         const long long volume =
             f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
         const long long slabs = na_slab_count<NA_TC_KEYS>(volume, f.extra_count);
+        auto slab_at = [&](long long n) { return na_slab<NA_TC_KEYS>(n, volume, f.extra_count); };
+        __syncthreads();  // the last pass's (or task's) reads of the keys done
+        if (slabs > 0) {
+            na_stage_key_slab<NA_TC_KEYS>(f, tl, slab_at(0), b, hk, keys[0], nullptr);
+        }
         for (long long slab = 0; slab < slabs; ++slab) {
-            const NaSlab s = na_slab<NA_TC_KEYS>(slab, volume, f.extra_count);
-
-            na_stage_key_slab<NA_TC_KEYS>(f, tl, s, b, hk, keys[0], values[0]);
+            const NaSlab s = slab_at(slab);
+            na_copies_wait();
+            __syncthreads();  // the slab's keys staged; the last slab's values read
+            na_stage_key_slab<NA_TC_KEYS>(f, tl, s, b, hk, nullptr, values[0]);
 
             // Which of this lane's logits count, known before any product. Blocks of eight keys
             // that no query of the warp sees are skipped: their products (and, for sixteen such
@@ -126,6 +137,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 out[o][1] *= rescale[0];
                 out[o][2] *= rescale[1];
                 out[o][3] *= rescale[1];
+            }
+
+            na_copies_wait();
+            __syncthreads();  // the slab's values staged; its keys read
+            if (slab + 1 < slabs) {
+                na_stage_key_slab<NA_TC_KEYS>(f, tl, slab_at(slab + 1), b, hk, keys[0], nullptr);
             }
 
             // out += probabilities . values.
