@@ -4,7 +4,8 @@
 #pragma once
 #include "fused.cuh"
 
-// The backward's parameter block: the forward's (with `out` the forward's output; `lse` unused)
+// The backward's parameter block: the forward's (with `out` and `lse` the forward's outputs;
+// the tensor-core kernels read that lse, the warp kernels form it again at their own precision)
 // and the gradients. Mirrors fused_launch::FusedBackwardParams.
 struct NaFusedBwdParams {
     NaFusedParams f;

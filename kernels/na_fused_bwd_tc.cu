@@ -4,17 +4,17 @@
 // run). The additional tokens' and the bias's gradients stay on na_fused_bwd.cu's kernels, which
 // read the statistics the query kernel leaves.
 //
-// With P = softmax(scale Q K^T + bias) per query row, dP = dO V^T, delta = rowsum(dO . O) - d_lse
-// and dS = P (dP - delta):
-//   na_fused_backward_query_tc  a tile of queries: its rows' lse (a first pass over the keys, as
-//                               the forward's), delta, and d_query = scale dS K (a second pass);
+// With P = softmax(scale Q K^T + bias) per query row (exp(logit - lse), lse the forward's),
+// dP = dO V^T, delta = rowsum(dO . O) - d_lse and dS = P (dP - delta):
+//   na_fused_backward_query_tc  a tile of queries: its rows' delta, and d_query = scale dS K;
 //                               (lse, delta) go to `stats`
 //   na_fused_backward_keys_tc   a tile of keys of one kv head: d_value = P^T dO and
 //                               d_key = scale dS^T Q over the queries whose windows hold them (the
 //                               box of the keys' inverse windows), every query head of the group
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
-// one's products run. Products take half-precision operands and float accumulators; the probabilities and logit
-// gradients are rounded to the element type for the products that take them, as in the forward.
+// one's products run. Products take half-precision operands and float accumulators; the
+// probabilities and logit gradients are rounded to the element type for the products that take
+// them, as in the forward.
 #include "fused_bwd.cuh"
 #include "fused_tc.cuh"
 
@@ -99,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
         long long x[2][3];
         const elem_t* query_rows[2];
-        float delta[2];
+        NaStat stats[2];  // the forward's lse, and delta
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             na_tile_positions(f, tl, rows[r].index, x[r]);
@@ -115,9 +115,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                                to_acc(out[c * f.out.stride[5]]);
                 }
             }
-            delta[r] = na_quad_sum(partial);
+            stats[r] = {0, na_quad_sum(partial)};
+            if (valid) {
+                stats[r].lse = na_load_f32(f.lse, b, h, x[r][0], x[r][1], x[r][2]);
+            }
             if (valid && p.has_d_lse) {
-                delta[r] -= na_load_f32(p.d_lse, b, h, x[r][0], x[r][1], x[r][2]);
+                stats[r].delta -= na_load_f32(p.d_lse, b, h, x[r][0], x[r][1], x[r][2]);
             }
         }
         unsigned query[NA_TCB_STEPS][4];
@@ -146,65 +149,35 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         auto slab_at = [&](long long n) {
             return na_slab<NA_TCB_KEYS>(n, volume, f.extra_count);
         };
-        // Start staging the first slab's keys into the first key buffer (and its values into
-        // `values_into` unless it is null), after a barrier that ends the reads of both.
-        auto begin = [&](elem_t* values_into) {
-            __syncthreads();
-            if (slabs > 0) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(0), b, hk, keys[0][0], values_into);
-            }
-        };
-        // Publish this lane's copies of slab `slab` (a barrier that also ends every warp's reads
-        // of the last slab), then start staging the next slab's keys into `into`.
-        auto advance = [&](long long slab, elem_t* into) {
-            na_copies_wait();
-            __syncthreads();
-            if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk, into, nullptr);
-            }
-        };
-        // The slab's logits (scaled, biased, -inf where they do not count) from its staged
-        // `key_rows`, and the warp's live blocks.
-        auto logits_of = [&](const NaSlab& s, const elem_t* key_rows, float logits[BLOCKS][4],
-                             unsigned& live) {
-            const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
-            live = __reduce_or_sync(0xffffffffu, seen);
-            na_zero<BLOCKS>(logits);
-            na_row_products<NA_TCB_STEPS, BLOCKS>(logits, query, key_rows, NA_TCB_PITCH, live, g,
-                                                  t);
-            na_logits<BLOCKS, false>(logits, seen, f, h, tl, s, rows, t);
-        };
 
-        // First pass: each row's logsumexp, as the forward forms it. Key slabs alternate
-        // between the two buffers.
-        NaTcSoftmax<BLOCKS> softmax;
-        begin(nullptr);
-        for (long long slab = 0; slab < slabs; ++slab) {
-            const int buffer = slab % 2;
-            advance(slab, keys[buffer ^ 1][0]);
-            float logits[BLOCKS][4], rescale[2];
-            unsigned live;
-            logits_of(slab_at(slab), keys[buffer][0], logits, live);
-            softmax.fold(logits, rescale);
-        }
-        NaStat stats[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            stats[r] = {softmax.lse(r, softmax.total(r)), delta[r]};
-        }
-
-        // Second pass: d_query += dS . K. The next slab's keys are copied under the whole of
-        // this slab's products, its values under dS and d_query's.
+        // d_query += dS . K, slab by slab. Key slabs alternate between the two buffers: the next
+        // slab's keys are copied under the whole of this slab's products, its values under dS
+        // and d_query's.
         float d_query[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(d_query);
-        begin(values[0]);
+        __syncthreads();  // the last task's reads of the keys done
+        if (slabs > 0) {
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(0), b, hk, keys[0][0], values[0]);
+        }
         for (long long slab = 0; slab < slabs; ++slab) {
             const int buffer = slab % 2;
             const NaSlab s = slab_at(slab);
-            advance(slab, keys[buffer ^ 1][0]);
+            // The slab's rows staged (and d_outs, the first time); the last slab's keys read.
+            na_copies_wait();
+            __syncthreads();
+            if (slab + 1 < slabs) {
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk,
+                                               keys[buffer ^ 1][0], nullptr);
+            }
+            // The slab's logits (scaled, biased, -inf where they do not count).
+            const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
+            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
             float probs[BLOCKS][4], grads[BLOCKS][4];
-            unsigned live;
-            logits_of(s, keys[buffer][0], probs, live);
+            na_zero<BLOCKS>(probs);
+            na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0], NA_TCB_PITCH,
+                                                  live, g, t);
+            na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, t);
+            // dP = dO V^T.
             na_zero<BLOCKS>(grads);
             {
                 unsigned d_out[NA_TCB_STEPS_V][4];
@@ -230,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             if (rows[r].valid && t == 0) {
                 const long long n = na_query_row(f, b, h, x[r]);
                 na_stats(p)[2 * n] = stats[r].lse;
-                na_stats(p)[2 * n + 1] = delta[r];
+                na_stats(p)[2 * n + 1] = stats[r].delta;
             }
         }
         na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);

@@ -207,12 +207,12 @@ def test_fused_backward_head_dims_past_its_limit_are_refused_naming_them(kernels
     ids=["short", "wrong-dtype", "strided"],
 )
 def test_the_backward_scratch_is_checked_naming_it(stats, message, kernels):
-    q, d_out = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+    q, d_out, lse = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2)
     inputs = tuple(dlpack(t) for t in (q, q, q, None, None, None))
     nbhd = ([3], [1], [1], [False])
     length, _ = _core.fused_stats_shape(inputs, nbhd, 0.25)
     grads = (dlpack(torch.empty_like(q)),) * 3 + (None, None, None)
-    saved = (dlpack(d_out), dlpack(d_out), None)
+    saved = (dlpack(d_out), dlpack(lse), dlpack(d_out), None)
     with kernels(), pytest.raises(ValueError, match=message):
         _core.na_fused_backward(inputs, nbhd, 0.25, saved, grads, dlpack(stats(length)), 0)
 

@@ -106,7 +106,23 @@ def test_opcheck_fused_backward():
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         out, lse = _ops.na_fused(*args)
         d_out, d_lse = torch.randn_like(out), torch.randn_like(lse)
-        torch.library.opcheck(_ops.na_fused_backward, (d_out, d_lse, out, *args))
+        torch.library.opcheck(_ops.na_fused_backward, (d_out, d_lse, out, lse, *args))
+
+
+@pytest.mark.parametrize(
+    "bad_lse, message",
+    [
+        (lambda lse: lse[..., :1], r"lse: expected shape \[2, 6, 5, 4\], got shape \[2, 6, 5, 1\]"),
+        (lambda lse: lse.double(), "lse: expected float32, got float64"),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_the_backward_checks_the_saved_lse_naming_it(bad_lse, message):
+    _, args = next(fused_cases())
+    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    out, lse = _ops.na_fused(*args)
+    with pytest.raises(ValueError, match=message):
+        _ops.na_fused_backward(torch.ones_like(out), None, out, bad_lse(lse), *args)
 
 
 def test_concurrent_calls_from_python_threads_are_correct():

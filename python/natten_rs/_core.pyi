@@ -117,12 +117,12 @@ def na_fused_backward(
     inputs: FusedInputs,
     nbhd: Neighborhood,
     scale: float,
-    saved: tuple[Capsule, Capsule, Capsule | None],
+    saved: tuple[Capsule, Capsule, Capsule, Capsule | None],
     grads: FusedInputs,
     stats: Capsule,
     stream: int,
 ) -> None:
-    """Gradients of a fused op. ``saved`` is ``(out, d_out, d_lse)``; ``grads`` holds the
+    """Gradients of a fused op. ``saved`` is ``(out, lse, d_out, d_lse)``; ``grads`` holds the
     gradient outputs in ``inputs`` order, each written when given; ``stats`` is scratch of
     ``fused_stats_shape`` (used by the CUDA kernels)."""
 

@@ -322,6 +322,7 @@ def na_fused_backward(
     d_out: Tensor,
     d_lse: Optional[Tensor],
     out: Tensor,
+    lse: Tensor,
     query: Tensor,
     key: Optional[Tensor],
     value: Optional[Tensor],
@@ -335,7 +336,7 @@ def na_fused_backward(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients wrt ``(query, key, value, additional_keys, additional_values, rpb)``; absent
-    inputs get empty tensors."""
+    inputs get empty tensors. ``out`` and ``lse`` are the forward's outputs."""
     inputs = (query, key, value, additional_keys, additional_values, rpb)
     grads = _fused_grads(*inputs)
     exported = _fused_inputs(*inputs)
@@ -347,7 +348,7 @@ def na_fused_backward(
         exported,
         nbhd,
         scale,
-        (dlpack(out), dlpack(d_out), dlpack(d_lse)),
+        (dlpack(out), dlpack(lse), dlpack(d_out), dlpack(d_lse)),
         tuple(None if t is None else dlpack(g) for t, g in zip(inputs, grads)),
         dlpack(stats),
         launch_stream(query),
@@ -366,20 +367,19 @@ def _fused_grads(*inputs) -> tuple:
 
 
 @na_fused_backward.register_fake
-def _(d_out, d_lse, out, query, key, value, additional_keys, additional_values, rpb, *params):
+def _(d_out, d_lse, out, lse, query, key, value, additional_keys, additional_values, rpb, *params):
     return _fused_grads(query, key, value, additional_keys, additional_values, rpb)
 
 
 def _fused_setup(ctx, inputs, output):
     *tensors, kernel_size, stride, dilation, is_causal, scale = inputs
-    out, _ = output
-    ctx.save_for_backward(*tensors, out)
+    ctx.save_for_backward(*tensors, *output)
     ctx.params = (kernel_size, stride, dilation, is_causal, scale)
 
 
 def _fused_backward(ctx, d_out, d_lse):
-    *tensors, out = ctx.saved_tensors
-    grads = na_fused_backward(d_out, d_lse, out, *tensors, *ctx.params)
+    *tensors, out, lse = ctx.saved_tensors
+    grads = na_fused_backward(d_out, d_lse, out, lse, *tensors, *ctx.params)
     return (
         *(None if t is None else g for t, g in zip(tensors, grads)),
         None,

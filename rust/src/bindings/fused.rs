@@ -138,7 +138,8 @@ fn na_fused(
     })?)
 }
 
-/// Fused attention backward. `saved` is `(out, d_out, d_lse)`; `grads` is `(d_query, d_key,
+/// Fused attention backward. `saved` is `(out, lse, d_out, d_lse)`: the forward's outputs and
+/// the gradients flowing into them; `grads` is `(d_query, d_key,
 /// d_value, d_additional_keys, d_additional_values, d_rpb)`, each written when given. `stats`
 /// is scratch for the CUDA kernels, `fused_stats_shape` of it (the CPU kernels ignore it).
 /// `stream` is torch's current CUDA stream (for CUDA tensors).
@@ -148,23 +149,30 @@ fn na_fused_backward(
     inputs: FusedArgs,
     nbhd: NbhdArgs,
     scale: f64,
-    saved: (Bound<'_, PyAny>, Bound<'_, PyAny>, Option<Bound<'_, PyAny>>),
+    saved: (
+        Bound<'_, PyAny>,
+        Bound<'_, PyAny>,
+        Bound<'_, PyAny>,
+        Option<Bound<'_, PyAny>>,
+    ),
     grads: FusedArgs,
     stats: Capsule,
     stream: u64,
 ) -> PyResult<()> {
     let borrowed = Borrowed::new(&inputs, INPUT_NAMES)?;
     let p = borrowed.problem(nbhd, scale)?;
-    let (out, d_out) = (borrow("out", &saved.0)?, borrow("d_out", &saved.1)?);
-    let d_lse = borrow_opt("d_lse", saved.2.as_ref())?;
+    let (out, lse) = (borrow("out", &saved.0)?, borrow("lse", &saved.1)?);
+    let d_out = borrow("d_out", &saved.2)?;
+    let d_lse = borrow_opt("d_lse", saved.3.as_ref())?;
     p.expect("out", &out, &p.out_shape())?;
+    crate::problem::expect_f32("lse", &lse, p.device, &p.lse_shape())?;
     p.expect("d_out", &d_out, &p.out_shape())?;
     if let Some(d_lse) = &d_lse {
         crate::problem::expect_f32("d_lse", d_lse, p.device, &p.lse_shape())?;
     }
     let d = Borrowed::new(&grads, GRAD_NAMES)?;
     let mut ins = borrowed.all();
-    ins.extend([&out, &d_out]);
+    ins.extend([&out, &lse, &d_out]);
     ins.extend(d_lse.as_ref());
     let expected = [
         ("d_query", Some((p.token_shape(p.heads, p.dim), true))),
@@ -208,6 +216,7 @@ fn na_fused_backward(
     };
     let saved = Saved {
         out: &out,
+        lse: &lse,
         d_out: &d_out,
         d_lse: d_lse.as_ref(),
     };

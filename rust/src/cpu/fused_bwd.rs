@@ -33,6 +33,9 @@ pub struct FusedGrads<'a> {
 pub struct Saved<'a> {
     /// `[B, *spatial, heads, Dv]`.
     pub out: &'a TensorRef,
+    /// `[B, *spatial, heads]`, float32: the forward's logsumexp (the CUDA tensor-core kernels
+    /// read it; the other kernels form it again at their own precision).
+    pub lse: &'a TensorRef,
     /// `[B, *spatial, heads, Dv]`.
     pub d_out: &'a TensorRef,
     /// `[B, *spatial, heads]`, float32: the gradient flowing into `lse`, when it was used.

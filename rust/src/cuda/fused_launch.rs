@@ -243,6 +243,7 @@ pub fn backward(
     let params = FusedBackwardParams {
         forward: FusedParams {
             out: tokens(saved.out),
+            lse: View::heads_last(saved.lse, p.rank, false),
             ..FusedParams::of(p, t)
         },
         d_out: tokens(saved.d_out),

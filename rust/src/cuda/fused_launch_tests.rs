@@ -139,10 +139,11 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
     let (p, t) = problem();
     let out = tensor(&p.out_shape(), 0x6000);
     let d_out = tensor(&p.out_shape(), 0x7000);
-    let d_lse = TensorRef {
-        data: 0x8000,
+    let lse_at = |data| TensorRef {
+        data,
         ..TensorRef::meta(&p.lse_shape(), DType::F32, Device::Cuda(0))
     };
+    let (lse, d_lse) = (lse_at(0x5000), lse_at(0x8000));
     let g = grads_for(&p, 0x10000);
     let stats = TensorRef {
         data: 0x9000,
@@ -150,6 +151,7 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
     };
     let saved = Saved {
         out: &out,
+        lse: &lse,
         d_out: &d_out,
         d_lse: Some(&d_lse),
     };
@@ -187,6 +189,7 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         (pr.forward.out.data, pr.d_out.data, pr.d_lse.data),
         (0x6000, 0x7000, 0x8000)
     );
+    assert_eq!(pr.forward.lse.data, 0x5000, "the forward's lse");
     assert_eq!((pr.stats, pr.has_d_lse, pr.d_bias.data), (0x9000, 1, 0));
     assert_eq!(
         [pr.d_query.data, pr.d_key.data, pr.d_value.data],
@@ -228,8 +231,10 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_warp_kernels() {
     let rows = |shape: &[usize], base| tensor(shape, base);
     let (out, d_out) = (rows(&p.out_shape(), 0x6000), rows(&p.out_shape(), 0x7000));
     let stats = TensorRef::meta(&[backward_stats_len(&p)], DType::F32, Device::Cuda(0));
+    let lse = TensorRef::meta(&p.lse_shape(), DType::F32, Device::Cuda(0));
     let saved = Saved {
         out: &out,
+        lse: &lse,
         d_out: &d_out,
         d_lse: None,
     };
