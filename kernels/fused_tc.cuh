@@ -274,17 +274,20 @@ __device__ __forceinline__ bool na_block_live(unsigned live, int kb) {
 
 // Scale, bias and mask a slab's products into logits: products that do not count are -inf.
 // Rows are queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`:
-// d_key, d_value); the bias is indexed by key - query in group steps (stride 1).
+// d_key, d_value); with `biased` (rows and columns in the window), the bias is indexed by
+// key - query in group steps (stride 1).
 template <int BLOCKS, bool KEY_ROWS>
 __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen,
                                           const NaFusedParams& f, long long h, const NaTcTile& tl,
-                                          const NaSlab& s, const NaTcRow rows[2], int t) {
+                                          const NaSlab& s, const NaTcRow rows[2], bool biased,
+                                          int t) {
+    biased = biased && !s.extra;
 #pragma unroll
     for (int kb = 0; kb < BLOCKS; ++kb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
             int c[3] = {0, 0, 0};
-            if (!s.extra && f.has_bias) {
+            if (biased) {
                 na_column(tl, s, 8 * kb + 2 * t + e, c);
             }
 #pragma unroll
@@ -292,7 +295,7 @@ __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen
                 float logit = neg_inf();
                 if (seen >> (4 * kb + 2 * r + e) & 1u) {
                     logit = logits[kb][2 * r + e] * (float)f.scale;
-                    if (!s.extra && f.has_bias) {
+                    if (biased) {
                         const int* key = KEY_ROWS ? rows[r].index : c;
                         const int* query = KEY_ROWS ? c : rows[r].index;
                         logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,

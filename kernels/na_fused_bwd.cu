@@ -14,7 +14,7 @@
 //   na_fused_backward_extras  one warp per additional token: its d_key, d_value over all queries
 //   na_fused_backward_bias    one block per rpb entry: d_rpb, a tree reduction
 // On tensor cores (na_fused_bwd_tc.cu: half types, head dims in eights up to 128), tile kernels
-// take the place of the first two; the last two run after them all the same.
+// take the place of the first three; the bias kernel runs after them all the same.
 #include "fused_bwd.cuh"
 
 extern "C" __global__ void NA_FUSED_BOUNDS

@@ -1,8 +1,8 @@
 // Fused neighborhood attention backward on tensor cores (sm_80 and later; float16 and bfloat16,
-// head dims multiples of 8 up to 128): the d_query, d_key and d_value of na_fused_bwd.cu, a
-// tile of 64 rows per block (fused_tc.cuh), in a fixed order (no atomics: the same bits on every
-// run). The additional tokens' and the bias's gradients stay on na_fused_bwd.cu's kernels, which
-// read the statistics the query kernel leaves.
+// head dims multiples of 8 up to 128): the d_query, d_key, d_value and additional tokens'
+// gradients of na_fused_bwd.cu, a tile of 64 rows per block (fused_tc.cuh), in a fixed order (no
+// atomics: the same bits on every run). The bias's gradient stays on na_fused_bwd.cu's kernel,
+// which reads the statistics the query kernel leaves, as the key-row kernels here do.
 //
 // With P = softmax(scale Q K^T + bias) per query row (exp(logit - lse), lse the forward's),
 // dP = dO V^T, delta = rowsum(dO . O) - d_lse and dS = P (dP - delta):
@@ -11,6 +11,7 @@
 //   na_fused_backward_keys_tc   a tile of keys of one kv head: d_value = P^T dO and
 //                               d_key = scale dS^T Q over the queries whose windows hold them (the
 //                               box of the keys' inverse windows), every query head of the group
+//   na_fused_backward_extras_tc the same for a tile of additional tokens, over every query
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
 // one's products run. Products take half-precision operands and float accumulators; the
 // probabilities and logit gradients are rounded to the element type for the products that take
@@ -176,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             na_zero<BLOCKS>(probs);
             na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0], NA_TCB_PITCH,
                                                   live, g, t);
-            na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, t);
+            na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, f.has_bias != 0, t);
             // dP = dO V^T.
             na_zero<BLOCKS>(grads);
             {
@@ -211,16 +212,142 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     }
 }
 
+// The shared memory of the key-row kernels: the tile's own key and value rows, and a slab of
+// query and d_out rows with their statistics.
+struct NaKeyTile {
+    elem_t keys[NA_TC_ROWS][NA_TCB_PITCH];
+    elem_t values[NA_TC_ROWS][NA_TCB_PITCH_V];
+};
+struct NaQuerySlab {
+    elem_t queries[NA_TCB_QUERIES][NA_TCB_PITCH];
+    elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
+    NaStat stats[NA_TCB_QUERIES];
+};
+
+// A key-row tile's gradients: this lane's share (C layout) of rows g and g + 8 of its warp.
+struct NaKeyTileGrads {
+    float d_key[NA_DIM / 8][4];
+    float d_value[NA_DIM_V / 8][4];
+};
+
+// Stage the tile's own key and value rows: row n from `row_of(n, ptrs, steps)`, as
+// na_stage_pairs takes it (the last task's reads of them ended at its last slab's closing
+// barrier; the first slab's publishes them).
+template <class RowOf>
+__device__ __forceinline__ void na_stage_key_tile(NaKeyTile& tile, RowOf&& row_of) {
+    na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(tile.keys[0], tile.values[0], row_of);
+}
+
+// Add to `grads` the terms of query head h's rows in box `tl` (its columns), a slab at a time:
+// d_value += P^T dO, d_key += dS^T Q (unscaled). `biased`: whether the logits take the bias
+// (rows are keys of the window). Every thread of the block calls it, after the tile's rows were
+// staged; it ends with a barrier after every read of `slab`.
+__device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
+                                                     const NaTcTile& tl, const NaTcRow rows[2],
+                                                     bool biased, long long b, long long h,
+                                                     const NaKeyTile& tile, NaQuerySlab& slab,
+                                                     NaKeyTileGrads& grads) {
+    constexpr int BLOCKS = NA_TCB_QUERIES / 8;
+    const NaFusedParams& f = p.f;
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
+    const long long slabs = na_slab_count<NA_TCB_QUERIES>(volume, 0);
+    // Start staging a slab's queries and output gradients, and store their rows' statistics
+    // (after the barrier that ends the reads of the last slab's).
+    auto stage = [&](const NaSlab& s) {
+        auto position = [&](int n, long long x[3]) {
+            int c[3];
+            na_column(tl, s, n, c);
+            na_tile_positions(f, tl, c, x);
+        };
+        na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
+            slab.queries[0], slab.d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
+                if (n >= s.count) {
+                    return;
+                }
+                long long x[3];
+                position(n, x);
+                src[0] = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
+                src[1] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+                step[0] = f.query.stride[5];
+                step[1] = p.d_out.stride[5];
+            });
+        for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
+            slab.stats[n] = {0, 0};
+            if (n < s.count) {
+                long long x[3];
+                position(n, x);
+                const long long row = na_query_row(f, b, h, x);
+                slab.stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
+            }
+        }
+    };
+    if (slabs > 0) {  // (every slab's reads end at its closing barrier)
+        stage(na_slab<NA_TCB_QUERIES>(0, volume, 0));
+    }
+    for (long long n = 0; n < slabs; ++n) {
+        const NaSlab s = na_slab<NA_TCB_QUERIES>(n, volume, 0);
+        na_copies_wait();
+        __syncthreads();  // the slab's rows (and, the first time, the tile's) staged
+        const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
+        const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+        if (live != 0) {  // warp-uniform
+            const elem_t* own_key = tile.keys[16 * warp + g];
+            const elem_t* own_value = tile.values[16 * warp + g];
+            // S^T = K Q^T, then the logits.
+            float probs[BLOCKS][4];
+            {
+                unsigned a[NA_TCB_STEPS][4];
+                na_staged_fragments<NA_TCB_STEPS>(a, own_key, own_key + 8 * NA_TCB_PITCH, t);
+                na_zero<BLOCKS>(probs);
+                na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, slab.queries[0], NA_TCB_PITCH,
+                                                      live, g, t);
+            }
+            na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, biased, t);
+            // dP^T = V dO^T.
+            float dp[BLOCKS][4];
+            {
+                unsigned a[NA_TCB_STEPS_V][4];
+                na_staged_fragments<NA_TCB_STEPS_V>(a, own_value, own_value + 8 * NA_TCB_PITCH_V,
+                                                    t);
+                na_zero<BLOCKS>(dp);
+                na_row_products<NA_TCB_STEPS_V, BLOCKS>(dp, a, slab.d_outs[0], NA_TCB_PITCH_V,
+                                                        live, g, t);
+            }
+            na_logit_grads<BLOCKS>(probs, dp, [&](int kb, int i) {
+                return slab.stats[8 * kb + 2 * t + i % 2];
+            });
+            // d_value += P^T dO, d_key += dS^T Q.
+            na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
+                grads.d_value, probs, slab.d_outs[0], NA_TCB_PITCH_V, 0, NA_DIM_V / 8, live, lane);
+            na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
+                grads.d_key, dp, slab.queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
+        }
+        __syncthreads();  // every warp's reads of the slab done
+        if (n + 1 < slabs) {
+            stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0));
+        }
+    }
+}
+
+// Store a key-row tile's gradients: d_key (scaled) at `at_key[r]` of `d_key`, d_value at
+// `at_value[r]` of `d_value`, for this lane's rows that exist.
+__device__ __forceinline__ void na_store_key_tile(const NaView& d_key, const long long at_key[2],
+                                                  const NaView& d_value,
+                                                  const long long at_value[2],
+                                                  const NaTcRow rows[2],
+                                                  const NaKeyTileGrads& grads, float scale,
+                                                  int t) {
+    na_store_rows<NA_DIM / 8>(d_key, at_key, rows, grads.d_key, scale, t);
+    na_store_rows<NA_DIM_V / 8>(d_value, at_value, rows, grads.d_value, 1.0f, t);
+}
+
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_keys_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
-    constexpr int BLOCKS = NA_TCB_QUERIES / 8;
-    // The tile's own key and value rows, and a slab of query and d_out rows with their stats.
-    __shared__ __align__(16) elem_t keys[NA_TC_ROWS][NA_TCB_PITCH];
-    __shared__ __align__(16) elem_t values[NA_TC_ROWS][NA_TCB_PITCH_V];
-    __shared__ __align__(16) elem_t queries[NA_TCB_QUERIES][NA_TCB_PITCH];
-    __shared__ __align__(16) elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
-    __shared__ NaStat column_stats[NA_TCB_QUERIES];
+    __shared__ __align__(16) NaKeyTile tile;
+    __shared__ __align__(16) NaQuerySlab slab;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
@@ -247,106 +374,24 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 rows[r].end[a] = (int)run.end;
             }
         }
-        // The tile's keys and values, row n as na_tile_rows numbers them (the last task's reads
-        // of them ended at its last slab's closing barrier; the first slab's publishes them).
-        na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(
-            keys[0], values[0], [&](int n, const elem_t* src[2], long long step[2]) {
-                long long index[3], y[3];
-                if (!na_tile_row(tl, n, index)) {
-                    return;
-                }
-                na_tile_positions(f, tl, index, y);
-                src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
-                src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
-                step[0] = f.key.stride[5];
-                step[1] = f.value.stride[5];
-            });
-
-        float d_key[NA_DIM / 8][4], d_value[NA_DIM_V / 8][4];
-        na_zero<NA_DIM / 8>(d_key);
-        na_zero<NA_DIM_V / 8>(d_value);
-        const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
-        const long long slabs = na_slab_count<NA_TCB_QUERIES>(volume, 0);
+        // The tile's keys and values, row n as na_tile_rows numbers them.
+        na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
+            long long index[3], y[3];
+            if (!na_tile_row(tl, n, index)) {
+                return;
+            }
+            na_tile_positions(f, tl, index, y);
+            src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
+            src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+            step[0] = f.key.stride[5];
+            step[1] = f.value.stride[5];
+        });
+        NaKeyTileGrads grads;
+        na_zero<NA_DIM / 8>(grads.d_key);
+        na_zero<NA_DIM_V / 8>(grads.d_value);
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
-            // Start staging a slab's queries and output gradients, and store their rows'
-            // statistics (after the barrier that ends the reads of the last slab's).
-            auto stage = [&](const NaSlab& s) {
-                auto position = [&](int n, long long x[3]) {
-                    int c[3];
-                    na_column(tl, s, n, c);
-                    na_tile_positions(f, tl, c, x);
-                };
-                na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
-                    queries[0], d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
-                        if (n >= s.count) {
-                            return;
-                        }
-                        long long x[3];
-                        position(n, x);
-                        src[0] = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
-                        src[1] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
-                        step[0] = f.query.stride[5];
-                        step[1] = p.d_out.stride[5];
-                    });
-                for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
-                    column_stats[n] = {0, 0};
-                    if (n < s.count) {
-                        long long x[3];
-                        position(n, x);
-                        const long long row = na_query_row(f, b, h, x);
-                        column_stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
-                    }
-                }
-            };
-            if (slabs > 0) {  // (every slab's reads end at its closing barrier)
-                stage(na_slab<NA_TCB_QUERIES>(0, volume, 0));
-            }
-            for (long long slab = 0; slab < slabs; ++slab) {
-                const NaSlab s = na_slab<NA_TCB_QUERIES>(slab, volume, 0);
-                na_copies_wait();
-                __syncthreads();  // the slab's rows (and, the first time, the tile's) staged
-                const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
-                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-                if (live != 0) {  // warp-uniform
-                    const elem_t* own_key = keys[16 * warp + g];
-                    const elem_t* own_value = values[16 * warp + g];
-                    // S^T = K Q^T, then the logits.
-                    float probs[BLOCKS][4];
-                    {
-                        unsigned a[NA_TCB_STEPS][4];
-                        na_staged_fragments<NA_TCB_STEPS>(a, own_key,
-                                                          own_key + 8 * NA_TCB_PITCH, t);
-                        na_zero<BLOCKS>(probs);
-                        na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, queries[0],
-                                                              NA_TCB_PITCH, live, g, t);
-                    }
-                    na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, t);
-                    // dP^T = V dO^T.
-                    float grads[BLOCKS][4];
-                    {
-                        unsigned a[NA_TCB_STEPS_V][4];
-                        na_staged_fragments<NA_TCB_STEPS_V>(a, own_value,
-                                                            own_value + 8 * NA_TCB_PITCH_V, t);
-                        na_zero<BLOCKS>(grads);
-                        na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, a, d_outs[0],
-                                                                NA_TCB_PITCH_V, live, g, t);
-                    }
-                    na_logit_grads<BLOCKS>(probs, grads, [&](int kb, int i) {
-                        return column_stats[8 * kb + 2 * t + i % 2];
-                    });
-                    // d_value += P^T dO, d_key += dS^T Q.
-                    na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
-                        d_value, probs, d_outs[0], NA_TCB_PITCH_V, 0, NA_DIM_V / 8, live, lane);
-                    na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
-                        d_key, grads, queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
-                }
-                __syncthreads();  // every warp's reads of the slab done
-                if (slab + 1 < slabs) {
-                    stage(na_slab<NA_TCB_QUERIES>(slab + 1, volume, 0));
-                }
-            }
+            na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, tile, slab, grads);
         }
-
         long long at_key[2], at_value[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -355,8 +400,74 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             at_key[r] = na_offset(p.d_key, b, hk, y[0], y[1], y[2], 0);
             at_value[r] = na_offset(p.d_value, b, hk, y[0], y[1], y[2], 0);
         }
-        na_store_rows<NA_DIM / 8>(p.d_key, at_key, rows, d_key, (float)f.scale, t);
-        na_store_rows<NA_DIM_V / 8>(p.d_value, at_value, rows, d_value, 1.0f, t);
+        na_store_key_tile(p.d_key, at_key, p.d_value, at_value, rows, grads, (float)f.scale, t);
+        na_copies_wait();  // copies a task without slabs issued must not land in the next's
+    }
+}
+
+// d_key and d_value of the additional tokens: a tile of NA_TC_ROWS of them (of one kv head)
+// per block, over every query of every query head of the group (each sees every additional
+// token), walked one dilation group at a time as the box of the whole group.
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+    na_fused_backward_extras_tc(const NaFusedBwdParams p) {
+    const NaFusedParams& f = p.f;
+    __shared__ __align__(16) NaKeyTile tile;
+    __shared__ __align__(16) NaQuerySlab slab;
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const long long heads_kv = f.heads / f.group;
+    const long long one[3] = {1, 1, (f.extra_count + NA_TC_ROWS - 1) / NA_TC_ROWS};
+    const long long tasks = na_tc_tasks(f.batch, heads_kv, one);
+    const long long groups = f.dilation[0] * f.dilation[1] * f.dilation[2];
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaTcTask job = na_tc_task(task, heads_kv, one);
+        const long long b = job.batch, hk = job.head, first = job.tile * NA_TC_ROWS;
+        NaTcRow rows[2];  // additional tokens, paired with every query
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            rows[r].valid = first + 16 * warp + g + 8 * r < f.extra_count;
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                rows[r].index[a] = rows[r].start[a] = 0;
+                rows[r].end[a] = 0x7fffffff;
+            }
+        }
+        na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
+            if (first + n >= f.extra_count) {
+                return;
+            }
+            src[0] = na_row_ptr(f.extra_key, b, hk, first + n, 0, 0);
+            src[1] = na_row_ptr(f.extra_value, b, hk, first + n, 0, 0);
+            step[0] = f.extra_key.stride[5];
+            step[1] = f.extra_value.stride[5];
+        });
+        NaKeyTileGrads grads;
+        na_zero<NA_DIM / 8>(grads.d_key);
+        na_zero<NA_DIM_V / 8>(grads.d_value);
+        for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
+            for (long long group = 0; group < groups; ++group) {
+                NaTcTile tl;
+                long long at[3];
+                na_token_of(f.dilation, group, at);
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    const NaDivMod l = na_divmod(f.length[a], f.dilation[a]);
+                    tl.group[a] = (int)at[a];
+                    tl.box_first[a] = 0;
+                    tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
+                }
+                na_key_rows_over_box(p, tl, rows, false, b, h, tile, slab, grads);
+            }
+        }
+        long long at_key[2], at_value[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const long long e = first + 16 * warp + g + 8 * r;
+            at_key[r] = na_offset(p.d_extra_key, b, hk, e, 0, 0, 0);
+            at_value[r] = na_offset(p.d_extra_value, b, hk, e, 0, 0, 0);
+        }
+        na_store_key_tile(p.d_extra_key, at_key, p.d_extra_value, at_value, rows, grads,
+                          (float)f.scale, t);
         na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }

@@ -12,7 +12,8 @@
 // stride and causality included, comes from the window math of common.cuh), skips the blocks
 // of keys none of its 16 queries sees (a warp's queries see only part of the tile's box),
 // multiplies its queries by the rest (mma.sync, float accumulators), and folds them into a
-// running softmax (max and sum per query) and output, FlashAttention-style. Nothing is written but the output and the logsumexp.
+// running softmax (max and sum per query) and output, FlashAttention-style. Nothing is written
+// but the output and the logsumexp.
 #include "fused_tc.cuh"
 
 // Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
@@ -126,7 +127,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                                                      NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
             }
 #endif
-            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows, t);
+            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows, f.has_bias != 0,
+                                               t);
 
             // Fold the slab into the running softmax of each row and rescale the output.
             float rescale[2];

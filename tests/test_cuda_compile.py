@@ -31,7 +31,11 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 # The tensor-core kernels, for the half types only.
 TENSOR_CORE_KERNELS = {
     "na_fused_tc": ("na_fused_forward_tc",),
-    "na_fused_bwd_tc": ("na_fused_backward_query_tc", "na_fused_backward_keys_tc"),
+    "na_fused_bwd_tc": (
+        "na_fused_backward_query_tc",
+        "na_fused_backward_keys_tc",
+        "na_fused_backward_extras_tc",
+    ),
 }
 HALF_DTYPES = ("float16", "bfloat16")
 

@@ -160,6 +160,18 @@ def test_half_types_with_head_dims_in_eights_up_to_128_take_the_tensor_core_back
     assert _built_kernels(tmp_path, (*tc, *warp)) == expected
 
 
+def test_the_tensor_core_backward_takes_the_additional_tokens_too(tmp_path):
+    q = torch.randn(1, 10, 2, 16).to(torch.float16).requires_grad_()
+    extra = torch.randn(1, 3, 2, 16).to(torch.float16).requires_grad_()
+    _core.run_cuda_kernels_on_host(str(tmp_path))
+    try:
+        natten_rs.na1d(q, q, q, 3, additional_keys=extra, additional_values=extra).sum().backward()
+    finally:
+        _core.run_cuda_kernels_on_host(None)
+    kernels = ("na_host_na_fused_backward_extras_tc", "na_host_na_fused_backward_extras")
+    assert _built_kernels(tmp_path, kernels) == {kernels[0]}
+
+
 def test_ops_take_the_cuda_kernels_while_it_is_on(tmp_path):
     # With a compiler that cannot run, an op that took the CUDA path fails naming it; once off,
     # the same call takes the CPU kernels again.

@@ -164,9 +164,9 @@ fn warp_rows(rows: usize) -> Config {
 }
 
 /// The backward's kernels in launch order, each with its grid: `d_query` and the stats, then
-/// `d_key` and `d_value` (on tensor cores a tile of 64 rows per block, else one warp per row),
-/// the additional tokens' gradients (one warp each) and `d_rpb` (one block per entry), each when
-/// the problem has them and the grid is not empty.
+/// `d_key` and `d_value`, the additional tokens' gradients (on tensor cores a tile of 64 rows
+/// per block, else one warp per row) and `d_rpb` (one block per entry), each when the problem
+/// has them and the grid is not empty.
 pub fn backward_plan(
     p: &FusedProblem,
     grads: &FusedGrads,
@@ -179,10 +179,19 @@ pub fn backward_plan(
     let tiles: usize = tiling(p).1.iter().product();
     let tile_blocks =
         |heads: usize| Config::covering((p.batch * heads * tiles) as u64, 1, (TC_THREADS, 1));
-    let (query, key) = if tensor_cores {
+    let extra_tiles = p.extra.div_ceil(TC_ROWS);
+    let (query, key, extra) = if tensor_cores {
         (
             (Function::FusedBackwardQueryTc, tile_blocks(p.heads)),
             (Function::FusedBackwardKeysTc, tile_blocks(p.heads_kv)),
+            (
+                Function::FusedBackwardExtrasTc,
+                Config::covering(
+                    (p.batch * p.heads_kv * extra_tiles) as u64,
+                    1,
+                    (TC_THREADS, 1),
+                ),
+            ),
         )
     } else {
         (
@@ -194,18 +203,16 @@ pub fn backward_plan(
                 Function::FusedBackwardKeys,
                 warp_rows(p.batch * p.heads_kv * token_count),
             ),
+            (
+                Function::FusedBackwardExtras,
+                warp_rows(p.batch * p.heads_kv * p.extra),
+            ),
         )
     };
     let plan = [
         (query, true),
         (key, keys),
-        (
-            (
-                Function::FusedBackwardExtras,
-                warp_rows(p.batch * p.heads_kv * p.extra),
-            ),
-            extras,
-        ),
+        (extra, extras),
         (
             (
                 Function::FusedBackwardBias,

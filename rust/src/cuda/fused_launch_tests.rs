@@ -222,11 +222,12 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
     assert_eq!(launches[0].params.has_d_lse, 0);
 }
 
-/// On tensor cores, `d_query` and `d_key`/`d_value` take a block of 128 threads per tile of
-/// queries (every head) or keys (every kv head), tiled as the forward's queries; the additional
-/// tokens' and the bias's gradients stay on the warp kernels, in the same order.
+/// On tensor cores, `d_query`, `d_key`/`d_value` and the additional tokens' gradients take a
+/// block of 128 threads per tile of queries (every head), keys (every kv head, tiled as the
+/// forward's queries) or 64 additional tokens (every kv head); the bias's gradient stays on its
+/// warp kernel, in the same order.
 #[test]
-fn tensor_core_backward_launches_a_block_per_tile_then_the_warp_kernels() {
+fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_kernel() {
     let (p, t) = problem();
     let rows = |shape: &[usize], base| tensor(shape, base);
     let (out, d_out) = (rows(&p.out_shape(), 0x6000), rows(&p.out_shape(), 0x7000));
@@ -255,7 +256,7 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_warp_kernels() {
         [
             Function::FusedBackwardQueryTc,
             Function::FusedBackwardKeysTc,
-            Function::FusedBackwardExtras,
+            Function::FusedBackwardExtrasTc,
             Function::FusedBackwardBias,
         ]
     );
@@ -264,7 +265,8 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_warp_kernels() {
     // Axis 1 (9 tokens, dilation 2) has groups of 5 and 4, one tile of 8 each; axis 2 (8
     // tokens) one tile of 8.
     assert_eq!((pr.tile, pr.tiles), ([1, 8, 8], [1, 2, 1]));
-    let blocks = [2 * 6 * 2, 2 * 2 * 2];
+    // Tiles of queries, of keys, and of the 5 additional tokens (one tile), per batch and head.
+    let blocks = [2 * 6 * 2, 2 * 2 * 2, 2 * 2];
     for (l, blocks) in launches.iter().zip(blocks) {
         assert_eq!((l.config.grid, l.config.block), (blocks, (128, 1)));
     }

@@ -106,6 +106,7 @@ impl Source {
             Source::FusedBwdTc => &[
                 Function::FusedBackwardQueryTc,
                 Function::FusedBackwardKeysTc,
+                Function::FusedBackwardExtrasTc,
             ],
         }
     }
@@ -174,6 +175,8 @@ pub enum Function {
     FusedBackwardQueryTc,
     /// `FusedBackwardKeys` on tensor cores, a tile of keys per block.
     FusedBackwardKeysTc,
+    /// `FusedBackwardExtras` on tensor cores, a tile of additional tokens per block.
+    FusedBackwardExtrasTc,
 }
 
 impl Function {
@@ -193,6 +196,7 @@ impl Function {
             Function::FusedBackwardBias => "na_fused_backward_bias",
             Function::FusedBackwardQueryTc => "na_fused_backward_query_tc",
             Function::FusedBackwardKeysTc => "na_fused_backward_keys_tc",
+            Function::FusedBackwardExtrasTc => "na_fused_backward_extras_tc",
         }
     }
 
@@ -207,7 +211,9 @@ impl Function {
             | Function::FusedBackwardKeys
             | Function::FusedBackwardExtras
             | Function::FusedBackwardBias => Source::FusedBwd,
-            Function::FusedBackwardQueryTc | Function::FusedBackwardKeysTc => Source::FusedBwdTc,
+            Function::FusedBackwardQueryTc
+            | Function::FusedBackwardKeysTc
+            | Function::FusedBackwardExtrasTc => Source::FusedBwdTc,
         }
     }
 }

@@ -175,7 +175,8 @@ impl Launch {
             | Function::FusedBackwardExtras
             | Function::FusedBackwardBias
             | Function::FusedBackwardQueryTc
-            | Function::FusedBackwardKeysTc => return None,
+            | Function::FusedBackwardKeysTc
+            | Function::FusedBackwardExtrasTc => return None,
             Function::BiasGrad => {
                 let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
                 Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))
