@@ -416,11 +416,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
-    const long long one[3] = {1, 1, (f.extra_count + NA_TC_ROWS - 1) / NA_TC_ROWS};
-    const long long tasks = na_tc_tasks(f.batch, heads_kv, one);
+    // Tiles of additional tokens, counted as na_tc_task counts tiles along three axes.
+    const long long tiles[3] = {1, 1, (f.extra_count + NA_TC_ROWS - 1) / NA_TC_ROWS};
+    const long long tasks = na_tc_tasks(f.batch, heads_kv, tiles);
     const long long groups = f.dilation[0] * f.dilation[1] * f.dilation[2];
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, heads_kv, one);
+        const NaTcTask job = na_tc_task(task, heads_kv, tiles);
         const long long b = job.batch, hk = job.head, first = job.tile * NA_TC_ROWS;
         NaTcRow rows[2];  // additional tokens, paired with every query
 #pragma unroll

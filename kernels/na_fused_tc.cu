@@ -88,8 +88,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         // Slabs are staged by cp.async, keys and values apart, so that loads overlap products:
         // a slab's values arrive while its logits are formed, the next slab's keys while its
         // values are weighed. Each wait-and-barrier publishes one and ends the reads of the
-        // buffer the next copies overwrite. (Every slab of the box holds keys some query of the
-        // tile sees: the box is, per axis, the union of the queries' windows.)
+        // buffer the next copies overwrite.
         const long long volume =
             f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
         const long long slabs = na_slab_count<NA_TC_KEYS>(volume, f.extra_count);
