@@ -223,6 +223,9 @@ struct NaQuerySlab {
     elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
     NaStat stats[NA_TCB_QUERIES];
 };
+// Query slab buffers: two where they fit beside the tile in 48 KiB of static shared memory (the
+// next slab is copied while this one's products run), else one (it is copied after them).
+constexpr int NA_QUERY_SLABS = sizeof(NaKeyTile) + 2 * sizeof(NaQuerySlab) <= 48 * 1024 ? 2 : 1;
 
 // A key-row tile's gradients: this lane's share (C layout) of rows g and g + 8 of its warp.
 struct NaKeyTileGrads {
@@ -238,24 +241,24 @@ __device__ __forceinline__ void na_stage_key_tile(NaKeyTile& tile, RowOf&& row_o
     na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(tile.keys[0], tile.values[0], row_of);
 }
 
-// Add to `grads` the terms of query head h's rows in box `tl` (its columns), a slab at a time:
-// d_value += P^T dO, d_key += dS^T Q (unscaled). `biased`: whether the logits take the bias
-// (rows are keys of the window). Every thread of the block calls it, after the tile's rows were
-// staged; it ends with a barrier after every read of `slab`.
+// Add to `grads` the terms of query head h's rows in box `tl` (its columns), a slab at a time
+// through the NA_QUERY_SLABS buffers of `slabs`: d_value += P^T dO, d_key += dS^T Q (unscaled).
+// `biased`: whether the logits take the bias (rows are keys of the window). Every thread of the
+// block calls it, after the tile's rows were staged; it ends with a barrier after every read of
+// the tile and the buffers.
 __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                      const NaTcTile& tl, const NaTcRow rows[2],
                                                      bool biased, long long b, long long h,
-                                                     const NaKeyTile& tile, NaQuerySlab& slab,
+                                                     const NaKeyTile& tile, NaQuerySlab* slabs,
                                                      NaKeyTileGrads& grads) {
     constexpr int BLOCKS = NA_TCB_QUERIES / 8;
     const NaFusedParams& f = p.f;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
-    const long long slabs = na_slab_count<NA_TCB_QUERIES>(volume, 0);
-    // Start staging a slab's queries and output gradients, and store their rows' statistics
-    // (after the barrier that ends the reads of the last slab's).
-    auto stage = [&](const NaSlab& s) {
+    // Start staging a slab's queries and output gradients into `slab`, and store their rows'
+    // statistics (after a barrier that ends the reads of what was there).
+    auto stage = [&](const NaSlab& s, NaQuerySlab& slab) {
         auto position = [&](int n, long long x[3]) {
             int c[3];
             na_column(tl, s, n, c);
@@ -283,13 +286,19 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
             }
         }
     };
-    if (slabs > 0) {  // (every slab's reads end at its closing barrier)
-        stage(na_slab<NA_TCB_QUERIES>(0, volume, 0));
+    const long long count = na_slab_count<NA_TCB_QUERIES>(volume, 0);
+    if (count > 0) {  // (the last call's reads ended at its closing barrier)
+        stage(na_slab<NA_TCB_QUERIES>(0, volume, 0), slabs[0]);
     }
-    for (long long n = 0; n < slabs; ++n) {
+    for (long long n = 0; n < count; ++n) {
         const NaSlab s = na_slab<NA_TCB_QUERIES>(n, volume, 0);
+        NaQuerySlab& slab = slabs[n % NA_QUERY_SLABS];
         na_copies_wait();
-        __syncthreads();  // the slab's rows (and, the first time, the tile's) staged
+        // The slab's rows (and, the first time, the tile's) staged; the last slab's read.
+        __syncthreads();
+        if (NA_QUERY_SLABS == 2 && n + 1 < count) {
+            stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0), slabs[(n + 1) % NA_QUERY_SLABS]);
+        }
         const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
         const unsigned live = __reduce_or_sync(0xffffffffu, seen);
         if (live != 0) {  // warp-uniform
@@ -324,10 +333,15 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
             na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM / 8>(
                 grads.d_key, dp, slab.queries[0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
         }
-        __syncthreads();  // every warp's reads of the slab done
-        if (n + 1 < slabs) {
-            stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0));
+        if (NA_QUERY_SLABS == 1) {
+            __syncthreads();  // every warp's reads of the slab done
+            if (n + 1 < count) {
+                stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0), slabs[0]);
+            }
         }
+    }
+    if (NA_QUERY_SLABS == 2) {
+        __syncthreads();  // every warp's reads of the last slab done
     }
 }
 
@@ -347,7 +361,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_keys_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
-    __shared__ __align__(16) NaQuerySlab slab;
+    __shared__ __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
@@ -390,7 +404,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_zero<NA_DIM / 8>(grads.d_key);
         na_zero<NA_DIM_V / 8>(grads.d_value);
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
-            na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, tile, slab, grads);
+            na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, tile, slabs, grads);
         }
         long long at_key[2], at_value[2];
 #pragma unroll
@@ -412,7 +426,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_extras_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
-    __shared__ __align__(16) NaQuerySlab slab;
+    __shared__ __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
@@ -457,7 +471,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                     tl.box_first[a] = 0;
                     tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
                 }
-                na_key_rows_over_box(p, tl, rows, false, b, h, tile, slab, grads);
+                na_key_rows_over_box(p, tl, rows, false, b, h, tile, slabs, grads);
             }
         }
         long long at_key[2], at_value[2];
