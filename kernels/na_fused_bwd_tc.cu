@@ -231,6 +231,11 @@ constexpr int NA_QUERY_SLABS = sizeof(NaKeyTile) + 2 * sizeof(NaQuerySlab) <= 48
 struct NaKeyTileGrads {
     float d_key[NA_DIM / 8][4];
     float d_value[NA_DIM_V / 8][4];
+
+    __device__ __forceinline__ void zero() {
+        na_zero<NA_DIM / 8>(d_key);
+        na_zero<NA_DIM_V / 8>(d_value);
+    }
 };
 
 // Stage the tile's own key and value rows: row n from `row_of(n, ptrs, steps)`, as
@@ -401,8 +406,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             step[1] = f.value.stride[5];
         });
         NaKeyTileGrads grads;
-        na_zero<NA_DIM / 8>(grads.d_key);
-        na_zero<NA_DIM_V / 8>(grads.d_value);
+        grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
             na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, tile, slabs, grads);
         }
@@ -457,8 +461,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             step[1] = f.extra_value.stride[5];
         });
         NaKeyTileGrads grads;
-        na_zero<NA_DIM / 8>(grads.d_key);
-        na_zero<NA_DIM_V / 8>(grads.d_value);
+        grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
             for (long long group = 0; group < groups; ++group) {
                 NaTcTile tl;
