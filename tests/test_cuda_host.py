@@ -23,7 +23,9 @@ from test_cuda import (
     CASES,
     HALF_DTYPES,
     TENSOR_CORE_BACKWARD_CASE_PARAMS,
+    TENSOR_CORE_BACKWARD_CASES,
     TENSOR_CORE_CASE_PARAMS,
+    TENSOR_CORE_CASES,
     check_dense_attention,
     check_every_output_element_is_written,
     check_fused_backward,
@@ -36,20 +38,31 @@ from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    """A context in which CPU tensors run the CUDA kernels (built once per session)."""
-    directory = tmp_path_factory.mktemp("host_kernels")
+def _on_host(directory, **options):
+    """A context in which CPU tensors run the CUDA kernels built in `directory`."""
 
     @contextlib.contextmanager
     def on_host():
-        _core.run_cuda_kernels_on_host(str(directory))
+        _core.run_cuda_kernels_on_host(str(directory), **options)
         try:
             yield
         finally:
             _core.run_cuda_kernels_on_host(None)
 
     return on_host
+
+
+@pytest.fixture(scope="module")
+def kernels(tmp_path_factory):
+    """A context in which CPU tensors run the CUDA kernels (built once per module)."""
+    return _on_host(tmp_path_factory.mktemp("host_kernels"))
+
+
+@pytest.fixture(scope="module")
+def few_blocks(tmp_path_factory):
+    """As `kernels`, each launch on at most two blocks: every block loops over several tasks
+    (tiles, rows, bias entries), as on a GPU for a problem past its grid limit."""
+    return _on_host(tmp_path_factory.mktemp("host_kernels"), max_grid=2)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -97,6 +110,25 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, ke
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
     check_fused_backward(case, dtype, "cpu", kernels)
+
+
+# GQA with rpb in 2-D and 3-D (the second causal, dilated), additional tokens past a tile.
+LOOPING_CASES = [TENSOR_CORE_CASES[1], TENSOR_CORE_BACKWARD_CASES[2], TENSOR_CORE_CASES[3]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in LOOPING_CASES])
+def test_kernels_loop_over_what_a_small_grid_leaves(case, dtype, few_blocks):
+    # Each block takes many tasks in turn: nothing of one task (staged rows, copies in flight,
+    # partial sums) may leak into the next.
+    check_fused_forward(case, dtype, "cpu", few_blocks)
+    check_fused_backward(case, dtype, "cpu", few_blocks)
+
+
+def test_the_host_grid_limit_is_checked_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="max_grid"):
+        _core.run_cuda_kernels_on_host(str(tmp_path), max_grid=0)
+    assert not _core.run_cuda_kernels_on_host(None)
 
 
 def _built_kernels(directory, names) -> set:

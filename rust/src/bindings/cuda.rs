@@ -203,11 +203,19 @@ fn forget_compiled() {
 
 /// Run the CUDA kernels on the CPU for CPU tensors (a test aid): while `directory` is set, ops
 /// on CPU tensors plan their CUDA launches and run them through kernels built there by
-/// `compiler` (C++17) from the same sources. `None` turns it off. Returns whether it was on.
+/// `compiler` (C++17) from the same sources, each on at most `max_grid` blocks (the kernels
+/// loop over what a smaller grid leaves). `None` turns it off. Returns whether it was on.
 #[pyfunction]
-#[pyo3(signature = (directory, compiler = "c++"))]
-fn run_cuda_kernels_on_host(directory: Option<std::path::PathBuf>, compiler: &str) -> bool {
-    cuda::host::enable(directory, compiler)
+#[pyo3(signature = (directory, compiler = "c++", max_grid = u32::MAX))]
+fn run_cuda_kernels_on_host(
+    directory: Option<std::path::PathBuf>,
+    compiler: &str,
+    max_grid: u32,
+) -> PyResult<bool> {
+    if max_grid == 0 {
+        return Err(Error::invalid("max_grid", "at least 1 block", "0").into());
+    }
+    Ok(cuda::host::enable(directory, compiler, max_grid))
 }
 
 /// Whether a problem on `device` runs the CPU kernels: CPU tensors do, unless

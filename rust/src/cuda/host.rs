@@ -31,6 +31,9 @@ struct Host {
     /// Opened libraries, one per variant; never closed (their code may be running elsewhere
     /// only while the lock is held, but closing buys nothing in a test process).
     libraries: HashMap<KernelKey, libloading::Library>,
+    /// The most blocks a launch runs: fewer than its grid asks for make each block loop over
+    /// several tasks, as on a GPU whose grid limit a problem exceeds.
+    max_grid: u32,
 }
 
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
@@ -39,15 +42,16 @@ fn host() -> MutexGuard<'static, Option<Host>> {
     HOST.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`; `None`
-/// turns it off. Returns whether it was on.
-pub fn enable(dir: Option<PathBuf>, compiler: &str) -> bool {
+/// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`, each
+/// launch on at most `max_grid` blocks; `None` turns it off. Returns whether it was on.
+pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32) -> bool {
     let mut host = host();
     let was = host.is_some();
     *host = dir.map(|dir| Host {
         dir,
         compiler: compiler.to_string(),
         libraries: HashMap::new(),
+        max_grid,
     });
     was
 }
@@ -211,6 +215,10 @@ pub unsafe fn run<P: Copy>(
     let symbol = format!("na_host_{}", function.symbol());
     // SAFETY: forwarded contract; the lock serialises launches, whose geometry the library
     // keeps in globals.
+    let config = Config {
+        grid: config.grid.min(host.max_grid),
+        ..config
+    };
     let status = unsafe { call(&host.libraries[key], &symbol, config, &params)? };
     if status != 0 {
         return Err(Error::Kernel {
