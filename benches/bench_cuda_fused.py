@@ -15,7 +15,8 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
 
-    python benches/bench_cuda_fused.py [--problems flux video vision vision-d4] [--rounds 10]
+    python benches/bench_cuda_fused.py [--problems flux video vision vision-d4 vision-rpb]
+        [--rounds 10]
         [--natten path/to/natten/src] [--peak-gbs 3350]
 """
 
@@ -45,6 +46,7 @@ class Problem:
     dilation: int = 1
     dtype: torch.dtype = torch.bfloat16
     unfused: bool = False  # whether the unfused path is a contender (its weights must fit)
+    rpb: bool = False  # with a relative positional bias (NAT/DiNAT models); sdpa goes without
 
     @property
     def rank(self) -> int:
@@ -67,12 +69,15 @@ class Problem:
         rows = self.batch * self.heads * self.tokens
         return rows * (4 * self.dim * element + 4)
 
-    def heads_last(self, grad: bool):
+    def inputs(self, grad: bool):
+        """Heads-last q, k, v, and the bias (or None)."""
         shape = (self.batch, *self.size, self.heads, self.dim)
-        return [
-            torch.randn(shape, device="cuda", dtype=self.dtype, requires_grad=grad)
-            for _ in range(3)
-        ]
+        bias = (self.heads, *(2 * k - 1 for k in self.kernel))
+
+        def make(shape):
+            return torch.randn(shape, device="cuda", dtype=self.dtype, requires_grad=grad)
+
+        return [make(shape) for _ in range(3)] + [make(bias) if self.rpb else None]
 
 
 PROBLEMS = {
@@ -80,30 +85,33 @@ PROBLEMS = {
     "video": Problem("3-D video 30x48x80 K18x24x24", 1, 24, (30, 48, 80), 128, (18, 24, 24)),
     "vision": Problem("vision 56x56 K7", 128, 4, (56, 56), 32, (7, 7), unfused=True),
     "vision-d4": Problem("vision 56x56 K7 d4", 128, 4, (56, 56), 32, (7, 7), 4, unfused=True),
+    "vision-rpb": Problem(
+        "vision 56x56 K7 rpb", 128, 4, (56, 56), 32, (7, 7), unfused=True, rpb=True
+    ),
 }
 
 
-def fused(p: Problem, q, k, v):
+def fused(p: Problem, q, k, v, rpb):
     op = (natten_rs.na1d, natten_rs.na2d, natten_rs.na3d)[p.rank - 1]
-    return op(q, k, v, p.kernel, dilation=p.dilation)
+    return op(q, k, v, p.kernel, dilation=p.dilation, rpb=rpb)
 
 
-def sdpa(p: Problem, q, k, v):
+def sdpa(p: Problem, q, k, v, rpb):
     heads_first = [t.flatten(1, p.rank).transpose(1, 2) for t in (q, k, v)]
     return F.scaled_dot_product_attention(*heads_first)
 
 
-def unfused(p: Problem, q, k, v):
+def unfused(p: Problem, q, k, v, rpb):
     qk = (nf.na1d_qk, nf.na2d_qk, nf.na3d_qk)[p.rank - 1]
     av = (nf.na1d_av, nf.na2d_av, nf.na3d_av)[p.rank - 1]
     # The unfused ops take heads-first tensors [B, heads, *spatial, D].
     q, k, v = (t.movedim(-2, 1) for t in (q, k, v))
-    attn = qk(q * p.dim**-0.5, k, p.kernel, p.dilation).softmax(-1)
+    attn = qk(q * p.dim**-0.5, k, p.kernel, p.dilation, rpb=rpb).softmax(-1)
     return av(attn, v, p.kernel, p.dilation)
 
 
 def natten_flex(natten):
-    def call(p: Problem, q, k, v):
+    def call(p: Problem, q, k, v, rpb):
         op = (natten.na1d, natten.na2d, natten.na3d)[p.rank - 1]
         return op(q, k, v, p.kernel, dilation=p.dilation, backend="flex-fna", torch_compile=True)
 
@@ -123,13 +131,13 @@ def import_natten(path: str | None):
 
 
 def calls_for(p: Problem, contenders: dict, backward: bool) -> dict:
-    q, k, v = p.heads_last(grad=backward)
+    q, k, v, rpb = p.inputs(grad=backward)
 
     def run(fn):
         if not backward:
             with torch.no_grad():
-                return fn(p, q, k, v)
-        out = fn(p, q, k, v)
+                return fn(p, q, k, v, rpb)
+        out = fn(p, q, k, v, rpb)
         out.backward(torch.ones_like(out))
         return out
 
@@ -175,7 +183,7 @@ def main() -> None:
         contenders = {"natten_rs": fused, "sdpa": sdpa}
         if p.unfused:
             contenders["unfused"] = unfused
-        if natten is not None:
+        if natten is not None and not p.rpb:  # NATTEN 0.20 on has no rpb
             contenders["natten"] = natten_flex(natten)
             try:
                 calls_for(p, {"natten": contenders["natten"]}, backward=False)["natten"]()

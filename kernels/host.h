@@ -6,7 +6,7 @@
 // the driver are not emulated.
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
-// thread, switched only at __syncthreads and warp shuffles, so a block of 256 threads
+// thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
 // costs 256 small stacks and no OS threads. Shared memory is `static`: one copy, used by one block
 // at a time. A barrier that some live thread of the block (or warp) never reaches would hang a
 // GPU; here it ends the launch with an error.
@@ -208,6 +208,13 @@ inline void sync_block() {
     wait(block->sync, phase);
 }
 
+inline void sync_warp() {
+    Barrier& warp = block->warps[block->current / kWarp];
+    const unsigned long long phase = warp.phase;
+    warp.arrive();
+    wait(warp, phase);
+}
+
 // cp.async on the host: a copy completes as late as the GPU allows, at the issuing thread's
 // next wait, and its destination reads as all ones (a NaN in either half type) until then, so a
 // read that comes before its wait (or, from another thread, before the barrier after that wait)
@@ -372,6 +379,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
 }  // namespace na_host
 
 inline void __syncthreads() { na_host::sync_block(); }
+inline void __syncwarp(unsigned = 0xffffffffu) { na_host::sync_warp(); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T x, int lane_mask) {

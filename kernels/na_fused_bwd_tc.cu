@@ -1,8 +1,8 @@
 // Fused neighborhood attention backward on tensor cores (sm_80 and later; float16 and bfloat16,
 // head dims multiples of 8 up to 128): the d_query, d_key, d_value and additional tokens'
 // gradients of na_fused_bwd.cu, a tile of 64 rows per block (fused_tc.cuh), in a fixed order (no
-// atomics: the same bits on every run). The bias's gradient stays on na_fused_bwd.cu's kernel,
-// which reads the statistics the query kernel leaves, as the key-row kernels here do.
+// atomics: the same bits on every run), and the bias's where its table is small enough (else
+// na_fused_bwd.cu's kernel sums it, from the statistics the query kernel leaves).
 //
 // With P = softmax(scale Q K^T + bias) per query row (exp(logit - lse), lse the forward's),
 // dP = dO V^T, delta = rowsum(dO . O) - d_lse and dS = P (dP - delta):
@@ -12,6 +12,8 @@
 //                               d_key = scale dS^T Q over the queries whose windows hold them (the
 //                               box of the keys' inverse windows), every query head of the group
 //   na_fused_backward_extras_tc the same for a tile of additional tokens, over every query
+//   na_fused_backward_bias_slices_tc, na_fused_backward_bias_tc
+//                               d_rpb from the query tiles' sums of dS (NA_TCB_BIAS_GRADS)
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
 // one's products run. Products take half-precision operands and float accumulators; the
 // probabilities and logit gradients are rounded to the element type for the products that take
@@ -80,6 +82,146 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
     }
 }
 
+// ---- the bias's gradient ------------------------------------------------------------------------
+// d_rpb[h, key - query + K - 1] (group steps per axis; rpb takes stride 1) sums dS over head h's
+// pairs in the window. Where the table is small enough (NA_TCB_BIAS_GRADS, the host's choice),
+// the d_query kernel adds up each tile's share in shared memory and leaves it in the scratch
+// after the statistics, one row per (head, batch, tile); two kernels add those rows up in a fixed
+// order: slices of NA_BIAS_SLICE rows, then the slices.
+#define NA_TCB_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
+
+// Row-major number of `x` in a table of 2 K - 1 entries per axis; entry (key, query) is
+// na_bias_number(key) - na_bias_number(query) + na_bias_number(K - 1), as it is linear.
+__device__ __forceinline__ int na_bias_number(int x0, int x1, int x2) {
+    return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
+}
+
+// Rows of tile sums per head (every batch's tiles), and slices of them.
+__device__ __forceinline__ long long na_bias_rows(const NaFusedBwdParams& p) {
+    return p.f.batch * p.tiles[0] * p.tiles[1] * p.tiles[2];
+}
+__device__ __forceinline__ long long na_bias_slice_count(const NaFusedBwdParams& p) {
+    return (na_bias_rows(p) + NA_BIAS_SLICE - 1) / NA_BIAS_SLICE;
+}
+
+// The tile sums [heads][rows][span], after the statistics in the scratch; then the slices'
+// sums [heads][slices][span].
+__device__ __forceinline__ float* na_bias_tile_sums(const NaFusedBwdParams& p) {
+    return na_stats(p) + 2 * p.f.batch * p.f.heads * na_fused_tokens(p.f);
+}
+__device__ __forceinline__ float* na_bias_slice_sums(const NaFusedBwdParams& p) {
+    return na_bias_tile_sums(p) + p.f.heads * na_bias_rows(p) * NA_TCB_SPAN;
+}
+
+// On the host: the lanes of a warp meet here, so that what each read above comes before what any
+// writes below, as when a warp runs one instruction on the GPU (where this is nothing): a race
+// between lanes then loses updates on the host too.
+__device__ __forceinline__ void na_warp_lockstep() {
+#ifdef NA_HOST
+    __syncwarp();
+#endif
+}
+
+// A query tile's share of its head's d_rpb, added up in shared memory: one copy of the table per
+// warp, so that no two warps add into one entry; and the na_bias_number of each key of the two
+// key slab buffers. Empty without NA_TCB_BIAS_GRADS.
+struct NaTileBiasGrads {
+#if NA_TCB_BIAS_GRADS
+    float copies[NA_TC_WARPS][NA_TCB_SPAN];
+    int key_numbers[2][NA_TCB_KEYS];
+#endif
+
+    // Number the keys of slab `s` for buffer `buffer`, as the block stages them (the same
+    // barriers publish them and end their reads).
+    __device__ __forceinline__ void number_keys(int buffer, const NaTcTile& tl, const NaSlab& s) {
+#if NA_TCB_BIAS_GRADS
+        for (int n = threadIdx.x; n < NA_TCB_KEYS; n += NA_TC_THREADS) {
+            int c[3];
+            na_column(tl, s, n, c);
+            key_numbers[buffer][n] = na_bias_number(c[0], c[1], c[2]);
+        }
+#endif
+    }
+
+    // Add warp `warp`'s logit gradients of the slab `s` in buffer `buffer` (C layout of `BLOCKS`
+    // 8-column blocks; `seen` and `live` as na_slab_mask and its warp-wide or give them). The
+    // lanes of one quad position t hold one key column and sixteen different queries, so
+    // different entries; lanes of different t may meet in one, so the four positions take turns.
+    template <int BLOCKS>
+    __device__ __forceinline__ void add(int warp, int buffer, const float ds[BLOCKS][4],
+                                        unsigned seen, unsigned live, const NaSlab& s,
+                                        const NaTcRow rows[2], int t) {
+#if NA_TCB_BIAS_GRADS
+        if (s.extra) {
+            return;
+        }
+        float* copy = copies[warp];
+        int query[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int* x = rows[r].index;
+            query[r] = na_bias_number(x[0], x[1], x[2]) -
+                       na_bias_number(NA_K0 - 1, NA_K1 - 1, NA_K2 - 1);
+        }
+#pragma unroll
+        for (int kb = 0; kb < BLOCKS; ++kb) {
+            if (!na_block_live(live, kb)) {
+                continue;
+            }
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int key = key_numbers[buffer][8 * kb + 2 * t + e];
+                for (int turn = 0; turn < 4; ++turn) {
+                    bool mine[2];
+                    float sum[2];
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        mine[r] = t == turn && (seen >> (4 * kb + 2 * r + e) & 1u);
+                        sum[r] = mine[r] ? copy[key - query[r]] + ds[kb][2 * r + e] : 0.0f;
+                    }
+                    na_warp_lockstep();
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (mine[r]) {
+                            copy[key - query[r]] = sum[r];
+                        }
+                    }
+                    __syncwarp();
+                }
+            }
+        }
+#endif
+    }
+
+    // Store the tile's sums (the copies added up in order) at `row`, and zero the copies; the
+    // block calls it after a barrier that ends the additions. Thread n takes entries n,
+    // n + NA_TC_THREADS, ...: the same thread zeroes them at the start (`zero`).
+    __device__ __forceinline__ void flush(float* row) {
+#if NA_TCB_BIAS_GRADS
+        for (int n = threadIdx.x; n < NA_TCB_SPAN; n += NA_TC_THREADS) {
+            float sum = 0;
+#pragma unroll
+            for (int w = 0; w < NA_TC_WARPS; ++w) {
+                sum += copies[w][n];
+                copies[w][n] = 0;
+            }
+            row[n] = sum;
+        }
+#endif
+    }
+
+    __device__ __forceinline__ void zero() {
+#if NA_TCB_BIAS_GRADS
+        for (int n = threadIdx.x; n < NA_TCB_SPAN; n += NA_TC_THREADS) {
+#pragma unroll
+            for (int w = 0; w < NA_TC_WARPS; ++w) {
+                copies[w][n] = 0;
+            }
+        }
+#endif
+    }
+};
+
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_query_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
@@ -90,8 +232,16 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     __shared__ __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
     __shared__ __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
     __shared__ __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
+    __shared__ NaTileBiasGrads bias_grads;
+    static_assert(sizeof(keys) + sizeof(values) + sizeof(d_outs) + sizeof(bias_grads) <=
+                      48 * 1024,
+                  "the d_query kernel's static shared memory fits 48 KiB");
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
+    const bool wants_bias_grads = NA_TCB_BIAS_GRADS && p.d_bias.data != 0;
+    if (wants_bias_grads) {
+        bias_grads.zero();  // (first added to after a barrier)
+    }
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
@@ -159,6 +309,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         __syncthreads();  // the last task's reads of the keys done
         if (slabs > 0) {
             na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(0), b, hk, keys[0][0], values[0]);
+            if (wants_bias_grads) {
+                bias_grads.number_keys(0, tl, slab_at(0));
+            }
         }
         for (long long slab = 0; slab < slabs; ++slab) {
             const int buffer = slab % 2;
@@ -169,6 +322,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             if (slab + 1 < slabs) {
                 na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk,
                                                keys[buffer ^ 1][0], nullptr);
+                if (wants_bias_grads) {
+                    bias_grads.number_keys(buffer ^ 1, tl, slab_at(slab + 1));
+                }
             }
             // The slab's logits (scaled, biased, -inf where they do not count).
             const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
@@ -193,8 +349,16 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                                                values[0]);
             }
             na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
+            if (wants_bias_grads) {
+                bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
+            }
             na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(
                 d_query, grads, keys[buffer][0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
+        }
+        if (wants_bias_grads) {
+            __syncthreads();  // every warp's additions done
+            const long long row = (h * f.batch + b) * (na_bias_rows(p) / f.batch) + job.tile;
+            bias_grads.flush(na_bias_tile_sums(p) + row * NA_TCB_SPAN);
         }
 
         long long at[2];
@@ -487,5 +651,56 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_store_key_tile(p.d_extra_key, at_key, p.d_extra_value, at_value, rows, grads,
                           (float)f.scale, t);
         na_copies_wait();  // copies a task without slabs issued must not land in the next's
+    }
+}
+
+// First pass of d_rpb from the tile sums: per block, 32 entries (a warp's lanes, coalesced) of
+// one slice of one head, the block's warps taking every WARPS-th row of the slice, then the
+// warps' sums added in order.
+extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
+    na_fused_backward_bias_slices_tc(const NaFusedBwdParams p) {
+    constexpr int WARPS = NA_REDUCE_THREADS / NA_WARP;
+    constexpr int CHUNKS = (NA_TCB_SPAN + NA_WARP - 1) / NA_WARP;
+    __shared__ float sums[WARPS][NA_WARP];
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const long long rows = na_bias_rows(p), slices = na_bias_slice_count(p);
+    for (long long item = blockIdx.x; item < p.f.heads * slices * CHUNKS; item += gridDim.x) {
+        const long long h = item / (slices * CHUNKS), slice = item / CHUNKS % slices;
+        const int n = (int)(item % CHUNKS) * NA_WARP + lane;
+        const float* tile_sums = na_bias_tile_sums(p) + h * rows * NA_TCB_SPAN;
+        const long long end = min((slice + 1) * NA_BIAS_SLICE, rows);
+        float sum = 0;
+        for (long long r = slice * NA_BIAS_SLICE + warp; n < NA_TCB_SPAN && r < end; r += WARPS) {
+            sum += tile_sums[r * NA_TCB_SPAN + n];
+        }
+        sums[warp][lane] = sum;
+        __syncthreads();
+        if (warp == 0 && n < NA_TCB_SPAN) {
+            float total = 0;
+#pragma unroll
+            for (int w = 0; w < WARPS; ++w) {
+                total += sums[w][lane];
+            }
+            na_bias_slice_sums(p)[(h * slices + slice) * NA_TCB_SPAN + n] = total;
+        }
+        __syncthreads();  // the sums read before the next item writes them
+    }
+}
+
+// Second pass: d_rpb[h, r0, r1, r2], one thread per entry, as its slices' sum in order.
+extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
+    na_fused_backward_bias_tc(const NaFusedBwdParams p) {
+    const long long slices = na_bias_slice_count(p);
+    const long long entries = p.f.heads * NA_TCB_SPAN;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < entries;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long h = i / NA_TCB_SPAN, n = i % NA_TCB_SPAN;
+        float sum = 0;
+        for (long long slice = 0; slice < slices; ++slice) {
+            sum += na_bias_slice_sums(p)[(h * slices + slice) * NA_TCB_SPAN + n];
+        }
+        const long long at[3] = {n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1)),
+                                 n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1), n % (2 * NA_K2 - 1)};
+        na_store(p.d_bias, na_offset(p.d_bias, h, at[0], at[1], at[2], 0, 0), sum);
     }
 }

@@ -165,29 +165,35 @@ def test_half_types_with_head_dims_in_eights_take_the_tensor_core_forward(
 @pytest.mark.parametrize(
     "dtype, dims, rpb, tensor_cores",
     [
-        (torch.float16, (16, 16), False, True),
-        (torch.bfloat16, (128, 8), True, True),  # rpb: plus the warp kernels' d_rpb
-        (torch.float16, (136, 136), False, False),  # past the tensor-core backward's 128
-        (torch.float32, (16, 16), False, False),
-        (torch.bfloat16, (16, 12), False, False),  # not a multiple of 8
+        (torch.float16, (16, 16), None, True),
+        (torch.bfloat16, (128, 8), 3, True),  # a small bias table: summed on tensor cores too
+        (torch.bfloat16, (128, 8), 9, True),  # a large one (17 x 17): plus the warp d_rpb
+        (torch.float16, (136, 136), None, False),  # past the tensor-core backward's 128
+        (torch.float32, (16, 16), None, False),
+        (torch.bfloat16, (16, 12), None, False),  # not a multiple of 8
     ],
 )
 def test_half_types_with_head_dims_in_eights_up_to_128_take_the_tensor_core_backward(
     dtype, dims, rpb, tensor_cores, tmp_path
 ):
-    q = torch.randn(1, 10, 2, dims[0]).to(dtype).requires_grad_()
-    v = torch.randn(1, 10, 2, dims[1]).to(dtype).requires_grad_()
-    bias = torch.zeros(2, 5, dtype=dtype, requires_grad=True) if rpb else None
+    # 9 x 9 queries, kernel `rpb` (3 without a bias).
+    kernel = rpb or 3
+    q = torch.randn(1, 9, 9, 2, dims[0]).to(dtype).requires_grad_()
+    v = torch.randn(1, 9, 9, 2, dims[1]).to(dtype).requires_grad_()
+    bias = None
+    if rpb:
+        bias = torch.randn(2, 2 * kernel - 1, 2 * kernel - 1).to(dtype).requires_grad_()
     _core.run_cuda_kernels_on_host(str(tmp_path))
     try:
-        natten_rs.na1d(q, q, v, kernel_size=3, rpb=bias).sum().backward()
+        natten_rs.na2d(q, q, v, kernel_size=kernel, rpb=bias).sum().backward()
     finally:
         _core.run_cuda_kernels_on_host(None)
     tc = {"na_host_na_fused_backward_query_tc", "na_host_na_fused_backward_keys_tc"}
     warp = {"na_host_na_fused_backward_query", "na_host_na_fused_backward_keys"}
     expected = tc if tensor_cores else warp
-    # The warp kernels' module holds d_rpb too: a tensor-core backward with rpb loads it as well.
-    if rpb:
+    # The warp kernels' module holds the d_rpb of large tables: a tensor-core backward with one
+    # loads it as well.
+    if rpb == 9:
         expected = expected | warp
     assert _built_kernels(tmp_path, (*tc, *warp)) == expected
 

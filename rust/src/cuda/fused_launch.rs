@@ -3,7 +3,7 @@
 //! heads-last tensors as the kernels' six logical axes, and the grids (one warp per row). Pure
 //! planning, testable without a GPU.
 
-use super::kernels::{Function, Source, BLOCK, REDUCE_THREADS};
+use super::kernels::{Function, KernelKey, Source, BIAS_SLICE, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
 use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
@@ -152,10 +152,36 @@ const _: () = assert!(
 /// One launch of a fused backward kernel.
 pub type FusedBackwardLaunch = FusedLaunch<FusedBackwardParams>;
 
-/// Elements of the backward's `stats` scratch: `(lse, delta)` for each query row.
+/// Elements of the backward's `stats` scratch: `(lse, delta)` for each query row; and where the
+/// tensor-core backward would sum `d_rpb` itself (`bias_grads_on_tensor_cores`), every query
+/// tile's share of it and every slice's (`bias_sum_rows`).
 pub fn backward_stats_len(p: &FusedProblem) -> usize {
     let tokens: usize = p.axes.iter().map(|a| a.length).product();
-    2 * p.batch * p.heads * tokens
+    let stats = 2 * p.batch * p.heads * tokens;
+    let tensor_cores = takes_tensor_cores(Source::FusedBwdTc, p.dtype, (p.dim, p.dim_v));
+    if !(p.rpb && tensor_cores && bias_grads_on_tensor_cores(p)) {
+        return stats;
+    }
+    let (tiles, slices) = bias_sum_rows(p);
+    stats + p.heads * (tiles + slices) * bias_key(p).bias_span()
+}
+
+/// The tensor-core backward's variant for `p`.
+fn bias_key(p: &FusedProblem) -> KernelKey {
+    KernelKey::for_fused(Source::FusedBwdTc, p)
+}
+
+/// Whether the tensor-core backward of `p` sums `d_rpb` on its own kernels
+/// (`KernelKey::bias_grads_on_tensor_cores`), not the warp kernel's.
+fn bias_grads_on_tensor_cores(p: &FusedProblem) -> bool {
+    bias_key(p).bias_grads_on_tensor_cores()
+}
+
+/// Rows of partial sums of `d_rpb` per head on tensor cores: one per query tile of the batch,
+/// and one per slice of `BIAS_SLICE` of those.
+fn bias_sum_rows(p: &FusedProblem) -> (usize, usize) {
+    let tiles = p.batch * tiling(p).1.iter().product::<usize>();
+    (tiles, tiles.div_ceil(BIAS_SLICE))
 }
 
 /// One warp per row: enough blocks of `BLOCK` threads for `rows` rows.
@@ -165,8 +191,9 @@ fn warp_rows(rows: usize) -> Config {
 
 /// The backward's kernels in launch order, each with its grid: `d_query` and the stats, then
 /// `d_key` and `d_value`, the additional tokens' gradients (on tensor cores a tile of 64 rows
-/// per block, else one warp per row) and `d_rpb` (one block per entry), each when the problem
-/// has them and the grid is not empty.
+/// per block, else one warp per row) and `d_rpb` (on tensor cores, where its table is small
+/// enough, two passes over the query tiles' sums; else one block per entry), each when the
+/// problem has them and the grid is not empty.
 pub fn backward_plan(
     p: &FusedProblem,
     grads: &FusedGrads,
@@ -209,20 +236,29 @@ pub fn backward_plan(
             ),
         )
     };
-    let plan = [
-        (query, true),
-        (key, keys),
-        (extra, extras),
-        (
+    let reduce = |items: usize, per_block: u32| {
+        Config::covering(items as u64, per_block, (REDUCE_THREADS, 1))
+    };
+    let bias: Vec<(Function, Config)> = if tensor_cores && bias_grads_on_tensor_cores(p) {
+        let slices = bias_sum_rows(p).1;
+        vec![
             (
-                Function::FusedBackwardBias,
-                Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1)),
+                Function::FusedBackwardBiasSlicesTc,
+                reduce(p.heads * slices * span.div_ceil(WARP as usize), 1),
             ),
-            grads.d_rpb.is_some(),
-        ),
-    ];
-    plan.into_iter()
-        .filter(|&((_, config), wanted)| wanted && config.grid > 0)
+            (
+                Function::FusedBackwardBiasTc,
+                reduce(p.heads * span, REDUCE_THREADS),
+            ),
+        ]
+    } else {
+        vec![(Function::FusedBackwardBias, reduce(p.heads * span, 1))]
+    };
+    let wants_bias = grads.d_rpb.is_some();
+    let plan = [(query, true), (key, keys), (extra, extras)]
+        .into_iter()
+        .chain(bias.into_iter().map(|launch| (launch, wants_bias)));
+    plan.filter(|&((_, config), wanted)| wanted && config.grid > 0)
         .map(|(launch, _)| launch)
         .collect()
 }

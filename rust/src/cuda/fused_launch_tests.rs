@@ -224,10 +224,10 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
 
 /// On tensor cores, `d_query`, `d_key`/`d_value` and the additional tokens' gradients take a
 /// block of 128 threads per tile of queries (every head), keys (every kv head, tiled as the
-/// forward's queries) or 64 additional tokens (every kv head); the bias's gradient stays on its
-/// warp kernel, in the same order.
+/// forward's queries) or 64 additional tokens (every kv head); the bias's gradient then sums
+/// the query tiles' shares in two passes, in the same order.
 #[test]
-fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_kernel() {
+fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
     let (p, t) = problem();
     let rows = |shape: &[usize], base| tensor(shape, base);
     let (out, d_out) = (rows(&p.out_shape(), 0x6000), rows(&p.out_shape(), 0x7000));
@@ -257,7 +257,8 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_kernel() {
             Function::FusedBackwardQueryTc,
             Function::FusedBackwardKeysTc,
             Function::FusedBackwardExtrasTc,
-            Function::FusedBackwardBias,
+            Function::FusedBackwardBiasSlicesTc,
+            Function::FusedBackwardBiasTc,
         ]
     );
     let pr = launches[0].params;
@@ -270,10 +271,78 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_kernel() {
     for (l, blocks) in launches.iter().zip(blocks) {
         assert_eq!((l.config.grid, l.config.block), (blocks, (128, 1)));
     }
+    // The bias table (3 x 4: 5 x 7 entries) is summed over the 2 x 2 tiles of each head in one
+    // slice: a block per (head, 32 entries), then a thread per (head, entry).
+    let sums = [(6 * 2, (256, 1)), ((6 * 35u32).div_ceil(256), (256, 1))];
+    for (l, sums) in launches[3..].iter().zip(sums) {
+        assert_eq!((l.config.grid, l.config.block), sums, "{:?}", l.function);
+    }
     assert!(
         launches.iter().all(|l| l.params == pr),
         "one parameter block"
     );
+}
+
+/// A self-attention problem with a bias of `bias` entries per head.
+fn biased(shape: &[usize], kernel: Vec<i64>, bias: &[usize]) -> FusedProblem {
+    let q = TensorRef::meta(shape, DType::F16, Device::Cuda(0));
+    let rpb = TensorRef::meta(bias, DType::F16, Device::Cuda(0));
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&q),
+        value: Some(&q),
+        rpb: Some(&rpb),
+        ..FusedInputs::default()
+    };
+    let rank = kernel.len();
+    let n = nbhd(kernel, vec![1; rank], vec![1; rank], vec![false; rank]);
+    FusedProblem::new(&inputs, &n, 1.0).unwrap()
+}
+
+/// The bias's gradient is summed on tensor cores where its table fits the d_query kernel's
+/// shared memory (512 entries up to head dim 64, 256 past it), with scratch for the tiles' and
+/// slices' sums; larger tables keep the warp kernel, and no scratch for it.
+#[test]
+fn tensor_cores_sum_the_bias_gradient_of_small_tables() {
+    let plan = |p: &FusedProblem| -> Vec<Function> {
+        let g = grads_for(p, 0x10000);
+        let d_rpb = tensor(&[2, 1], 0x20000);
+        let grads = FusedGrads {
+            d_query: &g[0],
+            d_key: Some(&g[1]),
+            d_value: Some(&g[2]),
+            d_additional_keys: None,
+            d_additional_values: None,
+            d_rpb: Some(&d_rpb),
+        };
+        let plan = backward_plan(p, &grads, true);
+        plan.into_iter().skip(2).map(|(f, _)| f).collect()
+    };
+    let on_tensor_cores = [
+        Function::FusedBackwardBiasSlicesTc,
+        Function::FusedBackwardBiasTc,
+    ];
+    // 2-D, kernel 11 (441 entries), head dim 64: 2 batches x 19 x 16 tiles of 8 x 8 queries
+    // per head (the last row of tiles part-full), in 5 slices of 128.
+    let shape = [2, 150, 128, 3, 64];
+    let p = biased(&shape, vec![11, 11], &[3, 21, 21]);
+    assert_eq!(plan(&p), on_tensor_cores);
+    let tokens = 150 * 128;
+    let stats = 2 * 2 * 3 * tokens;
+    assert_eq!(backward_stats_len(&p), stats + 3 * (608 + 5) * 441);
+    // Kernel 13 (625 entries), or kernel 9 (289) at head dim 72, is past the limit.
+    let large = [
+        biased(&shape, vec![13, 13], &[3, 25, 25]),
+        biased(&[2, 150, 128, 3, 72], vec![9, 9], &[3, 17, 17]),
+    ];
+    for p in large {
+        assert_eq!(plan(&p), [Function::FusedBackwardBias]);
+        let tokens = 150 * 128;
+        assert_eq!(backward_stats_len(&p), 2 * 2 * 3 * tokens);
+    }
+    // Past head dim 64, kernel 7 (169 entries) still fits.
+    let wide = biased(&[1, 20, 20, 2, 128], vec![7, 7], &[2, 13, 13]);
+    assert_eq!(plan(&wide), on_tensor_cores);
 }
 
 #[test]

@@ -32,6 +32,9 @@ pub const BLOCK: u32 = 256;
 pub const REDUCE_THREADS: u32 = 256;
 /// Query groups per block of the additional-token gradient (blocks are 32 x this).
 pub const EXTRA_ROWS: u32 = 8;
+/// Tiles of queries each block of the tensor-core bias-gradient reduction's first pass sums
+/// (`NA_BIAS_SLICE`).
+pub const BIAS_SLICE: usize = 128;
 
 /// A kernel source file; each compiles into one module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,8 +49,8 @@ pub enum Source {
     FusedBwd,
     /// `kernels/na_fused_tc.cu`: fused attention forward on tensor cores (half types, sm_80+).
     FusedTc,
-    /// `kernels/na_fused_bwd_tc.cu`: fused attention `d_query`, `d_key`, `d_value` on tensor
-    /// cores (half types, sm_80+; the rest of the backward stays on `FusedBwd`).
+    /// `kernels/na_fused_bwd_tc.cu`: the fused attention backward on tensor cores (half types,
+    /// sm_80+; `d_rpb` of large bias tables stays on `FusedBwd`).
     FusedBwdTc,
 }
 
@@ -107,6 +110,8 @@ impl Source {
                 Function::FusedBackwardQueryTc,
                 Function::FusedBackwardKeysTc,
                 Function::FusedBackwardExtrasTc,
+                Function::FusedBackwardBiasSlicesTc,
+                Function::FusedBackwardBiasTc,
             ],
         }
     }
@@ -177,6 +182,11 @@ pub enum Function {
     FusedBackwardKeysTc,
     /// `FusedBackwardExtras` on tensor cores, a tile of additional tokens per block.
     FusedBackwardExtrasTc,
+    /// First pass of `d_rpb` from the tensor-core query tiles' partial sums: slices of
+    /// `BIAS_SLICE` tiles summed.
+    FusedBackwardBiasSlicesTc,
+    /// Second pass: `d_rpb` as the sum of the slices.
+    FusedBackwardBiasTc,
 }
 
 impl Function {
@@ -197,6 +207,8 @@ impl Function {
             Function::FusedBackwardQueryTc => "na_fused_backward_query_tc",
             Function::FusedBackwardKeysTc => "na_fused_backward_keys_tc",
             Function::FusedBackwardExtrasTc => "na_fused_backward_extras_tc",
+            Function::FusedBackwardBiasSlicesTc => "na_fused_backward_bias_slices_tc",
+            Function::FusedBackwardBiasTc => "na_fused_backward_bias_tc",
         }
     }
 
@@ -213,7 +225,9 @@ impl Function {
             | Function::FusedBackwardBias => Source::FusedBwd,
             Function::FusedBackwardQueryTc
             | Function::FusedBackwardKeysTc
-            | Function::FusedBackwardExtrasTc => Source::FusedBwdTc,
+            | Function::FusedBackwardExtrasTc
+            | Function::FusedBackwardBiasSlicesTc
+            | Function::FusedBackwardBiasTc => Source::FusedBwdTc,
         }
     }
 }
@@ -248,6 +262,20 @@ pub const MAX_FUSED_BACKWARD_DIM: usize = 256;
 /// memory. Wider problems take the warp kernels.
 pub const MAX_TENSOR_CORE_BACKWARD_DIM: usize = 128;
 
+/// The most bias entries (`(2 K - 1)` per axis, multiplied) whose gradients the tensor-core
+/// d_query kernel of head dims `dims` sums itself: it keeps a float copy of the table per warp
+/// (four) in shared memory beside its staged rows, all within 48 KiB. Rows up to 64 channels
+/// take at most 36 KiB, leaving 8 KiB (512 entries: 2-D kernels up to 11x11, 3-D 3x3x3); wider
+/// ones at most 42.5 KiB, leaving 4 KiB (256: 2-D up to 7x7). Larger tables take the warp
+/// kernel.
+pub fn max_tensor_core_bias_span(dims: (usize, usize)) -> usize {
+    if dims.0 <= 64 && dims.1 <= 64 {
+        512
+    } else {
+        256
+    }
+}
+
 impl KernelKey {
     /// The variant of `source` that problem `p` needs.
     pub fn for_problem(source: Source, p: &Problem) -> KernelKey {
@@ -273,6 +301,19 @@ impl KernelKey {
         }
     }
 
+    /// Entries of the bias table of the variant's kernel size: `2 K - 1` per axis.
+    pub fn bias_span(&self) -> usize {
+        self.kernel.iter().map(|k| 2 * k - 1).product()
+    }
+
+    /// Whether the tensor-core backward variant sums the bias gradient on tensor cores (its
+    /// d_query kernel adding up each tile's share, two reduction kernels the tiles'), rather than
+    /// leaving it to the warp kernel: when its table is small enough.
+    pub fn bias_grads_on_tensor_cores(&self) -> bool {
+        self.source == Source::FusedBwdTc
+            && self.bias_span() <= max_tensor_core_bias_span(self.dims)
+    }
+
     /// The `-D` flags that specialise the source (common.cuh lists them).
     pub fn defines(&self) -> Vec<String> {
         let mut flags = vec![
@@ -289,6 +330,11 @@ impl KernelKey {
         if self.source.fused() {
             flags.push(format!("-DNA_DIM={}", self.dims.0));
             flags.push(format!("-DNA_DIM_V={}", self.dims.1));
+        }
+        if self.source == Source::FusedBwdTc {
+            let on = u8::from(self.bias_grads_on_tensor_cores());
+            flags.push(format!("-DNA_TCB_BIAS_GRADS={on}"));
+            flags.push(format!("-DNA_BIAS_SLICE={BIAS_SLICE}"));
         }
         flags
     }

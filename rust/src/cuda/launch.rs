@@ -176,7 +176,9 @@ impl Launch {
             | Function::FusedBackwardBias
             | Function::FusedBackwardQueryTc
             | Function::FusedBackwardKeysTc
-            | Function::FusedBackwardExtrasTc => return None,
+            | Function::FusedBackwardExtrasTc
+            | Function::FusedBackwardBiasSlicesTc
+            | Function::FusedBackwardBiasTc => return None,
             Function::BiasGrad => {
                 let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
                 Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))
