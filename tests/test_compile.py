@@ -1,12 +1,14 @@
 """natten_rs under torch.compile (inductor), torch.export and autocast.
 
 test_ops.py already checks a qk -> softmax -> av block under ``aot_eager``; here a whole
-DiNAT-like block goes through the default (inductor) backend, forward and backward, with the
-fused (no rpb) and the unfused (rpb) paths, plus export, autocast and dynamic shapes.
+DiNAT-like block goes through the default (inductor) backend, forward and backward, on the
+fused path (with and without rpb) and the unfused one (``use_fused_na(False)``, with rpb), plus
+export, autocast and dynamic shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import natten_rs
@@ -77,22 +79,39 @@ def assert_same_run(actual, expected, atol=1e-4, rtol=1e-4):
         torch.testing.assert_close(grads[name], e_grads[name], atol=atol, rtol=rtol, msg=name)
 
 
-RPB_PARAMS = [pytest.param(False, id="fused"), pytest.param(True, id="rpb-unfused")]
+# The module's paths: (rel_pos_bias, fused).
+PATH_PARAMS = [
+    pytest.param((False, True), id="fused"),
+    pytest.param((True, True), id="rpb-fused"),
+    pytest.param((True, False), id="rpb-unfused"),
+]
+
+
+@contextlib.contextmanager
+def module_path(fused: bool):
+    """Modules take the fused op (their default) or, with ``fused`` False, the unfused ops."""
+    natten_rs.use_fused_na(fused)
+    try:
+        yield
+    finally:
+        natten_rs.use_fused_na(True)
 
 
 # --- 1. inductor, fullgraph, forward + backward -------------------------------------------------
 
 
-@pytest.mark.parametrize("rel_pos_bias", RPB_PARAMS)
-def test_inductor_fullgraph_block_matches_eager(rel_pos_bias):
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_inductor_fullgraph_block_matches_eager(path):
+    rel_pos_bias, fused = path
     block = make_block(rel_pos_bias)
-    assert block.attn._use_fused() is not rel_pos_bias
-    x = make_input(9, 10)
-    expected = run_with_grads(block, x)
-    compiled = torch.compile(block, fullgraph=True)  # default backend: inductor
-    assert_same_run(run_with_grads(compiled, x), expected)
-    # A second call reuses the compiled graph and still agrees.
-    assert_same_run(run_with_grads(compiled, x), expected)
+    with module_path(fused):
+        assert block.attn._use_fused() is fused
+        x = make_input(9, 10)
+        expected = run_with_grads(block, x)
+        compiled = torch.compile(block, fullgraph=True)  # default backend: inductor
+        assert_same_run(run_with_grads(compiled, x), expected)
+        # A second call reuses the compiled graph and still agrees.
+        assert_same_run(run_with_grads(compiled, x), expected)
 
 
 # --- 2. no graph breaks in the functional API ---------------------------------------------------
@@ -140,33 +159,36 @@ def test_dense_attention_has_no_graph_break():
 # --- 3. torch.export ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rel_pos_bias", RPB_PARAMS)
-def test_export_module_matches_eager(rel_pos_bias):
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_export_module_matches_eager(path):
+    rel_pos_bias, fused = path
     block = make_block(rel_pos_bias).eval()
     x = make_input(9, 10)
-    exported = torch.export.export(block, (x,))
-    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    wanted = {"natten_rs.na_qk.default", "natten_rs.na_av.default"}
-    if not rel_pos_bias:
-        wanted = {"natten_rs.na_fused.default"}
-    assert wanted <= targets, targets
-    with torch.no_grad():
-        expected = block(x)
-        torch.testing.assert_close(exported.module()(x), expected)
-        # Fresh input, same shape: the program is not specialised on values.
-        y = make_input(9, 10, seed=5)
-        torch.testing.assert_close(exported.module()(y), block(y))
+    with module_path(fused):
+        exported = torch.export.export(block, (x,))
+        targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+        wanted = {"natten_rs.na_qk.default", "natten_rs.na_av.default"}
+        if fused:
+            wanted = {"natten_rs.na_fused.default"}
+        assert wanted <= targets, targets
+        with torch.no_grad():
+            expected = block(x)
+            torch.testing.assert_close(exported.module()(x), expected)
+            # Fresh input, same shape: the program is not specialised on values.
+            y = make_input(9, 10, seed=5)
+            torch.testing.assert_close(exported.module()(y), block(y))
 
 
 # --- 4. autocast --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rel_pos_bias", RPB_PARAMS)
-def test_autocast_bf16_module_forward_backward(rel_pos_bias):
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_autocast_bf16_module_forward_backward(path):
+    rel_pos_bias, fused = path
     block = make_block(rel_pos_bias)
     x = make_input(9, 10)
     expected = run_with_grads(block, x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with module_path(fused), torch.autocast("cpu", dtype=torch.bfloat16):
         x_ac = x.clone().requires_grad_(True)
         attn_out = block.attn(block.norm1(x_ac))
         assert attn_out.dtype == torch.bfloat16
@@ -216,16 +238,18 @@ def test_autocast_functional_ops_accept_float32_rpb(api):
 # --- 5. dynamic shapes --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rel_pos_bias", RPB_PARAMS)
-def test_dynamic_shapes_two_spatial_sizes(rel_pos_bias):
+@pytest.mark.parametrize("path", PATH_PARAMS)
+def test_dynamic_shapes_two_spatial_sizes(path):
+    rel_pos_bias, fused = path
     block = make_block(rel_pos_bias)
     reference = copy.deepcopy(block)
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
     compiled = torch.compile(block, fullgraph=True, dynamic=True, backend=counter)
     frames = []
-    for spatial in [(9, 10), (12, 7)]:
-        x = make_input(*spatial)
-        assert_same_run(run_with_grads(compiled, x), run_with_grads(reference, x))
-        frames.append(counter.frame_count)
+    with module_path(fused):
+        for spatial in [(9, 10), (12, 7)]:
+            x = make_input(*spatial)
+            assert_same_run(run_with_grads(compiled, x), run_with_grads(reference, x))
+            frames.append(counter.frame_count)
     # The symbolic-shape graph compiled for the first size serves the second (no recompile).
     assert frames[0] >= 1 and frames[1] == frames[0], frames

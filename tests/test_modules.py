@@ -82,29 +82,39 @@ def test_gradients_match_oracle(rank, kernel, dilation, causal, rpb):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    ("rank", "kernel", "dilation", "causal"),
+    ("rank", "kernel", "dilation", "causal", "rpb"),
     [
-        (1, 5, 2, False),
-        (1, 3, 1, True),
-        (2, (3, 5), (2, 1), False),
-        (2, 3, 1, (True, False)),
-        (3, 3, 1, False),
-        (3, 3, (1, 1, 2), (False, True, True)),
+        (1, 5, 2, False, False),
+        (1, 3, 1, True, False),
+        (2, (3, 5), (2, 1), False, False),
+        (2, 3, 1, (True, False), False),
+        (3, 3, 1, False, False),
+        (3, 3, (1, 1, 2), (False, True, True), False),
+        (1, 5, 2, False, True),
+        (2, (3, 5), (2, 1), False, True),
+        (3, 3, (1, 1, 2), False, True),
     ],
     ids=str,
 )
-def test_fused_path_equals_unfused_path(rank, kernel, dilation, causal, dtype):
-    module = make(rank, kernel, dilation, causal, False, dtype)
+def test_fused_path_equals_unfused_path(rank, kernel, dilation, causal, rpb, dtype):
+    module = make(rank, kernel, dilation, causal, rpb, dtype)
     assert module._use_fused()
-    x = torch.randn(2, *SPATIAL[rank], module.dim, dtype=dtype)
+    x = torch.randn(2, *SPATIAL[rank], module.dim, dtype=dtype, requires_grad=True)
     fused = module(x)
     unfused = module._forward(x, fused=False)
     assert_close(fused, unfused.double(), dtype)
     assert_close(fused, oracle(module, x))
+    # The gradients too (rpb's among them).
+    leaves = [x, *module.parameters()]
+    grad_out = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, leaves, grad_out)
+    want = torch.autograd.grad(unfused, leaves, grad_out)
+    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
+        assert_close(g, w.double(), dtype, what=f"grad {name}")
 
 
 def test_path_selection():
-    assert not make(2, 3, 1, False, True)._use_fused()  # rpb
+    assert make(2, 3, 1, False, True)._use_fused()  # rpb: the fused op takes it too
     assert make(2, 3, 1, (False, True), False)._use_fused()  # causal: fused (even kernels too)
     module = make(2, 3, 1, False, False, attn_drop=0.5)
     assert not module._use_fused()

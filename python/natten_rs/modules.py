@@ -118,15 +118,16 @@ class _NeighborhoodAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _use_fused(self, device: torch.device | None = None) -> bool:
-        """The fused op serves unless rpb or active attention dropout need the unfused
-        qk/softmax/av composition, ``use_fused_na(False)`` asked for it, or ``device`` has no
-        fused kernels yet (CUDA). Strided modules always take the fused op, which alone supports
-        stride; causal masking and even kernels are fused-op features too."""
+        """The fused op serves (rpb included: it takes the bias and its gradient) unless active
+        attention dropout needs the unfused qk/softmax/av composition, ``use_fused_na(False)``
+        asked for it, or ``device`` has no fused kernels yet (CUDA). Strided modules always take
+        the fused op, which alone supports stride; causal masking and even kernels are fused-op
+        features too."""
         if any(s != 1 for s in self.stride):
             return True
         dropout = self.training and self.attn_drop.p > 0
         no_kernels = device is not None and device.type not in _FUSED_DEVICES
-        return not (self.rpb is not None or dropout or no_kernels or context.fused_na_refused())
+        return not (dropout or no_kernels or context.fused_na_refused())
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, *spatial, dim]`` -> ``[B, *spatial, dim]``."""
