@@ -16,11 +16,13 @@ import natten_rs
 import natten_rs.functional as F
 import torch
 
-# (spatial, kernel, dilation, causal): every rank, dilation, causal on some axes.
+# (spatial, kernel, dilation, causal): every rank, dilation, causal on some axes, and one
+# problem causal nowhere (rpb).
 PROBLEMS = [
     ((13,), (3,), (2,), (True,)),
     ((9, 10), (5, 3), (1, 3), (False, True)),
     ((5, 6, 7), (3, 3, 5), (1, 2, 1), (False, False, True)),
+    ((12, 11), (7, 5), (1, 2), (False, False)),
 ]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BATCH, HEADS, DIM, EXTRA = 2, 4, 16, 3
@@ -49,8 +51,8 @@ def unfused(spatial, kernel, dilation, causal, dtype, device) -> None:
 
 def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
     """The fused forward and backward (through out and lse) with GQA (two query heads per kv
-    head), stride 2 on the first axis, additional tokens, rpb where nothing is causal and a value
-    head dim unlike the query's."""
+    head), additional tokens, a value head dim unlike the query's, and rpb where nothing is
+    causal (which takes stride 1), else stride 2 on the first axis."""
     rank = len(spatial)
     make = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     q = make(BATCH, *spatial, HEADS, DIM)
@@ -58,7 +60,7 @@ def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
     v = make(BATCH, *spatial, HEADS // 2, 2 * DIM)
     ek, ev = make(BATCH, EXTRA, HEADS // 2, DIM), make(BATCH, EXTRA, HEADS // 2, 2 * DIM)
     rpb = make(HEADS, *(2 * n - 1 for n in kernel)) if not any(causal) else None
-    stride = (min(2, kernel[0]),) + (1,) * (rank - 1)
+    stride = (1 if rpb is not None else min(2, kernel[0]),) + (1,) * (rank - 1)
     leaves = [t.requires_grad_() for t in (q, k, v, ek, ev, rpb) if t is not None]
     na = getattr(natten_rs, f"na{rank}d")
     out, lse = na(q, k, v, kernel, stride, dilation, causal, None, ek, ev, rpb, True)
