@@ -96,9 +96,13 @@ __device__ __forceinline__ int na_bias_number(int x0, int x1, int x2) {
     return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
 }
 
-// Rows of tile sums per head (every batch's tiles), and slices of them.
+// Rows of tile sums per head (every batch's tiles), the row of a query tile's task, and slices
+// of rows.
 __device__ __forceinline__ long long na_bias_rows(const NaFusedBwdParams& p) {
     return p.f.batch * p.tiles[0] * p.tiles[1] * p.tiles[2];
+}
+__device__ __forceinline__ long long na_bias_row(const NaFusedBwdParams& p, const NaTcTask& job) {
+    return (job.head * p.f.batch + job.batch) * (p.tiles[0] * p.tiles[1] * p.tiles[2]) + job.tile;
 }
 __device__ __forceinline__ long long na_bias_slice_count(const NaFusedBwdParams& p) {
     return (na_bias_rows(p) + NA_BIAS_SLICE - 1) / NA_BIAS_SLICE;
@@ -357,8 +361,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         }
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done
-            const long long row = (h * f.batch + b) * (na_bias_rows(p) / f.batch) + job.tile;
-            bias_grads.flush(na_bias_tile_sums(p) + row * NA_TCB_SPAN);
+            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TCB_SPAN);
         }
 
         long long at[2];
