@@ -103,6 +103,18 @@ def test_the_disk_cache_hits_after_the_first_compile(cache_dir):
     assert _cache_files(cache_dir) == files
 
 
+def test_variants_compile_side_by_side_each_once(cache_dir):
+    # Variants compile concurrently; one listed four times compiles once, the other three
+    # wait for it and find it in memory, and the rows keep the order asked for.
+    # (The rows are per kernel: the two unfused sources' five, for each of the four.)
+    rows = _core.precompile("sm_80", 0, ["float32"], [([5], [False])] * 4)
+    names = [name for name, *_ in rows]
+    assert len(names) == 20 and names == names[:5] * 4, names
+    origins = [origin for *_, origin in rows]
+    for kernel in range(5):  # which of the four compiled depends on the threads
+        assert sorted(origins[kernel::5]) == ["compiled"] + ["memory"] * 3, origins
+
+
 def test_another_arch_is_another_cache_entry(cache_dir):
     _precompile_f32("sm_80")
     assert _origins(_precompile_f32("sm_90a")) == {"compiled"}

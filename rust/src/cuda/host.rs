@@ -39,7 +39,7 @@ struct Host {
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
 
 fn host() -> MutexGuard<'static, Option<Host>> {
-    HOST.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    super::lock(&HOST)
 }
 
 /// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`, each

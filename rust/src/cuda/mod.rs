@@ -27,6 +27,7 @@ use crate::dlpack::{DType, Device, TensorRef};
 use crate::error::{Error, Result};
 use crate::problem::{FusedProblem, Problem};
 use launch::Launch;
+use rayon::prelude::*;
 
 /// Where launches run: a CUDA device, or the CPU through the host build of the kernels
 /// (`host::enable`, for tests).
@@ -182,6 +183,14 @@ fn forward_source(dtype: DType, dims: (usize, usize), tensor_cores: bool) -> Sou
     }
 }
 
+/// `mutex`'s guard, also when a thread panicked holding it: the maps it guards stay consistent
+/// (a panic leaves an entry missing, never half-written), and the panic itself was reported.
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The subset of `keys` not yet loaded on `device` (a launch would compile or load them).
 pub fn pending(device: i32, keys: &[KernelKey]) -> Vec<KernelKey> {
     keys.iter()
@@ -190,13 +199,14 @@ pub fn pending(device: i32, keys: &[KernelKey]) -> Vec<KernelKey> {
         .collect()
 }
 
-/// Load `keys` on `device`, compiling what no cache holds; reports of what was fetched.
+/// Load `keys` on `device`, compiling what no cache holds (several at once); reports of what
+/// was fetched.
 pub fn prepare(device: i32, keys: &[KernelKey]) -> Result<Vec<Report>> {
-    let mut reports = Vec::new();
-    for &key in keys {
-        reports.extend(runtime::load(device, key)?);
-    }
-    Ok(reports)
+    let loads: Vec<Option<Report>> = keys
+        .par_iter()
+        .map(|&key| runtime::load(device, key))
+        .collect::<Result<_>>()?;
+    Ok(loads.into_iter().flatten().collect())
 }
 
 /// Enqueue `launches` on `stream`.
@@ -325,9 +335,10 @@ pub fn device_arch(ordinal: i32) -> Result<Arch> {
     runtime::device_arch(ordinal)
 }
 
-/// Compile (or find in a cache) every variant in `keys` for `arch`. Needs libnvrtc, no GPU.
+/// Compile (or find in a cache) every variant in `keys` for `arch`, several at once (one per
+/// core); the reports in the order of `keys`. Needs libnvrtc, no GPU.
 pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
-    keys.iter()
+    keys.par_iter()
         .map(|&key| Ok(programs::fetch(key, arch)?.1))
         .collect()
 }

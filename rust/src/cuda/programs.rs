@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::cache::{self, Entry, StableHasher};
 use super::kernels::{KernelKey, HEADERS};
+use super::lock;
 use super::nvrtc::{self, Arch, Resources};
 use crate::error::Result;
 
@@ -82,22 +83,24 @@ impl Report {
     }
 }
 
-type Programs = HashMap<(KernelKey, Arch), Arc<Program>>;
+/// One variant's place in memory: empty until it is compiled (or read from disk).
+type Slot = Arc<Mutex<Option<Arc<Program>>>>;
+
+type Programs = HashMap<(KernelKey, Arch), Slot>;
 
 fn programs() -> MutexGuard<'static, Programs> {
     static PROGRAMS: OnceLock<Mutex<Programs>> = OnceLock::new();
-    PROGRAMS
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    lock(PROGRAMS.get_or_init(Mutex::default))
 }
 
-/// The program for `key` on `arch`, from memory, the disk cache or NVRTC (in that order). The
-/// lock is held while compiling, so concurrent first uses of a variant compile it once.
+/// The program for `key` on `arch`, from memory, the disk cache or NVRTC (in that order). Each
+/// variant has its own lock, held while compiling: concurrent first uses of one variant compile
+/// it once, while different variants compile side by side (NVRTC takes one program per thread).
 pub fn fetch(key: KernelKey, arch: Arch) -> Result<(Arc<Program>, Report)> {
     let started = Instant::now();
-    let mut programs = programs();
-    if let Some(program) = programs.get(&(key, arch)) {
+    let slot = programs().entry((key, arch)).or_default().clone();
+    let mut slot = lock(&slot);
+    if let Some(program) = slot.as_ref() {
         let report = Report::new(program, Origin::Memory, 0.0);
         return Ok((program.clone(), report));
     }
@@ -125,7 +128,7 @@ pub fn fetch(key: KernelKey, arch: Arch) -> Result<(Arc<Program>, Report)> {
         cubin: entry.binary,
         log: entry.log,
     });
-    programs.insert((key, arch), program.clone());
+    *slot = Some(program.clone());
     let report = Report::new(&program, origin, started.elapsed().as_secs_f64());
     Ok((program, report))
 }

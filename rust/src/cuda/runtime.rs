@@ -69,10 +69,7 @@ fn lock<T>(mutex: &'static OnceLock<Mutex<T>>) -> MutexGuard<'static, T>
 where
     T: Default,
 {
-    mutex
-        .get_or_init(Mutex::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+    super::lock(mutex.get_or_init(Mutex::default))
 }
 
 /// Device `ordinal` (torch's index: both number the devices CUDA_VISIBLE_DEVICES shows).
@@ -164,10 +161,10 @@ pub fn is_loaded(ordinal: i32, key: &KernelKey) -> bool {
 }
 
 /// Load `key` on device `ordinal`, compiling it if no cache has it. Returns what fetching the
-/// program did, or `None` when the module was already loaded.
+/// program did, or `None` when the module was already loaded. The modules' lock is not held
+/// while compiling, so other variants compile (and loaded ones launch) meanwhile.
 pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
-    let mut modules = modules();
-    if modules.contains_key(&(ordinal, key)) {
+    if is_loaded(ordinal, &key) {
         return Ok(None);
     }
     let device = device(ordinal)?;
@@ -183,6 +180,10 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
         },
         other => other,
     })?;
+    let mut modules = modules();
+    if modules.contains_key(&(ordinal, key)) {
+        return Ok(None); // loaded by another thread meanwhile
+    }
     let _current = Current::push(device.context)?;
     let mut module = std::ptr::null_mut();
     // SAFETY: a complete CUBIN image, alive for the call; the driver copies it.
