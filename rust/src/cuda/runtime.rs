@@ -182,7 +182,7 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
     })?;
     let mut modules = modules();
     if modules.contains_key(&(ordinal, key)) {
-        return Ok(None); // loaded by another thread meanwhile
+        return Ok(Some(report)); // loaded by another thread meanwhile
     }
     let _current = Current::push(device.context)?;
     let mut module = std::ptr::null_mut();
