@@ -35,6 +35,8 @@ TENSOR_CORE_KERNELS = {
         "na_fused_backward_query_tc",
         "na_fused_backward_keys_tc",
         "na_fused_backward_extras_tc",
+        "na_fused_backward_bias_slices_tc",
+        "na_fused_backward_bias_tc",
     ),
 }
 HALF_DTYPES = ("float16", "bfloat16")
