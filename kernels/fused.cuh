@@ -25,6 +25,16 @@
 
 __device__ __forceinline__ float na_exp(float x) { return expf(x); }
 __device__ __forceinline__ double na_exp(double x) { return exp(x); }
+// exp on the special-function unit (a scaled ex2.approx: a few ulps, against the many
+// instructions of expf's full-precision path), for the tensor-core kernels whose probabilities
+// are rounded to 16 bits anyway; forward and backward both take it, so they agree.
+__device__ __forceinline__ float na_fast_exp(float x) {
+#ifdef NA_HOST
+    return expf(x);
+#else
+    return __expf(x);
+#endif
+}
 __device__ __forceinline__ float na_log(float x) { return logf(x); }
 __device__ __forceinline__ double na_log(double x) { return log(x); }
 

@@ -24,6 +24,13 @@
 
 #define NA_TC_WARPS 4
 #define NA_TC_THREADS (NA_WARP * NA_TC_WARPS)
+// Blocks an SM should hold at once, which caps the registers a thread may take: narrow rows
+// leave room for more blocks, whose warps hide each other's waits on memory and barriers.
+#if NA_DIM <= 32 && NA_DIM_V <= 32
+#define NA_TC_MIN_BLOCKS 3
+#else
+#define NA_TC_MIN_BLOCKS 1
+#endif
 // Rows per tile: sixteen per warp.
 #define NA_TC_ROWS (16 * NA_TC_WARPS)
 // Channels padded to whole 16-channel steps of a product (padding staged as zeros).
@@ -102,6 +109,38 @@ __device__ __forceinline__ void na_coords(int n, const int extent[3], int c[3]) 
     c[0] = n / extent[1];
 }
 
+// Division by a number fixed for a task (a side of a tile's box): a multiply-high, an add and a
+// shift in place of an integer division, which the GPU does in software. With `shift` the
+// ceiling of log2(d) and `magic` = floor(2^32 (2^shift - d) / d) + 1, the quotient of any n
+// below 2^31 is (mulhi(n, magic) + n) >> shift (division by invariant integers, Granlund and
+// Montgomery); the sum cannot overflow since mulhi(n, magic) < n.
+struct NaFastDiv {
+    unsigned magic;
+    int shift;
+};
+
+__device__ __forceinline__ NaFastDiv na_fast_div(int d) {
+    int shift = 0;
+    while ((1u << shift) < (unsigned)d) {
+        ++shift;
+    }
+    // floor(excess 2^32 / d) through a double quotient, which rounding may leave one off either
+    // way (an integer division by a variable takes a long software sequence on the GPU).
+    const unsigned long long excess = ((1ull << shift) - (unsigned)d) << 32;
+    unsigned long long q = (unsigned long long)((double)excess / (double)d);
+    if (q * (unsigned)d > excess) {
+        --q;
+    } else if ((q + 1) * (unsigned)d <= excess) {
+        ++q;
+    }
+    return {(unsigned)q + 1u, shift};
+}
+
+__device__ __forceinline__ int na_quotient(int n, NaFastDiv d) {
+    const unsigned high = (unsigned)(((unsigned long long)(unsigned)n * d.magic) >> 32);
+    return (int)((high + (unsigned)n) >> d.shift);
+}
+
 // The tile of a block: per axis, which part of which dilation group it takes (na_axis_tile's
 // fields, in 32 bits); and the box of column group indices its rows pair with.
 struct NaTcTile {
@@ -112,7 +151,14 @@ struct NaTcTile {
     int count[3];      // rows of the tile
     int box_first[3];  // first column group index of the box
     int box_len[3];    // columns of the box along each axis
+    NaFastDiv box_div[3];  // division by box_len[1] and box_len[2] (na_set_box_dividers)
 };
+
+// Fill the box's dividers once its sides are set: slabs number their columns through them.
+__device__ __forceinline__ void na_set_box_dividers(NaTcTile& tl) {
+    tl.box_div[1] = na_fast_div(tl.box_len[1]);
+    tl.box_div[2] = na_fast_div(tl.box_len[2]);
+}
 
 // Tile number `index` (of one (batch, head)) of `tiles`, and this lane's rows `rows[0]` (g) and
 // `rows[1]` (g + 8) of warp `warp`; the ranges and the box are the caller's to fill.
@@ -186,6 +232,7 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const 
             rows[r].end[a] = (int)w.end;
         }
     }
+    na_set_box_dividers(tl);
     return tl;
 }
 
@@ -227,16 +274,17 @@ __device__ __forceinline__ long long na_slab_count(long long volume, long long e
     return (volume + COLUMNS - 1) / COLUMNS + (extras + COLUMNS - 1) / COLUMNS;
 }
 
-// Group indices of box column `n` of a slab (zeros for additional tokens and past its end).
+// Group indices of box column `n` of a slab (row-major over the box, as na_coords numbers it).
+// Computed whatever `n` and the slab, without a branch, so that the callers' unrolled loops over
+// columns stay straight-line code: a column past the slab's end or of the additional tokens gets
+// coordinates that callers must not use (they test `n < s.count` and `s.extra` themselves).
 __device__ __forceinline__ void na_column(const NaTcTile& tl, const NaSlab& s, int n, int c[3]) {
-    c[0] = c[1] = c[2] = 0;
-    if (!s.extra && n < s.count) {
-        na_coords((int)s.first + n, tl.box_len, c);
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            c[a] += tl.box_first[a];
-        }
-    }
+    const int m = (int)s.first + n;
+    const int rest = na_quotient(m, tl.box_div[2]);
+    const int top = na_quotient(rest, tl.box_div[1]);
+    c[0] = top + tl.box_first[0];
+    c[1] = rest - top * tl.box_len[1] + tl.box_first[1];
+    c[2] = m - rest * tl.box_len[2] + tl.box_first[2];
 }
 
 // Which of this lane's products with a slab count: bit 4 kb + 2 r + e when column 8 kb + 2 t + e
@@ -491,10 +539,8 @@ __device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
         }
         const float* lo = weights[2 * kc];
         const float* hi = weights[2 * kc + 1];
-        const unsigned a[4] = {na_pack(from_acc(lo[0]), from_acc(lo[1])),
-                               na_pack(from_acc(lo[2]), from_acc(lo[3])),
-                               na_pack(from_acc(hi[0]), from_acc(hi[1])),
-                               na_pack(from_acc(hi[2]), from_acc(hi[3]))};
+        const unsigned a[4] = {na_pack_acc(lo[0], lo[1]), na_pack_acc(lo[2], lo[3]),
+                               na_pack_acc(hi[0], hi[1]), na_pack_acc(hi[2], hi[3])};
 #pragma unroll
         for (int o = 0; o < OUT_BLOCKS; ++o) {
             if (o >= blocks) {
@@ -535,7 +581,7 @@ struct NaTcSoftmax {
                 slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
             }
             const float top = fmaxf(max[r], na_quad_max(slab_max));
-            rescale[r] = max[r] == neg_inf() ? 0.0f : na_exp(max[r] - top);
+            rescale[r] = max[r] == neg_inf() ? 0.0f : na_fast_exp(max[r] - top);
             max[r] = top;
             float slab_sum = 0;
 #pragma unroll
@@ -543,7 +589,7 @@ struct NaTcSoftmax {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& l = logits[kb][2 * r + e];
-                    l = l == neg_inf() ? 0.0f : na_exp(l - top);
+                    l = l == neg_inf() ? 0.0f : na_fast_exp(l - top);
                     slab_sum += l;
                 }
             }

@@ -75,7 +75,7 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
         for (int i = 0; i < 4; ++i) {
             const NaStat q = stat(kb, i);
             const float l = probs[kb][i];
-            const float prob = l == neg_inf() || q.lse == neg_inf() ? 0.0f : na_exp(l - q.lse);
+            const float prob = l == neg_inf() || q.lse == neg_inf() ? 0.0f : na_fast_exp(l - q.lse);
             probs[kb][i] = prob;
             dp[kb][i] = prob * (dp[kb][i] - q.delta);
         }
@@ -226,6 +226,8 @@ struct NaTileBiasGrads {
     }
 };
 
+// One block per SM at the least: d_query holds the most per row (dO, the query, its gradient),
+// and capping its registers for more blocks would spill them.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_query_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
@@ -529,7 +531,7 @@ __device__ __forceinline__ void na_store_key_tile(const NaView& d_key, const lon
     na_store_rows<NA_DIM_V / 8>(d_value, at_value, rows, grads.d_value, 1.0f, t);
 }
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_backward_keys_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
@@ -560,6 +562,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 rows[r].end[a] = (int)run.end;
             }
         }
+        na_set_box_dividers(tl);
         // The tile's keys and values, row n as na_tile_rows numbers them.
         na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
             long long index[3], y[3];
@@ -593,7 +596,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
 // d_key and d_value of the additional tokens: a tile of NA_TC_ROWS of them (of one kv head)
 // per block, over every query of every query head of the group (each sees every additional
 // token), walked one dilation group at a time as the box of the whole group.
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_backward_extras_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
@@ -641,6 +644,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                     tl.box_first[a] = 0;
                     tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
                 }
+                na_set_box_dividers(tl);
                 na_key_rows_over_box(p, tl, rows, false, b, h, tile, slabs, grads);
             }
         }

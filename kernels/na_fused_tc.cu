@@ -45,7 +45,7 @@ struct NaFusedTcParams {
 static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + 6 * 8,
               "NaFusedTcParams must match fused_launch::FusedTcParams");
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_forward_tc(const NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
     __shared__ __align__(16) elem_t keys[NA_TC_KEYS][NA_TC_DIM_PAD + NA_TC_SKEW];

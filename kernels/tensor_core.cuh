@@ -25,6 +25,22 @@ __device__ __forceinline__ unsigned na_pack(elem_t lo, elem_t hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
 }
 
+// Two float accumulators rounded to elem_t in one fragment register, `lo` in the low half: one
+// paired conversion (sm_80) in place of two roundings done on the bits.
+__device__ __forceinline__ unsigned na_pack_acc(float lo, float hi) {
+#ifdef NA_HOST
+    return na_pack(from_acc(lo), from_acc(hi));
+#else
+    unsigned packed;
+#if NA_DTYPE == NA_BF16
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
+#endif
+    return packed;
+#endif
+}
+
 #ifdef NA_HOST
 __device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[2]) {
     struct Fragments {
