@@ -127,6 +127,10 @@ def import_natten(path: str | None):
         import natten
     except Exception as e:  # noqa: BLE001 - any import failure just drops the contender
         return None, f"{type(e).__name__}: {e}"
+    # NATTEN 0.21 refuses torch_compile=True until told otherwise; compiled is its fast flex
+    # path, forward and backward, so that is the one timed.
+    if hasattr(natten, "allow_flex_compile"):
+        natten.allow_flex_compile(True, backprop=True)
     return natten, None
 
 
