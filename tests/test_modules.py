@@ -113,6 +113,38 @@ def test_fused_path_equals_unfused_path(rank, kernel, dilation, causal, rpb, dty
         assert_close(g, w.double(), dtype, what=f"grad {name}")
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    ("rank", "kernel", "dilation", "rpb", "spatial"),
+    [
+        (1, 7, 3, True, (40,)),
+        (2, 7, 1, True, (14, 15)),
+        (2, 5, 2, False, (13, 12)),
+        (3, 3, (1, 2, 1), True, (5, 7, 6)),
+    ],
+    ids=str,
+)
+def test_cuda_modules_take_the_fused_op(rank, kernel, dilation, rpb, spatial, dtype):
+    """On a GPU a module runs the fused kernels (tensor cores in bfloat16: head dim 32), and they
+    agree with the unfused ops and the float64 oracle, forward and every gradient."""
+    module = make(rank, kernel, dilation, False, rpb, torch.float32, dim=64, heads=2)
+    module = module.to("cuda", dtype)
+    assert module._use_fused(torch.device("cuda"))
+    x = torch.randn(2, *spatial, module.dim, device="cuda", dtype=dtype, requires_grad=True)
+    fused = module(x)
+    unfused = module._forward(x, fused=False)
+    assert_close(fused, oracle(module, x), dtype)
+    assert_close(fused, unfused.double(), dtype)
+    leaves = [x, *module.parameters()]
+    grad_out = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, leaves, grad_out)
+    want = torch.autograd.grad(unfused, leaves, grad_out)
+    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
+        assert_close(g, w.double(), dtype, what=f"grad {name}")
+
+
 def test_path_selection():
     assert make(2, 3, 1, False, True)._use_fused()  # rpb: the fused op takes it too
     assert make(2, 3, 1, (False, True), False)._use_fused()  # causal: fused (even kernels too)
@@ -120,10 +152,11 @@ def test_path_selection():
     assert not module._use_fused()
     assert module.eval()._use_fused()  # dropout inactive in eval
     assert make(1, 3, 1, False, False, stride=2)._use_fused()
-    # Devices with no fused kernels (CUDA, for now) compose the unfused ops; stride still fused.
-    assert not make(2, 3, 1, False, False)._use_fused(torch.device("cuda", 0))
+    # CPU and CUDA have fused kernels; other devices compose the unfused ops, stride still fused.
+    assert make(2, 3, 1, False, False)._use_fused(torch.device("cuda", 0))
     assert make(2, 3, 1, False, False)._use_fused(torch.device("cpu"))
-    assert make(1, 3, 1, False, False, stride=2)._use_fused(torch.device("cuda", 0))
+    assert not make(2, 3, 1, False, False)._use_fused(torch.device("meta"))
+    assert make(1, 3, 1, False, False, stride=2)._use_fused(torch.device("meta"))
 
 
 def test_stride_matches_oracle():

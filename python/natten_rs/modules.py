@@ -30,7 +30,7 @@ def _positive(name: str, values: list) -> tuple:
 
 
 # Devices the fused op has kernels for; elsewhere modules compose the unfused ops.
-_FUSED_DEVICES = ("cpu",)
+_FUSED_DEVICES = ("cpu", "cuda")
 
 
 class _NeighborhoodAttention(nn.Module):
@@ -120,7 +120,7 @@ class _NeighborhoodAttention(nn.Module):
     def _use_fused(self, device: torch.device | None = None) -> bool:
         """The fused op serves (rpb included: it takes the bias and its gradient) unless active
         attention dropout needs the unfused qk/softmax/av composition, ``use_fused_na(False)``
-        asked for it, or ``device`` has no fused kernels yet (CUDA). Strided modules always take
+        asked for it, or ``device`` has no fused kernels. Strided modules always take
         the fused op, which alone supports stride; causal masking and even kernels are fused-op
         features too."""
         if any(s != 1 for s in self.stride):
