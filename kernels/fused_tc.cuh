@@ -31,6 +31,13 @@
 #else
 #define NA_TC_MIN_BLOCKS 1
 #endif
+// The key-tile kernels (d_key and d_value) hold more per row: sm_90's compiler fits them under
+// that cap, sm_80's spills.
+#if NA_TC_MIN_BLOCKS > 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define NA_TC_KEY_MIN_BLOCKS NA_TC_MIN_BLOCKS
+#else
+#define NA_TC_KEY_MIN_BLOCKS 1
+#endif
 // Rows per tile: sixteen per warp.
 #define NA_TC_ROWS (16 * NA_TC_WARPS)
 // Channels padded to whole 16-channel steps of a product (padding staged as zeros).

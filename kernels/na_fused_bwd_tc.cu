@@ -531,7 +531,7 @@ __device__ __forceinline__ void na_store_key_tile(const NaView& d_key, const lon
     na_store_rows<NA_DIM_V / 8>(d_value, at_value, rows, grads.d_value, 1.0f, t);
 }
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS)
     na_fused_backward_keys_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
@@ -596,7 +596,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 // d_key and d_value of the additional tokens: a tile of NA_TC_ROWS of them (of one kv head)
 // per block, over every query of every query head of the group (each sees every additional
 // token), walked one dilation group at a time as the box of the whole group.
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS)
     na_fused_backward_extras_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     __shared__ __align__(16) NaKeyTile tile;
