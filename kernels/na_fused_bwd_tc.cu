@@ -332,17 +332,19 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                     bias_grads.number_keys(buffer ^ 1, tl, slab_at(slab + 1));
                 }
             }
-            // The slab's logits (scaled, biased, -inf where they do not count).
+            // The slab's logits (scaled, biased, -inf where they do not count). A slab no query
+            // of the warp sees adds nothing: skipped whole (warp-uniform), as the keys kernel
+            // skips query slabs.
             const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
             float probs[BLOCKS][4], grads[BLOCKS][4];
-            na_zero<BLOCKS>(probs);
-            na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0], NA_TCB_PITCH,
-                                                  live, g, t);
-            na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, f.has_bias != 0, t);
-            // dP = dO V^T.
-            na_zero<BLOCKS>(grads);
-            {
+            if (live != 0) {
+                na_zero<BLOCKS>(probs);
+                na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0],
+                                                      NA_TCB_PITCH, live, g, t);
+                na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, f.has_bias != 0, t);
+                // dP = dO V^T.
+                na_zero<BLOCKS>(grads);
                 unsigned d_out[NA_TCB_STEPS_V][4];
                 na_staged_fragments<NA_TCB_STEPS_V>(d_out, own_d_out,
                                                     own_d_out + 8 * NA_TCB_PITCH_V, t);
@@ -354,12 +356,15 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk, nullptr,
                                                values[0]);
             }
-            na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
-            if (wants_bias_grads) {
-                bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
+            if (live != 0) {
+                na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
+                if (wants_bias_grads) {
+                    bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
+                }
+                na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[buffer][0],
+                                                               NA_TCB_PITCH, 0, NA_DIM / 8, live,
+                                                               lane);
             }
-            na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(
-                d_query, grads, keys[buffer][0], NA_TCB_PITCH, 0, NA_DIM / 8, live, lane);
         }
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done

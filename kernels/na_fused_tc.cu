@@ -109,35 +109,40 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             const unsigned seen = na_slab_mask<NA_TC_KEY_BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
 
-            // Logits of this warp's sixteen queries against the slab's keys.
+            // A slab no query of the warp sees changes nothing: its logits, softmax, output
+            // rescaling and value products are skipped whole (warp-uniform), as its products
+            // are block by block.
             float logits[NA_TC_KEY_BLOCKS][4];
-            na_zero<NA_TC_KEY_BLOCKS>(logits);
+            if (live != 0) {
+                // Logits of this warp's sixteen queries against the slab's keys.
+                na_zero<NA_TC_KEY_BLOCKS>(logits);
 #if NA_TC_QUERY_REGISTERS
-            na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(logits, query, keys[0],
-                                                           NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
+                na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(
+                    logits, query, keys[0], NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
 #else
-            // One step at a time: unrolled, the fragments' loads would all be issued up front
-            // and take the registers they are meant to spare.
+                // One step at a time: unrolled, the fragments' loads would all be issued up
+                // front and take the registers they are meant to spare.
 #pragma unroll 1
-            for (int step = 0; step < NA_TC_STEPS; ++step) {
-                unsigned frag_q[1][4];
-                na_a_fragment<NA_DIM>(frag_q[0], query_rows, f.query.stride[5], step, t);
-                na_row_products<1, NA_TC_KEY_BLOCKS>(logits, frag_q, keys[0] + 16 * step,
-                                                     NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
-            }
+                for (int step = 0; step < NA_TC_STEPS; ++step) {
+                    unsigned frag_q[1][4];
+                    na_a_fragment<NA_DIM>(frag_q[0], query_rows, f.query.stride[5], step, t);
+                    na_row_products<1, NA_TC_KEY_BLOCKS>(logits, frag_q, keys[0] + 16 * step,
+                                                         NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
+                }
 #endif
-            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows, f.has_bias != 0,
-                                               t);
+                na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows,
+                                                   f.has_bias != 0, t);
 
-            // Fold the slab into the running softmax of each row and rescale the output.
-            float rescale[2];
-            softmax.fold(logits, rescale);
+                // Fold the slab into the running softmax of each row and rescale the output.
+                float rescale[2];
+                softmax.fold(logits, rescale);
 #pragma unroll
-            for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
-                out[o][0] *= rescale[0];
-                out[o][1] *= rescale[0];
-                out[o][2] *= rescale[1];
-                out[o][3] *= rescale[1];
+                for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
+                    out[o][0] *= rescale[0];
+                    out[o][1] *= rescale[0];
+                    out[o][2] *= rescale[1];
+                    out[o][3] *= rescale[1];
+                }
             }
 
             na_copies_wait();
@@ -147,9 +152,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             }
 
             // out += probabilities . values.
-            na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(
-                out, logits, values[0], NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW, first_channel, blocks,
-                live, lane);
+            if (live != 0) {
+                na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(
+                    out, logits, values[0], NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW, first_channel,
+                    blocks, live, lane);
+            }
         }
 
         // Normalise and store; a row that saw no key gives zeros and lse -inf.
