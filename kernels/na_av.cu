@@ -7,8 +7,13 @@
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
 //                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
 // One thread per output element; the channel varies fastest, so reads of `b` are coalesced.
+// Addresses are formed once per row and stepped along the window (keys of one axis lie
+// `dilation` apart), so the loop over slots does two loads and a multiply-add per slot.
 extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
     const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
+    const long long weight_step = p.w.stride[5];
+    const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
+                                   p.dilation[2] * p.b.stride[4]};
     for (long long i = na_first_index(); i < total; i += na_index_step()) {
         const NaDivMod m = na_divmod(i, p.dim);
         const NaRow r = na_row(p, m.quot);
@@ -17,23 +22,28 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
         const long long count[3] = {w.range[0].end - w.range[0].start,
                                     w.range[1].end - w.range[1].start,
                                     w.range[2].end - w.range[2].start};
+        const elem_t* weights =
+            na_ptr(p.w) + na_offset(p.w, r.b, r.h, r.x[0], r.x[1], r.x[2], 0);
+        const elem_t* first_key = na_ptr(p.b) + na_offset(p.b, r.b, r.h, na_key(p, w, 0, 0),
+                                                          na_key(p, w, 1, 0), na_key(p, w, 2, 0),
+                                                          c);
         acc_t sum = 0;
         for (long long s0 = 0; s0 < count[0]; ++s0) {
-            const long long k0 = na_key(p, w, 0, s0);
             for (long long s1 = 0; s1 < count[1]; ++s1) {
-                const long long k1 = na_key(p, w, 1, s1);
-                const long long slot01 = (s0 * NA_K1 + s1) * NA_K2;
+                const elem_t* weight = weights + (s0 * NA_K1 + s1) * NA_K2 * weight_step;
+                const elem_t* key = first_key + s0 * key_step[0] + s1 * key_step[1];
                 for (long long s2 = 0; s2 < count[2]; ++s2) {
-                    const acc_t weight = na_load(p.w, r.b, r.h, r.x[0], r.x[1], r.x[2], slot01 + s2);
-                    sum += weight * na_load(p.b, r.b, r.h, k0, k1, na_key(p, w, 2, s2), c);
+                    sum += to_acc(*weight) * to_acc(*key);
+                    weight += weight_step;
+                    key += key_step[2];
                 }
             }
         }
         if (p.has_extra) {
+            const elem_t* weight = weights + NA_SLOTS * weight_step;
+            const elem_t* extra = na_ptr(p.extra) + na_offset(p.extra, r.b, r.h, 0, 0, 0, c);
             for (long long e = 0; e < p.extra_count; ++e) {
-                const acc_t weight =
-                    na_load(p.w, r.b, r.h, r.x[0], r.x[1], r.x[2], NA_SLOTS + e);
-                sum += weight * na_load(p.extra, r.b, r.h, e, 0, 0, c);
+                sum += to_acc(weight[e * weight_step]) * to_acc(extra[e * p.extra.stride[2]]);
             }
         }
         na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
@@ -57,7 +67,8 @@ __device__ __forceinline__ long long na_inverse_slot(const NaInverse& inv, int a
 }
 
 // out[b, h, y, c] = sum over queries x whose window holds y of w[b, h, x, slot(x, y)] a[b, h, x, c]:
-// the transpose of na_gather, as a gather over inverse windows. One thread per output element.
+// the transpose of na_gather, as a gather over inverse windows. One thread per output element;
+// addresses are formed once per row and per axis as the loops go, not per element.
 extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
     const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
     for (long long i = na_first_index(); i < total; i += na_index_step()) {
@@ -66,6 +77,8 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams
         const long long c = m.rem;
         const NaInverse inv[3] = {na_inverse(p, 0, r.x[0]), na_inverse(p, 1, r.x[1]),
                                   na_inverse(p, 2, r.x[2])};
+        const elem_t* weights = na_ptr(p.w) + na_offset(p.w, r.b, r.h, 0, 0, 0, 0);
+        const elem_t* rows = na_ptr(p.a) + na_offset(p.a, r.b, r.h, 0, 0, 0, c);
         acc_t sum = 0;
         for (long long q0 = inv[0].run.start; q0 < inv[0].run.end; ++q0) {
             const long long x0 = q0 * p.dilation[0] + inv[0].pos.group;
@@ -73,11 +86,14 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams
             for (long long q1 = inv[1].run.start; q1 < inv[1].run.end; ++q1) {
                 const long long x1 = q1 * p.dilation[1] + inv[1].pos.group;
                 const long long slot01 = (s0 * NA_K1 + na_inverse_slot(inv[1], 1, q1)) * NA_K2;
+                const elem_t* weight01 =
+                    weights + x0 * p.w.stride[2] + x1 * p.w.stride[3] + slot01 * p.w.stride[5];
+                const elem_t* row01 = rows + x0 * p.a.stride[2] + x1 * p.a.stride[3];
                 for (long long q2 = inv[2].run.start; q2 < inv[2].run.end; ++q2) {
                     const long long x2 = q2 * p.dilation[2] + inv[2].pos.group;
-                    const long long slot = slot01 + na_inverse_slot(inv[2], 2, q2);
-                    const acc_t weight = na_load(p.w, r.b, r.h, x0, x1, x2, slot);
-                    sum += weight * na_load(p.a, r.b, r.h, x0, x1, x2, c);
+                    const long long s2 = na_inverse_slot(inv[2], 2, q2);
+                    const acc_t weight = to_acc(weight01[x2 * p.w.stride[4] + s2 * p.w.stride[5]]);
+                    sum += weight * to_acc(row01[x2 * p.a.stride[4]]);
                 }
             }
         }
