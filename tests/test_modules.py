@@ -80,6 +80,21 @@ def test_gradients_match_oracle(rank, kernel, dilation, causal, rpb):
         assert_close(g, w, what=f"grad {name}")
 
 
+def assert_fused_path_agrees(module, x, dtype):
+    """The module's output (the fused op) against its unfused composition and the float64
+    oracle, and every gradient, rpb's among them, against the unfused composition's."""
+    fused = module(x)
+    unfused = module._forward(x, fused=False)
+    assert_close(fused, unfused.double(), dtype)
+    assert_close(fused, oracle(module, x), dtype)
+    leaves = [x, *module.parameters()]
+    grad_out = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, leaves, grad_out)
+    want = torch.autograd.grad(unfused, leaves, grad_out)
+    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
+        assert_close(g, w.double(), dtype, what=f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("rank", "kernel", "dilation", "causal", "rpb"),
@@ -100,17 +115,7 @@ def test_fused_path_equals_unfused_path(rank, kernel, dilation, causal, rpb, dty
     module = make(rank, kernel, dilation, causal, rpb, dtype)
     assert module._use_fused()
     x = torch.randn(2, *SPATIAL[rank], module.dim, dtype=dtype, requires_grad=True)
-    fused = module(x)
-    unfused = module._forward(x, fused=False)
-    assert_close(fused, unfused.double(), dtype)
-    assert_close(fused, oracle(module, x))
-    # The gradients too (rpb's among them).
-    leaves = [x, *module.parameters()]
-    grad_out = torch.randn_like(fused)
-    got = torch.autograd.grad(fused, leaves, grad_out)
-    want = torch.autograd.grad(unfused, leaves, grad_out)
-    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
-        assert_close(g, w.double(), dtype, what=f"grad {name}")
+    assert_fused_path_agrees(module, x, dtype)
 
 
 @pytest.mark.cuda
@@ -133,16 +138,7 @@ def test_cuda_modules_take_the_fused_op(rank, kernel, dilation, rpb, spatial, dt
     module = module.to("cuda", dtype)
     assert module._use_fused(torch.device("cuda"))
     x = torch.randn(2, *spatial, module.dim, device="cuda", dtype=dtype, requires_grad=True)
-    fused = module(x)
-    unfused = module._forward(x, fused=False)
-    assert_close(fused, oracle(module, x), dtype)
-    assert_close(fused, unfused.double(), dtype)
-    leaves = [x, *module.parameters()]
-    grad_out = torch.randn_like(fused)
-    got = torch.autograd.grad(fused, leaves, grad_out)
-    want = torch.autograd.grad(unfused, leaves, grad_out)
-    for name, g, w in zip(["x", *dict(module.named_parameters())], got, want, strict=True):
-        assert_close(g, w.double(), dtype, what=f"grad {name}")
+    assert_fused_path_agrees(module, x, dtype)
 
 
 def test_path_selection():
