@@ -8,27 +8,23 @@ struct __align__(16) NaVec16 {
     elem_t e[16 / sizeof(elem_t)];
 };
 
-// Dot product of `dim` channels of two rows. Where both rows are dense and 16-byte aligned, the
-// channels are read sixteen bytes at a load (a warp's threads each read a different row, so
-// a load of two bytes each would cost a whole memory transaction per thread); the products are
-// added in channel order either way, so the result is the same.
-__device__ __forceinline__ acc_t na_dot(const NaView& u, const long long iu[5], const NaView& v,
-                                       const long long iv[5], long long dim) {
-    const elem_t* pu = na_ptr(u) + na_offset(u, iu[0], iu[1], iu[2], iu[3], iu[4], 0);
-    const elem_t* pv = na_ptr(v) + na_offset(v, iv[0], iv[1], iv[2], iv[3], iv[4], 0);
-    const long long su = u.stride[5], sv = v.stride[5];
+// Dot product of `dim` channels of rows `u` and `v` (channels `su` and `sv` elements apart).
+// Where both rows are dense and 16-byte aligned, the channels are read sixteen bytes at a load;
+// the products are added in channel order either way, so the result is the same.
+__device__ __forceinline__ acc_t na_dot(const elem_t* u, long long su, const elem_t* v,
+                                       long long sv, long long dim) {
     constexpr int per_load = 16 / sizeof(elem_t);
     acc_t sum = 0;
     long long c = 0;
     const unsigned long long addresses =
-        reinterpret_cast<unsigned long long>(pu) | reinterpret_cast<unsigned long long>(pv);
+        reinterpret_cast<unsigned long long>(u) | reinterpret_cast<unsigned long long>(v);
     if (su == 1 && sv == 1 && addresses % 16 == 0) {
         // Not unrolled: the loads of an unrolled loop would all be in flight at once, in more
         // registers than the launch bounds leave.
 #pragma unroll 1
         for (; c + per_load <= dim; c += per_load) {
-            const NaVec16 x = *reinterpret_cast<const NaVec16*>(pu + c);
-            const NaVec16 y = *reinterpret_cast<const NaVec16*>(pv + c);
+            const NaVec16 x = *reinterpret_cast<const NaVec16*>(u + c);
+            const NaVec16 y = *reinterpret_cast<const NaVec16*>(v + c);
 #pragma unroll
             for (int k = 0; k < per_load; ++k) {
                 sum += to_acc(x.e[k]) * to_acc(y.e[k]);
@@ -36,53 +32,55 @@ __device__ __forceinline__ acc_t na_dot(const NaView& u, const long long iu[5], 
         }
     }
     for (; c < dim; ++c) {
-        sum += to_acc(pu[c * su]) * to_acc(pv[c * sv]);
+        sum += to_acc(u[c * su]) * to_acc(v[c * sv]);
     }
     return sum;
 }
 
-// Window slot `slot` (< NA_SLOTS) of the query in row `r`: `a[x] . b[key] (+ bias)`, or the fill
-// value when the slot lies past a causal window's end.
-__device__ __forceinline__ acc_t na_window_logit(const NaParams& p, const NaRow& r, long long slot) {
-    const long long s[3] = {slot / (NA_K1 * NA_K2), (slot / NA_K2) % NA_K1, slot % NA_K2};
-    const NaWindow w = na_window(p, r.x);
-    bool valid = true;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-        valid = valid && w.range[a].start + s[a] < w.range[a].end;
-    }
-    if (!valid) {
-        return p.neg_inf_fill ? neg_inf() : acc_t(0);
-    }
-    const long long query[5] = {r.b, r.h, r.x[0], r.x[1], r.x[2]};
-    const long long key[5] = {r.b, r.h, na_key(p, w, 0, s[0]), na_key(p, w, 1, s[1]),
-                              na_key(p, w, 2, s[2])};
-    acc_t logit = na_dot(p.a, query, p.b, key, p.dim);
-    if (p.has_bias) {
-        logit += na_load(p.bias, r.h, na_bias_index(w, 0, s[0]), na_bias_index(w, 1, s[1]),
-                         na_bias_index(w, 2, s[2]), 0, 0);
-    }
-    return logit;
-}
-
-// out[b, h, x, slot] = a[b, h, x] . b[b, h, key(x, slot)] (+ bias) for the window slots, and
-// a[b, h, x] . extra[b, h, e] for the slots after them. One thread per output element.
+// out[b, h, x, slot] = a[b, h, x] . b[b, h, key(x, slot)] (+ bias) for the window slots (the
+// fill value for slots past a causal window's end), and a[b, h, x] . extra[b, h, e] for the
+// slots after them. One thread per query row: its window is worked out once for all of its
+// slots, the key addresses are stepped along the window (keys of one axis lie dilation * stride
+// apart), and at each slot a warp's threads, neighbouring queries, read neighbouring keys.
 extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_pairwise(const NaParams p) {
-    const long long slots = NA_SLOTS + p.extra_count;
-    const long long total = p.batch * p.heads * na_tokens(p) * slots;
-    for (long long i = na_first_index(); i < total; i += na_index_step()) {
-        const NaDivMod m = na_divmod(i, slots);
-        const NaRow r = na_row(p, m.quot);
-        const long long slot = m.rem;
-        acc_t value;
-        if (slot < NA_SLOTS) {
-            value = na_window_logit(p, r, slot);
-        } else {
-            const long long query[5] = {r.b, r.h, r.x[0], r.x[1], r.x[2]};
-            const long long extra[5] = {r.b, r.h, slot - NA_SLOTS, 0, 0};
-            value = na_dot(p.a, query, p.extra, extra, p.dim);
+    const long long rows = p.batch * p.heads * na_tokens(p);
+    const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
+                                   p.dilation[2] * p.b.stride[4]};
+    const long long out_step = p.out.stride[5];
+    for (long long row = na_first_index(); row < rows; row += na_index_step()) {
+        const NaRow r = na_row(p, row);
+        const NaWindow w = na_window(p, r.x);
+        const elem_t* query = na_ptr(p.a) + na_offset(p.a, r.b, r.h, r.x[0], r.x[1], r.x[2], 0);
+        const elem_t* first_key = na_ptr(p.b) + na_offset(p.b, r.b, r.h, na_key(p, w, 0, 0),
+                                                          na_key(p, w, 1, 0), na_key(p, w, 2, 0),
+                                                          0);
+        const long long at_out = na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], 0);
+#pragma unroll 1
+        for (int slot = 0; slot < NA_SLOTS; ++slot) {
+            const int s[3] = {slot / (NA_K1 * NA_K2), (slot / NA_K2) % NA_K1, slot % NA_K2};
+            bool valid = true;
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                valid = valid && w.range[a].start + s[a] < w.range[a].end;
+            }
+            acc_t value = p.neg_inf_fill ? neg_inf() : acc_t(0);
+            if (valid) {
+                const elem_t* key =
+                    first_key + s[0] * key_step[0] + s[1] * key_step[1] + s[2] * key_step[2];
+                value = na_dot(query, p.a.stride[5], key, p.b.stride[5], p.dim);
+                if (p.has_bias) {
+                    value += na_load(p.bias, r.h, na_bias_index(w, 0, s[0]),
+                                     na_bias_index(w, 1, s[1]), na_bias_index(w, 2, s[2]), 0, 0);
+                }
+            }
+            na_store(p.out, at_out + slot * out_step, value);
         }
-        na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], slot), value);
+        const elem_t* extra = na_ptr(p.extra) + na_offset(p.extra, r.b, r.h, 0, 0, 0, 0);
+        for (long long e = 0; e < p.extra_count; ++e) {
+            const acc_t value = na_dot(query, p.a.stride[5], extra + e * p.extra.stride[2],
+                                       p.extra.stride[5], p.dim);
+            na_store(p.out, at_out + (NA_SLOTS + e) * out_step, value);
+        }
     }
 }
 

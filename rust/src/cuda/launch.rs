@@ -156,10 +156,8 @@ impl Launch {
     fn new(function: Function, p: &Problem, params: Params) -> Option<Launch> {
         let rows = (p.batch * p.heads * p.tokens()) as u64;
         let config = match function {
-            Function::Pairwise => {
-                let slots = (p.slots() + p.extra) as u64;
-                Config::covering(rows * slots, BLOCK, (BLOCK, 1))
-            }
+            // One thread per query row, for all of its slots.
+            Function::Pairwise => Config::covering(rows, BLOCK, (BLOCK, 1)),
             Function::Gather | Function::Scatter => {
                 Config::covering(rows * p.dim as u64, BLOCK, (BLOCK, 1))
             }

@@ -72,8 +72,8 @@ fn qk_is_one_pairwise_launch_covering_every_logit() {
     assert_eq!(launches.len(), 1);
     let l = launches[0];
     assert_eq!(l.function, Function::Pairwise);
-    let outputs: usize = 2 * 3 * 9 * 8 * (15 + 2);
-    assert_eq!(l.config.grid as usize, outputs.div_ceil(BLOCK as usize));
+    let rows: usize = 2 * 3 * 9 * 8; // a thread per query row, for its 15 + 2 logits
+    assert_eq!(l.config.grid as usize, rows.div_ceil(BLOCK as usize));
     let pr = l.params;
     assert_eq!(
         (pr.out.data, pr.a.data, pr.b.data),
