@@ -127,10 +127,10 @@ struct NaFastDiv {
 };
 
 __device__ __forceinline__ NaFastDiv na_fast_div(int d) {
-    int shift = 0;
-    while ((1u << shift) < (unsigned)d) {
-        ++shift;
+    if (d <= 1) {
+        return {1u, 0};  // n itself (a side of 0 has no columns to number)
     }
+    const int shift = 32 - __clz(d - 1);
     // floor(excess 2^32 / d) through a double quotient, which rounding may leave one off either
     // way (an integer division by a variable takes a long software sequence on the GPU).
     const unsigned long long excess = ((1ull << shift) - (unsigned)d) << 32;

@@ -56,6 +56,8 @@ inline To na_host_bits(From x) {
     memcpy(&y, &x, sizeof(To));
     return y;
 }
+// Leading zero bits of a 32-bit word (32 for zero).
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
 inline float __int_as_float(int x) { return na_host_bits<float>(x); }
 inline float __uint_as_float(unsigned x) { return na_host_bits<float>(x); }
 inline unsigned __float_as_uint(float x) { return na_host_bits<unsigned>(x); }
