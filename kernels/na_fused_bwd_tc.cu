@@ -75,7 +75,8 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
         for (int i = 0; i < 4; ++i) {
             const NaStat q = stat(kb, i);
             const float l = probs[kb][i];
-            const float prob = l == neg_inf() || q.lse == neg_inf() ? 0.0f : na_fast_exp(l - q.lse);
+            const bool none = l == neg_inf() || q.lse == neg_inf();
+            const float prob = none ? 0.0f : na_fast_exp(l - q.lse);
             probs[kb][i] = prob;
             dp[kb][i] = prob * (dp[kb][i] - q.delta);
         }
@@ -226,8 +227,8 @@ struct NaTileBiasGrads {
     }
 };
 
-// One block per SM at the least: d_query holds the most per row (dO, the query, its gradient),
-// and capping its registers for more blocks would spill them.
+// d_query keeps the full register budget (no cap for more blocks per SM, unlike the other tile
+// kernels): it holds the most per row (dO, the query, its gradient), and a cap spills it.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_query_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
