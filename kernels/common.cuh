@@ -109,7 +109,7 @@ struct NaParams {
     int has_extra;          // whether `extra` is given
     int has_bias;           // whether `bias` is given
     int neg_inf_fill;       // whether empty (causal) slots hold -inf (logits) rather than 0
-    int reserved;           // keeps the size a multiple of 8 on both sides
+    int run;                // channels a thread of na_gather / na_scatter takes (1 or NA_RUN)
 };
 
 static_assert(sizeof(NaView) == 56, "NaView must match launch::View");
@@ -160,6 +160,45 @@ __device__ __forceinline__ acc_t na_load(const NaView& v, long long i0, long lon
 
 __device__ __forceinline__ void na_store(const NaView& v, long long offset, acc_t x) {
     reinterpret_cast<elem_t*>(v.data)[offset] = from_acc(x);
+}
+
+// Sixteen bytes of elements, loaded or stored at once where rows are dense and aligned.
+struct __align__(16) NaVec16 {
+    elem_t e[16 / sizeof(elem_t)];
+};
+
+// Channels in sixteen bytes: the run a thread takes where its rows allow (launch.rs channel_run).
+#define NA_RUN ((int)(16 / sizeof(elem_t)))
+
+// `W` channels of a row from `at` (channel stride `step`), widened: W == 1 reads one element;
+// a whole run (W == NA_RUN) is one 16-byte load, for dense rows aligned to 16 bytes.
+template <int W>
+__device__ __forceinline__ void na_load_run(const elem_t* at, long long step, acc_t x[W]) {
+    if constexpr (W == 1) {
+        x[0] = to_acc(*at);
+    } else {
+        static_assert(W == NA_RUN, "a run is sixteen bytes");
+        const NaVec16 v = *reinterpret_cast<const NaVec16*>(at);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            x[k] = to_acc(v.e[k]);
+        }
+    }
+}
+
+// Store `W` channels at element `offset` of `v` (a run: one 16-byte store).
+template <int W>
+__device__ __forceinline__ void na_store_run(const NaView& v, long long offset, const acc_t x[W]) {
+    if constexpr (W == 1) {
+        na_store(v, offset, x[0]);
+    } else {
+        NaVec16 out;
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            out.e[k] = from_acc(x[k]);
+        }
+        *reinterpret_cast<NaVec16*>(reinterpret_cast<elem_t*>(v.data) + offset) = out;
+    }
 }
 
 // Sum `partial[0..NA_REDUCE_THREADS)` into `partial[0]` by a tree of fixed shape (the same bits

@@ -6,18 +6,21 @@
 
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
 //                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
-// One thread per output element; the channel varies fastest, so reads of `b` are coalesced.
-// Addresses are formed once per row and stepped along the window (keys of one axis lie
-// `dilation` apart), so the loop over slots does two loads and a multiply-add per slot.
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
-    const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
+// A thread per run of `W` channels of an output row (p.run: one channel, or sixteen bytes where
+// the rows are dense and aligned); the channels vary fastest, so reads of `b` are coalesced.
+// Addresses are formed once and stepped along the window (keys of one axis lie dilation *
+// stride apart), so a slot costs a weight load, a row load and the multiply-adds.
+template <int W>
+__device__ __forceinline__ void na_gather_runs(const NaParams& p) {
+    const long long runs = p.dim / W;
+    const long long total = p.batch * p.heads * na_tokens(p) * runs;
     const long long weight_step = p.w.stride[5];
     const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
                                    p.dilation[2] * p.b.stride[4]};
     for (long long i = na_first_index(); i < total; i += na_index_step()) {
-        const NaDivMod m = na_divmod(i, p.dim);
+        const NaDivMod m = na_divmod(i, runs);
         const NaRow r = na_row(p, m.quot);
-        const long long c = m.rem;
+        const long long c = m.rem * W;
         const NaWindow w = na_window(p, r.x);
         const long long count[3] = {w.range[0].end - w.range[0].start,
                                     w.range[1].end - w.range[1].start,
@@ -27,13 +30,22 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
         const elem_t* first_key = na_ptr(p.b) + na_offset(p.b, r.b, r.h, na_key(p, w, 0, 0),
                                                           na_key(p, w, 1, 0), na_key(p, w, 2, 0),
                                                           c);
-        acc_t sum = 0;
+        acc_t sum[W], x[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            sum[k] = 0;
+        }
         for (long long s0 = 0; s0 < count[0]; ++s0) {
             for (long long s1 = 0; s1 < count[1]; ++s1) {
                 const elem_t* weight = weights + (s0 * NA_K1 + s1) * NA_K2 * weight_step;
                 const elem_t* key = first_key + s0 * key_step[0] + s1 * key_step[1];
                 for (long long s2 = 0; s2 < count[2]; ++s2) {
-                    sum += to_acc(*weight) * to_acc(*key);
+                    const acc_t factor = to_acc(*weight);
+                    na_load_run<W>(key, p.b.stride[5], x);
+#pragma unroll
+                    for (int k = 0; k < W; ++k) {
+                        sum[k] += factor * x[k];
+                    }
                     weight += weight_step;
                     key += key_step[2];
                 }
@@ -43,10 +55,23 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
             const elem_t* weight = weights + NA_SLOTS * weight_step;
             const elem_t* extra = na_ptr(p.extra) + na_offset(p.extra, r.b, r.h, 0, 0, 0, c);
             for (long long e = 0; e < p.extra_count; ++e) {
-                sum += to_acc(weight[e * weight_step]) * to_acc(extra[e * p.extra.stride[2]]);
+                const acc_t factor = to_acc(weight[e * weight_step]);
+                na_load_run<W>(extra + e * p.extra.stride[2], p.extra.stride[5], x);
+#pragma unroll
+                for (int k = 0; k < W; ++k) {
+                    sum[k] += factor * x[k];
+                }
             }
         }
-        na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+        na_store_run<W>(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
+    if (p.run == NA_RUN) {
+        na_gather_runs<NA_RUN>(p);
+    } else {
+        na_gather_runs<1>(p);
     }
 }
 
@@ -67,19 +92,25 @@ __device__ __forceinline__ long long na_inverse_slot(const NaInverse& inv, int a
 }
 
 // out[b, h, y, c] = sum over queries x whose window holds y of w[b, h, x, slot(x, y)] a[b, h, x, c]:
-// the transpose of na_gather, as a gather over inverse windows. One thread per output element;
-// addresses are formed once per row and per axis as the loops go, not per element.
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
-    const long long total = p.batch * p.heads * na_tokens(p) * p.dim;
+// the transpose of na_gather, as a gather over inverse windows. A thread per run of `W`
+// channels of an output row, as in na_gather; addresses are formed per axis as the loops go.
+template <int W>
+__device__ __forceinline__ void na_scatter_runs(const NaParams& p) {
+    const long long runs = p.dim / W;
+    const long long total = p.batch * p.heads * na_tokens(p) * runs;
     for (long long i = na_first_index(); i < total; i += na_index_step()) {
-        const NaDivMod m = na_divmod(i, p.dim);
+        const NaDivMod m = na_divmod(i, runs);
         const NaRow r = na_row(p, m.quot);
-        const long long c = m.rem;
+        const long long c = m.rem * W;
         const NaInverse inv[3] = {na_inverse(p, 0, r.x[0]), na_inverse(p, 1, r.x[1]),
                                   na_inverse(p, 2, r.x[2])};
         const elem_t* weights = na_ptr(p.w) + na_offset(p.w, r.b, r.h, 0, 0, 0, 0);
         const elem_t* rows = na_ptr(p.a) + na_offset(p.a, r.b, r.h, 0, 0, 0, c);
-        acc_t sum = 0;
+        acc_t sum[W], x[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            sum[k] = 0;
+        }
         for (long long q0 = inv[0].run.start; q0 < inv[0].run.end; ++q0) {
             const long long x0 = q0 * p.dilation[0] + inv[0].pos.group;
             const long long s0 = na_inverse_slot(inv[0], 0, q0);
@@ -92,12 +123,24 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams
                 for (long long q2 = inv[2].run.start; q2 < inv[2].run.end; ++q2) {
                     const long long x2 = q2 * p.dilation[2] + inv[2].pos.group;
                     const long long s2 = na_inverse_slot(inv[2], 2, q2);
-                    const acc_t weight = to_acc(weight01[x2 * p.w.stride[4] + s2 * p.w.stride[5]]);
-                    sum += weight * to_acc(row01[x2 * p.a.stride[4]]);
+                    const acc_t factor = to_acc(weight01[x2 * p.w.stride[4] + s2 * p.w.stride[5]]);
+                    na_load_run<W>(row01 + x2 * p.a.stride[4], p.a.stride[5], x);
+#pragma unroll
+                    for (int k = 0; k < W; ++k) {
+                        sum[k] += factor * x[k];
+                    }
                 }
             }
         }
-        na_store(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+        na_store_run<W>(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
+    if (p.run == NA_RUN) {
+        na_scatter_runs<NA_RUN>(p);
+    } else {
+        na_scatter_runs<1>(p);
     }
 }
 

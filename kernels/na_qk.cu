@@ -3,17 +3,11 @@
 // rust/src/cpu/qk.rs.
 #include "common.cuh"
 
-// Sixteen bytes of elements: rows that are dense and aligned are read this many at a time.
-struct __align__(16) NaVec16 {
-    elem_t e[16 / sizeof(elem_t)];
-};
-
 // Dot product of `dim` channels of rows `u` and `v` (channels `su` and `sv` elements apart).
 // Where both rows are dense and 16-byte aligned, the channels are read sixteen bytes at a load;
 // the products are added in channel order either way, so the result is the same.
 __device__ __forceinline__ acc_t na_dot(const elem_t* u, long long su, const elem_t* v,
                                        long long sv, long long dim) {
-    constexpr int per_load = 16 / sizeof(elem_t);
     acc_t sum = 0;
     long long c = 0;
     const unsigned long long addresses =
@@ -22,11 +16,11 @@ __device__ __forceinline__ acc_t na_dot(const elem_t* u, long long su, const ele
         // Not unrolled: the loads of an unrolled loop would all be in flight at once, in more
         // registers than the launch bounds leave.
 #pragma unroll 1
-        for (; c + per_load <= dim; c += per_load) {
+        for (; c + NA_RUN <= dim; c += NA_RUN) {
             const NaVec16 x = *reinterpret_cast<const NaVec16*>(u + c);
             const NaVec16 y = *reinterpret_cast<const NaVec16*>(v + c);
 #pragma unroll
-            for (int k = 0; k < per_load; ++k) {
+            for (int k = 0; k < NA_RUN; ++k) {
                 sum += to_acc(x.e[k]) * to_acc(y.e[k]);
             }
         }

@@ -110,6 +110,15 @@ impl DType {
             DType::F64 => "float64",
         }
     }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+            DType::F64 => 8,
+        }
+    }
 }
 
 /// Where a tensor's memory lives.

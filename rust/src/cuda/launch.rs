@@ -88,8 +88,8 @@ pub struct Params {
     pub has_bias: i32,
     /// Whether empty causal slots hold -inf rather than 0 (0 or 1).
     pub neg_inf_fill: i32,
-    /// Padding to a multiple of 8 bytes (as in common.cuh).
-    pub reserved: i32,
+    /// Channels a thread of `Gather`/`Scatter` takes: 1, or a 16-byte run (`channel_run`).
+    pub run: i32,
 }
 
 // The static_asserts of common.cuh check the same sizes on the device side.
@@ -153,13 +153,14 @@ pub struct Launch {
 impl Launch {
     /// A launch of `function` with `params`, shaped for the work it has; `None` when there is
     /// no output to write (CUDA refuses empty grids).
-    fn new(function: Function, p: &Problem, params: Params) -> Option<Launch> {
+    fn new(function: Function, p: &Problem, mut params: Params) -> Option<Launch> {
         let rows = (p.batch * p.heads * p.tokens()) as u64;
         let config = match function {
             // One thread per query row, for all of its slots.
             Function::Pairwise => Config::covering(rows, BLOCK, (BLOCK, 1)),
             Function::Gather | Function::Scatter => {
-                Config::covering(rows * p.dim as u64, BLOCK, (BLOCK, 1))
+                params.run = channel_run(function, p, &params);
+                Config::covering(rows * (p.dim as u64 / params.run as u64), BLOCK, (BLOCK, 1))
             }
             Function::ExtraGrad => {
                 let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;
@@ -187,6 +188,30 @@ impl Launch {
             params,
             config,
         })
+    }
+}
+
+/// Channels a `Gather` or `Scatter` thread takes: the 16 bytes one load moves, where the rows it
+/// reads along channels and the output rows are dense, and every row and run starts 16-byte
+/// aligned (each view's address and its strides past the channel axis in whole runs, and `dim`
+/// in whole runs); else 1.
+fn channel_run(function: Function, p: &Problem, params: &Params) -> i32 {
+    let run = 16 / p.dtype.size();
+    let views = match function {
+        Function::Gather if params.has_extra != 0 => vec![&params.out, &params.b, &params.extra],
+        Function::Gather => vec![&params.out, &params.b],
+        Function::Scatter => vec![&params.out, &params.a],
+        _ => return 1,
+    };
+    let aligned = |v: &View| {
+        v.stride[5] == 1
+            && v.data.is_multiple_of(16)
+            && v.stride[..5].iter().all(|s| s % run as i64 == 0)
+    };
+    if p.dim.is_multiple_of(run) && views.into_iter().all(aligned) {
+        run as i32
+    } else {
+        1
     }
 }
 

@@ -141,6 +141,46 @@ fn av_backward_fills_empty_slots_with_zero() {
     assert_eq!(launches[0].function, Function::Pairwise);
     assert_eq!(launches[0].params.neg_inf_fill, 0);
     assert_eq!(launches[0].params.has_extra, 1);
+    // d_value, over dense aligned rows, by 4-channel runs.
+    assert_eq!(launches[1].function, Function::Scatter);
+    assert_eq!(launches[1].params.run, 4);
+}
+
+/// The `av` launch of the test problem with `value` in place of its key tensor.
+fn av_launch(value: &TensorRef) -> Launch {
+    let (p, [q, _, _, extra]) = problem();
+    let attn = tensor(&p.attn_shape(), 0x5000);
+    let t = AvTensors {
+        attn: &attn,
+        value,
+        additional_values: Some(&extra),
+    };
+    av(&p, &t, &q)[0]
+}
+
+#[test]
+fn gathers_take_sixteen_byte_runs_only_where_every_row_allows() {
+    let rows: usize = 2 * 3 * 9 * 8;
+    // Dense float32 rows of 4 channels at aligned addresses: a thread per 4-channel run.
+    let dense = av_launch(&tensor(&[2, 3, 9, 8, 4], 0x2000));
+    assert_eq!(dense.function, Function::Gather);
+    assert_eq!(dense.params.run, 4);
+    assert_eq!(dense.config.grid as usize, rows.div_ceil(BLOCK as usize));
+    // A value tensor 4 bytes off alignment, or with channels 2 apart: a thread per channel.
+    let shifted = av_launch(&tensor(&[2, 3, 9, 8, 4], 0x2004));
+    let mut strided = tensor(&[2, 3, 9, 8, 4], 0x2000);
+    strided.strides = vec![1728, 576, 64, 8, 2];
+    for one in [shifted, av_launch(&strided)] {
+        assert_eq!(one.params.run, 1);
+        assert_eq!(
+            one.config.grid as usize,
+            (rows * 4).div_ceil(BLOCK as usize)
+        );
+    }
+    // Rows whose starts are not all 16-byte aligned (a stride of 6 elements).
+    let mut ragged = tensor(&[2, 3, 9, 8, 4], 0x2000);
+    ragged.strides = vec![2592, 864, 48, 6, 1];
+    assert_eq!(av_launch(&ragged).params.run, 1);
 }
 
 #[test]
