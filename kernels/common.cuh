@@ -186,6 +186,18 @@ __device__ __forceinline__ void na_load_run(const elem_t* at, long long step, ac
     }
 }
 
+// sum[k] += factor * (channel k of the run of `W` at `at`), for the run's channels.
+template <int W>
+__device__ __forceinline__ void na_add_run(acc_t sum[W], acc_t factor, const elem_t* at,
+                                           long long step) {
+    acc_t x[W];
+    na_load_run<W>(at, step, x);
+#pragma unroll
+    for (int k = 0; k < W; ++k) {
+        sum[k] += factor * x[k];
+    }
+}
+
 // Store `W` channels at element `offset` of `v` (a run: one 16-byte store).
 template <int W>
 __device__ __forceinline__ void na_store_run(const NaView& v, long long offset, const acc_t x[W]) {

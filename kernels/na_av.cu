@@ -4,23 +4,51 @@
 // and results do not depend on scheduling.
 #include "common.cuh"
 
-// out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
-//                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
-// A thread per run of `W` channels of an output row (p.run: one channel, or sixteen bytes where
-// the rows are dense and aligned); the channels vary fastest, so reads of `b` are coalesced.
-// Addresses are formed once and stepped along the window (keys of one axis lie dilation *
-// stride apart), so a slot costs a weight load, a row load and the multiply-adds.
-template <int W>
-__device__ __forceinline__ void na_gather_runs(const NaParams& p) {
+// The loop of na_gather and na_scatter: a thread per run of `W` channels [c, c + W) of an
+// output row (p.run: one channel, or sixteen bytes where the rows are dense and aligned;
+// launch.rs channel_run), channels fastest, so that a warp's reads along rows are coalesced.
+// `add_terms(r, c, sum)` adds the row's terms into `sum` (acc_t[W]), in a fixed order.
+template <int W, class AddTerms>
+__device__ __forceinline__ void na_runs_of_rows(const NaParams& p, AddTerms& add_terms) {
     const long long runs = p.dim / W;
     const long long total = p.batch * p.heads * na_tokens(p) * runs;
-    const long long weight_step = p.w.stride[5];
-    const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
-                                   p.dilation[2] * p.b.stride[4]};
     for (long long i = na_first_index(); i < total; i += na_index_step()) {
         const NaDivMod m = na_divmod(i, runs);
         const NaRow r = na_row(p, m.quot);
         const long long c = m.rem * W;
+        acc_t sum[W];
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            sum[k] = 0;
+        }
+        add_terms(r, c, sum);
+        na_store_run<W>(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
+    }
+}
+
+// na_runs_of_rows with the run the plan chose.
+template <class AddTerms>
+__device__ __forceinline__ void na_each_run(const NaParams& p, AddTerms&& add_terms) {
+    if (p.run == NA_RUN) {
+        na_runs_of_rows<NA_RUN>(p, add_terms);
+    } else {
+        na_runs_of_rows<1>(p, add_terms);
+    }
+}
+
+// The run width of a `sum` that na_runs_of_rows passes (a reference to acc_t[W]).
+#define NA_RUN_OF(sum) ((int)(sizeof(sum) / sizeof(acc_t)))
+
+// out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
+//                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
+// Addresses are formed once per row and stepped along the window (keys of one axis lie
+// dilation * stride apart), so a slot costs a weight load, a row load and the multiply-adds.
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
+    const long long weight_step = p.w.stride[5];
+    const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
+                                   p.dilation[2] * p.b.stride[4]};
+    na_each_run(p, [&](const NaRow& r, long long c, auto& sum) {
+        constexpr int W = NA_RUN_OF(sum);
         const NaWindow w = na_window(p, r.x);
         const long long count[3] = {w.range[0].end - w.range[0].start,
                                     w.range[1].end - w.range[1].start,
@@ -30,22 +58,12 @@ __device__ __forceinline__ void na_gather_runs(const NaParams& p) {
         const elem_t* first_key = na_ptr(p.b) + na_offset(p.b, r.b, r.h, na_key(p, w, 0, 0),
                                                           na_key(p, w, 1, 0), na_key(p, w, 2, 0),
                                                           c);
-        acc_t sum[W], x[W];
-#pragma unroll
-        for (int k = 0; k < W; ++k) {
-            sum[k] = 0;
-        }
         for (long long s0 = 0; s0 < count[0]; ++s0) {
             for (long long s1 = 0; s1 < count[1]; ++s1) {
                 const elem_t* weight = weights + (s0 * NA_K1 + s1) * NA_K2 * weight_step;
                 const elem_t* key = first_key + s0 * key_step[0] + s1 * key_step[1];
                 for (long long s2 = 0; s2 < count[2]; ++s2) {
-                    const acc_t factor = to_acc(*weight);
-                    na_load_run<W>(key, p.b.stride[5], x);
-#pragma unroll
-                    for (int k = 0; k < W; ++k) {
-                        sum[k] += factor * x[k];
-                    }
+                    na_add_run<W>(sum, to_acc(*weight), key, p.b.stride[5]);
                     weight += weight_step;
                     key += key_step[2];
                 }
@@ -55,24 +73,11 @@ __device__ __forceinline__ void na_gather_runs(const NaParams& p) {
             const elem_t* weight = weights + NA_SLOTS * weight_step;
             const elem_t* extra = na_ptr(p.extra) + na_offset(p.extra, r.b, r.h, 0, 0, 0, c);
             for (long long e = 0; e < p.extra_count; ++e) {
-                const acc_t factor = to_acc(weight[e * weight_step]);
-                na_load_run<W>(extra + e * p.extra.stride[2], p.extra.stride[5], x);
-#pragma unroll
-                for (int k = 0; k < W; ++k) {
-                    sum[k] += factor * x[k];
-                }
+                na_add_run<W>(sum, to_acc(weight[e * weight_step]), extra + e * p.extra.stride[2],
+                              p.extra.stride[5]);
             }
         }
-        na_store_run<W>(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
-    if (p.run == NA_RUN) {
-        na_gather_runs<NA_RUN>(p);
-    } else {
-        na_gather_runs<1>(p);
-    }
+    });
 }
 
 // Queries that see key position `y` along axis `a`, in group coordinates.
@@ -92,25 +97,15 @@ __device__ __forceinline__ long long na_inverse_slot(const NaInverse& inv, int a
 }
 
 // out[b, h, y, c] = sum over queries x whose window holds y of w[b, h, x, slot(x, y)] a[b, h, x, c]:
-// the transpose of na_gather, as a gather over inverse windows. A thread per run of `W`
-// channels of an output row, as in na_gather; addresses are formed per axis as the loops go.
-template <int W>
-__device__ __forceinline__ void na_scatter_runs(const NaParams& p) {
-    const long long runs = p.dim / W;
-    const long long total = p.batch * p.heads * na_tokens(p) * runs;
-    for (long long i = na_first_index(); i < total; i += na_index_step()) {
-        const NaDivMod m = na_divmod(i, runs);
-        const NaRow r = na_row(p, m.quot);
-        const long long c = m.rem * W;
+// the transpose of na_gather, as a gather over inverse windows; addresses are formed per axis
+// as the loops go.
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
+    na_each_run(p, [&](const NaRow& r, long long c, auto& sum) {
+        constexpr int W = NA_RUN_OF(sum);
         const NaInverse inv[3] = {na_inverse(p, 0, r.x[0]), na_inverse(p, 1, r.x[1]),
                                   na_inverse(p, 2, r.x[2])};
         const elem_t* weights = na_ptr(p.w) + na_offset(p.w, r.b, r.h, 0, 0, 0, 0);
         const elem_t* rows = na_ptr(p.a) + na_offset(p.a, r.b, r.h, 0, 0, 0, c);
-        acc_t sum[W], x[W];
-#pragma unroll
-        for (int k = 0; k < W; ++k) {
-            sum[k] = 0;
-        }
         for (long long q0 = inv[0].run.start; q0 < inv[0].run.end; ++q0) {
             const long long x0 = q0 * p.dilation[0] + inv[0].pos.group;
             const long long s0 = na_inverse_slot(inv[0], 0, q0);
@@ -123,25 +118,12 @@ __device__ __forceinline__ void na_scatter_runs(const NaParams& p) {
                 for (long long q2 = inv[2].run.start; q2 < inv[2].run.end; ++q2) {
                     const long long x2 = q2 * p.dilation[2] + inv[2].pos.group;
                     const long long s2 = na_inverse_slot(inv[2], 2, q2);
-                    const acc_t factor = to_acc(weight01[x2 * p.w.stride[4] + s2 * p.w.stride[5]]);
-                    na_load_run<W>(row01 + x2 * p.a.stride[4], p.a.stride[5], x);
-#pragma unroll
-                    for (int k = 0; k < W; ++k) {
-                        sum[k] += factor * x[k];
-                    }
+                    const elem_t* weight = weight01 + x2 * p.w.stride[4] + s2 * p.w.stride[5];
+                    na_add_run<W>(sum, to_acc(*weight), row01 + x2 * p.a.stride[4], p.a.stride[5]);
                 }
             }
         }
-        na_store_run<W>(p.out, na_offset(p.out, r.b, r.h, r.x[0], r.x[1], r.x[2], c), sum);
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
-    if (p.run == NA_RUN) {
-        na_scatter_runs<NA_RUN>(p);
-    } else {
-        na_scatter_runs<1>(p);
-    }
+    });
 }
 
 // out[b, h, e, c] = sum over queries x of w[b, h, x, NA_SLOTS + e] a[b, h, x, c].
