@@ -170,10 +170,10 @@ struct __align__(16) NaVec16 {
 // Channels in sixteen bytes: the run a thread takes where its rows allow (launch.rs channel_run).
 #define NA_RUN ((int)(16 / sizeof(elem_t)))
 
-// `W` channels of a row from `at` (channel stride `step`), widened: W == 1 reads one element;
-// a whole run (W == NA_RUN) is one 16-byte load, for dense rows aligned to 16 bytes.
+// `W` channels of a row from `at`, widened: W == 1 reads one element (whatever the channel
+// stride); a whole run (W == NA_RUN) is one 16-byte load, for dense rows aligned to 16 bytes.
 template <int W>
-__device__ __forceinline__ void na_load_run(const elem_t* at, long long step, acc_t x[W]) {
+__device__ __forceinline__ void na_load_run(const elem_t* at, acc_t x[W]) {
     if constexpr (W == 1) {
         x[0] = to_acc(*at);
     } else {
@@ -188,10 +188,9 @@ __device__ __forceinline__ void na_load_run(const elem_t* at, long long step, ac
 
 // sum[k] += factor * (channel k of the run of `W` at `at`), for the run's channels.
 template <int W>
-__device__ __forceinline__ void na_add_run(acc_t sum[W], acc_t factor, const elem_t* at,
-                                           long long step) {
+__device__ __forceinline__ void na_add_run(acc_t sum[W], acc_t factor, const elem_t* at) {
     acc_t x[W];
-    na_load_run<W>(at, step, x);
+    na_load_run<W>(at, x);
 #pragma unroll
     for (int k = 0; k < W; ++k) {
         sum[k] += factor * x[k];

@@ -63,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
                 const elem_t* weight = weights + (s0 * NA_K1 + s1) * NA_K2 * weight_step;
                 const elem_t* key = first_key + s0 * key_step[0] + s1 * key_step[1];
                 for (long long s2 = 0; s2 < count[2]; ++s2) {
-                    na_add_run<W>(sum, to_acc(*weight), key, p.b.stride[5]);
+                    na_add_run<W>(sum, to_acc(*weight), key);
                     weight += weight_step;
                     key += key_step[2];
                 }
@@ -73,8 +73,8 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
             const elem_t* weight = weights + NA_SLOTS * weight_step;
             const elem_t* extra = na_ptr(p.extra) + na_offset(p.extra, r.b, r.h, 0, 0, 0, c);
             for (long long e = 0; e < p.extra_count; ++e) {
-                na_add_run<W>(sum, to_acc(weight[e * weight_step]), extra + e * p.extra.stride[2],
-                              p.extra.stride[5]);
+                const elem_t* row = extra + e * p.extra.stride[2];
+                na_add_run<W>(sum, to_acc(weight[e * weight_step]), row);
             }
         }
     });
@@ -119,7 +119,7 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams
                     const long long x2 = q2 * p.dilation[2] + inv[2].pos.group;
                     const long long s2 = na_inverse_slot(inv[2], 2, q2);
                     const elem_t* weight = weight01 + x2 * p.w.stride[4] + s2 * p.w.stride[5];
-                    na_add_run<W>(sum, to_acc(*weight), row01 + x2 * p.a.stride[4], p.a.stride[5]);
+                    na_add_run<W>(sum, to_acc(*weight), row01 + x2 * p.a.stride[4]);
                 }
             }
         }
