@@ -110,10 +110,13 @@ struct NaParams {
     int has_bias;           // whether `bias` is given
     int neg_inf_fill;       // whether empty (causal) slots hold -inf (logits) rather than 0
     int run;                // channels a thread of na_gather / na_scatter takes (1 or NA_RUN)
+    long long tile[3];      // queries per tile along each axis (tensor-core kernels; else 0)
+    long long tiles[3];     // tiles along each axis, every dilation group's together
 };
 
 static_assert(sizeof(NaView) == 56, "NaView must match launch::View");
-static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4, "NaParams must match launch::Params");
+static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4 + 6 * 8,
+              "NaParams must match launch::Params");
 
 // The fused ops' parameter block. Heads-last tensors are viewed in the same logical order as
 // above: token tensors [b, h, s0, s1, s2, c] (key-side ones indexed by the kv head), `lse`

@@ -394,6 +394,15 @@ inline T __shfl_xor_sync(unsigned, T x, int lane_mask) {
     return y;
 }
 
+// Lane `src_lane`'s `x`.
+template <class T>
+inline T __shfl_sync(unsigned, T x, int src_lane) {
+    static_assert(sizeof(T) <= na_host::kGather, "a shuffle moves at most kGather bytes");
+    T all[na_host::kWarp];
+    na_host::warp_gather(&x, sizeof x, all);
+    return all[src_lane % na_host::kWarp];
+}
+
 // The bitwise or of every lane's `bits`.
 inline unsigned __reduce_or_sync(unsigned, unsigned bits) {
     unsigned all[na_host::kWarp] = {};

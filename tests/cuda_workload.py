@@ -2,7 +2,8 @@
 
 ``compute-sanitizer --tool memcheck --error-exitcode 1 python tests/cuda_workload.py`` (and
 ``--tool racecheck``) checks the CUDA kernels: the unfused ops forward and backward (rpb,
-additional tokens, causal, dilation, a strided input) and the fused forward and backward (GQA,
+causal, dilation, a strided input; with additional tokens, and without them, which half types
+take on tensor cores) and the fused forward and backward (GQA,
 stride, additional tokens, rpb, head dims that differ), at ranks 1-3, in every dtype. test_cuda.py runs
 it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
 same calls on the CPU, so CI keeps the script itself working.
@@ -28,16 +29,16 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 BATCH, HEADS, DIM, EXTRA = 2, 4, 16, 3
 
 
-def unfused(spatial, kernel, dilation, causal, dtype, device) -> None:
-    """qk (+rpb, +extra keys) -> softmax -> av (+extra values), forward and backward, with the
-    query read through a transposed view."""
+def unfused(spatial, kernel, dilation, causal, dtype, device, extra=True) -> None:
+    """qk (+rpb, +extra keys where `extra`) -> softmax -> av (+extra values), forward and
+    backward, with the query read through a transposed view."""
     rank = len(spatial)
     make = lambda *shape: torch.randn(*shape, dtype=dtype, device=device)
     tokens = (BATCH, HEADS, *spatial, DIM)
     q = make(*tokens[:-1][::-1], DIM).permute(*range(rank + 1, -1, -1), rank + 2)
     k, v = make(*tokens), make(*tokens)
     rpb = make(HEADS, *(2 * n - 1 for n in kernel)) if not any(causal) else None
-    ek, ev = make(BATCH, HEADS, EXTRA, DIM), make(BATCH, HEADS, EXTRA, DIM)
+    ek, ev = (make(BATCH, HEADS, EXTRA, DIM) for _ in range(2)) if extra else (None, None)
     leaves = [t.requires_grad_() for t in (q, k, v, ek, ev) if t is not None]
     if rpb is not None:
         leaves.append(rpb.requires_grad_())
@@ -69,13 +70,23 @@ def fused(spatial, kernel, dilation, causal, dtype, device) -> None:
     assert all(t.grad is not None for t in leaves)
 
 
+def unfused_window_only(spatial, kernel, dilation, causal, dtype, device) -> None:
+    """`unfused` without additional tokens (half types: the tensor-core window products)."""
+    unfused(spatial, kernel, dilation, causal, dtype, device, extra=False)
+
+
+WORKLOADS = (unfused, unfused_window_only, fused)
+# Calls `run` makes: every workload on every problem in every dtype.
+RUNS = len(WORKLOADS) * len(PROBLEMS) * len(DTYPES)
+
+
 def run(device: torch.device) -> int:
     """Every workload on ``device``; returns how many ran."""
     torch.manual_seed(0)
     count = 0
     for problem in PROBLEMS:
         for dtype in DTYPES:
-            for workload in (unfused, fused):
+            for workload in WORKLOADS:
                 workload(*problem, dtype, device)
                 count += 1
     if device.type == "cuda":

@@ -41,14 +41,32 @@ CASES = [
 CASE_IDS = [f"{len(c[0])}d-K{c[1]}-d{c[2]}-{'C' if any(c[3]) else 'n'}" for c in CASES]
 
 BATCH, HEADS, DIM = 2, 3, 16
+HALF_DTYPES = [torch.float16, torch.bfloat16]
+
+# Problems whose window products (half types) take the tensor-core kernels: no additional
+# tokens, head dims in eights. Each is (case as above, head dim): a 2-D tile whose key box spans
+# several slabs, with rpb; dilation in uneven groups with causal rows; a 3-D causal problem at
+# the widest head dim; a long dilated 1-D problem whose head dim pads to a whole step; a large
+# window at a head dim of three eights.
+TENSOR_CORE_UNFUSED_CASES = [
+    (((20, 18), (7, 7), (1, 1), (False, False), True, 0), 32),
+    (((23, 17), (5, 3), (2, 3), (True, False), False, 0), 64),
+    (((6, 10, 9), (3, 5, 5), (1, 2, 1), (False, True, False), False, 0), 128),
+    (((150,), (13,), (3,), (False,), True, 0), 8),
+    (((15, 14), (11, 11), (1, 1), (False, False), False, 0), 24),
+]  # fmt: skip
+TENSOR_CORE_UNFUSED_PARAMS = [
+    pytest.param(case, dim, id=f"{len(case[0])}d-K{case[1]}-d{case[2]}-D{dim}")
+    for case, dim in TENSOR_CORE_UNFUSED_CASES
+]
 
 
-def _inputs(case, dtype, device, layout="contiguous", seed=0):
+def _inputs(case, dtype, device, layout="contiguous", seed=0, dim=DIM):
     spatial, kernel, _, _, rpb, n_extra = case
     slots = math.prod(kernel) + n_extra
-    shapes = [(BATCH, HEADS, *spatial, DIM)] * 3 + [(BATCH, HEADS, *spatial, slots)]
+    shapes = [(BATCH, HEADS, *spatial, dim)] * 3 + [(BATCH, HEADS, *spatial, slots)]
     shapes += [(HEADS, *(2 * k - 1 for k in kernel))] if rpb else []
-    shapes += [(BATCH, HEADS, n_extra, DIM)] * 2 if n_extra else []
+    shapes += [(BATCH, HEADS, n_extra, dim)] * 2 if n_extra else []
     tensors = list(make_inputs(*shapes, dtype=dtype, device=device, layout=layout, seed=seed,
                                requires_grad=True))  # fmt: skip
     q, k, v, attn = tensors[:4]
@@ -94,11 +112,11 @@ def _backward(logits, out, seed=1):
     torch.autograd.backward([logits, out], [d_logits, d_out.to(out.device, out.dtype)])
 
 
-def check_unfused(case, dtype, layout, device, kernels=contextlib.nullcontext):
+def check_unfused(case, dtype, layout, device, kernels=contextlib.nullcontext, dim=DIM):
     """qk and av forward and backward on `device` (inside `kernels()`) against the CPU path and
-    the oracle."""
-    on_device = _inputs(case, dtype, device, layout)
-    on_cpu = _inputs(case, dtype, "cpu", layout)
+    the oracle, with rows of `dim` channels."""
+    on_device = _inputs(case, dtype, device, layout, dim=dim)
+    on_cpu = _inputs(case, dtype, "cpu", layout, dim=dim)
     with kernels():
         results = _run(case, on_device)
     cpu = _run(case, on_cpu)
@@ -122,6 +140,13 @@ def check_unfused(case, dtype, layout, device, kernels=contextlib.nullcontext):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_forward_and_backward_match_the_cpu_path_and_the_oracle(case, dtype, layout):
     check_unfused(case, dtype, layout, "cuda")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_PARAMS)
+def test_tensor_core_window_products_match_the_cpu_path_and_the_oracle(case, dim, dtype, layout):
+    check_unfused(case, dtype, layout, "cuda", dim=dim)
 
 
 def _poisoned(*shape, like):
@@ -290,7 +315,6 @@ TENSOR_CORE_CASES = [
               layout="sliced"),
 ]  # fmt: skip
 TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES]
-HALF_DTYPES = [torch.float16, torch.bfloat16]
 
 # Problems for the tensor-core backward (half types, head dims multiples of 8 up to 128; wider
 # ones take the warp kernels) beyond the tensor-core forward's: key tiles whose box of queries

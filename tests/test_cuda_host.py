@@ -26,6 +26,8 @@ from test_cuda import (
     TENSOR_CORE_BACKWARD_CASES,
     TENSOR_CORE_CASE_PARAMS,
     TENSOR_CORE_CASES,
+    TENSOR_CORE_UNFUSED_CASES,
+    TENSOR_CORE_UNFUSED_PARAMS,
     check_dense_attention,
     check_every_output_element_is_written,
     check_fused_backward,
@@ -70,6 +72,15 @@ def few_blocks(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_unfused_kernels_match_the_cpu_path_and_the_oracle(case, dtype, layout, kernels):
     check_unfused(case, dtype, layout, "cpu", kernels)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_PARAMS)
+def test_tensor_core_window_products_match_the_cpu_path_and_the_oracle(
+    case, dim, dtype, layout, kernels
+):
+    check_unfused(case, dtype, layout, "cpu", kernels, dim=dim)
 
 
 def test_unfused_kernels_write_every_output_element(kernels):
@@ -125,6 +136,12 @@ def test_kernels_loop_over_what_a_small_grid_leaves(case, dtype, few_blocks):
     check_fused_backward(case, dtype, "cpu", few_blocks)
 
 
+@pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])
+def test_tensor_core_window_products_loop_over_what_a_small_grid_leaves(case, dim, few_blocks):
+    # Each block takes many tiles in turn: no slot row of one may leak into the next.
+    check_unfused(case, torch.bfloat16, "permuted", "cpu", few_blocks, dim=dim)
+
+
 def test_the_host_grid_limit_is_checked_naming_it(tmp_path):
     with pytest.raises(ValueError, match="max_grid"):
         _core.run_cuda_kernels_on_host(str(tmp_path), max_grid=0)
@@ -159,6 +176,31 @@ def test_half_types_with_head_dims_in_eights_take_the_tensor_core_forward(
     finally:
         _core.run_cuda_kernels_on_host(None)
     names = ("na_host_na_fused_forward", "na_host_na_fused_forward_tc")
+    assert _built_kernels(tmp_path, names) == {kernel}
+
+
+@pytest.mark.parametrize(
+    "dtype, dim, extra, kernel",
+    [
+        (torch.bfloat16, 16, 0, "na_host_na_pairwise_tc"),
+        (torch.float16, 8, 0, "na_host_na_pairwise_tc"),
+        (torch.bfloat16, 16, 2, "na_host_na_pairwise"),  # additional tokens
+        (torch.float16, 12, 0, "na_host_na_pairwise"),  # not a multiple of 8
+        (torch.float16, 136, 0, "na_host_na_pairwise"),  # past 128
+        (torch.float32, 16, 0, "na_host_na_pairwise"),
+    ],
+)
+def test_half_types_without_additional_tokens_take_the_tensor_core_window_products(
+    dtype, dim, extra, kernel, tmp_path
+):
+    q = torch.randn(1, 2, 10, dim).to(dtype)
+    keys = torch.randn(1, 2, extra, dim).to(dtype) if extra else None
+    _core.run_cuda_kernels_on_host(str(tmp_path))
+    try:
+        F.na1d_qk(q, q, 3, 1, additional_keys=keys)
+    finally:
+        _core.run_cuda_kernels_on_host(None)
+    names = ("na_host_na_pairwise", "na_host_na_pairwise_tc")
     assert _built_kernels(tmp_path, names) == {kernel}
 
 
@@ -273,4 +315,4 @@ def test_the_sanitizer_workload_runs_on_the_cuda_kernels(kernels):
 
     with kernels():
         ran = cuda_workload.run(torch.device("cpu"))
-    assert ran == 2 * len(cuda_workload.PROBLEMS) * len(cuda_workload.DTYPES)
+    assert ran == cuda_workload.RUNS

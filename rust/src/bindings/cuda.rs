@@ -5,7 +5,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use pyo3::prelude::*;
 
-use crate::cuda::{self, Arch, KernelKey, Report, Source};
+use crate::cuda::{self, Arch, KernelKey, Report, UnfusedOp};
 use crate::dlpack::{DType, Device};
 use crate::error::{Error, Result};
 use crate::problem::Problem;
@@ -64,9 +64,10 @@ fn describe(report: &Report) -> String {
     )
 }
 
-/// Load the kernels of `sources` that problem `p` needs on its device, logging what is fetched.
-pub(super) fn prepare(py: Python<'_>, p: &Problem, sources: &[Source]) -> PyResult<()> {
-    prepare_keys(py, p.device, &cuda::keys(p, sources))
+/// Load the kernels that unfused op `op` of problem `p` launches on its device, logging what is
+/// fetched.
+pub(super) fn prepare(py: Python<'_>, p: &Problem, op: UnfusedOp) -> PyResult<()> {
+    prepare_keys(py, p.device, &cuda::keys(p, op)?)
 }
 
 /// Load the variants `keys` on `device`, logging what is fetched (nothing for the CPU).

@@ -14,7 +14,7 @@ mod fused;
 mod unfused;
 
 use crate::cpu;
-use crate::cuda::{Source, Stream};
+use crate::cuda::{Stream, UnfusedOp};
 use crate::dlpack::{borrow_capsule, TensorRef};
 use crate::error::Error;
 use crate::problem::Problem;
@@ -50,12 +50,12 @@ pub(crate) fn borrow_opt(arg: &'static str, obj: Option<Capsule>) -> PyResult<Op
 
 /// Run an unfused op on the problem's device with the GIL released: `on_cpu` for CPU tensors,
 /// `on_cuda` on `stream` for CUDA tensors, after loading (and, at first use, compiling) the
-/// kernels of `sources`.
+/// kernels that op `op` launches.
 pub(crate) fn launch(
     py: Python<'_>,
     p: &Problem,
     stream: u64,
-    sources: &[Source],
+    op: UnfusedOp,
     on_cpu: impl FnOnce() + Send,
     on_cuda: impl FnOnce(Stream) -> crate::error::Result<()> + Send,
 ) -> PyResult<()> {
@@ -63,7 +63,7 @@ pub(crate) fn launch(
         py.detach(on_cpu);
         return Ok(());
     }
-    cuda::prepare(py, p, sources)?;
+    cuda::prepare(py, p, op)?;
     Ok(py.detach(|| cuda::guarded(|| on_cuda(Stream(stream))))?)
 }
 

@@ -6,7 +6,7 @@ use pyo3::prelude::*;
 
 use super::{borrow, borrow_opt, launch, Capsule};
 use crate::cpu::{self, AvGrads, AvTensors, QkGrads, QkTensors};
-use crate::cuda::{self, Source};
+use crate::cuda::{self, UnfusedOp};
 use crate::dlpack::TensorRef;
 use crate::error::Error;
 use crate::problem::{Neighborhood, Problem};
@@ -49,7 +49,7 @@ fn na_qk(
         py,
         &p,
         stream,
-        &[Source::Qk],
+        UnfusedOp::Qk,
         || cpu::qk(&p, &t, &attn),
         |s| unsafe { cuda::qk(&p, &t, &attn, s) },
     )
@@ -88,7 +88,7 @@ fn na_av(
         py,
         &p,
         stream,
-        &[Source::Av],
+        UnfusedOp::Av,
         || cpu::av(&p, &t, &out),
         |s| unsafe { cuda::av(&p, &t, &out, s) },
     )
@@ -152,13 +152,12 @@ fn na_qk_backward(
         d_rpb: d_rpb.as_ref(),
         d_additional_keys: d_extra.as_ref(),
     };
-    let sources = [Source::Qk, Source::Av];
     // SAFETY (CUDA): as in `na_qk`.
     launch(
         py,
         &p,
         stream,
-        &sources,
+        UnfusedOp::QkBackward,
         || cpu::qk_backward(&p, &grad, &t, &grads),
         |s| unsafe { cuda::qk_backward(&p, &grad, &t, &grads, s) },
     )
@@ -215,13 +214,12 @@ fn na_av_backward(
         d_value: &dv,
         d_additional_values: d_extra.as_ref(),
     };
-    let sources = [Source::Qk, Source::Av];
     // SAFETY (CUDA): as in `na_qk`.
     launch(
         py,
         &p,
         stream,
-        &sources,
+        UnfusedOp::AvBackward,
         || cpu::av_backward(&p, &grad, &t, &grads),
         |s| unsafe { cuda::av_backward(&p, &grad, &t, &grads, s) },
     )

@@ -9,6 +9,7 @@ use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
 use crate::layout;
 use crate::problem::FusedProblem;
+use crate::window::Axis;
 
 /// Threads of a warp: the fused forward gives each query row one.
 pub const WARP: u32 = 32;
@@ -266,8 +267,14 @@ pub fn backward_plan(
 /// The tile (rows per tile along each axis) and the tile counts of the tensor-core kernels
 /// (queries and keys share one grid, so one tiling serves every one of them).
 fn tiling(p: &FusedProblem) -> ([usize; 3], [usize; 3]) {
-    let tile = query_tile(p);
-    (tile, [0, 1, 2].map(|a| tiles_along(&p.axes[a], tile[a])))
+    tiling_of(&p.axes)
+}
+
+/// `tiling` of a problem with spatial axes `axes` (the unfused tensor-core kernels tile their
+/// queries the same way).
+pub fn tiling_of(axes: &[Axis; 3]) -> ([usize; 3], [usize; 3]) {
+    let tile = query_tile(axes);
+    (tile, [0, 1, 2].map(|a| tiles_along(&axes[a], tile[a])))
 }
 
 /// Backward, in launch order (`backward_plan`); `tensor_cores` picks the tensor-core kernels
@@ -367,7 +374,7 @@ const _: () =
 /// Rows per tile of the tensor-core kernels (four warps of sixteen rows).
 pub const TC_ROWS: usize = 64;
 /// Threads per block of the tensor-core kernels.
-const TC_THREADS: u32 = 128;
+pub const TC_THREADS: u32 = 128;
 
 /// Whether tensor-core source `source` takes problems of `dtype` with head dims `(query/key,
 /// value)`: the dtypes it compiles for, and head dims that are multiples of 8 up to its limit.
@@ -384,8 +391,8 @@ pub fn takes_tensor_cores(
 /// among the axes it is still shorter than the longest dilation group of, the one whose group
 /// is longest relative to the tile, so that a tile is as square as the grid allows (a square
 /// tile of a square window shares the most keys).
-pub fn query_tile(p: &FusedProblem) -> [usize; 3] {
-    let longest = p.axes.map(|a| a.length.div_ceil(a.dilation));
+pub fn query_tile(axes: &[Axis; 3]) -> [usize; 3] {
+    let longest = axes.map(|a| a.length.div_ceil(a.dilation));
     let mut tile = [1; 3];
     while tile.iter().product::<usize>() * 2 <= TC_ROWS {
         let growable = (0..3).filter(|&a| tile[a] < longest[a]);
@@ -406,7 +413,7 @@ pub fn query_tile(p: &FusedProblem) -> [usize; 3] {
 }
 
 /// Tiles of `tile` queries along one axis, each dilation group cut from its start.
-fn tiles_along(axis: &crate::window::Axis, tile: usize) -> usize {
+fn tiles_along(axis: &Axis, tile: usize) -> usize {
     (0..axis.dilation.min(axis.length))
         .map(|group| axis.group_len(group).div_ceil(tile))
         .sum()

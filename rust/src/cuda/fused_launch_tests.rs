@@ -262,7 +262,7 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         ]
     );
     let pr = launches[0].params;
-    assert_eq!(pr.tile, query_tile(&p).map(|x| x as i64));
+    assert_eq!(pr.tile, query_tile(&p.axes).map(|x| x as i64));
     // Axis 1 (9 tokens, dilation 2) has groups of 5 and 4, one tile of 8 each; axis 2 (8
     // tokens) one tile of 8.
     assert_eq!((pr.tile, pr.tiles), ([1, 8, 8], [1, 2, 1]));
@@ -407,7 +407,7 @@ fn query_tiles_are_as_square_as_the_grid_allows() {
     ];
     for (shape, kernel, dilation, tile) in cases {
         let p = self_attention(shape, DType::F16, kernel, dilation);
-        assert_eq!(query_tile(&p), tile, "{shape:?}");
+        assert_eq!(query_tile(&p.axes), tile, "{shape:?}");
         assert!(tile.iter().product::<usize>() <= TC_ROWS);
     }
 }
@@ -457,7 +457,8 @@ fn tensor_cores_take_half_types_with_head_dims_in_eights() {
 
 /// `precompile`'s fused variants are the keys the problems they stand for look up at launch:
 /// the tensor-core forward and backward for half types on sm_80 and later (beside the warp
-/// backward, whose module holds the extras' and bias's gradients), the warp kernels otherwise.
+/// backward, whose module holds the extras' and bias's gradients), the warp kernels otherwise;
+/// and beside the unfused ops' two sources, their tensor-core one where it runs.
 #[test]
 fn precompiled_fused_variants_are_the_ones_problems_launch() {
     let arch = |name| crate::cuda::Arch::parse(name).unwrap();
@@ -480,10 +481,16 @@ fn precompiled_fused_variants_are_the_ones_problems_launch() {
                 "{dtype:?} {name}: {key:?} not in {keys:?}"
             );
         }
+        let unfused_tensor_cores = KernelKey {
+            stride: [1; 3],
+            ..KernelKey::for_fused(Source::UnfusedTc, &p)
+        };
+        let on_tensor_cores = sources == tensor_cores;
+        assert_eq!(keys.contains(&unfused_tensor_cores), on_tensor_cores);
         assert_eq!(
             keys.len(),
-            2 + sources.len(),
-            "two unfused sources and {sources:?}"
+            2 + usize::from(on_tensor_cores) + sources.len(),
+            "the unfused sources and {sources:?}"
         );
     }
 }

@@ -52,17 +52,21 @@ pub enum Source {
     /// `kernels/na_fused_bwd_tc.cu`: the fused attention backward on tensor cores (half types,
     /// sm_80+; `d_rpb` of large bias tables stays on `FusedBwd`).
     FusedBwdTc,
+    /// `kernels/na_unfused_tc.cu`: the unfused ops' window products on tensor cores (half
+    /// types, sm_80+, no additional tokens; `launch::takes_tensor_cores`).
+    UnfusedTc,
 }
 
 impl Source {
     /// Every source.
-    pub const ALL: [Source; 6] = [
+    pub const ALL: [Source; 7] = [
         Source::Qk,
         Source::Av,
         Source::FusedFwd,
         Source::FusedBwd,
         Source::FusedTc,
         Source::FusedBwdTc,
+        Source::UnfusedTc,
     ];
     /// The sources of the fused ops that take every dtype.
     pub const FUSED: [Source; 2] = [Source::FusedFwd, Source::FusedBwd];
@@ -78,6 +82,7 @@ impl Source {
             Source::FusedBwd => "na_fused_bwd.cu",
             Source::FusedTc => "na_fused_tc.cu",
             Source::FusedBwdTc => "na_fused_bwd_tc.cu",
+            Source::UnfusedTc => "na_unfused_tc.cu",
         }
     }
 
@@ -90,6 +95,7 @@ impl Source {
             Source::FusedBwd => include_str!("../../../kernels/na_fused_bwd.cu"),
             Source::FusedTc => include_str!("../../../kernels/na_fused_tc.cu"),
             Source::FusedBwdTc => include_str!("../../../kernels/na_fused_bwd_tc.cu"),
+            Source::UnfusedTc => include_str!("../../../kernels/na_unfused_tc.cu"),
         }
     }
 
@@ -113,37 +119,38 @@ impl Source {
                 Function::FusedBackwardBiasSlicesTc,
                 Function::FusedBackwardBiasTc,
             ],
+            Source::UnfusedTc => &[Function::PairwiseTc, Function::GatherTc],
         }
     }
 
-    /// The largest head dim a fused source takes (0 for the unfused ones, whose head dim is a
-    /// run-time parameter).
+    /// The largest head dim a source with compile-time head dims takes (0 for the others,
+    /// whose head dim is a run-time parameter).
     pub fn max_dim(self) -> usize {
         match self {
             Source::Qk | Source::Av => 0,
             Source::FusedFwd => MAX_FUSED_DIM,
             Source::FusedBwd | Source::FusedTc => MAX_FUSED_BACKWARD_DIM,
-            Source::FusedBwdTc => MAX_TENSOR_CORE_BACKWARD_DIM,
+            Source::FusedBwdTc | Source::UnfusedTc => MAX_TENSOR_CORE_BACKWARD_DIM,
         }
     }
 
     /// The dtypes the source compiles for.
     pub fn dtypes(self) -> &'static [DType] {
         match self {
-            Source::FusedTc | Source::FusedBwdTc => &[DType::F16, DType::BF16],
+            Source::FusedTc | Source::FusedBwdTc | Source::UnfusedTc => &[DType::F16, DType::BF16],
             _ => &DTYPES,
         }
     }
 
     /// Whether the head dims are compile-time constants of the source (`NA_DIM`, `NA_DIM_V`).
-    pub fn fused(self) -> bool {
+    pub fn fixed_dims(self) -> bool {
         !matches!(self, Source::Qk | Source::Av)
     }
 
     /// The parameter struct that each of its kernels takes by value.
     pub fn params_struct(self) -> &'static str {
         match self {
-            Source::Qk | Source::Av => "NaParams",
+            Source::Qk | Source::Av | Source::UnfusedTc => "NaParams",
             Source::FusedFwd => "NaFusedParams",
             Source::FusedBwd | Source::FusedBwdTc => "NaFusedBwdParams",
             Source::FusedTc => "NaFusedTcParams",
@@ -187,6 +194,10 @@ pub enum Function {
     FusedBackwardBiasSlicesTc,
     /// Second pass: `d_rpb` as the sum of the slices.
     FusedBackwardBiasTc,
+    /// `Pairwise` on tensor cores, a tile of queries per block (no extra tokens).
+    PairwiseTc,
+    /// `Gather` on tensor cores, a tile of queries per block (no extra tokens).
+    GatherTc,
 }
 
 impl Function {
@@ -209,6 +220,8 @@ impl Function {
             Function::FusedBackwardExtrasTc => "na_fused_backward_extras_tc",
             Function::FusedBackwardBiasSlicesTc => "na_fused_backward_bias_slices_tc",
             Function::FusedBackwardBiasTc => "na_fused_backward_bias_tc",
+            Function::PairwiseTc => "na_pairwise_tc",
+            Function::GatherTc => "na_gather_tc",
         }
     }
 
@@ -228,6 +241,7 @@ impl Function {
             | Function::FusedBackwardExtrasTc
             | Function::FusedBackwardBiasSlicesTc
             | Function::FusedBackwardBiasTc => Source::FusedBwdTc,
+            Function::PairwiseTc | Function::GatherTc => Source::UnfusedTc,
         }
     }
 }
@@ -277,7 +291,7 @@ pub fn max_tensor_core_bias_span(dims: (usize, usize)) -> usize {
 }
 
 impl KernelKey {
-    /// The variant of `source` that problem `p` needs.
+    /// The variant of unfused-op source `source` that problem `p` needs.
     pub fn for_problem(source: Source, p: &Problem) -> KernelKey {
         KernelKey {
             source,
@@ -285,7 +299,11 @@ impl KernelKey {
             kernel: p.axes.map(|a| a.kernel),
             causal: p.axes.map(|a| a.causal),
             stride: [1; 3],
-            dims: (0, 0),
+            dims: if source.fixed_dims() {
+                (p.dim, p.dim)
+            } else {
+                (0, 0)
+            },
         }
     }
 
@@ -327,7 +345,7 @@ impl KernelKey {
             flags.push(format!("-DNA_C{axis}={}", u8::from(self.causal[axis])));
             flags.push(format!("-DNA_S{axis}={}", self.stride[axis]));
         }
-        if self.source.fused() {
+        if self.source.fixed_dims() {
             flags.push(format!("-DNA_DIM={}", self.dims.0));
             flags.push(format!("-DNA_DIM_V={}", self.dims.1));
         }
@@ -348,7 +366,7 @@ impl KernelKey {
             .iter()
             .map(|&c| if c { '1' } else { '0' })
             .collect();
-        let fused = if self.source.fused() {
+        let fused = if self.source.fixed_dims() {
             let [s0, s1, s2] = self.stride;
             let (d, dv) = self.dims;
             format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}")
@@ -402,6 +420,34 @@ pub fn representative_keys() -> Vec<KernelKey> {
         }
     }
     keys.extend(representative_fused_keys());
+    keys.extend(representative_unfused_tensor_core_keys());
+    keys
+}
+
+/// The unfused ops' tensor-core source: ranks 1 to 3, causal and not, head dims from one
+/// 16-channel step (padded) to the widest, each window as large as fits beside that width.
+fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
+    type Shape = ([usize; 3], [bool; 3], usize);
+    let shapes: [Shape; 4] = [
+        ([1, 1, 3], [false; 3], 8),
+        ([1, 7, 7], [false, true, false], 32),
+        ([3, 5, 7], [true, false, true], 128),
+        ([1, 13, 13], [false; 3], 24),
+    ];
+    let source = Source::UnfusedTc;
+    let mut keys = Vec::new();
+    for &dtype in source.dtypes() {
+        for (kernel, causal, dim) in shapes {
+            keys.push(KernelKey {
+                source,
+                dtype,
+                kernel,
+                causal,
+                stride: [1; 3],
+                dims: (dim, dim),
+            });
+        }
+    }
     keys
 }
 

@@ -7,9 +7,10 @@
 //! `Scatter` (a gather over inverse windows); extra-token gradients are `ExtraGrad`; `d_rpb` is
 //! `BiasGrad`.
 
-use super::kernels::{Function, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
+use super::fused_launch::{takes_tensor_cores as source_takes, tiling_of, TC_ROWS, TC_THREADS};
+use super::kernels::{Function, Source, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
 use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
-use crate::dlpack::TensorRef;
+use crate::dlpack::{DType, TensorRef};
 use crate::layout;
 use crate::problem::Problem;
 
@@ -90,11 +91,15 @@ pub struct Params {
     pub neg_inf_fill: i32,
     /// Channels a thread of `Gather`/`Scatter` takes: 1, or a 16-byte run (`channel_run`).
     pub run: i32,
+    /// Queries per tile along each (padded) axis (the tensor-core kernels; zeros otherwise).
+    pub tile: [i64; 3],
+    /// Tiles along each axis, every dilation group's together.
+    pub tiles: [i64; 3],
 }
 
 // The static_asserts of common.cuh check the same sizes on the device side.
 const _: () = assert!(std::mem::size_of::<View>() == 56);
-const _: () = assert!(std::mem::size_of::<Params>() == 6 * 56 + 10 * 8 + 4 * 4);
+const _: () = assert!(std::mem::size_of::<Params>() == 6 * 56 + 10 * 8 + 4 * 4 + 6 * 8);
 
 impl Params {
     /// The problem's sizes, with no tensors yet.
@@ -162,6 +167,14 @@ impl Launch {
                 params.run = channel_run(function, p, &params);
                 Config::covering(rows * (p.dim as u64 / params.run as u64), BLOCK, (BLOCK, 1))
             }
+            // One block per tile of queries of every (batch, head).
+            Function::PairwiseTc | Function::GatherTc => {
+                let (tile, tiles) = tiling_of(&p.axes);
+                params.tile = tile.map(|x| x as i64);
+                params.tiles = tiles.map(|x| x as i64);
+                let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
+                Config::covering(blocks as u64, 1, (TC_THREADS, 1))
+            }
             Function::ExtraGrad => {
                 let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;
                 Config::covering(blocks, 1, (32, EXTRA_ROWS))
@@ -215,8 +228,58 @@ fn channel_run(function: Function, p: &Problem, params: &Params) -> i32 {
     }
 }
 
-/// Forward `qk`: logits into `attn`.
-pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef) -> Vec<Launch> {
+/// Shared memory a block of the unfused tensor-core kernels takes (na_unfused_tc.cu): two slabs
+/// of 64 staged rows (channels padded to whole 16-channel steps, then skewed by 8) and a tile of
+/// `TC_ROWS` rows of window slots (padded to an odd count).
+fn tensor_core_shared_bytes(dtype: DType, dim: usize, slots: usize) -> usize {
+    (2 * 64 * (dim.next_multiple_of(16) + 8) + TC_ROWS * (slots | 1)) * dtype.size()
+}
+
+/// Static shared memory a kernel may take (no opt-in).
+const STATIC_SHARED_BYTES: usize = 48 * 1024;
+
+/// Whether the window products of `dtype` rows of `dim` channels over `slots` window slots and
+/// `extra` additional tokens fit the tensor-core kernels (na_unfused_tc.cu): half types, head
+/// dims in eights up to 128, no additional tokens, and a slot tile that fits beside the slabs.
+pub fn products_take_tensor_cores(dtype: DType, dim: usize, slots: usize, extra: usize) -> bool {
+    extra == 0
+        && source_takes(Source::UnfusedTc, dtype, (dim, dim))
+        && tensor_core_shared_bytes(dtype, dim, slots) <= STATIC_SHARED_BYTES
+}
+
+/// `products_take_tensor_cores` for problem `p`.
+pub fn takes_tensor_cores(p: &Problem) -> bool {
+    let slots = p.axes.iter().map(|a| a.kernel).product();
+    products_take_tensor_cores(p.dtype, p.dim, slots, p.extra)
+}
+
+/// The kernels of the window products: on tensor cores (where the problem takes them and the
+/// device has them) or not.
+#[derive(Clone, Copy)]
+struct Products {
+    pairwise: Function,
+    gather: Function,
+}
+
+impl Products {
+    fn on(tensor_cores: bool) -> Products {
+        match tensor_cores {
+            true => Products {
+                pairwise: Function::PairwiseTc,
+                gather: Function::GatherTc,
+            },
+            false => Products {
+                pairwise: Function::Pairwise,
+                gather: Function::Gather,
+            },
+        }
+    }
+}
+
+/// Forward `qk`: logits into `attn`; the window products on tensor cores where `tensor_cores`
+/// (the problem takes them, `takes_tensor_cores`, and the device has them), as in every plan
+/// below.
+pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef, tensor_cores: bool) -> Vec<Launch> {
     let mut params = Params::of(p).with_extra(t.additional_keys);
     params.out = View::tokens(attn);
     params.a = View::tokens(t.query);
@@ -224,24 +287,30 @@ pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef) -> Vec<Launch> {
     params.bias = t.rpb.map(View::bias).unwrap_or_default();
     params.has_bias = i32::from(t.rpb.is_some());
     params.neg_inf_fill = 1;
-    Launch::new(Function::Pairwise, p, params)
+    Launch::new(Products::on(tensor_cores).pairwise, p, params)
         .into_iter()
         .collect()
 }
 
 /// Forward `av`: the weighted sum into `out`.
-pub fn av(p: &Problem, t: &AvTensors, out: &TensorRef) -> Vec<Launch> {
+pub fn av(p: &Problem, t: &AvTensors, out: &TensorRef, tensor_cores: bool) -> Vec<Launch> {
     let mut params = Params::of(p).with_extra(t.additional_values);
     params.out = View::tokens(out);
     params.w = View::tokens(t.attn);
     params.b = View::tokens(t.value);
-    Launch::new(Function::Gather, p, params)
+    Launch::new(Products::on(tensor_cores).gather, p, params)
         .into_iter()
         .collect()
 }
 
 /// Backward of `qk`: `d_query` (gather), `d_key` (scatter), then the reductions.
-pub fn qk_backward(p: &Problem, d_attn: &TensorRef, t: &QkTensors, g: &QkGrads) -> Vec<Launch> {
+pub fn qk_backward(
+    p: &Problem,
+    d_attn: &TensorRef,
+    t: &QkTensors,
+    g: &QkGrads,
+    tensor_cores: bool,
+) -> Vec<Launch> {
     let base = Params {
         w: View::tokens(d_attn),
         ..Params::of(p)
@@ -257,7 +326,7 @@ pub fn qk_backward(p: &Problem, d_attn: &TensorRef, t: &QkTensors, g: &QkGrads) 
         ..base
     };
     let mut launches = vec![
-        Launch::new(Function::Gather, p, d_query),
+        Launch::new(Products::on(tensor_cores).gather, p, d_query),
         Launch::new(Function::Scatter, p, d_key),
     ];
     if let Some(d_extra) = g.d_additional_keys {
@@ -280,7 +349,13 @@ pub fn qk_backward(p: &Problem, d_attn: &TensorRef, t: &QkTensors, g: &QkGrads) 
 
 /// Backward of `av`: `d_attn` (pairwise, 0 in empty slots), `d_value` (scatter), and the
 /// extra-value reduction.
-pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, g: &AvGrads) -> Vec<Launch> {
+pub fn av_backward(
+    p: &Problem,
+    d_out: &TensorRef,
+    t: &AvTensors,
+    g: &AvGrads,
+    tensor_cores: bool,
+) -> Vec<Launch> {
     let d_attn = Params {
         out: View::tokens(g.d_attn),
         a: View::tokens(d_out),
@@ -294,7 +369,7 @@ pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, g: &AvGrads) -
         ..Params::of(p)
     };
     let mut launches = vec![
-        Launch::new(Function::Pairwise, p, d_attn),
+        Launch::new(Products::on(tensor_cores).pairwise, p, d_attn),
         Launch::new(Function::Scatter, p, d_value),
     ];
     if let Some(d_extra) = g.d_additional_values {

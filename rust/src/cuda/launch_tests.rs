@@ -68,7 +68,7 @@ fn qk_is_one_pairwise_launch_covering_every_logit() {
         rpb: Some(&rpb),
         additional_keys: Some(&extra),
     };
-    let launches = qk(&p, &t, &attn);
+    let launches = qk(&p, &t, &attn, false);
     assert_eq!(launches.len(), 1);
     let l = launches[0];
     assert_eq!(l.function, Function::Pairwise);
@@ -102,7 +102,7 @@ fn backward_plans_launch_every_requested_gradient() {
         d_rpb: Some(&rpb),
         d_additional_keys: Some(&extra),
     };
-    let functions: Vec<Function> = qk_backward(&p, &d_attn, &t, &g)
+    let functions: Vec<Function> = qk_backward(&p, &d_attn, &t, &g, false)
         .iter()
         .map(|l| l.function)
         .collect();
@@ -113,11 +113,11 @@ fn backward_plans_launch_every_requested_gradient() {
         d_additional_keys: None,
         ..g
     };
-    assert_eq!(qk_backward(&p, &d_attn, &t, &plain).len(), 2);
-    let bias = qk_backward(&p, &d_attn, &t, &g)[3];
+    assert_eq!(qk_backward(&p, &d_attn, &t, &plain, false).len(), 2);
+    let bias = qk_backward(&p, &d_attn, &t, &g, false)[3];
     assert_eq!(bias.config.grid, 3 * 5 * 9);
     assert_eq!(bias.config.block, (REDUCE_THREADS, 1));
-    let extra_grad = qk_backward(&p, &d_attn, &t, &g)[2];
+    let extra_grad = qk_backward(&p, &d_attn, &t, &g, false)[2];
     assert_eq!(extra_grad.config.grid, 2 * 3 * 2);
     assert_eq!(extra_grad.config.block, (32, EXTRA_ROWS));
 }
@@ -136,7 +136,7 @@ fn av_backward_fills_empty_slots_with_zero() {
         d_value: &k,
         d_additional_values: None,
     };
-    let launches = av_backward(&p, &q, &t, &g);
+    let launches = av_backward(&p, &q, &t, &g, false);
     assert_eq!(launches.len(), 2);
     assert_eq!(launches[0].function, Function::Pairwise);
     assert_eq!(launches[0].params.neg_inf_fill, 0);
@@ -155,7 +155,7 @@ fn av_launch(value: &TensorRef) -> Launch {
         value,
         additional_values: Some(&extra),
     };
-    av(&p, &t, &q)[0]
+    av(&p, &t, &q, false)[0]
 }
 
 #[test]
@@ -195,7 +195,84 @@ fn empty_problems_launch_nothing() {
         rpb: None,
         additional_keys: None,
     };
-    assert!(qk(&p, &t, &attn).is_empty());
+    assert!(qk(&p, &t, &attn, false).is_empty());
+}
+
+/// A 2-D bfloat16 problem without extra tokens: batch 2, heads 3, 20 x 12 tokens, `dim`
+/// channels, kernel `kernel`.
+fn half_problem(dim: usize, kernel: Vec<i64>, extra: usize) -> (Problem, [TensorRef; 2]) {
+    let meta = |shape: &[usize]| TensorRef::meta(shape, DType::BF16, Device::Cuda(0));
+    let q = meta(&[2, 3, 20, 12, dim]);
+    let e = meta(&[2, 3, extra, dim]);
+    let rank = kernel.len();
+    let nbhd = Neighborhood::unfused(kernel, vec![1; rank], vec![false; rank]);
+    let extra = (extra > 0).then_some(&e);
+    let p = Problem::for_qk(&q, &q, None, extra, &nbhd).unwrap();
+    (p, [q, e])
+}
+
+#[test]
+fn window_products_take_tensor_cores_where_the_kernels_fit() {
+    let takes =
+        |dim, kernel: Vec<i64>, extra| takes_tensor_cores(&half_problem(dim, kernel, extra).0);
+    assert!(takes(32, vec![7, 7], 0));
+    assert!(takes(128, vec![5, 7], 0));
+    // Additional tokens, head dims off the eights or past 128, and slot tiles that do not fit
+    // beside the slabs take the one-thread-per-row kernels.
+    assert!(!takes(32, vec![7, 7], 2));
+    assert!(!takes(12, vec![7, 7], 0));
+    assert!(!takes(136, vec![3, 3], 0));
+    assert!(!takes(128, vec![11, 11], 0));
+    assert!(takes(16, vec![11, 11], 0));
+    // The limit is the static shared memory: 2 slabs of 64 rows of 136 elements and 64 rows of
+    // 105 slots, in 2-byte elements, is 48256 bytes; 121 slots would be 50304.
+    assert_eq!(tensor_core_shared_bytes(DType::BF16, 128, 105), 48256);
+    assert!(tensor_core_shared_bytes(DType::BF16, 128, 121) > STATIC_SHARED_BYTES);
+    assert!(!products_take_tensor_cores(DType::F32, 32, 49, 0));
+}
+
+#[test]
+fn tensor_core_products_launch_a_block_per_query_tile() {
+    let (p, [q, _]) = half_problem(32, vec![7, 7], 0);
+    let attn = TensorRef::meta(&p.attn_shape(), DType::BF16, Device::Cuda(0));
+    let t = QkTensors {
+        query: &q,
+        key: &q,
+        rpb: None,
+        additional_keys: None,
+    };
+    let l = qk(&p, &t, &attn, true)[0];
+    assert_eq!(l.function, Function::PairwiseTc);
+    assert_eq!(l.config.block, (TC_THREADS, 1));
+    // 8 x 8 query tiles over 20 x 12 tokens: 3 x 2 tiles per (batch, head).
+    assert_eq!((l.params.tile, l.params.tiles), ([1, 8, 8], [1, 3, 2]));
+    assert_eq!(l.config.grid, 2 * 3 * 3 * 2);
+    assert_eq!(l.params.neg_inf_fill, 1);
+    let g = QkGrads {
+        d_query: &q,
+        d_key: &q,
+        d_rpb: None,
+        d_additional_keys: None,
+    };
+    let backward: Vec<Function> = qk_backward(&p, &attn, &t, &g, true)
+        .iter()
+        .map(|l| l.function)
+        .collect();
+    assert_eq!(backward, [Function::GatherTc, Function::Scatter]);
+    let a = AvTensors {
+        attn: &attn,
+        value: &q,
+        additional_values: None,
+    };
+    assert_eq!(av(&p, &a, &q, true)[0].function, Function::GatherTc);
+    let grads = AvGrads {
+        d_attn: &attn,
+        d_value: &q,
+        d_additional_values: None,
+    };
+    let d_attn = av_backward(&p, &q, &a, &grads, true)[0];
+    assert_eq!(d_attn.function, Function::PairwiseTc);
+    assert_eq!(d_attn.params.neg_inf_fill, 0);
 }
 
 #[test]

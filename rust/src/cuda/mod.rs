@@ -93,12 +93,47 @@ impl Target {
     }
 }
 
-/// The variants an op family needs for problem `p`: what `prepare` must load before a launch.
-pub fn keys(p: &Problem, sources: &[Source]) -> Vec<KernelKey> {
-    sources
-        .iter()
-        .map(|&s| KernelKey::for_problem(s, p))
-        .collect()
+/// An unfused op, for the variants it launches (`keys`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnfusedOp {
+    /// Logits: window products (`Pairwise`).
+    Qk,
+    /// Weighted sums: window products (`Gather`).
+    Av,
+    /// `d_query` (`Gather`), `d_key` (`Scatter`), the extra keys' and the bias's gradients.
+    QkBackward,
+    /// `d_attn` (`Pairwise`), `d_value` (`Scatter`), the extra values' gradient.
+    AvBackward,
+}
+
+/// The variants unfused op `op` of problem `p` launches: what `prepare` must load before it.
+/// Window products run on the tensor-core source where the problem and its device allow it.
+pub fn keys(p: &Problem, op: UnfusedOp) -> Result<Vec<KernelKey>> {
+    let on_tensor_cores = products_on_tensor_cores(p)?;
+    let products = |source| match on_tensor_cores {
+        true => Source::UnfusedTc,
+        false => source,
+    };
+    let sources = match op {
+        UnfusedOp::Qk => vec![products(Source::Qk)],
+        UnfusedOp::Av => vec![products(Source::Av)],
+        UnfusedOp::QkBackward => vec![products(Source::Av), Source::Av, Source::Qk],
+        UnfusedOp::AvBackward => vec![products(Source::Qk), Source::Av],
+    };
+    let mut keys: Vec<KernelKey> = Vec::new();
+    for source in sources {
+        let key = KernelKey::for_problem(source, p);
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
+/// Whether the window products of problem `p` (`Pairwise`, `Gather`) run on tensor cores: the
+/// problem fits the tensor-core kernels (`launch::takes_tensor_cores`) and its device has them.
+fn products_on_tensor_cores(p: &Problem) -> Result<bool> {
+    Ok(launch::takes_tensor_cores(p) && device_has_tensor_cores(p.device)?)
 }
 
 /// The variant of fused source `source` (forward or backward) that problem `p` needs, or why
@@ -124,15 +159,16 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
 /// the device allow it (half types, head dims multiples of 8, compute capability 8.0 or later),
 /// else the one-warp-per-query one.
 pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
-    match forward_source(p.dtype, (p.dim, p.dim_v), target_has_tensor_cores(p)?) {
+    let tensor_cores = device_has_tensor_cores(p.device)?;
+    match forward_source(p.dtype, (p.dim, p.dim_v), tensor_cores) {
         Source::FusedTc => Ok(KernelKey::for_fused(Source::FusedTc, p)),
         source => fused_key(source, p),
     }
 }
 
-/// Whether the device of problem `p` has tensor cores (the host build emulates them).
-fn target_has_tensor_cores(p: &FusedProblem) -> Result<bool> {
-    Ok(match Target::of(p.device)? {
+/// Whether `device` has tensor cores (the host build emulates them).
+fn device_has_tensor_cores(device: Device) -> Result<bool> {
+    Ok(match Target::of(device)? {
         Target::Host => true,
         Target::Gpu(device) => has_tensor_cores(runtime::device_arch(device)?),
     })
@@ -145,7 +181,7 @@ fn backward_on_tensor_cores(p: &FusedProblem) -> Result<bool> {
     Ok(backward_takes_tensor_cores(
         p.dtype,
         (p.dim, p.dim_v),
-        target_has_tensor_cores(p)?,
+        device_has_tensor_cores(p.device)?,
     ))
 }
 
@@ -220,7 +256,7 @@ unsafe fn run(p: &Problem, launches: &[Launch], stream: Stream) -> Result<()> {
     for launch in launches {
         let key = KernelKey::for_problem(launch.function.source(), p);
         let shape = (launch.function, launch.config);
-        // SAFETY: forwarded contract; kernels of the unfused sources take one `NaParams`.
+        // SAFETY: forwarded contract; kernels of the unfused ops' sources take one `NaParams`.
         unsafe { target.launch(&key, shape, launch.params, stream)? };
     }
     Ok(())
@@ -231,8 +267,9 @@ unsafe fn run(p: &Problem, launches: &[Launch], stream: Stream) -> Result<()> {
 /// # Safety
 /// As `run`: validated CUDA tensors of `p`'s device, alive until `stream` has run the kernels.
 pub unsafe fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef, stream: Stream) -> Result<()> {
+    let launches = launch::qk(p, t, attn, products_on_tensor_cores(p)?);
     // SAFETY: forwarded contract.
-    unsafe { run(p, &launch::qk(p, t, attn), stream) }
+    unsafe { run(p, &launches, stream) }
 }
 
 /// Forward `av` into `out` (see `cpu::av`).
@@ -240,8 +277,9 @@ pub unsafe fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef, stream: Stream) -
 /// # Safety
 /// As `qk`.
 pub unsafe fn av(p: &Problem, t: &AvTensors, out: &TensorRef, stream: Stream) -> Result<()> {
+    let launches = launch::av(p, t, out, products_on_tensor_cores(p)?);
     // SAFETY: forwarded contract.
-    unsafe { run(p, &launch::av(p, t, out), stream) }
+    unsafe { run(p, &launches, stream) }
 }
 
 /// Gradients of `qk` (see `cpu::qk_backward`).
@@ -255,8 +293,9 @@ pub unsafe fn qk_backward(
     grads: &QkGrads,
     stream: Stream,
 ) -> Result<()> {
+    let launches = launch::qk_backward(p, d_attn, t, grads, products_on_tensor_cores(p)?);
     // SAFETY: forwarded contract.
-    unsafe { run(p, &launch::qk_backward(p, d_attn, t, grads), stream) }
+    unsafe { run(p, &launches, stream) }
 }
 
 /// Gradients of `av` (see `cpu::av_backward`).
@@ -270,8 +309,9 @@ pub unsafe fn av_backward(
     grads: &AvGrads,
     stream: Stream,
 ) -> Result<()> {
+    let launches = launch::av_backward(p, d_out, t, grads, products_on_tensor_cores(p)?);
     // SAFETY: forwarded contract.
-    unsafe { run(p, &launch::av_backward(p, d_out, t, grads), stream) }
+    unsafe { run(p, &launches, stream) }
 }
 
 /// Fused attention forward into `out` and `lse` (see `cpu::fused_forward`).
@@ -346,8 +386,10 @@ pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
 /// The variants `precompile` builds for `arch`: for every combination of `dtypes` and
 /// neighborhood shapes (kernel sizes and causal flags per padded axis, as
 /// `Problem::kernel_shape` validates them), the unfused ops' two sources, and for every pair of
-/// head dims in `dims` (query/key, value), the fused forward the device would run and the fused
-/// backward's sources (stride 1; strided problems compile at first use).
+/// head dims in `dims` (query/key, value), the unfused ops' tensor-core source where a head dim
+/// pair of equals takes it (problems without additional tokens), the fused forward the device
+/// would run and the fused backward's sources (stride 1; strided problems compile at first
+/// use).
 pub fn variants(
     dtypes: &[DType],
     shapes: &[([usize; 3], [bool; 3])],
@@ -366,8 +408,15 @@ pub fn variants(
                 dims,
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
+            let slots = kernel.iter().product();
             for &d in dims {
                 let tensor_cores = has_tensor_cores(arch);
+                if tensor_cores
+                    && d.0 == d.1
+                    && launch::products_take_tensor_cores(dtype, d.0, slots, 0)
+                {
+                    keys.push(key(Source::UnfusedTc, d));
+                }
                 keys.push(key(forward_source(dtype, d, tensor_cores), d));
                 if backward_takes_tensor_cores(dtype, d, tensor_cores) {
                     keys.push(key(Source::FusedBwdTc, d));

@@ -1,0 +1,312 @@
+// The window products of the unfused ops on tensor cores (sm_80 and later; float16 and
+// bfloat16): the logits of na_pairwise (out[x, slot] = a[x] . b[key(x, slot)] (+ bias), and
+// d_attn) and the weighted sums of na_gather (out[x] = sum_slot w[x, slot] b[key(x, slot)], and
+// d_query), a tile of queries per block. Problems with additional tokens take the kernels of
+// na_qk.cu and na_av.cu (launch.rs decides).
+//
+// A block takes a tile of queries of one (batch, head) and walks the box of keys their windows
+// span in slabs staged in shared memory, as the fused forward does (fused_tc.cuh: the tiling,
+// the masks of which products count, the products); two staging buffers, so that a slab's copies
+// run under the products of the one before. What the ops read or write per query is a row of
+// window slots. Those rows live in shared memory for the whole tile (`slots`): the logits go
+// there from the products' registers, element by element, and leave row by row, a warp's lanes
+// along a row's slots, so that the stores are coalesced; the weights come in the same way and
+// go from there into the products' registers.
+//
+// Parameters are the unfused ops' (NaParams, its tile and tiles set): `a` the query-side rows,
+// `b` the key-side rows (keys, or values), `w` the weights, `out` the result.
+#include "fused_tc.cuh"
+
+#if NA_DIM != NA_DIM_V
+#error "the unfused tensor-core kernels take one head dim (NA_DIM == NA_DIM_V)"
+#endif
+#if NA_DIM > 128
+#error "the unfused tensor-core kernels take head dims up to 128"
+#endif
+
+// Keys per slab, and their 8-key blocks.
+#define NA_UT_KEYS 64
+#define NA_UT_KEY_BLOCKS (NA_UT_KEYS / 8)
+// 16-channel steps of a product.
+#define NA_UT_STEPS (NA_TC_PAD(NA_DIM) / 16)
+// Elements per staged row: channels padded to whole 16-channel steps, and skewed.
+#define NA_UT_PITCH (NA_TC_PAD(NA_DIM) + NA_TC_SKEW)
+// Elements per row of the slot tile: odd, so that a warp's rows start in different banks.
+#define NA_UT_SLOT_PITCH (NA_SLOTS | 1)
+
+// Shared memory of a block: two slab buffers and the slot tile. launch.rs
+// (`UNFUSED_TC_SHARED_BYTES`) takes this kernel only for problems within the static limit.
+static_assert(2 * NA_UT_KEYS * NA_UT_PITCH * sizeof(elem_t) +
+                      NA_TC_ROWS * NA_UT_SLOT_PITCH * sizeof(elem_t) <=
+                  48 * 1024,
+              "the slot tile and the slab buffers fit the 48 KiB of static shared memory");
+
+// The fused kernels' view of an unfused launch (what fused_tc.cuh reads): `a` as the queries,
+// `b` as both the keys and the values, one head per kv head, no additional tokens, no scale.
+__device__ __forceinline__ NaFusedParams na_fused_view(const NaParams& p) {
+    NaFusedParams f = {};
+    f.out = p.out;
+    f.query = p.a;
+    f.key = p.b;
+    f.value = p.b;
+    f.bias = p.bias;
+    f.batch = p.batch;
+    f.heads = p.heads;
+    f.group = 1;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        f.length[a] = p.length[a];
+        f.dilation[a] = p.dilation[a];
+    }
+    f.scale = 1.0;
+    f.has_window = 1;
+    f.has_bias = p.has_bias;
+    return f;
+}
+
+// A number for the key at group indices `c`, row-major over the kernel's extents: a key's slot
+// in a window (slots are numbered row-major, as na_pairwise numbers them) is its number less
+// that of the window's first key.
+__device__ __forceinline__ int na_slot_number(const int c[3]) {
+    return (c[0] * NA_K1 + c[1]) * NA_K2 + c[2];
+}
+
+// What a lane needs of a tile: its rows, their windows' first slot numbers, the offsets of its
+// rows in a view (those of invalid rows unused), and the columns of the key box.
+struct NaUtTile {
+    NaTcTile tl;
+    NaTcRow rows[2];
+    int first_slot[2];
+    long long at[2];
+    long long volume;
+};
+
+__device__ __forceinline__ NaUtTile na_ut_tile(const NaParams& p, const NaFusedParams& f,
+                                               const NaTcTask& job, const NaView& rows_of,
+                                               int warp, int g) {
+    NaUtTile u;
+    u.tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, u.rows);
+    u.volume = (long long)u.tl.box_len[0] * u.tl.box_len[1] * u.tl.box_len[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        u.first_slot[r] = na_slot_number(u.rows[r].start);
+        long long x[3];
+        na_tile_positions(f, u.tl, u.rows[r].index, x);
+        u.at[r] = na_offset(rows_of, job.batch, job.head, x[0], x[1], x[2], 0);
+    }
+    return u;
+}
+
+// Visit the warp's sixteen slot rows (row i of the warp is lane 4 (i % 8)'s row i / 8), a
+// lane per slot: `visit(i, offset of row i in the view, slot)` for valid rows. Offsets and
+// validity travel by shuffle from the lanes that hold them.
+template <class Visit>
+__device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane, Visit&& visit) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        // Unrolled in part, so that several rows' loads are in flight at once.
+#pragma unroll 4
+        for (int j = 0; j < 8; ++j) {
+            const long long at = __shfl_sync(0xffffffffu, u.at[r], 4 * j);
+            const int valid = __shfl_sync(0xffffffffu, u.rows[r].valid ? 1 : 0, 4 * j);
+            if (valid) {
+                for (int slot = lane; slot < NA_SLOTS; slot += NA_WARP) {
+                    visit(8 * r + j, at, slot);
+                }
+            }
+        }
+    }
+}
+
+// Call `each(kb, e, slot_of_row)` for the columns 8 kb + 2 t + e of a slab that one of this
+// lane's rows sees (`seen`, na_slab_mask's bits), where `slot_of_row(r)` is the slot of row r
+// that holds the column (meaningful where bit 4 kb + 2 r + e of `seen` is set).
+template <class Each>
+__device__ __forceinline__ void na_each_seen_column(const NaUtTile& u, const NaSlab& s,
+                                                    unsigned seen, int t, Each&& each) {
+#pragma unroll
+    for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            if ((seen >> (4 * kb + e) & 0x5u) == 0) {
+                continue;
+            }
+            int c[3];
+            na_column(u.tl, s, 8 * kb + 2 * t + e, c);
+            const int number = na_slot_number(c);
+            each(kb, e, [&](int r) { return number - u.first_slot[r]; });
+        }
+    }
+}
+
+// Walk slabs `[0, slabs)` with two staging buffers: `stage(n, buffer)` starts the copies of
+// slab n, `work(n, buffer)` uses it; slab n + 1 is staged while slab n is worked. Every thread
+// of the block calls it (it holds the barriers).
+template <class Stage, class Work>
+__device__ __forceinline__ void na_double_buffered(long long slabs, Stage&& stage, Work&& work) {
+    __syncthreads();  // the last task's reads of both buffers done
+    if (slabs > 0) {
+        stage(0, 0);
+    }
+    for (long long n = 0; n < slabs; ++n) {
+        na_copies_wait();
+        __syncthreads();  // slab n staged; slab n - 1 worked, so its buffer is free
+        if (n + 1 < slabs) {
+            stage(n + 1, (int)((n + 1) % 2));
+        }
+        work(n, (int)(n % 2));
+    }
+}
+
+// Slab `n` of a tile's key box, and how many there are.
+__device__ __forceinline__ NaSlab na_ut_slab(const NaUtTile& u, long long n) {
+    return na_slab<NA_UT_KEYS>(n, u.volume, 0);
+}
+__device__ __forceinline__ long long na_ut_slabs(const NaUtTile& u) {
+    return na_slab_count<NA_UT_KEYS>(u.volume, 0);
+}
+
+// out[b, h, x, slot] = a[b, h, x] . b[b, h, key(x, slot)] (+ bias[h, key - x]); slots a causal
+// window lacks hold -inf (neg_inf_fill) or 0.
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na_pairwise_tc(const NaParams p) {
+    __shared__ __align__(16) elem_t keys[2][NA_UT_KEYS][NA_UT_PITCH];
+    __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
+    const NaFusedParams f = na_fused_view(p);
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    elem_t* const own = slots[16 * warp];  // the warp's sixteen rows
+    elem_t* const out = reinterpret_cast<elem_t*>(p.out.data);
+    const elem_t fill = from_acc(p.neg_inf_fill ? neg_inf() : acc_t(0));
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaUtTile u = na_ut_tile(p, f, job, p.out, warp, g);
+        const elem_t* query_rows[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            long long x[3];
+            na_tile_positions(f, u.tl, u.rows[r].index, x);
+            query_rows[r] =
+                u.rows[r].valid ? na_row_ptr(f.query, job.batch, job.head, x[0], x[1], x[2])
+                                : nullptr;
+        }
+        unsigned query[NA_UT_STEPS][4];
+#pragma unroll
+        for (int s = 0; s < NA_UT_STEPS; ++s) {
+            na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
+        }
+
+        __syncwarp();  // the last task's rows stored
+        for (int i = lane; i < 16 * NA_UT_SLOT_PITCH; i += NA_WARP) {
+            own[i] = fill;
+        }
+        __syncwarp();
+
+        na_double_buffered(
+            na_ut_slabs(u),
+            [&](long long n, int buffer) {
+                na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_ut_slab(u, n),
+                                              job.batch, job.head, keys[buffer][0], nullptr);
+            },
+            [&](long long n, int buffer) {
+                const NaSlab s = na_ut_slab(u, n);
+                const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
+                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+                if (live == 0) {
+                    return;
+                }
+                float logits[NA_UT_KEY_BLOCKS][4];
+                na_zero<NA_UT_KEY_BLOCKS>(logits);
+                na_row_products<NA_UT_STEPS, NA_UT_KEY_BLOCKS>(
+                    logits, query, keys[buffer][0], NA_UT_PITCH, live, g, t);
+                na_logits<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s, u.rows,
+                                                   f.has_bias != 0, t);
+                na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                            own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)] =
+                                from_acc(logits[kb][2 * r + e]);
+                        }
+                    }
+                });
+            });
+
+        __syncwarp();  // the warp's rows complete
+        na_each_slot_of_rows(u, lane, [&](int i, long long at, int slot) {
+            out[at + slot * p.out.stride[5]] = own[i * NA_UT_SLOT_PITCH + slot];
+        });
+    }
+}
+
+// out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c].
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na_gather_tc(const NaParams p) {
+    __shared__ __align__(16) elem_t values[2][NA_UT_KEYS][NA_UT_PITCH];
+    __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
+    const NaFusedParams f = na_fused_view(p);
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    elem_t* const own = slots[16 * warp];
+    const elem_t* const weights = na_ptr(p.w);
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaUtTile u = na_ut_tile(p, f, job, p.w, warp, g);
+
+        __syncwarp();  // the last task's rows read
+        na_each_slot_of_rows(u, lane, [&](int i, long long at, int slot) {
+            own[i * NA_UT_SLOT_PITCH + slot] = weights[at + slot * p.w.stride[5]];
+        });
+        __syncwarp();
+
+        float acc[NA_DIM / 8][4];
+        na_zero<NA_DIM / 8>(acc);
+        na_double_buffered(
+            na_ut_slabs(u),
+            [&](long long n, int buffer) {
+                na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_ut_slab(u, n),
+                                              job.batch, job.head, nullptr, values[buffer][0]);
+            },
+            [&](long long n, int buffer) {
+                const NaSlab s = na_ut_slab(u, n);
+                const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
+                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+                if (live == 0) {
+                    return;
+                }
+                // The weights of the slab's columns in the C layout of a product (zero where a
+                // row does not see the column), which na_weighted_rows packs into A fragments.
+                float w[NA_UT_KEY_BLOCKS][4];
+                na_zero<NA_UT_KEY_BLOCKS>(w);
+                na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
+#pragma unroll
+                    for (int r = 0; r < 2; ++r) {
+                        if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                            w[kb][2 * r + e] =
+                                to_acc(own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)]);
+                        }
+                    }
+                });
+                na_weighted_rows<NA_UT_KEYS / 16, NA_DIM / 8>(acc, w, values[buffer][0],
+                                                              NA_UT_PITCH, 0, NA_DIM / 8, live,
+                                                              lane);
+            });
+
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            if (!u.rows[r].valid) {
+                continue;
+            }
+            long long x[3];
+            na_tile_positions(f, u.tl, u.rows[r].index, x);
+            const long long at = na_offset(p.out, job.batch, job.head, x[0], x[1], x[2], 0);
+#pragma unroll
+            for (int o = 0; o < NA_DIM / 8; ++o) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    na_store(p.out, at + (8 * o + 2 * t + e) * p.out.stride[5], acc[o][2 * r + e]);
+                }
+            }
+        }
+    }
+}
