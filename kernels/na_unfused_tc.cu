@@ -158,17 +158,35 @@ __device__ __forceinline__ void na_double_buffered(long long slabs, Stage&& stag
     }
 }
 
-// Slab `n` of a tile's key box, and how many there are.
-__device__ __forceinline__ NaSlab na_ut_slab(const NaUtTile& u, long long n) {
-    return na_slab<NA_UT_KEYS>(n, u.volume, 0);
-}
-__device__ __forceinline__ long long na_ut_slabs(const NaUtTile& u) {
-    return na_slab_count<NA_UT_KEYS>(u.volume, 0);
+// Walk a tile's key box slab by slab (na_double_buffered), its key-side rows staged into
+// `buffers`, calling `work(s, seen, live, rows)` for each slab some lane of the warp sees: `seen`
+// this lane's mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows.
+template <class Work>
+__device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const NaUtTile& u,
+                                                  const NaTcTask& job,
+                                                  elem_t (*buffers)[NA_UT_KEYS][NA_UT_PITCH],
+                                                  int t, Work&& work) {
+    na_double_buffered(
+        na_slab_count<NA_UT_KEYS>(u.volume, 0),
+        [&](long long n, int buffer) {
+            // f.key and f.value are the same rows (na_fused_view).
+            na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_slab<NA_UT_KEYS>(n, u.volume, 0),
+                                          job.batch, job.head, buffers[buffer][0], nullptr);
+        },
+        [&](long long n, int buffer) {
+            const NaSlab s = na_slab<NA_UT_KEYS>(n, u.volume, 0);
+            const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
+            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+            if (live != 0) {
+                work(s, seen, live, buffers[buffer][0]);
+            }
+        });
 }
 
 // out[b, h, x, slot] = a[b, h, x] . b[b, h, key(x, slot)] (+ bias[h, key - x]); slots a causal
 // window lacks hold -inf (neg_inf_fill) or 0.
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na_pairwise_tc(const NaParams p) {
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+    na_pairwise_tc(const NaParams p) {
     __shared__ __align__(16) elem_t keys[2][NA_UT_KEYS][NA_UT_PITCH];
     __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
@@ -202,23 +220,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na
         }
         __syncwarp();
 
-        na_double_buffered(
-            na_ut_slabs(u),
-            [&](long long n, int buffer) {
-                na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_ut_slab(u, n),
-                                              job.batch, job.head, keys[buffer][0], nullptr);
-            },
-            [&](long long n, int buffer) {
-                const NaSlab s = na_ut_slab(u, n);
-                const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
-                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-                if (live == 0) {
-                    return;
-                }
+        na_each_seen_slab(
+            f, u, job, keys, t,
+            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows) {
                 float logits[NA_UT_KEY_BLOCKS][4];
                 na_zero<NA_UT_KEY_BLOCKS>(logits);
-                na_row_products<NA_UT_STEPS, NA_UT_KEY_BLOCKS>(
-                    logits, query, keys[buffer][0], NA_UT_PITCH, live, g, t);
+                na_row_products<NA_UT_STEPS, NA_UT_KEY_BLOCKS>(logits, query, rows, NA_UT_PITCH,
+                                                               live, g, t);
                 na_logits<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s, u.rows,
                                                    f.has_bias != 0, t);
                 na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
@@ -240,7 +248,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na
 }
 
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c].
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na_gather_tc(const NaParams p) {
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+    na_gather_tc(const NaParams p) {
     __shared__ __align__(16) elem_t values[2][NA_UT_KEYS][NA_UT_PITCH];
     __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
@@ -261,19 +270,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na
 
         float acc[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(acc);
-        na_double_buffered(
-            na_ut_slabs(u),
-            [&](long long n, int buffer) {
-                na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_ut_slab(u, n),
-                                              job.batch, job.head, nullptr, values[buffer][0]);
-            },
-            [&](long long n, int buffer) {
-                const NaSlab s = na_ut_slab(u, n);
-                const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
-                const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-                if (live == 0) {
-                    return;
-                }
+        na_each_seen_slab(
+            f, u, job, values, t,
+            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows) {
                 // The weights of the slab's columns in the C layout of a product (zero where a
                 // row does not see the column), which na_weighted_rows packs into A fragments.
                 float w[NA_UT_KEY_BLOCKS][4];
@@ -287,9 +286,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS) na
                         }
                     }
                 });
-                na_weighted_rows<NA_UT_KEYS / 16, NA_DIM / 8>(acc, w, values[buffer][0],
-                                                              NA_UT_PITCH, 0, NA_DIM / 8, live,
-                                                              lane);
+                na_weighted_rows<NA_UT_KEYS / 16, NA_DIM / 8>(acc, w, rows, NA_UT_PITCH, 0,
+                                                              NA_DIM / 8, live, lane);
             });
 
 #pragma unroll

@@ -293,17 +293,30 @@ pub fn max_tensor_core_bias_span(dims: (usize, usize)) -> usize {
 impl KernelKey {
     /// The variant of unfused-op source `source` that problem `p` needs.
     pub fn for_problem(source: Source, p: &Problem) -> KernelKey {
+        let dims = if source.fixed_dims() {
+            (p.dim, p.dim)
+        } else {
+            (0, 0)
+        };
+        let (kernel, causal) = (p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal));
+        KernelKey::unfused(source, p.dtype, kernel, causal, dims)
+    }
+
+    /// A variant of an unfused-op source (stride 1; `dims` (0, 0) but for the tensor-core one).
+    fn unfused(
+        source: Source,
+        dtype: DType,
+        kernel: [usize; 3],
+        causal: [bool; 3],
+        dims: (usize, usize),
+    ) -> KernelKey {
         KernelKey {
             source,
-            dtype: p.dtype,
-            kernel: p.axes.map(|a| a.kernel),
-            causal: p.axes.map(|a| a.causal),
+            dtype,
+            kernel,
+            causal,
             stride: [1; 3],
-            dims: if source.fixed_dims() {
-                (p.dim, p.dim)
-            } else {
-                (0, 0)
-            },
+            dims,
         }
     }
 
@@ -408,14 +421,7 @@ pub fn representative_keys() -> Vec<KernelKey> {
     for source in Source::UNFUSED {
         for dtype in DTYPES {
             for (kernel, causal) in shapes {
-                keys.push(KernelKey {
-                    source,
-                    dtype,
-                    kernel,
-                    causal,
-                    stride: [1; 3],
-                    dims: (0, 0),
-                });
+                keys.push(KernelKey::unfused(source, dtype, kernel, causal, (0, 0)));
             }
         }
     }
@@ -438,14 +444,13 @@ fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &dtype in source.dtypes() {
         for (kernel, causal, dim) in shapes {
-            keys.push(KernelKey {
+            keys.push(KernelKey::unfused(
                 source,
                 dtype,
                 kernel,
                 causal,
-                stride: [1; 3],
-                dims: (dim, dim),
-            });
+                (dim, dim),
+            ));
         }
     }
     keys
