@@ -25,18 +25,26 @@
 
 __device__ __forceinline__ float na_exp(float x) { return expf(x); }
 __device__ __forceinline__ double na_exp(double x) { return exp(x); }
-// exp on the special-function unit (ex2.approx of a scaled argument, in place of the many
-// instructions of expf's full-precision path). CUDA documents its error as 2 + 1.2 |x| ulps:
-// about 1e-5 relative at worst over the arguments a softmax sees (<= 0, down to underflow),
-// far below the 16-bit rounding of the tensor-core kernels' probabilities. Their forward and
-// backward both take it, so they agree.
-__device__ __forceinline__ float na_fast_exp(float x) {
+// 2^x on the special-function unit (ex2.approx.ftz: about 2 ulps; results below 2^-126 flush
+// to zero, and 2^-inf is 0). One instruction: expf's full-precision path, and even __expf's
+// handling of denormal results, take several.
+__device__ __forceinline__ float na_exp2(float x) {
 #ifdef NA_HOST
-    return expf(x);
+    return exp2f(x);
 #else
-    return __expf(x);
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 #endif
 }
+
+#define NA_LOG2E 1.4426950408889634f
+
+// exp(x) as 2^(x log2 e): CUDA documents __expf's error (the same sequence) as 2 + 1.2 |x| ulps,
+// about 1e-5 relative at worst over the arguments a softmax sees (<= 0, down to underflow), far
+// below the 16-bit rounding of the tensor-core kernels' probabilities. Their forward and
+// backward both take it, so they agree.
+__device__ __forceinline__ float na_fast_exp(float x) { return na_exp2(x * NA_LOG2E); }
 __device__ __forceinline__ float na_log(float x) { return logf(x); }
 __device__ __forceinline__ double na_log(double x) { return log(x); }
 

@@ -31,13 +31,9 @@
 #else
 #define NA_TC_MIN_BLOCKS 1
 #endif
-// The key-tile kernels (d_key and d_value) hold more per row: sm_90's compiler fits them under
-// that cap, sm_80's spills.
-#if NA_TC_MIN_BLOCKS > 1 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define NA_TC_KEY_MIN_BLOCKS NA_TC_MIN_BLOCKS
-#else
+// The key-tile kernels (d_key and d_value) hold more per row: under that cap they spill, so
+// they take what registers they need (two blocks still fit an SM's 64K).
 #define NA_TC_KEY_MIN_BLOCKS 1
-#endif
 // Rows per tile: sixteen per warp.
 #define NA_TC_ROWS (16 * NA_TC_WARPS)
 // Channels padded to whole 16-channel steps of a product (padding staged as zeros).
@@ -294,37 +290,89 @@ __device__ __forceinline__ void na_column(const NaTcTile& tl, const NaSlab& s, i
     c[2] = m - rest * tl.box_len[2] + tl.box_first[2];
 }
 
-// Which of this lane's products with a slab count: bit 4 kb + 2 r + e when column 8 kb + 2 t + e
-// exists and lies in the range of row r (every additional token counts for every valid row).
-template <int BLOCKS>
-__device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
-                                                 const NaTcRow rows[2], int t) {
-    static_assert(4 * BLOCKS <= 32, "a slab's mask takes one 32-bit word per lane");
-    unsigned seen = 0;
-#pragma unroll
-    for (int kb = 0; kb < BLOCKS; ++kb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int n = 8 * kb + 2 * t + e;
-            int c[3];
-            na_column(tl, s, n, c);
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                bool in = rows[r].valid && n < s.count;
-#pragma unroll
-                for (int a = 0; a < 3; ++a) {
-                    in = in && (s.extra || (rows[r].start[a] <= c[a] && c[a] < rows[r].end[a]));
-                }
-                seen |= (in ? 1u : 0u) << (4 * kb + 2 * r + e);
-            }
-        }
-    }
-    return seen;
+// The bit of a lane's slab mask (na_slab_mask) for its product of row r (g + 8 r) and column
+// 8 kb + 2 t + e: a nibble per 8-column block, blocks 0-3 in the low nibbles of the word's four
+// bytes and blocks 4-7 in the high ones (the order na_slab_mask assembles them in).
+__device__ __forceinline__ constexpr int na_seen_bit(int kb, int r, int e) {
+    return 8 * (kb % 4) + 4 * (kb / 4) + 2 * r + e;
+}
+
+// Whether a lane's product of row r and column 8 kb + 2 t + e counts (`seen`: its slab mask).
+__device__ __forceinline__ bool na_seen(unsigned seen, int kb, int r, int e) {
+    return (seen >> na_seen_bit(kb, r, e) & 1u) != 0u;
 }
 
 // Whether 8-column block `kb` is seen by some lane of the warp (`live`: the warp's masks or-ed).
 __device__ __forceinline__ bool na_block_live(unsigned live, int kb) {
-    return (live >> (4 * kb) & 0xfu) != 0u;
+    return (live >> na_seen_bit(kb, 0, 0) & 0xfu) != 0u;
+}
+
+// A word with a bit per column of a slab: 32 bits, or 64 for wide slabs.
+template <bool WIDE>
+struct NaMaskWord {
+    using type = unsigned;
+};
+template <>
+struct NaMaskWord<true> {
+    using type = unsigned long long;
+};
+
+// Slab columns `[lo, hi)`, clamped to `[0, count)` (count at most the word's width), as the
+// bits of a word (32 or 64 bits: `Word`).
+template <class Word>
+__device__ __forceinline__ Word na_run_bits(int lo, int hi, int count) {
+    constexpr int width = 8 * sizeof(Word);
+    auto below = [](int n) { return n >= width ? ~Word(0) : (Word(1) << n) - Word(1); };
+    lo = max(lo, 0);
+    hi = max(min(hi, count), 0);
+    // An empty run (lo >= hi) gives no bits: below(hi) is then inside below(lo).
+    return below(hi) & ~below(lo);
+}
+
+// Which of this lane's products with a slab count: bit na_seen_bit(kb, r, e) when column
+// 8 kb + 2 t + e exists and lies in the range of row r (every additional token counts for every
+// valid row). Built per row over the whole slab first: the slab's columns are a run of the box
+// in row-major order, so it crosses whole lines of the box (runs along the last axis) from the
+// one holding its first column, and a row's range covers one run of each line whose leading
+// coordinates it holds. That takes a few operations per line rather than per column.
+template <int BLOCKS>
+__device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
+                                                 const NaTcRow rows[2], int t) {
+    static_assert(BLOCKS <= 8, "a slab's mask takes one 32-bit word per lane");
+    // Narrow slabs take 32-bit words (registers are short in the kernels that take them).
+    using Word = typename NaMaskWord<(BLOCKS > 4)>::type;
+    // This lane's columns 8 kb + 2 t + e are bits 2 t and 2 t + 1 of byte kb of a row's word;
+    // the lane's two rows go side by side. Rows one at a time, to keep few registers live.
+    constexpr Word pairs = Word(0x0303030303030303ull);
+    Word mine = 0;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const NaTcRow& row = rows[r];
+        Word in = 0;
+        if (s.extra) {
+            in = row.valid ? na_run_bits<Word>(0, s.count, s.count) : Word(0);
+        } else if (row.valid) {
+            const int first = (int)s.first;
+            const int line = na_quotient(first, tl.box_div[2]);
+            const int top = na_quotient(line, tl.box_div[1]);
+            int c0 = top + tl.box_first[0];
+            int c1 = line - top * tl.box_len[1] + tl.box_first[1];
+            // `shift` + x is the slab column of last-axis group index x on the current line.
+            for (int shift = line * tl.box_len[2] - first - tl.box_first[2];
+                 shift + tl.box_first[2] < s.count; shift += tl.box_len[2]) {
+                if (row.start[0] <= c0 && c0 < row.end[0] && row.start[1] <= c1 &&
+                    c1 < row.end[1]) {
+                    in |= na_run_bits<Word>(shift + row.start[2], shift + row.end[2], s.count);
+                }
+                if (++c1 == tl.box_first[1] + tl.box_len[1]) {
+                    c1 = tl.box_first[1];
+                    ++c0;
+                }
+            }
+        }
+        mine |= (in >> (2 * t) & pairs) << (2 * r);
+    }
+    return (unsigned)mine | (unsigned)((unsigned long long)mine >> 32) << 4;
 }
 
 // Scale, bias and mask a slab's products into logits: products that do not count are -inf.
@@ -348,7 +396,7 @@ __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float logit = neg_inf();
-                if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                if (na_seen(seen, kb, r, e)) {
                     logit = logits[kb][2 * r + e] * (float)f.scale;
                     if (biased) {
                         const int* key = KEY_ROWS ? rows[r].index : c;
@@ -510,21 +558,28 @@ __device__ __forceinline__ void na_zero(float acc[BLOCKS][4]) {
 }
 
 // acc[kb] += A . columns^T over `STEPS` 16-channel steps, for the 8-column blocks `kb` of a
-// staged slab (rows `pitch` elements apart, padded to whole steps) that the warp sees.
+// staged slab (rows `pitch` elements apart, 16-byte aligned, padded to whole steps) that the
+// warp sees, taken in pairs (16 columns, as na_weighted_rows takes them): one ldmatrix brings a
+// step's B fragments of both blocks, whose two products do not wait on each other.
 template <int STEPS, int BLOCKS>
 __device__ __forceinline__ void na_row_products(float acc[BLOCKS][4], const unsigned a[STEPS][4],
                                                 const elem_t* columns, int pitch, unsigned live,
                                                 int g, int t) {
+    static_assert(BLOCKS % 2 == 0, "column blocks are taken in pairs");
+    // Lane i reads row i % 8 of block i / 16 of a pair, channels 8 (i / 8 % 2) of a step.
+    const int lane = 4 * g + t;
+    const elem_t* const at = columns + (lane % 8 + 8 * (lane / 16)) * pitch + 8 * (lane / 8 % 2);
 #pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
+    for (int kb = 0; kb < BLOCKS; kb += 2) {
+        if (!na_block_live(live, kb) && !na_block_live(live, kb + 1)) {
+            continue;
+        }
 #pragma unroll
-        for (int kb = 0; kb < BLOCKS; ++kb) {
-            if (!na_block_live(live, kb)) {
-                continue;
-            }
-            const elem_t* column = columns + (8 * kb + g) * pitch + 16 * s + 2 * t;
-            const unsigned b[2] = {na_pair_at(column), na_pair_at(column + 8)};
+        for (int s = 0; s < STEPS; ++s) {
+            unsigned b[4];
+            na_load_b_pairs(b, at + 8 * kb * pitch + 16 * s);
             na_mma(acc[kb], a[s], b);
+            na_mma(acc[kb + 1], a[s], b + 2);
         }
     }
 }
@@ -588,7 +643,11 @@ struct NaTcSoftmax {
                 slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
             }
             const float top = fmaxf(max[r], na_quad_max(slab_max));
-            rescale[r] = max[r] == neg_inf() ? 0.0f : na_fast_exp(max[r] - top);
+            // exp(x - top) as 2^(x log2 e - top log2 e): one fused multiply-add and one ex2 per
+            // logit. Until a row has a finite logit (top -inf) the offset is 0, so that its -inf
+            // logits (and the -inf running max) give 0 rather than NaN.
+            const float offset = top == neg_inf() ? 0.0f : top * NA_LOG2E;
+            rescale[r] = na_exp2(fmaf(max[r], NA_LOG2E, -offset));
             max[r] = top;
             float slab_sum = 0;
 #pragma unroll
@@ -596,7 +655,7 @@ struct NaTcSoftmax {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& l = logits[kb][2 * r + e];
-                    l = l == neg_inf() ? 0.0f : na_fast_exp(l - top);
+                    l = na_exp2(fmaf(l, NA_LOG2E, -offset));
                     slab_sum += l;
                 }
             }

@@ -181,7 +181,7 @@ struct NaTileBiasGrads {
                     float sum[2];
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        mine[r] = t == turn && (seen >> (4 * kb + 2 * r + e) & 1u);
+                        mine[r] = t == turn && na_seen(seen, kb, r, e);
                         sum[r] = mine[r] ? copy[key - query[r]] + ds[kb][2 * r + e] : 0.0f;
                     }
                     na_warp_lockstep();
@@ -255,19 +255,21 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];
         const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
-        long long x[2][3];
         const elem_t* query_rows[2];
         NaStat stats[2];  // the forward's lse, and delta
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            na_tile_positions(f, tl, rows[r].index, x[r]);
+            // (Positions are formed again for the store: kept through the slabs, they would take
+            // registers the products need.)
+            long long x[3];
+            na_tile_positions(f, tl, rows[r].index, x);
             const bool valid = rows[r].valid;
-            query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[r][0], x[r][1], x[r][2]) : nullptr;
+            query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[0], x[1], x[2]) : nullptr;
             // delta = d_out . out - d_lse, the quad's lanes taking every fourth channel.
             float partial = 0;
             if (valid) {
-                const elem_t* out = na_row_ptr(f.out, b, h, x[r][0], x[r][1], x[r][2]);
-                const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[r][0], x[r][1], x[r][2]);
+                const elem_t* out = na_row_ptr(f.out, b, h, x[0], x[1], x[2]);
+                const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
                 for (int c = t; c < NA_DIM_V; c += 4) {
                     partial += to_acc(d_out[c * p.d_out.stride[5]]) *
                                to_acc(out[c * f.out.stride[5]]);
@@ -275,10 +277,15 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             }
             stats[r] = {0, na_quad_sum(partial)};
             if (valid) {
-                stats[r].lse = na_load_f32(f.lse, b, h, x[r][0], x[r][1], x[r][2]);
+                stats[r].lse = na_load_f32(f.lse, b, h, x[0], x[1], x[2]);
             }
             if (valid && p.has_d_lse) {
-                stats[r].delta -= na_load_f32(p.d_lse, b, h, x[r][0], x[r][1], x[r][2]);
+                stats[r].delta -= na_load_f32(p.d_lse, b, h, x[0], x[1], x[2]);
+            }
+            if (valid && t == 0) {
+                const long long n = na_query_row(f, b, h, x);
+                na_stats(p)[2 * n] = stats[r].lse;
+                na_stats(p)[2 * n + 1] = stats[r].delta;
             }
         }
         unsigned query[NA_TCB_STEPS][4];
@@ -375,12 +382,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         long long at[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            at[r] = na_offset(p.d_query, b, h, x[r][0], x[r][1], x[r][2], 0);
-            if (rows[r].valid && t == 0) {
-                const long long n = na_query_row(f, b, h, x[r]);
-                na_stats(p)[2 * n] = stats[r].lse;
-                na_stats(p)[2 * n + 1] = stats[r].delta;
-            }
+            long long x[3];
+            na_tile_positions(f, tl, rows[r].index, x);
+            at[r] = na_offset(p.d_query, b, h, x[0], x[1], x[2], 0);
         }
         na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
         na_copies_wait();  // copies a task without slabs issued must not land in the next's

@@ -120,7 +120,7 @@ __device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane
 
 // Call `each(kb, e, slot_of_row)` for the columns 8 kb + 2 t + e of a slab that one of this
 // lane's rows sees (`seen`, na_slab_mask's bits), where `slot_of_row(r)` is the slot of row r
-// that holds the column (meaningful where bit 4 kb + 2 r + e of `seen` is set).
+// that holds the column (meaningful where na_seen(seen, kb, r, e)).
 template <class Each>
 __device__ __forceinline__ void na_each_seen_column(const NaUtTile& u, const NaSlab& s,
                                                     unsigned seen, int t, Each&& each) {
@@ -128,7 +128,7 @@ __device__ __forceinline__ void na_each_seen_column(const NaUtTile& u, const NaS
     for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            if ((seen >> (4 * kb + e) & 0x5u) == 0) {
+            if (!na_seen(seen, kb, 0, e) && !na_seen(seen, kb, 1, e)) {
                 continue;
             }
             int c[3];
@@ -232,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                        if (na_seen(seen, kb, r, e)) {
                             own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)] =
                                 from_acc(logits[kb][2 * r + e]);
                         }
@@ -280,7 +280,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        if (seen >> (4 * kb + 2 * r + e) & 1u) {
+                        if (na_seen(seen, kb, r, e)) {
                             w[kb][2 * r + e] =
                                 to_acc(own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)]);
                         }

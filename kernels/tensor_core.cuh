@@ -9,7 +9,8 @@
 // of two adjacent 8-column blocks is the A layout of one 16-column block, so probabilities go
 // from the logits' registers straight into the next product.
 //
-// The B fragments of row-major rows (a slab's values) are read transposed by ldmatrix.
+// B fragments are read from shared memory by ldmatrix: straight from the rows of B's columns (a
+// slab's keys), transposed from row-major rows of B (a slab's values).
 //
 // The host build (kernels/host.h) emulates both instructions: the lanes gather each other's
 // fragments (or row addresses) and every lane computes its own outputs.
@@ -80,6 +81,19 @@ __device__ inline void na_load_b_transposed(unsigned b[2], const elem_t* row) {
         b[m] = na_pack(rows[8 * m + 2 * t][g], rows[8 * m + 2 * t + 1][g]);
     }
 }
+
+// Four 8x8 blocks of a staged matrix, lane i passing the address of row i % 8 of block i / 8
+// (16-byte aligned): b[j] holds elements 2t, 2t+1 of row g of block j. With blocks 0 and 1 the
+// two 8-element halves of 8 rows of B's columns (key rows, say), b[0] and b[1] are one product's
+// B fragment; blocks 2 and 3 give another's.
+__device__ inline void na_load_b_pairs(unsigned b[4], const elem_t* at) {
+    const elem_t* rows[32];
+    na_host::warp_gather(&at, sizeof at, rows);
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < 4; ++j) {
+        b[j] = na_pack(rows[8 * j + g][2 * t], rows[8 * j + g][2 * t + 1]);
+    }
+}
 #else
 // The element type's name in PTX.
 #if NA_DTYPE == NA_F16
@@ -98,6 +112,13 @@ __device__ __forceinline__ void na_load_b_transposed(unsigned b[2], const elem_t
     const unsigned address = (unsigned)__cvta_generic_to_shared(row);
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                  : "=r"(b[0]), "=r"(b[1])
+                 : "r"(address));
+}
+
+__device__ __forceinline__ void na_load_b_pairs(unsigned b[4], const elem_t* at) {
+    const unsigned address = (unsigned)__cvta_generic_to_shared(at);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
                  : "r"(address));
 }
 #endif

@@ -150,6 +150,11 @@ pub fn options(key: &KernelKey, arch: Arch) -> Vec<String> {
         // ptxas's resource report (registers, spills) into the log.
         "--ptxas-options=-v".to_string(),
     ];
+    // Source line numbers in the binary, for profilers that attribute counters to lines of
+    // kernels/*.cu (Nsight Compute, nvdisasm): set NATTEN_RS_LINEINFO=1. The code is the same.
+    if std::env::var_os("NATTEN_RS_LINEINFO").is_some_and(|v| v == "1") {
+        options.push("--generate-line-info".to_string());
+    }
     options.extend(key.defines());
     options
 }
