@@ -64,17 +64,24 @@ __device__ __forceinline__ elem_t from_acc(acc_t x) {
 #endif
 __device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
 #elif NA_DTYPE == NA_BF16
-// bfloat16 as raw bits: the upper half of a float. Rounding to nearest even is done on the bits
-// (the bf16 cvt instruction needs sm_80); NaN stays NaN (quietened), infinities stay infinite.
+// bfloat16 as raw bits: the upper half of a float. Rounding to nearest even takes the cvt
+// instruction from sm_80 on, and is done on the bits before (and on the host); either way NaN
+// stays NaN, infinities stay infinite.
 typedef unsigned short elem_t;
 typedef float acc_t;
 __device__ __forceinline__ acc_t to_acc(elem_t x) { return __uint_as_float((unsigned)x << 16); }
 __device__ __forceinline__ elem_t from_acc(acc_t x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
     unsigned u = __float_as_uint(x);
     if ((u & 0x7fffffffu) > 0x7f800000u) {
         return (unsigned short)((u >> 16) | 0x40u);
     }
     return (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+#endif
 }
 __device__ __forceinline__ acc_t neg_inf() { return -__int_as_float(0x7f800000); }
 #else
