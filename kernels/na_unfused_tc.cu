@@ -34,11 +34,18 @@
 // Elements per row of the slot tile: odd, so that a warp's rows start in different banks.
 #define NA_UT_SLOT_PITCH (NA_SLOTS | 1)
 
-// Shared memory of a block: two slab buffers and the slot tile. launch.rs
-// (`UNFUSED_TC_SHARED_BYTES`) takes this kernel only for problems within the static limit.
-static_assert(2 * NA_UT_KEYS * NA_UT_PITCH * sizeof(elem_t) +
-                      NA_TC_ROWS * NA_UT_SLOT_PITCH * sizeof(elem_t) <=
-                  48 * 1024,
+// The shared memory of a tile's walk over its key box: two buffers of staged key-side rows,
+// and their columns' key numbers (na_slot_number; formed once per slab by the block rather
+// than by every lane for each column it sees).
+struct NaUtSlabs {
+    elem_t rows[2][NA_UT_KEYS][NA_UT_PITCH];
+    int numbers[2][NA_UT_KEYS];
+};
+
+// Shared memory of a block: the slabs and the slot tile. launch.rs
+// (`tensor_core_shared_bytes`, the same sum) takes this kernel only for problems within the
+// static limit.
+static_assert(sizeof(NaUtSlabs) + NA_TC_ROWS * NA_UT_SLOT_PITCH * sizeof(elem_t) <= 48 * 1024,
               "the slot tile and the slab buffers fit the 48 KiB of static shared memory");
 
 // The fused kernels' view of an unfused launch (what fused_tc.cuh reads): `a` as the queries,
@@ -118,22 +125,18 @@ __device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane
     }
 }
 
-// Call `each(kb, e, slot_of_row)` for the columns 8 kb + 2 t + e of a slab that one of this
-// lane's rows sees (`seen`, na_slab_mask's bits), where `slot_of_row(r)` is the slot of row r
-// that holds the column (meaningful where na_seen(seen, kb, r, e)).
+// Call `each(kb, e, slot_of_row)` for each of this lane's columns 8 kb + 2 t + e of a slab,
+// where `slot_of_row(r)` is the slot of row r that holds the column (meaningful where
+// na_seen(seen, kb, r, e): `each` tests that per row, so that the tests become predicates
+// rather than branches); `numbers` holds the slab columns' key numbers (na_slot_number).
 template <class Each>
-__device__ __forceinline__ void na_each_seen_column(const NaUtTile& u, const NaSlab& s,
-                                                    unsigned seen, int t, Each&& each) {
+__device__ __forceinline__ void na_each_column(const NaUtTile& u, const int* numbers, int t,
+                                               Each&& each) {
 #pragma unroll
     for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            if (!na_seen(seen, kb, 0, e) && !na_seen(seen, kb, 1, e)) {
-                continue;
-            }
-            int c[3];
-            na_column(u.tl, s, 8 * kb + 2 * t + e, c);
-            const int number = na_slot_number(c);
+            const int number = numbers[8 * kb + 2 * t + e];
             each(kb, e, [&](int r) { return number - u.first_slot[r]; });
         }
     }
@@ -158,27 +161,33 @@ __device__ __forceinline__ void na_double_buffered(long long slabs, Stage&& stag
     }
 }
 
-// Walk a tile's key box slab by slab (na_double_buffered), its key-side rows staged into
-// `buffers`, calling `work(s, seen, live, rows)` for each slab some lane of the warp sees: `seen`
-// this lane's mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows.
+// Walk a tile's key box slab by slab (na_double_buffered), staged into `slabs`, calling
+// `work(seen, live, rows, numbers)` for each slab some lane of the warp sees: `seen` this lane's
+// mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows and `numbers` their key
+// numbers.
 template <class Work>
 __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const NaUtTile& u,
-                                                  const NaTcTask& job,
-                                                  elem_t (*buffers)[NA_UT_KEYS][NA_UT_PITCH],
-                                                  int t, Work&& work) {
+                                                  const NaTcTask& job, NaUtSlabs& slabs, int t,
+                                                  Work&& work) {
     na_double_buffered(
         na_slab_count<NA_UT_KEYS>(u.volume, 0),
         [&](long long n, int buffer) {
+            const NaSlab s = na_slab<NA_UT_KEYS>(n, u.volume, 0);
             // f.key and f.value are the same rows (na_fused_view).
-            na_stage_key_slab<NA_UT_KEYS>(f, u.tl, na_slab<NA_UT_KEYS>(n, u.volume, 0),
-                                          job.batch, job.head, buffers[buffer][0], nullptr);
+            na_stage_key_slab<NA_UT_KEYS>(f, u.tl, s, job.batch, job.head, slabs.rows[buffer][0],
+                                          nullptr);
+            for (int c = threadIdx.x; c < NA_UT_KEYS; c += NA_TC_THREADS) {
+                int at[3];
+                na_column(u.tl, s, c, at);
+                slabs.numbers[buffer][c] = na_slot_number(at);
+            }
         },
         [&](long long n, int buffer) {
             const NaSlab s = na_slab<NA_UT_KEYS>(n, u.volume, 0);
             const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
             if (live != 0) {
-                work(s, seen, live, buffers[buffer][0]);
+                work(s, seen, live, slabs.rows[buffer][0], slabs.numbers[buffer]);
             }
         });
 }
@@ -187,7 +196,7 @@ __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const 
 // window lacks hold -inf (neg_inf_fill) or 0.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_pairwise_tc(const NaParams p) {
-    __shared__ __align__(16) elem_t keys[2][NA_UT_KEYS][NA_UT_PITCH];
+    __shared__ __align__(16) NaUtSlabs keys;
     __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
@@ -222,14 +231,15 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 
         na_each_seen_slab(
             f, u, job, keys, t,
-            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows) {
+            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows,
+                const int* numbers) {
                 float logits[NA_UT_KEY_BLOCKS][4];
                 na_zero<NA_UT_KEY_BLOCKS>(logits);
                 na_row_products<NA_UT_STEPS, NA_UT_KEY_BLOCKS>(logits, query, rows, NA_UT_PITCH,
                                                                live, g, t);
                 na_logits<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s, u.rows,
                                                    f.has_bias != 0, t);
-                na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
+                na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         if (na_seen(seen, kb, r, e)) {
@@ -250,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c].
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_gather_tc(const NaParams p) {
-    __shared__ __align__(16) elem_t values[2][NA_UT_KEYS][NA_UT_PITCH];
+    __shared__ __align__(16) NaUtSlabs values;
     __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
@@ -272,12 +282,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         na_zero<NA_DIM / 8>(acc);
         na_each_seen_slab(
             f, u, job, values, t,
-            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows) {
+            [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows,
+                const int* numbers) {
                 // The weights of the slab's columns in the C layout of a product (zero where a
                 // row does not see the column), which na_weighted_rows packs into A fragments.
                 float w[NA_UT_KEY_BLOCKS][4];
                 na_zero<NA_UT_KEY_BLOCKS>(w);
-                na_each_seen_column(u, s, seen, t, [&](int kb, int e, auto&& slot_of_row) {
+                na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         if (na_seen(seen, kb, r, e)) {

@@ -224,9 +224,10 @@ fn window_products_take_tensor_cores_where_the_kernels_fit() {
     assert!(!takes(136, vec![3, 3], 0));
     assert!(!takes(128, vec![11, 11], 0));
     assert!(takes(16, vec![11, 11], 0));
-    // The limit is the static shared memory: 2 slabs of 64 rows of 136 elements and 64 rows of
-    // 105 slots, in 2-byte elements, is 48256 bytes; 121 slots would be 50304.
-    assert_eq!(tensor_core_shared_bytes(DType::BF16, 128, 105), 48256);
+    // The limit is the static shared memory: 2 slabs of 64 rows of 136 elements and a 4-byte
+    // key number, and 64 rows of 105 slots, in 2-byte elements, is 48768 bytes; 121 slots would
+    // be 50816.
+    assert_eq!(tensor_core_shared_bytes(DType::BF16, 128, 105), 48768);
     assert!(tensor_core_shared_bytes(DType::BF16, 128, 121) > STATIC_SHARED_BYTES);
     assert!(!products_take_tensor_cores(DType::F32, 32, 49, 0));
 }
