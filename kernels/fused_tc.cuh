@@ -375,6 +375,38 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
     return (unsigned)mine | (unsigned)((unsigned long long)mine >> 32) << 4;
 }
 
+// na_logits for a slab whose logits take the bias (`BIASED`) or not: the choice is made once
+// per slab, so that a problem without a bias runs no test of it per logit.
+template <int BLOCKS, bool KEY_ROWS, bool BIASED>
+__device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned seen,
+                                             const NaFusedParams& f, long long h,
+                                             const NaTcTile& tl, const NaSlab& s,
+                                             const NaTcRow rows[2], int t) {
+    const float scale = (float)f.scale;
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            int c[3] = {0, 0, 0};
+            if (BIASED) {
+                na_column(tl, s, 8 * kb + 2 * t + e, c);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float logit = logits[kb][2 * r + e] * scale;
+                if (BIASED && na_seen(seen, kb, r, e)) {
+                    const int* key = KEY_ROWS ? rows[r].index : c;
+                    const int* query = KEY_ROWS ? c : rows[r].index;
+                    logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,
+                                     key[1] - query[1] + NA_K1 - 1,
+                                     key[2] - query[2] + NA_K2 - 1, 0, 0);
+                }
+                logits[kb][2 * r + e] = na_seen(seen, kb, r, e) ? logit : neg_inf();
+            }
+        }
+    }
+}
+
 // Scale, bias and mask a slab's products into logits: products that do not count are -inf.
 // Rows are queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`:
 // d_key, d_value); with `biased` (rows and columns in the window), the bias is indexed by
@@ -384,31 +416,10 @@ __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen
                                           const NaFusedParams& f, long long h, const NaTcTile& tl,
                                           const NaSlab& s, const NaTcRow rows[2], bool biased,
                                           int t) {
-    biased = biased && !s.extra;
-#pragma unroll
-    for (int kb = 0; kb < BLOCKS; ++kb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            int c[3] = {0, 0, 0};
-            if (biased) {
-                na_column(tl, s, 8 * kb + 2 * t + e, c);
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float logit = neg_inf();
-                if (na_seen(seen, kb, r, e)) {
-                    logit = logits[kb][2 * r + e] * (float)f.scale;
-                    if (biased) {
-                        const int* key = KEY_ROWS ? rows[r].index : c;
-                        const int* query = KEY_ROWS ? c : rows[r].index;
-                        logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,
-                                         key[1] - query[1] + NA_K1 - 1,
-                                         key[2] - query[2] + NA_K2 - 1, 0, 0);
-                    }
-                }
-                logits[kb][2 * r + e] = logit;
-            }
-        }
+    if (biased && !s.extra) {
+        na_logits_of<BLOCKS, KEY_ROWS, true>(logits, seen, f, h, tl, s, rows, t);
+    } else {
+        na_logits_of<BLOCKS, KEY_ROWS, false>(logits, seen, f, h, tl, s, rows, t);
     }
 }
 
