@@ -393,15 +393,18 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
             }
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float logit = logits[kb][2 * r + e] * scale;
-                if (BIASED && na_seen(seen, kb, r, e)) {
-                    const int* key = KEY_ROWS ? rows[r].index : c;
-                    const int* query = KEY_ROWS ? c : rows[r].index;
-                    logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,
-                                     key[1] - query[1] + NA_K1 - 1,
-                                     key[2] - query[2] + NA_K2 - 1, 0, 0);
+                float logit = neg_inf();
+                if (na_seen(seen, kb, r, e)) {
+                    logit = logits[kb][2 * r + e] * scale;
+                    if (BIASED) {
+                        const int* key = KEY_ROWS ? rows[r].index : c;
+                        const int* query = KEY_ROWS ? c : rows[r].index;
+                        logit += na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1,
+                                         key[1] - query[1] + NA_K1 - 1,
+                                         key[2] - query[2] + NA_K2 - 1, 0, 0);
+                    }
                 }
-                logits[kb][2 * r + e] = na_seen(seen, kb, r, e) ? logit : neg_inf();
+                logits[kb][2 * r + e] = logit;
             }
         }
     }

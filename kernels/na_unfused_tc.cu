@@ -162,9 +162,9 @@ __device__ __forceinline__ void na_double_buffered(long long slabs, Stage&& stag
 }
 
 // Walk a tile's key box slab by slab (na_double_buffered), staged into `slabs`, calling
-// `work(seen, live, rows, numbers)` for each slab some lane of the warp sees: `seen` this lane's
-// mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows and `numbers` their key
-// numbers.
+// `work(s, seen, live, rows, numbers)` for each slab `s` some lane of the warp sees: `seen` this
+// lane's mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows and `numbers`
+// their key numbers.
 template <class Work>
 __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const NaUtTile& u,
                                                   const NaTcTask& job, NaUtSlabs& slabs, int t,
