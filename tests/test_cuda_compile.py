@@ -117,6 +117,19 @@ def test_variants_compile_side_by_side_each_once(cache_dir):
         assert sorted(origins[kernel::5]) == ["compiled"] + ["memory"] * 3, origins
 
 
+def test_line_information_is_compiled_in_on_request(cache_dir, monkeypatch):
+    # NATTEN_RS_LINEINFO=1 adds the line table profilers read; it is another cache entry, so a
+    # plain binary is never taken for one with lines or the other way round.
+    def line_tables():
+        return [b".debug_line" in (cache_dir / f).read_bytes() for f in _cache_files(cache_dir)]
+
+    _precompile_f32()
+    assert line_tables() == [False, False]
+    monkeypatch.setenv("NATTEN_RS_LINEINFO", "1")
+    assert _origins(_precompile_f32()) == {"compiled"}
+    assert sorted(line_tables()) == [False, False, True, True]
+
+
 def test_another_arch_is_another_cache_entry(cache_dir):
     _precompile_f32("sm_80")
     assert _origins(_precompile_f32("sm_90a")) == {"compiled"}

@@ -142,6 +142,13 @@ pub fn check_arch(arch: Arch) -> Result<()> {
     ))
 }
 
+/// Whether kernels compile with source line numbers, for profilers that attribute counters to
+/// lines of kernels/*.cu (Nsight Compute, nvdisasm): `NATTEN_RS_LINEINFO=1`. The code is the
+/// same.
+pub fn line_info() -> bool {
+    std::env::var_os("NATTEN_RS_LINEINFO").is_some_and(|v| v == "1")
+}
+
 /// The options a variant is compiled with (before any fallback, see `compile`).
 pub fn options(key: &KernelKey, arch: Arch) -> Vec<String> {
     let mut options = vec![
@@ -150,9 +157,7 @@ pub fn options(key: &KernelKey, arch: Arch) -> Vec<String> {
         // ptxas's resource report (registers, spills) into the log.
         "--ptxas-options=-v".to_string(),
     ];
-    // Source line numbers in the binary, for profilers that attribute counters to lines of
-    // kernels/*.cu (Nsight Compute, nvdisasm): set NATTEN_RS_LINEINFO=1. The code is the same.
-    if std::env::var_os("NATTEN_RS_LINEINFO").is_some_and(|v| v == "1") {
+    if line_info() {
         options.push("--generate-line-info".to_string());
     }
     options.extend(key.defines());

@@ -86,7 +86,9 @@ impl Report {
 /// One variant's place in memory: empty until it is compiled (or read from disk).
 type Slot = Arc<Mutex<Option<Arc<Program>>>>;
 
-type Programs = HashMap<(KernelKey, Arch), Slot>;
+/// Variants in memory by key, architecture and whether they carry line information
+/// (`nvrtc::line_info`), which changes the binary though not the key.
+type Programs = HashMap<(KernelKey, Arch, bool), Slot>;
 
 fn programs() -> MutexGuard<'static, Programs> {
     static PROGRAMS: OnceLock<Mutex<Programs>> = OnceLock::new();
@@ -98,7 +100,10 @@ fn programs() -> MutexGuard<'static, Programs> {
 /// it once, while different variants compile side by side (NVRTC takes one program per thread).
 pub fn fetch(key: KernelKey, arch: Arch) -> Result<(Arc<Program>, Report)> {
     let started = Instant::now();
-    let slot = programs().entry((key, arch)).or_default().clone();
+    let slot = programs()
+        .entry((key, arch, nvrtc::line_info()))
+        .or_default()
+        .clone();
     let mut slot = lock(&slot);
     if let Some(program) = slot.as_ref() {
         let report = Report::new(program, Origin::Memory, 0.0);
