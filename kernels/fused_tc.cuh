@@ -196,10 +196,12 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const l
     return tl;
 }
 
-// Position along axis `a` of group index `index` of the tile's dilation group.
-__device__ __forceinline__ long long na_tile_position(const NaFusedParams& f, const NaTcTile& tl,
-                                                      int a, long long index) {
-    return index * f.dilation[a] + tl.group[a];
+// Position along axis `a` of group index `index` of the tile's dilation group. Every index of a
+// tensor-core kernel (batch, head, position along an axis) fits 32 bits; addresses are formed in
+// 64.
+__device__ __forceinline__ int na_tile_position(const NaFusedParams& f, const NaTcTile& tl, int a,
+                                                long long index) {
+    return (int)index * (int)f.dilation[a] + tl.group[a];
 }
 
 // Positions `x` of the group indices `index` of the tile's dilation group, every axis.
@@ -210,6 +212,33 @@ __device__ __forceinline__ void na_tile_positions(const NaFusedParams& f, const 
     for (int a = 0; a < 3; ++a) {
         x[a] = na_tile_position(f, tl, a, index[a]);
     }
+}
+
+// Offset in `v` of channel 0 of the row of (b, h) at group indices `index` of the tile's
+// dilation group. Its indices fitting 32 bits, each term is a 32 x 64-bit multiply-add (two
+// instructions) rather than a 64-bit product.
+template <class Index>
+__device__ __forceinline__ long long na_tile_offset(const NaFusedParams& f, const NaTcTile& tl,
+                                                    const NaView& v, long long b, long long h,
+                                                    const Index index[3]) {
+    auto term = [](long long i, long long stride) {
+        return (unsigned long long)(unsigned)i * (unsigned long long)stride;
+    };
+    unsigned long long at = term(b, v.stride[0]) + term(h, v.stride[1]);
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        at += term(na_tile_position(f, tl, a, index[a]), v.stride[2 + a]);
+    }
+    return (long long)at;
+}
+
+// Channel 0 of that row (na_tile_offset).
+template <class Index>
+__device__ __forceinline__ const elem_t* na_tile_row_ptr(const NaFusedParams& f,
+                                                         const NaTcTile& tl, const NaView& v,
+                                                         long long b, long long h,
+                                                         const Index index[3]) {
+    return na_ptr(v) + na_tile_offset(f, tl, v, b, h, index);
 }
 
 // The window of group index `qi` along axis `a` of the tile's group.
@@ -523,11 +552,9 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
                 return;
             }
             int c[3];
-            long long y[3];
             na_column(tl, s, n, c);
-            na_tile_positions(f, tl, c, y);
-            src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
-            src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+            src[0] = na_tile_row_ptr(f, tl, f.key, b, hk, c);
+            src[1] = na_tile_row_ptr(f, tl, f.value, b, hk, c);
             step[0] = f.key.stride[5];
             step[1] = f.value.stride[5];
         });

@@ -298,12 +298,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         // publishes them).
         na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
             d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
-                long long index[3], x[3];
+                long long index[3];
                 if (!na_tile_row(tl, n, index)) {
                     return;
                 }
-                na_tile_positions(f, tl, index, x);
-                src[0] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+                src[0] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
                 step[0] = p.d_out.stride[5];
             });
         const elem_t* own_d_out = d_outs[16 * warp + g];
@@ -382,9 +381,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         long long at[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            long long x[3];
-            na_tile_positions(f, tl, rows[r].index, x);
-            at[r] = na_offset(p.d_query, b, h, x[0], x[1], x[2], 0);
+            at[r] = na_tile_offset(f, tl, p.d_query, b, h, rows[r].index);
         }
         na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
         na_copies_wait();  // copies a task without slabs issued must not land in the next's
@@ -443,28 +440,25 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
     // Start staging a slab's queries and output gradients into `slab`, and store their rows'
     // statistics (after a barrier that ends the reads of what was there).
     auto stage = [&](const NaSlab& s, NaQuerySlab& slab) {
-        auto position = [&](int n, long long x[3]) {
-            int c[3];
-            na_column(tl, s, n, c);
-            na_tile_positions(f, tl, c, x);
-        };
         na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
             slab.queries[0], slab.d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
                 if (n >= s.count) {
                     return;
                 }
-                long long x[3];
-                position(n, x);
-                src[0] = na_row_ptr(f.query, b, h, x[0], x[1], x[2]);
-                src[1] = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+                int c[3];
+                na_column(tl, s, n, c);
+                src[0] = na_tile_row_ptr(f, tl, f.query, b, h, c);
+                src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, c);
                 step[0] = f.query.stride[5];
                 step[1] = p.d_out.stride[5];
             });
         for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
             slab.stats[n] = {0, 0};
             if (n < s.count) {
+                int c[3];
                 long long x[3];
-                position(n, x);
+                na_column(tl, s, n, c);
+                na_tile_positions(f, tl, c, x);
                 const long long row = na_query_row(f, b, h, x);
                 slab.stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
             }
@@ -575,13 +569,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
         na_set_box_dividers(tl);
         // The tile's keys and values, row n as na_tile_rows numbers them.
         na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
-            long long index[3], y[3];
+            long long index[3];
             if (!na_tile_row(tl, n, index)) {
                 return;
             }
-            na_tile_positions(f, tl, index, y);
-            src[0] = na_row_ptr(f.key, b, hk, y[0], y[1], y[2]);
-            src[1] = na_row_ptr(f.value, b, hk, y[0], y[1], y[2]);
+            src[0] = na_tile_row_ptr(f, tl, f.key, b, hk, index);
+            src[1] = na_tile_row_ptr(f, tl, f.value, b, hk, index);
             step[0] = f.key.stride[5];
             step[1] = f.value.stride[5];
         });
@@ -593,10 +586,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
         long long at_key[2], at_value[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            long long y[3];
-            na_tile_positions(f, tl, rows[r].index, y);
-            at_key[r] = na_offset(p.d_key, b, hk, y[0], y[1], y[2], 0);
-            at_value[r] = na_offset(p.d_value, b, hk, y[0], y[1], y[2], 0);
+            at_key[r] = na_tile_offset(f, tl, p.d_key, b, hk, rows[r].index);
+            at_value[r] = na_tile_offset(f, tl, p.d_value, b, hk, rows[r].index);
         }
         na_store_key_tile(p.d_key, at_key, p.d_value, at_value, rows, grads, (float)f.scale, t);
         na_copies_wait();  // copies a task without slabs issued must not land in the next's

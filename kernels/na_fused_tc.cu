@@ -58,15 +58,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
         const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
-        auto position = [&](const NaTcRow& row, int a) {
-            return na_tile_position(f, tl, a, row.index[a]);
-        };
         const elem_t* query_rows[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            query_rows[r] = rows[r].valid ? na_row_ptr(f.query, b, h, position(rows[r], 0),
-                                               position(rows[r], 1), position(rows[r], 2))
-                                  : nullptr;
+            query_rows[r] =
+                rows[r].valid ? na_tile_row_ptr(f, tl, f.query, b, h, rows[r].index) : nullptr;
         }
 #if NA_TC_QUERY_REGISTERS
         unsigned query[NA_TC_STEPS][4];
@@ -168,8 +164,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 continue;
             }
             const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            const long long x0 = position(row, 0), x1 = position(row, 1), x2 = position(row, 2);
-            const long long at_out = na_offset(f.out, b, h, x0, x1, x2, 0);
+            const long long at_out = na_tile_offset(f, tl, f.out, b, h, row.index);
 #pragma unroll
             for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
 #pragma unroll
@@ -183,7 +178,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             }
             if (t == 0 && pass == 0) {
                 float* lse = reinterpret_cast<float*>(f.lse.data);
-                lse[na_offset(f.lse, b, h, x0, x1, x2, 0)] = softmax.lse(r, total);
+                lse[na_tile_offset(f, tl, f.lse, b, h, row.index)] = softmax.lse(r, total);
             }
         }
         }

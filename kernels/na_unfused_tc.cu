@@ -97,9 +97,7 @@ __device__ __forceinline__ NaUtTile na_ut_tile(const NaParams& p, const NaFusedP
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         u.first_slot[r] = na_slot_number(u.rows[r].start);
-        long long x[3];
-        na_tile_positions(f, u.tl, u.rows[r].index, x);
-        u.at[r] = na_offset(rows_of, job.batch, job.head, x[0], x[1], x[2], 0);
+        u.at[r] = na_tile_offset(f, u.tl, rows_of, job.batch, job.head, u.rows[r].index);
     }
     return u;
 }
@@ -211,11 +209,10 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         const elem_t* query_rows[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            long long x[3];
-            na_tile_positions(f, u.tl, u.rows[r].index, x);
             query_rows[r] =
-                u.rows[r].valid ? na_row_ptr(f.query, job.batch, job.head, x[0], x[1], x[2])
-                                : nullptr;
+                u.rows[r].valid
+                    ? na_tile_row_ptr(f, u.tl, f.query, job.batch, job.head, u.rows[r].index)
+                    : nullptr;
         }
         unsigned query[NA_UT_STEPS][4];
 #pragma unroll
@@ -306,9 +303,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             if (!u.rows[r].valid) {
                 continue;
             }
-            long long x[3];
-            na_tile_positions(f, u.tl, u.rows[r].index, x);
-            const long long at = na_offset(p.out, job.batch, job.head, x[0], x[1], x[2], 0);
+            const long long at = na_tile_offset(f, u.tl, p.out, job.batch, job.head, u.rows[r].index);
 #pragma unroll
             for (int o = 0; o < NA_DIM / 8; ++o) {
 #pragma unroll
