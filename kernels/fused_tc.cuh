@@ -346,24 +346,38 @@ struct NaMaskWord<true> {
     using type = unsigned long long;
 };
 
-// Slab columns `[lo, hi)`, clamped to `[0, count)` (count at most the word's width), as the
-// bits of a word (32 or 64 bits: `Word`).
+// 2^n in a `Word` (32 or 64 bits) for n in [0, width]; 2^width wraps to 0. Bits [lo, hi) of a
+// word, for 0 <= lo <= hi <= width, are na_power<Word>(hi) - na_power<Word>(lo).
+template <class Word>
+__device__ __forceinline__ Word na_power(int n) {
+#ifdef NA_HOST
+    return n >= 8 * (int)sizeof(Word) ? Word(0) : Word(1) << n;
+#else
+    // PTX clamps shift amounts at the register's width (C++ leaves them undefined there).
+    Word y;
+    if constexpr (sizeof(Word) == 8) {
+        asm("shl.b64 %0, %1, %2;" : "=l"(y) : "l"(1ull), "r"(n));
+    } else {
+        asm("shl.b32 %0, %1, %2;" : "=r"(y) : "r"(1u), "r"(n));
+    }
+    return y;
+#endif
+}
+
+// Slab columns `[lo, hi)` (lo <= hi), clamped to `[0, count)` (count at most the word's width),
+// as the bits of a word (32 or 64 bits: `Word`).
 template <class Word>
 __device__ __forceinline__ Word na_run_bits(int lo, int hi, int count) {
-    constexpr int width = 8 * sizeof(Word);
-    auto below = [](int n) { return n >= width ? ~Word(0) : (Word(1) << n) - Word(1); };
-    lo = max(lo, 0);
-    hi = max(min(hi, count), 0);
-    // An empty run (lo >= hi) gives no bits: below(hi) is then inside below(lo).
-    return below(hi) & ~below(lo);
+    // Clamping keeps the ends in order, so a run clamped away gives no bits.
+    return na_power<Word>(max(min(hi, count), 0)) - na_power<Word>(max(min(lo, count), 0));
 }
 
 // Which of this lane's products with a slab count: bit na_seen_bit(kb, r, e) when column
 // 8 kb + 2 t + e exists and lies in the range of row r (every additional token counts for every
-// valid row). Built per row over the whole slab first: the slab's columns are a run of the box
-// in row-major order, so it crosses whole lines of the box (runs along the last axis) from the
-// one holding its first column, and a row's range covers one run of each line whose leading
-// coordinates it holds. That takes a few operations per line rather than per column.
+// valid row). Built per row over the whole slab first. The slab's columns are a run of the box in
+// row-major order, so they cross whole lines of the box (runs along its last axis), and a row's
+// range holds one run of each line whose leading coordinates lie in its range. Only the lines
+// both hold are visited: a few operations per line, none per column.
 template <int BLOCKS>
 __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
                                                  const NaTcRow rows[2], int t) {
@@ -371,8 +385,14 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
     // Narrow slabs take 32-bit words (registers are short in the kernels that take them).
     using Word = typename NaMaskWord<(BLOCKS > 4)>::type;
     // This lane's columns 8 kb + 2 t + e are bits 2 t and 2 t + 1 of byte kb of a row's word;
-    // the lane's two rows go side by side. Rows one at a time, to keep few registers live.
+    // the lane's two rows go side by side.
     constexpr Word pairs = Word(0x0303030303030303ull);
+    // Lines are numbered row-major over the box's two leading axes: the slab's first and last,
+    // and the second coordinate (from the box's start) of its first.
+    const int first = (int)s.first;
+    const int first_line = na_quotient(first, tl.box_div[2]);
+    const int last_line = na_quotient(first + s.count - 1, tl.box_div[2]);
+    const int first_line_c1 = first_line - na_quotient(first_line, tl.box_div[1]) * tl.box_len[1];
     Word mine = 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -381,21 +401,32 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
         if (s.extra) {
             in = row.valid ? na_run_bits<Word>(0, s.count, s.count) : Word(0);
         } else if (row.valid) {
-            const int first = (int)s.first;
-            const int line = na_quotient(first, tl.box_div[2]);
-            const int top = na_quotient(line, tl.box_div[1]);
-            int c0 = top + tl.box_first[0];
-            int c1 = line - top * tl.box_len[1] + tl.box_first[1];
-            // `shift` + x is the slab column of last-axis group index x on the current line.
-            for (int shift = line * tl.box_len[2] - first - tl.box_first[2];
-                 shift + tl.box_first[2] < s.count; shift += tl.box_len[2]) {
-                if (row.start[0] <= c0 && c0 < row.end[0] && row.start[1] <= c1 &&
-                    c1 < row.end[1]) {
-                    in |= na_run_bits<Word>(shift + row.start[2], shift + row.end[2], s.count);
+            // The row's range from the box's start, its ends clamped to the box (a range may
+            // reach past it, such as the additional tokens' ranges, which span every query).
+            int start[3], end[3];
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                start[a] = row.start[a] - tl.box_first[a];
+                end[a] = min(row.end[a] - tl.box_first[a], tl.box_len[a]);
+            }
+            // The row's lines run from (start0, start1) to (end0 - 1, end1 - 1); it holds those
+            // between whose second coordinate lies in [start1, end1): `k`, the coordinate less
+            // start1, below `lines`.
+            const int lines = end[1] - start[1];
+            const int row_first = start[0] * tl.box_len[1] + start[1];
+            const int row_last = (end[0] - 1) * tl.box_len[1] + end[1] - 1;
+            int line = max(first_line, row_first);
+            int k = line == row_first ? 0 : first_line_c1 - start[1];
+            // The slab column of the start of the row's run on `line`, and the run's length.
+            int at = line * tl.box_len[2] + start[2] - first;
+            const int width = end[2] - start[2];
+            for (const int last = min(last_line, row_last); line <= last; ++line) {
+                if ((unsigned)k < (unsigned)lines) {
+                    in |= na_run_bits<Word>(at, at + width, s.count);
                 }
-                if (++c1 == tl.box_first[1] + tl.box_len[1]) {
-                    c1 = tl.box_first[1];
-                    ++c0;
+                at += tl.box_len[2];
+                if (++k == tl.box_len[1] - start[1]) {
+                    k = -start[1];  // the next line starts the next first coordinate
                 }
             }
         }

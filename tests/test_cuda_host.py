@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import shutil
+import subprocess
+from pathlib import Path
 
 import natten_rs
 import natten_rs.functional as F
@@ -121,6 +123,31 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, ke
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
     check_fused_backward(case, dtype, "cpu", kernels)
+
+
+# The -D constants common.cuh asks of every kernel (values the checks below do not depend on).
+HOST_CONSTANTS = {
+    "NA_DTYPE": 3, "NA_K0": 1, "NA_K1": 7, "NA_K2": 7, "NA_C0": 0, "NA_C1": 0, "NA_C2": 0,
+    "NA_S0": 1, "NA_S1": 1, "NA_S2": 1, "NA_BLOCK": 128, "NA_REDUCE_THREADS": 256,
+    "NA_EXTRA_ROWS": 4, "NA_DIM": 32, "NA_DIM_V": 32,
+}  # fmt: skip
+
+
+def test_slab_masks_match_their_column_by_column_definition(tmp_path):
+    # The tensor-core kernels build their masks a box line at a time; tests/kernels/
+    # slab_masks.cpp checks them against the definition, column by column, over random boxes,
+    # slabs and ranges (and the box dividers against division).
+    root = Path(__file__).resolve().parent
+    binary = tmp_path / "slab_masks"
+    defines = [f"-D{name}={value}" for name, value in HOST_CONSTANTS.items()]
+    subprocess.run(
+        ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
+         str(root / "kernels" / "slab_masks.cpp"), "-o", str(binary)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith(" 0 differences"), run.stdout
 
 
 # GQA with rpb in 2-D and 3-D (the second causal, dilated), additional tokens past a tile.
