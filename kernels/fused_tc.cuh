@@ -656,25 +656,22 @@ __device__ __forceinline__ void na_row_products(float acc[BLOCKS][4], const unsi
     }
 }
 
-// acc[o] += weights . rows[:, first_channel + 8 o ...] for the `blocks` 8-channel blocks `o`,
-// 16 slab columns at a time: `weights` are per-column factors of this warp's rows in the C
-// layout of a product (two 8-column blocks of which are one A fragment), `rows` the slab's
-// staged rows (`pitch` elements apart, 16-byte aligned). Chunks of 16 columns the warp does not
-// see are skipped.
-template <int CHUNKS, int OUT_BLOCKS>
-__device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
-                                                 const float weights[2 * CHUNKS][4],
-                                                 const elem_t* rows, int pitch, int first_channel,
-                                                 int blocks, unsigned live, int lane) {
+// acc[o] += A . rows[:, first_channel + 8 o ...] for the `blocks` 8-channel blocks `o`, 16 slab
+// columns at a time: `fragment(kc, a)` sets the A fragment of chunk kc (this warp's rows' factors
+// of its 16 columns), `rows` are the slab's staged rows (`pitch` elements apart, 16-byte
+// aligned). Chunks of 16 columns the warp does not see are skipped.
+template <int CHUNKS, int OUT_BLOCKS, class Fragment>
+__device__ __forceinline__ void na_weighted_fragments(float acc[OUT_BLOCKS][4], Fragment&& fragment,
+                                                      const elem_t* rows, int pitch,
+                                                      int first_channel, int blocks, unsigned live,
+                                                      int lane) {
 #pragma unroll
     for (int kc = 0; kc < CHUNKS; ++kc) {
         if (!na_block_live(live, 2 * kc) && !na_block_live(live, 2 * kc + 1)) {
             continue;
         }
-        const float* lo = weights[2 * kc];
-        const float* hi = weights[2 * kc + 1];
-        const unsigned a[4] = {na_pack_acc(lo[0], lo[1]), na_pack_acc(lo[2], lo[3]),
-                               na_pack_acc(hi[0], hi[1]), na_pack_acc(hi[2], hi[3])};
+        unsigned a[4];
+        fragment(kc, a);
 #pragma unroll
         for (int o = 0; o < OUT_BLOCKS; ++o) {
             if (o >= blocks) {
@@ -685,6 +682,26 @@ __device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
             na_mma(acc[o], a, b);
         }
     }
+}
+
+// na_weighted_fragments of factors in the C layout of a product (`weights`: two 8-column blocks
+// of which are one A fragment), rounded to elem_t.
+template <int CHUNKS, int OUT_BLOCKS>
+__device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
+                                                 const float weights[2 * CHUNKS][4],
+                                                 const elem_t* rows, int pitch, int first_channel,
+                                                 int blocks, unsigned live, int lane) {
+    na_weighted_fragments<CHUNKS, OUT_BLOCKS>(
+        acc,
+        [&](int kc, unsigned a[4]) {
+            const float* lo = weights[2 * kc];
+            const float* hi = weights[2 * kc + 1];
+            a[0] = na_pack_acc(lo[0], lo[1]);
+            a[1] = na_pack_acc(lo[2], lo[3]);
+            a[2] = na_pack_acc(hi[0], hi[1]);
+            a[3] = na_pack_acc(hi[2], hi[3]);
+        },
+        rows, pitch, first_channel, blocks, live, lane);
 }
 
 // The sum and the max of `x` over the quad of lanes that share a row (lanes 4 g .. 4 g + 3).

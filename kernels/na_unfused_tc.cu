@@ -234,8 +234,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 na_zero<NA_UT_KEY_BLOCKS>(logits);
                 na_row_products<NA_UT_STEPS, NA_UT_KEY_BLOCKS>(logits, query, rows, NA_UT_PITCH,
                                                                live, g, t);
-                na_logits<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s, u.rows,
-                                                   f.has_bias != 0, t);
+                // Unscaled, the products are the logits but for the bias; those no row sees
+                // are never stored, so only the bias needs the logits' pass.
+                if (f.has_bias != 0) {
+                    na_logits_of<NA_UT_KEY_BLOCKS, false, true>(logits, seen, f, job.head, u.tl,
+                                                                s, u.rows, t);
+                }
                 na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
@@ -281,21 +285,28 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             f, u, job, values, t,
             [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows,
                 const int* numbers) {
-                // The weights of the slab's columns in the C layout of a product (zero where a
-                // row does not see the column), which na_weighted_rows packs into A fragments.
-                float w[NA_UT_KEY_BLOCKS][4];
-                na_zero<NA_UT_KEY_BLOCKS>(w);
+                // The weights of the slab's columns as the products' A fragments, packed as
+                // loaded (zero where a row does not see the column): word r of block kb holds
+                // row g + 8 r's columns 8 kb + 2 t (low half) and 8 kb + 2 t + 1.
+                unsigned w[NA_UT_KEY_BLOCKS][2] = {};
                 na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         if (na_seen(seen, kb, r, e)) {
-                            w[kb][2 * r + e] =
-                                to_acc(own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)]);
+                            const elem_t x = own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)];
+                            w[kb][r] |= (unsigned)x << (16 * e);
                         }
                     }
                 });
-                na_weighted_rows<NA_UT_KEYS / 16, NA_DIM / 8>(acc, w, rows, NA_UT_PITCH, 0,
-                                                              NA_DIM / 8, live, lane);
+                na_weighted_fragments<NA_UT_KEYS / 16, NA_DIM / 8>(
+                    acc,
+                    [&](int kc, unsigned a[4]) {
+                        a[0] = w[2 * kc][0];
+                        a[1] = w[2 * kc][1];
+                        a[2] = w[2 * kc + 1][0];
+                        a[3] = w[2 * kc + 1][1];
+                    },
+                    rows, NA_UT_PITCH, 0, NA_DIM / 8, live, lane);
             });
 
 #pragma unroll
