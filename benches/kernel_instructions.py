@@ -6,9 +6,10 @@ Each kernel walks its columns slab by slab; the slab loop is the innermost loop 
 tensor-core products (HMMA). Its instructions per HMMA say how much issue bandwidth goes to
 masks, softmax, staging and addressing rather than to products: a warp scheduler issues one
 instruction per cycle, so a loop far above a few instructions per HMMA is issue-bound, whatever
-the memory system does. The counts are static (each instruction once, branches not taken
-included, such as the bias path of a problem without one), so they bound the executed ones from
-above. With ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and
+the memory system does. The counts are static: each instruction once, branches not taken
+included (such as the bias path of a problem without one), and loops inside the slab loop (the
+mask's walk over box lines) as one pass, so they estimate the executed ones rather than bound
+them. With ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and
 the N source lines with the most instructions in each loop are listed.
 
     python benches/kernel_instructions.py [--problems vision flux video] [--arch sm_90a]
