@@ -197,8 +197,8 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const l
 }
 
 // Position along axis `a` of group index `index` of the tile's dilation group. Every index of a
-// tensor-core kernel (batch, head, position along an axis) fits 32 bits; addresses are formed in
-// 64.
+// tensor-core kernel (batch, head, position along an axis) fits 32 bits, as the host checks
+// (fused_launch::indices_fit_32_bits); addresses are formed in 64.
 __device__ __forceinline__ int na_tile_position(const NaFusedParams& f, const NaTcTile& tl, int a,
                                                 long long index) {
     return (int)index * (int)f.dilation[a] + tl.group[a];

@@ -159,12 +159,18 @@ pub type FusedBackwardLaunch = FusedLaunch<FusedBackwardParams>;
 pub fn backward_stats_len(p: &FusedProblem) -> usize {
     let tokens: usize = p.axes.iter().map(|a| a.length).product();
     let stats = 2 * p.batch * p.heads * tokens;
-    let tensor_cores = takes_tensor_cores(Source::FusedBwdTc, p.dtype, (p.dim, p.dim_v));
+    let tensor_cores = takes_tensor_cores(Source::FusedBwdTc, p.dtype, (p.dim, p.dim_v))
+        && fused_indices_fit_32_bits(p);
     if !(p.rpb && tensor_cores && bias_grads_on_tensor_cores(p)) {
         return stats;
     }
     let (tiles, slices) = bias_sum_rows(p);
     stats + p.heads * (tiles + slices) * bias_key(p).bias_span()
+}
+
+/// `indices_fit_32_bits` for fused problem `p`.
+pub fn fused_indices_fit_32_bits(p: &FusedProblem) -> bool {
+    indices_fit_32_bits(p.batch, p.heads, &p.axes, p.extra)
 }
 
 /// The tensor-core backward's variant for `p`.
@@ -385,6 +391,16 @@ pub fn takes_tensor_cores(
 ) -> bool {
     let dims_fit = |d: usize| d > 0 && d.is_multiple_of(8) && d <= source.max_dim();
     source.dtypes().contains(&dtype) && dims_fit(dim) && dims_fit(dim_v)
+}
+
+/// Whether every index the tensor-core kernels (fused and unfused) form for a problem fits their
+/// 32 bits: batch and head numbers, additional tokens, and the tokens of one (batch, head), which
+/// bound each position along an axis and each column of a key box. Larger problems take the other
+/// kernels, which index in 64 bits.
+pub fn indices_fit_32_bits(batch: usize, heads: usize, axes: &[Axis; 3], extra: usize) -> bool {
+    let tokens = axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.length));
+    let fits = |n: usize| n <= i32::MAX as usize;
+    tokens.is_some_and(fits) && [batch, heads, extra].into_iter().all(fits)
 }
 
 /// The query tile of the tensor-core forward: `TC_ROWS` queries at most, grown by doubling,

@@ -494,3 +494,34 @@ fn precompiled_fused_variants_are_the_ones_problems_launch() {
         );
     }
 }
+
+/// Problems with an index past 32 bits (batch, heads, additional tokens, or tokens of one
+/// (batch, head)) keep the kernels that index in 64 bits, and allocate no scratch for the
+/// tensor-core bias sums.
+#[test]
+fn tensor_cores_take_only_problems_whose_indices_fit_32_bits() {
+    let axes = |lengths: [usize; 3]| {
+        lengths.map(|length| Axis {
+            length,
+            kernel: 1,
+            stride: 1,
+            dilation: 1,
+            causal: false,
+        })
+    };
+    let limit = i32::MAX as usize;
+    let fit =
+        |batch, heads, lengths, extra| indices_fit_32_bits(batch, heads, &axes(lengths), extra);
+    assert!(fit(limit, limit, [1, 1, limit], limit));
+    assert!(fit(1, 1, [1 << 10, 1 << 10, (1 << 11) - 1], 0));
+    assert!(!fit(limit + 1, 1, [1, 1, 1], 0));
+    assert!(!fit(1, limit + 1, [1, 1, 1], 0));
+    assert!(!fit(1, 1, [1, 1, 1], limit + 1));
+    assert!(!fit(1, 1, [1 << 10, 1 << 11, 1 << 10], 0));
+    assert!(!fit(1, 1, [usize::MAX, 2, 1], 0));
+    // 2^31 tokens: the bias's gradient is the warp kernel's, with no scratch beside the stats.
+    let huge = biased(&[1, 1 << 16, 1 << 15, 1, 64], vec![3, 3], &[1, 5, 5]);
+    assert_eq!(backward_stats_len(&huge), 2 << 31);
+    let under = biased(&[1, 1 << 16, (1 << 15) - 1, 1, 64], vec![3, 3], &[1, 5, 5]);
+    assert!(backward_stats_len(&under) > 2 * (1 << 16) * ((1 << 15) - 1));
+}

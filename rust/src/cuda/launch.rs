@@ -7,7 +7,9 @@
 //! `Scatter` (a gather over inverse windows); extra-token gradients are `ExtraGrad`; `d_rpb` is
 //! `BiasGrad`.
 
-use super::fused_launch::{takes_tensor_cores as source_takes, tiling_of, TC_ROWS, TC_THREADS};
+use super::fused_launch::{
+    indices_fit_32_bits, takes_tensor_cores as source_takes, tiling_of, TC_ROWS, TC_THREADS,
+};
 use super::kernels::{Function, Source, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
 use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
 use crate::dlpack::{DType, TensorRef};
@@ -249,10 +251,12 @@ pub fn products_take_tensor_cores(dtype: DType, dim: usize, slots: usize, extra:
         && tensor_core_shared_bytes(dtype, dim, slots) <= STATIC_SHARED_BYTES
 }
 
-/// `products_take_tensor_cores` for problem `p`.
+/// `products_take_tensor_cores` for problem `p`, whose indices fit the kernels' 32 bits
+/// (`indices_fit_32_bits`).
 pub fn takes_tensor_cores(p: &Problem) -> bool {
     let slots = p.axes.iter().map(|a| a.kernel).product();
     products_take_tensor_cores(p.dtype, p.dim, slots, p.extra)
+        && indices_fit_32_bits(p.batch, p.heads, &p.axes, p.extra)
 }
 
 /// The kernels of the window products: on tensor cores (where the problem takes them and the

@@ -224,6 +224,13 @@ fn window_products_take_tensor_cores_where_the_kernels_fit() {
     assert!(!takes(136, vec![3, 3], 0));
     assert!(!takes(128, vec![11, 11], 0));
     assert!(takes(16, vec![11, 11], 0));
+    // 2^31 tokens per (batch, head) are past the kernels' 32-bit indices; one row fewer is not.
+    let tokens = |rows: usize| {
+        let q = TensorRef::meta(&[1, 1, rows, 1 << 15, 32], DType::BF16, Device::Cuda(0));
+        let nbhd = Neighborhood::unfused(vec![7, 7], vec![1; 2], vec![false; 2]);
+        takes_tensor_cores(&Problem::for_qk(&q, &q, None, None, &nbhd).unwrap())
+    };
+    assert!(tokens((1 << 16) - 1) && !tokens(1 << 16));
     // The limit is the static shared memory: 2 slabs of 64 rows of 136 elements and a 4-byte
     // key number, and 64 rows of 105 slots, in 2-byte elements, is 48768 bytes; 121 slots would
     // be 50816.

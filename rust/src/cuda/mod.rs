@@ -156,14 +156,20 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
 }
 
 /// The variant the fused forward of problem `p` runs: the tensor-core one where the problem and
-/// the device allow it (half types, head dims multiples of 8, compute capability 8.0 or later),
-/// else the one-warp-per-query one.
+/// the device allow it (half types, head dims multiples of 8, indices in 32 bits, compute
+/// capability 8.0 or later), else the one-warp-per-query one.
 pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
-    let tensor_cores = device_has_tensor_cores(p.device)?;
+    let tensor_cores = fused_may_take_tensor_cores(p)?;
     match forward_source(p.dtype, (p.dim, p.dim_v), tensor_cores) {
         Source::FusedTc => Ok(KernelKey::for_fused(Source::FusedTc, p)),
         source => fused_key(source, p),
     }
+}
+
+/// Whether fused problem `p` may take the tensor-core kernels (if its dtype and head dims fit
+/// them): its indices fit their 32 bits and its device has tensor cores.
+fn fused_may_take_tensor_cores(p: &FusedProblem) -> Result<bool> {
+    Ok(fused_launch::fused_indices_fit_32_bits(p) && device_has_tensor_cores(p.device)?)
 }
 
 /// Whether `device` has tensor cores (the host build emulates them).
@@ -181,7 +187,7 @@ fn backward_on_tensor_cores(p: &FusedProblem) -> Result<bool> {
     Ok(backward_takes_tensor_cores(
         p.dtype,
         (p.dim, p.dim_v),
-        device_has_tensor_cores(p.device)?,
+        fused_may_take_tensor_cores(p)?,
     ))
 }
 
