@@ -12,6 +12,9 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
     and unfused / fused;
   * with NATTEN importable (installed, or its source tree given by ``--natten``): its flex
     backend (compiled by torch.compile), and natten / fused;
+  * on an sm_90 device (unless NATTEN_RS_WGMMA is set already): ``wgmma``, the fused op with
+    the forward's warpgroup products (NATTEN_RS_WGMMA=1), its time and the mma.sync time over
+    it (above 1: the warpgroup products are faster);
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from dataclasses import dataclass
 
@@ -96,6 +100,16 @@ def fused(p: Problem, q, k, v, rpb):
     return op(q, k, v, p.kernel, dilation=p.dilation, rpb=rpb)
 
 
+def fused_warpgroup(p: Problem, q, k, v, rpb):
+    # The forward's warpgroup products (NATTEN_RS_WGMMA=1, read at each call; sm_90a). The
+    # backward, run outside, is the same kernels as `fused`'s.
+    os.environ["NATTEN_RS_WGMMA"] = "1"
+    try:
+        return fused(p, q, k, v, rpb)
+    finally:
+        del os.environ["NATTEN_RS_WGMMA"]
+
+
 def sdpa(p: Problem, q, k, v, rpb):
     heads_first = [t.flatten(1, p.rank).transpose(1, 2) for t in (q, k, v)]
     return F.scaled_dot_product_attention(*heads_first)
@@ -158,6 +172,8 @@ def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
         f"sdpa {times['sdpa'] * 1e3:9.3f} ms",
         f"vs flop share {ours / share:5.2f}",
     ]
+    if "wgmma" in times:
+        parts.append(f"wgmma {times['wgmma'] * 1e3:9.3f} ms ({ours / times['wgmma']:4.2f}x)")
     for name in ("unfused", "natten"):
         if name in times:
             parts.append(f"{name}/natten_rs {times[name] / ours:5.2f}x")
@@ -185,6 +201,8 @@ def main() -> None:
     for key in args.problems:
         p = PROBLEMS[key]
         contenders = {"natten_rs": fused, "sdpa": sdpa}
+        if torch.cuda.get_device_capability() == (9, 0) and "NATTEN_RS_WGMMA" not in os.environ:
+            contenders["wgmma"] = fused_warpgroup
         if p.unfused:
             contenders["unfused"] = unfused
         if natten is not None and not p.rpb:  # NATTEN 0.20 on has no rpb

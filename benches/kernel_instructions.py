@@ -9,7 +9,8 @@ instruction per cycle, so a loop far above a few instructions per HMMA is issue-
 the memory system does. The counts are static: each instruction once, branches not taken
 included (such as the bias path of a problem without one), and loops inside the slab loop (the
 mask's walk over box lines) as one pass, so they estimate the executed ones rather than bound
-them. With ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and
+them. A warpgroup product (HGMMA 64xNx16, NATTEN_RS_WGMMA=1 on sm_90a) counts as the N / 8
+HMMA-sized products it does for each of its four warps' rows. With ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and
 the N source lines with the most instructions in each loop are listed.
 
     python benches/kernel_instructions.py [--problems vision flux video] [--arch sm_90a]
@@ -114,8 +115,17 @@ def opcode(text: str) -> str:
     return re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
 
 
+def products(text: str) -> int:
+    """The m16n8k16 products (per warp) of an instruction: 1 for HMMA, N / 8 for HGMMA.64xNx16."""
+    if opcode(text) == "HMMA":
+        return 1
+    if m := re.search(r"HGMMA\.64x(\d+)x16", text):
+        return int(m.group(1)) // 8
+    return 0
+
+
 def slab_loop(code: list[Instruction]) -> list[Instruction]:
-    """The instructions of the innermost loop (a backward branch's span) that holds an HMMA."""
+    """The instructions of the innermost loop (a backward branch's span) that holds a product."""
     spans = []
     for address, text, _ in code:
         if opcode(text) == "BRA" and (m := re.search(r"0x([0-9a-f]+)", text)):
@@ -124,16 +134,16 @@ def slab_loop(code: list[Instruction]) -> list[Instruction]:
                 spans.append((target, address))
     for lo, hi in sorted(spans, key=lambda s: s[1] - s[0]):
         body = [i for i in code if lo <= i[0] <= hi]
-        if any(opcode(t) == "HMMA" for _, t, _ in body):
+        if any(products(t) for _, t, _ in body):
             return body
     return []
 
 
 def report(name: str, body: list[Instruction], lines: int) -> None:
     ops = collections.Counter(opcode(t) for _, t, _ in body)
-    products = ops["HMMA"]
+    count = sum(products(t) for _, t, _ in body)
     top = ", ".join(f"{op} {n}" for op, n in ops.most_common(8))
-    print(f"  {name:<28} {len(body):>6} {products:>5} {len(body) / products:>9.1f}   {top}")
+    print(f"  {name:<28} {len(body):>6} {count:>5} {len(body) / count:>9.1f}   {top}")
     for (source, line), n in collections.Counter(w for _, _, w in body).most_common(lines):
         print(f"      {n:>5}  {source}:{line}")
 

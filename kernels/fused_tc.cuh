@@ -518,32 +518,54 @@ __device__ __forceinline__ void na_copies_wait() {
 }
 
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
-// apart; none when null) into `dst`, zeros up to `padded` channels: 16 bytes at a time,
-// asynchronously, where the row is dense and aligned, else one element at a time. The thread
-// must na_copies_wait before the barrier that publishes the row. N is a multiple of 8.
-template <int N, int PARTS>
+// apart; none when null) into `dst`, zeros up to `padded` channels, its 8-channel chunks CHUNK
+// elements apart (NaStaged): 16 bytes at a time, asynchronously, where the row is dense and
+// aligned, else one element at a time. The thread must na_copies_wait before the barrier that
+// publishes the row. N is a multiple of 8.
+template <int N, int PARTS, int CHUNK>
 __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
                                              int padded, int part) {
     const bool whole = src != nullptr && step == 1 &&
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
     for (int c = 8 * part; c < padded; c += 8 * PARTS) {
+        elem_t* const chunk = dst + c / 8 * CHUNK;
         if (whole && c < N) {
-            na_copy16_async(dst + c, src + c);
+            na_copy16_async(chunk, src + c);
             continue;
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            dst[c + i] = src != nullptr && c + i < N ? src[(c + i) * step] : elem_t(0);
+            chunk[i] = src != nullptr && c + i < N ? src[(c + i) * step] : elem_t(0);
         }
     }
 }
 
-// Stage slab rows `[0, ROWS)` (as na_stage_row stages them): row n from `row_of(n, ptrs,
-// steps)`, which sets the channel-0 pointers (null for none: zeros) and channel steps of the
-// rows of `dst` (N channels, padded with zeros to whole steps) and `dst_v` (N_V channels); a
-// null destination is skipped.
-template <int ROWS, int N, int N_V, class RowOf>
+// How staged rows of N channels (padded with zeros to whole 16-channel steps) lie in shared
+// memory. Pitched (CORE_MATRICES false): row after row, each padded by NA_TC_SKEW, which
+// ldmatrix reads without bank conflicts. In core matrices (wgmma's operand layout without
+// swizzling, NaSmemMatrix): the 8x8 blocks of eight rows by eight channels are 128 contiguous
+// bytes each, a row group's blocks in channel order and the row groups one after another.
+template <int N, bool CORE_MATRICES>
+struct NaStaged {
+    static constexpr int padded = NA_TC_PAD(N);
+    // Elements from one 8-channel chunk of a row to the next.
+    static constexpr int chunk = CORE_MATRICES ? 64 : 8;
+    // Elements a buffer takes per row.
+    static constexpr int per_row = CORE_MATRICES ? padded : padded + NA_TC_SKEW;
+    // Where row n starts.
+    __device__ __forceinline__ static int row(int n) {
+        return CORE_MATRICES ? n / 8 * (8 * padded) + n % 8 * 8 : n * (padded + NA_TC_SKEW);
+    }
+};
+
+// Stage slab rows `[0, ROWS)` (as na_stage_row stages them, laid out as NaStaged): row n from
+// `row_of(n, ptrs, steps)`, which sets the channel-0 pointers (null for none: zeros) and channel
+// steps of the rows of `dst` (N channels) and `dst_v` (N_V channels); a null destination is
+// skipped.
+template <int ROWS, int N, int N_V, bool CORE_MATRICES = false, class RowOf>
 __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
+    using Rows = NaStaged<N, CORE_MATRICES>;
+    using RowsV = NaStaged<N_V, CORE_MATRICES>;
     constexpr int parts = NA_TC_THREADS / ROWS;
     const int part = threadIdx.x % parts;
     for (int n = threadIdx.x / parts; n < ROWS; n += NA_TC_THREADS / parts) {
@@ -551,26 +573,26 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
         long long step[2] = {0, 0};
         row_of(n, src, step);
         if (dst != nullptr) {
-            na_stage_row<N, parts>(dst + n * (NA_TC_PAD(N) + NA_TC_SKEW), src[0], step[0],
-                                   NA_TC_PAD(N), part);
+            na_stage_row<N, parts, Rows::chunk>(dst + Rows::row(n), src[0], step[0], Rows::padded,
+                                                part);
         }
         if (dst_v != nullptr) {
-            na_stage_row<N_V, parts>(dst_v + n * (NA_TC_PAD(N_V) + NA_TC_SKEW), src[1], step[1],
-                                     NA_TC_PAD(N_V), part);
+            na_stage_row<N_V, parts, RowsV::chunk>(dst_v + RowsV::row(n), src[1], step[1],
+                                                   RowsV::padded, part);
         }
     }
 }
 
 // Start staging slab `s` of a query tile's key box (or of the additional tokens): its key rows
-// into `keys` and its value rows into `values` (either may be null: not staged), padded as
-// na_stage_pairs pads them; rows past the slab's end are zeros (a zero weight times a zero row
-// adds nothing). Every thread of the block calls it, after a barrier that ends the reads of what
-// it overwrites, and waits for its copies before the barrier that publishes them.
-template <int KEYS>
+// into `keys` and its value rows into `values` (either may be null: not staged), laid out and
+// padded as na_stage_pairs lays them; rows past the slab's end are zeros (a zero weight times a
+// zero row adds nothing). Every thread of the block calls it, after a barrier that ends the
+// reads of what it overwrites, and waits for its copies before the barrier that publishes them.
+template <int KEYS, bool CORE_MATRICES = false>
 __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const NaTcTile& tl,
                                                   const NaSlab& s, long long b, long long hk,
                                                   elem_t* keys, elem_t* values) {
-    na_stage_pairs<KEYS, NA_DIM, NA_DIM_V>(
+    na_stage_pairs<KEYS, NA_DIM, NA_DIM_V, CORE_MATRICES>(
         keys, values, [&](int n, const elem_t* src[2], long long step[2]) {
             if (n >= s.count) {
                 return;

@@ -13,7 +13,9 @@
 // of keys none of its 16 queries sees (a warp's queries see only part of the tile's box),
 // multiplies its queries by the rest (mma.sync, float accumulators), and folds them into a
 // running softmax (max and sum per query) and output, FlashAttention-style. Nothing is written
-// but the output and the logsumexp.
+// but the output and the logsumexp. On sm_90a, where the host asks for it (NA_WGMMA), the four
+// warps multiply together instead (wgmma: one 64-row product per step, slabs staged in core
+// matrices), skipping only the slabs no warp sees.
 #include "fused_tc.cuh"
 
 // Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
@@ -25,15 +27,34 @@
 // 16-channel steps of a query-key product (key rows padded with zeros to whole steps), 8-key
 // column blocks of a slab's logits, 8-channel column blocks of the output.
 #define NA_TC_STEPS (NA_TC_PAD(NA_DIM) / 16)
-#define NA_TC_DIM_PAD NA_TC_PAD(NA_DIM)
 #define NA_TC_KEY_BLOCKS (NA_TC_KEYS / 8)
-// Output columns are computed 128 at a time: wider outputs take more passes over the keys (their
-// accumulators would not fit in registers beside the rest).
-#define NA_TC_OUT_BLOCKS (NA_DIM_V / 8 < 16 ? NA_DIM_V / 8 : 16)
-#define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
 // Whether a warp keeps its query fragments in registers for the whole tile; wider rows read
 // them again for every product (registers go to the output instead of spilling).
 #define NA_TC_QUERY_REGISTERS (NA_DIM <= 128)
+// Whether the products are the block's warpgroup products (wgmma, tensor_core.cuh) rather than
+// each warp's own (mma.sync): where the target has them, for head dims up to 128 (queries in
+// registers, a slab's logits one 64-key product per step, the output one product per 16 keys).
+#if NA_HAS_WGMMA && NA_DIM <= 128 && NA_DIM_V <= 128
+#define NA_TC_WGMMA 1
+#else
+#define NA_TC_WGMMA 0
+#endif
+// Output columns are computed 128 at a time: wider outputs take more passes over the keys (their
+// accumulators would not fit in registers beside the rest). A warpgroup product's width is a
+// multiple of 16: its output takes the value channels padded to that (the padding stays zero).
+#if NA_TC_WGMMA
+#define NA_TC_OUT_BLOCKS (NA_TC_PAD(NA_DIM_V) / 8)
+#else
+#define NA_TC_OUT_BLOCKS (NA_DIM_V / 8 < 16 ? NA_DIM_V / 8 : 16)
+#endif
+#define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
+#if NA_TC_WGMMA
+static_assert(NA_TC_PASSES == 1, "warpgroup products take the whole output in one pass");
+#endif
+// How a slab's key and value rows lie in shared memory: in core matrices for wgmma, pitched for
+// ldmatrix (NaStaged).
+using NaKeyRows = NaStaged<NA_DIM, NA_TC_WGMMA>;
+using NaValueRows = NaStaged<NA_DIM_V, NA_TC_WGMMA>;
 
 // The forward's parameters and the query tiling (fused_launch::FusedTcParams).
 struct NaFusedTcParams {
@@ -45,11 +66,87 @@ struct NaFusedTcParams {
 static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + 6 * 8,
               "NaFusedTcParams must match fused_launch::FusedTcParams");
 
+// The barrier that publishes a staged slab, each thread having waited for its copies; returns
+// whether the slab's products run, given whether this warp sees any of it. Warpgroup products
+// read shared memory through the async proxy, so the threads' writes are fenced for it first,
+// and they run where any warp of the block sees the slab (all four warps take part); a warp's
+// own run where it sees the slab.
+__device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
+#if NA_TC_WGMMA
+    na_async_proxy_fence();
+    return __syncthreads_or(warp_sees) != 0;
+#else
+    __syncthreads();
+    return warp_sees;
+#endif
+}
+
+// The logits of this warp's sixteen queries (`query`, every step's A fragment) against the
+// slab's staged keys: the 8-key blocks the warp sees (`live`), or on wgmma every block.
+__device__ __forceinline__ void na_slab_logits(float logits[NA_TC_KEY_BLOCKS][4],
+                                               const unsigned query[NA_TC_STEPS][4],
+                                               const elem_t* keys, unsigned live, int g, int t) {
+#if NA_TC_WGMMA
+    // Step s is channels 16 s .. 16 s + 15 of every key: two core matrices along K (128 bytes
+    // apart), the key groups of eight a padded row group apart.
+    na_wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < NA_TC_STEPS; ++s) {
+        const NaSmemMatrix step = {keys + 128 * s, 128, 16 * NaKeyRows::padded};
+        na_wgmma<NA_TC_KEYS, 0>(&logits[0][0], query[s], step, s > 0);
+    }
+    na_wgmma_commit();
+    na_wgmma_wait<0>();
+    na_hold_registers<4 * NA_TC_KEY_BLOCKS>(&logits[0][0]);
+#else
+    na_zero<NA_TC_KEY_BLOCKS>(logits);
+    na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(logits, query, keys,
+                                                   NaKeyRows::padded + NA_TC_SKEW, live, g, t);
+#endif
+}
+
+// out += probabilities . values for the output blocks `[0, blocks)` from channel
+// `first_channel`: this warp's rows' probabilities (the C layout of the logits) against the
+// slab's staged values.
+__device__ __forceinline__ void na_slab_values(float out[NA_TC_OUT_BLOCKS][4],
+                                               const float probabilities[NA_TC_KEY_BLOCKS][4],
+                                               const elem_t* values, int first_channel,
+                                               int blocks, unsigned live, int lane) {
+#if NA_TC_WGMMA
+    // Keys 16 j .. 16 j + 15 are two row groups of the values (along K, a padded row group
+    // apart), their channels eight at a time one core matrix (128 bytes) apart: N-major.
+    unsigned a[NA_TC_KEYS / 16][4];
+#pragma unroll
+    for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
+        const float* lo = probabilities[2 * j];
+        const float* hi = probabilities[2 * j + 1];
+        a[j][0] = na_pack_acc(lo[0], lo[1]);
+        a[j][1] = na_pack_acc(lo[2], lo[3]);
+        a[j][2] = na_pack_acc(hi[0], hi[1]);
+        a[j][3] = na_pack_acc(hi[2], hi[3]);
+    }
+    na_wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
+        const NaSmemMatrix keys = {values + 16 * NaValueRows::padded * j,
+                                   16 * NaValueRows::padded, 128};
+        na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], a[j], keys, 1);
+    }
+    na_wgmma_commit();
+    na_wgmma_wait<0>();
+    na_hold_registers<4 * NA_TC_OUT_BLOCKS>(&out[0][0]);
+#else
+    na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(out, probabilities, values,
+                                                        NaValueRows::padded + NA_TC_SKEW,
+                                                        first_channel, blocks, live, lane);
+#endif
+}
+
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_forward_tc(const NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
-    __shared__ __align__(16) elem_t keys[NA_TC_KEYS][NA_TC_DIM_PAD + NA_TC_SKEW];
-    __shared__ __align__(16) elem_t values[NA_TC_KEYS][NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW];
+    __shared__ __align__(128) elem_t keys[NA_TC_KEYS * NaKeyRows::per_row];
+    __shared__ __align__(128) elem_t values[NA_TC_KEYS * NaValueRows::per_row];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
@@ -91,39 +188,39 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         auto slab_at = [&](long long n) { return na_slab<NA_TC_KEYS>(n, volume, f.extra_count); };
         __syncthreads();  // the last pass's (or task's) reads of the keys done
         if (slabs > 0) {
-            na_stage_key_slab<NA_TC_KEYS>(f, tl, slab_at(0), b, hk, keys[0], nullptr);
+            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab_at(0), b, hk, keys, nullptr);
         }
         for (long long slab = 0; slab < slabs; ++slab) {
             const NaSlab s = slab_at(slab);
-            na_copies_wait();
-            __syncthreads();  // the slab's keys staged; the last slab's values read
-            na_stage_key_slab<NA_TC_KEYS>(f, tl, s, b, hk, nullptr, values[0]);
-
             // Which of this lane's logits count, known before any product. Blocks of eight keys
             // that no query of the warp sees are skipped: their products (and, for sixteen such
             // keys, the value product) are never issued. Warp-uniform, as mma.sync needs.
             const unsigned seen = na_slab_mask<NA_TC_KEY_BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
 
-            // A slab no query of the warp sees changes nothing: its logits, softmax, output
-            // rescaling and value products are skipped whole (warp-uniform), as its products
-            // are block by block.
+            na_copies_wait();
+            // The slab's keys staged; the last slab's values read. A slab whose products do not
+            // run (na_publish_slab) changes nothing: its logits, softmax, output rescaling and
+            // value products are skipped whole, as its products are block by block.
+            const bool products = na_publish_slab(live != 0);
+            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, nullptr, values);
+
             float logits[NA_TC_KEY_BLOCKS][4];
-            if (live != 0) {
+            if (products) {
                 // Logits of this warp's sixteen queries against the slab's keys.
-                na_zero<NA_TC_KEY_BLOCKS>(logits);
 #if NA_TC_QUERY_REGISTERS
-                na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(
-                    logits, query, keys[0], NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
+                na_slab_logits(logits, query, keys, live, g, t);
 #else
                 // One step at a time: unrolled, the fragments' loads would all be issued up
                 // front and take the registers they are meant to spare.
+                na_zero<NA_TC_KEY_BLOCKS>(logits);
 #pragma unroll 1
                 for (int step = 0; step < NA_TC_STEPS; ++step) {
                     unsigned frag_q[1][4];
                     na_a_fragment<NA_DIM>(frag_q[0], query_rows, f.query.stride[5], step, t);
-                    na_row_products<1, NA_TC_KEY_BLOCKS>(logits, frag_q, keys[0] + 16 * step,
-                                                         NA_TC_DIM_PAD + NA_TC_SKEW, live, g, t);
+                    na_row_products<1, NA_TC_KEY_BLOCKS>(logits, frag_q, keys + 16 * step,
+                                                         NaKeyRows::padded + NA_TC_SKEW, live,
+                                                         g, t);
                 }
 #endif
                 na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows,
@@ -142,16 +239,15 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             }
 
             na_copies_wait();
-            __syncthreads();  // the slab's values staged; its keys read
+            na_publish_slab(products);  // the slab's values staged; its keys read
             if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TC_KEYS>(f, tl, slab_at(slab + 1), b, hk, keys[0], nullptr);
+                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab_at(slab + 1), b, hk, keys,
+                                                           nullptr);
             }
 
             // out += probabilities . values.
-            if (live != 0) {
-                na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(
-                    out, logits, values[0], NA_TC_PAD(NA_DIM_V) + NA_TC_SKEW, first_channel,
-                    blocks, live, lane);
+            if (products) {
+                na_slab_values(out, logits, values, first_channel, blocks, live, lane);
             }
         }
 

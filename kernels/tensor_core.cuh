@@ -122,3 +122,223 @@ __device__ __forceinline__ void na_load_b_pairs(unsigned b[4], const elem_t* at)
                  : "r"(address));
 }
 #endif
+
+// Warpgroup products (wgmma.mma_async, sm_90a only): the four warps of a block multiply together,
+// D (64 x N, float) += A (64 x 16) B (16 x N), each warp holding rows 16 w .. 16 w + 15 of A and
+// D in the m16n8k16 layouts above (a[4] is warp w's A fragment; D's 8-column block i is
+// d[4 i .. 4 i + 3], as c of na_mma), so that the slab loops keep their fragments and softmax.
+// B is read from shared memory, where it lies in core matrices (NaSmemMatrix). The products run
+// asynchronously: na_wgmma_fence before the first (registers written since are published to
+// them), na_wgmma_commit after the last, na_wgmma_wait before their results are read; and
+// shared memory written by the threads (cp.async included) is published to them by
+// na_async_proxy_fence before the barrier that ends the writes.
+//
+// Taken where NA_WGMMA is set (the host asks for it: kernels.rs) and the target has wgmma (the
+// sm_90a features, or the host build, which emulates it).
+#if defined(NA_WGMMA) && NA_WGMMA && (defined(NA_HOST) || defined(__CUDA_ARCH_FEAT_SM90_ALL))
+#define NA_HAS_WGMMA 1
+#else
+#define NA_HAS_WGMMA 0
+#endif
+
+#if NA_HAS_WGMMA
+// A 16 x N factor in shared memory as wgmma reads it, without swizzling: 8 x 8 core matrices of
+// 128 contiguous bytes (eight 16-byte rows), `leading` bytes from one to the next along K and
+// `stride` bytes along N (both multiples of 16, as is `start`). Element (k, n) is at byte
+//   K-major (TRANSPOSE_B 0, rows of 8 k):  (n % 8) 16 + (n / 8) stride + (k % 8) 2 + (k / 8) leading
+//   N-major (TRANSPOSE_B 1, rows of 8 n):  (k % 8) 16 + (k / 8) leading + (n % 8) 2 + (n / 8) stride
+// (the PTX ISA's canonical layouts without swizzling).
+struct NaSmemMatrix {
+    const elem_t* start;
+    unsigned leading;
+    unsigned stride;
+};
+
+// The 64-bit matrix descriptor of a factor at shared-memory address `address`: bits 0-13 the
+// address, 16-29 the leading byte offset, 32-45 the stride byte offset, each in 16-byte units
+// (bits 4-17 of the byte value); base offset and swizzle mode (bits 49-51, 62-63) 0.
+__device__ __forceinline__ unsigned long long na_matrix_descriptor(unsigned address,
+                                                                   unsigned leading,
+                                                                   unsigned stride) {
+    auto field = [](unsigned bytes) { return (unsigned long long)((bytes & 0x3ffffu) >> 4); };
+    return field(address) | field(leading) << 16 | field(stride) << 32;
+}
+
+#ifdef NA_HOST
+// Byte offset of element (k, n) of a factor (NaSmemMatrix's formulas).
+template <int TRANSPOSE_B>
+inline unsigned na_host_matrix_offset(const NaSmemMatrix& m, int k, int n) {
+    const int along_k = TRANSPOSE_B ? (k % 8) * 16 : (k % 8) * 2;
+    const int along_n = TRANSPOSE_B ? (n % 8) * 2 : (n % 8) * 16;
+    return along_k + (k / 8) * m.leading + along_n + (n / 8) * m.stride;
+}
+
+// d = A B (+ d where `accumulate`): every lane computes its own outputs from its warp's A
+// fragments (gathered) and B as the descriptor would read it.
+template <int N, int TRANSPOSE_B>
+inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b, int accumulate) {
+    struct Fragment {
+        unsigned a[4];
+    };
+    const Fragment mine = {{a[0], a[1], a[2], a[3]}};
+    Fragment all[32];
+    na_host::warp_gather(&mine, sizeof mine, all);
+    auto half = [](unsigned word, int k) {
+        return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
+    };
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.start);
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < N / 2; ++i) {
+        const int row = g + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * t + i % 2;
+        float sum = 0;
+        for (int k = 0; k < 16; ++k) {
+            const float x = half(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k);
+            elem_t y;
+            memcpy(&y, bytes + na_host_matrix_offset<TRANSPOSE_B>(b, k, col), sizeof y);
+            sum += x * to_acc(y);
+        }
+        d[i] = (accumulate ? d[i] : 0.0f) + sum;
+    }
+}
+
+inline void na_wgmma_fence() {}
+inline void na_wgmma_commit() {}
+template <int PENDING>
+inline void na_wgmma_wait() {}
+inline void na_async_proxy_fence() {}
+#else
+#define NA_WGMMA_D8(i)                                                                      \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+        "+f"(d[i + 6]), "+f"(d[i + 7])
+
+// d = A B (+ d where `accumulate`), for N a multiple of 16 up to 128.
+template <int N, int TRANSPOSE_B>
+__device__ __forceinline__ void na_wgmma(float d[N / 2], const unsigned a[4],
+                                         const NaSmemMatrix& m, int accumulate) {
+    static_assert(N % 16 == 0 && N <= 128, "wgmma widths here: multiples of 16 up to 128");
+    const unsigned long long b = na_matrix_descriptor(
+        (unsigned)__cvta_generic_to_shared(m.start), m.leading, m.stride);
+    if constexpr (N == 16) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n16k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7"
+            "}, {%8, %9, %10, %11}, %12, p, 1, 1, %14;\n}\n"
+            : NA_WGMMA_D8(0)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 32) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+            "}, {%16, %17, %18, %19}, %20, p, 1, 1, %22;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 48) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %29, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n48k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23"
+            "}, {%24, %25, %26, %27}, %28, p, 1, 1, %30;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 64) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+            "}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 80) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %45, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n80k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39"
+            "}, {%40, %41, %42, %43}, %44, p, 1, 1, %46;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24), NA_WGMMA_D8(32)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 96) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n96k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
+            "}, {%48, %49, %50, %51}, %52, p, 1, 1, %54;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24), NA_WGMMA_D8(32), NA_WGMMA_D8(40)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 112) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %61, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n112k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55"
+            "}, {%56, %57, %58, %59}, %60, p, 1, 1, %62;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24), NA_WGMMA_D8(32), NA_WGMMA_D8(40), NA_WGMMA_D8(48)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    } else if constexpr (N == 128) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n128k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+            "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+            "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+            "}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24), NA_WGMMA_D8(32), NA_WGMMA_D8(40), NA_WGMMA_D8(48), NA_WGMMA_D8(56)
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate),
+              "n"(TRANSPOSE_B)
+            : "memory");
+    }
+}
+#undef NA_WGMMA_D8
+
+__device__ __forceinline__ void na_wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void na_wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+// Wait until at most PENDING committed groups of this warpgroup's products are still running.
+template <int PENDING>
+__device__ __forceinline__ void na_wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+}
+__device__ __forceinline__ void na_async_proxy_fence() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+#endif
+
+// Keep the compiler from moving reads or writes of `COUNT` product registers across this point:
+// it cannot see that an asynchronous product writes them only by its na_wgmma_wait.
+template <int COUNT>
+__device__ __forceinline__ void na_hold_registers(float* d) {
+#ifndef NA_HOST
+#pragma unroll
+    for (int i = 0; i < COUNT; ++i) {
+        asm volatile("" : "+f"(d[i])::"memory");
+    }
+#endif
+}
+#endif

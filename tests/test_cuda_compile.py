@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 
 import natten_rs
 import pytest
@@ -81,6 +82,31 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
         assert "warning" not in log.lower(), f"{name}:\n{log}"
         assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
         assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
+    _check_warpgroup_variants(arch, {name: log for name, _, _, log, _ in rows})
+
+
+def _shared_bytes(log: str) -> int:
+    match = re.search(r"(\d+) bytes smem", log)
+    assert match is not None, log
+    return int(match.group(1))
+
+
+def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
+    # The forward's warpgroup variants (NATTEN_RS_WGMMA=1) stage their slabs in core matrices,
+    # without the pitched rows' skew, where the target has wgmma (sm_90a); elsewhere they are
+    # the mma.sync kernel.
+    warpgroup = [name for name in logs if ", wgmma]" in name]
+    assert len(warpgroup) == 6, warpgroup
+    for name in warpgroup:
+        twin = name.replace(", wgmma]", "]")
+        smaller = _shared_bytes(logs[name]) < _shared_bytes(logs[twin])
+        assert smaller == (arch == "sm_90a"), f"{name}:\n{logs[name]}\n{twin}:\n{logs[twin]}"
+
+
+def _shared_bytes(log: str) -> int:
+    match = re.search(r"(\d+) bytes smem", log)
+    assert match is not None, log
+    return int(match.group(1))
 
 
 def _precompile_f32(arch: str = "sm_80"):

@@ -120,6 +120,15 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, ke
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
+    # NATTEN_RS_WGMMA=1: the forward's products are warpgroup products (emulated here as the
+    # PTX ISA defines them) reading slabs staged in core matrices, for head dims up to 128.
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    check_fused_forward(case, dtype, "cpu", kernels)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
     check_fused_backward(case, dtype, "cpu", kernels)
@@ -161,6 +170,12 @@ def test_kernels_loop_over_what_a_small_grid_leaves(case, dtype, few_blocks):
     # partial sums) may leak into the next.
     check_fused_forward(case, dtype, "cpu", few_blocks)
     check_fused_backward(case, dtype, "cpu", few_blocks)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in LOOPING_CASES[::2]])
+def test_the_warpgroup_forward_loops_over_what_a_small_grid_leaves(case, few_blocks, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
 
 
 @pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])

@@ -263,6 +263,16 @@ pub struct KernelKey {
     pub stride: [usize; 3],
     /// Head dims `(D, Dv)` of the fused source; `(0, 0)` for the unfused ones.
     pub dims: (usize, usize),
+    /// Whether the tensor-core forward takes warpgroup products (wgmma) where its target has
+    /// them (`wgmma_for`); false for every other source.
+    pub wgmma: bool,
+}
+
+/// Whether variants of `source` take warpgroup products: the tensor-core forward while
+/// `NATTEN_RS_WGMMA=1` is set (read at each lookup, so that the variant follows it). Off by
+/// default; the kernel takes them only on sm_90a, and mma.sync elsewhere.
+pub fn wgmma_for(source: Source) -> bool {
+    source == Source::FusedTc && std::env::var_os("NATTEN_RS_WGMMA").is_some_and(|v| v == "1")
 }
 
 /// The largest head dim the fused forward takes: each lane of a warp keeps `dim / 32` query
@@ -317,6 +327,7 @@ impl KernelKey {
             causal,
             stride: [1; 3],
             dims,
+            wgmma: false,
         }
     }
 
@@ -329,6 +340,7 @@ impl KernelKey {
             causal: p.axes.map(|a| a.causal),
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
+            wgmma: wgmma_for(source),
         }
     }
 
@@ -362,6 +374,9 @@ impl KernelKey {
             flags.push(format!("-DNA_DIM={}", self.dims.0));
             flags.push(format!("-DNA_DIM_V={}", self.dims.1));
         }
+        if self.wgmma {
+            flags.push("-DNA_WGMMA=1".to_string());
+        }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());
             flags.push(format!("-DNA_TCB_BIAS_GRADS={on}"));
@@ -382,7 +397,8 @@ impl KernelKey {
         let fused = if self.source.fixed_dims() {
             let [s0, s1, s2] = self.stride;
             let (d, dv) = self.dims;
-            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}")
+            let wgmma = if self.wgmma { ", wgmma" } else { "" };
+            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{wgmma}")
         } else {
             String::new()
         };
@@ -477,14 +493,20 @@ fn representative_fused_keys() -> Vec<KernelKey> {
             for (kernel, causal, stride, dims) in shapes {
                 let widest = (source.max_dim(), source.max_dim());
                 let dims = if dims == (0, 0) { widest } else { dims };
-                keys.push(KernelKey {
+                let key = KernelKey {
                     source,
                     dtype,
                     kernel,
                     causal,
                     stride,
                     dims,
-                });
+                    wgmma: false,
+                };
+                keys.push(key);
+                // The warpgroup products, where they apply (head dims up to 128), as well.
+                if source == Source::FusedTc && dims.0.max(dims.1) <= 128 && dims.0 != 64 {
+                    keys.push(KernelKey { wgmma: true, ..key });
+                }
             }
         }
     }

@@ -412,6 +412,7 @@ pub fn variants(
                 causal,
                 stride: [1; 3],
                 dims,
+                wgmma: kernels::wgmma_for(source),
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();
