@@ -128,9 +128,9 @@ __device__ __forceinline__ void na_slab_values(float out[NA_TC_OUT_BLOCKS][4],
     na_wgmma_fence();
 #pragma unroll
     for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
-        const NaSmemMatrix keys = {values + 16 * NaValueRows::padded * j,
+        const NaSmemMatrix rows = {values + 16 * NaValueRows::padded * j,
                                    16 * NaValueRows::padded, 128};
-        na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], a[j], keys, 1);
+        na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], a[j], rows, 1);
     }
     na_wgmma_commit();
     na_wgmma_wait<0>();
