@@ -7,11 +7,12 @@ tensor-core products (HMMA). Its instructions per HMMA say how much issue bandwi
 masks, softmax, staging and addressing rather than to products: a warp scheduler issues one
 instruction per cycle, so a loop far above a few instructions per HMMA is issue-bound, whatever
 the memory system does. The counts are static: each instruction once, branches not taken
-included (such as the bias path of a problem without one), and loops inside the slab loop (the
-mask's walk over box lines) as one pass, so they estimate the executed ones rather than bound
-them. A warpgroup product (HGMMA 64xNx16, NATTEN_RS_WGMMA=1 on sm_90a) counts as the N / 8
-HMMA-sized products it does for each of its four warps' rows. With ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and
-the N source lines with the most instructions in each loop are listed.
+included (such as the bias path of a problem without one, or the mask that a slab inside every
+row's window does without), and loops inside the slab loop as one pass, so they estimate the
+executed ones rather than bound them. A warpgroup product (HGMMA 64xNx16, NATTEN_RS_WGMMA=1 on
+sm_90a) counts as the N / 8 HMMA-sized products it does for each of its four warps' rows. With
+``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and the N source
+lines with the most instructions in each loop are listed.
 
     python benches/kernel_instructions.py [--problems vision flux video] [--arch sm_90a]
         [--dtype bfloat16] [--lines 12]

@@ -4,13 +4,15 @@
 // host (fused_launch::query_tile) so that neighbouring rows share most of their partners. Rows
 // are queries (forward, d_query) or keys (d_key, d_value); their partners, the columns, are the
 // box of positions every row's range spans (the key box of the queries' windows, or the query
-// box of the keys' inverse windows), walked in slabs staged in shared memory by cp.async (the
-// copies of one slab run under the products of another). The rows form a box too, and a row's
-// range is a product of per-axis runs whose union along each axis is the box's side, so every
-// slab holds columns some row pairs with: none is skipped whole. Each warp holds sixteen rows,
-// two per lane (rows g and g + 8 of the m16n8k16 layout, tensor_core.cuh):
+// box of the keys' inverse windows), walked in slabs (sub-boxes of the box, na_cut_box) staged in
+// shared memory by cp.async (the copies of one slab run under the products of another). The rows
+// form a box too, and a row's range is a product of per-axis runs whose union along each axis is
+// the box's side, so every column of the box is some row's partner: a slab is skipped whole only
+// by the warps none of whose rows pairs with it. Each warp holds sixteen rows, two per lane (rows
+// g and g + 8 of the m16n8k16 layout, tensor_core.cuh):
 //   - which of its products count is worked out per slab before any product (one bit per
-//     product, from the window math of common.cuh: every neighbourhood rule comes from there);
+//     product, from the window math of common.cuh: every neighbourhood rule comes from there),
+//     by a few word operations per row, none for a slab inside every row's range;
 //   - blocks of eight columns that none of its rows pairs with are skipped;
 //   - products run on tensor cores (float accumulators), the C layout of one product feeding the
 //     A layout of the next.
@@ -112,55 +114,78 @@ __device__ __forceinline__ void na_coords(int n, const int extent[3], int c[3]) 
     c[0] = n / extent[1];
 }
 
-// Division by a number fixed for a task (a side of a tile's box): a multiply-high, an add and a
-// shift in place of an integer division, which the GPU does in software. With `shift` the
-// ceiling of log2(d) and `magic` = floor(2^32 (2^shift - d) / d) + 1, the quotient of any n
-// below 2^31 is (mulhi(n, magic) + n) >> shift (division by invariant integers, Granlund and
-// Montgomery); the sum cannot overflow since mulhi(n, magic) < n.
-struct NaFastDiv {
-    unsigned magic;
-    int shift;
-};
-
-__device__ __forceinline__ NaFastDiv na_fast_div(int d) {
-    if (d <= 1) {
-        return {1u, 0};  // n itself (a side of 0 has no columns to number)
-    }
-    const int shift = 32 - __clz(d - 1);
-    // floor(excess 2^32 / d) through a double quotient, which rounding may leave one off either
-    // way (an integer division by a variable takes a long software sequence on the GPU).
-    const unsigned long long excess = ((1ull << shift) - (unsigned)d) << 32;
-    unsigned long long q = (unsigned long long)((double)excess / (double)d);
-    if (q * (unsigned)d > excess) {
-        --q;
-    } else if ((q + 1) * (unsigned)d <= excess) {
-        ++q;
-    }
-    return {(unsigned)q + 1u, shift};
-}
-
-__device__ __forceinline__ int na_quotient(int n, NaFastDiv d) {
-    const unsigned high = (unsigned)(((unsigned long long)(unsigned)n * d.magic) >> 32);
-    return (int)((high + (unsigned)n) >> d.shift);
-}
-
 // The tile of a block: per axis, which part of which dilation group it takes (na_axis_tile's
-// fields, in 32 bits); and the box of column group indices its rows pair with.
+// fields, in 32 bits); the box of column group indices its rows pair with, and how the box is cut
+// into slabs (na_cut_box).
 struct NaTcTile {
-    int tile[3];       // rows per tile along each axis
-    int group[3];      // the tile's dilation group
-    int len[3];        // that group's length
-    int first[3];      // the group index of the tile's first row
-    int count[3];      // rows of the tile
-    int box_first[3];  // first column group index of the box
-    int box_len[3];    // columns of the box along each axis
-    NaFastDiv box_div[3];  // division by box_len[1] and box_len[2] (na_set_box_dividers)
+    int tile[3];        // rows per tile along each axis
+    int group[3];       // the tile's dilation group
+    int len[3];         // that group's length
+    int first[3];       // the group index of the tile's first row
+    int count[3];       // rows of the tile
+    int box_first[3];   // first column group index of the box
+    int box_len[3];     // columns of the box along each axis
+    int slab_shift[3];  // a slab is 2^slab_shift[a] columns long along axis a
 };
 
-// Fill the box's dividers once its sides are set: slabs number their columns through them.
-__device__ __forceinline__ void na_set_box_dividers(NaTcTile& tl) {
-    tl.box_div[1] = na_fast_div(tl.box_len[1]);
-    tl.box_div[2] = na_fast_div(tl.box_len[2]);
+// log2 of a power of two.
+__device__ __forceinline__ constexpr int na_log2(int n) { return n <= 1 ? 0 : 1 + na_log2(n / 2); }
+
+// The fewest doublings of 1 that reach n (0 for n up to 1).
+__device__ __forceinline__ int na_ceil_log2(int n) { return n <= 1 ? 0 : 32 - __clz(n - 1); }
+
+// Sides of 2^shift that cover n: ceil(n / 2^shift).
+__device__ __forceinline__ int na_sides(int n, int shift) {
+    return (n >> shift) + ((n & ((1 << shift) - 1)) != 0 ? 1 : 0);
+}
+
+// A bit at every multiple of 2^shift below 64 (shift 0 to 6): the first columns of a slab's
+// lines (or planes), 2^shift columns long. A table: the tiles keep no registers for them.
+__constant__ const unsigned long long na_every[7] = {
+    ~0ull,
+    0x5555555555555555ull,
+    0x1111111111111111ull,
+    0x0101010101010101ull,
+    0x0001000100010001ull,
+    0x0000000100000001ull,
+    1ull,
+};
+
+// Cut the tile's box (its sides set) into slabs of COLUMNS columns (a power of two): sub-boxes
+// with power-of-two sides, their columns row-major (lines along the last axis, planes of lines),
+// the last along each axis reaching past the box's end where the side does not divide it (those
+// columns are staged as zeros and never seen). Of the shapes, the one with the fewest slabs,
+// then the most even sides: a slab inside every row's range skips its mask (na_slab_seen), and
+// even sides fit more slabs inside. A whole slab along an axis is never longer than the box
+// rounded up to a power of two (a shorter one then covers the same).
+template <int COLUMNS>
+__device__ __forceinline__ void na_cut_box(NaTcTile& tl) {
+    constexpr int total = na_log2(COLUMNS);
+    static_assert(1 << total == COLUMNS, "slabs take a power of two of columns");
+    long long fewest = -1;
+    int flattest = total;
+    const int most0 = min(na_ceil_log2(tl.box_len[0]), total);
+    for (int s0 = 0; s0 <= most0; ++s0) {
+        const int most1 = min(na_ceil_log2(tl.box_len[1]), total - s0);
+        for (int s1 = 0; s1 <= most1; ++s1) {
+            const int shift[3] = {s0, s1, total - s0 - s1};
+            long long count = 1;
+            int longest = 0;
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                count *= na_sides(tl.box_len[a], shift[a]);
+                longest = max(longest, shift[a]);
+            }
+            if (fewest < 0 || count < fewest || (count == fewest && longest < flattest)) {
+                fewest = count;
+                flattest = longest;
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    tl.slab_shift[a] = shift[a];
+                }
+            }
+        }
+    }
 }
 
 // Tile number `index` (of one (batch, head)) of `tiles`, and this lane's rows `rows[0]` (g) and
@@ -246,8 +271,9 @@ __device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, lon
     return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
 }
 
-// A tile of queries (na_tile_rows): with the box of key group indices their windows span, and
-// each row's window.
+// A tile of queries (na_tile_rows): with the box of key group indices their windows span, cut
+// into slabs of COLUMNS keys, and each row's window.
+template <int COLUMNS>
 __device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const long long tile[3],
                                                   const long long tiles[3], long long index,
                                                   int warp, int g, NaTcRow rows[2]) {
@@ -264,7 +290,7 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const 
             rows[r].end[a] = (int)w.end;
         }
     }
-    na_set_box_dividers(tl);
+    na_cut_box<COLUMNS>(tl);
     return tl;
 }
 
@@ -282,41 +308,86 @@ __device__ __forceinline__ bool na_tile_row(const NaTcTile& tl, int n, long long
     return inside;
 }
 
-// A slab of columns: `count` of them from number `first` of the box, or of the additional
-// tokens.
+// A slab of columns: the sub-box of the tile's box from `origin` (from the box's start; sides as
+// na_cut_box cuts them), or (`extra`) count() additional tokens from number first(), which a slab
+// keeps in its origin's place (one set of registers for either; additional tokens fit 32 bits:
+// fused_launch::indices_fit_32_bits).
 struct NaSlab {
-    long long first;
-    int count;
+    int origin[3];
     bool extra;
+
+    __device__ __forceinline__ int first() const { return origin[0]; }
+    __device__ __forceinline__ int count() const { return origin[1]; }
 };
 
-// Slab `slab` of `COLUMNS` columns: the box's (`volume` columns) first, then the additional
-// tokens'.
-template <int COLUMNS>
-__device__ __forceinline__ NaSlab na_slab(long long slab, long long volume, long long extras) {
-    const long long window_slabs = (volume + COLUMNS - 1) / COLUMNS;
-    const bool extra = slab >= window_slabs;
-    const long long first = (extra ? slab - window_slabs : slab) * COLUMNS;
-    return {first, (int)min((long long)COLUMNS, (extra ? extras : volume) - first), extra};
+// Slabs of COLUMNS columns over the tile's box (`window`: whether there is one) and `extras`
+// additional tokens.
+__device__ __forceinline__ long long na_box_slabs(const NaTcTile& tl, bool window) {
+    long long box = window ? 1 : 0;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        box *= na_sides(tl.box_len[a], tl.slab_shift[a]);
+    }
+    return box;
 }
 
-// Slabs of `COLUMNS` over `volume` box columns and `extras` additional tokens.
 template <int COLUMNS>
-__device__ __forceinline__ long long na_slab_count(long long volume, long long extras) {
-    return (volume + COLUMNS - 1) / COLUMNS + (extras + COLUMNS - 1) / COLUMNS;
+__device__ __forceinline__ long long na_slab_count(const NaTcTile& tl, bool window,
+                                                   long long extras) {
+    return na_box_slabs(tl, window) + (extras + COLUMNS - 1) / COLUMNS;
 }
 
-// Group indices of box column `n` of a slab (row-major over the box, as na_coords numbers it).
-// Computed whatever `n` and the slab, without a branch, so that the callers' unrolled loops over
-// columns stay straight-line code: a column past the slab's end or of the additional tokens gets
-// coordinates that callers must not use (they test `n < s.count` and `s.extra` themselves).
-__device__ __forceinline__ void na_column(const NaTcTile& tl, const NaSlab& s, int n, int c[3]) {
-    const int m = (int)s.first + n;
-    const int rest = na_quotient(m, tl.box_div[2]);
-    const int top = na_quotient(rest, tl.box_div[1]);
-    c[0] = top + tl.box_first[0];
-    c[1] = rest - top * tl.box_len[1] + tl.box_first[1];
-    c[2] = m - rest * tl.box_len[2] + tl.box_first[2];
+// The slab of additional tokens from number `first` (of `extras`).
+template <int COLUMNS>
+__device__ __forceinline__ NaSlab na_extra_slab(int first, long long extras) {
+    return {{first, (int)min((long long)COLUMNS, extras - first), 0}, true};
+}
+
+// The first slab: the box's first, or without a box (`window` false, or an empty one) the
+// additional tokens'.
+template <int COLUMNS>
+__device__ __forceinline__ NaSlab na_first_slab(const NaTcTile& tl, bool window,
+                                                long long extras) {
+    return na_box_slabs(tl, window) > 0 ? NaSlab{{0, 0, 0}, false}
+                                        : na_extra_slab<COLUMNS>(0, extras);
+}
+
+// The slab after `s`: the box's in row-major order (a step along the last axis, carried to the
+// axis before at the box's end), then the additional tokens'. Slabs are walked in turn rather
+// than numbered, so that a tile keeps no divisors for them.
+template <int COLUMNS>
+__device__ __forceinline__ NaSlab na_next_slab(const NaTcTile& tl, const NaSlab& s,
+                                               long long extras) {
+    if (s.extra) {
+        return na_extra_slab<COLUMNS>(s.first() + COLUMNS, extras);
+    }
+    NaSlab next = s;
+#pragma unroll
+    for (int a = 2; a >= 0; --a) {
+        next.origin[a] += 1 << tl.slab_shift[a];
+        if (next.origin[a] < tl.box_len[a]) {
+            return next;
+        }
+        next.origin[a] = 0;
+    }
+    return na_extra_slab<COLUMNS>(0, extras);
+}
+
+// Group indices `c` of column `n` (below the slab's columns) of slab `s`, and whether it exists:
+// inside the box, or one of the slab's additional tokens (whose `c` callers must not use).
+// Straight-line code, so that the callers' unrolled loops over columns stay so.
+__device__ __forceinline__ bool na_column(const NaTcTile& tl, const NaSlab& s, int n, int c[3]) {
+    const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
+    const int within[3] = {n >> plane, (n >> line) & ((1 << tl.slab_shift[1]) - 1),
+                           n & ((1 << line) - 1)};
+    bool inside = true;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        const int x = s.origin[a] + within[a];
+        inside = inside && x < tl.box_len[a];
+        c[a] = x + tl.box_first[a];
+    }
+    return s.extra ? n < s.count() : inside;
 }
 
 // The bit of a lane's slab mask (na_slab_mask) for its product of row r (g + 8 r) and column
@@ -364,20 +435,23 @@ __device__ __forceinline__ Word na_power(int n) {
 #endif
 }
 
-// Slab columns `[lo, hi)` (lo <= hi), clamped to `[0, count)` (count at most the word's width),
-// as the bits of a word (32 or 64 bits: `Word`).
+// Bits `[lo << scale, hi << scale)` of a word (32 or 64 bits: `Word`), lo and hi clamped to
+// `[0, side]` first (side << scale at most the word's width).
 template <class Word>
-__device__ __forceinline__ Word na_run_bits(int lo, int hi, int count) {
+__device__ __forceinline__ Word na_run_bits(int lo, int hi, int side, int scale) {
     // Clamping keeps the ends in order, so a run clamped away gives no bits.
-    return na_power<Word>(max(min(hi, count), 0)) - na_power<Word>(max(min(lo, count), 0));
+    return na_power<Word>(max(min(hi, side), 0) << scale) -
+           na_power<Word>(max(min(lo, side), 0) << scale);
 }
 
 // Which of this lane's products with a slab count: bit na_seen_bit(kb, r, e) when column
 // 8 kb + 2 t + e exists and lies in the range of row r (every additional token counts for every
-// valid row). Built per row over the whole slab first. The slab's columns are a run of the box in
-// row-major order, so they cross whole lines of the box (runs along its last axis), and a row's
-// range holds one run of each line whose leading coordinates lie in its range. Only the lines
-// both hold are visited: a few operations per line, none per column.
+// valid row). Built per row over the whole slab first, without a loop: a row's range along each
+// axis is a run, so its columns of a slab are the columns whose line position lies in the run
+// along the last axis (that run's bits, repeated at every line), whose plane position lies in
+// the run along the middle axis (that run, scaled to whole lines, repeated at every plane) and
+// whose plane lies in the run along the first (scaled to whole planes). Ranges are clamped to the
+// box, whose columns past its end a slab may hold.
 template <int BLOCKS>
 __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
                                                  const NaTcRow rows[2], int t) {
@@ -387,52 +461,68 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
     // This lane's columns 8 kb + 2 t + e are bits 2 t and 2 t + 1 of byte kb of a row's word;
     // the lane's two rows go side by side.
     constexpr Word pairs = Word(0x0303030303030303ull);
-    // Lines are numbered row-major over the box's two leading axes: the slab's first and last,
-    // and the second coordinate (from the box's start) of its first.
-    const int first = (int)s.first;
-    const int first_line = na_quotient(first, tl.box_div[2]);
-    const int last_line = na_quotient(first + s.count - 1, tl.box_div[2]);
-    const int first_line_c1 = first_line - na_quotient(first_line, tl.box_div[1]) * tl.box_len[1];
+    const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
+    const int scale[3] = {plane, line, 0};
+    const Word lines = (Word)na_every[line], planes = (Word)na_every[plane];
     Word mine = 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const NaTcRow& row = rows[r];
         Word in = 0;
         if (s.extra) {
-            in = row.valid ? na_run_bits<Word>(0, s.count, s.count) : Word(0);
+            in = row.valid ? na_run_bits<Word>(0, s.count(), s.count(), 0) : Word(0);
         } else if (row.valid) {
-            // The row's range from the box's start, its ends clamped to the box (a range may
-            // reach past it, such as the additional tokens' ranges, which span every query).
-            int start[3], end[3];
+            Word run[3];
 #pragma unroll
             for (int a = 0; a < 3; ++a) {
-                start[a] = row.start[a] - tl.box_first[a];
-                end[a] = min(row.end[a] - tl.box_first[a], tl.box_len[a]);
+                // The row's range from the slab's origin (a range may reach past the box, such
+                // as the additional tokens' ranges, which span every query).
+                const int lo = row.start[a] - tl.box_first[a] - s.origin[a];
+                const int hi = min(row.end[a] - tl.box_first[a], tl.box_len[a]) - s.origin[a];
+                run[a] = na_run_bits<Word>(lo, hi, 1 << tl.slab_shift[a], scale[a]);
             }
-            // The row's lines run from (start0, start1) to (end0 - 1, end1 - 1); it holds those
-            // between whose second coordinate lies in [start1, end1): `k`, the coordinate less
-            // start1, below `lines`.
-            const int lines = end[1] - start[1];
-            const int row_first = start[0] * tl.box_len[1] + start[1];
-            const int row_last = (end[0] - 1) * tl.box_len[1] + end[1] - 1;
-            int line = max(first_line, row_first);
-            int k = line == row_first ? 0 : first_line_c1 - start[1];
-            // The slab column of the start of the row's run on `line`, and the run's length.
-            int at = line * tl.box_len[2] + start[2] - first;
-            const int width = end[2] - start[2];
-            for (const int last = min(last_line, row_last); line <= last; ++line) {
-                if ((unsigned)k < (unsigned)lines) {
-                    in |= na_run_bits<Word>(at, at + width, s.count);
-                }
-                at += tl.box_len[2];
-                if (++k == tl.box_len[1] - start[1]) {
-                    k = -start[1];  // the next line starts the next first coordinate
-                }
-            }
+            in = run[2] * lines & run[1] * planes & run[0];
         }
         mine |= (in >> (2 * t) & pairs) << (2 * r);
     }
     return (unsigned)mine | (unsigned)((unsigned long long)mine >> 32) << 4;
+}
+
+// Every bit of a lane's mask of a slab of BLOCKS 8-column blocks (na_seen_bit).
+template <int BLOCKS>
+__device__ __forceinline__ constexpr unsigned na_all_seen() {
+    unsigned bits = 0;
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+        bits |= 0xfu << na_seen_bit(kb, 0, 0);
+    }
+    return bits;
+}
+
+// Whether every column of slab `s` exists and lies in the range of both of this lane's rows
+// (which exist).
+__device__ __forceinline__ bool na_slab_within(const NaTcTile& tl, const NaSlab& s,
+                                               const NaTcRow rows[2]) {
+    bool within = !s.extra;
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        const int lo = s.origin[a] + tl.box_first[a], hi = lo + (1 << tl.slab_shift[a]);
+        within = within && hi <= tl.box_len[a] + tl.box_first[a];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            within = within && rows[r].valid && lo >= rows[r].start[a] && hi <= rows[r].end[a];
+        }
+    }
+    return within;
+}
+
+// This lane's mask of slab `s` (na_slab_mask), without building it where every row of the warp
+// pairs with every column of the slab (a warp-uniform test, a few comparisons per row): the
+// slabs inside the rows' common range, most of a large window's.
+template <int BLOCKS>
+__device__ __forceinline__ unsigned na_slab_seen(const NaTcTile& tl, const NaSlab& s,
+                                                 const NaTcRow rows[2], int t) {
+    return __all_sync(0xffffffffu, na_slab_within(tl, s, rows)) ? na_all_seen<BLOCKS>()
+                                                                 : na_slab_mask<BLOCKS>(tl, s, rows, t);
 }
 
 // na_logits for a slab whose logits take the bias (`BIASED`) or not: the choice is made once
@@ -585,8 +675,8 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
 
 // Start staging slab `s` of a query tile's key box (or of the additional tokens): its key rows
 // into `keys` and its value rows into `values` (either may be null: not staged), laid out and
-// padded as na_stage_pairs lays them; rows past the slab's end are zeros (a zero weight times a
-// zero row adds nothing). Every thread of the block calls it, after a barrier that ends the
+// padded as na_stage_pairs lays them; rows of columns that do not exist (na_column) are zeros (a
+// zero weight times a zero row adds nothing). Every thread of the block calls it, after a barrier that ends the
 // reads of what it overwrites, and waits for its copies before the barrier that publishes them.
 template <int KEYS, bool CORE_MATRICES = false>
 __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const NaTcTile& tl,
@@ -594,18 +684,17 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
                                                   elem_t* keys, elem_t* values) {
     na_stage_pairs<KEYS, NA_DIM, NA_DIM_V, CORE_MATRICES>(
         keys, values, [&](int n, const elem_t* src[2], long long step[2]) {
-            if (n >= s.count) {
+            int c[3];
+            if (!na_column(tl, s, n, c)) {
                 return;
             }
             if (s.extra) {
-                src[0] = na_row_ptr(f.extra_key, b, hk, s.first + n, 0, 0);
-                src[1] = na_row_ptr(f.extra_value, b, hk, s.first + n, 0, 0);
+                src[0] = na_row_ptr(f.extra_key, b, hk, s.first() + n, 0, 0);
+                src[1] = na_row_ptr(f.extra_value, b, hk, s.first() + n, 0, 0);
                 step[0] = f.extra_key.stride[5];
                 step[1] = f.extra_value.stride[5];
                 return;
             }
-            int c[3];
-            na_column(tl, s, n, c);
             src[0] = na_tile_row_ptr(f, tl, f.key, b, hk, c);
             src[1] = na_tile_row_ptr(f, tl, f.value, b, hk, c);
             step[0] = f.key.stride[5];

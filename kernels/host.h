@@ -29,6 +29,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
+#define __constant__
 #define __align__(n) __attribute__((aligned(n)))
 
 struct uint3 {
@@ -419,15 +420,25 @@ inline T __shfl_sync(unsigned, T x, int src_lane) {
     return all[src_lane % na_host::kWarp];
 }
 
+// Every lane's `x` folded by `fold`, in lane order.
+template <class T, class Fold>
+inline T na_host_reduce(T x, Fold fold) {
+    T all[na_host::kWarp] = {};
+    na_host::warp_gather(&x, sizeof x, all);
+    T folded = all[0];
+    for (unsigned lane = 1; lane < na_host::kWarp; ++lane) {
+        folded = fold(folded, all[lane]);
+    }
+    return folded;
+}
+
 // The bitwise or of every lane's `bits`.
 inline unsigned __reduce_or_sync(unsigned, unsigned bits) {
-    unsigned all[na_host::kWarp] = {};
-    na_host::warp_gather(&bits, sizeof bits, all);
-    unsigned any = 0;
-    for (unsigned lane : all) {
-        any |= lane;
-    }
-    return any;
+    return na_host_reduce(bits, [](unsigned a, unsigned b) { return a | b; });
+}
+// Whether every lane's `predicate` is nonzero.
+inline int __all_sync(unsigned, int predicate) {
+    return na_host_reduce(predicate != 0 ? 1 : 0, min<int>);
 }
 
 // `extern "C" int na_host_<kernel>(params, grid, bx, by)`: the entry point host.rs calls for

@@ -254,7 +254,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
         const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];
-        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
         NaStat stats[2];  // the forward's lse, and delta
 #pragma unroll
@@ -307,12 +307,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             });
         const elem_t* own_d_out = d_outs[16 * warp + g];
 
-        const long long volume =
-            f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
-        const long long slabs = na_slab_count<NA_TCB_KEYS>(volume, f.extra_count);
-        auto slab_at = [&](long long n) {
-            return na_slab<NA_TCB_KEYS>(n, volume, f.extra_count);
+        const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
+        auto after = [&](const NaSlab& s) {
+            return na_next_slab<NA_TCB_KEYS>(tl, s, f.extra_count);
         };
+        NaSlab s = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
 
         // d_query += dS . K, slab by slab. Key slabs alternate between the two buffers: the next
         // slab's keys are copied under the whole of this slab's products, its values under dS
@@ -321,28 +320,27 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_zero<NA_DIM / 8>(d_query);
         __syncthreads();  // the last task's reads of the keys done
         if (slabs > 0) {
-            na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(0), b, hk, keys[0][0], values[0]);
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0][0], values[0]);
             if (wants_bias_grads) {
-                bias_grads.number_keys(0, tl, slab_at(0));
+                bias_grads.number_keys(0, tl, s);
             }
         }
-        for (long long slab = 0; slab < slabs; ++slab) {
+        for (long long slab = 0; slab < slabs; ++slab, s = after(s)) {
             const int buffer = slab % 2;
-            const NaSlab s = slab_at(slab);
             // The slab's rows staged (and d_outs, the first time); the last slab's keys read.
             na_copies_wait();
             __syncthreads();
             if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk,
-                                               keys[buffer ^ 1][0], nullptr);
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, keys[buffer ^ 1][0],
+                                               nullptr);
                 if (wants_bias_grads) {
-                    bias_grads.number_keys(buffer ^ 1, tl, slab_at(slab + 1));
+                    bias_grads.number_keys(buffer ^ 1, tl, after(s));
                 }
             }
             // The slab's logits (scaled, biased, -inf where they do not count). A slab no query
             // of the warp sees adds nothing: skipped whole (warp-uniform), as the keys kernel
             // skips query slabs.
-            const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
+            const unsigned seen = na_slab_seen<BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
             float probs[BLOCKS][4], grads[BLOCKS][4];
             if (live != 0) {
@@ -360,7 +358,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             }
             __syncthreads();  // every warp's reads of the values (and of d_outs) done
             if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, slab_at(slab + 1), b, hk, nullptr,
+                na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, nullptr,
                                                values[0]);
             }
             if (live != 0) {
@@ -436,17 +434,15 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
     const NaFusedParams& f = p.f;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
     // Start staging a slab's queries and output gradients into `slab`, and store their rows'
     // statistics (after a barrier that ends the reads of what was there).
     auto stage = [&](const NaSlab& s, NaQuerySlab& slab) {
         na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
             slab.queries[0], slab.d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
-                if (n >= s.count) {
+                int c[3];
+                if (!na_column(tl, s, n, c)) {
                     return;
                 }
-                int c[3];
-                na_column(tl, s, n, c);
                 src[0] = na_tile_row_ptr(f, tl, f.query, b, h, c);
                 src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, c);
                 step[0] = f.query.stride[5];
@@ -454,29 +450,31 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
             });
         for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
             slab.stats[n] = {0, 0};
-            if (n < s.count) {
-                int c[3];
+            int c[3];
+            if (na_column(tl, s, n, c)) {
                 long long x[3];
-                na_column(tl, s, n, c);
                 na_tile_positions(f, tl, c, x);
                 const long long row = na_query_row(f, b, h, x);
                 slab.stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
             }
         }
     };
-    const long long count = na_slab_count<NA_TCB_QUERIES>(volume, 0);
+    auto after = [&](const NaSlab& s) { return na_next_slab<NA_TCB_QUERIES>(tl, s, 0); };
+    const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
+    NaSlab s = na_first_slab<NA_TCB_QUERIES>(tl, true, 0);
     if (count > 0) {  // (the last call's reads ended at its closing barrier)
-        stage(na_slab<NA_TCB_QUERIES>(0, volume, 0), slabs[0]);
+        stage(s, slabs[0]);
     }
-    for (long long n = 0; n < count; ++n) {
-        const NaSlab s = na_slab<NA_TCB_QUERIES>(n, volume, 0);
+    for (long long n = 0; n < count; ++n, s = after(s)) {
         NaQuerySlab& slab = slabs[n % NA_QUERY_SLABS];
         na_copies_wait();
         // The slab's rows (and, the first time, the tile's) staged; the last slab's read.
         __syncthreads();
         if (NA_QUERY_SLABS == 2 && n + 1 < count) {
-            stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0), slabs[(n + 1) % NA_QUERY_SLABS]);
+            stage(after(s), slabs[(n + 1) % NA_QUERY_SLABS]);
         }
+        // The mask built for every slab: the shortcut (na_slab_seen) costs this kernel, whose
+        // gradients fill its registers, spills at head dim 128.
         const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
         const unsigned live = __reduce_or_sync(0xffffffffu, seen);
         if (live != 0) {  // warp-uniform
@@ -514,7 +512,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
         if (NA_QUERY_SLABS == 1) {
             __syncthreads();  // every warp's reads of the slab done
             if (n + 1 < count) {
-                stage(na_slab<NA_TCB_QUERIES>(n + 1, volume, 0), slabs[0]);
+                stage(after(s), slabs[0]);
             }
         }
     }
@@ -566,7 +564,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                 rows[r].end[a] = (int)run.end;
             }
         }
-        na_set_box_dividers(tl);
+        na_cut_box<NA_TCB_QUERIES>(tl);
         // The tile's keys and values, row n as na_tile_rows numbers them.
         na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
             long long index[3];
@@ -645,7 +643,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                     tl.box_first[a] = 0;
                     tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
                 }
-                na_set_box_dividers(tl);
+                na_cut_box<NA_TCB_QUERIES>(tl);
                 na_key_rows_over_box(p, tl, rows, false, b, h, tile, slabs, grads);
             }
         }

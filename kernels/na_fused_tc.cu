@@ -4,8 +4,8 @@
 // A thread block takes a tile of up to NA_TC_ROWS queries of one (batch, head): a box of
 // query positions inside one dilation group per axis, shaped by the host so that neighbouring
 // queries share most of their windows (a 2-D tile of a 2-D problem). Its keys are the box of
-// key positions that holds all of their windows, walked in slabs of NA_TC_KEYS positions and
-// then the additional tokens. A slab's key and value rows are staged in shared memory by
+// key positions that holds all of their windows, walked in slabs of NA_TC_KEYS positions
+// (sub-boxes of it, such as 8x8 keys of a 2-D box: na_cut_box) and then the additional tokens. A slab's key and value rows are staged in shared memory by
 // cp.async (16 bytes per copy where rows are dense; rows padded so fragment reads do not collide
 // in banks), keys and values apart so that copies overlap products. Each warp first works out
 // which of its logits count (keys inside each query's own window: every neighbourhood rule,
@@ -154,7 +154,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
         const long long b = job.batch, h = job.head, hk = h / f.group;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        const NaTcTile tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -182,20 +182,20 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         // a slab's values arrive while its logits are formed, the next slab's keys while its
         // values are weighed. Each wait-and-barrier publishes one and ends the reads of the
         // buffer the next copies overwrite.
-        const long long volume =
-            f.has_window ? (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2] : 0;
-        const long long slabs = na_slab_count<NA_TC_KEYS>(volume, f.extra_count);
-        auto slab_at = [&](long long n) { return na_slab<NA_TC_KEYS>(n, volume, f.extra_count); };
+        const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
+        auto after = [&](const NaSlab& s) {
+            return na_next_slab<NA_TC_KEYS>(tl, s, f.extra_count);
+        };
+        NaSlab s = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
         __syncthreads();  // the last pass's (or task's) reads of the keys done
         if (slabs > 0) {
-            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab_at(0), b, hk, keys, nullptr);
+            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys, nullptr);
         }
         for (long long slab = 0; slab < slabs; ++slab) {
-            const NaSlab s = slab_at(slab);
             // Which of this lane's logits count, known before any product. Blocks of eight keys
             // that no query of the warp sees are skipped: their products (and, for sixteen such
             // keys, the value product) are never issued. Warp-uniform, as mma.sync needs.
-            const unsigned seen = na_slab_mask<NA_TC_KEY_BLOCKS>(tl, s, rows, t);
+            const unsigned seen = na_slab_seen<NA_TC_KEY_BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
 
             na_copies_wait();
@@ -240,9 +240,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 
             na_copies_wait();
             na_publish_slab(products);  // the slab's values staged; its keys read
+            s = after(s);  // (what follows needs nothing more of the slab)
             if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab_at(slab + 1), b, hk, keys,
-                                                           nullptr);
+                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys, nullptr);
             }
 
             // out += probabilities . values.

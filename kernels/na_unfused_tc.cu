@@ -78,22 +78,20 @@ __device__ __forceinline__ int na_slot_number(const int c[3]) {
     return (c[0] * NA_K1 + c[1]) * NA_K2 + c[2];
 }
 
-// What a lane needs of a tile: its rows, their windows' first slot numbers, the offsets of its
-// rows in a view (those of invalid rows unused), and the columns of the key box.
+// What a lane needs of a tile: its rows, their windows' first slot numbers and the offsets of its
+// rows in a view (those of invalid rows unused).
 struct NaUtTile {
     NaTcTile tl;
     NaTcRow rows[2];
     int first_slot[2];
     long long at[2];
-    long long volume;
 };
 
 __device__ __forceinline__ NaUtTile na_ut_tile(const NaParams& p, const NaFusedParams& f,
                                                const NaTcTask& job, const NaView& rows_of,
                                                int warp, int g) {
     NaUtTile u;
-    u.tl = na_query_tile(f, p.tile, p.tiles, job.tile, warp, g, u.rows);
-    u.volume = (long long)u.tl.box_len[0] * u.tl.box_len[1] * u.tl.box_len[2];
+    u.tl = na_query_tile<NA_UT_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, u.rows);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         u.first_slot[r] = na_slot_number(u.rows[r].start);
@@ -140,22 +138,25 @@ __device__ __forceinline__ void na_each_column(const NaUtTile& u, const int* num
     }
 }
 
-// Walk slabs `[0, slabs)` with two staging buffers: `stage(n, buffer)` starts the copies of
-// slab n, `work(n, buffer)` uses it; slab n + 1 is staged while slab n is worked. Every thread
-// of the block calls it (it holds the barriers).
-template <class Stage, class Work>
-__device__ __forceinline__ void na_double_buffered(long long slabs, Stage&& stage, Work&& work) {
+// Walk the slabs of COLUMNS keys of a tile's box with two staging buffers: `stage(s, buffer)`
+// starts the copies of slab s, `work(s, buffer)` uses it; the next slab is staged while one is
+// worked. Every thread of the block calls it (it holds the barriers).
+template <int COLUMNS, class Stage, class Work>
+__device__ __forceinline__ void na_double_buffered(const NaTcTile& tl, Stage&& stage,
+                                                   Work&& work) {
+    const long long slabs = na_slab_count<COLUMNS>(tl, true, 0);
+    NaSlab s = na_first_slab<COLUMNS>(tl, true, 0);
     __syncthreads();  // the last task's reads of both buffers done
     if (slabs > 0) {
-        stage(0, 0);
+        stage(s, 0);
     }
-    for (long long n = 0; n < slabs; ++n) {
+    for (long long n = 0; n < slabs; ++n, s = na_next_slab<COLUMNS>(tl, s, 0)) {
         na_copies_wait();
         __syncthreads();  // slab n staged; slab n - 1 worked, so its buffer is free
         if (n + 1 < slabs) {
-            stage(n + 1, (int)((n + 1) % 2));
+            stage(na_next_slab<COLUMNS>(tl, s, 0), (int)((n + 1) % 2));
         }
-        work(n, (int)(n % 2));
+        work(s, (int)(n % 2));
     }
 }
 
@@ -167,10 +168,9 @@ template <class Work>
 __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const NaUtTile& u,
                                                   const NaTcTask& job, NaUtSlabs& slabs, int t,
                                                   Work&& work) {
-    na_double_buffered(
-        na_slab_count<NA_UT_KEYS>(u.volume, 0),
-        [&](long long n, int buffer) {
-            const NaSlab s = na_slab<NA_UT_KEYS>(n, u.volume, 0);
+    na_double_buffered<NA_UT_KEYS>(
+        u.tl,
+        [&](const NaSlab& s, int buffer) {
             // f.key and f.value are the same rows (na_fused_view).
             na_stage_key_slab<NA_UT_KEYS>(f, u.tl, s, job.batch, job.head, slabs.rows[buffer][0],
                                           nullptr);
@@ -180,9 +180,8 @@ __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const 
                 slabs.numbers[buffer][c] = na_slot_number(at);
             }
         },
-        [&](long long n, int buffer) {
-            const NaSlab s = na_slab<NA_UT_KEYS>(n, u.volume, 0);
-            const unsigned seen = na_slab_mask<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
+        [&](const NaSlab& s, int buffer) {
+            const unsigned seen = na_slab_seen<NA_UT_KEY_BLOCKS>(u.tl, s, u.rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
             if (live != 0) {
                 work(s, seen, live, slabs.rows[buffer][0], slabs.numbers[buffer]);

@@ -143,9 +143,10 @@ HOST_CONSTANTS = {
 
 
 def test_slab_masks_match_their_column_by_column_definition(tmp_path):
-    # The tensor-core kernels build their masks a box line at a time; tests/kernels/
-    # slab_masks.cpp checks them against the definition, column by column, over random boxes,
-    # slabs and ranges (and the box dividers against division).
+    # The tensor-core kernels cut their boxes into sub-box slabs and build each slab's mask from
+    # word operations; tests/kernels/slab_masks.cpp checks the cut (fewest slabs, every column
+    # once) and the masks against their definition, column by column, over random boxes, slabs
+    # and ranges, and that a slab the shortcut takes whole is seen whole.
     root = Path(__file__).resolve().parent
     binary = tmp_path / "slab_masks"
     defines = [f"-D{name}={value}" for name, value in HOST_CONSTANTS.items()]
