@@ -39,12 +39,15 @@ __device__ __forceinline__ float na_exp2(float x) {
 }
 
 #define NA_LOG2E 1.4426950408889634f
+// The least positive normal float, and the greatest finite one (NVRTC has no <cfloat>).
+#define NA_FLOAT_MIN 1.17549435e-38f
+#define NA_FLOAT_MAX 3.40282347e+38f
 
-// exp(x) as 2^(x log2 e): CUDA documents __expf's error (the same sequence) as 2 + 1.2 |x| ulps,
-// about 1e-5 relative at worst over the arguments a softmax sees (<= 0, down to underflow), far
-// below the 16-bit rounding of the tensor-core kernels' probabilities. Their forward and
-// backward both take it, so they agree.
-__device__ __forceinline__ float na_fast_exp(float x) { return na_exp2(x * NA_LOG2E); }
+// The tensor-core kernels take exp(x) as na_exp2(x log2 e), the log2 e folded into a multiply-add
+// they need anyway. CUDA documents __expf's error (the same sequence) as 2 + 1.2 |x| ulps, about
+// 1e-5 relative at worst over the arguments a softmax sees (<= 0, down to underflow), far below
+// the 16-bit rounding of their probabilities. Their forward and backward both take it, so they
+// agree.
 __device__ __forceinline__ float na_log(float x) { return logf(x); }
 __device__ __forceinline__ double na_log(double x) { return log(x); }
 

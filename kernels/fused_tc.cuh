@@ -515,14 +515,39 @@ __device__ __forceinline__ bool na_slab_within(const NaTcTile& tl, const NaSlab&
     return within;
 }
 
+// Whether a row can pair with every column of a slab of BLOCKS 8-column blocks: only where its
+// window holds that many keys (the kernel's sizes). Small windows (7x7 against 64-column slabs)
+// take no test for it.
+template <int BLOCKS>
+__device__ __forceinline__ constexpr bool na_slabs_may_be_whole() {
+    return NA_K0 * NA_K1 * NA_K2 >= 8 * BLOCKS;
+}
+
 // This lane's mask of slab `s` (na_slab_mask), without building it where every row of the warp
 // pairs with every column of the slab (a warp-uniform test, a few comparisons per row): the
 // slabs inside the rows' common range, most of a large window's.
 template <int BLOCKS>
 __device__ __forceinline__ unsigned na_slab_seen(const NaTcTile& tl, const NaSlab& s,
                                                  const NaTcRow rows[2], int t) {
+    if (!na_slabs_may_be_whole<BLOCKS>()) {
+        return na_slab_mask<BLOCKS>(tl, s, rows, t);
+    }
     return __all_sync(0xffffffffu, na_slab_within(tl, s, rows)) ? na_all_seen<BLOCKS>()
                                                                  : na_slab_mask<BLOCKS>(tl, s, rows, t);
+}
+
+// -inf for this lane's products with a slab that do not count (`seen`: its mask).
+template <int BLOCKS>
+__device__ __forceinline__ void na_mask_products(float products[BLOCKS][4], unsigned seen) {
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (!na_seen(seen, kb, i / 2, i % 2)) {
+                products[kb][i] = neg_inf();
+            }
+        }
+    }
 }
 
 // na_logits for a slab whose logits take the bias (`BIASED`) or not: the choice is made once
@@ -560,16 +585,43 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
     }
 }
 
-// Scale, bias and mask a slab's products into logits: products that do not count are -inf.
-// Rows are queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`:
-// d_key, d_value); with `biased` (rows and columns in the window), the bias is indexed by
-// key - query in group steps (stride 1).
+// How the kernels turn a slab's products into softmax exponents. A logit is scale * product
+// (+ bias); its exponential is taken in base 2 (na_exp2), as 2^(l factor - offset) of what
+// na_logits leaves in `l`. Without a bias and with a positive scale, that is the product itself
+// (`raw`; factor = scale log2 e): na_logits then only masks, and not at all for a slab every row
+// sees whole, so the scale costs no instruction per logit (it rides on the exponential's
+// multiply-add). Otherwise it is the logit (factor = log2 e): with a bias, and with scales whose
+// products would not do (a negative scale makes the greatest product the least logit; a factor
+// below the normal floats, from a scale of 0, would make a masked product's -inf times it NaN).
+struct NaExponent {
+    bool raw;      // na_logits leaves the products unscaled
+    float factor;  // exponent (base 2) per unit of what it leaves
+    float scale;   // logit per unit of it: the max of a softmax in those units, times this, is
+                   // the max logit
+};
+
+__device__ __forceinline__ NaExponent na_exponent(const NaFusedParams& f) {
+    const float scale = (float)f.scale, factor = scale * NA_LOG2E;
+    const bool raw = f.has_bias == 0 && factor >= NA_FLOAT_MIN && factor <= NA_FLOAT_MAX;
+    return raw ? NaExponent{true, factor, scale} : NaExponent{false, NA_LOG2E, 1.0f};
+}
+
+// Turn a slab's products into what the softmax takes (NaExponent): products that do not count
+// become -inf; the others stay (`exponent.raw`) or are scaled and biased into logits. Rows are
+// queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`: d_key,
+// d_value); with `biased` (rows and columns in the window), the bias is indexed by key - query
+// in group steps (stride 1).
 template <int BLOCKS, bool KEY_ROWS>
 __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen,
-                                          const NaFusedParams& f, long long h, const NaTcTile& tl,
-                                          const NaSlab& s, const NaTcRow rows[2], bool biased,
-                                          int t) {
-    if (biased && !s.extra) {
+                                          const NaExponent& exponent, const NaFusedParams& f,
+                                          long long h, const NaTcTile& tl, const NaSlab& s,
+                                          const NaTcRow rows[2], bool biased, int t) {
+    if (exponent.raw) {
+        // A lane that sees the whole slab (every lane, for most slabs of a large window) skips it.
+        if (!na_slabs_may_be_whole<BLOCKS>() || seen != na_all_seen<BLOCKS>()) {
+            na_mask_products<BLOCKS>(logits, seen);
+        }
+    } else if (biased && !s.extra) {
         na_logits_of<BLOCKS, KEY_ROWS, true>(logits, seen, f, h, tl, s, rows, t);
     } else {
         na_logits_of<BLOCKS, KEY_ROWS, false>(logits, seen, f, h, tl, s, rows, t);
@@ -607,11 +659,19 @@ __device__ __forceinline__ void na_copies_wait() {
 #endif
 }
 
+// Zeros for eight channels (16 bytes, aligned) of a staged row: one store.
+__device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
+    struct __align__(16) Chunk {
+        unsigned words[4];
+    };
+    *reinterpret_cast<Chunk*>(chunk) = Chunk{};
+}
+
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
-// apart; none when null) into `dst`, zeros up to `padded` channels, its 8-channel chunks CHUNK
-// elements apart (NaStaged): 16 bytes at a time, asynchronously, where the row is dense and
-// aligned, else one element at a time. The thread must na_copies_wait before the barrier that
-// publishes the row. N is a multiple of 8.
+// apart; none when null: zeros) into `dst`, zeros up to `padded` channels, its 8-channel chunks
+// CHUNK elements apart (NaStaged, chunks 16-byte aligned): 16 bytes at a time, asynchronously,
+// where the row is dense and aligned, else one element at a time. The thread must
+// na_copies_wait before the barrier that publishes the row. N is a multiple of 8.
 template <int N, int PARTS, int CHUNK>
 __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
                                              int padded, int part) {
@@ -619,13 +679,15 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
     for (int c = 8 * part; c < padded; c += 8 * PARTS) {
         elem_t* const chunk = dst + c / 8 * CHUNK;
-        if (whole && c < N) {
+        if (src == nullptr || c >= N) {
+            na_zero_chunk(chunk);
+        } else if (whole) {
             na_copy16_async(chunk, src + c);
-            continue;
-        }
+        } else {
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            chunk[i] = src != nullptr && c + i < N ? src[(c + i) * step] : elem_t(0);
+            for (int i = 0; i < 8; ++i) {
+                chunk[i] = src[(c + i) * step];
+            }
         }
     }
 }
@@ -826,15 +888,20 @@ __device__ __forceinline__ float na_quad_max(float x) {
 }
 
 // Running softmax of this lane's two rows over slabs of `BLOCKS` 8-column blocks: the max and
-// this lane's share of the sum of exp(logit - max) (the quad's four shares add up to the row's).
+// this lane's share of the sum of exp(logit - max) (the quad's four shares add up to the row's),
+// over logits in the units of `exponent` (NaExponent: the products themselves, or the logits).
 template <int BLOCKS>
 struct NaTcSoftmax {
+    NaExponent exponent;
     float max[2] = {neg_inf(), neg_inf()};
     float sum[2] = {0, 0};
+
+    __device__ __forceinline__ explicit NaTcSoftmax(const NaExponent& e) : exponent(e) {}
 
     // Fold a slab's logits in, turning them into exp(logit - max) (0 for -inf); returns each
     // row's factor for what was accumulated before (0 before the first finite logit).
     __device__ __forceinline__ void fold(float logits[BLOCKS][4], float rescale[2]) {
+        const float factor = exponent.factor;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float slab_max = neg_inf();
@@ -843,11 +910,11 @@ struct NaTcSoftmax {
                 slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
             }
             const float top = fmaxf(max[r], na_quad_max(slab_max));
-            // exp(x - top) as 2^(x log2 e - top log2 e): one fused multiply-add and one ex2 per
-            // logit. Until a row has a finite logit (top -inf) the offset is 0, so that its -inf
-            // logits (and the -inf running max) give 0 rather than NaN.
-            const float offset = top == neg_inf() ? 0.0f : top * NA_LOG2E;
-            rescale[r] = na_exp2(fmaf(max[r], NA_LOG2E, -offset));
+            // exp(logit - max logit) as 2^(l factor - top factor): one fused multiply-add and
+            // one ex2 per logit. Until a row has a finite logit (top -inf) the offset is 0, so
+            // that its -inf logits (and the -inf running max) give 0 rather than NaN.
+            const float offset = top == neg_inf() ? 0.0f : top * factor;
+            rescale[r] = na_exp2(fmaf(max[r], factor, -offset));
             max[r] = top;
             float slab_sum = 0;
 #pragma unroll
@@ -855,7 +922,7 @@ struct NaTcSoftmax {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& l = logits[kb][2 * r + e];
-                    l = na_exp2(fmaf(l, NA_LOG2E, -offset));
+                    l = na_exp2(fmaf(l, factor, -offset));
                     slab_sum += l;
                 }
             }
@@ -868,6 +935,6 @@ struct NaTcSoftmax {
 
     // The row's logsumexp from its quad total; -inf for a row that saw no key.
     __device__ __forceinline__ float lse(int r, float total) const {
-        return max[r] + na_log(total);
+        return max[r] * exponent.scale + na_log(total);
     }
 };

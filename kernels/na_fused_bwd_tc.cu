@@ -57,26 +57,35 @@ __device__ __forceinline__ void na_store_rows(const NaView& v, const long long o
     }
 }
 
-// A query row's statistics: its logsumexp and delta = d_out . out - d_lse.
+// A query row's statistics, as the logits' gradients take them: the exponent (base 2) offset
+// of its probabilities, -lse log2 e (-inf for a row that saw no key, lse -inf), and
+// delta = d_out . out - d_lse.
 struct NaStat {
-    float lse;
+    float offset;
     float delta;
 };
 
-// dS = P (dP - delta) in place of dP, with P = exp(logit - lse) in place of the logits where
-// they count (0 elsewhere, and for a row that sees no key). `stat(kb, i)` gives the statistics
-// of the query of product i of block kb.
+__device__ __forceinline__ NaStat na_stat(float lse, float delta) {
+    return {lse == neg_inf() ? neg_inf() : -lse * NA_LOG2E, delta};
+}
+
+// dS = P (dP - delta) in place of dP, with P = exp(logit - lse) in place of the logits as
+// na_logits leaves them (in units of which `factor` is the base-2 exponent: NaExponent); P is 0
+// where they do not count (-inf) and for a row that saw no key. `stat(kb, i)` gives the
+// statistics of the query of product i of block kb.
 template <int BLOCKS, class Stat>
 __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[BLOCKS][4],
-                                               Stat&& stat) {
+                                               float factor, Stat&& stat) {
 #pragma unroll
     for (int kb = 0; kb < BLOCKS; ++kb) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const NaStat q = stat(kb, i);
+            // (The test of -inf is for the register allocator: without it, the key kernels'
+            // gradients spill at head dim 128 on sm_80. 2^-inf is 0 either way.)
             const float l = probs[kb][i];
-            const bool none = l == neg_inf() || q.lse == neg_inf();
-            const float prob = none ? 0.0f : na_fast_exp(l - q.lse);
+            const bool none = l == neg_inf() || q.offset == neg_inf();
+            const float prob = none ? 0.0f : na_exp2(fmaf(l, factor, q.offset));
             probs[kb][i] = prob;
             dp[kb][i] = prob * (dp[kb][i] - q.delta);
         }
@@ -249,6 +258,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     if (wants_bias_grads) {
         bias_grads.zero();  // (first added to after a barrier)
     }
+    const NaExponent exponent = na_exponent(f);
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
@@ -256,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         NaTcRow rows[2];
         const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
-        NaStat stats[2];  // the forward's lse, and delta
+        NaStat stats[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             // (Positions are formed again for the store: kept through the slabs, they would take
@@ -275,18 +285,19 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                                to_acc(out[c * f.out.stride[5]]);
                 }
             }
-            stats[r] = {0, na_quad_sum(partial)};
+            float lse = 0, delta = na_quad_sum(partial);
             if (valid) {
-                stats[r].lse = na_load_f32(f.lse, b, h, x[0], x[1], x[2]);
+                lse = na_load_f32(f.lse, b, h, x[0], x[1], x[2]);
             }
             if (valid && p.has_d_lse) {
-                stats[r].delta -= na_load_f32(p.d_lse, b, h, x[0], x[1], x[2]);
+                delta -= na_load_f32(p.d_lse, b, h, x[0], x[1], x[2]);
             }
             if (valid && t == 0) {
                 const long long n = na_query_row(f, b, h, x);
-                na_stats(p)[2 * n] = stats[r].lse;
-                na_stats(p)[2 * n + 1] = stats[r].delta;
+                na_stats(p)[2 * n] = lse;
+                na_stats(p)[2 * n + 1] = delta;
             }
+            stats[r] = na_stat(lse, delta);
         }
         unsigned query[NA_TCB_STEPS][4];
 #pragma unroll
@@ -347,7 +358,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                 na_zero<BLOCKS>(probs);
                 na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0],
                                                       NA_TCB_PITCH, live, g, t);
-                na_logits<BLOCKS, false>(probs, seen, f, h, tl, s, rows, f.has_bias != 0, t);
+                na_logits<BLOCKS, false>(probs, seen, exponent, f, h, tl, s, rows, f.has_bias != 0,
+                                         t);
                 // dP = dO V^T.
                 na_zero<BLOCKS>(grads);
                 unsigned d_out[NA_TCB_STEPS_V][4];
@@ -362,7 +374,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                                                values[0]);
             }
             if (live != 0) {
-                na_logit_grads<BLOCKS>(probs, grads, [&](int, int i) { return stats[i / 2]; });
+                na_logit_grads<BLOCKS>(probs, grads, exponent.factor,
+                                       [&](int, int i) { return stats[i / 2]; });
                 if (wants_bias_grads) {
                     bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
                 }
@@ -432,6 +445,10 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                      NaKeyTileGrads& grads) {
     constexpr int BLOCKS = NA_TCB_QUERIES / 8;
     const NaFusedParams& f = p.f;
+    // Logits scaled by na_logits whatever the problem: these kernels build every slab's mask (so
+    // a raw product would save only its multiply), and with raw products as an option their
+    // gradients' registers spill at head dim 128.
+    const NaExponent exponent = {false, NA_LOG2E, 1.0f};
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     // Start staging a slab's queries and output gradients into `slab`, and store their rows'
@@ -455,7 +472,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 long long x[3];
                 na_tile_positions(f, tl, c, x);
                 const long long row = na_query_row(f, b, h, x);
-                slab.stats[n] = {na_stats(p)[2 * row], na_stats(p)[2 * row + 1]};
+                slab.stats[n] = na_stat(na_stats(p)[2 * row], na_stats(p)[2 * row + 1]);
             }
         }
     };
@@ -489,7 +506,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, slab.queries[0], NA_TCB_PITCH,
                                                       live, g, t);
             }
-            na_logits<BLOCKS, true>(probs, seen, f, h, tl, s, rows, biased, t);
+            na_logits<BLOCKS, true>(probs, seen, exponent, f, h, tl, s, rows, biased, t);
             // dP^T = V dO^T.
             float dp[BLOCKS][4];
             {
@@ -500,7 +517,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 na_row_products<NA_TCB_STEPS_V, BLOCKS>(dp, a, slab.d_outs[0], NA_TCB_PITCH_V,
                                                         live, g, t);
             }
-            na_logit_grads<BLOCKS>(probs, dp, [&](int kb, int i) {
+            na_logit_grads<BLOCKS>(probs, dp, exponent.factor, [&](int kb, int i) {
                 return slab.stats[8 * kb + 2 * t + i % 2];
             });
             // d_value += P^T dO, d_key += dS^T Q.

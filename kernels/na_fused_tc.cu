@@ -150,6 +150,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const NaExponent exponent = na_exponent(f);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
         const long long b = job.batch, h = job.head, hk = h / f.group;
@@ -176,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         const int blocks = min(NA_TC_OUT_BLOCKS, NA_DIM_V / 8 - NA_TC_OUT_BLOCKS * pass);
         float out[NA_TC_OUT_BLOCKS][4];
         na_zero<NA_TC_OUT_BLOCKS>(out);
-        NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax;
+        NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax(exponent);
 
         // Slabs are staged by cp.async, keys and values apart, so that loads overlap products:
         // a slab's values arrive while its logits are formed, the next slab's keys while its
@@ -223,7 +224,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                                                          g, t);
                 }
 #endif
-                na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, f, h, tl, s, rows,
+                na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, tl, s, rows,
                                                    f.has_bias != 0, t);
 
                 // Fold the slab into the running softmax of each row and rescale the output.
