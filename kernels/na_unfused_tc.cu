@@ -236,8 +236,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 // Unscaled, the products are the logits but for the bias; those no row sees
                 // are never stored, so only the bias needs the logits' pass.
                 if (f.has_bias != 0) {
-                    na_logits_of<NA_UT_KEY_BLOCKS, false, true>(logits, seen, f, job.head, u.tl,
-                                                                s, u.rows, t);
+                    na_logits_with<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s,
+                                                            u.rows, true, t);
                 }
                 na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
 #pragma unroll
