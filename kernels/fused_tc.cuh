@@ -907,7 +907,8 @@ __device__ __forceinline__ void na_row_products(float acc[BLOCKS][4], const unsi
     static_assert(BLOCKS % 2 == 0, "column blocks are taken in pairs");
     // Lane i reads row i % 8 of block i / 16 of a pair, channels 8 (i / 8 % 2) of a step.
     const int lane = 4 * g + t;
-    const elem_t* const at = columns + (lane % 8 + 8 * (lane / 16)) * pitch + 8 * (lane / 8 % 2);
+    const NaShared at =
+        na_shared(columns + (lane % 8 + 8 * (lane / 16)) * pitch + 8 * (lane / 8 % 2));
 #pragma unroll
     for (int kb = 0; kb < BLOCKS; kb += 2) {
         if (!na_block_live(live, kb) && !na_block_live(live, kb + 1)) {
@@ -916,7 +917,7 @@ __device__ __forceinline__ void na_row_products(float acc[BLOCKS][4], const unsi
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
             unsigned b[4];
-            na_load_b_pairs(b, at + 8 * kb * pitch + 16 * s);
+            na_load_b_pairs(b, na_shared_plus(at, 8 * kb * pitch + 16 * s));
             na_mma(acc[kb], a[s], b);
             na_mma(acc[kb + 1], a[s], b + 2);
         }
@@ -932,6 +933,8 @@ __device__ __forceinline__ void na_weighted_fragments(float acc[OUT_BLOCKS][4], 
                                                       const elem_t* rows, int pitch,
                                                       int first_channel, int blocks, unsigned live,
                                                       int lane) {
+    // Lane i passes the address of row i % 16 of a chunk (na_load_b_transposed).
+    const NaShared row = na_shared(rows + lane % 16 * pitch + first_channel);
 #pragma unroll
     for (int kc = 0; kc < CHUNKS; ++kc) {
         if (!na_block_live(live, 2 * kc) && !na_block_live(live, 2 * kc + 1)) {
@@ -945,7 +948,7 @@ __device__ __forceinline__ void na_weighted_fragments(float acc[OUT_BLOCKS][4], 
                 break;
             }
             unsigned b[2];
-            na_load_b_transposed(b, rows + (16 * kc + lane % 16) * pitch + first_channel + 8 * o);
+            na_load_b_transposed(b, na_shared_plus(row, 16 * kc * pitch + 8 * o));
             na_mma(acc[o], a, b);
         }
     }

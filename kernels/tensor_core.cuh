@@ -21,6 +21,23 @@
 #error "tensor-core kernels take float16 or bfloat16"
 #endif
 
+// An element of shared memory as ldmatrix takes it: its 32-bit shared-window address (in the
+// host build, its pointer). Formed once for a loop, so that each load of the loop adds only a
+// constant offset (na_shared_plus) rather than converting a generic address again.
+#ifdef NA_HOST
+typedef const elem_t* NaShared;
+inline NaShared na_shared(const elem_t* at) { return at; }
+inline NaShared na_shared_plus(NaShared at, int elements) { return at + elements; }
+#else
+typedef unsigned NaShared;
+__device__ __forceinline__ NaShared na_shared(const elem_t* at) {
+    return (unsigned)__cvta_generic_to_shared(at);
+}
+__device__ __forceinline__ NaShared na_shared_plus(NaShared at, int elements) {
+    return at + elements * (unsigned)sizeof(elem_t);
+}
+#endif
+
 // Two elements in one 32-bit fragment register, `lo` in the low half.
 __device__ __forceinline__ unsigned na_pack(elem_t lo, elem_t hi) {
     return (unsigned)lo | ((unsigned)hi << 16);
@@ -73,7 +90,7 @@ __device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[
 // a product's second factor stored row-major, as a slab's value rows are): b[0] = rows 2t, 2t+1
 // and b[1] = rows 2t+8, 2t+9, element g of each. Lane i < 16 passes the address of row i
 // (16-byte aligned); the other lanes' addresses are not read.
-__device__ inline void na_load_b_transposed(unsigned b[2], const elem_t* row) {
+__device__ inline void na_load_b_transposed(unsigned b[2], NaShared row) {
     const elem_t* rows[32];
     na_host::warp_gather(&row, sizeof row, rows);
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -86,7 +103,7 @@ __device__ inline void na_load_b_transposed(unsigned b[2], const elem_t* row) {
 // (16-byte aligned): b[j] holds elements 2t, 2t+1 of row g of block j. With blocks 0 and 1 the
 // two 8-element halves of 8 rows of B's columns (key rows, say), b[0] and b[1] are one product's
 // B fragment; blocks 2 and 3 give another's.
-__device__ inline void na_load_b_pairs(unsigned b[4], const elem_t* at) {
+__device__ inline void na_load_b_pairs(unsigned b[4], NaShared at) {
     const elem_t* rows[32];
     na_host::warp_gather(&at, sizeof at, rows);
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -108,18 +125,16 @@ __device__ __forceinline__ void na_mma(float c[4], const unsigned a[4], const un
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ void na_load_b_transposed(unsigned b[2], const elem_t* row) {
-    const unsigned address = (unsigned)__cvta_generic_to_shared(row);
+__device__ __forceinline__ void na_load_b_transposed(unsigned b[2], NaShared row) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
                  : "=r"(b[0]), "=r"(b[1])
-                 : "r"(address));
+                 : "r"(row));
 }
 
-__device__ __forceinline__ void na_load_b_pairs(unsigned b[4], const elem_t* at) {
-    const unsigned address = (unsigned)__cvta_generic_to_shared(at);
+__device__ __forceinline__ void na_load_b_pairs(unsigned b[4], NaShared at) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                  : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                 : "r"(address));
+                 : "r"(at));
 }
 #endif
 
