@@ -304,8 +304,9 @@ def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
 # Problems for the tensor-core forward (half types, head dims multiples of 8) beyond the shared
 # fused cases: windows spanning several key slabs, dilation with rpb and GQA, head dims past 128
 # (output passes, query fragments read per step) with MQA, more additional tokens than a slab,
-# a strided causal 3-D problem, and scales the kernels cannot fold into their exponentials (a
-# negative one, and 0). Positional fields as in test_fused.FIXED_CASES.
+# a strided causal 3-D problem, scales the kernels cannot fold into their exponentials (a
+# negative one, and 0), and windows wide enough that whole slabs lie inside every query's of a
+# warp (no mask built). Positional fields as in test_fused.FIXED_CASES.
 TENSOR_CORE_CASES = [
     FusedCase((100,), (33,), (1,), (1,), (False,), 1, 2, 2, 32, 32),
     FusedCase((20, 18), (7, 5), (1, 1), (2, 3), (False, False), 2, 4, 2, 64, 64, rpb=True),
@@ -316,6 +317,7 @@ TENSOR_CORE_CASES = [
               layout="sliced"),
     FusedCase((13, 15), (5, 7), (1, 1), (1, 2), (False, False), 1, 2, 1, 32, 32, scale=-0.4),
     FusedCase((30,), (9,), (1,), (1,), (True,), 1, 2, 2, 16, 16, n_extra=3, scale=0.0),
+    FusedCase((36, 40), (17, 23), (1, 1), (1, 1), (False, False), 1, 1, 1, 32, 32),
 ]  # fmt: skip
 TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES]
 
