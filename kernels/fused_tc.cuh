@@ -553,23 +553,10 @@ __device__ __forceinline__ void na_mask_products(float products[BLOCKS][4], unsi
 // The bias of a pair of a tile is entry key - query + K - 1 (group steps, per axis) of head h's
 // table. Its element offset is a row's part (na_row_bias: the row at group indices `index`, a
 // query, or a key with KEY_ROWS) plus a column's (na_column_bias), each formed once per slab, so
-// that a pair takes one add. Both are taken modulo 2^32: their sum is the offset exactly wherever
-// every offset into the table is below 2^32 (na_bias_fits_32_bits, else the kernels take
-// na_bias_at per pair). Axes of kernel size 1 take no term: their pairs have key = query there.
-// (Host tests define NA_BIAS_LONG_OFFSETS as 1, so that every table takes na_bias_at.)
-#ifndef NA_BIAS_LONG_OFFSETS
-#define NA_BIAS_LONG_OFFSETS 0
-#endif
-__device__ __forceinline__ bool na_bias_fits_32_bits(const NaFusedParams& f) {
-    const int kernel[3] = {NA_K0, NA_K1, NA_K2};
-    unsigned long long last = (unsigned long long)(f.heads - 1) * f.bias.stride[0];
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-        last += (unsigned long long)(2 * kernel[a] - 2) * f.bias.stride[1 + a];
-    }
-    return !NA_BIAS_LONG_OFFSETS && last < (1ull << 32);
-}
-
+// that a pair takes one add. Both are taken modulo 2^32: their sum is the offset exactly, as the
+// host takes these kernels only where every offset into the table is below 2^32
+// (TensorRef::offsets_fit_32_bits). Axes of kernel size 1 take no term: their pairs have
+// key = query there.
 template <bool KEY_ROWS>
 __device__ __forceinline__ unsigned na_row_bias(const NaFusedParams& f, long long h,
                                                 const int index[3]) {
@@ -598,37 +585,16 @@ __device__ __forceinline__ unsigned na_column_bias(const NaFusedParams& f, const
     return at;
 }
 
-// The bias of the pair of `row` (a query, or a key with KEY_ROWS) and column `c`, its offset
-// formed in 64 bits.
-template <bool KEY_ROWS>
-__device__ __forceinline__ float na_bias_at(const NaFusedParams& f, long long h, const int row[3],
-                                            const int c[3]) {
-    const int* key = KEY_ROWS ? row : c;
-    const int* query = KEY_ROWS ? c : row;
-    return na_load(f.bias, h, key[0] - query[0] + NA_K0 - 1, key[1] - query[1] + NA_K1 - 1,
-                   key[2] - query[2] + NA_K2 - 1, 0, 0);
-}
-
-// How a slab's logits take the bias: not at all, or with its offsets formed per pair from a
-// row's part and a column's (NA_BIAS_SHORT: na_row_bias, na_column_bias) or whole (NA_BIAS_LONG:
-// na_bias_at).
-enum NaBias { NA_NO_BIAS, NA_BIAS_SHORT, NA_BIAS_LONG };
-
-// The way a problem's bias is taken (`biased`: whether it has one).
-__device__ __forceinline__ NaBias na_bias_way(const NaFusedParams& f, bool biased) {
-    return !biased ? NA_NO_BIAS : na_bias_fits_32_bits(f) ? NA_BIAS_SHORT : NA_BIAS_LONG;
-}
-
-// na_logits for a slab whose logits take the bias as BIAS says: the choice is made once per
-// slab, so that a problem without a bias runs no test of it per logit.
-template <int BLOCKS, bool KEY_ROWS, NaBias BIAS>
+// na_logits for a slab whose logits take the bias (`BIASED`) or not: the choice is made once
+// per slab, so that a problem without a bias runs no test of it per logit.
+template <int BLOCKS, bool KEY_ROWS, bool BIASED>
 __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned seen,
                                              const NaFusedParams& f, long long h,
                                              const NaTcTile& tl, const NaSlab& s,
                                              const NaTcRow rows[2], int t) {
     const float scale = (float)f.scale;
     unsigned bias_rows[2] = {0, 0};
-    if (BIAS == NA_BIAS_SHORT) {
+    if (BIASED) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             bias_rows[r] = na_row_bias<KEY_ROWS>(f, h, rows[r].index);
@@ -638,12 +604,10 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
     for (int kb = 0; kb < BLOCKS; ++kb) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-            int c[3] = {0, 0, 0};
             unsigned bias_column = 0;
-            if (BIAS != NA_NO_BIAS) {
+            if (BIASED) {
+                int c[3];
                 na_column(tl, s, 8 * kb + 2 * t + e, c);
-            }
-            if (BIAS == NA_BIAS_SHORT) {
                 bias_column = na_column_bias<KEY_ROWS>(f, c);
             }
 #pragma unroll
@@ -651,10 +615,8 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
                 float logit = neg_inf();
                 if (na_seen(seen, kb, r, e)) {
                     logit = logits[kb][2 * r + e] * scale;
-                    if (BIAS == NA_BIAS_SHORT) {
+                    if (BIASED) {
                         logit += to_acc(na_ptr(f.bias)[bias_rows[r] + bias_column]);
-                    } else if (BIAS == NA_BIAS_LONG) {
-                        logit += na_bias_at<KEY_ROWS>(f, h, rows[r].index, c);
                     }
                 }
                 logits[kb][2 * r + e] = logit;
@@ -663,21 +625,23 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
     }
 }
 
+// Whether a kernel variant can be given a bias: the host takes one only with odd kernel sizes
+// and stride 1 on every axis (FusedProblem::check_rpb; the unfused ops take only those), so
+// other variants compile no bias path (registers are tight, and it would never run).
+#define NA_TC_MAY_HAVE_BIAS                                                                     \
+    (NA_K0 % 2 == 1 && NA_K1 % 2 == 1 && NA_K2 % 2 == 1 && NA_S0 == 1 && NA_S1 == 1 &&         \
+     NA_S2 == 1)
+
 // na_logits_of for a slab of a problem with a bias or not (`biased`).
 template <int BLOCKS, bool KEY_ROWS>
 __device__ __forceinline__ void na_logits_with(float logits[BLOCKS][4], unsigned seen,
                                                const NaFusedParams& f, long long h,
                                                const NaTcTile& tl, const NaSlab& s,
                                                const NaTcRow rows[2], bool biased, int t) {
-    switch (na_bias_way(f, biased)) {
-    case NA_BIAS_SHORT:
-        na_logits_of<BLOCKS, KEY_ROWS, NA_BIAS_SHORT>(logits, seen, f, h, tl, s, rows, t);
-        break;
-    case NA_BIAS_LONG:
-        na_logits_of<BLOCKS, KEY_ROWS, NA_BIAS_LONG>(logits, seen, f, h, tl, s, rows, t);
-        break;
-    default:
-        na_logits_of<BLOCKS, KEY_ROWS, NA_NO_BIAS>(logits, seen, f, h, tl, s, rows, t);
+    if (NA_TC_MAY_HAVE_BIAS && biased) {
+        na_logits_of<BLOCKS, KEY_ROWS, true>(logits, seen, f, h, tl, s, rows, t);
+    } else {
+        na_logits_of<BLOCKS, KEY_ROWS, false>(logits, seen, f, h, tl, s, rows, t);
     }
 }
 

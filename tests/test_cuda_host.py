@@ -69,14 +69,6 @@ def few_blocks(tmp_path_factory):
     return _on_host(tmp_path_factory.mktemp("host_kernels"), max_grid=2)
 
 
-@pytest.fixture(scope="module")
-def long_bias_offsets(tmp_path_factory):
-    """As `kernels`, with the tensor-core kernels addressing every bias table by 64-bit offsets
-    per pair: the path they keep for tables whose offsets pass 2^32."""
-    directory = tmp_path_factory.mktemp("host_kernels")
-    return _on_host(directory, defines=["NA_BIAS_LONG_OFFSETS=1"])
-
-
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -191,31 +183,6 @@ def test_the_warpgroup_forward_loops_over_what_a_small_grid_leaves(case, few_blo
 def test_tensor_core_window_products_loop_over_what_a_small_grid_leaves(case, dim, few_blocks):
     # Each block takes many tiles in turn: no slot row of one may leak into the next.
     check_unfused(case, torch.bfloat16, "permuted", "cpu", few_blocks, dim=dim)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [pytest.param(c, id=str(c)) for c in TENSOR_CORE_CASES + TENSOR_CORE_BACKWARD_CASES if c.rpb],
-)
-def test_tensor_core_kernels_take_the_bias_by_long_offsets_too(case, long_bias_offsets):
-    check_fused_forward(case, torch.bfloat16, "cpu", long_bias_offsets)
-    check_fused_backward(case, torch.bfloat16, "cpu", long_bias_offsets)
-
-
-@pytest.mark.parametrize(
-    "case, dim", [(case, dim) for case, dim in TENSOR_CORE_UNFUSED_CASES if case[4]]
-)
-def test_tensor_core_window_products_take_the_bias_by_long_offsets_too(
-    case, dim, long_bias_offsets
-):
-    check_unfused(case, torch.bfloat16, "sliced", "cpu", long_bias_offsets, dim=dim)
-
-
-@pytest.mark.parametrize("definition", ["A B", "1X", "=3", "A=1 2", ""])
-def test_host_definitions_are_checked_naming_them(definition, tmp_path):
-    with pytest.raises(ValueError, match="defines: expected NAME or NAME=VALUE"):
-        _core.run_cuda_kernels_on_host(str(tmp_path), defines=["OK=1", definition])
-    assert not _core.run_cuda_kernels_on_host(None)
 
 
 def test_the_host_grid_limit_is_checked_naming_it(tmp_path):

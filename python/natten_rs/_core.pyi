@@ -163,15 +163,11 @@ def nvrtc_version() -> tuple[int, int]:
     """The version of the libnvrtc in use."""
 
 def run_cuda_kernels_on_host(
-    directory: str | None,
-    compiler: str = "c++",
-    max_grid: int = 2**32 - 1,
-    defines: list[str] = ...,
+    directory: str | None, compiler: str = "c++", max_grid: int = 2**32 - 1
 ) -> bool:
     """While ``directory`` is set, ops on CPU tensors run the CUDA kernels, built there by the
-    host C++ compiler ``compiler`` with the macro definitions ``defines`` (``NAME`` or
-    ``NAME=VALUE``), each launch on at most ``max_grid`` blocks (a test aid); ``None`` turns it
-    off. Whether it was on."""
+    host C++ compiler ``compiler``, each launch on at most ``max_grid`` blocks (a test aid);
+    ``None`` turns it off. Whether it was on."""
 
 def forget_compiled() -> None:
     """Forget the compiled kernels held in memory (the disk cache and loaded modules stay)."""

@@ -195,6 +195,23 @@ impl TensorRef {
         }
     }
 
+    /// Whether every element's offset from element `[0, 0, ...]` lies in `[0, 2^32)` (no
+    /// negative stride; an empty tensor has none).
+    pub fn offsets_fit_32_bits(&self) -> bool {
+        if self.shape.contains(&0) {
+            return true;
+        }
+        let last = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .try_fold(0u64, |sum, (&n, &s)| {
+                let s = u64::try_from(s).ok()?;
+                sum.checked_add((n as u64 - 1).checked_mul(s)?)
+            });
+        last.is_some_and(|last| last < 1 << 32)
+    }
+
     /// Whether the elements are dense and row-major (so that no two indices share memory).
     pub fn is_contiguous(&self) -> bool {
         let expected = contiguous_strides(&self.shape);

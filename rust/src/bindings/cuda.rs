@@ -204,39 +204,19 @@ fn forget_compiled() {
 
 /// Run the CUDA kernels on the CPU for CPU tensors (a test aid): while `directory` is set, ops
 /// on CPU tensors plan their CUDA launches and run them through kernels built there by
-/// `compiler` (C++17) from the same sources, with the macro definitions `defines` (`NAME` or
-/// `NAME=VALUE`, to steer kernels down paths real problems seldom take), each on at most
-/// `max_grid` blocks (the kernels loop over what a smaller grid leaves). `None` turns it off.
-/// Returns whether it was on.
+/// `compiler` (C++17) from the same sources, each on at most `max_grid` blocks (the kernels
+/// loop over what a smaller grid leaves). `None` turns it off. Returns whether it was on.
 #[pyfunction]
-#[pyo3(signature = (directory, compiler = "c++", max_grid = u32::MAX, defines = Vec::new()))]
+#[pyo3(signature = (directory, compiler = "c++", max_grid = u32::MAX))]
 fn run_cuda_kernels_on_host(
     directory: Option<std::path::PathBuf>,
     compiler: &str,
     max_grid: u32,
-    defines: Vec<String>,
 ) -> PyResult<bool> {
     if max_grid == 0 {
         return Err(Error::invalid("max_grid", "at least 1 block", "0").into());
     }
-    if let Some(bad) = defines.iter().find(|d| !is_definition(d)) {
-        return Err(
-            Error::invalid("defines", "NAME or NAME=VALUE, NAME an identifier", bad).into(),
-        );
-    }
-    Ok(cuda::host::enable(directory, compiler, max_grid, &defines))
-}
-
-/// Whether `d` is a macro definition `NAME` or `NAME=VALUE` (NAME a C identifier; VALUE without
-/// whitespace, so that it stays one compiler argument).
-fn is_definition(d: &str) -> bool {
-    let (name, value) = d.split_once('=').unwrap_or((d, ""));
-    let mut chars = name.chars();
-    chars
-        .next()
-        .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
-        && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())
-        && !value.chars().any(char::is_whitespace)
+    Ok(cuda::host::enable(directory, compiler, max_grid))
 }
 
 /// Whether a problem on `device` runs the CPU kernels: CPU tensors do, unless

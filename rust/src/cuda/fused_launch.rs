@@ -168,9 +168,10 @@ pub fn backward_stats_len(p: &FusedProblem) -> usize {
     stats + p.heads * (tiles + slices) * bias_key(p).bias_span()
 }
 
-/// `indices_fit_32_bits` for fused problem `p`.
+/// `indices_fit_32_bits` for fused problem `p`, whose bias the kernels must also address in 32
+/// bits.
 pub fn fused_indices_fit_32_bits(p: &FusedProblem) -> bool {
-    indices_fit_32_bits(p.batch, p.heads, &p.axes, p.extra)
+    indices_fit_32_bits(p.batch, p.heads, &p.axes, p.extra) && p.rpb_fits_32_bits
 }
 
 /// The tensor-core backward's variant for `p`.

@@ -525,3 +525,29 @@ fn tensor_cores_take_only_problems_whose_indices_fit_32_bits() {
     let under = biased(&[1, 1 << 16, (1 << 15) - 1, 1, 64], vec![3, 3], &[1, 5, 5]);
     assert!(backward_stats_len(&under) > 2 * (1 << 16) * ((1 << 15) - 1));
 }
+
+#[test]
+fn tensor_cores_take_only_biases_whose_offsets_fit_32_bits() {
+    // The kernels address the bias in 32 bits: a view whose last element lies 2^32 elements or
+    // more from its first takes the warp kernels (a head stride of 2^31, say).
+    let with_bias_strides = |strides: [isize; 3]| {
+        let q = TensorRef::meta(&[1, 10, 10, 3, 16], DType::BF16, Device::Cuda(0));
+        let rpb = TensorRef {
+            strides: strides.to_vec(),
+            ..TensorRef::meta(&[3, 5, 5], DType::BF16, Device::Cuda(0))
+        };
+        let inputs = FusedInputs {
+            query: Some(&q),
+            key: Some(&q),
+            value: Some(&q),
+            rpb: Some(&rpb),
+            ..FusedInputs::default()
+        };
+        let n = nbhd(vec![3, 3], vec![1; 2], vec![1; 2], vec![false; 2]);
+        fused_indices_fit_32_bits(&FusedProblem::new(&inputs, &n, 1.0).unwrap())
+    };
+    assert!(with_bias_strides([25, 5, 1]));
+    // The last offset is 2 s0 + 4 5 + 4 1: 2^32 for s0 = 2^31 - 12, 2^32 - 2 for one less.
+    assert!(!with_bias_strides([(1 << 31) - 12, 5, 1]));
+    assert!(with_bias_strides([(1 << 31) - 13, 5, 1]));
+}

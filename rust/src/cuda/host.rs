@@ -34,9 +34,6 @@ struct Host {
     /// The most blocks a launch runs: fewer than its grid asks for make each block loop over
     /// several tasks, as on a GPU whose grid limit a problem exceeds.
     max_grid: u32,
-    /// Macro definitions (`-DNAME=VALUE`) added to every build's: they steer kernels down paths
-    /// real problems seldom take.
-    defines: Vec<String>,
 }
 
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
@@ -45,10 +42,9 @@ fn host() -> MutexGuard<'static, Option<Host>> {
     super::lock(&HOST)
 }
 
-/// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler` and the
-/// macro definitions `defines` (`NAME=VALUE` or `NAME`) beside each kernel's own, each launch on
-/// at most `max_grid` blocks; `None` turns it off. Returns whether it was on.
-pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32, defines: &[String]) -> bool {
+/// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`, each
+/// launch on at most `max_grid` blocks; `None` turns it off. Returns whether it was on.
+pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32) -> bool {
     let mut host = host();
     let was = host.is_some();
     *host = dir.map(|dir| Host {
@@ -56,7 +52,6 @@ pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32, defines: &[St
         compiler: compiler.to_string(),
         libraries: HashMap::new(),
         max_grid,
-        defines: defines.iter().map(|d| format!("-D{d}")).collect(),
     });
     was
 }
@@ -87,16 +82,15 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
     }
 }
 
-/// Compile `key` into a library under `dir`, with `extra` definitions; its path.
-fn build(dir: &Path, compiler: &str, key: &KernelKey, extra: &[String]) -> Result<PathBuf> {
+/// Compile `key` into a library under `dir`; its path.
+fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
     let source = (key.source.file_name(), key.source.text());
     let files: Vec<_> = [HOST_HEADER]
         .into_iter()
         .chain(HEADERS)
         .chain([source])
         .collect();
-    let defines = [key.defines(), extra.to_vec()].concat();
-    compile(dir, compiler, &files, &unit(key), &defines).map_err(|e| match e {
+    compile(dir, compiler, &files, &unit(key), &key.defines()).map_err(|e| match e {
         Error::Kernel { message, log } => Error::Kernel {
             message: format!("{message} ({})", key.name()),
             log,
@@ -215,7 +209,7 @@ pub unsafe fn run<P: Copy>(
         });
     };
     if !host.libraries.contains_key(key) {
-        let library = open(&build(&host.dir, &host.compiler, key, &host.defines)?)?;
+        let library = open(&build(&host.dir, &host.compiler, key)?)?;
         host.libraries.insert(*key, library);
     }
     let symbol = format!("na_host_{}", function.symbol());

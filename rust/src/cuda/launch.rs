@@ -252,11 +252,12 @@ pub fn products_take_tensor_cores(dtype: DType, dim: usize, slots: usize, extra:
 }
 
 /// `products_take_tensor_cores` for problem `p`, whose indices fit the kernels' 32 bits
-/// (`indices_fit_32_bits`).
+/// (`indices_fit_32_bits`), as do the offsets into its bias.
 pub fn takes_tensor_cores(p: &Problem) -> bool {
     let slots = p.axes.iter().map(|a| a.kernel).product();
     products_take_tensor_cores(p.dtype, p.dim, slots, p.extra)
         && indices_fit_32_bits(p.batch, p.heads, &p.axes, p.extra)
+        && p.rpb_fits_32_bits
 }
 
 /// The kernels of the window products: on tensor cores (where the problem takes them and the

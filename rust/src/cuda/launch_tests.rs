@@ -212,6 +212,31 @@ fn half_problem(dim: usize, kernel: Vec<i64>, extra: usize) -> (Problem, [Tensor
 }
 
 #[test]
+fn window_products_take_tensor_cores_only_where_the_bias_offsets_fit_32_bits() {
+    let meta = |shape: &[usize]| TensorRef::meta(shape, DType::BF16, Device::Cuda(0));
+    let q = meta(&[2, 3, 20, 12, 32]);
+    let nbhd = Neighborhood::unfused(vec![7, 7], vec![1; 2], vec![false; 2]);
+    let takes = |strides: Vec<isize>| {
+        let rpb = TensorRef {
+            strides,
+            ..meta(&[3, 13, 13])
+        };
+        takes_tensor_cores(&Problem::for_qk(&q, &q, Some(&rpb), None, &nbhd).unwrap())
+    };
+    assert!(takes(vec![169, 13, 1]));
+    // The last offset is 2 s0 + 12 13 + 12 1: 2^32 for s0 = 2^31 - 84.
+    assert!(takes(vec![(1 << 31) - 85, 13, 1]));
+    assert!(!takes(vec![(1 << 31) - 84, 13, 1]));
+    // Offsets below the first element are never taken in 32 bits; an empty view has none.
+    let view = |shape: &[usize], strides: Vec<isize>| TensorRef {
+        strides,
+        ..meta(shape)
+    };
+    assert!(!view(&[3, 13, 13], vec![169, -13, 1]).offsets_fit_32_bits());
+    assert!(view(&[0, 13, 13], vec![1 << 40, 13, 1]).offsets_fit_32_bits());
+}
+
+#[test]
 fn window_products_take_tensor_cores_where_the_kernels_fit() {
     let takes =
         |dim, kernel: Vec<i64>, extra| takes_tensor_cores(&half_problem(dim, kernel, extra).0);

@@ -47,6 +47,9 @@ pub struct FusedProblem {
     pub extra: usize,
     /// Whether a relative positional bias is added.
     pub rpb: bool,
+    /// Whether every offset into the bias is below 2^32 (true without one): the tensor-core
+    /// kernels address it in 32 bits.
+    pub rpb_fits_32_bits: bool,
     /// Logit scale.
     pub scale: f64,
     /// Element type of every tensor but `lse` (float32).
@@ -96,6 +99,7 @@ impl FusedProblem {
             dim_v: query.shape[rank + 2],
             extra: 0,
             rpb: t.rpb.is_some(),
+            rpb_fits_32_bits: t.rpb.is_none_or(TensorRef::offsets_fit_32_bits),
             scale,
             dtype,
             device: query.device,
