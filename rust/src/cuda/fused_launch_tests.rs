@@ -285,13 +285,21 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
 
 /// A self-attention problem with a bias of `bias` entries per head.
 fn biased(shape: &[usize], kernel: Vec<i64>, bias: &[usize]) -> FusedProblem {
+    biased_by(
+        shape,
+        kernel,
+        &TensorRef::meta(bias, DType::F16, Device::Cuda(0)),
+    )
+}
+
+/// A float16 self-attention problem with bias `rpb`.
+fn biased_by(shape: &[usize], kernel: Vec<i64>, rpb: &TensorRef) -> FusedProblem {
     let q = TensorRef::meta(shape, DType::F16, Device::Cuda(0));
-    let rpb = TensorRef::meta(bias, DType::F16, Device::Cuda(0));
     let inputs = FusedInputs {
         query: Some(&q),
         key: Some(&q),
         value: Some(&q),
-        rpb: Some(&rpb),
+        rpb: Some(rpb),
         ..FusedInputs::default()
     };
     let rank = kernel.len();
@@ -531,20 +539,11 @@ fn tensor_cores_take_only_biases_whose_offsets_fit_32_bits() {
     // The kernels address the bias in 32 bits: a view whose last element lies 2^32 elements or
     // more from its first takes the warp kernels (a head stride of 2^31, say).
     let with_bias_strides = |strides: [isize; 3]| {
-        let q = TensorRef::meta(&[1, 10, 10, 3, 16], DType::BF16, Device::Cuda(0));
         let rpb = TensorRef {
             strides: strides.to_vec(),
-            ..TensorRef::meta(&[3, 5, 5], DType::BF16, Device::Cuda(0))
+            ..TensorRef::meta(&[3, 5, 5], DType::F16, Device::Cuda(0))
         };
-        let inputs = FusedInputs {
-            query: Some(&q),
-            key: Some(&q),
-            value: Some(&q),
-            rpb: Some(&rpb),
-            ..FusedInputs::default()
-        };
-        let n = nbhd(vec![3, 3], vec![1; 2], vec![1; 2], vec![false; 2]);
-        fused_indices_fit_32_bits(&FusedProblem::new(&inputs, &n, 1.0).unwrap())
+        fused_indices_fit_32_bits(&biased_by(&[1, 10, 10, 3, 16], vec![3, 3], &rpb))
     };
     assert!(with_bias_strides([25, 5, 1]));
     // The last offset is 2 s0 + 4 5 + 4 1: 2^32 for s0 = 2^31 - 12, 2^32 - 2 for one less.
