@@ -24,11 +24,16 @@
 #error "the tensor-core kernels take head dims that are multiples of 8"
 #endif
 
+// Warps per block: four (one warpgroup), or as the host asks (NA_TC_WARPS: the forward's
+// warpgroup variants of wide rows take two, kernels.rs).
+#ifndef NA_TC_WARPS
 #define NA_TC_WARPS 4
+#endif
 #define NA_TC_THREADS (NA_WARP * NA_TC_WARPS)
 // Blocks an SM should hold at once, which caps the registers a thread may take: narrow rows
-// leave room for more blocks, whose warps hide each other's waits on memory and barriers.
-#if NA_DIM <= 32 && NA_DIM_V <= 32
+// leave room for more blocks of four warps, whose warps hide each other's waits on memory and
+// barriers.
+#if NA_DIM <= 32 && NA_DIM_V <= 32 && NA_TC_WARPS == 4
 #define NA_TC_MIN_BLOCKS 3
 #else
 #define NA_TC_MIN_BLOCKS 1

@@ -178,13 +178,15 @@ struct Fiber {
 };
 
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
-// `threads` fibers, `threads / 32` warps (rounded up) and `2 * threads` shuffle slots.
+// `threads` fibers, `threads / 32` warps and `threads / 128` warpgroups (rounded up) and
+// `2 * threads` shuffle slots.
 struct Block {
     Context scheduler;
     unsigned threads = 0;
     Fiber* fibers = nullptr;
     Barrier sync;
     Barrier* warps = nullptr;
+    Barrier* warpgroups = nullptr;
     unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned current = 0;
@@ -196,6 +198,7 @@ struct Block {
 
 inline Block* block = nullptr;
 constexpr unsigned kWarp = 32;
+constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kGather = 64;  // bytes a lane contributes to one warp gather, at most
 
@@ -217,6 +220,14 @@ inline void sync_warp() {
     const unsigned long long phase = warp.phase;
     warp.arrive();
     wait(warp, phase);
+}
+
+// A barrier of the running thread's warpgroup (the warpgroup-wide instructions' .sync.aligned).
+inline void sync_warpgroup() {
+    Barrier& group = block->warpgroups[block->current / kWarpgroup];
+    const unsigned long long phase = group.phase;
+    group.arrive();
+    wait(group, phase);
 }
 
 // cp.async on the host: a copy completes as late as the GPU allows, at the issuing thread's
@@ -288,20 +299,35 @@ inline void run_thread() {
     b.fibers[b.current].done = true;
     b.sync.leave();
     b.warps[b.current / kWarp].leave();
+    b.warpgroups[b.current / kWarpgroup].leave();
     switch_to(b.fibers[b.current].context, b.scheduler);
     __builtin_unreachable();
+}
+
+// Phases every barrier of block `b` has gone through, summed: it grows while any moves.
+inline unsigned long long progress(const Block& b) {
+    unsigned long long phases = b.sync.phase;
+    for (unsigned t = 0; t < b.threads; t += kWarp) {
+        phases += b.warps[t / kWarp].phase;
+    }
+    for (unsigned t = 0; t < b.threads; t += kWarpgroup) {
+        phases += b.warpgroups[t / kWarpgroup].phase;
+    }
+    return phases;
 }
 
 // Run every thread of the current block to its end. Returns false on a deadlock: every live
 // thread waits at a barrier that cannot complete.
 inline bool run_block(Block& b) {
-    const unsigned threads = b.threads, warps = (threads + kWarp - 1) / kWarp;
+    const unsigned threads = b.threads;
     b.sync = Barrier{threads, 0, 0};
-    for (unsigned w = 0; w < warps; ++w) {
-        b.warps[w] = Barrier{};
+    for (unsigned t = 0; t < threads; ++t) {
+        b.warps[t / kWarp] = Barrier{};
+        b.warpgroups[t / kWarpgroup] = Barrier{};
     }
     for (unsigned t = 0; t < threads; ++t) {
         b.warps[t / kWarp].expected++;
+        b.warpgroups[t / kWarpgroup].expected++;
         Fiber& f = b.fibers[t];
         f.done = false;
         f.pending = 0;  // copies a thread never waited for do not complete
@@ -309,10 +335,7 @@ inline bool run_block(Block& b) {
     }
     unsigned live = threads;
     while (live > 0) {
-        unsigned long long before = b.sync.phase;
-        for (unsigned w = 0; w < warps; ++w) {
-            before += b.warps[w].phase;
-        }
+        const unsigned long long before = progress(b);
         unsigned finished = 0;
         for (unsigned t = 0; t < threads; ++t) {
             if (b.fibers[t].done) {
@@ -323,12 +346,8 @@ inline bool run_block(Block& b) {
             switch_to(b.scheduler, b.fibers[t].context);
             finished += b.fibers[t].done ? 1 : 0;
         }
-        unsigned long long after = b.sync.phase;
-        for (unsigned w = 0; w < warps; ++w) {
-            after += b.warps[w].phase;
-        }
         live -= finished;
-        if (live > 0 && finished == 0 && after == before) {
+        if (live > 0 && finished == 0 && progress(b) == before) {
             // Nobody finished and no barrier moved in a whole round: stuck. Let every waiting
             // thread run to its end (the barriers now fall through) so no stack stays in use.
             b.deadlock = true;
@@ -355,6 +374,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     b.threads = bx * by;
     b.fibers = new Fiber[b.threads];
     b.warps = new Barrier[(b.threads + kWarp - 1) / kWarp];
+    b.warpgroups = new Barrier[(b.threads + kWarpgroup - 1) / kWarpgroup];
     b.lanes = new unsigned long long[2 * b.threads]();
     b.wide = new unsigned char[2 * b.threads * kGather]();
     for (unsigned t = 0; t < b.threads; ++t) {
@@ -375,6 +395,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     }
     delete[] b.fibers;
     delete[] b.warps;
+    delete[] b.warpgroups;
     delete[] b.lanes;
     delete[] b.wide;
     return status;

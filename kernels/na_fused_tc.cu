@@ -14,8 +14,10 @@
 // multiplies its queries by the rest (mma.sync, float accumulators), and folds them into a
 // running softmax (max and sum per query) and output, FlashAttention-style. Nothing is written
 // but the output and the logsumexp. On sm_90a, where the host asks for it (NA_WGMMA), the four
-// warps multiply together instead (wgmma: one 64-row product per step, slabs staged in core
-// matrices), skipping only the slabs no warp sees.
+// warps of a warpgroup multiply together instead (wgmma: one 64-row product per step, slabs
+// staged in core matrices), skipping only the slabs none of them sees; for rows wider than 32
+// channels the host makes a block two warpgroups (NA_TC_WARPS 8), so that each staged slab
+// serves 128 queries and the keys cross from L2 half as often.
 #include "fused_tc.cuh"
 
 // Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
@@ -31,9 +33,10 @@
 // Whether a warp keeps its query fragments in registers for the whole tile; wider rows read
 // them again for every product (registers go to the output instead of spilling).
 #define NA_TC_QUERY_REGISTERS (NA_DIM <= 128)
-// Whether the products are the block's warpgroup products (wgmma, tensor_core.cuh) rather than
-// each warp's own (mma.sync): where the target has them, for head dims up to 128 (queries in
-// registers, a slab's logits one 64-key product per step, the output one product per 16 keys).
+// Whether the products are warpgroup products (wgmma, tensor_core.cuh) rather than each warp's
+// own (mma.sync): where the target has them, for head dims up to 128 (queries in registers, a
+// slab's logits one 64-key product per step, the output one product per 16 keys; the host asks
+// for no wider ones: kernels.rs, MAX_WGMMA_DIM).
 #if NA_HAS_WGMMA && NA_DIM <= 128 && NA_DIM_V <= 128
 #define NA_TC_WGMMA 1
 #else
@@ -50,6 +53,7 @@
 #define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
 #if NA_TC_WGMMA
 static_assert(NA_TC_PASSES == 1, "warpgroup products take the whole output in one pass");
+static_assert(NA_TC_WARPS % 4 == 0, "warpgroup products take whole warpgroups");
 #endif
 // How a slab's key and value rows lie in shared memory: in core matrices for wgmma, pitched for
 // ldmatrix (NaStaged).
@@ -66,17 +70,32 @@ struct NaFusedTcParams {
 static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + 6 * 8,
               "NaFusedTcParams must match fused_launch::FusedTcParams");
 
-// The barrier that publishes a staged slab, each thread having waited for its copies; returns
-// whether the slab's products run, given whether this warp sees any of it. Warpgroup products
-// read shared memory through the async proxy, so the threads' writes are fenced for it first,
-// and they run where any warp of the block sees the slab (all four warps take part); a warp's
-// own run where it sees the slab.
-__device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
+// The barrier that publishes staged rows, each thread having waited for its copies. Warpgroup
+// products read shared memory through the async proxy, so the threads' writes are fenced for it
+// first.
+__device__ __forceinline__ void na_publish_staged() {
 #if NA_TC_WGMMA
     na_async_proxy_fence();
-    return __syncthreads_or(warp_sees) != 0;
-#else
+#endif
     __syncthreads();
+}
+
+// Publish a slab's keys (na_publish_staged) and return whether its products run, given whether
+// this warp sees any of it: a warp's own (mma.sync) where it sees the slab; a warpgroup's (wgmma,
+// which its four warps take part in together) where any of its warps does. The warps vote
+// through `votes`, a byte each: the next slab's votes are cast only past the barrier that
+// publishes this slab's values, which every warp reaches after reading these.
+__device__ __forceinline__ bool na_publish_slab(bool warp_sees, unsigned char* votes) {
+#if NA_TC_WGMMA
+    const int warp = threadIdx.x / NA_WARP;
+    if (threadIdx.x % NA_WARP == 0) {
+        votes[warp] = warp_sees ? 1 : 0;
+    }
+    na_publish_staged();
+    return *reinterpret_cast<const unsigned*>(votes + 4 * (warp / 4)) != 0u;
+#else
+    (void)votes;
+    na_publish_staged();
     return warp_sees;
 #endif
 }
@@ -147,6 +166,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     const NaFusedParams& f = p.forward;
     __shared__ __align__(128) elem_t keys[NA_TC_KEYS * NaKeyRows::per_row];
     __shared__ __align__(128) elem_t values[NA_TC_KEYS * NaValueRows::per_row];
+    __shared__ __align__(4) unsigned char votes[NA_TC_WARPS];  // na_publish_slab's
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
@@ -203,7 +223,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             // The slab's keys staged; the last slab's values read. A slab whose products do not
             // run (na_publish_slab) changes nothing: its logits, softmax, output rescaling and
             // value products are skipped whole, as its products are block by block.
-            const bool products = na_publish_slab(live != 0);
+            const bool products = na_publish_slab(live != 0, votes);
             na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, nullptr, values);
 
             float logits[NA_TC_KEY_BLOCKS][4];
@@ -240,7 +260,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             }
 
             na_copies_wait();
-            na_publish_slab(products);  // the slab's values staged; its keys read
+            na_publish_staged();  // the slab's values staged; its keys read
             s = after(s);  // (what follows needs nothing more of the slab)
             if (slab + 1 < slabs) {
                 na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys, nullptr);

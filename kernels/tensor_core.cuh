@@ -138,10 +138,11 @@ __device__ __forceinline__ void na_load_b_pairs(unsigned b[4], NaShared at) {
 }
 #endif
 
-// Warpgroup products (wgmma.mma_async, sm_90a only): the four warps of a block multiply together,
-// D (64 x N, float) += A (64 x 16) B (16 x N), each warp holding rows 16 w .. 16 w + 15 of A and
-// D in the m16n8k16 layouts above (a[4] is warp w's A fragment; D's 8-column block i is
-// d[4 i .. 4 i + 3], as c of na_mma), so that the slab loops keep their fragments and softmax.
+// Warpgroup products (wgmma.mma_async, sm_90a only): the four warps of a warpgroup (warps
+// 4 i .. 4 i + 3 of a block) multiply together, D (64 x N, float) += A (64 x 16) B (16 x N), warp
+// w holding rows 16 (w % 4) .. 16 (w % 4) + 15 of A and D in the m16n8k16 layouts above (a[4] is
+// its A fragment; D's 8-column block i is d[4 i .. 4 i + 3], as c of na_mma), so that the slab
+// loops keep their fragments and softmax.
 // B is read from shared memory, where it lies in core matrices (NaSmemMatrix). The products run
 // asynchronously: na_wgmma_fence before the first (registers written since are published to
 // them), na_wgmma_commit after the last, na_wgmma_wait before their results are read; and
@@ -189,9 +190,12 @@ inline unsigned na_host_matrix_offset(const NaSmemMatrix& m, int k, int n) {
 }
 
 // d = A B (+ d where `accumulate`): every lane computes its own outputs from its warp's A
-// fragments (gathered) and B as the descriptor would read it.
+// fragments (gathered) and B as the descriptor would read it. The warpgroup meets first, as the
+// instruction's .sync.aligned asks: a warp that skips a product its warpgroup takes leaves the
+// others waiting, which the emulation reports as a deadlock.
 template <int N, int TRANSPOSE_B>
 inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b, int accumulate) {
+    na_host::sync_warpgroup();
     struct Fragment {
         unsigned a[4];
     };

@@ -274,13 +274,14 @@ pub fn backward_plan(
 /// The tile (rows per tile along each axis) and the tile counts of the tensor-core kernels
 /// (queries and keys share one grid, so one tiling serves every one of them).
 fn tiling(p: &FusedProblem) -> ([usize; 3], [usize; 3]) {
-    tiling_of(&p.axes)
+    tiling_of(&p.axes, TC_ROWS)
 }
 
-/// `tiling` of a problem with spatial axes `axes` (the unfused tensor-core kernels tile their
-/// queries the same way).
-pub fn tiling_of(axes: &[Axis; 3]) -> ([usize; 3], [usize; 3]) {
-    let tile = query_tile(axes);
+/// The tiling of a problem with spatial axes `axes` into tiles of `rows` queries at most
+/// (`query_tile`): the tile, and the tiles along each axis. The unfused tensor-core kernels tile
+/// their queries the same way.
+pub fn tiling_of(axes: &[Axis; 3], rows: usize) -> ([usize; 3], [usize; 3]) {
+    let tile = query_tile(axes, rows);
     (tile, [0, 1, 2].map(|a| tiles_along(&axes[a], tile[a])))
 }
 
@@ -378,10 +379,13 @@ pub struct FusedTcParams {
 const _: () =
     assert!(std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8);
 
-/// Rows per tile of the tensor-core kernels (four warps of sixteen rows).
-pub const TC_ROWS: usize = 64;
+/// Warps per block of the tensor-core kernels (the forward's may take more:
+/// `KernelKey::tensor_core_warps`).
+pub const TC_WARPS: usize = 4;
+/// Rows per tile of the tensor-core kernels: sixteen per warp.
+pub const TC_ROWS: usize = 16 * TC_WARPS;
 /// Threads per block of the tensor-core kernels.
-pub const TC_THREADS: u32 = 128;
+pub const TC_THREADS: u32 = WARP * TC_WARPS as u32;
 
 /// Whether tensor-core source `source` takes problems of `dtype` with head dims `(query/key,
 /// value)`: the dtypes it compiles for, and head dims that are multiples of 8 up to its limit.
@@ -404,14 +408,14 @@ pub fn indices_fit_32_bits(batch: usize, heads: usize, axes: &[Axis; 3], extra: 
     tokens.is_some_and(fits) && [batch, heads, extra].into_iter().all(fits)
 }
 
-/// The query tile of the tensor-core forward: `TC_ROWS` queries at most, grown by doubling,
+/// The query tile of the tensor-core kernels: `rows` queries at most, grown by doubling,
 /// among the axes it is still shorter than the longest dilation group of, the one whose group
 /// is longest relative to the tile, so that a tile is as square as the grid allows (a square
 /// tile of a square window shares the most keys).
-pub fn query_tile(axes: &[Axis; 3]) -> [usize; 3] {
+pub fn query_tile(axes: &[Axis; 3], rows: usize) -> [usize; 3] {
     let longest = axes.map(|a| a.length.div_ceil(a.dilation));
     let mut tile = [1; 3];
-    while tile.iter().product::<usize>() * 2 <= TC_ROWS {
+    while tile.iter().product::<usize>() * 2 <= rows {
         let growable = (0..3).filter(|&a| tile[a] < longest[a]);
         // longest[a] / tile[a], compared across axes without division.
         let Some(axis) = growable.reduce(|best, a| {
@@ -436,16 +440,17 @@ fn tiles_along(axis: &Axis, tile: usize) -> usize {
         .sum()
 }
 
-/// The tensor-core forward: one block of `TC_THREADS` per query tile of every `(batch, head)`;
-/// `None` when there is no query.
+/// The tensor-core forward in blocks of `warps` warps: one per query tile (sixteen queries a
+/// warp) of every `(batch, head)`; `None` when there is no query.
 pub fn tensor_core_forward(
     p: &FusedProblem,
     t: &FusedTensors,
     out: &TensorRef,
     lse: &TensorRef,
+    warps: usize,
 ) -> Option<FusedLaunch<FusedTcParams>> {
     let plain = forward(p, t, out, lse)?;
-    let (tile, tiles) = tiling(p);
+    let (tile, tiles) = tiling_of(&p.axes, 16 * warps);
     let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
     Some(FusedLaunch {
         function: Function::FusedForwardTc,
@@ -454,7 +459,7 @@ pub fn tensor_core_forward(
             tile: tile.map(|x| x as i64),
             tiles: tiles.map(|x| x as i64),
         },
-        config: Config::covering(blocks as u64, 1, (TC_THREADS, 1)),
+        config: Config::covering(blocks as u64, 1, (WARP * warps as u32, 1)),
     })
 }
 

@@ -262,7 +262,7 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         ]
     );
     let pr = launches[0].params;
-    assert_eq!(pr.tile, query_tile(&p.axes).map(|x| x as i64));
+    assert_eq!(pr.tile, query_tile(&p.axes, TC_ROWS).map(|x| x as i64));
     // Axis 1 (9 tokens, dilation 2) has groups of 5 and 4, one tile of 8 each; axis 2 (8
     // tokens) one tile of 8.
     assert_eq!((pr.tile, pr.tiles), ([1, 8, 8], [1, 2, 1]));
@@ -415,8 +415,18 @@ fn query_tiles_are_as_square_as_the_grid_allows() {
     ];
     for (shape, kernel, dilation, tile) in cases {
         let p = self_attention(shape, DType::F16, kernel, dilation);
-        assert_eq!(query_tile(&p.axes), tile, "{shape:?}");
+        assert_eq!(query_tile(&p.axes, TC_ROWS), tile, "{shape:?}");
         assert!(tile.iter().product::<usize>() <= TC_ROWS);
+    }
+    // Tiles of two warpgroups (128 rows) double the relatively longest side again.
+    let rows_128: [Case; 3] = [
+        (&[2, 56, 56, 2, 32], vec![7, 7], vec![1, 1], [1, 16, 8]),
+        (&[1, 6, 90, 2, 16], vec![3, 5], vec![2, 1], [1, 2, 64]),
+        (&[1, 5, 2, 16], vec![3], vec![1], [1, 1, 8]),
+    ];
+    for (shape, kernel, dilation, tile) in rows_128 {
+        let p = self_attention(shape, DType::F16, kernel, dilation);
+        assert_eq!(query_tile(&p.axes, 128), tile, "{shape:?}");
     }
 }
 
@@ -440,12 +450,20 @@ fn tensor_core_tiles_cover_every_dilation_group() {
     };
     let out = TensorRef::meta(&[2, 20, 19, 4, 16], DType::BF16, Device::Cuda(0));
     let lse = TensorRef::meta(&[2, 20, 19, 4], DType::F32, Device::Cuda(0));
-    let launch = tensor_core_forward(&p, &tensors, &out, &lse).unwrap();
+    let launch = tensor_core_forward(&p, &tensors, &out, &lse, TC_WARPS).unwrap();
     assert_eq!(launch.function, Function::FusedForwardTc);
     assert_eq!(launch.params.tile, [1, 8, 8]);
     assert_eq!(launch.params.tiles, [1, 4, 3]);
     assert_eq!(launch.config.grid, 2 * 4 * 12);
     assert_eq!(launch.config.block, (128, 1));
+    // Blocks of eight warps take tiles of 128 queries: 16 x 8, one tile per group of axis 0.
+    let launch = tensor_core_forward(&p, &tensors, &out, &lse, 8).unwrap();
+    assert_eq!(
+        (launch.params.tile, launch.params.tiles),
+        ([1, 16, 8], [1, 2, 3])
+    );
+    assert_eq!(launch.config.grid, 2 * 4 * 6);
+    assert_eq!(launch.config.block, (256, 1));
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! flags, strides, and for the fused kernels the head dims), which NVRTC compiles into one
 //! module.
 
+use super::fused_launch::TC_WARPS;
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
@@ -268,11 +269,21 @@ pub struct KernelKey {
     pub wgmma: bool,
 }
 
-/// Whether variants of `source` take warpgroup products: the tensor-core forward while
-/// `NATTEN_RS_WGMMA=1` is set (read at each lookup, so that the variant follows it). Off by
-/// default; the kernel takes them only on sm_90a, and mma.sync elsewhere.
-pub fn wgmma_for(source: Source) -> bool {
-    source == Source::FusedTc && std::env::var_os("NATTEN_RS_WGMMA").is_some_and(|v| v == "1")
+/// The widest rows (query/key and value head dims) of the forward's warpgroup products: their
+/// queries and output stay in registers (na_fused_tc.cu's NA_TC_WGMMA).
+pub const MAX_WGMMA_DIM: usize = 128;
+
+/// Whether variants of `source` with head dims `dims` take warpgroup products: where they apply
+/// (`wgmma_applies`) while `NATTEN_RS_WGMMA=1` is set (read at each lookup, so that the variant
+/// follows it). Off by default; the kernel takes them only on sm_90a, and mma.sync elsewhere.
+pub fn wgmma_for(source: Source, dims: (usize, usize)) -> bool {
+    wgmma_applies(source, dims) && std::env::var_os("NATTEN_RS_WGMMA").is_some_and(|v| v == "1")
+}
+
+/// Whether variants of `source` with head dims `dims` have warpgroup products to take: the
+/// tensor-core forward up to `MAX_WGMMA_DIM`.
+fn wgmma_applies(source: Source, dims: (usize, usize)) -> bool {
+    source == Source::FusedTc && dims.0.max(dims.1) <= MAX_WGMMA_DIM
 }
 
 /// The largest head dim the fused forward takes: each lane of a warp keeps `dim / 32` query
@@ -340,7 +351,19 @@ impl KernelKey {
             causal: p.axes.map(|a| a.causal),
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
-            wgmma: wgmma_for(source),
+            wgmma: wgmma_for(source, (p.dim, p.dim_v)),
+        }
+    }
+
+    /// Warps per block of the variant's tensor-core kernels: two warpgroups for the forward's
+    /// warpgroup products of rows wider than 32 channels, so that each staged slab serves 128
+    /// queries (such a block takes an SM's registers, as two blocks of four warps do at those
+    /// widths); `TC_WARPS` otherwise.
+    pub fn tensor_core_warps(&self) -> usize {
+        if self.wgmma && self.dims.0.max(self.dims.1) > 32 {
+            2 * TC_WARPS
+        } else {
+            TC_WARPS
         }
     }
 
@@ -376,6 +399,9 @@ impl KernelKey {
         }
         if self.wgmma {
             flags.push("-DNA_WGMMA=1".to_string());
+        }
+        if self.source == Source::FusedTc {
+            flags.push(format!("-DNA_TC_WARPS={}", self.tensor_core_warps()));
         }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());
@@ -506,7 +532,7 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                 // The warpgroup products as well, where they apply (head dims up to 128): the
                 // shapes at 32/32, 128/96 and 24/40 (padded to 16) cover their paths; 64/64
                 // would only add compile time.
-                if source == Source::FusedTc && dims.0.max(dims.1) <= 128 && dims != (64, 64) {
+                if wgmma_applies(source, dims) && dims != (64, 64) {
                     keys.push(KernelKey { wgmma: true, ..key });
                 }
             }
@@ -564,6 +590,51 @@ mod tests {
         assert!(keys[1].name().ends_with("stride 1x2x4, dim 64/64]"));
         let unfused = representative_keys()[0].defines();
         assert!(!unfused.iter().any(|d| d.starts_with("-DNA_DIM")));
+    }
+
+    #[test]
+    fn warpgroup_products_apply_to_the_tensor_core_forward_up_to_128_channels() {
+        assert!(wgmma_applies(Source::FusedTc, (128, 128)));
+        assert!(wgmma_applies(Source::FusedTc, (8, 128)));
+        assert!(!wgmma_applies(Source::FusedTc, (136, 64)));
+        assert!(!wgmma_applies(Source::FusedTc, (64, 256)));
+        assert!(!wgmma_applies(Source::FusedBwdTc, (64, 64)));
+        assert!(!wgmma_applies(Source::FusedFwd, (64, 64)));
+    }
+
+    #[test]
+    fn the_warpgroup_forward_of_wide_rows_takes_two_warpgroups_per_block() {
+        let key = |source, wgmma, dims| KernelKey {
+            source,
+            dtype: DType::BF16,
+            kernel: [1, 7, 7],
+            causal: [false; 3],
+            stride: [1; 3],
+            dims,
+            wgmma,
+        };
+        let warps_flag = |k: &KernelKey| {
+            k.defines()
+                .iter()
+                .find_map(|d| d.strip_prefix("-DNA_TC_WARPS=").map(str::to_string))
+        };
+        for (wgmma, dims, warps) in [
+            (true, (64, 64), 8),
+            (true, (32, 64), 8),
+            (true, (128, 128), 8),
+            (true, (32, 32), 4),
+            (false, (128, 128), 4),
+        ] {
+            let k = key(Source::FusedTc, wgmma, dims);
+            assert_eq!(k.tensor_core_warps(), warps, "{dims:?}, wgmma {wgmma}");
+            assert_eq!(warps_flag(&k), Some(warps.to_string()));
+        }
+        // The other tensor-core kernels keep the kernels' own four warps.
+        let backward = key(Source::FusedBwdTc, false, (128, 128));
+        assert_eq!(
+            (backward.tensor_core_warps(), warps_flag(&backward)),
+            (TC_WARPS, None)
+        );
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl Launch {
             }
             // One block per tile of queries of every (batch, head).
             Function::PairwiseTc | Function::GatherTc => {
-                let (tile, tiles) = tiling_of(&p.axes);
+                let (tile, tiles) = tiling_of(&p.axes, TC_ROWS);
                 params.tile = tile.map(|x| x as i64);
                 params.tiles = tiles.map(|x| x as i64);
                 let blocks = p.batch * p.heads * tiles.iter().product::<usize>();

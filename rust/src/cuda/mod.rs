@@ -337,7 +337,8 @@ pub unsafe fn fused_forward(
     // mirrors (`NaFusedTcParams`, `NaFusedParams`).
     unsafe {
         if key.source == Source::FusedTc {
-            let launch = fused_launch::tensor_core_forward(p, t, out, lse);
+            let warps = key.tensor_core_warps();
+            let launch = fused_launch::tensor_core_forward(p, t, out, lse, warps);
             target.launch_planned(&key, launch, stream)
         } else {
             target.launch_planned(&key, fused_launch::forward(p, t, out, lse), stream)
@@ -412,7 +413,7 @@ pub fn variants(
                 causal,
                 stride: [1; 3],
                 dims,
-                wgmma: kernels::wgmma_for(source),
+                wgmma: kernels::wgmma_for(source, dims),
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();
