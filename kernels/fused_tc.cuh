@@ -722,6 +722,26 @@ __device__ __forceinline__ void na_copies_wait() {
 #endif
 }
 
+// Close this thread's group of copies issued since the last (cp.async.commit_group), for
+// na_copies_wait_groups to wait on.
+__device__ __forceinline__ void na_copies_commit() {
+#ifdef NA_HOST
+    na_host::commit_copies();
+#else
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Wait for the copies of every group this thread has committed but the NEWEST last ones.
+template <int NEWEST>
+__device__ __forceinline__ void na_copies_wait_groups() {
+#ifdef NA_HOST
+    na_host::wait_copy_groups(NEWEST);
+#else
+    asm volatile("cp.async.wait_group %0;" ::"n"(NEWEST) : "memory");
+#endif
+}
+
 // Zeros for eight channels (16 bytes, aligned) of a staged row: one store.
 __device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
     struct __align__(16) Chunk {

@@ -98,10 +98,12 @@ struct Barrier {
     }
 };
 
-// A cp.async copy of 16 bytes not yet completed: its destination and the bytes it brings.
+// A cp.async copy of 16 bytes not yet completed: its destination, the bytes it brings and its
+// group (the number of groups its thread had committed when it was issued).
 struct PendingCopy {
     void* dst;
     unsigned char bytes[16];
+    unsigned long long group;
 };
 
 // A thread's own stack and saved context. On x86-64 a switch saves the callee-saved registers
@@ -175,6 +177,7 @@ struct Fiber {
     PendingCopy* copies = nullptr;  // this thread's cp.async copies not yet waited for
     unsigned pending = 0;
     unsigned capacity = 0;
+    unsigned long long committed = 0;  // cp.async groups this thread has committed
 };
 
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
@@ -191,6 +194,7 @@ struct Block {
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned current = 0;
     int any[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_or's predicate
+    int count[2] = {0, 0};  // and of __syncthreads_count's
     bool deadlock = false;
     void (*body)(const void*) = nullptr;
     const void* params = nullptr;
@@ -242,6 +246,7 @@ inline void copy_async(void* dst, const void* src) {
     }
     PendingCopy& c = f.copies[f.pending++];
     c.dst = dst;
+    c.group = f.committed;
     if (src != nullptr) {
         memcpy(c.bytes, src, 16);
     } else {
@@ -257,6 +262,24 @@ inline void wait_copies() {
         memcpy(f.copies[i].dst, f.copies[i].bytes, 16);
     }
     f.pending = 0;
+}
+
+// Close this thread's group of copies (cp.async.commit_group).
+inline void commit_copies() { block->fibers[block->current].committed++; }
+
+// Complete the copies of every group this thread has committed but the `newest` last ones
+// (cp.async.wait_group): those, and copies not yet committed, stay pending.
+inline void wait_copy_groups(unsigned long long newest) {
+    Fiber& f = block->fibers[block->current];
+    unsigned kept = 0;
+    for (unsigned i = 0; i < f.pending; ++i) {
+        if (f.copies[i].group + newest < f.committed) {
+            memcpy(f.copies[i].dst, f.copies[i].bytes, 16);
+        } else {
+            f.copies[kept++] = f.copies[i];
+        }
+    }
+    f.pending = kept;
 }
 
 // One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
@@ -331,6 +354,7 @@ inline bool run_block(Block& b) {
         Fiber& f = b.fibers[t];
         f.done = false;
         f.pending = 0;  // copies a thread never waited for do not complete
+        f.committed = 0;
         prepare(f.context, f.stack, kStack, run_thread);
     }
     unsigned live = threads;
@@ -418,6 +442,19 @@ inline int __syncthreads_or(int predicate) {
     b.sync.arrive();
     na_host::wait(b.sync, phase);
     return any;
+}
+// A block barrier that also returns how many threads' `predicate` is nonzero (banks as above).
+inline int __syncthreads_count(int predicate) {
+    na_host::Block& b = *na_host::block;
+    const unsigned long long phase = b.sync.phase;
+    int& count = b.count[phase % 2];
+    if (b.sync.arrived == 0) {
+        count = 0;
+    }
+    count += predicate != 0;
+    b.sync.arrive();
+    na_host::wait(b.sync, phase);
+    return count;
 }
 inline void __syncwarp(unsigned = 0xffffffffu) { na_host::sync_warp(); }
 

@@ -5,9 +5,10 @@
 // query positions inside one dilation group per axis, shaped by the host so that neighbouring
 // queries share most of their windows (a 2-D tile of a 2-D problem). Its keys are the box of
 // key positions that holds all of their windows, walked in slabs of NA_TC_KEYS positions
-// (sub-boxes of it, such as 8x8 keys of a 2-D box: na_cut_box) and then the additional tokens. A slab's key and value rows are staged in shared memory by
-// cp.async (16 bytes per copy where rows are dense; rows padded so fragment reads do not collide
-// in banks), keys and values apart so that copies overlap products. Each warp first works out
+// (sub-boxes of it, such as 8x8 keys of a 2-D box: na_cut_box) and then the additional tokens.
+// A slab's key and value rows are staged in shared memory by cp.async (16 bytes per copy where
+// rows are dense; rows padded so fragment reads do not collide in banks), keys and values apart
+// in a ring of two or three buffers so that copies overlap products. Each warp first works out
 // which of its logits count (keys inside each query's own window: every neighbourhood rule,
 // stride and causality included, comes from the window math of common.cuh), skips the blocks
 // of keys none of its 16 queries sees (a warp's queries see only part of the tile's box),
@@ -82,22 +83,41 @@ __device__ __forceinline__ void na_publish_staged() {
 
 // Publish a slab's keys (na_publish_staged) and return whether its products run, given whether
 // this warp sees any of it: a warp's own (mma.sync) where it sees the slab; a warpgroup's (wgmma,
-// which its four warps take part in together) where any of its warps does. The warps vote
-// through `votes`, a byte each: the next slab's votes are cast only past the barrier that
-// publishes this slab's values, which every warp reaches after reading these.
-__device__ __forceinline__ bool na_publish_slab(bool warp_sees, unsigned char* votes) {
+// which its four warps take part in together) where any of its warps does. The barrier counts
+// the votes: every lane of the first warpgroup's warps that see the slab, one lane of the
+// second's, so that the first's warps see it where the count is 32 or more and the second's
+// where it is not a multiple of 32 (four at most).
+__device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
 #if NA_TC_WGMMA
+    static_assert(NA_TC_WARPS <= 8, "the votes count two warpgroups at most");
     const int warp = threadIdx.x / NA_WARP;
-    if (threadIdx.x % NA_WARP == 0) {
-        votes[warp] = warp_sees ? 1 : 0;
-    }
-    na_publish_staged();
-    return *reinterpret_cast<const unsigned*>(votes + 4 * (warp / 4)) != 0u;
+    const bool vote = warp_sees && (warp < 4 || threadIdx.x % NA_WARP == 0);
+    na_async_proxy_fence();
+    const int count = __syncthreads_count(vote);
+    return warp < 4 ? count >= NA_WARP : count % NA_WARP != 0;
 #else
-    (void)votes;
     na_publish_staged();
     return warp_sees;
 #endif
+}
+
+// The slabs' keys and values take turns in a ring of NA_TC_STAGES buffers of shared memory:
+// slab j's keys are item 2 j and its values item 2 j + 1, item i lies in buffer i % NA_TC_STAGES,
+// and while item i is read the next NA_TC_STAGES - 1 are on their way (a copy has the products of
+// one item, or of two, to arrive under). Three buffers where they fit the 48 KiB a block's static
+// shared memory may take, else two.
+constexpr int na_tc_buffer = NA_TC_KEYS * (NaKeyRows::per_row > NaValueRows::per_row
+                                               ? NaKeyRows::per_row
+                                               : NaValueRows::per_row);
+#define NA_TC_STAGES (3 * na_tc_buffer * (int)sizeof(elem_t) <= 48 * 1024 ? 3 : 2)
+
+// The buffer after `buffer` in the ring, and the one before (where the item NA_TC_STAGES - 1
+// ahead of `buffer`'s goes: the buffer of the item read last).
+__device__ __forceinline__ int na_ring_next(int buffer) {
+    return buffer + 1 == NA_TC_STAGES ? 0 : buffer + 1;
+}
+__device__ __forceinline__ int na_ring_before(int buffer) {
+    return buffer == 0 ? NA_TC_STAGES - 1 : buffer - 1;
 }
 
 // The logits of this warp's sixteen queries (`query`, every step's A fragment) against the
@@ -164,9 +184,7 @@ __device__ __forceinline__ void na_slab_values(float out[NA_TC_OUT_BLOCKS][4],
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_forward_tc(const NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
-    __shared__ __align__(128) elem_t keys[NA_TC_KEYS * NaKeyRows::per_row];
-    __shared__ __align__(128) elem_t values[NA_TC_KEYS * NaValueRows::per_row];
-    __shared__ __align__(4) unsigned char votes[NA_TC_WARPS];  // na_publish_slab's
+    __shared__ __align__(128) elem_t ring[NA_TC_STAGES][na_tc_buffer];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
@@ -199,19 +217,30 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         na_zero<NA_TC_OUT_BLOCKS>(out);
         NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax(exponent);
 
-        // Slabs are staged by cp.async, keys and values apart, so that loads overlap products:
-        // a slab's values arrive while its logits are formed, the next slab's keys while its
-        // values are weighed. Each wait-and-barrier publishes one and ends the reads of the
-        // buffer the next copies overwrite.
+        // Slabs are staged by cp.async, keys and values apart (items of the ring above), so that
+        // loads overlap products. Each item's copies are one group, past the last slab an empty
+        // one, so that waiting for all but the newest NA_TC_STAGES - 2 groups is waiting for the
+        // item about to be read. Each wait-and-barrier publishes one item and ends the reads of
+        // the buffer the next copies overwrite.
         const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
         auto after = [&](const NaSlab& s) {
             return na_next_slab<NA_TC_KEYS>(tl, s, f.extra_count);
         };
+        auto stage = [&](long long item, const NaSlab& s, elem_t* buffer) {
+            if (item < 2 * slabs) {
+                const bool keys = item % 2 == 0;
+                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys ? buffer : nullptr,
+                                                           keys ? nullptr : buffer);
+            }
+            na_copies_commit();
+        };
         NaSlab s = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
-        __syncthreads();  // the last pass's (or task's) reads of the keys done
-        if (slabs > 0) {
-            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys, nullptr);
+        __syncthreads();  // the last pass's (or task's) reads of the ring done
+#pragma unroll
+        for (int item = 0; item < NA_TC_STAGES - 1; ++item) {
+            stage(item, s, ring[item]);  // slab 0's keys (and values)
         }
+        int buffer = 0;  // the buffer of the item read next
         for (long long slab = 0; slab < slabs; ++slab) {
             // Which of this lane's logits count, known before any product. Blocks of eight keys
             // that no query of the warp sees are skipped: their products (and, for sixteen such
@@ -219,12 +248,17 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             const unsigned seen = na_slab_seen<NA_TC_KEY_BLOCKS>(tl, s, rows, t);
             const unsigned live = __reduce_or_sync(0xffffffffu, seen);
 
-            na_copies_wait();
-            // The slab's keys staged; the last slab's values read. A slab whose products do not
-            // run (na_publish_slab) changes nothing: its logits, softmax, output rescaling and
-            // value products are skipped whole, as its products are block by block.
-            const bool products = na_publish_slab(live != 0, votes);
-            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, nullptr, values);
+            na_copies_wait_groups<NA_TC_STAGES - 2>();
+            // The slab's keys staged; the item before read. A slab whose products do not run
+            // (na_publish_slab) changes nothing: its logits, softmax, output rescaling and value
+            // products are skipped whole, as its products are block by block.
+            const bool products = na_publish_slab(live != 0);
+            // Item 2 slab + NA_TC_STAGES - 1: this slab's values, or (three buffers) the next
+            // slab's keys.
+            stage(2 * slab + NA_TC_STAGES - 1, NA_TC_STAGES == 2 ? s : after(s),
+                  ring[na_ring_before(buffer)]);
+            const elem_t* const keys = ring[buffer];
+            buffer = na_ring_next(buffer);
 
             float logits[NA_TC_KEY_BLOCKS][4];
             if (products) {
@@ -259,12 +293,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 }
             }
 
-            na_copies_wait();
+            na_copies_wait_groups<NA_TC_STAGES - 2>();
             na_publish_staged();  // the slab's values staged; its keys read
             s = after(s);  // (what follows needs nothing more of the slab)
-            if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys, nullptr);
-            }
+            // Item 2 slab + NA_TC_STAGES: the next slab's keys, or (three buffers) its values.
+            stage(2 * slab + NA_TC_STAGES, s, ring[na_ring_before(buffer)]);
+            const elem_t* const values = ring[buffer];
+            buffer = na_ring_next(buffer);
 
             // out += probabilities . values.
             if (products) {
