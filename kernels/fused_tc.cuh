@@ -48,6 +48,12 @@
 // Elements each staged row is padded by: 16 bytes, so that the eight rows a fragment read spans
 // start in different banks (with rows a multiple of 128 bytes long they would all share one).
 #define NA_TC_SKEW 8
+// Whether every row a kernel stages is dense and 16-byte aligned, as the host guarantees where it
+// says so (kernels.rs, KernelKey::dense_rows): rows are then staged by 16-byte copies alone, and
+// the element-by-element copies of other layouts stay out of the slab loops.
+#ifndef NA_DENSE_ROWS
+#define NA_DENSE_ROWS 0
+#endif
 
 // Tile `i` of one axis: its dilation group and that group's length, and the group indices
 // `[first, first + count)` of its rows. Groups below `length % dilation` are one longer; each
@@ -753,20 +759,25 @@ __device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
 // apart; none when null: zeros) into `dst`, zeros up to `padded` channels, its 8-channel chunks
 // CHUNK elements apart (NaStaged, chunks 16-byte aligned): 16 bytes at a time, asynchronously,
-// where the row is dense and aligned, else one element at a time. The thread must
-// na_copies_wait before the barrier that publishes the row. N is a multiple of 8.
+// where the row is dense and aligned (every row, under NA_DENSE_ROWS), else one element at a
+// time. The thread must na_copies_wait before the barrier that publishes the row. N is a
+// multiple of 8.
 template <int N, int PARTS, int CHUNK>
 __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
                                              int padded, int part) {
+#if NA_DENSE_ROWS
+    const bool whole = src != nullptr;
+#else
     const bool whole = src != nullptr && step == 1 &&
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
+#endif
     for (int c = 8 * part; c < padded; c += 8 * PARTS) {
         elem_t* const chunk = dst + c / 8 * CHUNK;
         if (src == nullptr || c >= N) {
             na_zero_chunk(chunk);
         } else if (whole) {
             na_copy16_async(chunk, src + c);
-        } else {
+        } else if (!NA_DENSE_ROWS) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
                 chunk[i] = src[(c + i) * step];

@@ -212,6 +212,18 @@ impl TensorRef {
         last.is_some_and(|last| last < 1 << 32)
     }
 
+    /// Whether every row (run along the last axis) is dense and starts 16-byte aligned: a unit
+    /// stride along the last axis, an aligned address, and every other stride a whole number of
+    /// 16 bytes (axes of one element aside), so that a row's 16-byte chunks copy as they lie.
+    pub fn rows_dense_and_aligned(&self) -> bool {
+        let size = self.element_size();
+        // (Modulo 2^64, a multiple of 16, a step's bytes keep their remainder by 16.)
+        let whole_chunks = |s: isize| s.unsigned_abs().wrapping_mul(size).is_multiple_of(16);
+        let mut axes = self.shape.iter().zip(&self.strides).rev();
+        let last_dense = axes.next().is_none_or(|(&n, &s)| n <= 1 || s == 1);
+        last_dense && self.data.is_multiple_of(16) && axes.all(|(&n, &s)| n <= 1 || whole_chunks(s))
+    }
+
     /// Whether the elements are dense and row-major (so that no two indices share memory).
     pub fn is_contiguous(&self) -> bool {
         let expected = contiguous_strides(&self.shape);

@@ -568,3 +568,73 @@ fn tensor_cores_take_only_biases_whose_offsets_fit_32_bits() {
     assert!(!with_bias_strides([(1 << 31) - 12, 5, 1]));
     assert!(with_bias_strides([(1 << 31) - 13, 5, 1]));
 }
+
+#[test]
+fn rows_are_dense_and_aligned_with_unit_channel_strides_and_16_byte_steps() {
+    let laid_out = |data: usize, strides: Vec<isize>| TensorRef {
+        data,
+        strides,
+        ..TensorRef::meta(&[2, 5, 3, 8], DType::BF16, Device::Cuda(0))
+    };
+    assert!(laid_out(0x1000, vec![120, 24, 8, 1]).rows_dense_and_aligned());
+    // Heads-first buffers (DiNAT's permuted views) and a storage offset of whole rows.
+    assert!(laid_out(0x1010, vec![120, 8, 40, 1]).rows_dense_and_aligned());
+    // Every other channel, an address 8 bytes off, a token step of 4 elements (8 bytes).
+    assert!(!laid_out(0x1000, vec![240, 48, 16, 2]).rows_dense_and_aligned());
+    assert!(!laid_out(0x1008, vec![120, 24, 8, 1]).rows_dense_and_aligned());
+    assert!(!laid_out(0x1000, vec![120, 4, 40, 1]).rows_dense_and_aligned());
+    // Axes of one element take any stride; negative whole-row steps stay aligned.
+    let single = TensorRef {
+        strides: vec![3, 24, 8, 1],
+        ..TensorRef::meta(&[1, 5, 3, 8], DType::BF16, Device::Cuda(0))
+    };
+    assert!(single.rows_dense_and_aligned());
+    assert!(laid_out(0x1000, vec![120, -24, 8, 1]).rows_dense_and_aligned());
+}
+
+/// The tensor-core forward's variant stages by 16-byte copies alone only where every key and
+/// value row (the additional tokens' too) is dense and aligned.
+#[test]
+fn the_tensor_core_forward_takes_dense_rows_only_where_every_staged_row_is() {
+    let q = TensorRef::meta(&[1, 10, 10, 2, 16], DType::F16, Device::Cuda(0));
+    let sliced = TensorRef {
+        shape: vec![1, 10, 10, 2, 16],
+        strides: vec![6400, 640, 64, 32, 2],
+        ..TensorRef::meta(&[1, 10, 10, 2, 32], DType::F16, Device::Cuda(0))
+    };
+    let extras = TensorRef::meta(&[1, 4, 2, 16], DType::F16, Device::Cuda(0));
+    let shifted = TensorRef {
+        data: 8,
+        ..extras.clone()
+    };
+    let n = nbhd(vec![3, 3], vec![1, 1], vec![1, 1], vec![false, false]);
+    let key_of = |key: &TensorRef, extra: Option<&TensorRef>| {
+        let inputs = FusedInputs {
+            query: Some(&sliced), // queries are not staged
+            key: Some(key),
+            value: Some(&q),
+            additional_keys: extra,
+            additional_values: extra,
+            ..FusedInputs::default()
+        };
+        let p = FusedProblem::new(&inputs, &n, 1.0).unwrap();
+        KernelKey::for_fused(Source::FusedTc, &p)
+    };
+    let dense = key_of(&q, Some(&extras));
+    assert!(dense.dense_rows && dense.defines().contains(&"-DNA_DENSE_ROWS=1".to_string()));
+    assert!(!dense.name().contains("any rows"));
+    for other in [key_of(&sliced, None), key_of(&q, Some(&shifted))] {
+        assert!(!other.dense_rows, "{}", other.name());
+        assert!(other.defines().contains(&"-DNA_DENSE_ROWS=0".to_string()));
+        assert!(other.name().contains(", any rows"));
+    }
+    // The other sources never take it.
+    let inputs = FusedInputs {
+        query: Some(&q),
+        key: Some(&q),
+        value: Some(&q),
+        ..FusedInputs::default()
+    };
+    let p = FusedProblem::new(&inputs, &n, 1.0).unwrap();
+    assert!(!KernelKey::for_fused(Source::FusedBwdTc, &p).dense_rows);
+}

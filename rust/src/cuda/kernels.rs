@@ -267,6 +267,11 @@ pub struct KernelKey {
     /// Whether the tensor-core forward takes warpgroup products (wgmma) where its target has
     /// them (`wgmma_for`); false for every other source.
     pub wgmma: bool,
+    /// Whether the tensor-core forward's problem guarantees dense, 16-byte aligned key and value
+    /// rows (`FusedProblem::staged_rows_dense`), so that its staging compiles 16-byte copies
+    /// alone; false for every other source (and for the forward of other layouts, which also
+    /// compiles element-by-element copies into its slab loop).
+    pub dense_rows: bool,
 }
 
 /// The widest rows (query/key and value head dims) of the forward's warpgroup products: their
@@ -339,6 +344,7 @@ impl KernelKey {
             stride: [1; 3],
             dims,
             wgmma: false,
+            dense_rows: false,
         }
     }
 
@@ -352,6 +358,7 @@ impl KernelKey {
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
             wgmma: wgmma_for(source, (p.dim, p.dim_v)),
+            dense_rows: source == Source::FusedTc && p.staged_rows_dense,
         }
     }
 
@@ -402,6 +409,7 @@ impl KernelKey {
         }
         if self.source == Source::FusedTc {
             flags.push(format!("-DNA_TC_WARPS={}", self.tensor_core_warps()));
+            flags.push(format!("-DNA_DENSE_ROWS={}", u8::from(self.dense_rows)));
         }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());
@@ -423,8 +431,13 @@ impl KernelKey {
         let fused = if self.source.fixed_dims() {
             let [s0, s1, s2] = self.stride;
             let (d, dv) = self.dims;
+            let any_rows = if self.source == Source::FusedTc && !self.dense_rows {
+                ", any rows"
+            } else {
+                ""
+            };
             let wgmma = if self.wgmma { ", wgmma" } else { "" };
-            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{wgmma}")
+            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{any_rows}{wgmma}")
         } else {
             String::new()
         };
@@ -527,8 +540,17 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     stride,
                     dims,
                     wgmma: false,
+                    dense_rows: source == Source::FusedTc,
                 };
                 keys.push(key);
+                // The tensor-core forward of other layouts (element-by-element copies beside the
+                // 16-byte ones), once per dtype.
+                if source == Source::FusedTc && dims == (32, 32) {
+                    keys.push(KernelKey {
+                        dense_rows: false,
+                        ..key
+                    });
+                }
                 // The warpgroup products as well, where they apply (head dims up to 128): the
                 // shapes at 32/32, 128/96 and 24/40 (padded to 16) cover their paths; 64/64
                 // would only add compile time.
@@ -612,6 +634,7 @@ mod tests {
             stride: [1; 3],
             dims,
             wgmma,
+            dense_rows: true,
         };
         let warps_flag = |k: &KernelKey| {
             k.defines()

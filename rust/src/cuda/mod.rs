@@ -414,6 +414,8 @@ pub fn variants(
                 stride: [1; 3],
                 dims,
                 wgmma: kernels::wgmma_for(source, dims),
+                // (the common layouts; others compile at first use)
+                dense_rows: source == Source::FusedTc,
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();

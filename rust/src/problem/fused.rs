@@ -50,6 +50,10 @@ pub struct FusedProblem {
     /// Whether every offset into the bias is below 2^32 (true without one): the tensor-core
     /// kernels address it in 32 bits.
     pub rpb_fits_32_bits: bool,
+    /// Whether every key and value row (the additional tokens' too) is dense and 16-byte aligned
+    /// (`TensorRef::rows_dense_and_aligned`): the tensor-core forward then stages each row by
+    /// 16-byte copies alone (`KernelKey::dense_rows`).
+    pub staged_rows_dense: bool,
     /// Logit scale.
     pub scale: f64,
     /// Element type of every tensor but `lse` (float32).
@@ -100,6 +104,10 @@ impl FusedProblem {
             extra: 0,
             rpb: t.rpb.is_some(),
             rpb_fits_32_bits: t.rpb.is_none_or(TensorRef::offsets_fit_32_bits),
+            staged_rows_dense: [t.key, t.value, t.additional_keys, t.additional_values]
+                .into_iter()
+                .flatten()
+                .all(TensorRef::rows_dense_and_aligned),
             scale,
             dtype,
             device: query.device,
