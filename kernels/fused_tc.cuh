@@ -771,6 +771,9 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
     const bool whole = src != nullptr && step == 1 &&
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
 #endif
+    // Rolled: a thread copies a few chunks of a row, and unrolled their addresses take registers
+    // (the d_query kernel of dense rows spilled at head dims 128/96).
+#pragma unroll 1
     for (int c = 8 * part; c < padded; c += 8 * PARTS) {
         elem_t* const chunk = dst + c / 8 * CHUNK;
         if (src == nullptr || c >= N) {

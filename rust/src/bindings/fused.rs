@@ -164,6 +164,7 @@ fn na_fused_backward(
     let (out, lse) = (borrow("out", &saved.0)?, borrow("lse", &saved.1)?);
     let d_out = borrow("d_out", &saved.2)?;
     let d_lse = borrow_opt("d_lse", saved.3.as_ref())?;
+    let p = p.with_output_gradient(&d_out);
     p.expect("out", &out, &p.out_shape())?;
     crate::problem::expect_f32("lse", &lse, p.device, &p.lse_shape())?;
     p.expect("d_out", &d_out, &p.out_shape())?;

@@ -592,10 +592,11 @@ fn rows_are_dense_and_aligned_with_unit_channel_strides_and_16_byte_steps() {
     assert!(laid_out(0x1000, vec![120, -24, 8, 1]).rows_dense_and_aligned());
 }
 
-/// The tensor-core forward's variant stages by 16-byte copies alone only where every key and
-/// value row (the additional tokens' too) is dense and aligned.
+/// The fused tensor-core variants stage by 16-byte copies alone only where every row they stage
+/// is dense and aligned: the query, key, value and additional tokens' rows, and for a backward
+/// the output gradient's.
 #[test]
-fn the_tensor_core_forward_takes_dense_rows_only_where_every_staged_row_is() {
+fn tensor_core_variants_take_dense_rows_only_where_every_staged_row_is() {
     let q = TensorRef::meta(&[1, 10, 10, 2, 16], DType::F16, Device::Cuda(0));
     let sliced = TensorRef {
         shape: vec![1, 10, 10, 2, 16],
@@ -608,33 +609,43 @@ fn the_tensor_core_forward_takes_dense_rows_only_where_every_staged_row_is() {
         ..extras.clone()
     };
     let n = nbhd(vec![3, 3], vec![1, 1], vec![1, 1], vec![false, false]);
-    let key_of = |key: &TensorRef, extra: Option<&TensorRef>| {
+    let problem = |query: &TensorRef, key: &TensorRef, extra: Option<&TensorRef>| {
         let inputs = FusedInputs {
-            query: Some(&sliced), // queries are not staged
+            query: Some(query),
             key: Some(key),
             value: Some(&q),
             additional_keys: extra,
             additional_values: extra,
             ..FusedInputs::default()
         };
-        let p = FusedProblem::new(&inputs, &n, 1.0).unwrap();
-        KernelKey::for_fused(Source::FusedTc, &p)
+        FusedProblem::new(&inputs, &n, 1.0).unwrap()
     };
-    let dense = key_of(&q, Some(&extras));
-    assert!(dense.dense_rows && dense.defines().contains(&"-DNA_DENSE_ROWS=1".to_string()));
-    assert!(!dense.name().contains("any rows"));
-    for other in [key_of(&sliced, None), key_of(&q, Some(&shifted))] {
-        assert!(!other.dense_rows, "{}", other.name());
-        assert!(other.defines().contains(&"-DNA_DENSE_ROWS=0".to_string()));
-        assert!(other.name().contains(", any rows"));
+    let dense = problem(&q, &q, Some(&extras));
+    for source in [Source::FusedTc, Source::FusedBwdTc] {
+        let key = KernelKey::for_fused(source, &dense);
+        assert!(key.dense_rows && key.defines().contains(&"-DNA_DENSE_ROWS=1".to_string()));
+        assert!(!key.name().contains("any rows"));
     }
-    // The other sources never take it.
-    let inputs = FusedInputs {
-        query: Some(&q),
-        key: Some(&q),
-        value: Some(&q),
-        ..FusedInputs::default()
-    };
-    let p = FusedProblem::new(&inputs, &n, 1.0).unwrap();
-    assert!(!KernelKey::for_fused(Source::FusedBwdTc, &p).dense_rows);
+    let others = [
+        problem(&sliced, &q, None),
+        problem(&q, &sliced, None),
+        problem(&q, &q, Some(&shifted)),
+        // An output gradient of zero strides (the gradient of a sum).
+        dense.clone().with_output_gradient(&TensorRef {
+            strides: vec![0; 5],
+            ..q.clone()
+        }),
+    ];
+    for p in &others {
+        for source in [Source::FusedTc, Source::FusedBwdTc] {
+            let key = KernelKey::for_fused(source, p);
+            assert!(!key.dense_rows, "{}", key.name());
+            assert!(key.defines().contains(&"-DNA_DENSE_ROWS=0".to_string()));
+            assert!(key.name().contains(", any rows"));
+        }
+    }
+    assert!(dense.clone().with_output_gradient(&q).rows_dense);
+    // The warp kernels have one staging.
+    let warp = KernelKey::for_fused(Source::FusedBwd, &dense);
+    assert!(!warp.dense_rows && !warp.defines().iter().any(|d| d.contains("DENSE_ROWS")));
 }

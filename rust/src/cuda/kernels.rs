@@ -124,6 +124,12 @@ impl Source {
         }
     }
 
+    /// Whether the source's variants come in two stagings (`KernelKey::dense_rows`): the fused
+    /// tensor-core kernels, which stage rows of the problem's tensors through shared memory.
+    pub fn stages_dense_rows(self) -> bool {
+        matches!(self, Source::FusedTc | Source::FusedBwdTc)
+    }
+
     /// The largest head dim a source with compile-time head dims takes (0 for the others,
     /// whose head dim is a run-time parameter).
     pub fn max_dim(self) -> usize {
@@ -267,10 +273,10 @@ pub struct KernelKey {
     /// Whether the tensor-core forward takes warpgroup products (wgmma) where its target has
     /// them (`wgmma_for`); false for every other source.
     pub wgmma: bool,
-    /// Whether the tensor-core forward's problem guarantees dense, 16-byte aligned key and value
-    /// rows (`FusedProblem::staged_rows_dense`), so that its staging compiles 16-byte copies
-    /// alone; false for every other source (and for the forward of other layouts, which also
-    /// compiles element-by-element copies into its slab loop).
+    /// Whether the fused tensor-core sources' problem guarantees dense, 16-byte aligned rows
+    /// (`FusedProblem::rows_dense`), so that their staging compiles 16-byte copies alone; false
+    /// for every other source (and for other layouts, whose variants also compile
+    /// element-by-element copies into their slab loops).
     pub dense_rows: bool,
 }
 
@@ -358,7 +364,7 @@ impl KernelKey {
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
             wgmma: wgmma_for(source, (p.dim, p.dim_v)),
-            dense_rows: source == Source::FusedTc && p.staged_rows_dense,
+            dense_rows: source.stages_dense_rows() && p.rows_dense,
         }
     }
 
@@ -409,6 +415,8 @@ impl KernelKey {
         }
         if self.source == Source::FusedTc {
             flags.push(format!("-DNA_TC_WARPS={}", self.tensor_core_warps()));
+        }
+        if self.source.stages_dense_rows() {
             flags.push(format!("-DNA_DENSE_ROWS={}", u8::from(self.dense_rows)));
         }
         if self.source == Source::FusedBwdTc {
@@ -431,7 +439,7 @@ impl KernelKey {
         let fused = if self.source.fixed_dims() {
             let [s0, s1, s2] = self.stride;
             let (d, dv) = self.dims;
-            let any_rows = if self.source == Source::FusedTc && !self.dense_rows {
+            let any_rows = if self.source.stages_dense_rows() && !self.dense_rows {
                 ", any rows"
             } else {
                 ""
@@ -540,12 +548,12 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     stride,
                     dims,
                     wgmma: false,
-                    dense_rows: source == Source::FusedTc,
+                    dense_rows: source.stages_dense_rows(),
                 };
                 keys.push(key);
-                // The tensor-core forward of other layouts (element-by-element copies beside the
+                // The tensor-core kernels of other layouts (element-by-element copies beside the
                 // 16-byte ones), once per dtype.
-                if source == Source::FusedTc && dims == (32, 32) {
+                if source.stages_dense_rows() && dims == (32, 32) {
                     keys.push(KernelKey {
                         dense_rows: false,
                         ..key

@@ -415,7 +415,7 @@ pub fn variants(
                 dims,
                 wgmma: kernels::wgmma_for(source, dims),
                 // (the common layouts; others compile at first use)
-                dense_rows: source == Source::FusedTc,
+                dense_rows: source.stages_dense_rows(),
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();

@@ -50,10 +50,11 @@ pub struct FusedProblem {
     /// Whether every offset into the bias is below 2^32 (true without one): the tensor-core
     /// kernels address it in 32 bits.
     pub rpb_fits_32_bits: bool,
-    /// Whether every key and value row (the additional tokens' too) is dense and 16-byte aligned
-    /// (`TensorRef::rows_dense_and_aligned`): the tensor-core forward then stages each row by
-    /// 16-byte copies alone (`KernelKey::dense_rows`).
-    pub staged_rows_dense: bool,
+    /// Whether every row the tensor-core kernels stage is dense and 16-byte aligned
+    /// (`TensorRef::rows_dense_and_aligned`): the query, key, value and additional tokens' rows,
+    /// and for a backward the output gradient's (`with_output_gradient`). Their variants then
+    /// stage by 16-byte copies alone (`KernelKey::dense_rows`).
+    pub rows_dense: bool,
     /// Logit scale.
     pub scale: f64,
     /// Element type of every tensor but `lse` (float32).
@@ -63,6 +64,13 @@ pub struct FusedProblem {
 }
 
 impl FusedProblem {
+    /// The problem of a backward whose output gradient is `d_out`, whose rows are staged too
+    /// (`rows_dense`).
+    pub fn with_output_gradient(mut self, d_out: &TensorRef) -> FusedProblem {
+        self.rows_dense &= d_out.rows_dense_and_aligned();
+        self
+    }
+
     /// Validate a fused problem. An empty `nbhd.kernel` means dense attention: no neighborhood,
     /// no key/value, every query attends all additional tokens.
     pub fn new(t: &FusedInputs, nbhd: &Neighborhood, scale: f64) -> Result<FusedProblem> {
@@ -104,9 +112,10 @@ impl FusedProblem {
             extra: 0,
             rpb: t.rpb.is_some(),
             rpb_fits_32_bits: t.rpb.is_none_or(TensorRef::offsets_fit_32_bits),
-            staged_rows_dense: [t.key, t.value, t.additional_keys, t.additional_values]
+            rows_dense: [t.key, t.value, t.additional_keys, t.additional_values]
                 .into_iter()
                 .flatten()
+                .chain([query])
                 .all(TensorRef::rows_dense_and_aligned),
             scale,
             dtype,
