@@ -636,12 +636,17 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
     }
 }
 
-// Whether a kernel variant can be given a bias: the host takes one only with odd kernel sizes
-// and stride 1 on every axis (FusedProblem::check_rpb; the unfused ops take only those), so
-// other variants compile no bias path (registers are tight, and it would never run).
+// Whether a kernel variant can be given a bias: the host compiles variants for problems with one
+// apart (NA_BIASED, kernels.rs: KernelKey::biased), and takes one only with odd kernel sizes and
+// stride 1 on every axis (FusedProblem::check_rpb; the unfused ops take only those), so other
+// variants compile no bias path (registers are tight, and it would be cold code in their slab
+// loops).
+#ifndef NA_BIASED
+#define NA_BIASED 1
+#endif
 #define NA_TC_MAY_HAVE_BIAS                                                                     \
-    (NA_K0 % 2 == 1 && NA_K1 % 2 == 1 && NA_K2 % 2 == 1 && NA_S0 == 1 && NA_S1 == 1 &&         \
-     NA_S2 == 1)
+    (NA_BIASED && NA_K0 % 2 == 1 && NA_K1 % 2 == 1 && NA_K2 % 2 == 1 && NA_S0 == 1 &&          \
+     NA_S1 == 1 && NA_S2 == 1)
 
 // na_logits_of for a slab of a problem with a bias or not (`biased`).
 template <int BLOCKS, bool KEY_ROWS>
@@ -673,7 +678,8 @@ struct NaExponent {
 
 __device__ __forceinline__ NaExponent na_exponent(const NaFusedParams& f) {
     const float scale = (float)f.scale, factor = scale * NA_LOG2E;
-    const bool raw = f.has_bias == 0 && factor >= NA_FLOAT_MIN && factor <= NA_FLOAT_MAX;
+    const bool raw = (!NA_TC_MAY_HAVE_BIAS || f.has_bias == 0) && factor >= NA_FLOAT_MIN &&
+                     factor <= NA_FLOAT_MAX;
     return raw ? NaExponent{true, factor, scale} : NaExponent{false, NA_LOG2E, 1.0f};
 }
 

@@ -235,7 +235,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                                                                live, g, t);
                 // Unscaled, the products are the logits but for the bias; those no row sees
                 // are never stored, so only the bias needs the logits' pass.
-                if (f.has_bias != 0) {
+                if (NA_TC_MAY_HAVE_BIAS && f.has_bias != 0) {
                     na_logits_with<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s,
                                                             u.rows, true, t);
                 }

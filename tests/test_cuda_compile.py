@@ -216,9 +216,26 @@ def test_precompile_with_head_dims_builds_the_fused_kernels_each_gpu_would_run(c
     assert not any(m.startswith("na_fused_tc") for m in older), older
 
 
+def test_precompile_with_rpb_builds_the_tensor_core_kernels_of_biased_problems(cache_dir):
+    # The tensor-core variants are specialised by the bias (those without compile no bias path).
+    rows = natten_rs.precompile([(3, 5)], dtypes=[torch.bfloat16], head_dims=[32], arch="sm_80",
+                                rpb=True)  # fmt: skip
+    modules = {name.rsplit("/", 1)[0] for name, *_ in rows}
+    tensor_core = {m for m in modules if m.split("[")[0].endswith("_tc")}
+    assert {m.split("[")[0] for m in tensor_core} == {"na_fused_tc", "na_fused_bwd_tc",
+                                                       "na_unfused_tc"}, modules  # fmt: skip
+    fused = {m for m in tensor_core if m.startswith("na_fused")}
+    assert len(fused) == 2 and all(", rpb" in m for m in fused), tensor_core
+    # The unfused ops' window products take the bias, their weighted sums never.
+    assert sorted(", rpb" in m for m in tensor_core - fused) == [False, True], tensor_core
+    assert not any(", rpb" in m for m in modules - tensor_core), modules
+    assert all(spills == 0 for _, _, spills in rows)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,match",
     [
+        ({"kernel_sizes": [7], "rpb": 1, "arch": "sm_80"}, TypeError, "rpb"),
         ({"kernel_sizes": [7], "head_dims": [512], "arch": "sm_80"}, ValueError, "head_dims"),
         ({"kernel_sizes": [7], "head_dims": [(32, 0)], "arch": "sm_80"}, ValueError, "head_dims"),
         ({"kernel_sizes": [7], "head_dims": [2**70], "arch": "sm_80"}, ValueError, "head_dims"),

@@ -154,10 +154,12 @@ def precompile(
     dtypes: list[str],
     shapes: list[tuple[list[int], list[bool]]],
     head_dims: list[tuple[int, int]] = ...,
+    rpb: bool = ...,
 ) -> list[KernelRow]:
     """Compile the unfused kernels for every dtype name and ``(kernel_size, is_causal)`` shape,
     and the fused ones for every ``(head_dim, head_dim_v)`` in ``head_dims``, for ``arch`` or
-    (when None) for CUDA device ``device``; logs each module at INFO."""
+    (when None) for CUDA device ``device``, the tensor-core ones for problems with a relative
+    positional bias where ``rpb``; logs each module at INFO."""
 
 def nvrtc_version() -> tuple[int, int]:
     """The version of the libnvrtc in use."""

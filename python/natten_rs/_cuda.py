@@ -165,6 +165,7 @@ def precompile(
     arch: str | None = None,
     device: int | str | torch.device | None = None,
     head_dims: Iterable[int | tuple[int, int]] = (),
+    rpb: bool = False,
 ) -> list[tuple[str, int | None, int | None]]:
     """Compile CUDA kernels ahead of time, so that no first call pauses: those of the unfused
     ops, and with ``head_dims``, those of the fused ops (``na1d``/``na2d``/``na3d``).
@@ -175,8 +176,10 @@ def precompile(
     ``head_dims`` is an int (query, key and value head dim) or a ``(head_dim, head_dim_v)``
     pair, up to 256; they are built for stride 1 (strided problems compile at first use), the
     forward the GPU would run (tensor cores for float16/bfloat16 with head dims in multiples of
-    8 on sm_80 and later) and the backward. ``arch`` (``"sm_80"``, ``"sm_90a"``, ...) defaults to that of
-    ``device`` (default: the current CUDA device); with an explicit ``arch`` no GPU is needed.
+    8 on sm_80 and later) and the backward. The tensor-core kernels are specialised by whether
+    the problems add a relative positional bias: ``rpb=True`` builds those of problems with one
+    (NAT/DiNAT models). ``arch`` (``"sm_80"``, ``"sm_90a"``, ...) defaults to that of ``device``
+    (default: the current CUDA device); with an explicit ``arch`` no GPU is needed.
     Binaries land in the disk cache (``$NATTEN_RS_CACHE_DIR``, default ``~/.cache/natten_rs``)
     and in memory. Each compiled module is logged at INFO on the ``natten_rs`` logger.
 
@@ -204,7 +207,9 @@ def precompile(
     elif not isinstance(arch, str):
         raise TypeError(f"arch: expected a str such as 'sm_80' or None, got {arch!r}")
     load_nvrtc()
-    rows = _core.precompile(arch, index, names, shapes, dims)
+    if not isinstance(rpb, bool):
+        raise TypeError(f"rpb: expected a bool, got {rpb!r}")
+    rows = _core.precompile(arch, index, names, shapes, dims, rpb)
     return [(name, registers, spills) for name, registers, spills, _log, _origin in rows]
 
 

@@ -142,10 +142,10 @@ fn parse_dtype(name: &str) -> Result<DType> {
 /// Compile ahead of time the unfused kernels for every dtype in `dtypes` and every
 /// `(kernel_size, is_causal)` in `shapes`, and the fused ones for every `(head dim, value head
 /// dim)` in `head_dims` too, for `arch`, or for device `device`'s architecture when `arch` is
-/// None. Results land in the in-process and disk caches. Returns rows as `compile_kernels`
-/// does.
+/// None; the tensor-core ones for problems with a relative positional bias where `rpb`. Results
+/// land in the in-process and disk caches. Returns rows as `compile_kernels` does.
 #[pyfunction]
-#[pyo3(signature = (arch, device, dtypes, shapes, head_dims=Vec::new()))]
+#[pyo3(signature = (arch, device, dtypes, shapes, head_dims=Vec::new(), rpb=false))]
 fn precompile(
     py: Python<'_>,
     arch: Option<&str>,
@@ -153,6 +153,7 @@ fn precompile(
     dtypes: Vec<String>,
     shapes: Vec<(Vec<i64>, Vec<bool>)>,
     head_dims: Vec<(i64, i64)>,
+    rpb: bool,
 ) -> PyResult<Vec<KernelRow>> {
     let dtypes = dtypes
         .iter()
@@ -180,7 +181,7 @@ fn precompile(
                 Some(name) => Arch::parse(name)?,
                 None => cuda::device_arch(device)?,
             };
-            cuda::compile(&cuda::variants(&dtypes, &shapes, &dims, arch), arch)
+            cuda::compile(&cuda::variants(&dtypes, &shapes, &dims, rpb, arch), arch)
         })
     })?;
     for report in &reports {

@@ -1,7 +1,7 @@
 use super::*;
 use crate::cuda::kernels::{KernelKey, Source};
 use crate::dlpack::{DType, Device};
-use crate::problem::{FusedInputs, Neighborhood};
+use crate::problem::{FusedInputs, Neighborhood, Problem};
 
 fn tensor(shape: &[usize], data: usize) -> TensorRef {
     TensorRef {
@@ -229,6 +229,8 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
 #[test]
 fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
     let (p, t) = problem();
+    // A problem with a bias, as the plan sees it (its variants are the biased ones).
+    let p = FusedProblem { rpb: true, ..p };
     let rows = |shape: &[usize], base| tensor(shape, base);
     let (out, d_out) = (rows(&p.out_shape(), 0x6000), rows(&p.out_shape(), 0x7000));
     let stats = TensorRef::meta(&[backward_stats_len(&p)], DType::F32, Device::Cuda(0));
@@ -499,7 +501,7 @@ fn precompiled_fused_variants_are_the_ones_problems_launch() {
     for (dtype, name, sources) in cases {
         let p = self_attention(&[1, 12, 16, 2, 32], dtype, vec![3, 5], vec![1, 1]);
         let shapes = [(p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal))];
-        let keys = crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], arch(name));
+        let keys = crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], false, arch(name));
         for &source in sources {
             let key = KernelKey::for_fused(source, &p);
             assert!(
@@ -648,4 +650,57 @@ fn tensor_core_variants_take_dense_rows_only_where_every_staged_row_is() {
     // The warp kernels have one staging.
     let warp = KernelKey::for_fused(Source::FusedBwd, &dense);
     assert!(!warp.dense_rows && !warp.defines().iter().any(|d| d.contains("DENSE_ROWS")));
+}
+
+/// The tensor-core variants of problems with a bias are compiled apart from those without, which
+/// compile no bias path; precompile builds one or the other.
+#[test]
+fn tensor_core_variants_are_specialised_by_the_bias() {
+    let with = biased(&[1, 10, 10, 3, 16], vec![3, 3], &[3, 5, 5]);
+    let without = FusedProblem {
+        rpb: false,
+        ..with.clone()
+    };
+    for source in [Source::FusedTc, Source::FusedBwdTc] {
+        let (on, off) = (
+            KernelKey::for_fused(source, &with),
+            KernelKey::for_fused(source, &without),
+        );
+        assert!(on.biased && on.defines().contains(&"-DNA_BIASED=1".to_string()));
+        assert!(!off.biased && off.defines().contains(&"-DNA_BIASED=0".to_string()));
+        assert!(on.name().contains(", rpb") && !off.name().contains("rpb"));
+    }
+    // Only a biased backward sums the bias's gradient on tensor cores.
+    assert!(KernelKey::for_fused(Source::FusedBwdTc, &with).bias_grads_on_tensor_cores());
+    assert!(!KernelKey::for_fused(Source::FusedBwdTc, &without).bias_grads_on_tensor_cores());
+    // The warp kernels take a bias at run time.
+    let warp = KernelKey::for_fused(Source::FusedBwd, &with);
+    assert!(!warp.biased && !warp.defines().iter().any(|d| d.contains("NA_BIASED")));
+    // The unfused window products: the bias of `attn = q . k^T`.
+    let meta = |shape: &[usize]| TensorRef::meta(shape, DType::BF16, Device::Cuda(0));
+    let q = meta(&[2, 3, 20, 12, 32]);
+    let n = Neighborhood::unfused(vec![7, 7], vec![1; 2], vec![false; 2]);
+    let rpb = meta(&[3, 13, 13]);
+    let qk = |rpb| Problem::for_qk(&q, &q, rpb, None, &n).unwrap();
+    assert!(KernelKey::for_problem(Source::UnfusedTc, &qk(Some(&rpb))).biased);
+    assert!(!KernelKey::for_problem(Source::UnfusedTc, &qk(None)).biased);
+    assert!(!KernelKey::for_problem(Source::Qk, &qk(Some(&rpb))).biased);
+    let shapes = [([1, 7, 7], [false; 3])];
+    for rpb in [false, true] {
+        let sm_80 = crate::cuda::Arch::parse("sm_80").unwrap();
+        let keys = crate::cuda::variants(&[DType::BF16], &shapes, &[(32, 32)], rpb, sm_80);
+        let fused: Vec<bool> = keys
+            .iter()
+            .filter(|k| k.source.stages_dense_rows())
+            .map(|k| k.biased)
+            .collect();
+        assert_eq!(fused, [rpb; 2], "{keys:?}");
+        // The window products (qk) take the bias, the weighted sums (av) never.
+        let unfused: Vec<bool> = keys
+            .iter()
+            .filter(|k| k.source == Source::UnfusedTc)
+            .map(|k| k.biased)
+            .collect();
+        assert_eq!(unfused, if rpb { vec![true, false] } else { vec![false] });
+    }
 }

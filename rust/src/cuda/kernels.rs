@@ -124,6 +124,15 @@ impl Source {
         }
     }
 
+    /// Whether the source's variants are specialised by the presence of a bias
+    /// (`KernelKey::biased`): the tensor-core ones.
+    pub fn specialises_bias(self) -> bool {
+        matches!(
+            self,
+            Source::FusedTc | Source::FusedBwdTc | Source::UnfusedTc
+        )
+    }
+
     /// Whether the source's variants come in two stagings (`KernelKey::dense_rows`): the fused
     /// tensor-core kernels, which stage rows of the problem's tensors through shared memory.
     pub fn stages_dense_rows(self) -> bool {
@@ -278,6 +287,10 @@ pub struct KernelKey {
     /// for every other source (and for other layouts, whose variants also compile
     /// element-by-element copies into their slab loops).
     pub dense_rows: bool,
+    /// Whether a tensor-core variant's problems add a relative positional bias: variants without
+    /// compile no bias path (NA_BIASED), which would be cold code in their slab loops; false for
+    /// every other source.
+    pub biased: bool,
 }
 
 /// The widest rows (query/key and value head dims) of the forward's warpgroup products: their
@@ -331,7 +344,10 @@ impl KernelKey {
             (0, 0)
         };
         let (kernel, causal) = (p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal));
-        KernelKey::unfused(source, p.dtype, kernel, causal, dims)
+        KernelKey {
+            biased: source.specialises_bias() && p.rpb,
+            ..KernelKey::unfused(source, p.dtype, kernel, causal, dims)
+        }
     }
 
     /// A variant of an unfused-op source (stride 1; `dims` (0, 0) but for the tensor-core one).
@@ -351,6 +367,7 @@ impl KernelKey {
             dims,
             wgmma: false,
             dense_rows: false,
+            biased: false,
         }
     }
 
@@ -365,6 +382,7 @@ impl KernelKey {
             dims: (p.dim, p.dim_v),
             wgmma: wgmma_for(source, (p.dim, p.dim_v)),
             dense_rows: source.stages_dense_rows() && p.rows_dense,
+            biased: source.specialises_bias() && p.rpb,
         }
     }
 
@@ -390,6 +408,7 @@ impl KernelKey {
     /// leaving it to the warp kernel: when its table is small enough.
     pub fn bias_grads_on_tensor_cores(&self) -> bool {
         self.source == Source::FusedBwdTc
+            && self.biased
             && self.bias_span() <= max_tensor_core_bias_span(self.dims)
     }
 
@@ -419,6 +438,9 @@ impl KernelKey {
         if self.source.stages_dense_rows() {
             flags.push(format!("-DNA_DENSE_ROWS={}", u8::from(self.dense_rows)));
         }
+        if self.source.specialises_bias() {
+            flags.push(format!("-DNA_BIASED={}", u8::from(self.biased)));
+        }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());
             flags.push(format!("-DNA_TCB_BIAS_GRADS={on}"));
@@ -444,8 +466,9 @@ impl KernelKey {
             } else {
                 ""
             };
+            let rpb = if self.biased { ", rpb" } else { "" };
             let wgmma = if self.wgmma { ", wgmma" } else { "" };
-            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{any_rows}{wgmma}")
+            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{rpb}{any_rows}{wgmma}")
         } else {
             String::new()
         };
@@ -507,13 +530,14 @@ fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &dtype in source.dtypes() {
         for (kernel, causal, dim) in shapes {
-            keys.push(KernelKey::unfused(
-                source,
-                dtype,
-                kernel,
-                causal,
-                (dim, dim),
-            ));
+            let key = KernelKey::unfused(source, dtype, kernel, causal, (dim, dim));
+            keys.extend([
+                key,
+                KernelKey {
+                    biased: true,
+                    ..key
+                },
+            ]);
         }
     }
     keys
@@ -549,8 +573,17 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     dims,
                     wgmma: false,
                     dense_rows: source.stages_dense_rows(),
+                    biased: false,
                 };
                 keys.push(key);
+                // With a bias as well, where one may be given (odd kernels, stride 1).
+                let may_be_biased = kernel.iter().all(|k| k % 2 == 1) && stride == [1; 3];
+                if source.specialises_bias() && may_be_biased {
+                    keys.push(KernelKey {
+                        biased: true,
+                        ..key
+                    });
+                }
                 // The tensor-core kernels of other layouts (element-by-element copies beside the
                 // 16-byte ones), once per dtype.
                 if source.stages_dense_rows() && dims == (32, 32) {
@@ -643,6 +676,7 @@ mod tests {
             dims,
             wgmma,
             dense_rows: true,
+            biased: false,
         };
         let warps_flag = |k: &KernelKey| {
             k.defines()

@@ -401,6 +401,7 @@ pub fn variants(
     dtypes: &[DType],
     shapes: &[([usize; 3], [bool; 3])],
     dims: &[(usize, usize)],
+    rpb: bool,
     arch: Arch,
 ) -> Vec<KernelKey> {
     let mut keys = Vec::new();
@@ -416,6 +417,7 @@ pub fn variants(
                 wgmma: kernels::wgmma_for(source, dims),
                 // (the common layouts; others compile at first use)
                 dense_rows: source.stages_dense_rows(),
+                biased: rpb && source.specialises_bias(),
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();
@@ -425,7 +427,15 @@ pub fn variants(
                     && d.0 == d.1
                     && launch::products_take_tensor_cores(dtype, d.0, slots, 0)
                 {
-                    keys.push(key(Source::UnfusedTc, d));
+                    let unfused = key(Source::UnfusedTc, d);
+                    keys.push(unfused);
+                    if unfused.biased {
+                        // (av problems, which add no bias, take the unbiased one)
+                        keys.push(KernelKey {
+                            biased: false,
+                            ..unfused
+                        });
+                    }
                 }
                 keys.push(key(forward_source(dtype, d, tensor_cores), d));
                 if backward_takes_tensor_cores(dtype, d, tensor_cores) {

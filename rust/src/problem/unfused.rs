@@ -21,6 +21,8 @@ pub struct Problem {
     pub dim: usize,
     /// Number of additional (extra) tokens appended to every window.
     pub extra: usize,
+    /// Whether a relative positional bias is added (`for_qk`).
+    pub rpb: bool,
     /// Whether every offset into the bias is below 2^32 (true without one): the tensor-core
     /// kernels address it in 32 bits.
     pub rpb_fits_32_bits: bool,
@@ -43,6 +45,7 @@ impl Problem {
         p.expect("key", key, &p.token_shape(p.dim))?;
         if let Some(rpb) = rpb {
             p.expect("rpb", rpb, &p.rpb_shape())?;
+            p.rpb = true;
             p.rpb_fits_32_bits = rpb.offsets_fit_32_bits();
         }
         if let Some(extra) = additional_keys {
@@ -159,6 +162,7 @@ impl Problem {
             axes,
             dim: t.shape[rank + 2],
             extra: 0,
+            rpb: false,
             rpb_fits_32_bits: true,
             dtype,
             device: t.device,
