@@ -193,8 +193,7 @@ struct Block {
     unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned current = 0;
-    int any[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_or's predicate
-    int count[2] = {0, 0};  // and of __syncthreads_count's
+    int count[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_count's predicates
     bool deadlock = false;
     void (*body)(const void*) = nullptr;
     const void* params = nullptr;
@@ -429,21 +428,8 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
 
 inline void __syncthreads() { na_host::sync_block(); }
 
-// A block barrier that also returns whether any thread's `predicate` is nonzero. The first
-// thread to arrive clears this phase's bank: the last reads of it (two barriers back) are over.
-inline int __syncthreads_or(int predicate) {
-    na_host::Block& b = *na_host::block;
-    const unsigned long long phase = b.sync.phase;
-    int& any = b.any[phase % 2];
-    if (b.sync.arrived == 0) {
-        any = 0;
-    }
-    any |= predicate != 0;
-    b.sync.arrive();
-    na_host::wait(b.sync, phase);
-    return any;
-}
-// A block barrier that also returns how many threads' `predicate` is nonzero (banks as above).
+// A block barrier that also returns how many threads' `predicate` is nonzero. The first thread
+// to arrive clears this phase's bank: the last reads of it (two barriers back) are over.
 inline int __syncthreads_count(int predicate) {
     na_host::Block& b = *na_host::block;
     const unsigned long long phase = b.sync.phase;
