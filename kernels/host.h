@@ -106,6 +106,26 @@ struct PendingCopy {
     unsigned long long group;
 };
 
+// A warpgroup product (wgmma) issued by a thread and not yet waited for: the `count`
+// accumulators `d` it writes, its group (as for copies), the accumulators it starts from (`d` at
+// issue, or the output of the thread's previous pending product on `d`, filled in when that one
+// completes), and what `multiply` needs to compute its output from them when it completes: this
+// lane's rows of A (four lanes' fragments, gathered at issue, when the instruction reads them) and
+// where B lies (read at completion: shared memory must hold it until the wait).
+struct PendingProduct {
+    float* d;
+    int count;
+    unsigned long long group;
+    bool chained;  // `start` comes from an earlier pending product on `d`
+    float start[64];
+    unsigned a[16];
+    const void* b;
+    unsigned leading, stride;
+    int accumulate;
+    int lane;
+    void (*multiply)(const PendingProduct&, float* out);
+};
+
 // A thread's own stack and saved context. On x86-64 a switch saves the callee-saved registers
 // on the stack and swaps stack pointers (no system call, unlike swapcontext, which also saves the
 // signal mask: the shuffles of a warp switch hundreds of thousands of times per launch).
@@ -178,6 +198,10 @@ struct Fiber {
     unsigned pending = 0;
     unsigned capacity = 0;
     unsigned long long committed = 0;  // cp.async groups this thread has committed
+    PendingProduct* products = nullptr;  // this thread's wgmma products not yet waited for
+    unsigned product_count = 0;
+    unsigned product_capacity = 0;
+    unsigned long long product_groups = 0;  // wgmma groups this thread has committed
 };
 
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
@@ -281,6 +305,73 @@ inline void wait_copy_groups(unsigned long long newest) {
     f.pending = kept;
 }
 
+// wgmma on the host: a product completes as late as the GPU allows, at the issuing thread's wait
+// for its group. Until then its accumulators hold a signalling NaN: a read before the wait gives
+// NaNs, and a write (arithmetic on them quiets the NaN) is found at completion, which then leaves
+// NaNs instead of the product. Products on the same accumulators chain in issue order.
+constexpr unsigned kPendingBits = 0x7f80dad0u;
+
+inline void issue_product(const PendingProduct& product) {
+    Fiber& f = block->fibers[block->current];
+    if (f.product_count == f.product_capacity) {
+        f.product_capacity = f.product_capacity == 0 ? 16 : 2 * f.product_capacity;
+        f.products = static_cast<PendingProduct*>(
+            realloc(f.products, f.product_capacity * sizeof(PendingProduct)));
+    }
+    PendingProduct& p = f.products[f.product_count] = product;
+    p.group = f.product_groups;
+    p.chained = false;
+    for (unsigned i = 0; i < f.product_count; ++i) {
+        p.chained = p.chained || f.products[i].d == p.d;
+    }
+    if (!p.chained) {
+        memcpy(p.start, p.d, p.count * sizeof(float));
+        for (int i = 0; i < p.count; ++i) {
+            memcpy(&p.d[i], &kPendingBits, sizeof(float));
+        }
+    }
+    f.product_count++;
+}
+
+// Close this thread's group of products (wgmma.commit_group).
+inline void commit_products() { block->fibers[block->current].product_groups++; }
+
+// Complete `p`: its output goes to the next pending product on the same accumulators, or, where
+// none follows, to the accumulators themselves (NaNs where they were written meanwhile).
+inline void complete_product(PendingProduct* p, PendingProduct* end) {
+    float out[64];
+    p->multiply(*p, out);
+    for (PendingProduct* next = p + 1; next < end; ++next) {
+        if (next->d == p->d) {
+            memcpy(next->start, out, p->count * sizeof(float));
+            return;
+        }
+    }
+    bool untouched = true;
+    for (int i = 0; i < p->count; ++i) {
+        untouched = untouched && memcmp(&p->d[i], &kPendingBits, sizeof(float)) == 0;
+    }
+    for (int i = 0; i < p->count; ++i) {
+        p->d[i] = untouched ? out[i] : __builtin_nanf("");
+    }
+}
+
+// Complete the products of every group this thread has committed but the `newest` last ones
+// (wgmma.wait_group), oldest first.
+inline void wait_product_groups(unsigned long long newest) {
+    Fiber& f = block->fibers[block->current];
+    PendingProduct* const end = f.products + f.product_count;
+    unsigned kept = 0;
+    for (PendingProduct* p = f.products; p < end; ++p) {
+        if (p->group + newest < f.product_groups) {
+            complete_product(p, end);
+        } else {
+            f.products[kept++] = *p;
+        }
+    }
+    f.product_count = kept;
+}
+
 // One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
 // two banks by barrier phase, so a lane that races ahead to the next shuffle writes the other
 // bank while slower lanes still read this one (one barrier per shuffle, not two).
@@ -354,6 +445,8 @@ inline bool run_block(Block& b) {
         f.done = false;
         f.pending = 0;  // copies a thread never waited for do not complete
         f.committed = 0;
+        f.product_count = 0;  // nor do products
+        f.product_groups = 0;
         prepare(f.context, f.stack, kStack, run_thread);
     }
     unsigned live = threads;
@@ -415,6 +508,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     for (unsigned t = 0; t < b.threads; ++t) {
         free(b.fibers[t].stack);
         free(b.fibers[t].copies);
+        free(b.fibers[t].products);
     }
     delete[] b.fibers;
     delete[] b.warps;

@@ -189,12 +189,38 @@ inline unsigned na_host_matrix_offset(const NaSmemMatrix& m, int k, int n) {
     return along_k + (k / 8) * m.leading + along_n + (n / 8) * m.stride;
 }
 
-// d = A B (+ d where `accumulate`): every lane computes its own outputs from its warp's A
-// fragments (gathered) and B as the descriptor would read it. The warpgroup meets first, as the
-// instruction's .sync.aligned asks: a warp that skips a product its warpgroup takes leaves the
-// others waiting, which the emulation reports as a deadlock.
+// What a product computes when it completes (na_host::PendingProduct): this lane's outputs,
+// from its rows of A and B as the descriptor reads it.
+template <int N, int TRANSPOSE_B>
+inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out) {
+    auto half = [](unsigned word, int k) {
+        return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
+    };
+    const NaSmemMatrix b = {static_cast<const elem_t*>(p.b), p.leading, p.stride};
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.start);
+    const int t = p.lane % 4;
+    for (int i = 0; i < N / 2; ++i) {
+        // Row g (i % 4 < 2) or g + 8 of the warp's sixteen: fragment word 0 or 1 (k < 8) and
+        // 2 or 3 (k >= 8) of the lanes 4 g .. 4 g + 3, which hold its k in pairs.
+        const int upper = i % 4 / 2, col = 8 * (i / 4) + 2 * t + i % 2;
+        float sum = 0;
+        for (int k = 0; k < 16; ++k) {
+            const float x = half(p.a[4 * ((k % 8) / 2) + upper + 2 * (k / 8)], k);
+            elem_t y;
+            memcpy(&y, bytes + na_host_matrix_offset<TRANSPOSE_B>(b, k, col), sizeof y);
+            sum += x * to_acc(y);
+        }
+        out[i] = (p.accumulate ? p.start[i] : 0.0f) + sum;
+    }
+}
+
+// d = A B (+ d where `accumulate`), completing at na_wgmma_wait (na_host::issue_product). The
+// warpgroup meets first, as the instruction's .sync.aligned asks: a warp that skips a product its
+// warpgroup takes leaves the others waiting, which the emulation reports as a deadlock. A is
+// read now, every lane's fragment gathered.
 template <int N, int TRANSPOSE_B>
 inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b, int accumulate) {
+    static_assert(N / 2 <= 64, "a pending product holds 64 accumulators");
     na_host::sync_warpgroup();
     struct Fragment {
         unsigned a[4];
@@ -202,28 +228,28 @@ inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b,
     const Fragment mine = {{a[0], a[1], a[2], a[3]}};
     Fragment all[32];
     na_host::warp_gather(&mine, sizeof mine, all);
-    auto half = [](unsigned word, int k) {
-        return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
-    };
-    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.start);
-    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    for (int i = 0; i < N / 2; ++i) {
-        const int row = g + 8 * (i % 4 / 2), col = 8 * (i / 4) + 2 * t + i % 2;
-        float sum = 0;
-        for (int k = 0; k < 16; ++k) {
-            const float x = half(all[4 * (row % 8) + (k % 8) / 2].a[row / 8 + 2 * (k / 8)], k);
-            elem_t y;
-            memcpy(&y, bytes + na_host_matrix_offset<TRANSPOSE_B>(b, k, col), sizeof y);
-            sum += x * to_acc(y);
-        }
-        d[i] = (accumulate ? d[i] : 0.0f) + sum;
+    const int lane = threadIdx.x % 32, g = lane / 4;
+    na_host::PendingProduct p;
+    p.d = d;
+    p.count = N / 2;
+    for (int j = 0; j < 4; ++j) {
+        memcpy(&p.a[4 * j], all[4 * g + j].a, sizeof all[0].a);
     }
+    p.b = b.start;
+    p.leading = b.leading;
+    p.stride = b.stride;
+    p.accumulate = accumulate;
+    p.lane = lane;
+    p.multiply = na_host_wgmma_multiply<N, TRANSPOSE_B>;
+    na_host::issue_product(p);
 }
 
 inline void na_wgmma_fence() {}
-inline void na_wgmma_commit() {}
+inline void na_wgmma_commit() { na_host::commit_products(); }
 template <int PENDING>
-inline void na_wgmma_wait() {}
+inline void na_wgmma_wait() {
+    na_host::wait_product_groups(PENDING);
+}
 inline void na_async_proxy_fence() {}
 #else
 #define NA_WGMMA_D8(i)                                                                      \
