@@ -28,6 +28,30 @@
 // Window slots per query: the product of the kernel sizes.
 #define NA_SLOTS (NA_K0 * NA_K1 * NA_K2)
 
+// ---- dynamic shared memory ------------------------------------------------------------------
+
+// A kernel that takes more shared memory than static arrays may (48 KiB) declares it after the
+// kernel with NA_DYNAMIC_SHARED(kernel, bytes) and finds it at na_dynamic_shared(). The array
+// `<kernel>_dynamic_shared` is never used: its size is what the host reads (runtime.rs), as the
+// driver reports a symbol's size without a copy. At most 227 KiB (sm_90's limit per block).
+#define NA_MAX_DYNAMIC_SHARED (227 * 1024)
+#ifdef NA_HOST
+static_assert(NA_MAX_DYNAMIC_SHARED <= sizeof na_host::dynamic_shared, "host.h holds it all");
+#define NA_DYNAMIC_SHARED(kernel, bytes)                                                     \
+    static_assert((bytes) <= NA_MAX_DYNAMIC_SHARED, "more shared memory than a block takes");
+__device__ __forceinline__ unsigned char* na_dynamic_shared() { return na_host::dynamic_shared; }
+#else
+#define NA_DYNAMIC_SHARED(kernel, bytes)                                                     \
+    static_assert((bytes) <= NA_MAX_DYNAMIC_SHARED, "more shared memory than a block takes"); \
+    extern "C" {                                                                             \
+    __device__ unsigned char kernel##_dynamic_shared[bytes];                                 \
+    }
+__device__ __forceinline__ unsigned char* na_dynamic_shared() {
+    extern __shared__ __align__(128) unsigned char na_dynamic[];
+    return na_dynamic;
+}
+#endif
+
 // ---- element types: storage `elem_t`, arithmetic in `acc_t` (fp32 for the half types) --------
 
 #if NA_DTYPE == NA_F32

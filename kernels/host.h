@@ -224,6 +224,10 @@ struct Block {
 };
 
 inline Block* block = nullptr;
+
+// Dynamic shared memory (NA_DYNAMIC_SHARED): as much as a block may take on any GPU, used by one
+// block at a time like the static arrays.
+alignas(128) inline unsigned char dynamic_shared[227 * 1024];
 constexpr unsigned kWarp = 32;
 constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;

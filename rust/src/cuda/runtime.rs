@@ -139,7 +139,14 @@ impl Drop for Current {
 
 /// A module loaded into a device's context, with its kernels.
 struct Module {
-    functions: Vec<(Function, cu::CUfunction)>,
+    functions: Vec<(Function, Kernel)>,
+}
+
+/// A kernel of a loaded module and the dynamic shared memory each launch of it takes.
+#[derive(Clone, Copy)]
+struct Kernel {
+    handle: cu::CUfunction,
+    dynamic_shared_bytes: u32,
 }
 
 // SAFETY: module and function handles are opaque tokens valid in their context from any
@@ -205,7 +212,7 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
 /// Kernel `f` of a loaded module. Reading an attribute makes the driver load the kernel now
 /// (with lazy loading it would otherwise load at first launch, which may fall inside a CUDA
 /// graph capture).
-fn function(module: cu::CUmodule, f: Function) -> Result<cu::CUfunction> {
+fn function(module: cu::CUmodule, f: Function) -> Result<Kernel> {
     let name = CString::new(f.symbol()).expect("symbols hold no NUL");
     let mut handle = std::ptr::null_mut();
     // SAFETY: a loaded module and a NUL-terminated name.
@@ -221,7 +228,38 @@ fn function(module: cu::CUmodule, f: Function) -> Result<cu::CUfunction> {
             handle,
         )
     })?;
-    Ok(handle)
+    let dynamic_shared_bytes = dynamic_shared_bytes(module, f)?;
+    if dynamic_shared_bytes > 0 {
+        // SAFETY: a valid function handle; the attribute takes a byte count.
+        check("cuFuncSetAttribute", unsafe {
+            cu::cuFuncSetAttribute(
+                handle,
+                cu::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                dynamic_shared_bytes as i32,
+            )
+        })?;
+    }
+    Ok(Kernel {
+        handle,
+        dynamic_shared_bytes,
+    })
+}
+
+/// The dynamic shared memory kernel `f` of `module` takes: the size of its
+/// `<symbol>_dynamic_shared` array where the source declares one (NA_DYNAMIC_SHARED in
+/// common.cuh), else 0. The driver reports a symbol's size without a copy, which a CUDA graph
+/// capture in progress would forbid.
+fn dynamic_shared_bytes(module: cu::CUmodule, f: Function) -> Result<u32> {
+    let name = CString::new(format!("{}_dynamic_shared", f.symbol())).expect("no NUL");
+    let (mut address, mut bytes) = (0, 0);
+    // SAFETY: a loaded module, a NUL-terminated name and two out-pointers.
+    let found =
+        unsafe { cu::cuModuleGetGlobal_v2(&mut address, &mut bytes, module, name.as_ptr()) };
+    if found == CUresult::CUDA_ERROR_NOT_FOUND {
+        return Ok(0);
+    }
+    check("cuModuleGetGlobal", found)?;
+    Ok(u32::try_from(bytes).expect("shared memory sizes fit 32 bits"))
 }
 
 /// Enqueue kernel `function` of `key` (loaded on device `ordinal`) on `stream` with grid
@@ -245,11 +283,11 @@ pub unsafe fn enqueue_with<P: Copy>(
             message: format!("{} is not loaded on cuda:{ordinal}", key.name()),
             log: String::new(),
         })?;
-    let function = module
+    let kernel = module
         .functions
         .iter()
         .find(|(f, _)| *f == launched_function)
-        .map(|&(_, handle)| handle)
+        .map(|&(_, kernel)| kernel)
         .expect("a module holds every function of its source");
     let device = device(ordinal)?;
     let _current = Current::push(device.context)?;
@@ -260,14 +298,14 @@ pub unsafe fn enqueue_with<P: Copy>(
     // caller's contract; sizes checked on both sides); the driver copies it before returning.
     let launched = unsafe {
         cu::cuLaunchKernel(
-            function,
+            kernel.handle,
             grid,
             1,
             1,
             bx,
             by,
             1,
-            0,
+            kernel.dynamic_shared_bytes,
             stream.0 as cu::CUstream,
             arguments.as_mut_ptr(),
             std::ptr::null_mut(),
