@@ -963,6 +963,16 @@ __device__ __forceinline__ void na_weighted_fragments(float acc[OUT_BLOCKS][4], 
     }
 }
 
+// The A fragment of sixteen columns of factors in the C layout of a product: 8-column blocks
+// `lo` and `hi`, rounded to elem_t.
+__device__ __forceinline__ void na_pack_a_fragment(unsigned a[4], const float lo[4],
+                                                   const float hi[4]) {
+    a[0] = na_pack_acc(lo[0], lo[1]);
+    a[1] = na_pack_acc(lo[2], lo[3]);
+    a[2] = na_pack_acc(hi[0], hi[1]);
+    a[3] = na_pack_acc(hi[2], hi[3]);
+}
+
 // na_weighted_fragments of factors in the C layout of a product (`weights`: two 8-column blocks
 // of which are one A fragment), rounded to elem_t.
 template <int CHUNKS, int OUT_BLOCKS>
@@ -972,14 +982,7 @@ __device__ __forceinline__ void na_weighted_rows(float acc[OUT_BLOCKS][4],
                                                  int blocks, unsigned live, int lane) {
     na_weighted_fragments<CHUNKS, OUT_BLOCKS>(
         acc,
-        [&](int kc, unsigned a[4]) {
-            const float* lo = weights[2 * kc];
-            const float* hi = weights[2 * kc + 1];
-            a[0] = na_pack_acc(lo[0], lo[1]);
-            a[1] = na_pack_acc(lo[2], lo[3]);
-            a[2] = na_pack_acc(hi[0], hi[1]);
-            a[3] = na_pack_acc(hi[2], hi[3]);
-        },
+        [&](int kc, unsigned a[4]) { na_pack_a_fragment(a, weights[2 * kc], weights[2 * kc + 1]); },
         rows, pitch, first_channel, blocks, live, lane);
 }
 

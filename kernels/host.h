@@ -2,8 +2,8 @@
 // first, a kernel source compiles into an ordinary shared library whose kernels run on CPU
 // memory. rust/src/cuda/host.rs builds and calls such libraries so that the kernels' logic
 // (indexing, windows, reductions, warp shuffles, block barriers) is tested against the CPU path
-// on machines without a GPU. Timing, the memory model (but for cp.async's late completion) and
-// the driver are not emulated.
+// on machines without a GPU. Timing, the memory model (but for the late completion of cp.async
+// copies and of wgmma products) and the driver are not emulated.
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
@@ -581,6 +581,10 @@ inline unsigned __reduce_or_sync(unsigned, unsigned bits) {
 // Whether every lane's `predicate` is nonzero.
 inline int __all_sync(unsigned, int predicate) {
     return na_host_reduce(predicate != 0 ? 1 : 0, min<int>);
+}
+// Whether any lane's `predicate` is nonzero.
+inline int __any_sync(unsigned, int predicate) {
+    return na_host_reduce(predicate != 0 ? 1 : 0, max<int>);
 }
 
 // `extern "C" int na_host_<kernel>(params, grid, bx, by)`: the entry point host.rs calls for

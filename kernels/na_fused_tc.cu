@@ -18,7 +18,10 @@
 // warps of a warpgroup multiply together instead (wgmma: one 64-row product per step, slabs
 // staged in core matrices), skipping only the slabs none of them sees; for rows wider than 32
 // channels the host makes a block two warpgroups (NA_TC_WARPS 8), so that each staged slab
-// serves 128 queries and the keys cross from L2 half as often.
+// serves 128 queries and the keys cross from L2 half as often. Warpgroup products run
+// asynchronously, so that variant is software-pipelined: one barrier per slab, a deeper ring in
+// dynamic shared memory, and each slab's masks and softmax computed while the previous slab's
+// value product runs.
 #include "fused_tc.cuh"
 
 // Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
@@ -94,22 +97,35 @@ __device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
     const bool vote = warp_sees && (warp < 4 || threadIdx.x % NA_WARP == 0);
     na_async_proxy_fence();
     const int count = __syncthreads_count(vote);
-    return warp < 4 ? count >= NA_WARP : count % NA_WARP != 0;
+    // Through a vote, so that the compiler knows the answer is the same across the warp: ptxas
+    // serializes warpgroup products issued or waited for under a branch it takes for divergent.
+    return __any_sync(0xffffffffu, warp < 4 ? count >= NA_WARP : count % NA_WARP != 0);
 #else
     na_publish_staged();
     return warp_sees;
 #endif
 }
 
+#if NA_TC_WGMMA
+// The slabs' keys and values take turns in a ring of NA_TC_STAGES buffers of dynamic shared
+// memory: slab j's keys are item 2 j and its values item 2 j + 1, item i lies in buffer
+// i % NA_TC_STAGES. One barrier per slab publishes slab j's values and slab j + 1's keys, which
+// the warpgroups then read while the next NA_TC_AHEAD slabs' items are on their way (a copy has
+// that many slabs' products to arrive under).
+#define NA_TC_AHEAD 2
+#define NA_TC_STAGES (2 * NA_TC_AHEAD + 2)
+#else
 // The slabs' keys and values take turns in a ring of NA_TC_STAGES buffers of shared memory:
 // slab j's keys are item 2 j and its values item 2 j + 1, item i lies in buffer i % NA_TC_STAGES,
 // and while item i is read the next NA_TC_STAGES - 1 are on their way (a copy has the products of
 // one item, or of two, to arrive under). Three buffers where they fit the 48 KiB a block's static
 // shared memory may take, else two.
+#define NA_TC_STAGES (3 * na_tc_buffer * (int)sizeof(elem_t) <= 48 * 1024 ? 3 : 2)
+#endif
 constexpr int na_tc_buffer = NA_TC_KEYS * (NaKeyRows::per_row > NaValueRows::per_row
                                                ? NaKeyRows::per_row
                                                : NaValueRows::per_row);
-#define NA_TC_STAGES (3 * na_tc_buffer * (int)sizeof(elem_t) <= 48 * 1024 ? 3 : 2)
+typedef elem_t NaRingBuffer[na_tc_buffer];
 
 // The buffer after `buffer` in the ring, and the one before (where the item NA_TC_STAGES - 1
 // ahead of `buffer`'s goes: the buffer of the item read last).
@@ -120,96 +136,235 @@ __device__ __forceinline__ int na_ring_before(int buffer) {
     return buffer == 0 ? NA_TC_STAGES - 1 : buffer - 1;
 }
 
-// The logits of this warp's sixteen queries (`query`, every step's A fragment) against the
-// slab's staged keys: the 8-key blocks the warp sees (`live`), or on wgmma every block.
-__device__ __forceinline__ void na_slab_logits(float logits[NA_TC_KEY_BLOCKS][4],
-                                               const unsigned query[NA_TC_STEPS][4],
-                                               const elem_t* keys, unsigned live, int g, int t) {
 #if NA_TC_WGMMA
-    // Step s is channels 16 s .. 16 s + 15 of every key: two core matrices along K (128 bytes
-    // apart), the key groups of eight a padded row group apart.
-    na_wgmma_fence();
+// Issue the products of the logits of this warpgroup's 64 queries (`query`, every step's A
+// fragment) against a slab's staged keys: step s is channels 16 s .. 16 s + 15 of every key, two
+// core matrices along K (128 bytes apart), the key groups of eight a padded row group apart.
+__device__ __forceinline__ void na_issue_logits(float logits[NA_TC_KEY_BLOCKS][4],
+                                                const unsigned query[NA_TC_STEPS][4],
+                                                const elem_t* keys) {
 #pragma unroll
     for (int s = 0; s < NA_TC_STEPS; ++s) {
         const NaSmemMatrix step = {keys + 128 * s, 128, 16 * NaKeyRows::padded};
         na_wgmma<NA_TC_KEYS, 0>(&logits[0][0], query[s], step, s > 0);
     }
-    na_wgmma_commit();
-    na_wgmma_wait<0>();
-    na_hold_registers<4 * NA_TC_KEY_BLOCKS>(&logits[0][0]);
-#else
-    na_zero<NA_TC_KEY_BLOCKS>(logits);
-    na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(logits, query, keys,
-                                                   NaKeyRows::padded + NA_TC_SKEW, live, g, t);
-#endif
 }
 
-// out += probabilities . values for the output blocks `[0, blocks)` from channel
-// `first_channel`: this warp's rows' probabilities (the C layout of the logits) against the
-// slab's staged values.
-__device__ __forceinline__ void na_slab_values(float out[NA_TC_OUT_BLOCKS][4],
-                                               const float probabilities[NA_TC_KEY_BLOCKS][4],
-                                               const elem_t* values, int first_channel,
-                                               int blocks, unsigned live, int lane) {
-#if NA_TC_WGMMA
-    // Keys 16 j .. 16 j + 15 are two row groups of the values (along K, a padded row group
-    // apart), their channels eight at a time one core matrix (128 bytes) apart: N-major.
-    unsigned a[NA_TC_KEYS / 16][4];
-#pragma unroll
-    for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
-        const float* lo = probabilities[2 * j];
-        const float* hi = probabilities[2 * j + 1];
-        a[j][0] = na_pack_acc(lo[0], lo[1]);
-        a[j][1] = na_pack_acc(lo[2], lo[3]);
-        a[j][2] = na_pack_acc(hi[0], hi[1]);
-        a[j][3] = na_pack_acc(hi[2], hi[3]);
-    }
-    na_wgmma_fence();
+// Issue out += probabilities . values (`probabilities`: A fragments of sixteen keys each): keys
+// 16 j .. 16 j + 15 are two row groups of the values (along K, a padded row group apart), their
+// channels eight at a time one core matrix (128 bytes) apart: N-major.
+__device__ __forceinline__ void na_issue_values(float out[NA_TC_OUT_BLOCKS][4],
+                                                const unsigned probabilities[NA_TC_KEYS / 16][4],
+                                                const elem_t* values) {
 #pragma unroll
     for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
         const NaSmemMatrix rows = {values + 16 * NaValueRows::padded * j,
                                    16 * NaValueRows::padded, 128};
-        na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], a[j], rows, 1);
+        na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], probabilities[j], rows, 1);
     }
-    na_wgmma_commit();
-    na_wgmma_wait<0>();
-    na_hold_registers<4 * NA_TC_OUT_BLOCKS>(&out[0][0]);
+}
 #else
-    na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(out, probabilities, values,
-                                                        NaValueRows::padded + NA_TC_SKEW,
-                                                        first_channel, blocks, live, lane);
+// The logits of this warp's sixteen queries (`query`, every step's A fragment) against the
+// slab's staged keys: the 8-key blocks the warp sees (`live`).
+__device__ __forceinline__ void na_slab_logits(float logits[NA_TC_KEY_BLOCKS][4],
+                                               const unsigned query[NA_TC_STEPS][4],
+                                               const elem_t* keys, unsigned live, int g, int t) {
+    na_zero<NA_TC_KEY_BLOCKS>(logits);
+    na_row_products<NA_TC_STEPS, NA_TC_KEY_BLOCKS>(logits, query, keys,
+                                                   NaKeyRows::padded + NA_TC_SKEW, live, g, t);
+}
 #endif
+
+// Normalise this lane's rows of the output (blocks below `blocks` from channel `first_channel`)
+// and store them, and on the first pass their logsumexp; a row that saw no key gives zeros and
+// lse -inf.
+__device__ __forceinline__ void na_store_rows(const NaFusedParams& f, const NaTcTile& tl,
+                                              long long b, long long h, const NaTcRow rows[2],
+                                              const NaTcSoftmax<NA_TC_KEY_BLOCKS>& softmax,
+                                              const float out[NA_TC_OUT_BLOCKS][4],
+                                              int first_channel, int blocks, bool first_pass,
+                                              int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const float total = softmax.total(r);
+        const NaTcRow& row = rows[r];
+        if (!row.valid) {
+            continue;
+        }
+        const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+        const long long at_out = na_tile_offset(f, tl, f.out, b, h, row.index);
+#pragma unroll
+        for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = first_channel + 8 * o + 2 * t + e;
+                if (o >= blocks) {
+                    break;
+                }
+                na_store(f.out, at_out + c * f.out.stride[5], out[o][2 * r + e] * inv);
+            }
+        }
+        if (t == 0 && first_pass) {
+            float* lse = reinterpret_cast<float*>(f.lse.data);
+            lse[na_tile_offset(f, tl, f.lse, b, h, row.index)] = softmax.lse(r, total);
+        }
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
-    na_fused_forward_tc(const NaFusedTcParams p) {
-    const NaFusedParams& f = p.forward;
-    __shared__ __align__(128) elem_t ring[NA_TC_STAGES][na_tc_buffer];
-    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
-    const int g = lane / 4, t = lane % 4;
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
-    const NaExponent exponent = na_exponent(f);
-    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
-        const long long b = job.batch, h = job.head, hk = h / f.group;
-        NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
-        const elem_t* query_rows[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            query_rows[r] =
-                rows[r].valid ? na_tile_row_ptr(f, tl, f.query, b, h, rows[r].index) : nullptr;
+// Copies items of the ring in turn (slab j's keys, then its values, then slab j + 1's keys ...),
+// each one cp.async group (an empty one past the last slab), into buffer after buffer.
+struct NaRingCopies {
+    NaSlab slab;     // the slab of the next item
+    bool keys;       // whether the next item is keys
+    long long left;  // items left to copy
+    int buffer;      // where the next goes
+
+    // Copy the next item of tile `tl`'s (batch b, key head hk) into `ring`.
+    __device__ __forceinline__ void next(const NaFusedParams& f, const NaTcTile& tl, long long b,
+                                         long long hk, NaRingBuffer* ring) {
+        if (left > 0) {
+            elem_t* const to = ring[buffer];
+            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab, b, hk, keys ? to : nullptr,
+                                                       keys ? nullptr : to);
+            if (!keys) {
+                slab = na_next_slab<NA_TC_KEYS>(tl, slab, f.extra_count);
+            }
+            --left;
         }
+        na_copies_commit();
+        keys = !keys;
+        buffer = na_ring_next(buffer);
+    }
+};
+
+#if NA_TC_WGMMA
+// One tile's output on warpgroup products, software-pipelined: the barrier of slab j publishes
+// slab j's values and slab j + 1's keys; then slab j + 1's logits and slab j's value product are
+// issued together, and slab j + 1's masks and softmax run while the value product does (its
+// output is rescaled once it is done). A warpgroup skips the products of a slab none of its warps
+// sees; the rest of the block's work on it, barriers and copies, goes on.
+__device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const NaTcTile& tl,
+                                                long long b, long long h,
+                                                const NaTcRow rows[2],
+                                                const elem_t* const query_rows[2],
+                                                const NaExponent& exponent, NaRingBuffer* ring,
+                                                int t) {
+    unsigned query[NA_TC_STEPS][4];
+#pragma unroll
+    for (int s = 0; s < NA_TC_STEPS; ++s) {
+        na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
+    }
+    float out[NA_TC_OUT_BLOCKS][4];
+    na_zero<NA_TC_OUT_BLOCKS>(out);
+    NaTcSoftmax<NA_TC_KEY_BLOCKS> softmax(exponent);
+
+    const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
+    const NaSlab first = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
+    NaRingCopies copies = {first, true, 2 * slabs, 0};
+    __syncthreads();  // the last tile's reads of the ring done
+    // Items 0 .. 2 NA_TC_AHEAD now; two more after each barrier from slab 0's on, into the
+    // buffers of the items the slab before read (so that at slab j's barrier items up to
+    // 2 j + 2 NA_TC_AHEAD have been issued, and the two it publishes are waited for).
+#pragma unroll
+    for (int i = 0; i <= 2 * NA_TC_AHEAD; ++i) {
+        copies.next(f, tl, b, h / f.group, ring);
+    }
+    NaSlab next = first;         // slab j + 1
+    int values_buffer = NA_TC_STAGES - 1;  // item 2 j + 1's (none read for j = -1)
+    unsigned probabilities[NA_TC_KEYS / 16][4];  // slab j's, as A fragments
+    bool values_run = false;  // whether slab j's value product runs
+    for (long long j = -1; j < slabs; ++j) {
+        const bool has_next = j + 1 < slabs;
+        // Which of this lane's logits of slab j + 1 count, known before any product.
+        const unsigned seen = has_next ? na_slab_seen<NA_TC_KEY_BLOCKS>(tl, next, rows, t) : 0u;
+        const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+        if (j < 0) {
+            na_copies_wait_groups<2 * NA_TC_AHEAD>();
+        } else {
+            na_copies_wait_groups<2 * NA_TC_AHEAD - 2>();
+        }
+        const bool logits_run = na_publish_slab(live != 0);
+        const int keys_buffer = na_ring_next(values_buffer);
+        const elem_t* const values = ring[values_buffer];
+        const elem_t* const keys = ring[keys_buffer];
+        values_buffer = na_ring_next(keys_buffer);
+        if (j >= 0) {
+            copies.next(f, tl, b, h / f.group, ring);
+            copies.next(f, tl, b, h / f.group, ring);
+        }
+
+        // Both products in flight, the logits' group first, so that waiting for all but the
+        // newest group is waiting for the logits. The logits start defined (zeros) before any
+        // product: ptxas serializes products whose accumulators other instructions define while
+        // they are in flight, as it does those under a branch it takes for divergent.
+        float logits[NA_TC_KEY_BLOCKS][4];
+        na_zero<NA_TC_KEY_BLOCKS>(logits);
+        if (logits_run) {
+            na_wgmma_fence();
+            na_issue_logits(logits, query, keys);
+        }
+        na_wgmma_commit();
+        if (values_run) {
+            na_wgmma_fence();
+            na_issue_values(out, probabilities, values);
+        }
+        na_wgmma_commit();
+
+        na_wgmma_wait<1>();
+        float rescale[2];
+        if (logits_run) {
+            na_hold_registers<4 * NA_TC_KEY_BLOCKS>(&logits[0][0]);
+            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
+                                               f.has_bias != 0, t);
+            softmax.fold(logits, rescale);
+        }
+        na_wgmma_wait<0>();
+        // The value product done: its output may be rescaled and its A fragments rewritten
+        // (held until here, so that the compiler does not reuse their registers earlier).
+        na_hold_registers<4 * NA_TC_OUT_BLOCKS>(&out[0][0]);
+        na_hold_registers<4 * (NA_TC_KEYS / 16)>(&probabilities[0][0]);
+        if (logits_run) {
+            na_hold_registers<4 * NA_TC_KEY_BLOCKS>(&logits[0][0]);
+#pragma unroll
+            for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
+                out[o][0] *= rescale[0];
+                out[o][1] *= rescale[0];
+                out[o][2] *= rescale[1];
+                out[o][3] *= rescale[1];
+            }
+#pragma unroll
+            for (int k = 0; k < NA_TC_KEYS / 16; ++k) {
+                na_pack_a_fragment(probabilities[k], logits[2 * k], logits[2 * k + 1]);
+            }
+        }
+        values_run = logits_run;
+        if (has_next) {
+            next = na_next_slab<NA_TC_KEYS>(tl, next, f.extra_count);
+        }
+    }
+    na_store_rows(f, tl, b, h, rows, softmax, out, 0, NA_DIM_V / 8, true, t);
+}
+#else
+// One tile's output on each warp's own products (mma.sync), NA_TC_PASSES passes of output
+// columns. Each slab takes two barriers: one publishes its keys, one its values (and ends the
+// reads of its keys).
+__device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const NaTcTile& tl,
+                                                long long b, long long h,
+                                                const NaTcRow rows[2],
+                                                const elem_t* const query_rows[2],
+                                                const NaExponent& exponent, NaRingBuffer* ring,
+                                                int t) {
+    const int lane = threadIdx.x % NA_WARP, g = lane / 4;
 #if NA_TC_QUERY_REGISTERS
-        unsigned query[NA_TC_STEPS][4];
+    unsigned query[NA_TC_STEPS][4];
 #pragma unroll
-        for (int s = 0; s < NA_TC_STEPS; ++s) {
-            na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
-        }
+    for (int s = 0; s < NA_TC_STEPS; ++s) {
+        na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
+    }
 #endif
 
 #pragma unroll 1
-        for (int pass = 0; pass < NA_TC_PASSES; ++pass) {
+    for (int pass = 0; pass < NA_TC_PASSES; ++pass) {
         // This pass's output columns: blocks `o` below `blocks`, channels from `first_channel`.
         const int first_channel = 8 * NA_TC_OUT_BLOCKS * pass;
         const int blocks = min(NA_TC_OUT_BLOCKS, NA_DIM_V / 8 - NA_TC_OUT_BLOCKS * pass);
@@ -223,22 +378,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         // item about to be read. Each wait-and-barrier publishes one item and ends the reads of
         // the buffer the next copies overwrite.
         const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
-        auto after = [&](const NaSlab& s) {
-            return na_next_slab<NA_TC_KEYS>(tl, s, f.extra_count);
-        };
-        auto stage = [&](long long item, const NaSlab& s, elem_t* buffer) {
-            if (item < 2 * slabs) {
-                const bool keys = item % 2 == 0;
-                na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, s, b, hk, keys ? buffer : nullptr,
-                                                           keys ? nullptr : buffer);
-            }
-            na_copies_commit();
-        };
         NaSlab s = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
-        __syncthreads();  // the last pass's (or task's) reads of the ring done
+        NaRingCopies copies = {s, true, 2 * slabs, 0};
+        __syncthreads();  // the last pass's (or tile's) reads of the ring done
 #pragma unroll
         for (int item = 0; item < NA_TC_STAGES - 1; ++item) {
-            stage(item, s, ring[item]);  // slab 0's keys (and values)
+            copies.next(f, tl, b, h / f.group, ring);  // slab 0's keys (and values)
         }
         int buffer = 0;  // the buffer of the item read next
         for (long long slab = 0; slab < slabs; ++slab) {
@@ -255,8 +400,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             const bool products = na_publish_slab(live != 0);
             // Item 2 slab + NA_TC_STAGES - 1: this slab's values, or (three buffers) the next
             // slab's keys.
-            stage(2 * slab + NA_TC_STAGES - 1, NA_TC_STAGES == 2 ? s : after(s),
-                  ring[na_ring_before(buffer)]);
+            copies.next(f, tl, b, h / f.group, ring);
             const elem_t* const keys = ring[buffer];
             buffer = na_ring_next(buffer);
 
@@ -295,44 +439,50 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 
             na_copies_wait_groups<NA_TC_STAGES - 2>();
             na_publish_staged();  // the slab's values staged; its keys read
-            s = after(s);  // (what follows needs nothing more of the slab)
+            s = na_next_slab<NA_TC_KEYS>(tl, s, f.extra_count);
             // Item 2 slab + NA_TC_STAGES: the next slab's keys, or (three buffers) its values.
-            stage(2 * slab + NA_TC_STAGES, s, ring[na_ring_before(buffer)]);
+            copies.next(f, tl, b, h / f.group, ring);
             const elem_t* const values = ring[buffer];
             buffer = na_ring_next(buffer);
 
             // out += probabilities . values.
             if (products) {
-                na_slab_values(out, logits, values, first_channel, blocks, live, lane);
+                na_weighted_rows<NA_TC_KEYS / 16, NA_TC_OUT_BLOCKS>(
+                    out, logits, values, NaValueRows::padded + NA_TC_SKEW, first_channel, blocks,
+                    live, lane);
             }
         }
-
-        // Normalise and store; a row that saw no key gives zeros and lse -inf.
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const float total = softmax.total(r);
-            const NaTcRow& row = rows[r];
-            if (!row.valid) {
-                continue;
-            }
-            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            const long long at_out = na_tile_offset(f, tl, f.out, b, h, row.index);
-#pragma unroll
-            for (int o = 0; o < NA_TC_OUT_BLOCKS; ++o) {
-#pragma unroll
-                for (int e = 0; e < 2; ++e) {
-                    const int c = first_channel + 8 * o + 2 * t + e;
-                    if (o >= blocks) {
-                        break;
-                    }
-                    na_store(f.out, at_out + c * f.out.stride[5], out[o][2 * r + e] * inv);
-                }
-            }
-            if (t == 0 && pass == 0) {
-                float* lse = reinterpret_cast<float*>(f.lse.data);
-                lse[na_tile_offset(f, tl, f.lse, b, h, row.index)] = softmax.lse(r, total);
-            }
-        }
-        }
+        na_store_rows(f, tl, b, h, rows, softmax, out, first_channel, blocks, pass == 0, t);
     }
 }
+#endif
+
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+    na_fused_forward_tc(const NaFusedTcParams p) {
+    const NaFusedParams& f = p.forward;
+#if NA_TC_WGMMA
+    NaRingBuffer* const ring = reinterpret_cast<NaRingBuffer*>(na_dynamic_shared());
+#else
+    __shared__ __align__(128) NaRingBuffer ring[NA_TC_STAGES];
+#endif
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const NaExponent exponent = na_exponent(f);
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const long long b = job.batch, h = job.head;
+        NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
+        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const elem_t* query_rows[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            query_rows[r] =
+                rows[r].valid ? na_tile_row_ptr(f, tl, f.query, b, h, rows[r].index) : nullptr;
+        }
+        na_forward_tile(f, tl, b, h, rows, query_rows, exponent, ring, t);
+    }
+}
+#if NA_TC_WGMMA
+NA_DYNAMIC_SHARED(na_fused_forward_tc, NA_TC_STAGES * sizeof(NaRingBuffer))
+#endif

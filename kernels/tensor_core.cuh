@@ -376,13 +376,23 @@ __device__ __forceinline__ void na_async_proxy_fence() {
 #endif
 
 // Keep the compiler from moving reads or writes of `COUNT` product registers across this point:
-// it cannot see that an asynchronous product writes them only by its na_wgmma_wait.
+// it cannot see that an asynchronous product writes its accumulators (and reads its A fragments)
+// until its na_wgmma_wait.
 template <int COUNT>
 __device__ __forceinline__ void na_hold_registers(float* d) {
 #ifndef NA_HOST
 #pragma unroll
     for (int i = 0; i < COUNT; ++i) {
         asm volatile("" : "+f"(d[i])::"memory");
+    }
+#endif
+}
+template <int COUNT>
+__device__ __forceinline__ void na_hold_registers(unsigned* a) {
+#ifndef NA_HOST
+#pragma unroll
+    for (int i = 0; i < COUNT; ++i) {
+        asm volatile("" : "+r"(a[i])::"memory");
     }
 #endif
 }

@@ -80,28 +80,34 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
     for name, registers, spills, log, origin in rows:
         assert origin == "compiled", f"{name}: {origin}"
         assert "warning" not in log.lower(), f"{name}:\n{log}"
+        # ptxas's note that it serialized warpgroup products (wgmma) it could not keep in flight.
+        assert "performance loss" not in log.lower(), f"{name}:\n{log}"
         assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
         assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
     _check_warpgroup_variants(arch, {name: log for name, _, _, log, _ in rows})
 
 
 def _shared_bytes(log: str) -> int:
+    """Static shared memory in a ptxas report (none reported: 0)."""
     match = re.search(r"(\d+) bytes smem", log)
-    assert match is not None, log
-    return int(match.group(1))
+    return 0 if match is None else int(match.group(1))
 
 
 def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
-    # The forward's warpgroup variants (NATTEN_RS_WGMMA=1) stage their slabs in core matrices,
-    # without the pitched rows' skew (so their buffers differ in size: a ring of them may also
-    # hold one more), where the target has wgmma (sm_90a); elsewhere they are the mma.sync
-    # kernel, whose shared memory does not depend on the warps per block.
+    # The forward's warpgroup variants (NATTEN_RS_WGMMA=1) stage their slabs in a ring of
+    # dynamic shared memory, whose size the host reads from the `_dynamic_shared` array's (in
+    # the report's global memory), where the target has wgmma (sm_90a); elsewhere they are the
+    # mma.sync kernel, whose static shared memory does not depend on the warps per block.
     warpgroup = [name for name in logs if ", wgmma]" in name]
     assert len(warpgroup) == 6, warpgroup
     for name in warpgroup:
         twin = name.replace(", wgmma]", "]")
-        differs = _shared_bytes(logs[name]) != _shared_bytes(logs[twin])
-        assert differs == (arch == "sm_90a"), f"{name}:\n{logs[name]}\n{twin}:\n{logs[twin]}"
+        assert _shared_bytes(logs[twin]) > 0, logs[twin]
+        if arch == "sm_90a":
+            assert _shared_bytes(logs[name]) == 0, logs[name]
+            assert re.search(r"[1-9]\d* bytes gmem", logs[name]), logs[name]
+        else:
+            assert _shared_bytes(logs[name]) == _shared_bytes(logs[twin]), logs[name]
 
 
 def _precompile_f32(arch: str = "sm_80"):
