@@ -145,7 +145,7 @@ __device__ __forceinline__ void na_issue_logits(float logits[NA_TC_KEY_BLOCKS][4
                                                 const elem_t* keys) {
 #pragma unroll
     for (int s = 0; s < NA_TC_STEPS; ++s) {
-        const NaSmemMatrix step = {keys + 128 * s, 128, 16 * NaKeyRows::padded};
+        const NaSmemMatrix step = {keys, 256u * s, 128, 16 * NaKeyRows::padded};
         na_wgmma<NA_TC_KEYS, 0>(&logits[0][0], query[s], step, s > 0);
     }
 }
@@ -158,7 +158,7 @@ __device__ __forceinline__ void na_issue_values(float out[NA_TC_OUT_BLOCKS][4],
                                                 const elem_t* values) {
 #pragma unroll
     for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
-        const NaSmemMatrix rows = {values + 16 * NaValueRows::padded * j,
+        const NaSmemMatrix rows = {values, 32u * NaValueRows::padded * j,
                                    16 * NaValueRows::padded, 128};
         na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], probabilities[j], rows, 1);
     }

@@ -160,24 +160,30 @@ __device__ __forceinline__ void na_load_b_pairs(unsigned b[4], NaShared at) {
 #if NA_HAS_WGMMA
 // A 16 x N factor in shared memory as wgmma reads it, without swizzling: 8 x 8 core matrices of
 // 128 contiguous bytes (eight 16-byte rows), `leading` bytes from one to the next along K and
-// `stride` bytes along N (both multiples of 16, as is `start`). Element (k, n) is at byte
+// `stride` bytes along N (both multiples of 16), from `offset` bytes (a multiple of 16) past
+// `base`. Element (k, n) is at byte
 //   K-major (TRANSPOSE_B 0, rows of 8 k):  (n % 8) 16 + (n / 8) stride + (k % 8) 2 + (k / 8) leading
 //   N-major (TRANSPOSE_B 1, rows of 8 n):  (k % 8) 16 + (k / 8) leading + (n % 8) 2 + (n / 8) stride
-// (the PTX ISA's canonical layouts without swizzling).
+// (the PTX ISA's canonical layouts without swizzling). The base and the offset are kept apart so
+// that the products of one staged buffer share the base's part of their descriptors, and each
+// adds a constant.
 struct NaSmemMatrix {
-    const elem_t* start;
+    const elem_t* base;
+    unsigned offset;
     unsigned leading;
     unsigned stride;
 };
 
-// The 64-bit matrix descriptor of a factor at shared-memory address `address`: bits 0-13 the
-// address, 16-29 the leading byte offset, 32-45 the stride byte offset, each in 16-byte units
-// (bits 4-17 of the byte value); base offset and swizzle mode (bits 49-51, 62-63) 0.
+// The 64-bit matrix descriptor of a factor at shared-memory address `address` + `offset`: bits
+// 0-13 the address, 16-29 the leading byte offset, 32-45 the stride byte offset, each in 16-byte
+// units (bits 4-17 of the byte value); base offset and swizzle mode (bits 49-51, 62-63) 0. Shared
+// memory addresses stay below 2^18, so the offset adds to the address field without a carry.
 __device__ __forceinline__ unsigned long long na_matrix_descriptor(unsigned address,
+                                                                   unsigned offset,
                                                                    unsigned leading,
                                                                    unsigned stride) {
     auto field = [](unsigned bytes) { return (unsigned long long)((bytes & 0x3ffffu) >> 4); };
-    return field(address) | field(leading) << 16 | field(stride) << 32;
+    return (field(address) | field(leading) << 16 | field(stride) << 32) + (offset >> 4);
 }
 
 #ifdef NA_HOST
@@ -196,8 +202,8 @@ inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out)
     auto half = [](unsigned word, int k) {
         return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
     };
-    const NaSmemMatrix b = {static_cast<const elem_t*>(p.b), p.leading, p.stride};
-    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.start);
+    const NaSmemMatrix b = {static_cast<const elem_t*>(p.b), 0, p.leading, p.stride};
+    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.base);
     const int t = p.lane % 4;
     for (int i = 0; i < N / 2; ++i) {
         // Row g (i % 4 < 2) or g + 8 of the warp's sixteen: fragment word 0 or 1 (k < 8) and
@@ -235,7 +241,7 @@ inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b,
     for (int j = 0; j < 4; ++j) {
         memcpy(&p.a[4 * j], all[4 * g + j].a, sizeof all[0].a);
     }
-    p.b = b.start;
+    p.b = reinterpret_cast<const unsigned char*>(b.base) + b.offset;
     p.leading = b.leading;
     p.stride = b.stride;
     p.accumulate = accumulate;
@@ -262,7 +268,7 @@ __device__ __forceinline__ void na_wgmma(float d[N / 2], const unsigned a[4],
                                          const NaSmemMatrix& m, int accumulate) {
     static_assert(N % 16 == 0 && N <= 128, "wgmma widths here: multiples of 16 up to 128");
     const unsigned long long b = na_matrix_descriptor(
-        (unsigned)__cvta_generic_to_shared(m.start), m.leading, m.stride);
+        (unsigned)__cvta_generic_to_shared(m.base), m.offset, m.leading, m.stride);
     if constexpr (N == 16) {
         asm volatile(
             "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
