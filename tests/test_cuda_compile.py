@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import struct
 
 import natten_rs
 import pytest
@@ -85,6 +86,7 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
         assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
         assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
     _check_warpgroup_variants(arch, {name: log for name, _, _, log, _ in rows})
+    _check_dynamic_shared_symbols(arch, cache_dir)
 
 
 def _shared_bytes(log: str) -> int:
@@ -108,6 +110,44 @@ def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
             assert re.search(r"[1-9]\d* bytes gmem", logs[name]), logs[name]
         else:
             assert _shared_bytes(logs[name]) == _shared_bytes(logs[twin]), logs[name]
+
+
+def _symbol_sizes(image: bytes) -> dict[str, int]:
+    """Name -> size of every symbol of an ELF64 image's symbol table."""
+    (section_at,) = struct.unpack_from("<Q", image, 0x28)
+    entry_size, count = struct.unpack_from("<HH", image, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", image, section_at + i * entry_size)
+                for i in range(count)]  # fmt: skip
+    sizes = {}
+    for _, kind, _, _, at, length, link, _, _, symbol_size in sections:
+        if kind != 2:  # SHT_SYMTAB
+            continue
+        names_at = sections[link][4]
+        for offset in range(at, at + length, symbol_size):
+            (name_at,) = struct.unpack_from("<I", image, offset)
+            (size,) = struct.unpack_from("<Q", image, offset + 16)
+            name = image[names_at + name_at : image.index(b"\0", names_at + name_at)]
+            sizes[name.decode()] = size
+    return sizes
+
+
+def _check_dynamic_shared_symbols(arch: str, cache_dir):
+    # The runtime launches a kernel with as much dynamic shared memory as the size of its
+    # `<kernel>_dynamic_shared` array (NA_DYNAMIC_SHARED): the warpgroup forward's six variants
+    # define one on sm_90a (its ring: more than static arrays may take at head dims 128, at most
+    # what a block may take), and no kernel does elsewhere.
+    sizes = []
+    for entry in cache_dir.glob("*.cubin"):
+        data = entry.read_bytes()
+        symbols = _symbol_sizes(data[data.index(b"\x7fELF") :])
+        sizes += [size for name, size in symbols.items() if name.endswith("_dynamic_shared")]
+        assert all(name == "na_fused_forward_tc_dynamic_shared"
+                   for name in symbols if name.endswith("_dynamic_shared")), symbols  # fmt: skip
+    if arch == "sm_90a":
+        assert len(sizes) == 6, sizes
+        assert max(sizes) > 48 * 1024 and max(sizes) <= 227 * 1024, sizes
+    else:
+        assert sizes == [], sizes
 
 
 def _precompile_f32(arch: str = "sm_80"):
