@@ -12,9 +12,9 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
     and unfused / fused;
   * with NATTEN importable (installed, or its source tree given by ``--natten``): its flex
     backend (compiled by torch.compile), and natten / fused;
-  * on an sm_90 device (unless NATTEN_RS_WGMMA is set already): ``wgmma``, the fused op with
-    the forward's warpgroup products (NATTEN_RS_WGMMA=1), its time and the mma.sync time over
-    it (above 1: the warpgroup products are faster);
+  * on an sm_90 device (unless NATTEN_RS_WGMMA is set already): ``wgmma``, the fused op on
+    warpgroup products (NATTEN_RS_WGMMA=1: the forward and the backward's d_query kernel), its
+    time and the mma.sync time over it (above 1: the warpgroup products are faster);
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
 
@@ -26,6 +26,7 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -100,14 +101,24 @@ def fused(p: Problem, q, k, v, rpb):
     return op(q, k, v, p.kernel, dilation=p.dilation, rpb=rpb)
 
 
-def fused_warpgroup(p: Problem, q, k, v, rpb):
-    # The forward's warpgroup products (NATTEN_RS_WGMMA=1, read at each call; sm_90a). The
-    # backward, run outside, is the same kernels as `fused`'s.
-    os.environ["NATTEN_RS_WGMMA"] = "1"
+# Contenders that run under environment variables of their own, forward and backward: "wgmma",
+# the fused op on warpgroup products (NATTEN_RS_WGMMA=1, read at each call; sm_90a: the forward
+# and the backward's d_query kernel).
+ENVIRONMENTS = {"wgmma": {"NATTEN_RS_WGMMA": "1"}}
+
+
+@contextlib.contextmanager
+def environment(values: dict):
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
-        return fused(p, q, k, v, rpb)
+        yield
     finally:
-        del os.environ["NATTEN_RS_WGMMA"]
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def sdpa(p: Problem, q, k, v, rpb):
@@ -151,15 +162,16 @@ def import_natten(path: str | None):
 def calls_for(p: Problem, contenders: dict, backward: bool) -> dict:
     q, k, v, rpb = p.inputs(grad=backward)
 
-    def run(fn):
-        if not backward:
-            with torch.no_grad():
-                return fn(p, q, k, v, rpb)
-        out = fn(p, q, k, v, rpb)
-        out.backward(torch.ones_like(out))
-        return out
+    def run(name, fn):
+        with environment(ENVIRONMENTS.get(name, {})):
+            if not backward:
+                with torch.no_grad():
+                    return fn(p, q, k, v, rpb)
+            out = fn(p, q, k, v, rpb)
+            out.backward(torch.ones_like(out))
+            return out
 
-    return {name: (lambda fn=fn: run(fn)) for name, fn in contenders.items()}
+    return {name: (lambda name=name, fn=fn: run(name, fn)) for name, fn in contenders.items()}
 
 
 def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
@@ -202,7 +214,7 @@ def main() -> None:
         p = PROBLEMS[key]
         contenders = {"natten_rs": fused, "sdpa": sdpa}
         if torch.cuda.get_device_capability() == (9, 0) and "NATTEN_RS_WGMMA" not in os.environ:
-            contenders["wgmma"] = fused_warpgroup
+            contenders["wgmma"] = fused
         if p.unfused:
             contenders["unfused"] = unfused
         if natten is not None and not p.rpb:  # NATTEN 0.20 on has no rpb

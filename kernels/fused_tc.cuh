@@ -867,6 +867,36 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
         });
 }
 
+// Copies of a tile's slabs into a ring of STAGES buffers of BUFFER elements (laid out as
+// NaStaged<., CORE_MATRICES>), item after item: each slab's keys then its values (or, with
+// VALUES_FIRST, its values then its keys), each item one cp.async group (an empty one past the
+// last slab), item i into buffer i % STAGES.
+template <int KEYS, int STAGES, int BUFFER, bool CORE_MATRICES, bool VALUES_FIRST>
+struct NaRingCopies {
+    NaSlab slab;     // the slab of the next item
+    bool second;     // whether the next item is the slab's second
+    long long left;  // items left to copy
+    int buffer;      // where the next goes
+
+    // Copy the next item of tile `tl`'s (batch b, key head hk) into `ring`.
+    __device__ __forceinline__ void next(const NaFusedParams& f, const NaTcTile& tl, long long b,
+                                         long long hk, elem_t* ring) {
+        if (left > 0) {
+            elem_t* const to = ring + buffer * BUFFER;
+            const bool keys = second == VALUES_FIRST;
+            na_stage_key_slab<KEYS, CORE_MATRICES>(f, tl, slab, b, hk, keys ? to : nullptr,
+                                                   keys ? nullptr : to);
+            if (second) {
+                slab = na_next_slab<KEYS>(tl, slab, f.extra_count);
+            }
+            --left;
+        }
+        na_copies_commit();
+        second = !second;
+        buffer = buffer + 1 == STAGES ? 0 : buffer + 1;
+    }
+};
+
 // Fragment `s` (channels 16 s .. 16 s + 15) of the A operand whose rows g and g + 8 are
 // `row[0]` and `row[1]` (rows of N channels, `step` apart; missing rows and channels past N as
 // zeros).

@@ -110,8 +110,9 @@ struct PendingCopy {
 // accumulators `d` it writes, its group (as for copies), the accumulators it starts from (`d` at
 // issue, or the output of the thread's previous pending product on `d`, filled in when that one
 // completes), and what `multiply` needs to compute its output from them when it completes: this
-// lane's rows of A (four lanes' fragments, gathered at issue, when the instruction reads them) and
-// where B lies (read at completion: shared memory must hold it until the wait).
+// lane's rows of A (four lanes' fragments, gathered at issue, when the instruction reads them; or,
+// where `a_smem` is set, its rows `a_row` and `a_row` + 8 of A in shared memory) and where B lies
+// (shared memory is read at completion: it must hold the factors until the wait).
 struct PendingProduct {
     float* d;
     int count;
@@ -119,6 +120,9 @@ struct PendingProduct {
     bool chained;  // `start` comes from an earlier pending product on `d`
     float start[64];
     unsigned a[16];
+    const void* a_smem;
+    unsigned a_leading, a_stride;
+    int a_row;
     const void* b;
     unsigned leading, stride;
     int accumulate;

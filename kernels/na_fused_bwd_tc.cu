@@ -15,7 +15,8 @@
 //   na_fused_backward_bias_slices_tc, na_fused_backward_bias_tc
 //                               d_rpb from the query tiles' sums of dS (NA_TCB_BIAS_GRADS)
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
-// one's products run. Products take half-precision operands and float accumulators; the
+// one's products run. On sm_90a, where the host asks for it (NA_WGMMA), the d_query kernel takes
+// warpgroup products instead (wgmma), software-pipelined as the warpgroup forward. Products take half-precision operands and float accumulators; the
 // probabilities and logit gradients are rounded to the element type for the products that take
 // them, as in the forward.
 #include "fused_bwd.cuh"
@@ -32,7 +33,10 @@
 // Columns per slab: fewer for wide rows, whose fragments and gradients take more registers (and,
 // in the key kernel, whose staged tile takes more shared memory).
 #define NA_TCB_WIDE (NA_DIM > 64 || NA_DIM_V > 64)
-#define NA_TCB_KEYS (NA_TCB_WIDE ? 32 : 64)
+// The d_query kernel multiplies on warpgroup products (wgmma) where the host asks for them
+// (NA_WGMMA) and the target has them (sm_90a): its slabs are then 64 keys whatever the rows.
+#define NA_TCB_WGMMA NA_HAS_WGMMA
+#define NA_TCB_KEYS (NA_TCB_WIDE && !NA_TCB_WGMMA ? 32 : 64)
 #define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
 
 // Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times
@@ -236,6 +240,232 @@ struct NaTileBiasGrads {
     }
 };
 
+// This lane's rows' statistics (lse, and delta = d_out . out - d_lse, left in `stats` of the
+// scratch too) and their query rows (null for rows outside the tile).
+__device__ __forceinline__ void na_query_stats(const NaFusedBwdParams& p, const NaTcTile& tl,
+                                               const NaTcRow rows[2], long long b, long long h,
+                                               int t, const elem_t* query_rows[2],
+                                               NaStat stats[2]) {
+    const NaFusedParams& f = p.f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        // (Positions are formed again for the store: kept through the slabs, they would take
+        // registers the products need.)
+        long long x[3];
+        na_tile_positions(f, tl, rows[r].index, x);
+        const bool valid = rows[r].valid;
+        query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[0], x[1], x[2]) : nullptr;
+        // delta = d_out . out - d_lse, the quad's lanes taking every fourth channel.
+        float partial = 0;
+        if (valid) {
+            const elem_t* out = na_row_ptr(f.out, b, h, x[0], x[1], x[2]);
+            const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
+            for (int c = t; c < NA_DIM_V; c += 4) {
+                partial += to_acc(d_out[c * p.d_out.stride[5]]) * to_acc(out[c * f.out.stride[5]]);
+            }
+        }
+        float lse = 0, delta = na_quad_sum(partial);
+        if (valid) {
+            lse = na_load_f32(f.lse, b, h, x[0], x[1], x[2]);
+        }
+        if (valid && p.has_d_lse) {
+            delta -= na_load_f32(p.d_lse, b, h, x[0], x[1], x[2]);
+        }
+        if (valid && t == 0) {
+            const long long n = na_query_row(f, b, h, x);
+            na_stats(p)[2 * n] = lse;
+            na_stats(p)[2 * n + 1] = delta;
+        }
+        stats[r] = na_stat(lse, delta);
+    }
+}
+
+#if NA_TCB_WGMMA
+// The d_query kernel on warpgroup products, software-pipelined as the warpgroup forward
+// (na_fused_tc.cu): the tile's query and output gradient rows sit in shared memory (both
+// factors of the logits' and dP's products come from there), each slab's values then keys are
+// items of a ring in dynamic shared memory, and the barrier of slab j publishes slab j + 1's
+// (slab j's keys stay for d_query += dS K). Slab j + 1's logits and dP are issued with slab j's
+// d_query product, and slab j + 1's dS is computed while that runs.
+#define NA_TCB_STAGES (NA_TCB_WIDE ? 5 : 6)
+constexpr int na_tcb_buffer =
+    NA_TCB_KEYS * (NaStaged<NA_DIM, true>::per_row > NaStaged<NA_DIM_V, true>::per_row
+                       ? NaStaged<NA_DIM, true>::per_row
+                       : NaStaged<NA_DIM_V, true>::per_row);
+constexpr int na_tcb_query_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
+constexpr int na_tcb_d_out_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
+using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true>;
+
+__device__ __forceinline__ int na_tcb_ring_next(int buffer) {
+    return buffer + 1 == NA_TCB_STAGES ? 0 : buffer + 1;
+}
+__device__ __forceinline__ int na_tcb_ring_before(int buffer) {
+    return buffer == 0 ? NA_TCB_STAGES - 1 : buffer - 1;
+}
+
+// Issue products = A B^T over the 16-channel steps of rows of N channels: A the tile's rows and
+// B a slab's, both in core matrices.
+template <int N>
+__device__ __forceinline__ void na_issue_row_products(float products[NA_TCB_KEYS / 8][4],
+                                                      const elem_t* a, const elem_t* b) {
+    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
+#pragma unroll
+    for (int s = 0; s < NA_TC_PAD(N) / 16; ++s) {
+        const NaSmemMatrix a_step = {a, 256u * s, 128, group};
+        const NaSmemMatrix b_step = {b, 256u * s, 128, group};
+        na_wgmma_ss<NA_TCB_KEYS, 0>(&products[0][0], a_step, b_step, s > 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
+    na_fused_backward_query_tc(const NaFusedBwdParams p) {
+    const NaFusedParams& f = p.f;
+    constexpr int BLOCKS = NA_TCB_KEYS / 8;
+    constexpr int DQ_BLOCKS = NA_TC_PAD(NA_DIM) / 8;  // a product's width: whole 16 channels
+    elem_t* const ring = reinterpret_cast<elem_t*>(na_dynamic_shared());
+    elem_t* const query_tile = ring + NA_TCB_STAGES * na_tcb_buffer;
+    elem_t* const d_out_tile = query_tile + na_tcb_query_tile;
+    __shared__ NaTileBiasGrads bias_grads;
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    const bool wants_bias_grads = NA_TCB_BIAS_GRADS && p.d_bias.data != 0;
+    if (wants_bias_grads) {
+        bias_grads.zero();  // (first added to after a barrier)
+    }
+    const NaExponent exponent = na_exponent(f);
+    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const long long b = job.batch, h = job.head, hk = h / f.group;
+        NaTcRow rows[2];
+        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const elem_t* query_rows[2];
+        NaStat stats[2];
+        na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
+
+        const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
+        NaSlab next = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);  // slab j + 1
+        NaQueryGradCopies copies = {next, false, 2 * slabs, 0};
+        __syncthreads();  // the last tile's reads of the ring, its rows and key numbers done
+        // The tile's query and output gradient rows (one group), then items 0 .. STAGES - 4;
+        // two more after each barrier, into the buffers of the items the slab before read (so
+        // that at slab j's barrier items up to 2 j + STAGES - 2 have been issued, and slab
+        // j + 1's two, up to 2 j + 3, are waited for).
+        na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V, true>(
+            query_tile, d_out_tile, [&](int n, const elem_t* src[2], long long step[2]) {
+                long long index[3];
+                if (!na_tile_row(tl, n, index)) {
+                    return;
+                }
+                src[0] = na_tile_row_ptr(f, tl, f.query, b, h, index);
+                src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
+                step[0] = f.query.stride[5];
+                step[1] = p.d_out.stride[5];
+            });
+        na_copies_commit();
+        if (wants_bias_grads && slabs > 0) {
+            bias_grads.number_keys(0, tl, next);
+        }
+#pragma unroll
+        for (int i = 0; i < NA_TCB_STAGES - 3; ++i) {
+            copies.next(f, tl, b, hk, ring);
+        }
+
+        float d_query[DQ_BLOCKS][4];
+        na_zero<DQ_BLOCKS>(d_query);
+        unsigned grads_a[NA_TCB_KEYS / 16][4];  // slab j's dS, as A fragments
+        bool keys_run = false;                   // whether slab j's d_query product runs
+        int values_buffer = 0;                   // item 2 j + 2's: slab j + 1's values
+        for (long long j = -1; j < slabs; ++j) {
+            const bool has_next = j + 1 < slabs;
+            const unsigned seen = has_next ? na_slab_seen<BLOCKS>(tl, next, rows, t) : 0u;
+            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+            na_copies_wait_groups<NA_TCB_STAGES - 5>();
+            na_async_proxy_fence();
+            // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the
+            // compiler knows it is warp-uniform (as na_publish_slab).
+            const bool logits_run = __any_sync(0xffffffffu, __syncthreads_count(live != 0) != 0);
+            const elem_t* const keys = ring + na_tcb_ring_before(values_buffer) * na_tcb_buffer;
+            const elem_t* const next_values = ring + values_buffer * na_tcb_buffer;
+            const int next_keys_buffer = na_tcb_ring_next(values_buffer);
+            const elem_t* const next_keys = ring + next_keys_buffer * na_tcb_buffer;
+            values_buffer = na_tcb_ring_next(next_keys_buffer);
+            copies.next(f, tl, b, hk, ring);
+            copies.next(f, tl, b, hk, ring);
+            if (wants_bias_grads && j + 2 < slabs) {
+                bias_grads.number_keys((int)(j & 1), tl,
+                                       na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count));
+            }
+
+            // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
+            float logits[BLOCKS][4], grads[BLOCKS][4];
+            na_zero<BLOCKS>(logits);
+            na_zero<BLOCKS>(grads);
+            if (logits_run) {
+                na_wgmma_fence();
+                na_issue_row_products<NA_DIM>(logits, query_tile, next_keys);
+                na_issue_row_products<NA_DIM_V>(grads, d_out_tile, next_values);
+            }
+            na_wgmma_commit();
+            if (keys_run) {
+                na_wgmma_fence();
+#pragma unroll
+                for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
+                    // Keys 16 k .. 16 k + 15 along K (two row groups), channels along N.
+                    const NaSmemMatrix rows_k = {keys, 32u * NaStaged<NA_DIM, true>::padded * k,
+                                                 16 * NaStaged<NA_DIM, true>::padded, 128};
+                    na_wgmma<8 * DQ_BLOCKS, 1>(&d_query[0][0], grads_a[k], rows_k, 1);
+                }
+            }
+            na_wgmma_commit();
+
+            na_wgmma_wait<1>();
+            if (logits_run) {
+                na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+                na_hold_registers<4 * BLOCKS>(&grads[0][0]);
+                na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
+                                         f.has_bias != 0, t);
+                na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
+                                       [&](int, int i) { return stats[i / 2]; });
+                if (wants_bias_grads) {
+                    bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
+                                           rows, t);
+                }
+            }
+            na_wgmma_wait<0>();
+            // The d_query product done: its A fragments may be rewritten (held until here, so
+            // that the compiler does not reuse their registers earlier).
+            na_hold_registers<4 * DQ_BLOCKS>(&d_query[0][0]);
+            na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
+            if (logits_run) {
+                na_hold_registers<4 * BLOCKS>(&grads[0][0]);
+#pragma unroll
+                for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
+                    na_pack_a_fragment(grads_a[k], grads[2 * k], grads[2 * k + 1]);
+                }
+            }
+            keys_run = logits_run;
+            if (has_next) {
+                next = na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count);
+            }
+        }
+        if (wants_bias_grads) {
+            __syncthreads();  // every warp's additions done
+            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TCB_SPAN);
+        }
+
+        long long at[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            at[r] = na_tile_offset(f, tl, p.d_query, b, h, rows[r].index);
+        }
+        na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
+    }
+}
+NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
+                  (NA_TCB_STAGES * na_tcb_buffer + na_tcb_query_tile + na_tcb_d_out_tile) *
+                      sizeof(elem_t))
+#else
 // d_query keeps the full register budget (no cap for more blocks per SM, unlike the other tile
 // kernels): it holds the most per row (dO, the query, its gradient), and a cap spills it.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
@@ -267,38 +497,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
         NaStat stats[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            // (Positions are formed again for the store: kept through the slabs, they would take
-            // registers the products need.)
-            long long x[3];
-            na_tile_positions(f, tl, rows[r].index, x);
-            const bool valid = rows[r].valid;
-            query_rows[r] = valid ? na_row_ptr(f.query, b, h, x[0], x[1], x[2]) : nullptr;
-            // delta = d_out . out - d_lse, the quad's lanes taking every fourth channel.
-            float partial = 0;
-            if (valid) {
-                const elem_t* out = na_row_ptr(f.out, b, h, x[0], x[1], x[2]);
-                const elem_t* d_out = na_row_ptr(p.d_out, b, h, x[0], x[1], x[2]);
-                for (int c = t; c < NA_DIM_V; c += 4) {
-                    partial += to_acc(d_out[c * p.d_out.stride[5]]) *
-                               to_acc(out[c * f.out.stride[5]]);
-                }
-            }
-            float lse = 0, delta = na_quad_sum(partial);
-            if (valid) {
-                lse = na_load_f32(f.lse, b, h, x[0], x[1], x[2]);
-            }
-            if (valid && p.has_d_lse) {
-                delta -= na_load_f32(p.d_lse, b, h, x[0], x[1], x[2]);
-            }
-            if (valid && t == 0) {
-                const long long n = na_query_row(f, b, h, x);
-                na_stats(p)[2 * n] = lse;
-                na_stats(p)[2 * n + 1] = delta;
-            }
-            stats[r] = na_stat(lse, delta);
-        }
+        na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
         unsigned query[NA_TCB_STEPS][4];
 #pragma unroll
         for (int s = 0; s < NA_TCB_STEPS; ++s) {
@@ -398,6 +597,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }
+
+#endif
 
 // The shared memory of the key-row kernels: the tile's own key and value rows, and a slab of
 // query and d_out rows with their statistics.

@@ -211,31 +211,9 @@ __device__ __forceinline__ void na_store_rows(const NaFusedParams& f, const NaTc
     }
 }
 
-// Copies items of the ring in turn (slab j's keys, then its values, then slab j + 1's keys ...),
-// each one cp.async group (an empty one past the last slab), into buffer after buffer.
-struct NaRingCopies {
-    NaSlab slab;     // the slab of the next item
-    bool keys;       // whether the next item is keys
-    long long left;  // items left to copy
-    int buffer;      // where the next goes
-
-    // Copy the next item of tile `tl`'s (batch b, key head hk) into `ring`.
-    __device__ __forceinline__ void next(const NaFusedParams& f, const NaTcTile& tl, long long b,
-                                         long long hk, NaRingBuffer* ring) {
-        if (left > 0) {
-            elem_t* const to = ring[buffer];
-            na_stage_key_slab<NA_TC_KEYS, NA_TC_WGMMA>(f, tl, slab, b, hk, keys ? to : nullptr,
-                                                       keys ? nullptr : to);
-            if (!keys) {
-                slab = na_next_slab<NA_TC_KEYS>(tl, slab, f.extra_count);
-            }
-            --left;
-        }
-        na_copies_commit();
-        keys = !keys;
-        buffer = na_ring_next(buffer);
-    }
-};
+// The forward's copies into its ring: each slab's keys, then its values.
+using NaForwardCopies =
+    NaRingCopies<NA_TC_KEYS, NA_TC_STAGES, na_tc_buffer, NA_TC_WGMMA, false>;
 
 #if NA_TC_WGMMA
 // One tile's output on warpgroup products, software-pipelined: the barrier of slab j publishes
@@ -260,14 +238,14 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
 
     const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
     const NaSlab first = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
-    NaRingCopies copies = {first, true, 2 * slabs, 0};
+    NaForwardCopies copies = {first, false, 2 * slabs, 0};
     __syncthreads();  // the last tile's reads of the ring done
     // Items 0 .. 2 NA_TC_AHEAD now; two more after each barrier from slab 0's on, into the
     // buffers of the items the slab before read (so that at slab j's barrier items up to
     // 2 j + 2 NA_TC_AHEAD have been issued, and the two it publishes are waited for).
 #pragma unroll
     for (int i = 0; i <= 2 * NA_TC_AHEAD; ++i) {
-        copies.next(f, tl, b, h / f.group, ring);
+        copies.next(f, tl, b, h / f.group, ring[0]);
     }
     NaSlab next = first;         // slab j + 1
     int values_buffer = NA_TC_STAGES - 1;  // item 2 j + 1's (none read for j = -1)
@@ -289,8 +267,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
         const elem_t* const keys = ring[keys_buffer];
         values_buffer = na_ring_next(keys_buffer);
         if (j >= 0) {
-            copies.next(f, tl, b, h / f.group, ring);
-            copies.next(f, tl, b, h / f.group, ring);
+            copies.next(f, tl, b, h / f.group, ring[0]);
+            copies.next(f, tl, b, h / f.group, ring[0]);
         }
 
         // Both products in flight, the logits' group first, so that waiting for all but the
@@ -379,11 +357,11 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
         // the buffer the next copies overwrite.
         const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
         NaSlab s = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
-        NaRingCopies copies = {s, true, 2 * slabs, 0};
+        NaForwardCopies copies = {s, false, 2 * slabs, 0};
         __syncthreads();  // the last pass's (or tile's) reads of the ring done
 #pragma unroll
         for (int item = 0; item < NA_TC_STAGES - 1; ++item) {
-            copies.next(f, tl, b, h / f.group, ring);  // slab 0's keys (and values)
+            copies.next(f, tl, b, h / f.group, ring[0]);  // slab 0's keys (and values)
         }
         int buffer = 0;  // the buffer of the item read next
         for (long long slab = 0; slab < slabs; ++slab) {
@@ -400,7 +378,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
             const bool products = na_publish_slab(live != 0);
             // Item 2 slab + NA_TC_STAGES - 1: this slab's values, or (three buffers) the next
             // slab's keys.
-            copies.next(f, tl, b, h / f.group, ring);
+            copies.next(f, tl, b, h / f.group, ring[0]);
             const elem_t* const keys = ring[buffer];
             buffer = na_ring_next(buffer);
 
@@ -441,7 +419,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
             na_publish_staged();  // the slab's values staged; its keys read
             s = na_next_slab<NA_TC_KEYS>(tl, s, f.extra_count);
             // Item 2 slab + NA_TC_STAGES: the next slab's keys, or (three buffers) its values.
-            copies.next(f, tl, b, h / f.group, ring);
+            copies.next(f, tl, b, h / f.group, ring[0]);
             const elem_t* const values = ring[buffer];
             buffer = na_ring_next(buffer);
 

@@ -196,14 +196,19 @@ inline unsigned na_host_matrix_offset(const NaSmemMatrix& m, int k, int n) {
 }
 
 // What a product computes when it completes (na_host::PendingProduct): this lane's outputs,
-// from its rows of A and B as the descriptor reads it.
+// from its rows of A (fragments, or K-major in shared memory) and B as the descriptors read them.
 template <int N, int TRANSPOSE_B>
 inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out) {
     auto half = [](unsigned word, int k) {
         return to_acc((elem_t)(k % 2 ? word >> 16 : word & 0xffffu));
     };
+    auto element = [](const void* base, unsigned offset) {
+        elem_t y;
+        memcpy(&y, static_cast<const unsigned char*>(base) + offset, sizeof y);
+        return to_acc(y);
+    };
+    const NaSmemMatrix a = {static_cast<const elem_t*>(p.a_smem), 0, p.a_leading, p.a_stride};
     const NaSmemMatrix b = {static_cast<const elem_t*>(p.b), 0, p.leading, p.stride};
-    const unsigned char* bytes = reinterpret_cast<const unsigned char*>(b.base);
     const int t = p.lane % 4;
     for (int i = 0; i < N / 2; ++i) {
         // Row g (i % 4 < 2) or g + 8 of the warp's sixteen: fragment word 0 or 1 (k < 8) and
@@ -211,13 +216,31 @@ inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out)
         const int upper = i % 4 / 2, col = 8 * (i / 4) + 2 * t + i % 2;
         float sum = 0;
         for (int k = 0; k < 16; ++k) {
-            const float x = half(p.a[4 * ((k % 8) / 2) + upper + 2 * (k / 8)], k);
-            elem_t y;
-            memcpy(&y, bytes + na_host_matrix_offset<TRANSPOSE_B>(b, k, col), sizeof y);
-            sum += x * to_acc(y);
+            const float x =
+                p.a_smem != nullptr
+                    ? element(a.base, na_host_matrix_offset<0>(a, k, p.a_row + 8 * upper))
+                    : half(p.a[4 * ((k % 8) / 2) + upper + 2 * (k / 8)], k);
+            sum += x * element(b.base, na_host_matrix_offset<TRANSPOSE_B>(b, k, col));
         }
         out[i] = (p.accumulate ? p.start[i] : 0.0f) + sum;
     }
+}
+
+// A pending product of this lane's: accumulators `d`, B `b` (read at completion).
+template <int N, int TRANSPOSE_B>
+inline na_host::PendingProduct na_host_product(float* d, const NaSmemMatrix& b, int accumulate) {
+    static_assert(N / 2 <= 64, "a pending product holds 64 accumulators");
+    na_host::PendingProduct p;
+    p.d = d;
+    p.count = N / 2;
+    p.a_smem = nullptr;
+    p.b = reinterpret_cast<const unsigned char*>(b.base) + b.offset;
+    p.leading = b.leading;
+    p.stride = b.stride;
+    p.accumulate = accumulate;
+    p.lane = threadIdx.x % 32;
+    p.multiply = na_host_wgmma_multiply<N, TRANSPOSE_B>;
+    return p;
 }
 
 // d = A B (+ d where `accumulate`), completing at na_wgmma_wait (na_host::issue_product). The
@@ -226,7 +249,6 @@ inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out)
 // read now, every lane's fragment gathered.
 template <int N, int TRANSPOSE_B>
 inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b, int accumulate) {
-    static_assert(N / 2 <= 64, "a pending product holds 64 accumulators");
     na_host::sync_warpgroup();
     struct Fragment {
         unsigned a[4];
@@ -234,19 +256,25 @@ inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b,
     const Fragment mine = {{a[0], a[1], a[2], a[3]}};
     Fragment all[32];
     na_host::warp_gather(&mine, sizeof mine, all);
-    const int lane = threadIdx.x % 32, g = lane / 4;
-    na_host::PendingProduct p;
-    p.d = d;
-    p.count = N / 2;
+    na_host::PendingProduct p = na_host_product<N, TRANSPOSE_B>(d, b, accumulate);
+    const int g = p.lane / 4;
     for (int j = 0; j < 4; ++j) {
         memcpy(&p.a[4 * j], all[4 * g + j].a, sizeof all[0].a);
     }
-    p.b = reinterpret_cast<const unsigned char*>(b.base) + b.offset;
-    p.leading = b.leading;
-    p.stride = b.stride;
-    p.accumulate = accumulate;
-    p.lane = lane;
-    p.multiply = na_host_wgmma_multiply<N, TRANSPOSE_B>;
+    na_host::issue_product(p);
+}
+
+// d = A B (+ d where `accumulate`) with A (64 x 16) K-major in shared memory too: the
+// warpgroup's rows, warp w % 4 taking rows 16 (w % 4) .. 16 (w % 4) + 15 of D.
+template <int N, int TRANSPOSE_B>
+inline void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a, const NaSmemMatrix& b,
+                        int accumulate) {
+    na_host::sync_warpgroup();
+    na_host::PendingProduct p = na_host_product<N, TRANSPOSE_B>(d, b, accumulate);
+    p.a_smem = reinterpret_cast<const unsigned char*>(a.base) + a.offset;
+    p.a_leading = a.leading;
+    p.a_stride = a.stride;
+    p.a_row = 16 * (threadIdx.x / 32 % 4) + p.lane / 4;
     na_host::issue_product(p);
 }
 
@@ -362,6 +390,28 @@ __device__ __forceinline__ void na_wgmma(float d[N / 2], const unsigned a[4],
               "n"(TRANSPOSE_B)
             : "memory");
     }
+}
+
+// d = A B (+ d where `accumulate`) with A (64 x 16) K-major in shared memory too (its
+// descriptor's rows the warpgroup's: warp w % 4 takes rows 16 (w % 4) .. 16 (w % 4) + 15 of D),
+// for N 64.
+template <int N, int TRANSPOSE_B>
+__device__ __forceinline__ void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a,
+                                            const NaSmemMatrix& m, int accumulate) {
+    static_assert(N == 64, "shared-memory A products here: 64 wide");
+    const unsigned long long a_desc = na_matrix_descriptor(
+        (unsigned)__cvta_generic_to_shared(a.base), a.offset, a.leading, a.stride);
+    const unsigned long long b = na_matrix_descriptor(
+        (unsigned)__cvta_generic_to_shared(m.base), m.offset, m.leading, m.stride);
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+        "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+        : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24)
+        : "l"(a_desc), "l"(b), "r"(accumulate), "n"(TRANSPOSE_B)
+        : "memory");
 }
 #undef NA_WGMMA_D8
 

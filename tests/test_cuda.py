@@ -351,6 +351,14 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monk
     check_fused_forward(case, dtype, "cuda")
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
+    # NATTEN_RS_WGMMA=1: the d_query kernel's warpgroup products on sm_90a.
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    check_fused_backward(case, dtype, "cuda")
+
+
 def check_dense_attention(dtype, device, kernels=contextlib.nullcontext):
     """Dense attention (the fused kernel with only additional tokens) against the CPU path."""
     q, k, v = make_inputs((2, 7, 4, 16), (2, 13, 2, 16), (2, 13, 2, 8), dtype=dtype,

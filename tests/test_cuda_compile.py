@@ -86,30 +86,35 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
         assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
         assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
     _check_warpgroup_variants(arch, {name: log for name, _, _, log, _ in rows})
-    _check_dynamic_shared_symbols(arch, cache_dir)
+    _check_dynamic_shared_symbols(arch, cache_dir, names)
 
 
-def _shared_bytes(log: str) -> int:
-    """Static shared memory in a ptxas report (none reported: 0)."""
-    match = re.search(r"(\d+) bytes smem", log)
+def _shared_bytes(log: str, function: str) -> int:
+    """Static shared memory of `function` in a module's ptxas report (none reported: 0)."""
+    report = log.split(f"Compiling entry function '{function}'")[1].split("Compiling entry")[0]
+    match = re.search(r"(\d+) bytes smem", report)
     return 0 if match is None else int(match.group(1))
 
 
 def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
-    # The forward's warpgroup variants (NATTEN_RS_WGMMA=1) stage their slabs in a ring of
-    # dynamic shared memory, whose size the host reads from the `_dynamic_shared` array's (in
-    # the report's global memory), where the target has wgmma (sm_90a); elsewhere they are the
-    # mma.sync kernel, whose static shared memory does not depend on the warps per block.
+    # The warpgroup variants (NATTEN_RS_WGMMA=1) of the forward and of the backward's d_query
+    # kernel stage their slabs in a ring of dynamic shared memory, whose size the host reads
+    # from the `_dynamic_shared` array's (in the report's global memory), where the target has
+    # wgmma (sm_90a); elsewhere they are the mma.sync kernels, whose static shared memory does
+    # not depend on it.
     warpgroup = [name for name in logs if ", wgmma]" in name]
-    assert len(warpgroup) == 6, warpgroup
+    kernels = {name.split("/")[-1] for name in warpgroup}
+    assert kernels >= {"na_fused_forward_tc", "na_fused_backward_query_tc"}, kernels
+    assert len([n for n in warpgroup if n.endswith("/na_fused_forward_tc")]) == 6, warpgroup
     for name in warpgroup:
         twin = name.replace(", wgmma]", "]")
-        assert _shared_bytes(logs[twin]) > 0, logs[twin]
-        if arch == "sm_90a":
-            assert _shared_bytes(logs[name]) == 0, logs[name]
+        function = name.split("/")[-1]
+        shared, twin_shared = (_shared_bytes(logs[n], function) for n in (name, twin))
+        if arch == "sm_90a" and function in ("na_fused_forward_tc", "na_fused_backward_query_tc"):
+            assert shared < twin_shared, logs[name]
             assert re.search(r"[1-9]\d* bytes gmem", logs[name]), logs[name]
         else:
-            assert _shared_bytes(logs[name]) == _shared_bytes(logs[twin]), logs[name]
+            assert shared == twin_shared, logs[name]
 
 
 def _symbol_sizes(image: bytes) -> dict[str, int]:
@@ -131,23 +136,25 @@ def _symbol_sizes(image: bytes) -> dict[str, int]:
     return sizes
 
 
-def _check_dynamic_shared_symbols(arch: str, cache_dir):
+def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
     # The runtime launches a kernel with as much dynamic shared memory as the size of its
-    # `<kernel>_dynamic_shared` array (NA_DYNAMIC_SHARED): the warpgroup forward's six variants
-    # define one on sm_90a (its ring: more than static arrays may take at head dims 128, at most
-    # what a block may take), and no kernel does elsewhere.
-    sizes = []
+    # `<kernel>_dynamic_shared` array (NA_DYNAMIC_SHARED): every warpgroup variant of the forward
+    # and d_query kernels defines one on sm_90a (their rings: more than static arrays may take at
+    # head dims 128, at most what a block may take), and no kernel does elsewhere.
+    sizes = {"na_fused_forward_tc": [], "na_fused_backward_query_tc": []}
     for entry in cache_dir.glob("*.cubin"):
         data = entry.read_bytes()
         symbols = _symbol_sizes(data[data.index(b"\x7fELF") :])
-        sizes += [size for name, size in symbols.items() if name.endswith("_dynamic_shared")]
-        assert all(name == "na_fused_forward_tc_dynamic_shared"
-                   for name in symbols if name.endswith("_dynamic_shared")), symbols  # fmt: skip
-    if arch == "sm_90a":
-        assert len(sizes) == 6, sizes
-        assert max(sizes) > 48 * 1024 and max(sizes) <= 227 * 1024, sizes
-    else:
-        assert sizes == [], sizes
+        for name, size in symbols.items():
+            if name.endswith("_dynamic_shared"):
+                sizes[name.removesuffix("_dynamic_shared")].append(size)
+    for kernel, found in sizes.items():
+        if arch == "sm_90a":
+            variants = [n for n in names if ", wgmma]" in n and n.endswith(f"/{kernel}")]
+            assert len(found) == len(variants) > 0, (kernel, found, variants)
+            assert 48 * 1024 < max(found) <= 227 * 1024, (kernel, found)
+        else:
+            assert found == [], (kernel, found)
 
 
 def _precompile_f32(arch: str = "sm_80"):

@@ -134,6 +134,15 @@ def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, k
     check_fused_backward(case, dtype, "cpu", kernels)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
+    # NATTEN_RS_WGMMA=1: the backward's d_query kernel takes warpgroup products, both factors of
+    # its logits and dP from shared memory.
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    check_fused_backward(case, dtype, "cpu", kernels)
+
+
 # The -D constants common.cuh asks of every kernel (values the checks below do not depend on).
 HOST_CONSTANTS = {
     "NA_DTYPE": 3, "NA_K0": 1, "NA_K1": 7, "NA_K2": 7, "NA_C0": 0, "NA_C1": 0, "NA_C2": 0,
@@ -174,9 +183,10 @@ def test_kernels_loop_over_what_a_small_grid_leaves(case, dtype, few_blocks):
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in LOOPING_CASES[::2]])
-def test_the_warpgroup_forward_loops_over_what_a_small_grid_leaves(case, few_blocks, monkeypatch):
+def test_the_warpgroup_kernels_loop_over_what_a_small_grid_leaves(case, few_blocks, monkeypatch):
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
+    check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
 
 
 @pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])

@@ -279,8 +279,9 @@ pub struct KernelKey {
     pub stride: [usize; 3],
     /// Head dims `(D, Dv)` of the fused source; `(0, 0)` for the unfused ones.
     pub dims: (usize, usize),
-    /// Whether the tensor-core forward takes warpgroup products (wgmma) where its target has
-    /// them (`wgmma_for`); false for every other source.
+    /// Whether the tensor-core forward, or the tensor-core backward's d_query kernel, takes
+    /// warpgroup products (wgmma) where its target has them (`wgmma_for`); false for every
+    /// other source.
     pub wgmma: bool,
     /// Whether the fused tensor-core sources' problem guarantees dense, 16-byte aligned rows
     /// (`FusedProblem::rows_dense`), so that their staging compiles 16-byte copies alone; false
@@ -305,9 +306,9 @@ pub fn wgmma_for(source: Source, dims: (usize, usize)) -> bool {
 }
 
 /// Whether variants of `source` with head dims `dims` have warpgroup products to take: the
-/// tensor-core forward up to `MAX_WGMMA_DIM`.
+/// tensor-core forward and the tensor-core backward's d_query kernel, up to `MAX_WGMMA_DIM`.
 fn wgmma_applies(source: Source, dims: (usize, usize)) -> bool {
-    source == Source::FusedTc && dims.0.max(dims.1) <= MAX_WGMMA_DIM
+    matches!(source, Source::FusedTc | Source::FusedBwdTc) && dims.0.max(dims.1) <= MAX_WGMMA_DIM
 }
 
 /// The largest head dim the fused forward takes: each lane of a warp keeps `dim / 32` query
@@ -391,7 +392,7 @@ impl KernelKey {
     /// queries (such a block takes an SM's registers, as two blocks of four warps do at those
     /// widths); `TC_WARPS` otherwise.
     pub fn tensor_core_warps(&self) -> usize {
-        if self.wgmma && self.dims.0.max(self.dims.1) > 32 {
+        if self.source == Source::FusedTc && self.wgmma && self.dims.0.max(self.dims.1) > 32 {
             2 * TC_WARPS
         } else {
             TC_WARPS
@@ -661,7 +662,8 @@ mod tests {
         assert!(wgmma_applies(Source::FusedTc, (8, 128)));
         assert!(!wgmma_applies(Source::FusedTc, (136, 64)));
         assert!(!wgmma_applies(Source::FusedTc, (64, 256)));
-        assert!(!wgmma_applies(Source::FusedBwdTc, (64, 64)));
+        assert!(wgmma_applies(Source::FusedBwdTc, (64, 64)));
+        assert!(!wgmma_applies(Source::UnfusedTc, (64, 64)));
         assert!(!wgmma_applies(Source::FusedFwd, (64, 64)));
     }
 
@@ -694,12 +696,15 @@ mod tests {
             assert_eq!(k.tensor_core_warps(), warps, "{dims:?}, wgmma {wgmma}");
             assert_eq!(warps_flag(&k), Some(warps.to_string()));
         }
-        // The other tensor-core kernels keep the kernels' own four warps.
-        let backward = key(Source::FusedBwdTc, false, (128, 128));
-        assert_eq!(
-            (backward.tensor_core_warps(), warps_flag(&backward)),
-            (TC_WARPS, None)
-        );
+        // The other tensor-core kernels keep the kernels' own four warps, the backward's
+        // warpgroup d_query kernel included.
+        for wgmma in [false, true] {
+            let backward = key(Source::FusedBwdTc, wgmma, (128, 128));
+            assert_eq!(
+                (backward.tensor_core_warps(), warps_flag(&backward)),
+                (TC_WARPS, None)
+            );
+        }
     }
 
     #[test]
