@@ -8,7 +8,9 @@
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
 // costs 256 small stacks and no OS threads. Shared memory is `static`: one copy, used by one block
-// at a time. A barrier that some live thread of the block (or warp) never reaches would hang a
+// at a time. So a kernel declares its shared arrays itself (or in a non-inline function): the
+// host compiler makes the static locals of inline functions one object across every library
+// loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share them. A barrier that some live thread of the block (or warp) never reaches would hang a
 // GPU; here it ends the launch with an error.
 #pragma once
 

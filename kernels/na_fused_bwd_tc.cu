@@ -37,6 +37,8 @@
 // (NA_WGMMA) and the target has them (sm_90a): its slabs are then 64 keys whatever the rows.
 #define NA_TCB_WGMMA NA_HAS_WGMMA
 #define NA_TCB_KEYS (NA_TCB_WIDE && !NA_TCB_WGMMA ? 32 : 64)
+// d_query's 8-channel blocks per lane: a warpgroup product's width is whole 16 channels.
+#define NA_TCB_DQ_BLOCKS (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM) / 8 : NA_DIM / 8)
 #define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
 
 // Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times
@@ -317,171 +319,255 @@ __device__ __forceinline__ void na_issue_row_products(float products[NA_TCB_KEYS
     }
 }
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
-    na_fused_backward_query_tc(const NaFusedBwdParams p) {
+// The d_query kernel's static shared memory beside the bias gradients': none (its rows are in
+// dynamic shared memory).
+struct NaQueryGradShared {};
+
+// This lane's share of d_query (unscaled; C layout, `NA_TCB_DQ_BLOCKS` blocks) of the query
+// tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
+__device__ __forceinline__ void na_query_tile_grads(
+    const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
+    const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
+    NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
+    float d_query[NA_TCB_DQ_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
-    constexpr int DQ_BLOCKS = NA_TC_PAD(NA_DIM) / 8;  // a product's width: whole 16 channels
     elem_t* const ring = reinterpret_cast<elem_t*>(na_dynamic_shared());
     elem_t* const query_tile = ring + NA_TCB_STAGES * na_tcb_buffer;
     elem_t* const d_out_tile = query_tile + na_tcb_query_tile;
-    __shared__ NaTileBiasGrads bias_grads;
-    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
-    const int g = lane / 4, t = lane % 4;
-    const bool wants_bias_grads = NA_TCB_BIAS_GRADS && p.d_bias.data != 0;
-    if (wants_bias_grads) {
-        bias_grads.zero();  // (first added to after a barrier)
+    const long long hk = h / f.group;
+    const int warp = threadIdx.x / NA_WARP, t = threadIdx.x % 4;
+    const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
+    NaSlab next = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);  // slab j + 1
+    NaQueryGradCopies copies = {next, false, 2 * slabs, 0};
+    __syncthreads();  // the last tile's reads of the ring, its rows and key numbers done
+    // The tile's query and output gradient rows (one group), then items 0 .. STAGES - 4;
+    // two more after each barrier, into the buffers of the items the slab before read (so
+    // that at slab j's barrier items up to 2 j + STAGES - 2 have been issued, and slab
+    // j + 1's two, up to 2 j + 3, are waited for).
+    na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V, true>(
+        query_tile, d_out_tile, [&](int n, const elem_t* src[2], long long step[2]) {
+            long long index[3];
+            if (!na_tile_row(tl, n, index)) {
+                return;
+            }
+            src[0] = na_tile_row_ptr(f, tl, f.query, b, h, index);
+            src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
+            step[0] = f.query.stride[5];
+            step[1] = p.d_out.stride[5];
+        });
+    na_copies_commit();
+    if (wants_bias_grads && slabs > 0) {
+        bias_grads.number_keys(0, tl, next);
     }
-    const NaExponent exponent = na_exponent(f);
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
-    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
-        const long long b = job.batch, h = job.head, hk = h / f.group;
-        NaTcRow rows[2];
-        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
-        const elem_t* query_rows[2];
-        NaStat stats[2];
-        na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
-
-        const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
-        NaSlab next = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);  // slab j + 1
-        NaQueryGradCopies copies = {next, false, 2 * slabs, 0};
-        __syncthreads();  // the last tile's reads of the ring, its rows and key numbers done
-        // The tile's query and output gradient rows (one group), then items 0 .. STAGES - 4;
-        // two more after each barrier, into the buffers of the items the slab before read (so
-        // that at slab j's barrier items up to 2 j + STAGES - 2 have been issued, and slab
-        // j + 1's two, up to 2 j + 3, are waited for).
-        na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V, true>(
-            query_tile, d_out_tile, [&](int n, const elem_t* src[2], long long step[2]) {
-                long long index[3];
-                if (!na_tile_row(tl, n, index)) {
-                    return;
-                }
-                src[0] = na_tile_row_ptr(f, tl, f.query, b, h, index);
-                src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
-                step[0] = f.query.stride[5];
-                step[1] = p.d_out.stride[5];
-            });
-        na_copies_commit();
-        if (wants_bias_grads && slabs > 0) {
-            bias_grads.number_keys(0, tl, next);
-        }
 #pragma unroll
-        for (int i = 0; i < NA_TCB_STAGES - 3; ++i) {
-            copies.next(f, tl, b, hk, ring);
+    for (int i = 0; i < NA_TCB_STAGES - 3; ++i) {
+        copies.next(f, tl, b, hk, ring);
+    }
+
+    na_zero<NA_TCB_DQ_BLOCKS>(d_query);
+    unsigned grads_a[NA_TCB_KEYS / 16][4];  // slab j's dS, as A fragments
+    bool keys_run = false;                   // whether slab j's d_query product runs
+    int values_buffer = 0;                   // item 2 j + 2's: slab j + 1's values
+    for (long long j = -1; j < slabs; ++j) {
+        const bool has_next = j + 1 < slabs;
+        const unsigned seen = has_next ? na_slab_seen<BLOCKS>(tl, next, rows, t) : 0u;
+        const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+        na_copies_wait_groups<NA_TCB_STAGES - 5>();
+        na_async_proxy_fence();
+        // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the
+        // compiler knows it is warp-uniform (as na_publish_slab).
+        const bool logits_run = __any_sync(0xffffffffu, __syncthreads_count(live != 0) != 0);
+        const elem_t* const keys = ring + na_tcb_ring_before(values_buffer) * na_tcb_buffer;
+        const elem_t* const next_values = ring + values_buffer * na_tcb_buffer;
+        const int next_keys_buffer = na_tcb_ring_next(values_buffer);
+        const elem_t* const next_keys = ring + next_keys_buffer * na_tcb_buffer;
+        values_buffer = na_tcb_ring_next(next_keys_buffer);
+        copies.next(f, tl, b, hk, ring);
+        copies.next(f, tl, b, hk, ring);
+        if (wants_bias_grads && j + 2 < slabs) {
+            bias_grads.number_keys((int)(j & 1), tl,
+                                   na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count));
         }
 
-        float d_query[DQ_BLOCKS][4];
-        na_zero<DQ_BLOCKS>(d_query);
-        unsigned grads_a[NA_TCB_KEYS / 16][4];  // slab j's dS, as A fragments
-        bool keys_run = false;                   // whether slab j's d_query product runs
-        int values_buffer = 0;                   // item 2 j + 2's: slab j + 1's values
-        for (long long j = -1; j < slabs; ++j) {
-            const bool has_next = j + 1 < slabs;
-            const unsigned seen = has_next ? na_slab_seen<BLOCKS>(tl, next, rows, t) : 0u;
-            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-            na_copies_wait_groups<NA_TCB_STAGES - 5>();
-            na_async_proxy_fence();
-            // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the
-            // compiler knows it is warp-uniform (as na_publish_slab).
-            const bool logits_run = __any_sync(0xffffffffu, __syncthreads_count(live != 0) != 0);
-            const elem_t* const keys = ring + na_tcb_ring_before(values_buffer) * na_tcb_buffer;
-            const elem_t* const next_values = ring + values_buffer * na_tcb_buffer;
-            const int next_keys_buffer = na_tcb_ring_next(values_buffer);
-            const elem_t* const next_keys = ring + next_keys_buffer * na_tcb_buffer;
-            values_buffer = na_tcb_ring_next(next_keys_buffer);
-            copies.next(f, tl, b, hk, ring);
-            copies.next(f, tl, b, hk, ring);
-            if (wants_bias_grads && j + 2 < slabs) {
-                bias_grads.number_keys((int)(j & 1), tl,
-                                       na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count));
-            }
-
-            // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
-            float logits[BLOCKS][4], grads[BLOCKS][4];
-            na_zero<BLOCKS>(logits);
-            na_zero<BLOCKS>(grads);
-            if (logits_run) {
-                na_wgmma_fence();
-                na_issue_row_products<NA_DIM>(logits, query_tile, next_keys);
-                na_issue_row_products<NA_DIM_V>(grads, d_out_tile, next_values);
-            }
-            na_wgmma_commit();
-            if (keys_run) {
-                na_wgmma_fence();
+        // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
+        float logits[BLOCKS][4], grads[BLOCKS][4];
+        na_zero<BLOCKS>(logits);
+        na_zero<BLOCKS>(grads);
+        if (logits_run) {
+            na_wgmma_fence();
+            na_issue_row_products<NA_DIM>(logits, query_tile, next_keys);
+            na_issue_row_products<NA_DIM_V>(grads, d_out_tile, next_values);
+        }
+        na_wgmma_commit();
+        if (keys_run) {
+            na_wgmma_fence();
 #pragma unroll
-                for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
-                    // Keys 16 k .. 16 k + 15 along K (two row groups), channels along N.
-                    const NaSmemMatrix rows_k = {keys, 32u * NaStaged<NA_DIM, true>::padded * k,
-                                                 16 * NaStaged<NA_DIM, true>::padded, 128};
-                    na_wgmma<8 * DQ_BLOCKS, 1>(&d_query[0][0], grads_a[k], rows_k, 1);
-                }
+            for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
+                // Keys 16 k .. 16 k + 15 along K (two row groups), channels along N.
+                const NaSmemMatrix rows_k = {keys, 32u * NaStaged<NA_DIM, true>::padded * k,
+                                             16 * NaStaged<NA_DIM, true>::padded, 128};
+                na_wgmma<8 * NA_TCB_DQ_BLOCKS, 1>(&d_query[0][0], grads_a[k], rows_k, 1);
             }
-            na_wgmma_commit();
+        }
+        na_wgmma_commit();
 
-            na_wgmma_wait<1>();
-            if (logits_run) {
-                na_hold_registers<4 * BLOCKS>(&logits[0][0]);
-                na_hold_registers<4 * BLOCKS>(&grads[0][0]);
-                na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
-                                         f.has_bias != 0, t);
-                na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
-                                       [&](int, int i) { return stats[i / 2]; });
-                if (wants_bias_grads) {
-                    bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
-                                           rows, t);
-                }
+        na_wgmma_wait<1>();
+        if (logits_run) {
+            na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+            na_hold_registers<4 * BLOCKS>(&grads[0][0]);
+            na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
+                                     f.has_bias != 0, t);
+            na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
+                                   [&](int, int i) { return stats[i / 2]; });
+            if (wants_bias_grads) {
+                bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
+                                       rows, t);
             }
-            na_wgmma_wait<0>();
-            // The d_query product done: its A fragments may be rewritten (held until here, so
-            // that the compiler does not reuse their registers earlier).
-            na_hold_registers<4 * DQ_BLOCKS>(&d_query[0][0]);
-            na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
-            if (logits_run) {
-                na_hold_registers<4 * BLOCKS>(&grads[0][0]);
+        }
+        na_wgmma_wait<0>();
+        // The d_query product done: its A fragments may be rewritten (held until here, so
+        // that the compiler does not reuse their registers earlier).
+        na_hold_registers<4 * NA_TCB_DQ_BLOCKS>(&d_query[0][0]);
+        na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
+        if (logits_run) {
+            na_hold_registers<4 * BLOCKS>(&grads[0][0]);
 #pragma unroll
-                for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
-                    na_pack_a_fragment(grads_a[k], grads[2 * k], grads[2 * k + 1]);
-                }
-            }
-            keys_run = logits_run;
-            if (has_next) {
-                next = na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count);
+            for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
+                na_pack_a_fragment(grads_a[k], grads[2 * k], grads[2 * k + 1]);
             }
         }
-        if (wants_bias_grads) {
-            __syncthreads();  // every warp's additions done
-            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TCB_SPAN);
+        keys_run = logits_run;
+        if (has_next) {
+            next = na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count);
         }
-
-        long long at[2];
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            at[r] = na_tile_offset(f, tl, p.d_query, b, h, rows[r].index);
-        }
-        na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
     }
 }
-NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
-                  (NA_TCB_STAGES * na_tcb_buffer + na_tcb_query_tile + na_tcb_d_out_tile) *
-                      sizeof(elem_t))
 #else
+// The d_query kernel's static shared memory beside the bias gradients': two slabs' key rows
+// (the next one's copies overlap this one's products), a slab's value rows, and the tile's own
+// output gradient rows (their fragments are read per slab: in registers beside the query's and
+// d_query's they would spill).
+struct NaQueryGradShared {
+    __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
+    __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
+    __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
+};
+static_assert(sizeof(NaQueryGradShared) + sizeof(NaTileBiasGrads) <= 48 * 1024,
+              "the d_query kernel's static shared memory fits 48 KiB");
+
+// This lane's share of d_query (unscaled; C layout, `NA_TCB_DQ_BLOCKS` blocks) of the query
+// tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
+__device__ __forceinline__ void na_query_tile_grads(
+    const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
+    const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
+    NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
+    float d_query[NA_TCB_DQ_BLOCKS][4]) {
+    const NaFusedParams& f = p.f;
+    constexpr int BLOCKS = NA_TCB_KEYS / 8;
+    auto& keys = shared.keys;
+    auto& values = shared.values;
+    auto& d_outs = shared.d_outs;
+    const long long hk = h / f.group;
+    const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
+    const int g = lane / 4, t = lane % 4;
+    unsigned query[NA_TCB_STEPS][4];
+#pragma unroll
+    for (int s = 0; s < NA_TCB_STEPS; ++s) {
+        na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
+    }
+    // The tile's output gradient rows, row n as na_tile_rows numbers them (the last task's
+    // reads of them ended at a barrier in its second pass; the first slab's barrier
+    // publishes them).
+    na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
+        d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
+            long long index[3];
+            if (!na_tile_row(tl, n, index)) {
+                return;
+            }
+            src[0] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
+            step[0] = p.d_out.stride[5];
+        });
+    const elem_t* own_d_out = d_outs[16 * warp + g];
+
+    const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
+    auto after = [&](const NaSlab& s) {
+        return na_next_slab<NA_TCB_KEYS>(tl, s, f.extra_count);
+    };
+    NaSlab s = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
+
+    // d_query += dS . K, slab by slab. Key slabs alternate between the two buffers: the next
+    // slab's keys are copied under the whole of this slab's products, its values under dS
+    // and d_query's.
+    na_zero<NA_TCB_DQ_BLOCKS>(d_query);
+    __syncthreads();  // the last task's reads of the keys done
+    if (slabs > 0) {
+        na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0][0], values[0]);
+        if (wants_bias_grads) {
+            bias_grads.number_keys(0, tl, s);
+        }
+    }
+    for (long long slab = 0; slab < slabs; ++slab, s = after(s)) {
+        const int buffer = slab % 2;
+        // The slab's rows staged (and d_outs, the first time); the last slab's keys read.
+        na_copies_wait();
+        __syncthreads();
+        if (slab + 1 < slabs) {
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, keys[buffer ^ 1][0],
+                                           nullptr);
+            if (wants_bias_grads) {
+                bias_grads.number_keys(buffer ^ 1, tl, after(s));
+            }
+        }
+        // The slab's logits (scaled, biased, -inf where they do not count). A slab no query
+        // of the warp sees adds nothing: skipped whole (warp-uniform), as the keys kernel
+        // skips query slabs.
+        const unsigned seen = na_slab_seen<BLOCKS>(tl, s, rows, t);
+        const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+        float probs[BLOCKS][4], grads[BLOCKS][4];
+        if (live != 0) {
+            na_zero<BLOCKS>(probs);
+            na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0],
+                                                  NA_TCB_PITCH, live, g, t);
+            na_logits<BLOCKS, false>(probs, seen, exponent, f, h, tl, s, rows, f.has_bias != 0,
+                                     t);
+            // dP = dO V^T.
+            na_zero<BLOCKS>(grads);
+            unsigned d_out[NA_TCB_STEPS_V][4];
+            na_staged_fragments<NA_TCB_STEPS_V>(d_out, own_d_out,
+                                                own_d_out + 8 * NA_TCB_PITCH_V, t);
+            na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, d_out, values[0], NA_TCB_PITCH_V,
+                                                    live, g, t);
+        }
+        __syncthreads();  // every warp's reads of the values (and of d_outs) done
+        if (slab + 1 < slabs) {
+            na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, nullptr,
+                                           values[0]);
+        }
+        if (live != 0) {
+            na_logit_grads<BLOCKS>(probs, grads, exponent.factor,
+                                   [&](int, int i) { return stats[i / 2]; });
+            if (wants_bias_grads) {
+                bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
+            }
+            na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[buffer][0],
+                                                           NA_TCB_PITCH, 0, NA_DIM / 8, live,
+                                                           lane);
+        }
+    }
+    na_copies_wait();  // copies a task without slabs issued must not land in the next's
+}
+#endif
+
 // d_query keeps the full register budget (no cap for more blocks per SM, unlike the other tile
 // kernels): it holds the most per row (dO, the query, its gradient), and a cap spills it.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     na_fused_backward_query_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
-    constexpr int BLOCKS = NA_TCB_KEYS / 8;
-    // Two slabs' key rows (the next one's copies overlap this one's products), a slab's value
-    // rows, and the tile's own output gradient rows (their fragments are read per slab: in
-    // registers beside the query's and d_query's they would spill).
-    __shared__ __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
-    __shared__ __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
-    __shared__ __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
+    // Shared arrays are the kernel's own, not an inline function's: on the host those would be
+    // one object across every variant loaded (kernels/host.h).
+    __shared__ NaQueryGradShared shared;
     __shared__ NaTileBiasGrads bias_grads;
-    static_assert(sizeof(keys) + sizeof(values) + sizeof(d_outs) + sizeof(bias_grads) <=
-                      48 * 1024,
-                  "the d_query kernel's static shared memory fits 48 KiB");
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const bool wants_bias_grads = NA_TCB_BIAS_GRADS && p.d_bias.data != 0;
@@ -492,97 +578,15 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
-        const long long b = job.batch, h = job.head, hk = h / f.group;
+        const long long b = job.batch, h = job.head;
         NaTcRow rows[2];
         const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
         NaStat stats[2];
         na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
-        unsigned query[NA_TCB_STEPS][4];
-#pragma unroll
-        for (int s = 0; s < NA_TCB_STEPS; ++s) {
-            na_a_fragment<NA_DIM>(query[s], query_rows, f.query.stride[5], s, t);
-        }
-        // The tile's output gradient rows, row n as na_tile_rows numbers them (the last task's
-        // reads of them ended at a barrier in its second pass; the first slab's barrier
-        // publishes them).
-        na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
-            d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
-                long long index[3];
-                if (!na_tile_row(tl, n, index)) {
-                    return;
-                }
-                src[0] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
-                step[0] = p.d_out.stride[5];
-            });
-        const elem_t* own_d_out = d_outs[16 * warp + g];
-
-        const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
-        auto after = [&](const NaSlab& s) {
-            return na_next_slab<NA_TCB_KEYS>(tl, s, f.extra_count);
-        };
-        NaSlab s = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
-
-        // d_query += dS . K, slab by slab. Key slabs alternate between the two buffers: the next
-        // slab's keys are copied under the whole of this slab's products, its values under dS
-        // and d_query's.
-        float d_query[NA_DIM / 8][4];
-        na_zero<NA_DIM / 8>(d_query);
-        __syncthreads();  // the last task's reads of the keys done
-        if (slabs > 0) {
-            na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0][0], values[0]);
-            if (wants_bias_grads) {
-                bias_grads.number_keys(0, tl, s);
-            }
-        }
-        for (long long slab = 0; slab < slabs; ++slab, s = after(s)) {
-            const int buffer = slab % 2;
-            // The slab's rows staged (and d_outs, the first time); the last slab's keys read.
-            na_copies_wait();
-            __syncthreads();
-            if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, keys[buffer ^ 1][0],
-                                               nullptr);
-                if (wants_bias_grads) {
-                    bias_grads.number_keys(buffer ^ 1, tl, after(s));
-                }
-            }
-            // The slab's logits (scaled, biased, -inf where they do not count). A slab no query
-            // of the warp sees adds nothing: skipped whole (warp-uniform), as the keys kernel
-            // skips query slabs.
-            const unsigned seen = na_slab_seen<BLOCKS>(tl, s, rows, t);
-            const unsigned live = __reduce_or_sync(0xffffffffu, seen);
-            float probs[BLOCKS][4], grads[BLOCKS][4];
-            if (live != 0) {
-                na_zero<BLOCKS>(probs);
-                na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0],
-                                                      NA_TCB_PITCH, live, g, t);
-                na_logits<BLOCKS, false>(probs, seen, exponent, f, h, tl, s, rows, f.has_bias != 0,
-                                         t);
-                // dP = dO V^T.
-                na_zero<BLOCKS>(grads);
-                unsigned d_out[NA_TCB_STEPS_V][4];
-                na_staged_fragments<NA_TCB_STEPS_V>(d_out, own_d_out,
-                                                    own_d_out + 8 * NA_TCB_PITCH_V, t);
-                na_row_products<NA_TCB_STEPS_V, BLOCKS>(grads, d_out, values[0], NA_TCB_PITCH_V,
-                                                        live, g, t);
-            }
-            __syncthreads();  // every warp's reads of the values (and of d_outs) done
-            if (slab + 1 < slabs) {
-                na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, nullptr,
-                                               values[0]);
-            }
-            if (live != 0) {
-                na_logit_grads<BLOCKS>(probs, grads, exponent.factor,
-                                       [&](int, int i) { return stats[i / 2]; });
-                if (wants_bias_grads) {
-                    bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
-                }
-                na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[buffer][0],
-                                                               NA_TCB_PITCH, 0, NA_DIM / 8, live,
-                                                               lane);
-            }
-        }
+        float d_query[NA_TCB_DQ_BLOCKS][4];
+        na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias_grads,
+                            wants_bias_grads, d_query);
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done
             bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TCB_SPAN);
@@ -594,11 +598,14 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
             at[r] = na_tile_offset(f, tl, p.d_query, b, h, rows[r].index);
         }
         na_store_rows<NA_DIM / 8>(p.d_query, at, rows, d_query, (float)f.scale, t);
-        na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }
-
+#if NA_TCB_WGMMA
+NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
+                  (NA_TCB_STAGES * na_tcb_buffer + na_tcb_query_tile + na_tcb_d_out_tile) *
+                      sizeof(elem_t))
 #endif
+
 
 // The shared memory of the key-row kernels: the tile's own key and value rows, and a slab of
 // query and d_out rows with their statistics.
