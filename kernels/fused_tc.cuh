@@ -867,6 +867,16 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
         });
 }
 
+// The buffer after `buffer` in a ring of STAGES buffers, and the one before.
+template <int STAGES>
+__device__ __forceinline__ int na_ring_next(int buffer) {
+    return buffer + 1 == STAGES ? 0 : buffer + 1;
+}
+template <int STAGES>
+__device__ __forceinline__ int na_ring_before(int buffer) {
+    return buffer == 0 ? STAGES - 1 : buffer - 1;
+}
+
 // Copies of a tile's slabs into a ring of STAGES buffers of BUFFER elements (laid out as
 // NaStaged<., CORE_MATRICES>), item after item: each slab's keys then its values (or, with
 // VALUES_FIRST, its values then its keys), each item one cp.async group (an empty one past the
@@ -893,7 +903,7 @@ struct NaRingCopies {
         }
         na_copies_commit();
         second = !second;
-        buffer = buffer + 1 == STAGES ? 0 : buffer + 1;
+        buffer = na_ring_next<STAGES>(buffer);
     }
 };
 

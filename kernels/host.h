@@ -10,8 +10,9 @@
 // costs 256 small stacks and no OS threads. Shared memory is `static`: one copy, used by one block
 // at a time. So a kernel declares its shared arrays itself (or in a non-inline function): the
 // host compiler makes the static locals of inline functions one object across every library
-// loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share them. A barrier that some live thread of the block (or warp) never reaches would hang a
-// GPU; here it ends the launch with an error.
+// loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share them. A barrier that
+// some live thread of the block (or warp) never reaches would hang a GPU; here it ends the
+// launch with an error.
 #pragma once
 
 // C headers only: they parse in a fraction of the time of their C++ counterparts, and every

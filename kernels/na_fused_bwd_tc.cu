@@ -16,9 +16,9 @@
 //                               d_rpb from the query tiles' sums of dS (NA_TCB_BIAS_GRADS)
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
 // one's products run. On sm_90a, where the host asks for it (NA_WGMMA), the d_query kernel takes
-// warpgroup products instead (wgmma), software-pipelined as the warpgroup forward. Products take half-precision operands and float accumulators; the
-// probabilities and logit gradients are rounded to the element type for the products that take
-// them, as in the forward.
+// warpgroup products instead (wgmma), software-pipelined as the warpgroup forward. Products take
+// half-precision operands and float accumulators; the probabilities and logit gradients are
+// rounded to the element type for the products that take them, as in the forward.
 #include "fused_bwd.cuh"
 #include "fused_tc.cuh"
 
@@ -298,12 +298,6 @@ constexpr int na_tcb_query_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
 constexpr int na_tcb_d_out_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
 using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true>;
 
-__device__ __forceinline__ int na_tcb_ring_next(int buffer) {
-    return buffer + 1 == NA_TCB_STAGES ? 0 : buffer + 1;
-}
-__device__ __forceinline__ int na_tcb_ring_before(int buffer) {
-    return buffer == 0 ? NA_TCB_STAGES - 1 : buffer - 1;
-}
 
 // Issue products = A B^T over the 16-channel steps of rows of N channels: A the tile's rows and
 // B a slab's, both in core matrices.
@@ -378,11 +372,12 @@ __device__ __forceinline__ void na_query_tile_grads(
         // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the
         // compiler knows it is warp-uniform (as na_publish_slab).
         const bool logits_run = __any_sync(0xffffffffu, __syncthreads_count(live != 0) != 0);
-        const elem_t* const keys = ring + na_tcb_ring_before(values_buffer) * na_tcb_buffer;
+        const int keys_buffer = na_ring_before<NA_TCB_STAGES>(values_buffer);
+        const elem_t* const keys = ring + keys_buffer * na_tcb_buffer;
         const elem_t* const next_values = ring + values_buffer * na_tcb_buffer;
-        const int next_keys_buffer = na_tcb_ring_next(values_buffer);
+        const int next_keys_buffer = na_ring_next<NA_TCB_STAGES>(values_buffer);
         const elem_t* const next_keys = ring + next_keys_buffer * na_tcb_buffer;
-        values_buffer = na_tcb_ring_next(next_keys_buffer);
+        values_buffer = na_ring_next<NA_TCB_STAGES>(next_keys_buffer);
         copies.next(f, tl, b, hk, ring);
         copies.next(f, tl, b, hk, ring);
         if (wants_bias_grads && j + 2 < slabs) {

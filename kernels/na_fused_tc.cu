@@ -127,14 +127,6 @@ constexpr int na_tc_buffer = NA_TC_KEYS * (NaKeyRows::per_row > NaValueRows::per
                                                : NaValueRows::per_row);
 typedef elem_t NaRingBuffer[na_tc_buffer];
 
-// The buffer after `buffer` in the ring, and the one before (where the item NA_TC_STAGES - 1
-// ahead of `buffer`'s goes: the buffer of the item read last).
-__device__ __forceinline__ int na_ring_next(int buffer) {
-    return buffer + 1 == NA_TC_STAGES ? 0 : buffer + 1;
-}
-__device__ __forceinline__ int na_ring_before(int buffer) {
-    return buffer == 0 ? NA_TC_STAGES - 1 : buffer - 1;
-}
 
 #if NA_TC_WGMMA
 // Issue the products of the logits of this warpgroup's 64 queries (`query`, every step's A
@@ -262,10 +254,10 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
             na_copies_wait_groups<2 * NA_TC_AHEAD - 2>();
         }
         const bool logits_run = na_publish_slab(live != 0);
-        const int keys_buffer = na_ring_next(values_buffer);
+        const int keys_buffer = na_ring_next<NA_TC_STAGES>(values_buffer);
         const elem_t* const values = ring[values_buffer];
         const elem_t* const keys = ring[keys_buffer];
-        values_buffer = na_ring_next(keys_buffer);
+        values_buffer = na_ring_next<NA_TC_STAGES>(keys_buffer);
         if (j >= 0) {
             copies.next(f, tl, b, h / f.group, ring[0]);
             copies.next(f, tl, b, h / f.group, ring[0]);
@@ -380,7 +372,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
             // slab's keys.
             copies.next(f, tl, b, h / f.group, ring[0]);
             const elem_t* const keys = ring[buffer];
-            buffer = na_ring_next(buffer);
+            buffer = na_ring_next<NA_TC_STAGES>(buffer);
 
             float logits[NA_TC_KEY_BLOCKS][4];
             if (products) {
@@ -421,7 +413,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
             // Item 2 slab + NA_TC_STAGES: the next slab's keys, or (three buffers) its values.
             copies.next(f, tl, b, h / f.group, ring[0]);
             const elem_t* const values = ring[buffer];
-            buffer = na_ring_next(buffer);
+            buffer = na_ring_next<NA_TC_STAGES>(buffer);
 
             // out += probabilities . values.
             if (products) {
