@@ -867,6 +867,27 @@ __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const 
         });
 }
 
+// Stage the rows of tile `tl` (row n as na_tile_rows numbers them) of views `first` and `second`
+// (N and N_V channels; batch `batch`, head `head`) into `dst` and `dst_second` (laid out as
+// NaStaged; a null destination is skipped).
+template <int N, int N_V, bool CORE_MATRICES = false>
+__device__ __forceinline__ void na_stage_tile_rows(const NaFusedParams& f, const NaTcTile& tl,
+                                                   long long batch, long long head,
+                                                   const NaView& first, const NaView& second,
+                                                   elem_t* dst, elem_t* dst_second) {
+    na_stage_pairs<NA_TC_ROWS, N, N_V, CORE_MATRICES>(
+        dst, dst_second, [&](int n, const elem_t* src[2], long long step[2]) {
+            long long index[3];
+            if (!na_tile_row(tl, n, index)) {
+                return;
+            }
+            src[0] = na_tile_row_ptr(f, tl, first, batch, head, index);
+            src[1] = na_tile_row_ptr(f, tl, second, batch, head, index);
+            step[0] = first.stride[5];
+            step[1] = second.stride[5];
+        });
+}
+
 // The buffer after `buffer` in a ring of STAGES buffers, and the one before.
 template <int STAGES>
 __device__ __forceinline__ int na_ring_next(int buffer) {

@@ -339,17 +339,8 @@ __device__ __forceinline__ void na_query_tile_grads(
     // two more after each barrier, into the buffers of the items the slab before read (so
     // that at slab j's barrier items up to 2 j + STAGES - 2 have been issued, and slab
     // j + 1's two, up to 2 j + 3, are waited for).
-    na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V, true>(
-        query_tile, d_out_tile, [&](int n, const elem_t* src[2], long long step[2]) {
-            long long index[3];
-            if (!na_tile_row(tl, n, index)) {
-                return;
-            }
-            src[0] = na_tile_row_ptr(f, tl, f.query, b, h, index);
-            src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
-            step[0] = f.query.stride[5];
-            step[1] = p.d_out.stride[5];
-        });
+    na_stage_tile_rows<NA_DIM, NA_DIM_V, true>(f, tl, b, h, f.query, p.d_out, query_tile,
+                                               d_out_tile);
     na_copies_commit();
     if (wants_bias_grads && slabs > 0) {
         bias_grads.number_keys(0, tl, next);
@@ -474,15 +465,7 @@ __device__ __forceinline__ void na_query_tile_grads(
     // The tile's output gradient rows, row n as na_tile_rows numbers them (the last task's
     // reads of them ended at a barrier in its second pass; the first slab's barrier
     // publishes them).
-    na_stage_pairs<NA_TC_ROWS, NA_DIM_V, NA_DIM_V>(
-        d_outs[0], nullptr, [&](int n, const elem_t* src[2], long long step[2]) {
-            long long index[3];
-            if (!na_tile_row(tl, n, index)) {
-                return;
-            }
-            src[0] = na_tile_row_ptr(f, tl, p.d_out, b, h, index);
-            step[0] = p.d_out.stride[5];
-        });
+    na_stage_tile_rows<NA_DIM_V, NA_DIM_V>(f, tl, b, h, p.d_out, p.d_out, d_outs[0], nullptr);
     const elem_t* own_d_out = d_outs[16 * warp + g];
 
     const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
@@ -786,16 +769,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
         }
         na_cut_box<NA_TCB_QUERIES>(tl);
         // The tile's keys and values, row n as na_tile_rows numbers them.
-        na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
-            long long index[3];
-            if (!na_tile_row(tl, n, index)) {
-                return;
-            }
-            src[0] = na_tile_row_ptr(f, tl, f.key, b, hk, index);
-            src[1] = na_tile_row_ptr(f, tl, f.value, b, hk, index);
-            step[0] = f.key.stride[5];
-            step[1] = f.value.stride[5];
-        });
+        na_stage_tile_rows<NA_DIM, NA_DIM_V>(f, tl, b, hk, f.key, f.value, tile.keys[0],
+                                             tile.values[0]);
         NaKeyTileGrads grads;
         grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
