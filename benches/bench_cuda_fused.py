@@ -13,7 +13,7 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
   * with NATTEN importable (installed, or its source tree given by ``--natten``): its flex
     backend (compiled by torch.compile), and natten / fused;
   * on an sm_90 device (unless NATTEN_RS_WGMMA is set already): ``wgmma``, the fused op on
-    warpgroup products (NATTEN_RS_WGMMA=1: the forward and the backward's d_query kernel), its
+    warpgroup products (NATTEN_RS_WGMMA=1: the forward and the backward's tile kernels), its
     time and the mma.sync time over it (above 1: the warpgroup products are faster);
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
@@ -103,7 +103,7 @@ def fused(p: Problem, q, k, v, rpb):
 
 # Contenders that run under environment variables of their own, forward and backward: "wgmma",
 # the fused op on warpgroup products (NATTEN_RS_WGMMA=1, read at each call; sm_90a: the forward
-# and the backward's d_query kernel).
+# and the backward's tile kernels).
 ENVIRONMENTS = {"wgmma": {"NATTEN_RS_WGMMA": "1"}}
 
 

@@ -15,8 +15,9 @@
 //   na_fused_backward_bias_slices_tc, na_fused_backward_bias_tc
 //                               d_rpb from the query tiles' sums of dS (NA_TCB_BIAS_GRADS)
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
-// one's products run. On sm_90a, where the host asks for it (NA_WGMMA), the d_query kernel takes
-// warpgroup products instead (wgmma), software-pipelined as the warpgroup forward. Products take
+// one's products run. On sm_90a, where the host asks for it (NA_WGMMA), the d_query and key-row
+// kernels take warpgroup products instead (wgmma), software-pipelined as the warpgroup forward
+// (the key-row kernels' slabs go through a ring, with no per-warp skipping). Products take
 // half-precision operands and float accumulators; the probabilities and logit gradients are
 // rounded to the element type for the products that take them, as in the forward.
 #include "fused_bwd.cuh"
@@ -37,9 +38,14 @@
 // (NA_WGMMA) and the target has them (sm_90a): its slabs are then 64 keys whatever the rows.
 #define NA_TCB_WGMMA NA_HAS_WGMMA
 #define NA_TCB_KEYS (NA_TCB_WIDE && !NA_TCB_WGMMA ? 32 : 64)
-// d_query's 8-channel blocks per lane: a warpgroup product's width is whole 16 channels.
-#define NA_TCB_DQ_BLOCKS (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM) / 8 : NA_DIM / 8)
-#define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
+// 8-channel blocks per lane of a gradient row (of a query or key, and of a value): a
+// warpgroup product's width is whole 16 channels.
+#define NA_TCB_BLOCKS (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM) / 8 : NA_DIM / 8)
+#define NA_TCB_BLOCKS_V (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM_V) / 8 : NA_DIM_V / 8)
+// Queries per slab of the key-row kernels, whose gradients (d_key and d_value) take the most
+// registers: fewer for wide rows on mma.sync, whose products take the tile's rows as fragments
+// in registers too (warpgroup products read them from shared memory).
+#define NA_TCB_QUERIES (NA_TCB_WIDE && !NA_TCB_WGMMA ? 16 : 32)
 
 // Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times
 // `factor` at `offset[r]` of `v`, for the rows that exist.
@@ -283,6 +289,33 @@ __device__ __forceinline__ void na_query_stats(const NaFusedBwdParams& p, const 
 }
 
 #if NA_TCB_WGMMA
+// ---- warpgroup products of staged rows ----------------------------------------------------------
+// Rows staged in core matrices (NaStaged<N, true>) are the factors of the warpgroup kernels' two
+// kinds of product: a tile's rows times a slab's (channels along K), and weights times a slab's
+// rows (rows along K, channels along N).
+
+// Issue products = A B^T (COLUMNS wide) over the 16-channel steps of rows of N channels: A the
+// tile's 64 rows and B a slab's COLUMNS.
+template <int N, int COLUMNS>
+__device__ __forceinline__ void na_issue_row_products(float products[COLUMNS / 8][4],
+                                                      const elem_t* a, const elem_t* b) {
+    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
+#pragma unroll
+    for (int s = 0; s < NA_TC_PAD(N) / 16; ++s) {
+        const NaSmemMatrix a_step = {a, 256u * s, 128, group};
+        const NaSmemMatrix b_step = {b, 256u * s, 128, group};
+        na_wgmma_ss<COLUMNS, 0>(&products[0][0], a_step, b_step, s > 0);
+    }
+}
+
+// Rows 16 k .. 16 k + 15 of staged rows of N channels as the B factor of a product that weighs
+// them: the rows along K (two 8-row groups), the channels along N.
+template <int N>
+__device__ __forceinline__ NaSmemMatrix na_row_step(const elem_t* rows, int k) {
+    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
+    return {rows, 2 * group * k, group, 128};
+}
+
 // The d_query kernel on warpgroup products, software-pipelined as the warpgroup forward
 // (na_fused_tc.cu): the tile's query and output gradient rows sit in shared memory (both
 // factors of the logits' and dP's products come from there), each slab's values then keys are
@@ -298,32 +331,17 @@ constexpr int na_tcb_query_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
 constexpr int na_tcb_d_out_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
 using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true>;
 
-
-// Issue products = A B^T over the 16-channel steps of rows of N channels: A the tile's rows and
-// B a slab's, both in core matrices.
-template <int N>
-__device__ __forceinline__ void na_issue_row_products(float products[NA_TCB_KEYS / 8][4],
-                                                      const elem_t* a, const elem_t* b) {
-    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
-#pragma unroll
-    for (int s = 0; s < NA_TC_PAD(N) / 16; ++s) {
-        const NaSmemMatrix a_step = {a, 256u * s, 128, group};
-        const NaSmemMatrix b_step = {b, 256u * s, 128, group};
-        na_wgmma_ss<NA_TCB_KEYS, 0>(&products[0][0], a_step, b_step, s > 0);
-    }
-}
-
 // The d_query kernel's static shared memory beside the bias gradients': none (its rows are in
 // dynamic shared memory).
 struct NaQueryGradShared {};
 
-// This lane's share of d_query (unscaled; C layout, `NA_TCB_DQ_BLOCKS` blocks) of the query
+// This lane's share of d_query (unscaled; C layout, `NA_TCB_BLOCKS` blocks) of the query
 // tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
 __device__ __forceinline__ void na_query_tile_grads(
     const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
     const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
     NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
-    float d_query[NA_TCB_DQ_BLOCKS][4]) {
+    float d_query[NA_TCB_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
     elem_t* const ring = reinterpret_cast<elem_t*>(na_dynamic_shared());
@@ -350,7 +368,7 @@ __device__ __forceinline__ void na_query_tile_grads(
         copies.next(f, tl, b, hk, ring);
     }
 
-    na_zero<NA_TCB_DQ_BLOCKS>(d_query);
+    na_zero<NA_TCB_BLOCKS>(d_query);
     unsigned grads_a[NA_TCB_KEYS / 16][4];  // slab j's dS, as A fragments
     bool keys_run = false;                   // whether slab j's d_query product runs
     int values_buffer = 0;                   // item 2 j + 2's: slab j + 1's values
@@ -382,18 +400,16 @@ __device__ __forceinline__ void na_query_tile_grads(
         na_zero<BLOCKS>(grads);
         if (logits_run) {
             na_wgmma_fence();
-            na_issue_row_products<NA_DIM>(logits, query_tile, next_keys);
-            na_issue_row_products<NA_DIM_V>(grads, d_out_tile, next_values);
+            na_issue_row_products<NA_DIM, NA_TCB_KEYS>(logits, query_tile, next_keys);
+            na_issue_row_products<NA_DIM_V, NA_TCB_KEYS>(grads, d_out_tile, next_values);
         }
         na_wgmma_commit();
         if (keys_run) {
             na_wgmma_fence();
 #pragma unroll
             for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
-                // Keys 16 k .. 16 k + 15 along K (two row groups), channels along N.
-                const NaSmemMatrix rows_k = {keys, 32u * NaStaged<NA_DIM, true>::padded * k,
-                                             16 * NaStaged<NA_DIM, true>::padded, 128};
-                na_wgmma<8 * NA_TCB_DQ_BLOCKS, 1>(&d_query[0][0], grads_a[k], rows_k, 1);
+                na_wgmma<8 * NA_TCB_BLOCKS, 1>(&d_query[0][0], grads_a[k],
+                                               na_row_step<NA_DIM>(keys, k), 1);
             }
         }
         na_wgmma_commit();
@@ -414,7 +430,7 @@ __device__ __forceinline__ void na_query_tile_grads(
         na_wgmma_wait<0>();
         // The d_query product done: its A fragments may be rewritten (held until here, so
         // that the compiler does not reuse their registers earlier).
-        na_hold_registers<4 * NA_TCB_DQ_BLOCKS>(&d_query[0][0]);
+        na_hold_registers<4 * NA_TCB_BLOCKS>(&d_query[0][0]);
         na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
         if (logits_run) {
             na_hold_registers<4 * BLOCKS>(&grads[0][0]);
@@ -442,13 +458,13 @@ struct NaQueryGradShared {
 static_assert(sizeof(NaQueryGradShared) + sizeof(NaTileBiasGrads) <= 48 * 1024,
               "the d_query kernel's static shared memory fits 48 KiB");
 
-// This lane's share of d_query (unscaled; C layout, `NA_TCB_DQ_BLOCKS` blocks) of the query
+// This lane's share of d_query (unscaled; C layout, `NA_TCB_BLOCKS` blocks) of the query
 // tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
 __device__ __forceinline__ void na_query_tile_grads(
     const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
     const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
     NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
-    float d_query[NA_TCB_DQ_BLOCKS][4]) {
+    float d_query[NA_TCB_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
     auto& keys = shared.keys;
@@ -477,7 +493,7 @@ __device__ __forceinline__ void na_query_tile_grads(
     // d_query += dS . K, slab by slab. Key slabs alternate between the two buffers: the next
     // slab's keys are copied under the whole of this slab's products, its values under dS
     // and d_query's.
-    na_zero<NA_TCB_DQ_BLOCKS>(d_query);
+    na_zero<NA_TCB_BLOCKS>(d_query);
     __syncthreads();  // the last task's reads of the keys done
     if (slabs > 0) {
         na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0][0], values[0]);
@@ -562,7 +578,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         const elem_t* query_rows[2];
         NaStat stats[2];
         na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
-        float d_query[NA_TCB_DQ_BLOCKS][4];
+        float d_query[NA_TCB_BLOCKS][4];
         na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias_grads,
                             wants_bias_grads, d_query);
         if (wants_bias_grads) {
@@ -585,8 +601,221 @@ NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
 #endif
 
 
-// The shared memory of the key-row kernels: the tile's own key and value rows, and a slab of
-// query and d_out rows with their statistics.
+// ---- the key-row kernels ------------------------------------------------------------------------
+// A tile of 64 key rows (of one kv head) walks the box of queries whose windows hold its keys, a
+// slab of NA_TCB_QUERIES queries at a time, for d_value += P^T dO and d_key += dS^T Q: the
+// tile's key and value rows are staged once, each slab's query and output gradient rows (and its
+// queries' statistics) in turn.
+
+// The statistics of slab `s`'s queries (as the d_query kernel left them in the scratch) into
+// `stats`, and the start of the copies of their query and output gradient rows into `queries`
+// and `d_outs` (laid out as NaStaged<., CORE_MATRICES>; columns that do not exist as zeros).
+// Every thread of the block calls it, after a barrier that ends the reads of what it overwrites.
+template <bool CORE_MATRICES>
+__device__ __forceinline__ void na_stage_query_slab(const NaFusedBwdParams& p, const NaTcTile& tl,
+                                                    const NaSlab& s, long long b, long long h,
+                                                    elem_t* queries, elem_t* d_outs,
+                                                    NaStat* stats) {
+    const NaFusedParams& f = p.f;
+    na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V, CORE_MATRICES>(
+        queries, d_outs, [&](int n, const elem_t* src[2], long long step[2]) {
+            int c[3];
+            if (!na_column(tl, s, n, c)) {
+                return;
+            }
+            src[0] = na_tile_row_ptr(f, tl, f.query, b, h, c);
+            src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, c);
+            step[0] = f.query.stride[5];
+            step[1] = p.d_out.stride[5];
+        });
+    for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
+        stats[n] = {0, 0};
+        int c[3];
+        if (na_column(tl, s, n, c)) {
+            long long x[3];
+            na_tile_positions(f, tl, c, x);
+            const long long row = na_query_row(f, b, h, x);
+            stats[n] = na_stat(na_stats(p)[2 * row], na_stats(p)[2 * row + 1]);
+        }
+    }
+}
+
+// A key-row tile's gradients: this lane's share (C layout) of rows g and g + 8 of its warp.
+struct NaKeyTileGrads {
+    float d_key[NA_TCB_BLOCKS][4];
+    float d_value[NA_TCB_BLOCKS_V][4];
+
+    __device__ __forceinline__ void zero() {
+        na_zero<NA_TCB_BLOCKS>(d_key);
+        na_zero<NA_TCB_BLOCKS_V>(d_value);
+    }
+};
+
+#if NA_TCB_WGMMA
+// On warpgroup products, software-pipelined as the d_query kernel: the tile's key and value rows
+// are both products' A (from shared memory) for the transposed logits S^T = K Q^T and
+// dP^T = V dO^T; P^T and dS^T, as A fragments, weigh the slab's output gradient and query rows.
+// The slabs go through a ring of NA_TCB_QUERY_STAGES buffers in dynamic shared memory, and the
+// barrier of slab j publishes slab j + 1: its logits and dP are issued with slab j's gradient
+// products, and (NA_TCB_KEY_OVERLAP) its P and dS computed while those run. Wide rows wait for
+// both first: slab j's fragments and slab j + 1's logits at once, beside d_key and d_value,
+// spill at head dim 128.
+#define NA_TCB_QUERY_STAGES 4
+#define NA_TCB_KEY_OVERLAP (!NA_TCB_WIDE)
+constexpr int na_tcb_key_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
+constexpr int na_tcb_value_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
+constexpr int na_tcb_slab_queries = NA_TCB_QUERIES * NaStaged<NA_DIM, true>::per_row;
+constexpr int na_tcb_slab_rows =
+    na_tcb_slab_queries + NA_TCB_QUERIES * NaStaged<NA_DIM_V, true>::per_row;
+
+// Where the key-row kernels' rows lie, all in dynamic shared memory: the tile's key rows, its
+// value rows, the ring's buffers (a slab's query rows, then its output gradient rows), then the
+// ring's statistics.
+struct NaKeyRowsShared {
+    __device__ __forceinline__ elem_t* keys() const {
+        return reinterpret_cast<elem_t*>(na_dynamic_shared());
+    }
+    __device__ __forceinline__ elem_t* values() const { return keys() + na_tcb_key_tile; }
+    __device__ __forceinline__ elem_t* queries(int buffer) const {
+        return values() + na_tcb_value_tile + buffer * na_tcb_slab_rows;
+    }
+    __device__ __forceinline__ elem_t* d_outs(int buffer) const {
+        return queries(buffer) + na_tcb_slab_queries;
+    }
+    __device__ __forceinline__ NaStat* stats(int buffer) const {
+        return reinterpret_cast<NaStat*>(queries(NA_TCB_QUERY_STAGES)) + buffer * NA_TCB_QUERIES;
+    }
+};
+constexpr int na_tcb_key_rows_bytes =
+    (na_tcb_key_tile + na_tcb_value_tile + NA_TCB_QUERY_STAGES * na_tcb_slab_rows) *
+        (int)sizeof(elem_t) +
+    NA_TCB_QUERY_STAGES * NA_TCB_QUERIES * (int)sizeof(NaStat);
+
+// Add to `grads` the terms of query head h's rows in box `tl` (its columns): d_value += P^T dO,
+// d_key += dS^T Q (unscaled). `biased`: whether the logits take the bias (rows are keys of the
+// window). Every thread of the block calls it, after the tile's rows were staged (not yet
+// committed, or published); it ends with a barrier after every read of the tile and the ring.
+__device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
+                                                     const NaTcTile& tl, const NaTcRow rows[2],
+                                                     bool biased, long long b, long long h,
+                                                     const NaKeyRowsShared& shared,
+                                                     NaKeyTileGrads& grads) {
+    constexpr int BLOCKS = NA_TCB_QUERIES / 8, STAGES = NA_TCB_QUERY_STAGES;
+    const NaFusedParams& f = p.f;
+    // Logits scaled by na_logits whatever the problem, as the mma.sync kernels below.
+    const NaExponent exponent = {false, NA_LOG2E, 1.0f};
+    const int t = threadIdx.x % 4;
+    const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
+    NaSlab next = na_first_slab<NA_TCB_QUERIES>(tl, true, 0);  // slab j + 1
+    // The slabs' copies, one group each (an empty one past the last), slab i into buffer
+    // i % STAGES: slabs 0 .. STAGES - 3 first (the tile's rows in the first group), then one
+    // after each barrier into the buffer of the slab whose products were waited for before it
+    // (so that at slab j's barrier slabs up to j + STAGES - 2 have been issued, and slab j + 1
+    // is waited for).
+    NaSlab copied = next;
+    long long left = count;
+    int copy_buffer = 0;
+    auto copy_next = [&] {
+        if (left > 0) {
+            na_stage_query_slab<true>(p, tl, copied, b, h, shared.queries(copy_buffer),
+                                      shared.d_outs(copy_buffer), shared.stats(copy_buffer));
+            copied = na_next_slab<NA_TCB_QUERIES>(tl, copied, 0);
+            --left;
+        }
+        na_copies_commit();
+        copy_buffer = na_ring_next<STAGES>(copy_buffer);
+    };
+#pragma unroll 1
+    for (int i = 0; i < STAGES - 2; ++i) {
+        copy_next();
+    }
+
+    unsigned probs_a[NA_TCB_QUERIES / 16][4];  // slab j's P^T, as A fragments
+    unsigned grads_a[NA_TCB_QUERIES / 16][4];  // and its dS^T
+    bool grads_run = false;                    // whether slab j's gradient products run
+    int buffer = 0, last = 0;                  // slab j + 1's buffer, and slab j's
+    for (long long j = -1; j < count; ++j) {
+        const bool has_next = j + 1 < count;
+        // The mask built for every slab, as the mma.sync kernels build it.
+        const unsigned seen = has_next ? na_slab_mask<BLOCKS>(tl, next, rows, t) : 0u;
+        na_copies_wait_groups<STAGES - 3>();
+        na_async_proxy_fence();
+        // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the compiler
+        // knows it is warp-uniform (as na_publish_slab).
+        const bool logits_run = __any_sync(0xffffffffu, __syncthreads_count(seen != 0) != 0);
+        copy_next();
+
+        // S^T and dP^T of slab j + 1 (one group), then slab j's gradient products.
+        float logits[BLOCKS][4], dp[BLOCKS][4];
+        na_zero<BLOCKS>(logits);
+        na_zero<BLOCKS>(dp);
+        if (logits_run) {
+            na_wgmma_fence();
+            na_issue_row_products<NA_DIM, NA_TCB_QUERIES>(logits, shared.keys(),
+                                                          shared.queries(buffer));
+            na_issue_row_products<NA_DIM_V, NA_TCB_QUERIES>(dp, shared.values(),
+                                                            shared.d_outs(buffer));
+        }
+        na_wgmma_commit();
+        if (grads_run) {
+            na_wgmma_fence();
+#pragma unroll
+            for (int k = 0; k < NA_TCB_QUERIES / 16; ++k) {
+                na_wgmma<8 * NA_TCB_BLOCKS_V, 1>(&grads.d_value[0][0], probs_a[k],
+                                                 na_row_step<NA_DIM_V>(shared.d_outs(last), k), 1);
+                na_wgmma<8 * NA_TCB_BLOCKS, 1>(&grads.d_key[0][0], grads_a[k],
+                                               na_row_step<NA_DIM>(shared.queries(last), k), 1);
+            }
+        }
+        na_wgmma_commit();
+
+        // The gradient products done: their A fragments may be rewritten (held until then, so
+        // that the compiler does not reuse their registers earlier).
+        auto grads_done = [&] {
+            na_wgmma_wait<0>();
+            na_hold_registers<4 * NA_TCB_BLOCKS>(&grads.d_key[0][0]);
+            na_hold_registers<4 * NA_TCB_BLOCKS_V>(&grads.d_value[0][0]);
+            na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&probs_a[0][0]);
+            na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&grads_a[0][0]);
+        };
+        if (NA_TCB_KEY_OVERLAP) {
+            na_wgmma_wait<1>();
+        } else {
+            grads_done();
+        }
+        if (logits_run) {
+            na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+            na_hold_registers<4 * BLOCKS>(&dp[0][0]);
+            na_logits<BLOCKS, true>(logits, seen, exponent, f, h, tl, next, rows, biased, t);
+            const NaStat* stats = shared.stats(buffer);
+            na_logit_grads<BLOCKS>(logits, dp, exponent.factor, [&](int kb, int i) {
+                return stats[8 * kb + 2 * t + i % 2];
+            });
+        }
+        if (NA_TCB_KEY_OVERLAP) {
+            grads_done();
+        }
+        if (logits_run) {
+            na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+            na_hold_registers<4 * BLOCKS>(&dp[0][0]);
+#pragma unroll
+            for (int k = 0; k < NA_TCB_QUERIES / 16; ++k) {
+                na_pack_a_fragment(probs_a[k], logits[2 * k], logits[2 * k + 1]);
+                na_pack_a_fragment(grads_a[k], dp[2 * k], dp[2 * k + 1]);
+            }
+        }
+        grads_run = logits_run;
+        last = buffer;
+        buffer = na_ring_next<STAGES>(buffer);
+        if (has_next) {
+            next = na_next_slab<NA_TCB_QUERIES>(tl, next, 0);
+        }
+    }
+    __syncthreads();  // every read of the tile and the ring done
+}
+#else
+// The shared memory of the mma.sync key-row kernels: the tile's own key and value rows, and
+// NA_QUERY_SLABS buffers of a slab's query and output gradient rows with their statistics.
 struct NaKeyTile {
     elem_t keys[NA_TC_ROWS][NA_TCB_PITCH];
     elem_t values[NA_TC_ROWS][NA_TCB_PITCH_V];
@@ -599,35 +828,23 @@ struct NaQuerySlab {
 // Query slab buffers: two where they fit beside the tile in 48 KiB of static shared memory (the
 // next slab is copied while this one's products run), else one (it is copied after them).
 constexpr int NA_QUERY_SLABS = sizeof(NaKeyTile) + 2 * sizeof(NaQuerySlab) <= 48 * 1024 ? 2 : 1;
+struct NaKeyRowsShared {
+    __align__(16) NaKeyTile tile;
+    __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
 
-// A key-row tile's gradients: this lane's share (C layout) of rows g and g + 8 of its warp.
-struct NaKeyTileGrads {
-    float d_key[NA_DIM / 8][4];
-    float d_value[NA_DIM_V / 8][4];
-
-    __device__ __forceinline__ void zero() {
-        na_zero<NA_DIM / 8>(d_key);
-        na_zero<NA_DIM_V / 8>(d_value);
-    }
+    __device__ __forceinline__ elem_t* keys() { return tile.keys[0]; }
+    __device__ __forceinline__ elem_t* values() { return tile.values[0]; }
 };
 
-// Stage the tile's own key and value rows: row n from `row_of(n, ptrs, steps)`, as
-// na_stage_pairs takes it (the last task's reads of them ended at its last slab's closing
-// barrier; the first slab's publishes them).
-template <class RowOf>
-__device__ __forceinline__ void na_stage_key_tile(NaKeyTile& tile, RowOf&& row_of) {
-    na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V>(tile.keys[0], tile.values[0], row_of);
-}
-
 // Add to `grads` the terms of query head h's rows in box `tl` (its columns), a slab at a time
-// through the NA_QUERY_SLABS buffers of `slabs`: d_value += P^T dO, d_key += dS^T Q (unscaled).
+// through the NA_QUERY_SLABS buffers of `shared`: d_value += P^T dO, d_key += dS^T Q (unscaled).
 // `biased`: whether the logits take the bias (rows are keys of the window). Every thread of the
 // block calls it, after the tile's rows were staged; it ends with a barrier after every read of
 // the tile and the buffers.
 __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                      const NaTcTile& tl, const NaTcRow rows[2],
                                                      bool biased, long long b, long long h,
-                                                     const NaKeyTile& tile, NaQuerySlab* slabs,
+                                                     NaKeyRowsShared& shared,
                                                      NaKeyTileGrads& grads) {
     constexpr int BLOCKS = NA_TCB_QUERIES / 8;
     const NaFusedParams& f = p.f;
@@ -637,30 +854,9 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
     const NaExponent exponent = {false, NA_LOG2E, 1.0f};
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    // Start staging a slab's queries and output gradients into `slab`, and store their rows'
-    // statistics (after a barrier that ends the reads of what was there).
+    NaQuerySlab* const slabs = shared.slabs;
     auto stage = [&](const NaSlab& s, NaQuerySlab& slab) {
-        na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V>(
-            slab.queries[0], slab.d_outs[0], [&](int n, const elem_t* src[2], long long step[2]) {
-                int c[3];
-                if (!na_column(tl, s, n, c)) {
-                    return;
-                }
-                src[0] = na_tile_row_ptr(f, tl, f.query, b, h, c);
-                src[1] = na_tile_row_ptr(f, tl, p.d_out, b, h, c);
-                step[0] = f.query.stride[5];
-                step[1] = p.d_out.stride[5];
-            });
-        for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
-            slab.stats[n] = {0, 0};
-            int c[3];
-            if (na_column(tl, s, n, c)) {
-                long long x[3];
-                na_tile_positions(f, tl, c, x);
-                const long long row = na_query_row(f, b, h, x);
-                slab.stats[n] = na_stat(na_stats(p)[2 * row], na_stats(p)[2 * row + 1]);
-            }
-        }
+        na_stage_query_slab<false>(p, tl, s, b, h, slab.queries[0], slab.d_outs[0], slab.stats);
     };
     auto after = [&](const NaSlab& s) { return na_next_slab<NA_TCB_QUERIES>(tl, s, 0); };
     const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
@@ -681,8 +877,8 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
         const unsigned seen = na_slab_mask<BLOCKS>(tl, s, rows, t);
         const unsigned live = __reduce_or_sync(0xffffffffu, seen);
         if (live != 0) {  // warp-uniform
-            const elem_t* own_key = tile.keys[16 * warp + g];
-            const elem_t* own_value = tile.values[16 * warp + g];
+            const elem_t* own_key = shared.tile.keys[16 * warp + g];
+            const elem_t* own_value = shared.tile.values[16 * warp + g];
             // S^T = K Q^T, then the logits.
             float probs[BLOCKS][4];
             {
@@ -723,6 +919,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
         __syncthreads();  // every warp's reads of the last slab done
     }
 }
+#endif
 
 // Store a key-row tile's gradients: d_key (scaled) at `at_key[r]` of `d_key`, d_value at
 // `at_value[r]` of `d_value`, for this lane's rows that exist.
@@ -739,8 +936,8 @@ __device__ __forceinline__ void na_store_key_tile(const NaView& d_key, const lon
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS)
     na_fused_backward_keys_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
-    __shared__ __align__(16) NaKeyTile tile;
-    __shared__ __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
+    // (The kernel's own, not an inline function's: kernels/host.h.)
+    __shared__ NaKeyRowsShared shared;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
@@ -769,12 +966,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
         }
         na_cut_box<NA_TCB_QUERIES>(tl);
         // The tile's keys and values, row n as na_tile_rows numbers them.
-        na_stage_tile_rows<NA_DIM, NA_DIM_V>(f, tl, b, hk, f.key, f.value, tile.keys[0],
-                                             tile.values[0]);
+        na_stage_tile_rows<NA_DIM, NA_DIM_V, NA_TCB_WGMMA>(f, tl, b, hk, f.key, f.value,
+                                                           shared.keys(), shared.values());
         NaKeyTileGrads grads;
         grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
-            na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, tile, slabs, grads);
+            na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, shared, grads);
         }
         long long at_key[2], at_value[2];
 #pragma unroll
@@ -793,8 +990,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS)
     na_fused_backward_extras_tc(const NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
-    __shared__ __align__(16) NaKeyTile tile;
-    __shared__ __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
+    __shared__ NaKeyRowsShared shared;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long heads_kv = f.heads / f.group;
@@ -815,15 +1011,18 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                 rows[r].end[a] = 0x7fffffff;
             }
         }
-        na_stage_key_tile(tile, [&](int n, const elem_t* src[2], long long step[2]) {
-            if (first + n >= f.extra_count) {
-                return;
-            }
-            src[0] = na_row_ptr(f.extra_key, b, hk, first + n, 0, 0);
-            src[1] = na_row_ptr(f.extra_value, b, hk, first + n, 0, 0);
-            step[0] = f.extra_key.stride[5];
-            step[1] = f.extra_value.stride[5];
-        });
+        // The tile's additional keys and values (the last task's reads of them ended at its
+        // last slab's closing barrier).
+        na_stage_pairs<NA_TC_ROWS, NA_DIM, NA_DIM_V, NA_TCB_WGMMA>(
+            shared.keys(), shared.values(), [&](int n, const elem_t* src[2], long long step[2]) {
+                if (first + n >= f.extra_count) {
+                    return;
+                }
+                src[0] = na_row_ptr(f.extra_key, b, hk, first + n, 0, 0);
+                src[1] = na_row_ptr(f.extra_value, b, hk, first + n, 0, 0);
+                step[0] = f.extra_key.stride[5];
+                step[1] = f.extra_value.stride[5];
+            });
         NaKeyTileGrads grads;
         grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
@@ -839,7 +1038,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                     tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
                 }
                 na_cut_box<NA_TCB_QUERIES>(tl);
-                na_key_rows_over_box(p, tl, rows, false, b, h, tile, slabs, grads);
+                na_key_rows_over_box(p, tl, rows, false, b, h, shared, grads);
             }
         }
         long long at_key[2], at_value[2];
@@ -854,6 +1053,10 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
         na_copies_wait();  // copies a task without slabs issued must not land in the next's
     }
 }
+#if NA_TCB_WGMMA
+NA_DYNAMIC_SHARED(na_fused_backward_keys_tc, na_tcb_key_rows_bytes)
+NA_DYNAMIC_SHARED(na_fused_backward_extras_tc, na_tcb_key_rows_bytes)
+#endif
 
 // First pass of d_rpb from the tile sums: per block, 32 entries (a warp's lanes, coalesced) of
 // one slice of one head, the block's warps taking every WARPS-th row of the slice, then the

@@ -394,24 +394,35 @@ __device__ __forceinline__ void na_wgmma(float d[N / 2], const unsigned a[4],
 
 // d = A B (+ d where `accumulate`) with A (64 x 16) K-major in shared memory too (its
 // descriptor's rows the warpgroup's: warp w % 4 takes rows 16 (w % 4) .. 16 (w % 4) + 15 of D),
-// for N 64.
+// for N 32 or 64.
 template <int N, int TRANSPOSE_B>
 __device__ __forceinline__ void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a,
                                             const NaSmemMatrix& m, int accumulate) {
-    static_assert(N == 64, "shared-memory A products here: 64 wide");
+    static_assert(N == 32 || N == 64, "shared-memory A products here: 32 or 64 wide");
     const unsigned long long a_desc = na_matrix_descriptor(
         (unsigned)__cvta_generic_to_shared(a.base), a.offset, a.leading, a.stride);
     const unsigned long long b = na_matrix_descriptor(
         (unsigned)__cvta_generic_to_shared(m.base), m.offset, m.leading, m.stride);
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-        "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
-        : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24)
-        : "l"(a_desc), "l"(b), "r"(accumulate), "n"(TRANSPOSE_B)
-        : "memory");
+    if constexpr (N == 32) {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n32k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+            "}, %16, %17, p, 1, 1, 0, %19;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8)
+            : "l"(a_desc), "l"(b), "r"(accumulate), "n"(TRANSPOSE_B)
+            : "memory");
+    } else {
+        asm volatile(
+            "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+            "wgmma.mma_async.sync.aligned.m64n64k16.f32." NA_MMA_TYPE "." NA_MMA_TYPE " {"
+            "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+            "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+            "}, %32, %33, p, 1, 1, 0, %35;\n}\n"
+            : NA_WGMMA_D8(0), NA_WGMMA_D8(8), NA_WGMMA_D8(16), NA_WGMMA_D8(24)
+            : "l"(a_desc), "l"(b), "r"(accumulate), "n"(TRANSPOSE_B)
+            : "memory");
+    }
 }
 #undef NA_WGMMA_D8
 

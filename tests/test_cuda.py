@@ -354,7 +354,7 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monk
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
-    # NATTEN_RS_WGMMA=1: the d_query kernel's warpgroup products on sm_90a.
+    # NATTEN_RS_WGMMA=1: the backward tile kernels' warpgroup products on sm_90a.
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     check_fused_backward(case, dtype, "cuda")
 

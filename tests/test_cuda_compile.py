@@ -42,6 +42,13 @@ TENSOR_CORE_KERNELS = {
     ),
 }
 HALF_DTYPES = ("float16", "bfloat16")
+# The tensor-core kernels that take warpgroup products (wgmma) on sm_90a where asked to.
+WARPGROUP_KERNELS = (
+    "na_fused_forward_tc",
+    "na_fused_backward_query_tc",
+    "na_fused_backward_keys_tc",
+    "na_fused_backward_extras_tc",
+)
 
 if torch.version.cuda is None:
     pytest.skip("a CPU-only torch build brings no libnvrtc", allow_module_level=True)
@@ -97,20 +104,20 @@ def _shared_bytes(log: str, function: str) -> int:
 
 
 def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
-    # The warpgroup variants (NATTEN_RS_WGMMA=1) of the forward and of the backward's d_query
-    # kernel stage their slabs in a ring of dynamic shared memory, whose size the host reads
-    # from the `_dynamic_shared` array's (in the report's global memory), where the target has
+    # The warpgroup variants (NATTEN_RS_WGMMA=1) of the forward and of the backward's query and
+    # key-row kernels stage their rows in dynamic shared memory, whose size the host reads from
+    # the `_dynamic_shared` array's (in the report's global memory), where the target has
     # wgmma (sm_90a); elsewhere they are the mma.sync kernels, whose static shared memory does
     # not depend on it.
     warpgroup = [name for name in logs if ", wgmma]" in name]
     kernels = {name.split("/")[-1] for name in warpgroup}
-    assert kernels >= {"na_fused_forward_tc", "na_fused_backward_query_tc"}, kernels
+    assert kernels >= set(WARPGROUP_KERNELS), kernels
     assert len([n for n in warpgroup if n.endswith("/na_fused_forward_tc")]) == 6, warpgroup
     for name in warpgroup:
         twin = name.replace(", wgmma]", "]")
         function = name.split("/")[-1]
         shared, twin_shared = (_shared_bytes(logs[n], function) for n in (name, twin))
-        if arch == "sm_90a" and function in ("na_fused_forward_tc", "na_fused_backward_query_tc"):
+        if arch == "sm_90a" and function in WARPGROUP_KERNELS:
             assert shared < twin_shared, logs[name]
             assert re.search(r"[1-9]\d* bytes gmem", logs[name]), logs[name]
         else:
@@ -139,9 +146,9 @@ def _symbol_sizes(image: bytes) -> dict[str, int]:
 def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
     # The runtime launches a kernel with as much dynamic shared memory as the size of its
     # `<kernel>_dynamic_shared` array (NA_DYNAMIC_SHARED): every warpgroup variant of the forward
-    # and d_query kernels defines one on sm_90a (their rings: more than static arrays may take at
-    # head dims 128, at most what a block may take), and no kernel does elsewhere.
-    sizes = {"na_fused_forward_tc": [], "na_fused_backward_query_tc": []}
+    # and backward tile kernels defines one on sm_90a (their rings: more than static arrays may
+    # take at head dims 128, at most what a block may take), and no kernel does elsewhere.
+    sizes = {kernel: [] for kernel in WARPGROUP_KERNELS}
     for entry in cache_dir.glob("*.cubin"):
         data = entry.read_bytes()
         symbols = _symbol_sizes(data[data.index(b"\x7fELF") :])

@@ -137,8 +137,8 @@ def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, k
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
-    # NATTEN_RS_WGMMA=1: the backward's d_query kernel takes warpgroup products, both factors of
-    # its logits and dP from shared memory.
+    # NATTEN_RS_WGMMA=1: the backward's d_query and key-row kernels take warpgroup products,
+    # both factors of their logits and dP from shared memory.
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     check_fused_backward(case, dtype, "cpu", kernels)
 

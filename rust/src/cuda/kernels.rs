@@ -279,9 +279,9 @@ pub struct KernelKey {
     pub stride: [usize; 3],
     /// Head dims `(D, Dv)` of the fused source; `(0, 0)` for the unfused ones.
     pub dims: (usize, usize),
-    /// Whether the tensor-core forward, or the tensor-core backward's d_query kernel, takes
-    /// warpgroup products (wgmma) where its target has them (`wgmma_for`); false for every
-    /// other source.
+    /// Whether the tensor-core forward, or the tensor-core backward's tile kernels (d_query,
+    /// and d_key with d_value), take warpgroup products (wgmma) where their target has them
+    /// (`wgmma_for`); false for every other source.
     pub wgmma: bool,
     /// Whether the fused tensor-core sources' problem guarantees dense, 16-byte aligned rows
     /// (`FusedProblem::rows_dense`), so that their staging compiles 16-byte copies alone; false
@@ -306,7 +306,7 @@ pub fn wgmma_for(source: Source, dims: (usize, usize)) -> bool {
 }
 
 /// Whether variants of `source` with head dims `dims` have warpgroup products to take: the
-/// tensor-core forward and the tensor-core backward's d_query kernel, up to `MAX_WGMMA_DIM`.
+/// tensor-core forward and the tensor-core backward's tile kernels, up to `MAX_WGMMA_DIM`.
 fn wgmma_applies(source: Source, dims: (usize, usize)) -> bool {
     matches!(source, Source::FusedTc | Source::FusedBwdTc) && dims.0.max(dims.1) <= MAX_WGMMA_DIM
 }
@@ -697,7 +697,7 @@ mod tests {
             assert_eq!(warps_flag(&k), Some(warps.to_string()));
         }
         // The other tensor-core kernels keep the kernels' own four warps, the backward's
-        // warpgroup d_query kernel included.
+        // warpgroup kernels included.
         for wgmma in [false, true] {
             let backward = key(Source::FusedBwdTc, wgmma, (128, 128));
             assert_eq!(
