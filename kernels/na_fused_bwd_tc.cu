@@ -316,6 +316,25 @@ __device__ __forceinline__ NaSmemMatrix na_row_step(const elem_t* rows, int k) {
     return {rows, 2 * group * k, group, 128};
 }
 
+// The waits of a pipelined slab's two groups of products, issued in this order: the next slab's
+// logits (and dP), then this slab's weighted rows. With OVERLAP, `logits_done` runs as soon as
+// the first group is done, while the second runs, and `rows_done` once that is done; without,
+// both groups are waited for first (so that the registers of both are not live at once).
+template <bool OVERLAP, class LogitsDone, class RowsDone>
+__device__ __forceinline__ void na_wait_slab_products(LogitsDone&& logits_done,
+                                                      RowsDone&& rows_done) {
+    if (OVERLAP) {
+        na_wgmma_wait<1>();
+        logits_done();
+        na_wgmma_wait<0>();
+        rows_done();
+    } else {
+        na_wgmma_wait<0>();
+        rows_done();
+        logits_done();
+    }
+}
+
 // The d_query kernel on warpgroup products, software-pipelined as the warpgroup forward
 // (na_fused_tc.cu): the tile's query and output gradient rows sit in shared memory (both
 // factors of the logits' and dP's products come from there), each slab's values then keys are
@@ -414,24 +433,28 @@ __device__ __forceinline__ void na_query_tile_grads(
         }
         na_wgmma_commit();
 
-        na_wgmma_wait<1>();
-        if (logits_run) {
-            na_hold_registers<4 * BLOCKS>(&logits[0][0]);
-            na_hold_registers<4 * BLOCKS>(&grads[0][0]);
-            na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
-                                     f.has_bias != 0, t);
-            na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
-                                   [&](int, int i) { return stats[i / 2]; });
-            if (wants_bias_grads) {
-                bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
-                                       rows, t);
-            }
-        }
-        na_wgmma_wait<0>();
-        // The d_query product done: its A fragments may be rewritten (held until here, so
-        // that the compiler does not reuse their registers earlier).
-        na_hold_registers<4 * NA_TCB_BLOCKS>(&d_query[0][0]);
-        na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
+        na_wait_slab_products<true>(
+            [&] {
+                if (!logits_run) {
+                    return;
+                }
+                na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+                na_hold_registers<4 * BLOCKS>(&grads[0][0]);
+                na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
+                                         f.has_bias != 0, t);
+                na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
+                                       [&](int, int i) { return stats[i / 2]; });
+                if (wants_bias_grads) {
+                    bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
+                                           rows, t);
+                }
+            },
+            [&] {
+                // The d_query product done: its A fragments may be rewritten (held until
+                // here, so that the compiler does not reuse their registers earlier).
+                na_hold_registers<4 * NA_TCB_BLOCKS>(&d_query[0][0]);
+                na_hold_registers<4 * (NA_TCB_KEYS / 16)>(&grads_a[0][0]);
+            });
         if (logits_run) {
             na_hold_registers<4 * BLOCKS>(&grads[0][0]);
 #pragma unroll
@@ -769,32 +792,27 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
         }
         na_wgmma_commit();
 
-        // The gradient products done: their A fragments may be rewritten (held until then, so
-        // that the compiler does not reuse their registers earlier).
-        auto grads_done = [&] {
-            na_wgmma_wait<0>();
-            na_hold_registers<4 * NA_TCB_BLOCKS>(&grads.d_key[0][0]);
-            na_hold_registers<4 * NA_TCB_BLOCKS_V>(&grads.d_value[0][0]);
-            na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&probs_a[0][0]);
-            na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&grads_a[0][0]);
-        };
-        if (NA_TCB_KEY_OVERLAP) {
-            na_wgmma_wait<1>();
-        } else {
-            grads_done();
-        }
-        if (logits_run) {
-            na_hold_registers<4 * BLOCKS>(&logits[0][0]);
-            na_hold_registers<4 * BLOCKS>(&dp[0][0]);
-            na_logits<BLOCKS, true>(logits, seen, exponent, f, h, tl, next, rows, biased, t);
-            const NaStat* stats = shared.stats(buffer);
-            na_logit_grads<BLOCKS>(logits, dp, exponent.factor, [&](int kb, int i) {
-                return stats[8 * kb + 2 * t + i % 2];
+        na_wait_slab_products<NA_TCB_KEY_OVERLAP>(
+            [&] {
+                if (!logits_run) {
+                    return;
+                }
+                na_hold_registers<4 * BLOCKS>(&logits[0][0]);
+                na_hold_registers<4 * BLOCKS>(&dp[0][0]);
+                na_logits<BLOCKS, true>(logits, seen, exponent, f, h, tl, next, rows, biased, t);
+                const NaStat* stats = shared.stats(buffer);
+                na_logit_grads<BLOCKS>(logits, dp, exponent.factor, [&](int kb, int i) {
+                    return stats[8 * kb + 2 * t + i % 2];
+                });
+            },
+            [&] {
+                // The gradient products done: their A fragments may be rewritten (held until
+                // here, so that the compiler does not reuse their registers earlier).
+                na_hold_registers<4 * NA_TCB_BLOCKS>(&grads.d_key[0][0]);
+                na_hold_registers<4 * NA_TCB_BLOCKS_V>(&grads.d_value[0][0]);
+                na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&probs_a[0][0]);
+                na_hold_registers<4 * (NA_TCB_QUERIES / 16)>(&grads_a[0][0]);
             });
-        }
-        if (NA_TCB_KEY_OVERLAP) {
-            grads_done();
-        }
         if (logits_run) {
             na_hold_registers<4 * BLOCKS>(&logits[0][0]);
             na_hold_registers<4 * BLOCKS>(&dp[0][0]);

@@ -112,7 +112,9 @@ def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
     warpgroup = [name for name in logs if ", wgmma]" in name]
     kernels = {name.split("/")[-1] for name in warpgroup}
     assert kernels >= set(WARPGROUP_KERNELS), kernels
-    assert len([n for n in warpgroup if n.endswith("/na_fused_forward_tc")]) == 6, warpgroup
+    # Three head dims of each half type, two of them with a bias as well.
+    assert len([n for n in warpgroup if n.endswith("/na_fused_forward_tc")]) == 10, warpgroup
+    assert len([n for n in warpgroup if n.endswith("/na_fused_forward_tc") and ", rpb" in n]) == 4
     for name in warpgroup:
         twin = name.replace(", wgmma]", "]")
         function = name.split("/")[-1]

@@ -576,14 +576,22 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     dense_rows: source.stages_dense_rows(),
                     biased: false,
                 };
-                keys.push(key);
                 // With a bias as well, where one may be given (odd kernels, stride 1).
                 let may_be_biased = kernel.iter().all(|k| k % 2 == 1) && stride == [1; 3];
-                if source.specialises_bias() && may_be_biased {
-                    keys.push(KernelKey {
-                        biased: true,
-                        ..key
-                    });
+                let biases: &[bool] = if source.specialises_bias() && may_be_biased {
+                    &[false, true]
+                } else {
+                    &[false]
+                };
+                for &biased in biases {
+                    let key = KernelKey { biased, ..key };
+                    keys.push(key);
+                    // The warpgroup products as well, where they apply (head dims up to 128):
+                    // the shapes at 32/32, 128/96 and 24/40 (padded to 16) cover their paths;
+                    // 64/64 would only add compile time.
+                    if wgmma_applies(source, dims) && dims != (64, 64) {
+                        keys.push(KernelKey { wgmma: true, ..key });
+                    }
                 }
                 // The tensor-core kernels of other layouts (element-by-element copies beside the
                 // 16-byte ones), once per dtype.
@@ -592,12 +600,6 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                         dense_rows: false,
                         ..key
                     });
-                }
-                // The warpgroup products as well, where they apply (head dims up to 128): the
-                // shapes at 32/32, 128/96 and 24/40 (padded to 16) cover their paths; 64/64
-                // would only add compile time.
-                if wgmma_applies(source, dims) && dims != (64, 64) {
-                    keys.push(KernelKey { wgmma: true, ..key });
                 }
             }
         }
