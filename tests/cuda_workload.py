@@ -4,7 +4,8 @@
 ``--tool racecheck``) checks the CUDA kernels: the unfused ops forward and backward (rpb,
 causal, dilation, a strided input; with additional tokens, and without them, which half types
 take on tensor cores) and the fused forward and backward (GQA,
-stride, additional tokens, rpb, head dims that differ), at ranks 1-3, in every dtype. test_cuda.py runs
+stride, additional tokens, rpb, head dims that differ; the half types on warpgroup products as
+well), at ranks 1-3, in every dtype. test_cuda.py runs
 it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
 same calls on the CPU, so CI keeps the script itself working.
 """
@@ -12,6 +13,7 @@ same calls on the CPU, so CI keeps the script itself working.
 from __future__ import annotations
 
 import argparse
+import os
 
 import natten_rs
 import natten_rs.functional as F
@@ -75,7 +77,24 @@ def unfused_window_only(spatial, kernel, dilation, causal, dtype, device) -> Non
     unfused(spatial, kernel, dilation, causal, dtype, device, extra=False)
 
 
-WORKLOADS = (unfused, unfused_window_only, fused)
+def fused_on_warpgroups(spatial, kernel, dilation, causal, dtype, device) -> None:
+    """`fused` with NATTEN_RS_WGMMA=1, for the half types (on sm_90a, the tensor-core kernels on
+    warpgroup products, with their rings in dynamic shared memory; elsewhere the kernels of
+    `fused` again)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    before = os.environ.get("NATTEN_RS_WGMMA")
+    os.environ["NATTEN_RS_WGMMA"] = "1"
+    try:
+        fused(spatial, kernel, dilation, causal, dtype, device)
+    finally:
+        if before is None:
+            del os.environ["NATTEN_RS_WGMMA"]
+        else:
+            os.environ["NATTEN_RS_WGMMA"] = before
+
+
+WORKLOADS = (unfused, unfused_window_only, fused, fused_on_warpgroups)
 # Calls `run` makes: every workload on every problem in every dtype.
 RUNS = len(WORKLOADS) * len(PROBLEMS) * len(DTYPES)
 
