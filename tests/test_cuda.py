@@ -323,7 +323,8 @@ TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_C
 
 # Problems for the tensor-core backward (half types, head dims multiples of 8 up to 128; wider
 # ones take the warp kernels) beyond the tensor-core forward's: key tiles whose box of queries
-# spans several slabs, in both slab widths (32 queries up to head dim 64, 16 past it); stride
+# spans several slabs, in every slab width (on mma.sync 32 queries up to head dim 64, 16 past
+# it; on warpgroup products 64 up to head dim 32, 32 past it); stride
 # with causal and GQA at head dims 128/96; a 1-D problem with dilation, stride and MQA at head
 # dims 64/128 with extras; dilation with rpb on a causal 3-D problem.
 TENSOR_CORE_BACKWARD_CASES = [
