@@ -725,7 +725,17 @@ __device__ __forceinline__ void na_copy16_async(elem_t* dst, const elem_t* src) 
 #endif
 }
 
-// Wait for every copy this thread has issued (na_copy16_async).
+// Eight bytes from `src` to `dst` (both 8-byte aligned), asynchronously, as na_copy16_async.
+__device__ __forceinline__ void na_copy8_async(void* dst, const void* src) {
+#ifdef NA_HOST
+    na_host::copy_async(dst, src, 8);
+#else
+    const unsigned address = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(address), "l"(src) : "memory");
+#endif
+}
+
+// Wait for every copy this thread has issued (na_copy16_async, na_copy8_async).
 __device__ __forceinline__ void na_copies_wait() {
 #ifdef NA_HOST
     na_host::wait_copies();

@@ -106,6 +106,7 @@ struct Barrier {
 struct PendingCopy {
     void* dst;
     unsigned char bytes[16];
+    unsigned size;  // bytes: 16, or 8
     unsigned long long group;
 };
 
@@ -271,8 +272,8 @@ inline void sync_warpgroup() {
 // cp.async on the host: a copy completes as late as the GPU allows, at the issuing thread's
 // next wait, and its destination reads as all ones (a NaN in either half type) until then, so a
 // read that comes before its wait (or, from another thread, before the barrier after that wait)
-// sees NaNs instead of passing by luck. `src` null brings zeros.
-inline void copy_async(void* dst, const void* src) {
+// sees NaNs instead of passing by luck. `src` null brings zeros. Copies take 16 bytes, or `size`.
+inline void copy_async(void* dst, const void* src, unsigned size = 16) {
     Fiber& f = block->fibers[block->current];
     if (f.pending == f.capacity) {
         f.capacity = f.capacity == 0 ? 64 : 2 * f.capacity;
@@ -280,20 +281,21 @@ inline void copy_async(void* dst, const void* src) {
     }
     PendingCopy& c = f.copies[f.pending++];
     c.dst = dst;
+    c.size = size;
     c.group = f.committed;
     if (src != nullptr) {
-        memcpy(c.bytes, src, 16);
+        memcpy(c.bytes, src, size);
     } else {
-        memset(c.bytes, 0, 16);
+        memset(c.bytes, 0, size);
     }
-    memset(dst, 0xff, 16);
+    memset(dst, 0xff, size);
 }
 
 // Complete every copy this thread has issued.
 inline void wait_copies() {
     Fiber& f = block->fibers[block->current];
     for (unsigned i = 0; i < f.pending; ++i) {
-        memcpy(f.copies[i].dst, f.copies[i].bytes, 16);
+        memcpy(f.copies[i].dst, f.copies[i].bytes, f.copies[i].size);
     }
     f.pending = 0;
 }
@@ -308,7 +310,7 @@ inline void wait_copy_groups(unsigned long long newest) {
     unsigned kept = 0;
     for (unsigned i = 0; i < f.pending; ++i) {
         if (f.copies[i].group + newest < f.committed) {
-            memcpy(f.copies[i].dst, f.copies[i].bytes, 16);
+            memcpy(f.copies[i].dst, f.copies[i].bytes, f.copies[i].size);
         } else {
             f.copies[kept++] = f.copies[i];
         }

@@ -76,16 +76,25 @@ __device__ __forceinline__ void na_store_rows(const NaView& v, const long long o
 }
 
 // A query row's statistics, as the logits' gradients take them: the exponent (base 2) offset
-// of its probabilities, -lse log2 e (-inf for a row that saw no key, lse -inf), and
-// delta = d_out . out - d_lse.
+// of its probabilities, -lse log2 e (+inf for a row that saw no key, lse -inf: na_logit_grads
+// gives it no probabilities), and delta = d_out . out - d_lse.
 struct NaStat {
     float offset;
     float delta;
 };
 
 __device__ __forceinline__ NaStat na_stat(float lse, float delta) {
-    return {lse == neg_inf() ? neg_inf() : -lse * NA_LOG2E, delta};
+    return {-lse * NA_LOG2E, delta};
 }
+
+// A query row's statistics as the d_query kernel leaves them in the scratch (na_stats: lse, then
+// delta), which the key-row kernels stage as they are and turn into a NaStat where they use them.
+struct NaRowStats {
+    float lse;
+    float delta;
+
+    __device__ __forceinline__ NaStat stat() const { return na_stat(lse, delta); }
+};
 
 // dS = P (dP - delta) in place of dP, with P = exp(logit - lse) in place of the logits as
 // na_logits leaves them (in units of which `factor` is the base-2 exponent: NaExponent); P is 0
@@ -102,7 +111,7 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
             // (The test of -inf is for the register allocator: without it, the key kernels'
             // gradients spill at head dim 128 on sm_80. 2^-inf is 0 either way.)
             const float l = probs[kb][i];
-            const bool none = l == neg_inf() || q.offset == neg_inf();
+            const bool none = l == neg_inf() || q.offset == -neg_inf();
             const float prob = none ? 0.0f : na_exp2(fmaf(l, factor, q.offset));
             probs[kb][i] = prob;
             dp[kb][i] = prob * (dp[kb][i] - q.delta);
@@ -636,15 +645,16 @@ NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
 // tile's key and value rows are staged once, each slab's query and output gradient rows (and its
 // queries' statistics) in turn.
 
-// The statistics of slab `s`'s queries (as the d_query kernel left them in the scratch) into
-// `stats`, and the start of the copies of their query and output gradient rows into `queries`
-// and `d_outs` (laid out as NaStaged<., CORE_MATRICES>; columns that do not exist as zeros).
-// Every thread of the block calls it, after a barrier that ends the reads of what it overwrites.
+// Start staging slab `s`'s query and output gradient rows into `queries` and `d_outs` (laid out
+// as NaStaged<., CORE_MATRICES>) and its queries' statistics into `stats`, all asynchronously
+// (a load of the statistics would hold the thread up until it arrived); columns that do not
+// exist as zeros. Every thread of the block calls it, after a barrier that ends the reads of
+// what it overwrites, and waits for its copies before the barrier that publishes them.
 template <bool CORE_MATRICES>
 __device__ __forceinline__ void na_stage_query_slab(const NaFusedBwdParams& p, const NaTcTile& tl,
                                                     const NaSlab& s, long long b, long long h,
                                                     elem_t* queries, elem_t* d_outs,
-                                                    NaStat* stats) {
+                                                    NaRowStats* stats) {
     const NaFusedParams& f = p.f;
     na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V, CORE_MATRICES>(
         queries, d_outs, [&](int n, const elem_t* src[2], long long step[2]) {
@@ -658,13 +668,13 @@ __device__ __forceinline__ void na_stage_query_slab(const NaFusedBwdParams& p, c
             step[1] = p.d_out.stride[5];
         });
     for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
-        stats[n] = {0, 0};
         int c[3];
         if (na_column(tl, s, n, c)) {
             long long x[3];
             na_tile_positions(f, tl, c, x);
-            const long long row = na_query_row(f, b, h, x);
-            stats[n] = na_stat(na_stats(p)[2 * row], na_stats(p)[2 * row + 1]);
+            na_copy8_async(&stats[n], na_stats(p) + 2 * na_query_row(f, b, h, x));
+        } else {
+            stats[n] = {0, 0};
         }
     }
 }
@@ -711,14 +721,15 @@ struct NaKeyRowsShared {
     __device__ __forceinline__ elem_t* d_outs(int buffer) const {
         return queries(buffer) + na_tcb_slab_queries;
     }
-    __device__ __forceinline__ NaStat* stats(int buffer) const {
-        return reinterpret_cast<NaStat*>(queries(NA_TCB_QUERY_STAGES)) + buffer * NA_TCB_QUERIES;
+    __device__ __forceinline__ NaRowStats* stats(int buffer) const {
+        return reinterpret_cast<NaRowStats*>(queries(NA_TCB_QUERY_STAGES)) +
+               buffer * NA_TCB_QUERIES;
     }
 };
 constexpr int na_tcb_key_rows_bytes =
     (na_tcb_key_tile + na_tcb_value_tile + NA_TCB_QUERY_STAGES * na_tcb_slab_rows) *
         (int)sizeof(elem_t) +
-    NA_TCB_QUERY_STAGES * NA_TCB_QUERIES * (int)sizeof(NaStat);
+    NA_TCB_QUERY_STAGES * NA_TCB_QUERIES * (int)sizeof(NaRowStats);
 
 // Add to `grads` the terms of query head h's rows in box `tl` (its columns): d_value += P^T dO,
 // d_key += dS^T Q (unscaled). `biased`: whether the logits take the bias (rows are keys of the
@@ -806,9 +817,9 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 na_hold_registers<4 * BLOCKS>(&logits[0][0]);
                 na_hold_registers<4 * BLOCKS>(&dp[0][0]);
                 na_logits<BLOCKS, true>(logits, seen, exponent, f, h, tl, next, rows, biased, t);
-                const NaStat* stats = shared.stats(buffer);
+                const NaRowStats* stats = shared.stats(buffer);
                 na_logit_grads<BLOCKS>(logits, dp, exponent.factor, [&](int kb, int i) {
-                    return stats[8 * kb + 2 * t + i % 2];
+                    return stats[8 * kb + 2 * t + i % 2].stat();
                 });
             },
             [&] {
@@ -847,7 +858,7 @@ struct NaKeyTile {
 struct NaQuerySlab {
     elem_t queries[NA_TCB_QUERIES][NA_TCB_PITCH];
     elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
-    NaStat stats[NA_TCB_QUERIES];
+    NaRowStats stats[NA_TCB_QUERIES];
 };
 // Query slab buffers: two where they fit beside the tile in 48 KiB of static shared memory (the
 // next slab is copied while this one's products run), else one (it is copied after them).
@@ -924,7 +935,7 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                         live, g, t);
             }
             na_logit_grads<BLOCKS>(probs, dp, exponent.factor, [&](int kb, int i) {
-                return slab.stats[8 * kb + 2 * t + i % 2];
+                return slab.stats[8 * kb + 2 * t + i % 2].stat();
             });
             // d_value += P^T dO, d_key += dS^T Q.
             na_weighted_rows<NA_TCB_QUERIES / 16, NA_DIM_V / 8>(
