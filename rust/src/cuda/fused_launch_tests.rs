@@ -652,6 +652,39 @@ fn tensor_core_variants_take_dense_rows_only_where_every_staged_row_is() {
     assert!(!warp.dense_rows && !warp.defines().iter().any(|d| d.contains("DENSE_ROWS")));
 }
 
+/// The unfused tensor-core variants stage by 16-byte copies alone where the rows they stage are
+/// dense and aligned: the keys of `qk` (and of its backward's d_query), the values of `av` (and
+/// of its backward's d_attn). The query-side rows, read straight into registers, do not count.
+#[test]
+fn unfused_tensor_core_variants_take_dense_rows_where_the_staged_rows_are() {
+    let meta = |shape: &[usize]| TensorRef::meta(shape, DType::BF16, Device::Cuda(0));
+    let tokens = meta(&[2, 3, 20, 12, 32]);
+    // Every other channel of rows twice as wide.
+    let sliced = TensorRef {
+        strides: vec![46080, 15360, 768, 64, 2],
+        ..tokens.clone()
+    };
+    let attn = meta(&[2, 3, 20, 12, 49]);
+    let n = Neighborhood::unfused(vec![7, 7], vec![1; 2], vec![false; 2]);
+    let qk = |query: &TensorRef, key: &TensorRef| Problem::for_qk(query, key, None, None, &n);
+    let av = |value: &TensorRef| Problem::for_av(&attn, value, None, &n);
+    let dense_rows = |p: crate::error::Result<Problem>| {
+        let key = KernelKey::for_problem(Source::UnfusedTc, &p.unwrap());
+        let flag = format!("-DNA_DENSE_ROWS={}", u8::from(key.dense_rows));
+        assert!(key.defines().contains(&flag), "{}", key.name());
+        assert_eq!(key.name().contains(", any rows"), !key.dense_rows);
+        key.dense_rows
+    };
+    assert!(dense_rows(qk(&tokens, &tokens)));
+    assert!(dense_rows(qk(&sliced, &tokens)));
+    assert!(!dense_rows(qk(&tokens, &sliced)));
+    assert!(dense_rows(av(&tokens)));
+    assert!(!dense_rows(av(&sliced)));
+    // The warp kernels have one staging.
+    let warp = KernelKey::for_problem(Source::Qk, &qk(&tokens, &tokens).unwrap());
+    assert!(!warp.dense_rows && !warp.defines().iter().any(|d| d.contains("DENSE_ROWS")));
+}
+
 /// The tensor-core variants of problems with a bias are compiled apart from those without, which
 /// compile no bias path; precompile builds one or the other.
 #[test]
@@ -691,7 +724,7 @@ fn tensor_core_variants_are_specialised_by_the_bias() {
         let keys = crate::cuda::variants(&[DType::BF16], &shapes, &[(32, 32)], rpb, sm_80);
         let fused: Vec<bool> = keys
             .iter()
-            .filter(|k| k.source.stages_dense_rows())
+            .filter(|k| matches!(k.source, Source::FusedTc | Source::FusedBwdTc))
             .map(|k| k.biased)
             .collect();
         assert_eq!(fused, [rpb; 2], "{keys:?}");

@@ -133,10 +133,13 @@ impl Source {
         )
     }
 
-    /// Whether the source's variants come in two stagings (`KernelKey::dense_rows`): the fused
+    /// Whether the source's variants come in two stagings (`KernelKey::dense_rows`): the
     /// tensor-core kernels, which stage rows of the problem's tensors through shared memory.
     pub fn stages_dense_rows(self) -> bool {
-        matches!(self, Source::FusedTc | Source::FusedBwdTc)
+        matches!(
+            self,
+            Source::FusedTc | Source::FusedBwdTc | Source::UnfusedTc
+        )
     }
 
     /// The largest head dim a source with compile-time head dims takes (0 for the others,
@@ -283,10 +286,10 @@ pub struct KernelKey {
     /// and d_key with d_value), take warpgroup products (wgmma) where their target has them
     /// (`wgmma_for`); false for every other source.
     pub wgmma: bool,
-    /// Whether the fused tensor-core sources' problem guarantees dense, 16-byte aligned rows
-    /// (`FusedProblem::rows_dense`), so that their staging compiles 16-byte copies alone; false
-    /// for every other source (and for other layouts, whose variants also compile
-    /// element-by-element copies into their slab loops).
+    /// Whether a tensor-core source's problem guarantees dense, 16-byte aligned rows wherever
+    /// it stages them (`FusedProblem::rows_dense`, `Problem::rows_dense`), so that its staging
+    /// compiles 16-byte copies alone; false for every other source (and for other layouts,
+    /// whose variants also compile element-by-element copies into their slab loops).
     pub dense_rows: bool,
     /// Whether a tensor-core variant's problems add a relative positional bias: variants without
     /// compile no bias path (NA_BIASED), which would be cold code in their slab loops; false for
@@ -346,6 +349,7 @@ impl KernelKey {
         };
         let (kernel, causal) = (p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal));
         KernelKey {
+            dense_rows: source.stages_dense_rows() && p.rows_dense,
             biased: source.specialises_bias() && p.rpb,
             ..KernelKey::unfused(source, p.dtype, kernel, causal, dims)
         }
@@ -518,7 +522,8 @@ pub fn representative_keys() -> Vec<KernelKey> {
 }
 
 /// The unfused ops' tensor-core source: ranks 1 to 3, causal and not, head dims from one
-/// 16-channel step (padded) to the widest, each window as large as fits beside that width.
+/// 16-channel step (padded) to the widest, each window as large as fits beside that width; rows
+/// of any layout once per dtype.
 fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
     type Shape = ([usize; 3], [bool; 3], usize);
     let shapes: [Shape; 4] = [
@@ -531,7 +536,10 @@ fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &dtype in source.dtypes() {
         for (kernel, causal, dim) in shapes {
-            let key = KernelKey::unfused(source, dtype, kernel, causal, (dim, dim));
+            let key = KernelKey {
+                dense_rows: true,
+                ..KernelKey::unfused(source, dtype, kernel, causal, (dim, dim))
+            };
             keys.extend([
                 key,
                 KernelKey {
@@ -539,6 +547,12 @@ fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
                     ..key
                 },
             ]);
+            if dim == 32 {
+                keys.push(KernelKey {
+                    dense_rows: false,
+                    ..key
+                });
+            }
         }
     }
     keys

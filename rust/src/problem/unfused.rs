@@ -26,6 +26,10 @@ pub struct Problem {
     /// Whether every offset into the bias is below 2^32 (true without one): the tensor-core
     /// kernels address it in 32 bits.
     pub rpb_fits_32_bits: bool,
+    /// Whether every row of the tensor the tensor-core kernels stage (the keys of `for_qk`, the
+    /// values of `for_av`) is dense and 16-byte aligned (`TensorRef::rows_dense_and_aligned`):
+    /// their variants then stage by 16-byte copies alone (`KernelKey::dense_rows`).
+    pub rows_dense: bool,
     /// Element type of every tensor.
     pub dtype: DType,
     /// Device of every tensor.
@@ -43,6 +47,7 @@ impl Problem {
     ) -> Result<Problem> {
         let mut p = Problem::from_tokens("query", query, nbhd)?;
         p.expect("key", key, &p.token_shape(p.dim))?;
+        p.rows_dense = key.rows_dense_and_aligned();
         if let Some(rpb) = rpb {
             p.expect("rpb", rpb, &p.rpb_shape())?;
             p.rpb = true;
@@ -62,6 +67,7 @@ impl Problem {
         nbhd: &Neighborhood,
     ) -> Result<Problem> {
         let mut p = Problem::from_tokens("value", value, nbhd)?;
+        p.rows_dense = value.rows_dense_and_aligned();
         if let Some(extra) = additional_values {
             p.extra = p.extra_count("additional_values", extra)?;
         }
@@ -164,6 +170,7 @@ impl Problem {
             extra: 0,
             rpb: false,
             rpb_fits_32_bits: true,
+            rows_dense: false,
             dtype,
             device: t.device,
         })
