@@ -323,6 +323,24 @@ __device__ __forceinline__ void na_issue_row_products(float products[COLUMNS / 8
     }
 }
 
+// The first group of a pipelined slab's products, zeroed first, and committed whether issued or
+// not (`run`), so that the waits count the same groups: logits = a b^T (query and key rows) and
+// dp = a_v b_v^T (output-gradient and value rows), COLUMNS wide.
+template <int COLUMNS>
+__device__ __forceinline__ void na_issue_logits_and_dp(float logits[COLUMNS / 8][4],
+                                                       float dp[COLUMNS / 8][4], bool run,
+                                                       const elem_t* a, const elem_t* b,
+                                                       const elem_t* a_v, const elem_t* b_v) {
+    na_zero<COLUMNS / 8>(logits);
+    na_zero<COLUMNS / 8>(dp);
+    if (run) {
+        na_wgmma_fence();
+        na_issue_row_products<NA_DIM, COLUMNS>(logits, a, b);
+        na_issue_row_products<NA_DIM_V, COLUMNS>(dp, a_v, b_v);
+    }
+    na_wgmma_commit();
+}
+
 // Rows 16 k .. 16 k + 15 of staged rows of N channels as the B factor of a product that weighs
 // them: the rows along K (two 8-row groups), the channels along N.
 template <int N>
@@ -430,14 +448,8 @@ __device__ __forceinline__ void na_query_tile_grads(
 
         // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
         float logits[BLOCKS][4], grads[BLOCKS][4];
-        na_zero<BLOCKS>(logits);
-        na_zero<BLOCKS>(grads);
-        if (logits_run) {
-            na_wgmma_fence();
-            na_issue_row_products<NA_DIM, NA_TCB_KEYS>(logits, query_tile, next_keys);
-            na_issue_row_products<NA_DIM_V, NA_TCB_KEYS>(grads, d_out_tile, next_values);
-        }
-        na_wgmma_commit();
+        na_issue_logits_and_dp<NA_TCB_KEYS>(logits, grads, logits_run, query_tile, next_keys,
+                                            d_out_tile, next_values);
         if (keys_run) {
             na_wgmma_fence();
 #pragma unroll
@@ -787,16 +799,9 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
 
         // S^T and dP^T of slab j + 1 (one group), then slab j's gradient products.
         float logits[BLOCKS][4], dp[BLOCKS][4];
-        na_zero<BLOCKS>(logits);
-        na_zero<BLOCKS>(dp);
-        if (logits_run) {
-            na_wgmma_fence();
-            na_issue_row_products<NA_DIM, NA_TCB_QUERIES>(logits, shared.keys(),
-                                                          shared.queries(buffer));
-            na_issue_row_products<NA_DIM_V, NA_TCB_QUERIES>(dp, shared.values(),
-                                                            shared.d_outs(buffer));
-        }
-        na_wgmma_commit();
+        na_issue_logits_and_dp<NA_TCB_QUERIES>(logits, dp, logits_run, shared.keys(),
+                                               shared.queries(buffer), shared.values(),
+                                               shared.d_outs(buffer));
         if (grads_run) {
             na_wgmma_fence();
 #pragma unroll
