@@ -39,7 +39,7 @@
 // than by every lane for each column it sees).
 struct NaUtSlabs {
     elem_t rows[2][NA_UT_KEYS][NA_UT_PITCH];
-    int numbers[2][NA_UT_KEYS];
+    __align__(8) int numbers[2][NA_UT_KEYS];
 };
 
 // Shared memory of a block: the slabs and the slot tile. launch.rs
@@ -121,21 +121,23 @@ __device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane
     }
 }
 
-// Call `each(kb, e, slot_of_row)` for each of this lane's columns 8 kb + 2 t + e of a slab,
-// where `slot_of_row(r)` is the slot of row r that holds the column (meaningful where
-// na_seen(seen, kb, r, e): `each` tests that per row, so that the tests become predicates
-// rather than branches); `numbers` holds the slab columns' key numbers (na_slot_number).
-template <class Each>
-__device__ __forceinline__ void na_each_column(const NaUtTile& u, const int* numbers, int t,
-                                               Each&& each) {
+// Where this lane's two rows start in its warp's slot tile, each moved back by its window's first
+// slot number, so that row r's slot of the key numbered n (na_slot_number) is element
+// rows[r] + n of the tile. Only the slots of keys a row sees (its window's) are accessed.
+__device__ __forceinline__ void na_slot_rows(const NaUtTile& u, int g, int rows[2]) {
 #pragma unroll
-    for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            const int number = numbers[8 * kb + 2 * t + e];
-            each(kb, e, [&](int r) { return number - u.first_slot[r]; });
-        }
+    for (int r = 0; r < 2; ++r) {
+        rows[r] = (g + 8 * r) * NA_UT_SLOT_PITCH - u.first_slot[r];
     }
+}
+
+// The key numbers (na_slot_number) of this lane's columns 8 kb + 2 t and 8 kb + 2 t + 1 of a
+// slab, from the slab's `numbers`, in one load.
+struct __align__(8) NaColumnNumbers {
+    int lo, hi;
+};
+__device__ __forceinline__ NaColumnNumbers na_column_numbers(const int* numbers, int kb, int t) {
+    return *reinterpret_cast<const NaColumnNumbers*>(numbers + 8 * kb + 2 * t);
 }
 
 // Walk the slabs of COLUMNS keys of a tile's box with two staging buffers: `stage(s, buffer)`
@@ -224,6 +226,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             own[i] = fill;
         }
         __syncwarp();
+        int slot_rows[2];
+        na_slot_rows(u, g, slot_rows);
 
         na_each_seen_slab(
             f, u, job, keys, t,
@@ -239,15 +243,21 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                     na_logits_with<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s,
                                                             u.rows, true, t);
                 }
-                na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
+                // (Predicated stores; a row's two columns rounded in one conversion.)
+#pragma unroll
+                for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
+                    const NaColumnNumbers n = na_column_numbers(numbers, kb, t);
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        if (na_seen(seen, kb, r, e)) {
-                            own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)] =
-                                from_acc(logits[kb][2 * r + e]);
+                        const unsigned pair = na_pack_acc(logits[kb][2 * r], logits[kb][2 * r + 1]);
+                        if (na_seen(seen, kb, r, 0)) {
+                            own[slot_rows[r] + n.lo] = (elem_t)pair;
+                        }
+                        if (na_seen(seen, kb, r, 1)) {
+                            own[slot_rows[r] + n.hi] = (elem_t)(pair >> 16);
                         }
                     }
-                });
+                }
             });
 
         __syncwarp();  // the warp's rows complete
@@ -277,6 +287,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             own[i * NA_UT_SLOT_PITCH + slot] = weights[at + slot * p.w.stride[5]];
         });
         __syncwarp();
+        int slot_rows[2];
+        na_slot_rows(u, g, slot_rows);
 
         float acc[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(acc);
@@ -287,16 +299,17 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 // The weights of the slab's columns as the products' A fragments, packed as
                 // loaded (zero where a row does not see the column): word r of block kb holds
                 // row g + 8 r's columns 8 kb + 2 t (low half) and 8 kb + 2 t + 1.
-                unsigned w[NA_UT_KEY_BLOCKS][2] = {};
-                na_each_column(u, numbers, t, [&](int kb, int e, auto&& slot_of_row) {
+                unsigned w[NA_UT_KEY_BLOCKS][2];
+#pragma unroll
+                for (int kb = 0; kb < NA_UT_KEY_BLOCKS; ++kb) {
+                    const NaColumnNumbers n = na_column_numbers(numbers, kb, t);
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        if (na_seen(seen, kb, r, e)) {
-                            const elem_t x = own[(g + 8 * r) * NA_UT_SLOT_PITCH + slot_of_row(r)];
-                            w[kb][r] |= (unsigned)x << (16 * e);
-                        }
+                        const bool lo = na_seen(seen, kb, r, 0), hi = na_seen(seen, kb, r, 1);
+                        w[kb][r] = na_pack(lo ? own[slot_rows[r] + n.lo] : elem_t(0),
+                                           hi ? own[slot_rows[r] + n.hi] : elem_t(0));
                     }
-                });
+                }
                 na_weighted_fragments<NA_UT_KEYS / 16, NA_DIM / 8>(
                     acc,
                     [&](int kc, unsigned a[4]) {
