@@ -7,7 +7,10 @@
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
-// costs 256 small stacks and no OS threads. Shared memory is `static`: one copy, used by one block
+// costs 256 small stacks and no OS threads. Between two switches the threads run in turn, in
+// index order or (`reversed`) the other way: a read of what another thread writes without a
+// barrier between them sees the write in one order and not in the other, so a kernel run both
+// ways finds such a race wherever it changes a result. Shared memory is `static`: one copy, used by one block
 // at a time. So a kernel declares its shared arrays itself (or in a non-inline function): the
 // host compiler makes the static locals of inline functions one object across every library
 // loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share them. A barrier that
@@ -227,6 +230,7 @@ struct Block {
     unsigned current = 0;
     int count[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_count's predicates
     bool deadlock = false;
+    bool reversed = false;  // threads run last first between switches
     void (*body)(const void*) = nullptr;
     const void* params = nullptr;
 };
@@ -466,7 +470,8 @@ inline bool run_block(Block& b) {
     while (live > 0) {
         const unsigned long long before = progress(b);
         unsigned finished = 0;
-        for (unsigned t = 0; t < threads; ++t) {
+        for (unsigned turn = 0; turn < threads; ++turn) {
+            const unsigned t = b.reversed ? threads - 1 - turn : turn;
             if (b.fibers[t].done) {
                 continue;
             }
@@ -493,12 +498,13 @@ inline bool run_block(Block& b) {
     return true;
 }
 
-// Run kernel `body` over a grid of `grid` blocks of `bx` x `by` threads. Returns 0, or 1 when a
-// block deadlocked.
+// Run kernel `body` over a grid of `grid` blocks of `bx` x `by` threads, in reversed turns where
+// `reversed` (Block::reversed). Returns 0, or 1 when a block deadlocked.
 inline int launch(void (*body)(const void*), const void* params, unsigned grid, unsigned bx,
-                  unsigned by) {
+                  unsigned by, unsigned reversed) {
     Block b;
     b.body = body;
+    b.reversed = reversed != 0;
     b.params = params;
     b.threads = bx * by;
     b.fibers = new Fiber[b.threads];
@@ -596,7 +602,7 @@ inline int __any_sync(unsigned, int predicate) {
     return na_host_reduce(predicate != 0 ? 1 : 0, max<int>);
 }
 
-// `extern "C" int na_host_<kernel>(params, grid, bx, by)`: the entry point host.rs calls for
+// `extern "C" int na_host_<kernel>(params, grid, bx, by, reversed)`: the entry point host.rs calls for
 // kernel `kernel` taking one `Params` by value.
 #define NA_HOST_ENTRY(kernel, Params)                                                          \
     static void na_host_body_##kernel(const void* p) {                                         \
@@ -604,6 +610,7 @@ inline int __any_sync(unsigned, int predicate) {
         memcpy(&params, p, sizeof(Params));                                               \
         kernel(params);                                                                        \
     }                                                                                          \
-    extern "C" int na_host_##kernel(const void* p, unsigned grid, unsigned bx, unsigned by) { \
-        return na_host::launch(na_host_body_##kernel, p, grid, bx, by);                        \
+    extern "C" int na_host_##kernel(const void* p, unsigned grid, unsigned bx, unsigned by,   \
+                                    unsigned reversed) {                                       \
+        return na_host::launch(na_host_body_##kernel, p, grid, bx, by, reversed);              \
     }

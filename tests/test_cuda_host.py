@@ -63,6 +63,14 @@ def kernels(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def reversed_turns(tmp_path_factory):
+    """As `kernels`, a block's threads taking their turns last first: a read of shared memory
+    that lacks the barrier after another thread's write sees the write in one order and not in
+    the other, so a race that changes a result fails under one of the two fixtures."""
+    return _on_host(tmp_path_factory.mktemp("host_kernels"), reversed_threads=True)
+
+
+@pytest.fixture(scope="module")
 def few_blocks(tmp_path_factory):
     """As `kernels`, each launch on at most two blocks: every block loops over several tasks
     (tiles, rows, bias entries), as on a GPU for a problem past its grid limit."""
@@ -141,6 +149,31 @@ def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, ker
     # both factors of their logits and dP from shared memory.
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     check_fused_backward(case, dtype, "cpu", kernels)
+
+
+@pytest.mark.parametrize("wgmma", ["0", "1"], ids=["mma", "warpgroup"])
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_tensor_core_forward_in_reversed_turns(case, wgmma, reversed_turns, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_WGMMA", wgmma)
+    check_fused_forward(case, torch.bfloat16, "cpu", reversed_turns)
+
+
+@pytest.mark.parametrize("wgmma", ["0", "1"], ids=["mma", "warpgroup"])
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_tensor_core_backward_in_reversed_turns(case, wgmma, reversed_turns, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_WGMMA", wgmma)
+    check_fused_backward(case, torch.bfloat16, "cpu", reversed_turns)
+
+
+@pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_PARAMS)
+def test_tensor_core_window_products_in_reversed_turns(case, dim, reversed_turns):
+    check_unfused(case, torch.bfloat16, "contiguous", "cpu", reversed_turns, dim=dim)
+
+
+@pytest.mark.parametrize("case", FUSED_CASE_PARAMS)
+def test_fused_warp_kernels_in_reversed_turns(case, reversed_turns):
+    check_fused_forward(case, torch.float32, "cpu", reversed_turns)
+    check_fused_backward(case, torch.float32, "cpu", reversed_turns)
 
 
 # The -D constants common.cuh asks of every kernel (values the checks below do not depend on).

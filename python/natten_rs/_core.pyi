@@ -165,11 +165,15 @@ def nvrtc_version() -> tuple[int, int]:
     """The version of the libnvrtc in use."""
 
 def run_cuda_kernels_on_host(
-    directory: str | None, compiler: str = "c++", max_grid: int = 2**32 - 1
+    directory: str | None,
+    compiler: str = "c++",
+    max_grid: int = 2**32 - 1,
+    reversed_threads: bool = False,
 ) -> bool:
     """While ``directory`` is set, ops on CPU tensors run the CUDA kernels, built there by the
-    host C++ compiler ``compiler``, each launch on at most ``max_grid`` blocks (a test aid);
-    ``None`` turns it off. Whether it was on."""
+    host C++ compiler ``compiler``, each launch on at most ``max_grid`` blocks, a block's threads
+    taking their turns last first where ``reversed_threads`` (a test aid: a missing barrier
+    shows in one order or the other); ``None`` turns it off. Whether it was on."""
 
 def forget_compiled() -> None:
     """Forget the compiled kernels held in memory (the disk cache and loaded modules stay)."""

@@ -206,18 +206,26 @@ fn forget_compiled() {
 /// Run the CUDA kernels on the CPU for CPU tensors (a test aid): while `directory` is set, ops
 /// on CPU tensors plan their CUDA launches and run them through kernels built there by
 /// `compiler` (C++17) from the same sources, each on at most `max_grid` blocks (the kernels
-/// loop over what a smaller grid leaves). `None` turns it off. Returns whether it was on.
+/// loop over what a smaller grid leaves), a block's threads taking their turns last first where
+/// `reversed_threads` (so that a missing barrier shows). `None` turns it off. Returns whether it
+/// was on.
 #[pyfunction]
-#[pyo3(signature = (directory, compiler = "c++", max_grid = u32::MAX))]
+#[pyo3(signature = (directory, compiler = "c++", max_grid = u32::MAX, reversed_threads = false))]
 fn run_cuda_kernels_on_host(
     directory: Option<std::path::PathBuf>,
     compiler: &str,
     max_grid: u32,
+    reversed_threads: bool,
 ) -> PyResult<bool> {
     if max_grid == 0 {
         return Err(Error::invalid("max_grid", "at least 1 block", "0").into());
     }
-    Ok(cuda::host::enable(directory, compiler, max_grid))
+    Ok(cuda::host::enable(
+        directory,
+        compiler,
+        max_grid,
+        reversed_threads,
+    ))
 }
 
 /// Whether a problem on `device` runs the CPU kernels: CPU tensors do, unless

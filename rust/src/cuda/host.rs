@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 const HOST_HEADER: (&str, &str) = ("host.h", include_str!("../../../kernels/host.h"));
 
 /// `extern "C" int na_host_<kernel>(const void* params, unsigned grid, unsigned bx, unsigned by)`.
-type Entry = unsafe extern "C" fn(*const c_void, u32, u32, u32) -> i32;
+type Entry = unsafe extern "C" fn(*const c_void, u32, u32, u32, u32) -> i32;
 
 struct Host {
     /// Where sources and libraries are written.
@@ -34,6 +34,9 @@ struct Host {
     /// The most blocks a launch runs: fewer than its grid asks for make each block loop over
     /// several tasks, as on a GPU whose grid limit a problem exceeds.
     max_grid: u32,
+    /// Whether a block's threads take their turns last first (host.h, `Block::reversed`): a
+    /// race between threads that share memory without a barrier shows in one order or the other.
+    reversed: bool,
 }
 
 static HOST: Mutex<Option<Host>> = Mutex::new(None);
@@ -43,8 +46,9 @@ fn host() -> MutexGuard<'static, Option<Host>> {
 }
 
 /// Run CUDA kernels on the CPU for CPU tensors, building them in `dir` with `compiler`, each
-/// launch on at most `max_grid` blocks; `None` turns it off. Returns whether it was on.
-pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32) -> bool {
+/// launch on at most `max_grid` blocks, its threads' turns `reversed` or not; `None` turns it
+/// off. Returns whether it was on.
+pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32, reversed: bool) -> bool {
     let mut host = host();
     let was = host.is_some();
     *host = dir.map(|dir| Host {
@@ -52,6 +56,7 @@ pub fn enable(dir: Option<PathBuf>, compiler: &str, max_grid: u32) -> bool {
         compiler: compiler.to_string(),
         libraries: HashMap::new(),
         max_grid,
+        reversed,
     });
     was
 }
@@ -168,7 +173,8 @@ fn open(path: &Path) -> Result<libloading::Library> {
     })
 }
 
-/// Call `symbol` (an `NA_HOST_ENTRY`) of `library` over grid `config` with `params`.
+/// Call `symbol` (an `NA_HOST_ENTRY`) of `library` over grid `config` with `params`, the threads'
+/// turns `reversed` or not.
 ///
 /// # Safety
 /// As `run`.
@@ -177,6 +183,7 @@ unsafe fn call<P: Copy>(
     symbol: &str,
     config: Config,
     params: &P,
+    reversed: bool,
 ) -> Result<i32> {
     // SAFETY: NA_HOST_ENTRY defines the symbol with exactly this signature.
     let entry: libloading::Symbol<Entry> =
@@ -187,7 +194,8 @@ unsafe fn call<P: Copy>(
     let (bx, by) = config.block;
     // SAFETY: the entry copies `params` (the kernel's struct, by the caller's contract) and
     // runs the kernel over memory the caller vouches for.
-    Ok(unsafe { entry(params as *const P as *const c_void, config.grid, bx, by) })
+    let params = params as *const P as *const c_void;
+    Ok(unsafe { entry(params, config.grid, bx, by, u32::from(reversed)) })
 }
 
 /// Run kernel `function` of `key` over grid `config` with `params`, on this thread, to its end.
@@ -213,13 +221,14 @@ pub unsafe fn run<P: Copy>(
         host.libraries.insert(*key, library);
     }
     let symbol = format!("na_host_{}", function.symbol());
-    // SAFETY: forwarded contract; the lock serialises launches, whose geometry the library
-    // keeps in globals.
     let config = Config {
         grid: config.grid.min(host.max_grid),
         ..config
     };
-    let status = unsafe { call(&host.libraries[key], &symbol, config, &params)? };
+    let library = &host.libraries[key];
+    // SAFETY: forwarded contract; the lock serialises launches, whose geometry the library
+    // keeps in globals.
+    let status = unsafe { call(library, &symbol, config, &params, host.reversed)? };
     if status != 0 {
         return Err(Error::Kernel {
             message: format!(
@@ -239,7 +248,7 @@ mod tests {
     use super::*;
 
     /// Kernels that exercise the emulation itself: shuffles, shared memory with barriers,
-    /// threads that leave early, and a barrier only half a block reaches.
+    /// threads that leave early, a barrier only half a block reaches, and a missing barrier.
     const UNIT: &str = r#"
 #include "host.h"
 struct P {
@@ -277,10 +286,26 @@ extern "C" __global__ void divergent(const P p) {
         __syncthreads();
     }
 }
+// Thread 63 reads what thread 0 writes, with no barrier between: it sees the write or not by
+// the order the threads take their turns.
+extern "C" __global__ void unsynchronised(const P p) {
+    __shared__ float s[1];
+    if (threadIdx.x == 0) {
+        s[0] = -1.0f;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s[0] = 1.0f;
+    }
+    if (threadIdx.x == 63) {
+        p.out[0] = s[0];
+    }
+}
 NA_HOST_ENTRY(butterfly, P)
 NA_HOST_ENTRY(reverse, P)
 NA_HOST_ENTRY(early_exit, P)
 NA_HOST_ENTRY(divergent, P)
+NA_HOST_ENTRY(unsynchronised, P)
 "#;
 
     fn library() -> Option<libloading::Library> {
@@ -294,14 +319,25 @@ NA_HOST_ENTRY(divergent, P)
     }
 
     fn launch(library: &libloading::Library, kernel: &str, grid: u32, out: &mut [f32]) -> i32 {
+        launch_in_turns(library, kernel, grid, out, false)
+    }
+
+    fn launch_in_turns(
+        library: &libloading::Library,
+        kernel: &str,
+        grid: u32,
+        out: &mut [f32],
+        reversed: bool,
+    ) -> i32 {
         let config = Config {
             grid,
             block: (64, 1),
         };
         let params = out.as_mut_ptr();
+        let symbol = format!("na_host_{kernel}");
         // SAFETY: the kernels take `struct P { float* out; }` and write within `grid * 64`
         // floats.
-        unsafe { call(library, &format!("na_host_{kernel}"), config, &params) }.unwrap()
+        unsafe { call(library, &symbol, config, &params, reversed) }.unwrap()
     }
 
     #[test]
@@ -319,6 +355,23 @@ NA_HOST_ENTRY(divergent, P)
         let mut flags = vec![0.0f32; 64];
         assert_eq!(launch(&library, "early_exit", 1, &mut flags), 0);
         assert!(flags[..32].iter().all(|&f| f == 1.0) && flags[32..].iter().all(|&f| f == 0.0));
+    }
+
+    #[test]
+    fn a_missing_barrier_shows_in_one_order_of_turns() {
+        let Some(library) = library() else { return };
+        let mut out = vec![0.0f32; 64];
+        // (The last thread to reach a barrier goes on first: thread 63 in index order.)
+        for (reversed, seen) in [(false, -1.0), (true, 1.0)] {
+            let status = launch_in_turns(&library, "unsynchronised", 1, &mut out, reversed);
+            assert_eq!((status, out[0]), (0, seen), "reversed turns: {reversed}");
+        }
+        // With the barrier, either order gives the same result.
+        for reversed in [false, true] {
+            let status = launch_in_turns(&library, "reverse", 1, &mut out, reversed);
+            assert_eq!(status, 0);
+            assert!(out.iter().enumerate().all(|(i, &x)| x == (63 - i) as f32));
+        }
     }
 
     #[test]
