@@ -231,6 +231,12 @@ def test_tensor_core_window_products_loop_over_what_a_small_grid_leaves(case, di
 def test_the_host_grid_limit_is_checked_naming_it(tmp_path):
     with pytest.raises(ValueError, match="max_grid"):
         _core.run_cuda_kernels_on_host(str(tmp_path), max_grid=0)
+
+
+def test_the_order_of_turns_is_checked_naming_it(tmp_path):
+    with pytest.raises(TypeError, match="reversed_threads"):
+        _core.run_cuda_kernels_on_host(str(tmp_path), reversed_threads="yes")
+    assert not _core.run_cuda_kernels_on_host(None)  # the failed call left it off
     assert not _core.run_cuda_kernels_on_host(None)
 
 
