@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -184,14 +185,19 @@ HOST_CONSTANTS = {
 }  # fmt: skip
 
 
-def test_slab_masks_match_their_column_by_column_definition(tmp_path):
+# Kernel sizes for the cut's rule: no slab of 32 or 64 columns fits inside a 7x7 window, and
+# some fit inside a 5x9x13 one.
+@pytest.mark.parametrize(("kernel", "fits"), [((1, 7, 7), False), ((5, 9, 13), True)])
+def test_slab_masks_match_their_column_by_column_definition(tmp_path, kernel, fits):
     # The tensor-core kernels cut their boxes into sub-box slabs and build each slab's mask from
-    # word operations; tests/kernels/slab_masks.cpp checks the cut (fewest slabs, every column
-    # once) and the masks against their definition, column by column, over random boxes, slabs
-    # and ranges, and that a slab the shortcut takes whole is seen whole.
+    # word operations; tests/kernels/slab_masks.cpp checks the cut (fewest slabs, the preferred
+    # shape of those, every column once) and the masks against their definition, column by
+    # column, over random boxes, slabs and ranges, and that a slab the shortcut takes whole is
+    # seen whole.
     root = Path(__file__).resolve().parent
     binary = tmp_path / "slab_masks"
-    defines = [f"-D{name}={value}" for name, value in HOST_CONSTANTS.items()]
+    sizes = {f"NA_K{a}": k for a, k in enumerate(kernel)}
+    defines = [f"-D{name}={value}" for name, value in {**HOST_CONSTANTS, **sizes}.items()]
     subprocess.run(
         ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
          str(root / "kernels" / "slab_masks.cpp"), "-o", str(binary)],
@@ -200,6 +206,9 @@ def test_slab_masks_match_their_column_by_column_definition(tmp_path):
     run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert run.stdout.strip().endswith(" 0 differences"), run.stdout
+    # Both branches of the rule are taken where they can be.
+    fitting = int(re.search(r"(\d+) cuts of a shape that fits a window", run.stdout).group(1))
+    assert (fitting > 0) == fits, run.stdout
 
 
 # GQA with rpb in 2-D and 3-D (the second causal, dilated), additional tokens past a tile.

@@ -1,9 +1,10 @@
 // How the tensor-core kernels cut a tile's box into slabs and mask them (kernels/fused_tc.cuh),
 // against their definitions, over random boxes, slabs and ranges, for 64- and 32-column slabs:
-//   - the cut (na_cut_box): its slabs take COLUMNS columns, and no other shape of power-of-two
-//     sides gives fewer slabs; walked by na_first_slab and na_next_slab and numbered by
-//     na_column, the slabs' existing columns cover every column of the box exactly once, and the
-//     additional tokens' slabs follow;
+//   - the cut (na_cut_box): its slabs take COLUMNS columns, no other shape of power-of-two
+//     sides gives fewer slabs, and of those that give as few it takes the one its rule prefers
+//     (which depends on the kernel size, NA_K0..2); walked by na_first_slab and na_next_slab and
+//     numbered by na_column, the slabs' existing columns cover every column of the box exactly
+//     once, and the additional tokens' slabs follow;
 //   - the masks (na_slab_mask), column by column: bit na_seen_bit(kb, r, e) of lane t's mask is
 //     set when column 8 kb + 2 t + e of the slab exists and row r's range holds its coordinates
 //     (found by plain division), or, for a slab of additional tokens, when row r is valid;
@@ -13,6 +14,7 @@
 #include "host.h"
 #include "fused_tc.cuh"
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -90,18 +92,65 @@ int shortcut_differences(const NaTcTile& tl, const NaSlab& s, const NaTcRow rows
     return wrong;
 }
 
-// The cut's slab count against every shape of power-of-two sides, and whether its slabs'
-// existing columns cover the box once each (boxes of up to `most` columns).
+// Whether a shape of slabs fits inside a window: no side longer than the kernel along its axis.
+bool fits_a_window(const int shift[3]) {
+    const int kernel[3] = {NA_K0, NA_K1, NA_K2};
+    for (int a = 0; a < 3; ++a) {
+        if ((1 << shift[a]) > kernel[a]) {
+            return false;
+        }
+    }
+    return true;
+}
+
+int longest_side(const int shift[3]) {
+    return std::max({shift[0], shift[1], shift[2]});
+}
+
+// The cut's slab count against every shape of power-of-two sides, its shape against the others
+// of as few slabs that it considers (no side along the first two axes longer than the box
+// rounded up): one that fits a window if any does, the most even of those, or else the longest
+// along the last axis, then the middle one; and whether its slabs' existing columns cover the
+// box once each (boxes of up to `most` columns).
 template <int COLUMNS>
-int cut_differences(const NaTcTile& tl, int most) {
+int cut_differences(const NaTcTile& tl, int most, int& fitting) {
     constexpr int total = na_log2(COLUMNS);
     int wrong = tl.slab_shift[0] + tl.slab_shift[1] + tl.slab_shift[2] != total;
+    auto count_of = [&](const int shift[3]) {
+        return (long long)sides(tl.box_len[0], shift[0]) * sides(tl.box_len[1], shift[1]) *
+               sides(tl.box_len[2], shift[2]);
+    };
     long long fewest = -1;
     for (int s0 = 0; s0 <= total; ++s0) {
         for (int s1 = 0; s0 + s1 <= total; ++s1) {
-            const long long count = (long long)sides(tl.box_len[0], s0) *
-                                    sides(tl.box_len[1], s1) * sides(tl.box_len[2], total - s0 - s1);
-            fewest = fewest < 0 || count < fewest ? count : fewest;
+            const int shift[3] = {s0, s1, total - s0 - s1};
+            fewest = fewest < 0 || count_of(shift) < fewest ? count_of(shift) : fewest;
+        }
+    }
+    // The best of the considered shapes of the fewest slabs, by the rule above.
+    bool any_fits = false;
+    int evenest = total, best[3] = {-1, -1, -1};
+    for (int s0 = 0; (1 << s0) < 2 * tl.box_len[0] && s0 <= total; ++s0) {
+        for (int s1 = 0; (1 << s1) < 2 * tl.box_len[1] && s0 + s1 <= total; ++s1) {
+            const int shift[3] = {s0, s1, total - s0 - s1};
+            if (count_of(shift) != fewest) {
+                continue;
+            }
+            if (fits_a_window(shift)) {
+                any_fits = true;
+                evenest = std::min(evenest, longest_side(shift));
+            } else if (shift[2] > best[2] || (shift[2] == best[2] && shift[1] > best[1])) {
+                best[0] = shift[0], best[1] = shift[1], best[2] = shift[2];
+            }
+        }
+    }
+    fitting += any_fits;
+    wrong += fits_a_window(tl.slab_shift) != any_fits;
+    if (any_fits) {
+        wrong += longest_side(tl.slab_shift) != evenest;
+    } else {
+        for (int a = 0; a < 3; ++a) {
+            wrong += tl.slab_shift[a] != best[a];
         }
     }
     const long long slabs = na_slab_count<COLUMNS>(tl, true, 0);
@@ -169,7 +218,7 @@ NaSlab random_slab(const NaTcTile& tl, int extras) {
 }  // namespace
 
 int main() {
-    int wrong = 0, cases = 0, shortcuts = 0;
+    int wrong = 0, cases = 0, shortcuts = 0, fitting = 0;
     for (; cases < 200000; ++cases) {
         NaTcTile wide{}, narrow{};
         for (int a = 0; a < 3; ++a) {
@@ -183,8 +232,8 @@ int main() {
         na_cut_box<64>(wide);
         na_cut_box<32>(narrow);
         const bool cover = cases % 50 == 0;
-        wrong += cut_differences<64>(wide, cover ? 20000 : 0);
-        wrong += cut_differences<32>(narrow, cover ? 20000 : 0);
+        wrong += cut_differences<64>(wide, cover ? 20000 : 0, fitting);
+        wrong += cut_differences<32>(narrow, cover ? 20000 : 0, fitting);
         const int extras = below(3) * below(40);
         NaTcRow rows[2] = {random_row(wide), random_row(wide)};
         const NaSlab slab = random_slab<64>(wide, extras);
@@ -195,7 +244,9 @@ int main() {
         wrong += shortcut_differences<8>(wide, slab, rows, shortcuts) +
                  shortcut_differences<4>(narrow, narrow_slab, rows, shortcuts);
     }
-    std::printf("%d slab cases (%d inside the rows' common range), %d differences\n", cases,
-                shortcuts, wrong);
+    std::printf(
+        "%d slab cases (%d inside the rows' common range; %d cuts of a shape that fits a window), "
+        "%d differences\n",
+        cases, shortcuts, fitting, wrong);
     return wrong == 0 && shortcuts > cases / 50 ? 0 : 1;
 }
