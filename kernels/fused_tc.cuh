@@ -183,39 +183,57 @@ __device__ __forceinline__ int na_slab_preference(const int shift[3]) {
     return fits ? longest : 1 + TOTAL + (TOTAL - shift[2]) * (TOTAL + 1) + (TOTAL - shift[1]);
 }
 
-// Cut the tile's box (its sides set) into slabs of COLUMNS columns (a power of two): sub-boxes
-// with power-of-two sides, their columns row-major (lines along the last axis, planes of lines),
-// the last along each axis reaching past the box's end where the side does not divide it (those
-// columns are staged as zeros and never seen). A whole slab along an axis is never longer than
-// the box rounded up to a power of two (a shorter one then covers the same). Of the shapes, one
-// with the fewest slabs (na_slab_preference says which).
+// Slabs counted in a shape's rank (na_shape_rank): 19 bits' worth. Boxes of more slabs of each
+// shape than that (a window of tens of millions of keys) rank as many, cut by preference alone:
+// still a cut, if not the fewest slabs.
+#define NA_RANKED_SLABS ((1 << 19) - 1)
+
+// A shape of slabs as a number, the lower the better: its count of slabs (up to
+// NA_RANKED_SLABS), then its preference (na_slab_preference, below 128), then its shifts along
+// the first two axes (below 8 each), which the number keeps.
+template <int TOTAL>
+__device__ __forceinline__ unsigned na_shape_rank(long long count, const int shift[3]) {
+    static_assert(TOTAL * TOTAL + 3 * TOTAL + 1 < 128, "preferences take 7 bits");
+    const unsigned slabs = (unsigned)min(count, (long long)NA_RANKED_SLABS);
+    return slabs << 13 | (unsigned)na_slab_preference<TOTAL>(shift) << 6 |
+           (unsigned)(shift[0] << 3 | shift[1]);
+}
+
+// Cut the tile's box (its sides set) into slabs of COLUMNS columns (a power of two below 256):
+// sub-boxes with power-of-two sides, their columns row-major (lines along the last axis, planes
+// of lines), the last along each axis reaching past the box's end where the side does not divide
+// it (those columns are staged as zeros and never seen). A whole slab along an axis is never
+// longer than the box rounded up to a power of two (a shorter one then covers the same). Of the
+// shapes, one with the fewest slabs, na_slab_preference saying which of as few. The lanes of a
+// warp weigh the shapes side by side, one each, and agree on the best by a warp minimum (a loop
+// over the shapes took a tile of the vision problem some 500 instructions): every lane of the
+// warp calls it, with the same box.
 template <int COLUMNS>
 __device__ __forceinline__ void na_cut_box(NaTcTile& tl) {
     constexpr int total = na_log2(COLUMNS);
-    static_assert(1 << total == COLUMNS, "slabs take a power of two of columns");
-    long long fewest = -1;
-    int preferred = 0;
+    static_assert(1 << total == COLUMNS && total < 8,
+                  "slabs take a power of two of columns, below 256");
+    const int lane = threadIdx.x % NA_WARP;
     const int most0 = min(na_ceil_log2(tl.box_len[0]), total);
-    for (int s0 = 0; s0 <= most0; ++s0) {
-        const int most1 = min(na_ceil_log2(tl.box_len[1]), total - s0);
-        for (int s1 = 0; s1 <= most1; ++s1) {
-            const int shift[3] = {s0, s1, total - s0 - s1};
+    const int most1 = min(na_ceil_log2(tl.box_len[1]), total);
+    unsigned best = ~0u;
+    // Lane l weighs the shape of shifts first + l / 8 and l % 8 along the first two axes.
+    for (int first = 0; first <= most0; first += NA_WARP / 8) {
+        const int shift[3] = {first + lane / 8, lane % 8, total - first - lane / 8 - lane % 8};
+        unsigned rank = ~0u;
+        if (shift[0] <= most0 && shift[1] <= most1 && shift[2] >= 0) {
             long long count = 1;
 #pragma unroll
             for (int a = 0; a < 3; ++a) {
                 count *= na_sides(tl.box_len[a], shift[a]);
             }
-            const int preference = na_slab_preference<total>(shift);
-            if (fewest < 0 || count < fewest || (count == fewest && preference < preferred)) {
-                fewest = count;
-                preferred = preference;
-#pragma unroll
-                for (int a = 0; a < 3; ++a) {
-                    tl.slab_shift[a] = shift[a];
-                }
-            }
+            rank = na_shape_rank<total>(count, shift);
         }
+        best = min(best, __reduce_min_sync(0xffffffffu, rank));
     }
+    tl.slab_shift[0] = (int)(best >> 3 & 7u);
+    tl.slab_shift[1] = (int)(best & 7u);
+    tl.slab_shift[2] = total - tl.slab_shift[0] - tl.slab_shift[1];
 }
 
 // Tile number `index` (of one (batch, head)) of `tiles`, and this lane's rows `rows[0]` (g) and

@@ -593,6 +593,10 @@ inline T na_host_reduce(T x, Fold fold) {
 inline unsigned __reduce_or_sync(unsigned, unsigned bits) {
     return na_host_reduce(bits, [](unsigned a, unsigned b) { return a | b; });
 }
+// The least of every lane's `x`.
+inline unsigned __reduce_min_sync(unsigned, unsigned x) {
+    return na_host_reduce(x, [](unsigned a, unsigned b) { return a < b ? a : b; });
+}
 // Whether every lane's `predicate` is nonzero.
 inline int __all_sync(unsigned, int predicate) {
     return na_host_reduce(predicate != 0 ? 1 : 0, min<int>);

@@ -116,9 +116,11 @@ template <int COLUMNS>
 int cut_differences(const NaTcTile& tl, int most, int& fitting) {
     constexpr int total = na_log2(COLUMNS);
     int wrong = tl.slab_shift[0] + tl.slab_shift[1] + tl.slab_shift[2] != total;
+    // (Counts past NA_RANKED_SLABS are as many to the cut.)
     auto count_of = [&](const int shift[3]) {
-        return (long long)sides(tl.box_len[0], shift[0]) * sides(tl.box_len[1], shift[1]) *
-               sides(tl.box_len[2], shift[2]);
+        const long long count = (long long)sides(tl.box_len[0], shift[0]) *
+                                sides(tl.box_len[1], shift[1]) * sides(tl.box_len[2], shift[2]);
+        return std::min(count, (long long)NA_RANKED_SLABS);
     };
     long long fewest = -1;
     for (int s0 = 0; s0 <= total; ++s0) {
@@ -154,8 +156,8 @@ int cut_differences(const NaTcTile& tl, int most, int& fitting) {
         }
     }
     const long long slabs = na_slab_count<COLUMNS>(tl, true, 0);
-    wrong += slabs != fewest;
-    const int volume = tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
+    wrong += std::min(slabs, (long long)NA_RANKED_SLABS) != fewest;
+    const long long volume = (long long)tl.box_len[0] * tl.box_len[1] * tl.box_len[2];
     if (volume > most) {
         return wrong;
     }
@@ -215,25 +217,70 @@ NaSlab random_slab(const NaTcTile& tl, int extras) {
     return s;
 }
 
+// Boxes to cut, and their cuts into 64 and 32 columns.
+struct Cuts {
+    std::vector<NaTcTile> wide, narrow;
+    int disagreements = 0;  // cuts on which a warp's lanes differ
+};
+
+// The cuts of `Cuts::wide`'s boxes (na_cut_box is a warp's: it runs on one).
+void cut_on_a_warp(const void* p) {
+    Cuts& cuts = **static_cast<Cuts* const*>(p);
+    for (size_t i = 0; i < cuts.wide.size(); ++i) {
+        NaTcTile wide = cuts.wide[i], narrow = wide;
+        na_cut_box<64>(wide);
+        na_cut_box<32>(narrow);
+        bool same = true;
+        for (int a = 0; a < 3; ++a) {
+            same = same && __shfl_sync(0xffffffffu, wide.slab_shift[a], 0) == wide.slab_shift[a] &&
+                   __shfl_sync(0xffffffffu, narrow.slab_shift[a], 0) == narrow.slab_shift[a];
+        }
+        const bool all_same = __all_sync(0xffffffffu, same) != 0;
+        if (threadIdx.x == 0) {
+            cuts.wide[i] = wide;
+            cuts.narrow[i] = narrow;
+            cuts.disagreements += !all_same;
+        }
+    }
+}
+
+Cuts cut(std::vector<NaTcTile> boxes) {
+    Cuts cuts;
+    cuts.wide = boxes;
+    cuts.narrow = boxes;
+    Cuts* const p = &cuts;
+    if (na_host::launch(cut_on_a_warp, &p, 1, NA_WARP, 1, 0) != 0) {
+        cuts.disagreements = -1;
+    }
+    return cuts;
+}
+
 }  // namespace
 
 int main() {
-    int wrong = 0, cases = 0, shortcuts = 0, fitting = 0;
-    for (; cases < 200000; ++cases) {
-        NaTcTile wide{}, narrow{};
+    constexpr int kCases = 200000, kHuge = 2000;
+    // Boxes of sides past a slab's too, some 2-D, and then some of more slabs than a rank counts.
+    std::vector<NaTcTile> boxes(kCases + kHuge);
+    for (int i = 0; i < kCases + kHuge; ++i) {
         for (int a = 0; a < 3; ++a) {
-            wide.box_first[a] = below(6);
-            wide.box_len[a] = 1 + below(below(4) == 0 ? 100 : 20);  // sides past a slab's too
+            boxes[i].box_first[a] = below(6);
+            boxes[i].box_len[a] = 1 + (i < kCases ? below(below(4) == 0 ? 100 : 20) : below(30000));
         }
         if (below(3) == 0) {
-            wide.box_len[0] = 1;  // a 2-D box
+            boxes[i].box_len[0] = 1;
         }
-        narrow = wide;
-        na_cut_box<64>(wide);
-        na_cut_box<32>(narrow);
+    }
+    const Cuts cuts = cut(boxes);
+    int wrong = cuts.disagreements != 0, cases = 0, shortcuts = 0, fitting = 0;
+    for (; cases < kCases + kHuge; ++cases) {
+        const NaTcTile& wide = cuts.wide[cases];
+        const NaTcTile& narrow = cuts.narrow[cases];
         const bool cover = cases % 50 == 0;
         wrong += cut_differences<64>(wide, cover ? 20000 : 0, fitting);
         wrong += cut_differences<32>(narrow, cover ? 20000 : 0, fitting);
+        if (cases >= kCases) {
+            continue;  // (the huge boxes' slabs are too many to pick one at random)
+        }
         const int extras = below(3) * below(40);
         NaTcRow rows[2] = {random_row(wide), random_row(wide)};
         const NaSlab slab = random_slab<64>(wide, extras);
