@@ -801,12 +801,14 @@ __device__ __forceinline__ void na_copies_wait_groups() {
 #endif
 }
 
+// Sixteen bytes, as one store or load moves them.
+struct __align__(16) NaChunk {
+    unsigned words[4];
+};
+
 // Zeros for eight channels (16 bytes, aligned) of a staged row: one store.
 __device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
-    struct __align__(16) Chunk {
-        unsigned words[4];
-    };
-    *reinterpret_cast<Chunk*>(chunk) = Chunk{};
+    *reinterpret_cast<NaChunk*>(chunk) = NaChunk{};
 }
 
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`

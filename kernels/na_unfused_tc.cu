@@ -121,6 +121,22 @@ __device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane
     }
 }
 
+// Every slot of a warp's sixteen rows of the slot tile from `own` (16-byte aligned, as the rows
+// take whole 16-byte chunks) as `value`, a chunk per store.
+__device__ __forceinline__ void na_fill_rows(elem_t* own, elem_t value, int lane) {
+    static_assert(16 * NA_UT_SLOT_PITCH * sizeof(elem_t) % sizeof(NaChunk) == 0,
+                  "a warp's rows are whole chunks");
+    constexpr int chunks = 16 * NA_UT_SLOT_PITCH * sizeof(elem_t) / sizeof(NaChunk);
+    const unsigned pair = na_pack(value, value);
+    const NaChunk filled = {{pair, pair, pair, pair}};
+#pragma unroll
+    for (int k = 0; k < (chunks + NA_WARP - 1) / NA_WARP; ++k) {
+        if (lane + k * NA_WARP < chunks) {
+            reinterpret_cast<NaChunk*>(own)[lane + k * NA_WARP] = filled;
+        }
+    }
+}
+
 // Where this lane's two rows start in its warp's slot tile, each moved back by its window's first
 // slot number, so that row r's slot of the key numbered n (na_slot_number) is element
 // rows[r] + n of the tile. Only the slots of keys a row sees (its window's) are accessed.
@@ -196,11 +212,11 @@ __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const 
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_pairwise_tc(const NaParams p) {
     __shared__ __align__(16) NaUtSlabs keys;
-    __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
+    __shared__ __align__(16) elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    elem_t* const own = slots[16 * warp];  // the warp's sixteen rows
+    elem_t* const own = slots[16 * warp];  // the warp's sixteen rows (16-byte aligned)
     elem_t* const out = reinterpret_cast<elem_t*>(p.out.data);
     const elem_t fill = from_acc(p.neg_inf_fill ? neg_inf() : acc_t(0));
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
@@ -222,9 +238,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         }
 
         __syncwarp();  // the last task's rows stored
-        for (int i = lane; i < 16 * NA_UT_SLOT_PITCH; i += NA_WARP) {
-            own[i] = fill;
-        }
+        na_fill_rows(own, fill, lane);
         __syncwarp();
         int slot_rows[2];
         na_slot_rows(u, g, slot_rows);
