@@ -355,15 +355,18 @@ struct NaRange {
     long long end;
 };
 
-__device__ __forceinline__ NaRange na_group_window(long long qi, long long lg, int kernel,
-                                                   int stride, bool causal) {
+// In the type of its indices (`Index`: long long, or int where they fit 32 bits, as in the
+// tensor-core kernels).
+template <class Index>
+__device__ __forceinline__ NaRange na_group_window(Index qi, Index lg, int kernel, int stride,
+                                                   bool causal) {
     if (causal) {
-        long long leader = min((qi / stride) * stride + stride - 1, lg - 1);
-        long long start = max(leader + 1 - kernel, 0LL);
+        const Index leader = min((qi / stride) * stride + stride - 1, lg - 1);
+        const Index start = max(leader + 1 - kernel, Index(0));
         return {start, min(qi + 1, lg)};
     }
-    long long leader = min((qi / stride) * stride + stride / 2, lg - 1);
-    long long start = min(max(leader - kernel / 2, 0LL), lg - kernel);
+    const Index leader = min((qi / stride) * stride + stride / 2, lg - 1);
+    const Index start = min(max(leader - kernel / 2, Index(0)), lg - kernel);
     return {start, start + kernel};
 }
 

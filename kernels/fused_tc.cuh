@@ -57,32 +57,37 @@
 
 // Tile `i` of one axis: its dilation group and that group's length, and the group indices
 // `[first, first + count)` of its rows. Groups below `length % dilation` are one longer; each
-// group is cut into tiles of `tile` rows from its start.
+// group is cut into tiles of 2^`shift` rows from its start. In 32 bits (unsigned: the divisions
+// are cheaper), as every index of a tensor-core kernel fits them (na_tile_position); so do the
+// products here, at most the tiles along the axis plus the dilation.
 struct NaAxisTile {
-    long long group;
-    long long len;
-    long long first;
-    long long count;
+    int group;
+    int len;
+    int first;
+    int count;
 };
 
-__device__ __forceinline__ NaAxisTile na_axis_tile(long long i, long long length,
-                                                   long long dilation, long long tile) {
-    const NaDivMod l = na_divmod(length, dilation);
-    const long long long_tiles = (l.quot + tile) / tile;
-    const long long short_tiles = (l.quot + tile - 1) / tile;
-    NaAxisTile a;
-    long long j;
-    if (i < l.rem * long_tiles) {
-        a.group = i / long_tiles;
-        j = i % long_tiles;
+__device__ __forceinline__ NaAxisTile na_axis_tile(unsigned i, unsigned length, unsigned dilation,
+                                                   int shift) {
+    const unsigned tile = 1u << shift;
+    const unsigned quot = length / dilation, rem = length - quot * dilation;
+    const unsigned long_tiles = (quot + tile) >> shift;
+    const unsigned short_tiles = (quot + tile - 1) >> shift;
+    unsigned group, j;
+    if (i < rem * long_tiles) {
+        group = i / long_tiles;
+        j = i - group * long_tiles;
     } else {
-        const long long k = i - l.rem * long_tiles;
-        a.group = l.rem + k / short_tiles;
-        j = k % short_tiles;
+        const unsigned k = i - rem * long_tiles;
+        const unsigned n = k / short_tiles;
+        group = rem + n;
+        j = k - n * short_tiles;
     }
-    a.len = l.quot + (a.group < l.rem ? 1 : 0);
-    a.first = j * tile;
-    a.count = min(tile, a.len - a.first);
+    NaAxisTile a;
+    a.group = (int)group;
+    a.len = (int)(quot + (group < rem ? 1 : 0));
+    a.first = (int)(j << shift);
+    a.count = min((int)tile, a.len - a.first);
     return a;
 }
 
@@ -117,19 +122,20 @@ __device__ __forceinline__ NaTcTask na_tc_task(long long task, long long heads,
     return {split.quot, split.rem, bh.rem};
 }
 
-// Coordinates of number `n` in row-major order over `extent` (32-bit).
-__device__ __forceinline__ void na_coords(int n, const int extent[3], int c[3]) {
-    c[2] = n % extent[2];
-    n /= extent[2];
-    c[1] = n % extent[1];
-    c[0] = n / extent[1];
+// Coordinates of number `n` in row-major order over `extent` (32-bit, unsigned: the divisions
+// are cheaper).
+__device__ __forceinline__ void na_coords(unsigned n, const unsigned extent[3], int c[3]) {
+    const unsigned n1 = n / extent[2], n0 = n1 / extent[1];
+    c[2] = (int)(n - n1 * extent[2]);
+    c[1] = (int)(n1 - n0 * extent[1]);
+    c[0] = (int)n0;
 }
 
 // The tile of a block: per axis, which part of which dilation group it takes (na_axis_tile's
 // fields, in 32 bits); the box of column group indices its rows pair with, and how the box is cut
 // into slabs (na_cut_box).
 struct NaTcTile {
-    int tile[3];        // rows per tile along each axis
+    int tile_shift[3];  // a tile is 2^tile_shift[a] rows long along axis a
     int group[3];       // the tile's dilation group
     int len[3];         // that group's length
     int first[3];       // the group index of the tile's first row
@@ -138,6 +144,14 @@ struct NaTcTile {
     int box_len[3];     // columns of the box along each axis
     int slab_shift[3];  // a slab is 2^slab_shift[a] columns long along axis a
 };
+
+// Coordinates of row number `n` of a tile, row-major over its sides (powers of two: the host's
+// tiles, fused_launch::query_tile).
+__device__ __forceinline__ void na_tile_coords(const NaTcTile& tl, int n, int c[3]) {
+    c[2] = n & ((1 << tl.tile_shift[2]) - 1);
+    c[1] = n >> tl.tile_shift[2] & ((1 << tl.tile_shift[1]) - 1);
+    c[0] = n >> (tl.tile_shift[1] + tl.tile_shift[2]);
+}
 
 // log2 of a power of two.
 __device__ __forceinline__ constexpr int na_log2(int n) { return n <= 1 ? 0 : 1 + na_log2(n / 2); }
@@ -242,24 +256,26 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const l
                                                  const long long tiles[3], long long index,
                                                  int warp, int g, NaTcRow rows[2]) {
     NaTcTile tl;
-    long long at[3];
-    na_token_of(tiles, index, at);
+    const unsigned tiles_of[3] = {(unsigned)tiles[0], (unsigned)tiles[1], (unsigned)tiles[2]};
+    int at[3];
+    na_coords((unsigned)index, tiles_of, at);
     int within[2][3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        tl.tile[a] = (int)tile[a];
+        tl.tile_shift[a] = 31 - __clz((int)tile[a]);
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        na_coords(16 * warp + g + 8 * r, tl.tile, within[r]);
+        na_tile_coords(tl, 16 * warp + g + 8 * r, within[r]);
     }
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        const NaAxisTile axis = na_axis_tile(at[a], f.length[a], f.dilation[a], tile[a]);
-        tl.group[a] = (int)axis.group;
-        tl.len[a] = (int)axis.len;
-        tl.first[a] = (int)axis.first;
-        tl.count[a] = (int)axis.count;
+        const NaAxisTile axis = na_axis_tile((unsigned)at[a], (unsigned)f.length[a],
+                                             (unsigned)f.dilation[a], tl.tile_shift[a]);
+        tl.group[a] = axis.group;
+        tl.len[a] = axis.len;
+        tl.first[a] = axis.first;
+        tl.count[a] = axis.count;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             rows[r].valid = (a == 0 || rows[r].valid) && within[r][a] < tl.count[a];
@@ -315,7 +331,7 @@ __device__ __forceinline__ const elem_t* na_tile_row_ptr(const NaFusedParams& f,
 }
 
 // The window of group index `qi` along axis `a` of the tile's group.
-__device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, long long qi) {
+__device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, int qi) {
     return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
 }
 
@@ -346,7 +362,7 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const 
 // whether it lies inside the tile.
 __device__ __forceinline__ bool na_tile_row(const NaTcTile& tl, int n, long long index[3]) {
     int c[3];
-    na_coords(n, tl.tile, c);
+    na_tile_coords(tl, n, c);
     bool inside = true;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {

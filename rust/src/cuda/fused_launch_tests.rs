@@ -430,6 +430,19 @@ fn query_tiles_are_as_square_as_the_grid_allows() {
         let p = self_attention(shape, DType::F16, kernel, dilation);
         assert_eq!(query_tile(&p.axes, 128), tile, "{shape:?}");
     }
+    // Every side is a power of two: the kernels find a row's coordinates in a tile by shifts.
+    for (length, dilation) in [(3, 1), (7, 2), (16, 5), (56, 1), (90, 4), (1000, 7)] {
+        let p = self_attention(
+            &[1, 5, length, 2, 16],
+            DType::F16,
+            vec![3, 3],
+            vec![1, dilation],
+        );
+        for rows in [TC_ROWS, 128] {
+            let tile = query_tile(&p.axes, rows);
+            assert!(tile.iter().all(|side| side.is_power_of_two()), "{tile:?}");
+        }
+    }
 }
 
 #[test]
