@@ -121,6 +121,54 @@ __device__ __forceinline__ void na_each_slot_of_rows(const NaUtTile& u, int lane
     }
 }
 
+// Move the warp's sixteen rows of window slots between the slot tile from `own` and view `v`
+// (into the view where TO_VIEW): row by row (na_each_slot_of_rows), or where both lay them out
+// alike, as two runs of eight rows, sixteen bytes a lane. That takes a tile pitched as the slot
+// count (odd windows), a view whose slots are dense and whose rows follow one another along the
+// last axis (stride 1 there), eight tile rows or more along that axis (so that the warp's rows
+// 0-7 and 8-15 lie along it), every row valid, and both runs 16-byte aligned in the view.
+template <bool TO_VIEW>
+__device__ __forceinline__ void na_move_slot_rows(const NaFusedParams& f, const NaUtTile& u,
+                                                  const NaView& v, elem_t* own, int lane) {
+    if (NA_UT_SLOT_PITCH == NA_SLOTS && v.stride[5] == 1 && v.stride[4] == NA_SLOTS &&
+        f.dilation[2] == 1 && u.tl.tile_shift[2] >= 3) {
+        elem_t* runs[2];  // where rows 0 and 8 start in the view
+        bool aligned = true;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            runs[r] = reinterpret_cast<elem_t*>(v.data) + __shfl_sync(0xffffffffu, u.at[r], 0);
+            aligned = aligned && reinterpret_cast<unsigned long long>(runs[r]) % 16 == 0;
+        }
+        if (__all_sync(0xffffffffu, u.rows[0].valid && u.rows[1].valid) && aligned) {
+            // A run: 8 NA_SLOTS elements, NA_SLOTS chunks (at 8r rows of the tile, 16-byte
+            // aligned as `own` is).
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                NaChunk* const tile = reinterpret_cast<NaChunk*>(own + 8 * r * NA_UT_SLOT_PITCH);
+                NaChunk* const view = reinterpret_cast<NaChunk*>(runs[r]);
+                for (int c = lane; c < NA_SLOTS; c += NA_WARP) {
+                    if (TO_VIEW) {
+                        view[c] = tile[c];
+                    } else {
+                        tile[c] = view[c];
+                    }
+                }
+            }
+            return;
+        }
+    }
+    elem_t* const data = reinterpret_cast<elem_t*>(v.data);
+    na_each_slot_of_rows(u, lane, [&](int i, long long at, int slot) {
+        elem_t& in_view = data[at + slot * v.stride[5]];
+        elem_t& in_tile = own[i * NA_UT_SLOT_PITCH + slot];
+        if (TO_VIEW) {
+            in_view = in_tile;
+        } else {
+            in_tile = in_view;
+        }
+    });
+}
+
 // Every slot of a warp's sixteen rows of the slot tile from `own` (16-byte aligned, as the rows
 // take whole 16-byte chunks) as `value`, a chunk per store.
 __device__ __forceinline__ void na_fill_rows(elem_t* own, elem_t value, int lane) {
@@ -217,7 +265,6 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     elem_t* const own = slots[16 * warp];  // the warp's sixteen rows (16-byte aligned)
-    elem_t* const out = reinterpret_cast<elem_t*>(p.out.data);
     const elem_t fill = from_acc(p.neg_inf_fill ? neg_inf() : acc_t(0));
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
@@ -275,9 +322,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             });
 
         __syncwarp();  // the warp's rows complete
-        na_each_slot_of_rows(u, lane, [&](int i, long long at, int slot) {
-            out[at + slot * p.out.stride[5]] = own[i * NA_UT_SLOT_PITCH + slot];
-        });
+        na_move_slot_rows<true>(f, u, p.out, own, lane);
     }
 }
 
@@ -285,21 +330,18 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_gather_tc(const NaParams p) {
     __shared__ __align__(16) NaUtSlabs values;
-    __shared__ elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
+    __shared__ __align__(16) elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
     const NaFusedParams f = na_fused_view(p);
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    elem_t* const own = slots[16 * warp];
-    const elem_t* const weights = na_ptr(p.w);
+    elem_t* const own = slots[16 * warp];  // the warp's sixteen rows (16-byte aligned)
     const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
         const NaUtTile u = na_ut_tile(p, f, job, p.w, warp, g);
 
         __syncwarp();  // the last task's rows read
-        na_each_slot_of_rows(u, lane, [&](int i, long long at, int slot) {
-            own[i * NA_UT_SLOT_PITCH + slot] = weights[at + slot * p.w.stride[5]];
-        });
+        na_move_slot_rows<false>(f, u, p.w, own, lane);
         __syncwarp();
         int slot_rows[2];
         na_slot_rows(u, g, slot_rows);

@@ -54,6 +54,9 @@ TENSOR_CORE_UNFUSED_CASES = [
     (((6, 10, 9), (3, 5, 5), (1, 2, 1), (False, True, False), False, 0), 128),
     (((150,), (13,), (3,), (False,), True, 0), 8),
     (((15, 14), (11, 11), (1, 1), (False, False), False, 0), 24),
+    # Rows a multiple of 8 long: whole slot rows move sixteen bytes at a time (but in the last
+    # tile along axis 0, of four rows).
+    (((12, 16), (5, 5), (1, 1), (False, True), False, 0), 32),
 ]  # fmt: skip
 TENSOR_CORE_UNFUSED_PARAMS = [
     pytest.param(case, dim, id=f"{len(case[0])}d-K{case[1]}-d{case[2]}-D{dim}")
