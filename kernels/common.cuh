@@ -370,26 +370,45 @@ __device__ __forceinline__ NaRange na_group_window(Index qi, Index lg, int kerne
     return {start, start + kernel};
 }
 
-// Queries (group indices) whose window holds key group index `kj`: one run `[start, end)`,
-// since windows move monotonically with the query (window.rs inverse_windows). Every window
-// starts at most K - 1 before its query and ends at most K after it, so the candidates are
-// kj - K + 1 ..= kj + K - 1. Unfused ops have stride 1.
+// The first group index whose window (na_group_window) starts after `x`, or `lg` if none does:
+// windows never move back as the query moves on, so that is where the window's leader first
+// passes a bound. A non-causal window starts at min(max(leader - K / 2, 0), lg - K), past x
+// (0 <= x < lg - K) once the leader passes x + K / 2; a causal one at max(leader + 1 - K, 0),
+// past x once the leader passes x + K - 1 (itself below lg - 1). The leader min(floor(qi / S) S
+// + o, lg - 1) (o = S / 2, or S - 1 causal) then passes a bound `need` below lg - 1 once
+// floor(qi / S) S passes need - o. tests/kernels/window_runs.cpp checks this against the windows.
+template <class Index>
+__device__ __forceinline__ Index na_first_window_after(Index x, Index lg, int kernel, int stride,
+                                                       bool causal) {
+    if (x < 0) {
+        return 0;
+    }
+    const Index need = causal ? x + kernel - 1 : x + kernel / 2;
+    if (causal ? need >= lg - 1 : x >= lg - kernel) {
+        return lg;
+    }
+    const Index past = need - (causal ? stride - 1 : stride / 2);
+    return past < 0 ? Index(0) : min((past / stride + 1) * stride, lg);
+}
+
+// Queries (group indices) whose windows hold some key of group indices `[first, last]`: one run
+// `[start, end)`, or {0, 0} for none. Windows move monotonically with the query, so those that
+// start at or before `last` are a prefix, and those that end after `first` a suffix: a causal
+// window ends just after its query, a non-causal one K after its start.
+template <class Index>
+__device__ __forceinline__ NaRange na_window_run(Index first, Index last, Index lg, int kernel,
+                                                 int stride, bool causal) {
+    const Index start = causal ? first : na_first_window_after(first - kernel, lg, kernel, stride,
+                                                               false);
+    const Index end = na_first_window_after(last, lg, kernel, stride, causal);
+    return start < end ? NaRange{start, end} : NaRange{0, 0};
+}
+
+// Queries (group indices) whose window holds key group index `kj` (the unfused ops have stride
+// 1).
 __device__ __forceinline__ NaRange na_inverse_run(long long kj, long long lg, int kernel,
                                                   bool causal) {
-    long long first = 0, count = 0;
-#pragma unroll
-    for (int t = 0; t < 2 * kernel - 1; ++t) {
-        long long qi = kj - (kernel - 1) + t;
-        if (qi < 0 || qi >= lg) {
-            continue;
-        }
-        NaRange w = na_group_window(qi, lg, kernel, 1, causal);
-        if (w.start <= kj && kj < w.end) {
-            first = count == 0 ? qi : first;
-            ++count;
-        }
-    }
-    return {first, first + count};
+    return na_window_run(kj, kj, lg, kernel, 1, causal);
 }
 
 // The window of one query along every axis: group coordinates and group range.

@@ -54,24 +54,9 @@ __device__ __forceinline__ NaPair na_pair(acc_t logit, acc_t lse, acc_t dp, acc_
     return {prob, prob * (dp - delta)};
 }
 
-// Queries (group indices) whose windows hold some key of group indices `[first, last]`: one
-// run `[start, end)`, since windows move monotonically with the query (those that start at or
-// before `last` are a prefix, those that end after `first` a suffix). A window holds keys at most
-// K + S - 1 from its query (its leader is under S away, and the window spans K), so those are the
-// candidates.
-__device__ __forceinline__ NaRange na_fused_inverse_run(long long first, long long last,
-                                                        long long lg, int a) {
-    const long long reach = na_kernel(a) + na_stride(a);
-    const long long top = min(last + reach, lg - 1);
-    NaRange run = {0, 0};
-    bool found = false;
-    for (long long qi = max(first - reach, 0LL); qi <= top; ++qi) {
-        const NaRange w = na_group_window(qi, lg, na_kernel(a), na_stride(a), na_causal(a));
-        if (w.start <= last && first < w.end) {
-            run.start = found ? run.start : qi;
-            run.end = qi + 1;
-            found = true;
-        }
-    }
-    return run;
+// Queries (group indices) whose windows along axis `a` hold some key of group indices
+// `[first, last]` (na_window_run), in the type of the indices (na_group_window).
+template <class Index>
+__device__ __forceinline__ NaRange na_fused_inverse_run(Index first, Index last, Index lg, int a) {
+    return na_window_run(first, last, lg, na_kernel(a), na_stride(a), na_causal(a));
 }

@@ -996,7 +996,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
             tl.box_len[a] = (int)(box.end - box.start);
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const long long kj = rows[r].index[a];
+                const int kj = rows[r].index[a];
                 const NaRange run = rows[r].valid
                                         ? na_fused_inverse_run(kj, kj, tl.len[a], a)
                                         : NaRange{0, 0};

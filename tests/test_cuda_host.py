@@ -211,6 +211,24 @@ def test_slab_masks_match_their_column_by_column_definition(tmp_path, kernel, fi
     assert (fitting > 0) == fits, run.stdout
 
 
+def test_window_runs_match_a_scan_of_every_window(tmp_path):
+    # The backward kernels find the queries whose windows hold a key (or a tile's keys) in
+    # closed form; tests/kernels/window_runs.cpp checks it against a scan of every query's
+    # window, over every group length up to 24, kernel, stride and key range, and random larger
+    # ones, in 32- and 64-bit indices.
+    root = Path(__file__).resolve().parent
+    binary = tmp_path / "window_runs"
+    defines = [f"-D{name}={value}" for name, value in HOST_CONSTANTS.items()]
+    subprocess.run(
+        ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
+         str(root / "kernels" / "window_runs.cpp"), "-o", str(binary)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith(" 0 differences"), run.stdout
+
+
 # GQA with rpb in 2-D and 3-D (the second causal, dilated), additional tokens past a tile.
 LOOPING_CASES = [TENSOR_CORE_CASES[1], TENSOR_CORE_BACKWARD_CASES[2], TENSOR_CORE_CASES[3]]
 
