@@ -185,6 +185,24 @@ HOST_CONSTANTS = {
 }  # fmt: skip
 
 
+def _run_kernel_check(tmp_path, name: str, constants: dict) -> str:
+    """Build tests/kernels/<name>.cpp (kernels/host.h's build of kernel code, with `constants`
+    defined), run it, and return what it printed: it checks code against its definition and
+    ends with a count of differences, which must be none."""
+    root = Path(__file__).resolve().parent
+    binary = tmp_path / name
+    defines = [f"-D{key}={value}" for key, value in constants.items()]
+    subprocess.run(
+        ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
+         str(root / "kernels" / f"{name}.cpp"), "-o", str(binary)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip().endswith(" 0 differences"), run.stdout
+    return run.stdout
+
+
 # Kernel sizes for the cut's rule: no slab of 32 or 64 columns fits inside a 7x7 window, and
 # some fit inside a 5x9x13 one.
 @pytest.mark.parametrize(("kernel", "fits"), [((1, 7, 7), False), ((5, 9, 13), True)])
@@ -194,21 +212,11 @@ def test_slab_masks_match_their_column_by_column_definition(tmp_path, kernel, fi
     # shape of those, every column once) and the masks against their definition, column by
     # column, over random boxes, slabs and ranges, and that a slab the shortcut takes whole is
     # seen whole.
-    root = Path(__file__).resolve().parent
-    binary = tmp_path / "slab_masks"
     sizes = {f"NA_K{a}": k for a, k in enumerate(kernel)}
-    defines = [f"-D{name}={value}" for name, value in {**HOST_CONSTANTS, **sizes}.items()]
-    subprocess.run(
-        ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
-         str(root / "kernels" / "slab_masks.cpp"), "-o", str(binary)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip().endswith(" 0 differences"), run.stdout
+    printed = _run_kernel_check(tmp_path, "slab_masks", {**HOST_CONSTANTS, **sizes})
     # Both branches of the rule are taken where they can be.
-    fitting = int(re.search(r"(\d+) cuts of a shape that fits a window", run.stdout).group(1))
-    assert (fitting > 0) == fits, run.stdout
+    fitting = int(re.search(r"(\d+) cuts of a shape that fits a window", printed).group(1))
+    assert (fitting > 0) == fits, printed
 
 
 def test_window_runs_match_a_scan_of_every_window(tmp_path):
@@ -216,17 +224,7 @@ def test_window_runs_match_a_scan_of_every_window(tmp_path):
     # closed form; tests/kernels/window_runs.cpp checks it against a scan of every query's
     # window, over every group length up to 24, kernel, stride and key range, and random larger
     # ones, in 32- and 64-bit indices.
-    root = Path(__file__).resolve().parent
-    binary = tmp_path / "window_runs"
-    defines = [f"-D{name}={value}" for name, value in HOST_CONSTANTS.items()]
-    subprocess.run(
-        ["c++", "-std=c++17", "-O2", f"-I{root.parent / 'kernels'}", *defines,
-         str(root / "kernels" / "window_runs.cpp"), "-o", str(binary)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    run = subprocess.run([str(binary)], check=False, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert run.stdout.strip().endswith(" 0 differences"), run.stdout
+    _run_kernel_check(tmp_path, "window_runs", HOST_CONSTANTS)
 
 
 # GQA with rpb in 2-D and 3-D (the second causal, dilated), additional tokens past a tile.
