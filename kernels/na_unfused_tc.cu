@@ -185,13 +185,14 @@ __device__ __forceinline__ void na_fill_rows(elem_t* own, elem_t value, int lane
     }
 }
 
-// Where this lane's two rows start in its warp's slot tile, each moved back by its window's first
-// slot number, so that row r's slot of the key numbered n (na_slot_number) is element
-// rows[r] + n of the tile. Only the slots of keys a row sees (its window's) are accessed.
-__device__ __forceinline__ void na_slot_rows(const NaUtTile& u, int g, int rows[2]) {
+// Where this lane's two rows start in a slot tile whose rows it numbers from `row` (`row` and
+// `row` + 8), each moved back by its window's first slot number, so that row r's slot of the key
+// numbered n (na_slot_number) is element rows[r] + n of the tile. Only the slots of keys a row
+// sees (its window's) are accessed.
+__device__ __forceinline__ void na_slot_rows(const NaUtTile& u, int row, int rows[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        rows[r] = (g + 8 * r) * NA_UT_SLOT_PITCH - u.first_slot[r];
+        rows[r] = (row + 8 * r) * NA_UT_SLOT_PITCH - u.first_slot[r];
     }
 }
 
@@ -343,8 +344,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         __syncwarp();  // the last task's rows read
         na_move_slot_rows<false>(f, u, p.w, own, lane);
         __syncwarp();
+        // (Numbered across the block's tile and read from it: addressed from the tile itself,
+        // the reads below take fewer instructions than from `own`.)
+        const elem_t* const tile = reinterpret_cast<const elem_t*>(slots);
         int slot_rows[2];
-        na_slot_rows(u, g, slot_rows);
+        na_slot_rows(u, 16 * warp + g, slot_rows);
 
         float acc[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(acc);
@@ -362,8 +366,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         const bool lo = na_seen(seen, kb, r, 0), hi = na_seen(seen, kb, r, 1);
-                        w[kb][r] = na_pack(lo ? own[slot_rows[r] + n.lo] : elem_t(0),
-                                           hi ? own[slot_rows[r] + n.hi] : elem_t(0));
+                        w[kb][r] = na_pack(lo ? tile[slot_rows[r] + n.lo] : elem_t(0),
+                                           hi ? tile[slot_rows[r] + n.hi] : elem_t(0));
                     }
                 }
                 na_weighted_fragments<NA_UT_KEYS / 16, NA_DIM / 8>(
