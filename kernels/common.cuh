@@ -123,6 +123,56 @@ struct NaView {
     long long stride[6];
 };
 
+// Division by a launch constant `divisor` (at least 1) of numbers below 2^31: a multiply-high and
+// a shift (na_divide) where a 32-bit division takes some twenty instructions. The host finds
+// `magic` and `shift` (tiling::Divider: magic = ceil(2^(31 + shift) / divisor), shift =
+// ceil(log2 divisor)); the quotient is floor(n magic / 2^(31 + shift)).
+struct NaDivider {
+    unsigned divisor;
+    unsigned magic;
+    unsigned shift;
+};
+
+// Quotient and remainder of n < 2^31 by d. (2 n) < 2^32, and the high word of 2 n magic is
+// floor(n magic / 2^31).
+struct NaQuotient {
+    unsigned quot;
+    unsigned rem;
+};
+
+__device__ __forceinline__ NaQuotient na_divide(unsigned n, const NaDivider& d) {
+    const unsigned q = __umulhi(n << 1, d.magic) >> d.shift;
+    return {q, n - q * d.divisor};
+}
+
+// How the tensor-core kernels cut one axis into tiles (tiling::AxisTiling): its `length`
+// is `quot * dilation + rem`, so its first `rem` dilation groups are `quot + 1` long and the
+// others `quot`; a group is cut into tiles of 2^`tile_shift` rows from its start, `long_tiles`
+// of them in a long group and `short_tiles` in a short one (a divisor of 1 where there is no
+// such group: it divides nothing).
+struct NaAxisTiling {
+    unsigned quot;
+    unsigned rem;
+    int tile_shift;
+    unsigned reserved;
+    NaDivider long_tiles;
+    NaDivider short_tiles;
+};
+
+// How a launch of a tile kernel numbers its tasks (one tile of one (batch, head) each,
+// batch-major, then head, then tile; every task number below 2^31, as the host checks) and cuts
+// its rows into tiles; filled by the host per launch (tiling::TcTiling).
+struct NaTcTiling {
+    NaDivider heads;     // the heads the tasks run over (query heads, or kv heads)
+    NaDivider per_head;  // tiles per (batch, head): the product of `tiles`
+    NaDivider tiles[3];  // tiles along each axis, every dilation group's together
+    NaAxisTiling axis[3];
+    unsigned reserved;  // (to a multiple of 8 bytes)
+};
+
+static_assert(sizeof(NaTcTiling) == 5 * 12 + 3 * 40 + 4,
+              "NaTcTiling must match tiling::TcTiling");
+
 // Everything a launch needs; passed by value. Views a kernel does not use are zero.
 struct NaParams {
     NaView out;    // written: [b, h, s0, s1, s2, c|slot], or [b, h, e, -, -, c], or [h, r0, r1, r2]
@@ -141,12 +191,11 @@ struct NaParams {
     int has_bias;           // whether `bias` is given
     int neg_inf_fill;       // whether empty (causal) slots hold -inf (logits) rather than 0
     int run;                // channels a thread of na_gather / na_scatter takes (1 or NA_RUN)
-    long long tile[3];      // queries per tile along each axis (tensor-core kernels; else 0)
-    long long tiles[3];     // tiles along each axis, every dilation group's together
+    NaTcTiling tiling;      // the tensor-core kernels' tasks and tiles (else zeros)
 };
 
 static_assert(sizeof(NaView) == 56, "NaView must match launch::View");
-static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4 + 6 * 8,
+static_assert(sizeof(NaParams) == 6 * 56 + 10 * 8 + 4 * 4 + sizeof(NaTcTiling),
               "NaParams must match launch::Params");
 
 // The fused ops' parameter block. Heads-last tensors are viewed in the same logical order as

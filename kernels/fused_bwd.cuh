@@ -20,11 +20,11 @@ struct NaFusedBwdParams {
     unsigned long long stats;  // acc_t (lse, delta) per query row, rows numbered as na_row_of's
     int has_d_lse;
     int reserved;
-    long long tile[3];   // rows per tile along each axis (tensor-core kernels; else unused)
-    long long tiles[3];  // tiles along each axis, every dilation group's together
+    NaTcTiling tiling;   // the launch's tasks and tiles (tensor-core kernels; else unused)
 };
 
-static_assert(sizeof(NaFusedBwdParams) == sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4 + 6 * 8,
+static_assert(sizeof(NaFusedBwdParams) ==
+                  sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4 + sizeof(NaTcTiling),
               "NaFusedBwdParams must match fused_launch::FusedBackwardParams");
 
 __device__ __forceinline__ long long na_fused_tokens(const NaFusedParams& p) {

@@ -56,10 +56,8 @@
 #endif
 
 // Tile `i` of one axis: its dilation group and that group's length, and the group indices
-// `[first, first + count)` of its rows. Groups below `length % dilation` are one longer; each
-// group is cut into tiles of 2^`shift` rows from its start. In 32 bits (unsigned: the divisions
-// are cheaper), as every index of a tensor-core kernel fits them (na_tile_position); so do the
-// products here, at most the tiles along the axis plus the dilation.
+// `[first, first + count)` of its rows (the host's cut, NaAxisTiling). In 32 bits, as every
+// index of a tensor-core kernel fits them (na_tile_position).
 struct NaAxisTile {
     int group;
     int len;
@@ -67,27 +65,22 @@ struct NaAxisTile {
     int count;
 };
 
-__device__ __forceinline__ NaAxisTile na_axis_tile(unsigned i, unsigned length, unsigned dilation,
-                                                   int shift) {
-    const unsigned tile = 1u << shift;
-    const unsigned quot = length / dilation, rem = length - quot * dilation;
-    const unsigned long_tiles = (quot + tile) >> shift;
-    const unsigned short_tiles = (quot + tile - 1) >> shift;
-    unsigned group, j;
-    if (i < rem * long_tiles) {
-        group = i / long_tiles;
-        j = i - group * long_tiles;
+__device__ __forceinline__ NaAxisTile na_axis_tile(unsigned i, const NaAxisTiling& axis) {
+    const unsigned in_long = axis.rem * axis.long_tiles.divisor;
+    NaQuotient at;
+    unsigned group;
+    if (i < in_long) {
+        at = na_divide(i, axis.long_tiles);
+        group = at.quot;
     } else {
-        const unsigned k = i - rem * long_tiles;
-        const unsigned n = k / short_tiles;
-        group = rem + n;
-        j = k - n * short_tiles;
+        at = na_divide(i - in_long, axis.short_tiles);
+        group = axis.rem + at.quot;
     }
     NaAxisTile a;
     a.group = (int)group;
-    a.len = (int)(quot + (group < rem ? 1 : 0));
-    a.first = (int)(j << shift);
-    a.count = min((int)tile, a.len - a.first);
+    a.len = (int)(axis.quot + (group < axis.rem ? 1 : 0));
+    a.first = (int)(at.rem << axis.tile_shift);
+    a.count = min(1 << axis.tile_shift, a.len - a.first);
     return a;
 }
 
@@ -110,25 +103,23 @@ struct NaTcTask {
     long long tile;  // tile number within the (batch, head)
 };
 
-__device__ __forceinline__ long long na_tc_tasks(long long batch, long long heads,
-                                                 const long long tiles[3]) {
-    return batch * heads * tiles[0] * tiles[1] * tiles[2];
+__device__ __forceinline__ long long na_tc_tasks(long long batch, const NaTcTiling& tiling) {
+    return batch * tiling.heads.divisor * tiling.per_head.divisor;
 }
 
-__device__ __forceinline__ NaTcTask na_tc_task(long long task, long long heads,
-                                               const long long tiles[3]) {
-    const NaDivMod bh = na_divmod(task, tiles[0] * tiles[1] * tiles[2]);
-    const NaDivMod split = na_divmod(bh.quot, heads);
+__device__ __forceinline__ NaTcTask na_tc_task(long long task, const NaTcTiling& tiling) {
+    const NaQuotient bh = na_divide((unsigned)task, tiling.per_head);
+    const NaQuotient split = na_divide(bh.quot, tiling.heads);
     return {split.quot, split.rem, bh.rem};
 }
 
-// Coordinates of number `n` in row-major order over `extent` (32-bit, unsigned: the divisions
-// are cheaper).
-__device__ __forceinline__ void na_coords(unsigned n, const unsigned extent[3], int c[3]) {
-    const unsigned n1 = n / extent[2], n0 = n1 / extent[1];
-    c[2] = (int)(n - n1 * extent[2]);
-    c[1] = (int)(n1 - n0 * extent[1]);
-    c[0] = (int)n0;
+// Coordinates of tile number `n` of a (batch, head), row-major over the tiles along each axis.
+__device__ __forceinline__ void na_tile_at(unsigned n, const NaTcTiling& tiling, int c[3]) {
+    const NaQuotient n2 = na_divide(n, tiling.tiles[2]);
+    const NaQuotient n1 = na_divide(n2.quot, tiling.tiles[1]);
+    c[2] = (int)n2.rem;
+    c[1] = (int)n1.rem;
+    c[0] = (int)n1.quot;
 }
 
 // The tile of a block: per axis, which part of which dilation group it takes (na_axis_tile's
@@ -250,19 +241,17 @@ __device__ __forceinline__ void na_cut_box(NaTcTile& tl) {
     tl.slab_shift[2] = total - tl.slab_shift[0] - tl.slab_shift[1];
 }
 
-// Tile number `index` (of one (batch, head)) of `tiles`, and this lane's rows `rows[0]` (g) and
+// Tile number `index` (of one (batch, head)) of `tiling`, and this lane's rows `rows[0]` (g) and
 // `rows[1]` (g + 8) of warp `warp`; the ranges and the box are the caller's to fill.
-__device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const long long tile[3],
-                                                 const long long tiles[3], long long index,
+__device__ __forceinline__ NaTcTile na_tile_rows(const NaTcTiling& tiling, long long index,
                                                  int warp, int g, NaTcRow rows[2]) {
     NaTcTile tl;
-    const unsigned tiles_of[3] = {(unsigned)tiles[0], (unsigned)tiles[1], (unsigned)tiles[2]};
     int at[3];
-    na_coords((unsigned)index, tiles_of, at);
+    na_tile_at((unsigned)index, tiling, at);
     int within[2][3];
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        tl.tile_shift[a] = 31 - __clz((int)tile[a]);
+        tl.tile_shift[a] = tiling.axis[a].tile_shift;
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -270,8 +259,7 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaFusedParams& f, const l
     }
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        const NaAxisTile axis = na_axis_tile((unsigned)at[a], (unsigned)f.length[a],
-                                             (unsigned)f.dilation[a], tl.tile_shift[a]);
+        const NaAxisTile axis = na_axis_tile((unsigned)at[a], tiling.axis[a]);
         tl.group[a] = axis.group;
         tl.len[a] = axis.len;
         tl.first[a] = axis.first;
@@ -335,13 +323,22 @@ __device__ __forceinline__ NaRange na_tile_window(const NaTcTile& tl, int a, int
     return na_group_window(qi, tl.len[a], na_kernel(a), na_stride(a), na_causal(a));
 }
 
+// `x`, computed here once: its uses may not recompute it. (Their inputs loaded from the
+// parameters, ptxas rebuilt a tile's row windows inside the forward's slab loop rather than
+// keep them in registers: at head dim 128, 42 instructions of a 1222-instruction loop.)
+__device__ __forceinline__ int na_kept(int x) {
+#ifndef NA_HOST
+    asm volatile("" : "+r"(x));
+#endif
+    return x;
+}
+
 // A tile of queries (na_tile_rows): with the box of key group indices their windows span, cut
 // into slabs of COLUMNS keys, and each row's window.
 template <int COLUMNS>
-__device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const long long tile[3],
-                                                  const long long tiles[3], long long index,
+__device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long long index,
                                                   int warp, int g, NaTcRow rows[2]) {
-    NaTcTile tl = na_tile_rows(f, tile, tiles, index, warp, g, rows);
+    NaTcTile tl = na_tile_rows(tiling, index, warp, g, rows);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
         tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
@@ -350,8 +347,8 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaFusedParams& f, const 
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const NaRange w = na_tile_window(tl, a, rows[r].index[a]);
-            rows[r].start[a] = (int)w.start;
-            rows[r].end[a] = (int)w.end;
+            rows[r].start[a] = na_kept((int)w.start);
+            rows[r].end[a] = na_kept((int)w.end);
         }
     }
     na_cut_box<COLUMNS>(tl);

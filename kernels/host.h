@@ -65,6 +65,10 @@ inline To na_host_bits(From x) {
 }
 // Leading zero bits of a 32-bit word (32 for zero).
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz((unsigned)x); }
+// The high 32 bits of the 64-bit product of two words.
+inline unsigned __umulhi(unsigned a, unsigned b) {
+    return (unsigned)((unsigned long long)a * b >> 32);
+}
 inline float __int_as_float(int x) { return na_host_bits<float>(x); }
 inline float __uint_as_float(unsigned x) { return na_host_bits<float>(x); }
 inline unsigned __float_as_uint(float x) { return na_host_bits<unsigned>(x); }

@@ -136,10 +136,10 @@ __device__ __forceinline__ int na_bias_number(int x0, int x1, int x2) {
 // Rows of tile sums per head (every batch's tiles), the row of a query tile's task, and slices
 // of rows.
 __device__ __forceinline__ long long na_bias_rows(const NaFusedBwdParams& p) {
-    return p.f.batch * p.tiles[0] * p.tiles[1] * p.tiles[2];
+    return p.f.batch * p.tiling.per_head.divisor;
 }
 __device__ __forceinline__ long long na_bias_row(const NaFusedBwdParams& p, const NaTcTask& job) {
-    return (job.head * p.f.batch + job.batch) * (p.tiles[0] * p.tiles[1] * p.tiles[2]) + job.tile;
+    return (job.head * p.f.batch + job.batch) * p.tiling.per_head.divisor + job.tile;
 }
 __device__ __forceinline__ long long na_bias_slice_count(const NaFusedBwdParams& p) {
     return (na_bias_rows(p) + NA_BIAS_SLICE - 1) / NA_BIAS_SLICE;
@@ -619,12 +619,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         bias_grads.zero();  // (first added to after a barrier)
     }
     const NaExponent exponent = na_exponent(f);
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, h = job.head;
         NaTcRow rows[2];
-        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(p.tiling, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
         NaStat stats[2];
         na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
@@ -980,13 +980,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
     __shared__ NaKeyRowsShared shared;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long heads_kv = f.heads / f.group;
-    const long long tasks = na_tc_tasks(f.batch, heads_kv, p.tiles);
+    // Tasks over the kv heads, tiles of keys (the host's tiling for this launch).
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, heads_kv, p.tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, hk = job.head;
         NaTcRow rows[2];  // keys
-        NaTcTile tl = na_tile_rows(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        NaTcTile tl = na_tile_rows(p.tiling, job.tile, warp, g, rows);
         // Per axis: the box of queries whose windows hold some key of the tile, and each key's.
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
@@ -1033,13 +1033,12 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
     __shared__ NaKeyRowsShared shared;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long heads_kv = f.heads / f.group;
-    // Tiles of additional tokens, counted as na_tc_task counts tiles along three axes.
-    const long long tiles[3] = {1, 1, (f.extra_count + NA_TC_ROWS - 1) / NA_TC_ROWS};
-    const long long tasks = na_tc_tasks(f.batch, heads_kv, tiles);
+    // Tasks over the kv heads, tiles of NA_TC_ROWS additional tokens along the last axis (the
+    // host's tiling for this launch).
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     const long long groups = f.dilation[0] * f.dilation[1] * f.dilation[2];
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, heads_kv, tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, hk = job.head, first = job.tile * NA_TC_ROWS;
         NaTcRow rows[2];  // additional tokens, paired with every query
 #pragma unroll

@@ -67,11 +67,10 @@ using NaValueRows = NaStaged<NA_DIM_V, NA_TC_WGMMA>;
 // The forward's parameters and the query tiling (fused_launch::FusedTcParams).
 struct NaFusedTcParams {
     NaFusedParams forward;
-    long long tile[3];   // queries per tile along each axis (their product at most NA_TC_ROWS)
-    long long tiles[3];  // tiles along each axis, every dilation group's together
+    NaTcTiling tiling;  // the query tiles (each at most NA_TC_ROWS queries)
 };
 
-static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + 6 * 8,
+static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + sizeof(NaTcTiling),
               "NaFusedTcParams must match fused_launch::FusedTcParams");
 
 // The barrier that publishes staged rows, each thread having waited for its copies. Warpgroup
@@ -437,13 +436,13 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 #endif
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     const NaExponent exponent = na_exponent(f);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, h = job.head;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, rows);
+        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(p.tiling, job.tile, warp, g, rows);
         const elem_t* query_rows[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {

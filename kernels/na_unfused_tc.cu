@@ -91,7 +91,7 @@ __device__ __forceinline__ NaUtTile na_ut_tile(const NaParams& p, const NaFusedP
                                                const NaTcTask& job, const NaView& rows_of,
                                                int warp, int g) {
     NaUtTile u;
-    u.tl = na_query_tile<NA_UT_KEYS>(f, p.tile, p.tiles, job.tile, warp, g, u.rows);
+    u.tl = na_query_tile<NA_UT_KEYS>(p.tiling, job.tile, warp, g, u.rows);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         u.first_slot[r] = na_slot_number(u.rows[r].start);
@@ -267,9 +267,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     const int g = lane / 4, t = lane % 4;
     elem_t* const own = slots[16 * warp];  // the warp's sixteen rows (16-byte aligned)
     const elem_t fill = from_acc(p.neg_inf_fill ? neg_inf() : acc_t(0));
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const NaUtTile u = na_ut_tile(p, f, job, p.out, warp, g);
         const elem_t* query_rows[2];
 #pragma unroll
@@ -336,9 +336,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     elem_t* const own = slots[16 * warp];  // the warp's sixteen rows (16-byte aligned)
-    const long long tasks = na_tc_tasks(f.batch, f.heads, p.tiles);
+    const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
-        const NaTcTask job = na_tc_task(task, f.heads, p.tiles);
+        const NaTcTask job = na_tc_task(task, p.tiling);
         const NaUtTile u = na_ut_tile(p, f, job, p.w, warp, g);
 
         __syncwarp();  // the last task's rows read

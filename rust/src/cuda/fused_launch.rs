@@ -5,6 +5,7 @@
 
 use super::kernels::{Function, KernelKey, Source, BIAS_SLICE, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
+use super::tiling::{tasks_fit_31_bits, TcTiling};
 use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
 use crate::layout;
@@ -138,16 +139,18 @@ pub struct FusedBackwardParams {
     pub has_d_lse: i32,
     /// Padding to a multiple of 8 bytes (as in the kernel source).
     pub reserved: i32,
-    /// Rows per tile along each (padded) axis (the tensor-core kernels; zeros otherwise).
-    pub tile: [i64; 3],
-    /// Tiles along each axis, every dilation group's together.
-    pub tiles: [i64; 3],
+    /// The launch's tasks and tiles (the tensor-core kernels; zeros otherwise).
+    pub tiling: TcTiling,
 }
 
 // The static_assert of fused_bwd.cuh checks the same size on the device side.
 const _: () = assert!(
     std::mem::size_of::<FusedBackwardParams>()
-        == std::mem::size_of::<FusedParams>() + 8 * 56 + 8 + 2 * 4 + 6 * 8
+        == std::mem::size_of::<FusedParams>()
+            + 8 * 56
+            + 8
+            + 2 * 4
+            + std::mem::size_of::<TcTiling>()
 );
 
 /// One launch of a fused backward kernel.
@@ -188,7 +191,10 @@ fn bias_grads_on_tensor_cores(p: &FusedProblem) -> bool {
 /// Rows of partial sums of `d_rpb` per head on tensor cores: one per query tile of the batch,
 /// and one per slice of `BIAS_SLICE` of those.
 fn bias_sum_rows(p: &FusedProblem) -> (usize, usize) {
-    let tiles = p.batch * tiling(p).1.iter().product::<usize>();
+    let tiles = p.batch
+        * backward_tiling(p, Function::FusedBackwardBiasTc)
+            .per_head
+            .divisor as usize;
     (tiles, tiles.div_ceil(BIAS_SLICE))
 }
 
@@ -211,22 +217,16 @@ pub fn backward_plan(
     let keys = grads.d_key.is_some() && grads.d_value.is_some();
     let extras = grads.d_additional_keys.is_some() && grads.d_additional_values.is_some();
     let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
-    let tiles: usize = tiling(p).1.iter().product();
-    let tile_blocks =
-        |heads: usize| Config::covering((p.batch * heads * tiles) as u64, 1, (TC_THREADS, 1));
-    let extra_tiles = p.extra.div_ceil(TC_ROWS);
+    // A block per task.
+    let tile_blocks = |function| {
+        let tasks = backward_tiling(p, function).tasks(p.batch);
+        (function, Config::covering(tasks as u64, 1, (TC_THREADS, 1)))
+    };
     let (query, key, extra) = if tensor_cores {
         (
-            (Function::FusedBackwardQueryTc, tile_blocks(p.heads)),
-            (Function::FusedBackwardKeysTc, tile_blocks(p.heads_kv)),
-            (
-                Function::FusedBackwardExtrasTc,
-                Config::covering(
-                    (p.batch * p.heads_kv * extra_tiles) as u64,
-                    1,
-                    (TC_THREADS, 1),
-                ),
-            ),
+            tile_blocks(Function::FusedBackwardQueryTc),
+            tile_blocks(Function::FusedBackwardKeysTc),
+            tile_blocks(Function::FusedBackwardExtrasTc),
         )
     } else {
         (
@@ -271,18 +271,19 @@ pub fn backward_plan(
         .collect()
 }
 
-/// The tile (rows per tile along each axis) and the tile counts of the tensor-core kernels
-/// (queries and keys share one grid, so one tiling serves every one of them).
-fn tiling(p: &FusedProblem) -> ([usize; 3], [usize; 3]) {
-    tiling_of(&p.axes, TC_ROWS)
-}
-
-/// The tiling of a problem with spatial axes `axes` into tiles of `rows` queries at most
-/// (`query_tile`): the tile, and the tiles along each axis. The unfused tensor-core kernels tile
-/// their queries the same way.
-pub fn tiling_of(axes: &[Axis; 3], rows: usize) -> ([usize; 3], [usize; 3]) {
-    let tile = query_tile(axes, rows);
-    (tile, [0, 1, 2].map(|a| tiles_along(&axes[a], tile[a])))
+/// The tasks and tiles of backward kernel `function` on tensor cores (zeros for the warp
+/// kernels): tiles of `TC_ROWS` queries over the query heads (the `d_rpb` sums follow them), the
+/// same tiles of keys over the kv heads, and tiles of `TC_ROWS` additional tokens over the kv
+/// heads.
+pub fn backward_tiling(p: &FusedProblem, function: Function) -> TcTiling {
+    match function {
+        Function::FusedBackwardQueryTc
+        | Function::FusedBackwardBiasSlicesTc
+        | Function::FusedBackwardBiasTc => TcTiling::new(&p.axes, TC_ROWS, p.heads),
+        Function::FusedBackwardKeysTc => TcTiling::new(&p.axes, TC_ROWS, p.heads_kv),
+        Function::FusedBackwardExtrasTc => TcTiling::of_rows(p.extra, p.heads_kv),
+        _ => TcTiling::default(),
+    }
 }
 
 /// Backward, in launch order (`backward_plan`); `tensor_cores` picks the tensor-core kernels
@@ -320,21 +321,14 @@ pub fn backward(
         reserved: 0,
         ..FusedBackwardParams::default()
     };
-    let params = if tensor_cores {
-        let (tile, tiles) = tiling(p);
-        FusedBackwardParams {
-            tile: tile.map(|x| x as i64),
-            tiles: tiles.map(|x| x as i64),
-            ..params
-        }
-    } else {
-        params
-    };
     backward_plan(p, grads, tensor_cores)
         .into_iter()
         .map(|(function, config)| FusedBackwardLaunch {
             function,
-            params,
+            params: FusedBackwardParams {
+                tiling: backward_tiling(p, function),
+                ..params
+            },
             config,
         })
         .collect()
@@ -369,15 +363,15 @@ pub fn forward(
 pub struct FusedTcParams {
     /// Inputs, outputs and sizes as in the forward.
     pub forward: FusedParams,
-    /// Queries per tile along each (padded) axis.
-    pub tile: [i64; 3],
-    /// Tiles along each axis, every dilation group's together.
-    pub tiles: [i64; 3],
+    /// The query tiles.
+    pub tiling: TcTiling,
 }
 
 // The static_assert of na_fused_tc.cu checks the same size on the device side.
-const _: () =
-    assert!(std::mem::size_of::<FusedTcParams>() == std::mem::size_of::<FusedParams>() + 6 * 8);
+const _: () = assert!(
+    std::mem::size_of::<FusedTcParams>()
+        == std::mem::size_of::<FusedParams>() + std::mem::size_of::<TcTiling>()
+);
 
 /// Warps per block of the tensor-core kernels (the forward's may take more:
 /// `KernelKey::tensor_core_warps`).
@@ -399,45 +393,16 @@ pub fn takes_tensor_cores(
 }
 
 /// Whether every index the tensor-core kernels (fused and unfused) form for a problem fits their
-/// 32 bits: batch and head numbers, additional tokens, and the tokens of one (batch, head), which
-/// bound each position along an axis and each column of a key box. Larger problems take the other
-/// kernels, which index in 64 bits.
+/// 32 bits: batch and head numbers, additional tokens, the tokens of one (batch, head), which
+/// bound each position along an axis and each column of a key box, and the task numbers, which
+/// they divide in 31 (`tasks_fit_31_bits`). Larger problems take the other kernels, which index
+/// in 64 bits.
 pub fn indices_fit_32_bits(batch: usize, heads: usize, axes: &[Axis; 3], extra: usize) -> bool {
     let tokens = axes.iter().try_fold(1usize, |n, a| n.checked_mul(a.length));
     let fits = |n: usize| n <= i32::MAX as usize;
-    tokens.is_some_and(fits) && [batch, heads, extra].into_iter().all(fits)
-}
-
-/// The query tile of the tensor-core kernels: `rows` queries at most, grown by doubling,
-/// among the axes it is still shorter than the longest dilation group of, the one whose group
-/// is longest relative to the tile, so that a tile is as square as the grid allows (a square
-/// tile of a square window shares the most keys).
-pub fn query_tile(axes: &[Axis; 3], rows: usize) -> [usize; 3] {
-    let longest = axes.map(|a| a.length.div_ceil(a.dilation));
-    let mut tile = [1; 3];
-    while tile.iter().product::<usize>() * 2 <= rows {
-        let growable = (0..3).filter(|&a| tile[a] < longest[a]);
-        // longest[a] / tile[a], compared across axes without division.
-        let Some(axis) = growable.reduce(|best, a| {
-            let (x, y) = (longest[a] * tile[best], longest[best] * tile[a]);
-            if x > y {
-                a
-            } else {
-                best
-            }
-        }) else {
-            break;
-        };
-        tile[axis] *= 2;
-    }
-    tile
-}
-
-/// Tiles of `tile` queries along one axis, each dilation group cut from its start.
-fn tiles_along(axis: &Axis, tile: usize) -> usize {
-    (0..axis.dilation.min(axis.length))
-        .map(|group| axis.group_len(group).div_ceil(tile))
-        .sum()
+    tokens.is_some_and(fits)
+        && [batch, heads, extra].into_iter().all(fits)
+        && tasks_fit_31_bits(batch, heads, axes, extra)
 }
 
 /// The tensor-core forward in blocks of `warps` warps: one per query tile (sixteen queries a
@@ -450,16 +415,14 @@ pub fn tensor_core_forward(
     warps: usize,
 ) -> Option<FusedLaunch<FusedTcParams>> {
     let plain = forward(p, t, out, lse)?;
-    let (tile, tiles) = tiling_of(&p.axes, 16 * warps);
-    let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
+    let tiling = TcTiling::new(&p.axes, 16 * warps, p.heads);
     Some(FusedLaunch {
         function: Function::FusedForwardTc,
         params: FusedTcParams {
             forward: plain.params,
-            tile: tile.map(|x| x as i64),
-            tiles: tiles.map(|x| x as i64),
+            tiling,
         },
-        config: Config::covering(blocks as u64, 1, (WARP * warps as u32, 1)),
+        config: Config::covering(tiling.tasks(p.batch) as u64, 1, (WARP * warps as u32, 1)),
     })
 }
 

@@ -1,5 +1,6 @@
 use super::*;
 use crate::cuda::kernels::{KernelKey, Source};
+use crate::cuda::tiling::{query_tile, TcTiling};
 use crate::dlpack::{DType, Device};
 use crate::problem::{FusedInputs, Neighborhood, Problem};
 
@@ -201,8 +202,8 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
     );
     assert_eq!((pr.forward.group, pr.forward.extra_count), (3, 5));
     assert_eq!(
-        (pr.tile, pr.tiles),
-        ([0; 3], [0; 3]),
+        pr.tiling,
+        TcTiling::default(),
         "the warp kernels are not tiled"
     );
     // Without d_lse, and with neither key-side nor extra gradients, only the query kernel runs.
@@ -264,15 +265,29 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         ]
     );
     let pr = launches[0].params;
-    assert_eq!(pr.tile, query_tile(&p.axes, TC_ROWS).map(|x| x as i64));
     // Axis 1 (9 tokens, dilation 2) has groups of 5 and 4, one tile of 8 each; axis 2 (8
     // tokens) one tile of 8.
-    assert_eq!((pr.tile, pr.tiles), ([1, 8, 8], [1, 2, 1]));
-    // Tiles of queries, of keys, and of the 5 additional tokens (one tile), per batch and head.
-    let blocks = [2 * 6 * 2, 2 * 2 * 2, 2 * 2];
-    for (l, blocks) in launches.iter().zip(blocks) {
-        assert_eq!((l.config.grid, l.config.block), (blocks, (128, 1)));
+    let queries = pr.tiling;
+    assert_eq!(queries.tile(), query_tile(&p.axes, TC_ROWS));
+    assert_eq!((queries.tile(), queries.tiles()), ([1, 8, 8], [1, 2, 1]));
+    // Tiles of queries over the 6 heads, of keys over the 2 kv heads, and of the 5 additional
+    // tokens (one tile) over the kv heads, per batch.
+    let tasks = [(6, [1, 2, 1]), (2, [1, 2, 1]), (2, [1, 1, 1])];
+    for (l, (heads, tiles)) in launches.iter().zip(tasks) {
+        let tiling = l.params.tiling;
+        assert_eq!(
+            (tiling.heads.divisor, tiling.tiles()),
+            (heads, tiles),
+            "{:?}",
+            l.function
+        );
+        let blocks = (2 * heads * tiles.iter().product::<usize>() as u32, (128, 1));
+        assert_eq!((l.config.grid, l.config.block), blocks);
     }
+    assert_eq!(
+        launches[1].params.tiling.axes, queries.axes,
+        "keys tiled as queries"
+    );
     // The bias table (3 x 4: 5 x 7 entries) is summed over the 2 x 2 tiles of each head in one
     // slice: a block per (head, 32 entries), then a thread per (head, entry).
     let sums = [(6 * 2, (256, 1)), ((6 * 35u32).div_ceil(256), (256, 1))];
@@ -280,8 +295,15 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         assert_eq!((l.config.grid, l.config.block), sums, "{:?}", l.function);
     }
     assert!(
-        launches.iter().all(|l| l.params == pr),
-        "one parameter block"
+        launches.iter().all(|l| FusedBackwardParams {
+            tiling: pr.tiling,
+            ..l.params
+        } == pr),
+        "one parameter block but for the tiling"
+    );
+    assert!(
+        launches[3..].iter().all(|l| l.params.tiling == queries),
+        "the bias sums follow the query tiles"
     );
 }
 
@@ -467,16 +489,27 @@ fn tensor_core_tiles_cover_every_dilation_group() {
     let lse = TensorRef::meta(&[2, 20, 19, 4], DType::F32, Device::Cuda(0));
     let launch = tensor_core_forward(&p, &tensors, &out, &lse, TC_WARPS).unwrap();
     assert_eq!(launch.function, Function::FusedForwardTc);
-    assert_eq!(launch.params.tile, [1, 8, 8]);
-    assert_eq!(launch.params.tiles, [1, 4, 3]);
+    let tiling = launch.params.tiling;
+    assert_eq!((tiling.tile(), tiling.tiles()), ([1, 8, 8], [1, 4, 3]));
+    assert_eq!((tiling.heads.divisor, tiling.per_head.divisor), (4, 12));
+    // Axis 1: 20 = 10 x 2, two groups of 10 (no long group), two tiles each; axis 2: 19 = 6 x 3
+    // + 1, a group of 7 then two of 6, one tile each.
+    let cut = |a: usize| {
+        let axis = tiling.axes[a];
+        (
+            axis.quot,
+            axis.rem,
+            axis.long_tiles.divisor,
+            axis.short_tiles.divisor,
+        )
+    };
+    assert_eq!([cut(1), cut(2)], [(10, 0, 2, 2), (6, 1, 1, 1)]);
     assert_eq!(launch.config.grid, 2 * 4 * 12);
     assert_eq!(launch.config.block, (128, 1));
     // Blocks of eight warps take tiles of 128 queries: 16 x 8, one tile per group of axis 0.
     let launch = tensor_core_forward(&p, &tensors, &out, &lse, 8).unwrap();
-    assert_eq!(
-        (launch.params.tile, launch.params.tiles),
-        ([1, 16, 8], [1, 2, 3])
-    );
+    let tiling = launch.params.tiling;
+    assert_eq!((tiling.tile(), tiling.tiles()), ([1, 16, 8], [1, 2, 3]));
     assert_eq!(launch.config.grid, 2 * 4 * 6);
     assert_eq!(launch.config.block, (256, 1));
 }
@@ -553,8 +586,13 @@ fn tensor_cores_take_only_problems_whose_indices_fit_32_bits() {
     let limit = i32::MAX as usize;
     let fit =
         |batch, heads, lengths, extra| indices_fit_32_bits(batch, heads, &axes(lengths), extra);
-    assert!(fit(limit, limit, [1, 1, limit], limit));
+    assert!(fit(limit, 1, [1, 1, 64], 64));
+    assert!(fit(1, limit, [1, 1, 1], 0));
+    assert!(fit(1, 1, [1, 1, limit], limit));
     assert!(fit(1, 1, [1 << 10, 1 << 10, (1 << 11) - 1], 0));
+    // Task numbers (batch, head, tile of 64 queries) are divided in 31 bits.
+    assert!(!fit(limit, 2, [1, 1, 64], 0));
+    assert!(!fit(limit, 1, [1, 1, 64], 65));
     assert!(!fit(limit + 1, 1, [1, 1, 1], 0));
     assert!(!fit(1, limit + 1, [1, 1, 1], 0));
     assert!(!fit(1, 1, [1, 1, 1], limit + 1));

@@ -8,9 +8,10 @@
 //! `BiasGrad`.
 
 use super::fused_launch::{
-    indices_fit_32_bits, takes_tensor_cores as source_takes, tiling_of, TC_ROWS, TC_THREADS,
+    indices_fit_32_bits, takes_tensor_cores as source_takes, TC_ROWS, TC_THREADS,
 };
 use super::kernels::{Function, Source, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
+use super::tiling::TcTiling;
 use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
 use crate::dlpack::{DType, TensorRef};
 use crate::layout;
@@ -93,15 +94,15 @@ pub struct Params {
     pub neg_inf_fill: i32,
     /// Channels a thread of `Gather`/`Scatter` takes: 1, or a 16-byte run (`channel_run`).
     pub run: i32,
-    /// Queries per tile along each (padded) axis (the tensor-core kernels; zeros otherwise).
-    pub tile: [i64; 3],
-    /// Tiles along each axis, every dilation group's together.
-    pub tiles: [i64; 3],
+    /// The query tiles of the tensor-core kernels (zeros otherwise).
+    pub tiling: TcTiling,
 }
 
 // The static_asserts of common.cuh check the same sizes on the device side.
 const _: () = assert!(std::mem::size_of::<View>() == 56);
-const _: () = assert!(std::mem::size_of::<Params>() == 6 * 56 + 10 * 8 + 4 * 4 + 6 * 8);
+const _: () = assert!(
+    std::mem::size_of::<Params>() == 6 * 56 + 10 * 8 + 4 * 4 + std::mem::size_of::<TcTiling>()
+);
 
 impl Params {
     /// The problem's sizes, with no tensors yet.
@@ -171,11 +172,8 @@ impl Launch {
             }
             // One block per tile of queries of every (batch, head).
             Function::PairwiseTc | Function::GatherTc => {
-                let (tile, tiles) = tiling_of(&p.axes, TC_ROWS);
-                params.tile = tile.map(|x| x as i64);
-                params.tiles = tiles.map(|x| x as i64);
-                let blocks = p.batch * p.heads * tiles.iter().product::<usize>();
-                Config::covering(blocks as u64, 1, (TC_THREADS, 1))
+                params.tiling = TcTiling::new(&p.axes, TC_ROWS, p.heads);
+                Config::covering(params.tiling.tasks(p.batch) as u64, 1, (TC_THREADS, 1))
             }
             Function::ExtraGrad => {
                 let blocks = (p.batch * p.heads * p.extra * p.dim.div_ceil(32)) as u64;

@@ -278,7 +278,9 @@ fn tensor_core_products_launch_a_block_per_query_tile() {
     assert_eq!(l.function, Function::PairwiseTc);
     assert_eq!(l.config.block, (TC_THREADS, 1));
     // 8 x 8 query tiles over 20 x 12 tokens: 3 x 2 tiles per (batch, head).
-    assert_eq!((l.params.tile, l.params.tiles), ([1, 8, 8], [1, 3, 2]));
+    let tiling = l.params.tiling;
+    assert_eq!((tiling.tile(), tiling.tiles()), ([1, 8, 8], [1, 3, 2]));
+    assert_eq!((tiling.heads.divisor, tiling.per_head.divisor), (3, 6));
     assert_eq!(l.config.grid, 2 * 3 * 3 * 2);
     assert_eq!(l.params.neg_inf_fill, 1);
     let g = QkGrads {

@@ -16,6 +16,7 @@ mod launch;
 mod nvrtc;
 mod programs;
 mod runtime;
+mod tiling;
 
 pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_BACKWARD_DIM};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
