@@ -41,7 +41,7 @@ TOLERANCES = {
     torch.bfloat16: 5e-2,
 }
 
-LAYOUTS = ("contiguous", "permuted", "packed", "sliced")
+LAYOUTS = ("contiguous", "permuted", "packed", "sliced", "shifted")
 
 
 def pytest_configure(config):
@@ -81,7 +81,8 @@ def _storage_shape(shape, layout: str, heads_first: bool) -> tuple[list[int], Ca
     permuted: NATTEN/DiNAT's heads-first view of a heads-last buffer (or the reverse); tensors of
     rank < 4 are stored transposed instead. packed: DiNAT's qkv buffer ``[B, *spatial, 3, H, D]``,
     taking entry 1 (a storage offset as well as permuted strides). sliced: every other element of
-    a last dimension twice as long.
+    a last dimension twice as long. shifted: dense rows that start one element into a last
+    dimension one longer (aligned to the element alone, as a channel slice leaves them).
     """
     shape = list(shape)
     rank = len(shape)
@@ -89,6 +90,8 @@ def _storage_shape(shape, layout: str, heads_first: bool) -> tuple[list[int], Ca
         return shape, lambda t: t
     if layout == "sliced":
         return shape[:-1] + [2 * shape[-1]], lambda t: t[..., ::2]
+    if layout == "shifted":
+        return shape[:-1] + [shape[-1] + 1], lambda t: t[..., 1:]
     if rank < 4:
         return shape[::-1], lambda t: t.permute(*reversed(range(rank)))
     # The heads axis sits at 1 in a heads-first shape and at -2 in a heads-last one; the buffer

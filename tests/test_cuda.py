@@ -308,7 +308,7 @@ def test_fused_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
 # fused cases: windows spanning several key slabs, dilation with rpb and GQA, head dims past 128
 # (output passes, query fragments read per step) with MQA, more additional tokens than a slab,
 # a strided causal 3-D problem, scales the kernels cannot fold into their exponentials (a
-# negative one, and 0), and windows wide enough that whole slabs lie inside every query's of a
+# negative one, on rows aligned to their element alone, and 0), and windows wide enough that whole slabs lie inside every query's of a
 # warp (no mask built). Positional fields as in test_fused.FIXED_CASES.
 TENSOR_CORE_CASES = [
     FusedCase((100,), (33,), (1,), (1,), (False,), 1, 2, 2, 32, 32),
@@ -318,7 +318,8 @@ TENSOR_CORE_CASES = [
               layout="permuted"),
     FusedCase((6, 9, 10), (3, 4, 5), (1, 2, 1), (2, 1, 1), (True, False, True), 1, 2, 2, 40, 8,
               layout="sliced"),
-    FusedCase((13, 15), (5, 7), (1, 1), (1, 2), (False, False), 1, 2, 1, 32, 32, scale=-0.4),
+    FusedCase((13, 15), (5, 7), (1, 1), (1, 2), (False, False), 1, 2, 1, 32, 32, scale=-0.4,
+              layout="shifted"),
     FusedCase((30,), (9,), (1,), (1,), (True,), 1, 2, 2, 16, 16, n_extra=3, scale=0.0),
     FusedCase((36, 40), (17, 23), (1, 1), (1, 1), (False, False), 1, 1, 1, 32, 32),
 ]  # fmt: skip
