@@ -7,7 +7,9 @@ take on tensor cores) and the fused forward and backward (GQA,
 stride, additional tokens, rpb, head dims that differ; the half types on warpgroup products as
 well), at ranks 1-3, in every dtype. test_cuda.py runs
 it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
-same calls on the CPU, so CI keeps the script itself working.
+same calls on the CPU, so CI keeps the script itself working; test_cuda_host.py also runs them
+through the host build of the kernels under AddressSanitizer, the memory check a machine without
+a GPU can make.
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import natten_rs
@@ -433,3 +435,56 @@ def test_the_sanitizer_workload_runs_on_the_cuda_kernels(kernels):
     with kernels():
         ran = cuda_workload.run(torch.device("cpu"))
     assert ran == cuda_workload.RUNS
+
+
+def _compiler_library(name: str) -> str | None:
+    """The path of the C++ compiler's runtime library `name`, where it has one."""
+    found = subprocess.run(
+        ["c++", f"-print-file-name={name}"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return found if Path(found).is_absolute() and Path(found).exists() else None
+
+
+# The AddressSanitizer runtime, then the C++ runtime (loaded with it, so that the sanitizer
+# finds the exception machinery that torch throws through).
+ASAN_PRELOAD = [_compiler_library("libasan.so"), _compiler_library("libstdc++.so")]
+
+
+# What the workload's process runs: the kernels built by `compiler`, on CPU tensors.
+ASAN_WORKLOAD = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import cuda_workload
+from natten_rs import _core
+_core.run_cuda_kernels_on_host(sys.argv[2], compiler=sys.argv[3])
+print(cuda_workload.run(torch.device("cpu")))
+"""
+
+
+@pytest.mark.skipif(None in ASAN_PRELOAD, reason="needs the compiler's libasan")
+def test_the_sanitizer_workload_reads_and_writes_only_its_memory(tmp_path):
+    # The memory check of the GPU's compute-sanitizer, on the host: the workload's kernels built
+    # with AddressSanitizer, which stops at the first read or write past a tensor (heap), past a
+    # shared array (the kernels' statics) or of freed memory, and names the kernel. (Stack
+    # checks are off: the host's threads are fibers on stacks of their own.)
+    compiler = tmp_path / "asan-c++"
+    compiler.write_text(
+        '#!/bin/sh\nexec c++ -fsanitize=address -fno-omit-frame-pointer --param asan-stack=0 "$@"\n'
+    )
+    compiler.chmod(0o755)
+    env = {
+        **os.environ,
+        "LD_PRELOAD": " ".join(ASAN_PRELOAD),
+        "ASAN_OPTIONS": "detect_leaks=0:verify_asan_link_order=0:detect_stack_use_after_return=0",
+    }
+    tests = Path(__file__).resolve().parent
+    run = subprocess.run(
+        [sys.executable, "-c", ASAN_WORKLOAD, str(tests), str(tmp_path / "kernels"), str(compiler)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "AddressSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert run.returncode == 0, run.stderr[-6000:]
+    import cuda_workload
+
+    assert run.stdout.split()[-1] == str(cuda_workload.RUNS)
