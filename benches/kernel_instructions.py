@@ -15,7 +15,7 @@ sm_90a) counts as the N / 8 HMMA-sized products it does for each of its four war
 lines with the most instructions in each loop are listed.
 
     python benches/kernel_instructions.py [--problems vision flux video] [--arch sm_90a]
-        [--dtype bfloat16] [--lines 12]
+        [--dtype bfloat16] [--lines 12] [--rpb]
 
 Problems (odd kernels: the unfused ops are compiled beside the fused ones, and they take odd
 sizes; the even kernels of the speed targets compile to the same loops):
@@ -60,15 +60,18 @@ def tool(name: str) -> str:
     sys.exit(f"{name} not found: pip install nvidia-cuda-{name}")
 
 
-def compile_problem(kernel: tuple[int, ...], dim: int, dtype, arch: str) -> list[Path]:
-    """ELF images of every kernel natten_rs.precompile builds for the problem (a fresh cache)."""
+def compile_problem(
+    kernel: tuple[int, ...], dim: int, dtype, arch: str, rpb: bool = False
+) -> list[Path]:
+    """ELF images of every kernel natten_rs.precompile builds for the problem (a fresh cache),
+    the variants of problems with a relative positional bias where `rpb`."""
     import natten_rs
     from natten_rs import _core
 
     cache = Path(tempfile.mkdtemp())
     os.environ["NATTEN_RS_CACHE_DIR"] = str(cache)
     _core.forget_compiled()
-    natten_rs.precompile([kernel], dtypes=[dtype], arch=arch, head_dims=[dim])
+    natten_rs.precompile([kernel], dtypes=[dtype], arch=arch, head_dims=[dim], rpb=rpb)
     images = []
     for entry in sorted(cache.glob("*.cubin")):
         # A cache entry is a header, NVRTC's log and the image (rust/src/cuda/cache.rs).
@@ -155,6 +158,9 @@ def main() -> None:
     parser.add_argument("--arch", default="sm_90a")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="bfloat16")
     parser.add_argument("--lines", type=int, default=0, help="source lines listed per loop")
+    parser.add_argument(
+        "--rpb", action="store_true", help="the variants of problems with a bias (NAT/DiNAT)"
+    )
     args = parser.parse_args()
     if args.lines:
         os.environ["NATTEN_RS_LINEINFO"] = "1"
@@ -164,10 +170,12 @@ def main() -> None:
     for problem in args.problems:
         kernel, dim = PROBLEMS[problem]
         shape = "x".join(map(str, kernel))
-        print(f"{problem}: kernel {shape}, head dim {dim}, {args.dtype}, {args.arch}")
+        bias = ", rpb" if args.rpb else ""
+        print(f"{problem}: kernel {shape}, head dim {dim}, {args.dtype}, {args.arch}{bias}")
         print(f"  {'slab loop of':<28} {'instrs':>6} {'HMMA':>5} {'per HMMA':>9}   most frequent")
         functions = {}
-        for image in compile_problem(kernel, dim, getattr(torch, args.dtype), args.arch):
+        images = compile_problem(kernel, dim, getattr(torch, args.dtype), args.arch, args.rpb)
+        for image in images:
             functions.update(disassemble(image))
         for name in KERNELS:
             if name in functions and (body := slab_loop(functions[name])):

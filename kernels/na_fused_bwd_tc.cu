@@ -163,12 +163,44 @@ __device__ __forceinline__ void na_warp_lockstep() {
 #endif
 }
 
-// A query tile's share of its head's d_rpb, added up in shared memory: one copy of the table per
-// warp, so that no two warps add into one entry; and the na_bias_number of each key of the two
-// key slab buffers. Empty without NA_TCB_BIAS_GRADS.
+#if NA_TCB_WGMMA
+// The d_query kernel's static shared memory beside the bias gradients': none (its rows are in
+// dynamic shared memory).
+struct NaQueryGradShared {};
+#else
+// The d_query kernel's static shared memory beside the bias gradients': two slabs' key rows
+// (the next one's copies overlap this one's products), a slab's value rows, and the tile's own
+// output gradient rows (their fragments are read per slab: in registers beside the query's and
+// d_query's they would spill).
+struct NaQueryGradShared {
+    __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
+    __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
+    __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
+};
+#endif
+
+// Entries of bias tables each warp has room for in the d_query kernel: what its 48 KiB of static
+// shared memory leaves beside its rows and key numbers on mma.sync; on warpgroup products, whose
+// rows take dynamic shared memory, the host's room for one table (kernels.rs,
+// max_tensor_core_bias_span: 512 entries up to head dims 64, else 256).
+#define NA_TCB_BIAS_ROOM                                                                           \
+    (NA_TCB_WGMMA ? (NA_DIM <= 64 && NA_DIM_V <= 64 ? 512 : 256)                                   \
+                  : (48 * 1024 - (int)sizeof(NaQueryGradShared) - 2 * NA_TCB_KEYS * 4) /           \
+                        (NA_TC_WARPS * 4))
+// Copies of the bias table per warp that a tile's d_rpb is added up in: one for each of the
+// four quad positions where they fit the room, else two, else one; position t adds into copy
+// t % NA_TCB_COPIES. The lanes of one position never meet in an entry (below); the positions
+// sharing a copy take turns.
+#define NA_TCB_COPIES                                                                              \
+    (4 * NA_TCB_SPAN <= NA_TCB_BIAS_ROOM ? 4 : 2 * NA_TCB_SPAN <= NA_TCB_BIAS_ROOM ? 2 : 1)
+
+// A query tile's share of its head's d_rpb, added up in shared memory: NA_TCB_COPIES copies of
+// the table per warp, so that no two warps (nor lanes of one warp in one turn) add into one
+// entry; and the na_bias_number of each key of the two key slab buffers. Empty without
+// NA_TCB_BIAS_GRADS.
 struct NaTileBiasGrads {
 #if NA_TCB_BIAS_GRADS
-    float copies[NA_TC_WARPS][NA_TCB_SPAN];
+    float copies[NA_TC_WARPS][NA_TCB_COPIES][NA_TCB_SPAN];
     int key_numbers[2][NA_TCB_KEYS];
 #endif
 
@@ -187,7 +219,8 @@ struct NaTileBiasGrads {
     // Add warp `warp`'s logit gradients of the slab `s` in buffer `buffer` (C layout of `BLOCKS`
     // 8-column blocks; `seen` and `live` as na_slab_mask and its warp-wide or give them). The
     // lanes of one quad position t hold one key column and sixteen different queries, so
-    // different entries; lanes of different t may meet in one, so the four positions take turns.
+    // different entries; lanes of different t may meet in one, so positions that share a copy
+    // take turns.
     template <int BLOCKS>
     __device__ __forceinline__ void add(int warp, int buffer, const float ds[BLOCKS][4],
                                         unsigned seen, unsigned live, const NaSlab& s,
@@ -196,7 +229,8 @@ struct NaTileBiasGrads {
         if (s.extra) {
             return;
         }
-        float* copy = copies[warp];
+        constexpr int TURNS = 4 / NA_TCB_COPIES;
+        float* copy = copies[warp][t % NA_TCB_COPIES];
         int query[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -212,12 +246,12 @@ struct NaTileBiasGrads {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int key = key_numbers[buffer][8 * kb + 2 * t + e];
-                for (int turn = 0; turn < 4; ++turn) {
+                for (int turn = 0; turn < TURNS; ++turn) {
                     bool mine[2];
                     float sum[2];
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
-                        mine[r] = t == turn && na_seen(seen, kb, r, e);
+                        mine[r] = t / NA_TCB_COPIES == turn && na_seen(seen, kb, r, e);
                         sum[r] = mine[r] ? copy[key - query[r]] + ds[kb][2 * r + e] : 0.0f;
                     }
                     na_warp_lockstep();
@@ -243,8 +277,11 @@ struct NaTileBiasGrads {
             float sum = 0;
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
-                sum += copies[w][n];
-                copies[w][n] = 0;
+#pragma unroll
+                for (int c = 0; c < NA_TCB_COPIES; ++c) {
+                    sum += copies[w][c][n];
+                    copies[w][c][n] = 0;
+                }
             }
             row[n] = sum;
         }
@@ -256,7 +293,10 @@ struct NaTileBiasGrads {
         for (int n = threadIdx.x; n < NA_TCB_SPAN; n += NA_TC_THREADS) {
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
-                copies[w][n] = 0;
+#pragma unroll
+                for (int c = 0; c < NA_TCB_COPIES; ++c) {
+                    copies[w][c][n] = 0;
+                }
             }
         }
 #endif
@@ -383,10 +423,6 @@ constexpr int na_tcb_query_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
 constexpr int na_tcb_d_out_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
 using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true>;
 
-// The d_query kernel's static shared memory beside the bias gradients': none (its rows are in
-// dynamic shared memory).
-struct NaQueryGradShared {};
-
 // This lane's share of d_query (unscaled; C layout, `NA_TCB_BLOCKS` blocks) of the query
 // tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
 __device__ __forceinline__ void na_query_tile_grads(
@@ -496,15 +532,6 @@ __device__ __forceinline__ void na_query_tile_grads(
     }
 }
 #else
-// The d_query kernel's static shared memory beside the bias gradients': two slabs' key rows
-// (the next one's copies overlap this one's products), a slab's value rows, and the tile's own
-// output gradient rows (their fragments are read per slab: in registers beside the query's and
-// d_query's they would spill).
-struct NaQueryGradShared {
-    __align__(16) elem_t keys[2][NA_TCB_KEYS][NA_TCB_PITCH];
-    __align__(16) elem_t values[NA_TCB_KEYS][NA_TCB_PITCH_V];
-    __align__(16) elem_t d_outs[NA_TC_ROWS][NA_TCB_PITCH_V];
-};
 static_assert(sizeof(NaQueryGradShared) + sizeof(NaTileBiasGrads) <= 48 * 1024,
               "the d_query kernel's static shared memory fits 48 KiB");
 

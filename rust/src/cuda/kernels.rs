@@ -326,8 +326,9 @@ pub const MAX_FUSED_BACKWARD_DIM: usize = 256;
 pub const MAX_TENSOR_CORE_BACKWARD_DIM: usize = 128;
 
 /// The most bias entries (`(2 K - 1)` per axis, multiplied) whose gradients the tensor-core
-/// d_query kernel of head dims `dims` sums itself: it keeps a float copy of the table per warp
-/// (four) in shared memory beside its staged rows, all within 48 KiB. Rows up to 64 channels
+/// d_query kernel of head dims `dims` sums itself: it keeps at least one float copy of the table
+/// per warp (four; up to four per warp where they fit: kernels/na_fused_bwd_tc.cu,
+/// NA_TCB_COPIES) in shared memory beside its staged rows, all within 48 KiB. Rows up to 64 channels
 /// take at most 36 KiB, leaving 8 KiB (512 entries: 2-D kernels up to 11x11, 3-D 3x3x3); wider
 /// ones at most 42.5 KiB, leaving 4 KiB (256: 2-D up to 7x7). Larger tables take the warp
 /// kernel.
