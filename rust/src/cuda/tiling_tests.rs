@@ -12,7 +12,8 @@ fn divide(d: &Divider, n: u32) -> (u32, u32) {
 fn hard_numerators(d: u32) -> Vec<u32> {
     const TOP: u32 = i32::MAX as u32;
     let mut ns: Vec<u32> = (0..64).chain(TOP - 64..=TOP).collect();
-    for k in [1, 2, 3, 7, 1000, TOP / d / 2, TOP / d - 1, TOP / d] {
+    let last = TOP / d;
+    for k in [1, 2, 3, 7, 1000, last / 2, last.saturating_sub(1), last] {
         let at = u64::from(k) * u64::from(d);
         for n in [at.saturating_sub(1), at, at + 1] {
             if n <= u64::from(TOP) {
