@@ -123,7 +123,8 @@ struct NaView {
     long long stride[6];
 };
 
-// Division by a launch constant `divisor` (at least 1) of numbers below 2^31: a multiply-high and
+// Division by a launch constant `divisor` (at least 1; the zero divider stands for a count of
+// nothing, which nothing is divided by) of numbers below 2^31: a multiply-high and
 // a shift (na_divide) where a 32-bit division takes some twenty instructions. The host finds
 // `magic` and `shift` (tiling::Divider: magic = ceil(2^(31 + shift) / divisor), shift =
 // ceil(log2 divisor)); the quotient is floor(n magic / 2^(31 + shift)).
@@ -148,8 +149,8 @@ __device__ __forceinline__ NaQuotient na_divide(unsigned n, const NaDivider& d) 
 // How the tensor-core kernels cut one axis into tiles (tiling::AxisTiling): its `length`
 // is `quot * dilation + rem`, so its first `rem` dilation groups are `quot + 1` long and the
 // others `quot`; a group is cut into tiles of 2^`tile_shift` rows from its start, `long_tiles`
-// of them in a long group and `short_tiles` in a short one (a divisor of 1 where there is no
-// such group: it divides nothing).
+// of them in a long group and `short_tiles` in a short one (the zero divider where such a group
+// has no tiles: nothing is divided by it).
 struct NaAxisTiling {
     unsigned quot;
     unsigned rem;
