@@ -434,13 +434,21 @@ __device__ __forceinline__ NaSlab na_next_slab(const NaTcTile& tl, const NaSlab&
     return na_extra_slab<COLUMNS>(0, extras);
 }
 
+// Where column `n` (below a slab's columns) lies in a slab of tile `tl`: its position along
+// each axis from the slab's origin (row-major over the slab's sides, powers of two).
+__device__ __forceinline__ void na_slab_position(const NaTcTile& tl, int n, int within[3]) {
+    const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
+    within[0] = n >> plane;
+    within[1] = (n >> line) & ((1 << tl.slab_shift[1]) - 1);
+    within[2] = n & ((1 << line) - 1);
+}
+
 // Group indices `c` of column `n` (below the slab's columns) of slab `s`, and whether it exists:
 // inside the box, or one of the slab's additional tokens (whose `c` callers must not use).
 // Straight-line code, so that the callers' unrolled loops over columns stay so.
 __device__ __forceinline__ bool na_column(const NaTcTile& tl, const NaSlab& s, int n, int c[3]) {
-    const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
-    const int within[3] = {n >> plane, (n >> line) & ((1 << tl.slab_shift[1]) - 1),
-                           n & ((1 << line) - 1)};
+    int within[3];
+    na_slab_position(tl, n, within);
     bool inside = true;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
@@ -611,81 +619,7 @@ __device__ __forceinline__ void na_mask_products(float products[BLOCKS][4], unsi
     }
 }
 
-// The bias of a pair of a tile is entry key - query + K - 1 (group steps, per axis) of head h's
-// table. Its element offset is a row's part (na_row_bias: the row at group indices `index`, a
-// query, or a key with KEY_ROWS) plus a column's (na_column_bias), each formed once per slab, so
-// that a pair takes one add. Both are taken modulo 2^32: their sum is the offset exactly, as the
-// host takes these kernels only where every offset into the table is below 2^32
-// (TensorRef::offsets_fit_32_bits). Axes of kernel size 1 take no term: their pairs have
-// key = query there.
-template <bool KEY_ROWS>
-__device__ __forceinline__ unsigned na_row_bias(const NaFusedParams& f, long long h,
-                                                const int index[3]) {
-    const int kernel[3] = {NA_K0, NA_K1, NA_K2};
-    unsigned at = (unsigned)h * (unsigned)f.bias.stride[0];
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-        if (kernel[a] > 1) {
-            at += (unsigned)(kernel[a] - 1 + (KEY_ROWS ? index[a] : -index[a])) *
-                  (unsigned)f.bias.stride[1 + a];
-        }
-    }
-    return at;
-}
-
-template <bool KEY_ROWS>
-__device__ __forceinline__ unsigned na_column_bias(const NaFusedParams& f, const int c[3]) {
-    const int kernel[3] = {NA_K0, NA_K1, NA_K2};
-    unsigned at = 0;
-#pragma unroll
-    for (int a = 0; a < 3; ++a) {
-        if (kernel[a] > 1) {
-            at += (unsigned)(KEY_ROWS ? -c[a] : c[a]) * (unsigned)f.bias.stride[1 + a];
-        }
-    }
-    return at;
-}
-
-// na_logits for a slab whose logits take the bias (`BIASED`) or not: the choice is made once
-// per slab, so that a problem without a bias runs no test of it per logit.
-template <int BLOCKS, bool KEY_ROWS, bool BIASED>
-__device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned seen,
-                                             const NaFusedParams& f, long long h,
-                                             const NaTcTile& tl, const NaSlab& s,
-                                             const NaTcRow rows[2], int t) {
-    const float scale = (float)f.scale;
-    unsigned bias_rows[2] = {0, 0};
-    if (BIASED) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            bias_rows[r] = na_row_bias<KEY_ROWS>(f, h, rows[r].index);
-        }
-    }
-#pragma unroll
-    for (int kb = 0; kb < BLOCKS; ++kb) {
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-            unsigned bias_column = 0;
-            if (BIASED) {
-                int c[3];
-                na_column(tl, s, 8 * kb + 2 * t + e, c);
-                bias_column = na_column_bias<KEY_ROWS>(f, c);
-            }
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float logit = neg_inf();
-                if (na_seen(seen, kb, r, e)) {
-                    logit = logits[kb][2 * r + e] * scale;
-                    if (BIASED) {
-                        logit += to_acc(na_ptr(f.bias)[bias_rows[r] + bias_column]);
-                    }
-                }
-                logits[kb][2 * r + e] = logit;
-            }
-        }
-    }
-}
-
+// ---- the relative positional bias ---------------------------------------------------------------
 // Whether a kernel variant can be given a bias: the host compiles variants for problems with one
 // apart (NA_BIASED, kernels.rs: KernelKey::biased), and takes one only with odd kernel sizes and
 // stride 1 on every axis (FusedProblem::check_rpb; the unfused ops take only those), so other
@@ -698,16 +632,143 @@ __device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned s
     (NA_BIASED && NA_K0 % 2 == 1 && NA_K1 % 2 == 1 && NA_K2 % 2 == 1 && NA_S0 == 1 &&          \
      NA_S1 == 1 && NA_S2 == 1)
 
+// Entries of a head's bias table: 2 K - 1 per axis.
+#define NA_TC_BIAS_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
+
+// Row-major number of `x` in a table of 2 K - 1 entries per axis. The bias of a pair is entry
+// key - query + K - 1 (group steps, per axis), and the number is linear: the pair's is
+// na_bias_number(key) - na_bias_number(query) + NA_TC_BIAS_CENTRE.
+__device__ __forceinline__ constexpr int na_bias_number(int x0, int x1, int x2) {
+    return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
+}
+#define NA_TC_BIAS_CENTRE na_bias_number(NA_K0 - 1, NA_K1 - 1, NA_K2 - 1)
+
+// The element `bytes` bytes into `table`. Entries of the bias tables in shared memory are
+// addressed by byte offsets (4 na_bias_number), so that forming an entry's address takes one add.
+template <class T>
+__device__ __forceinline__ T& na_at_bytes(T* table, int bytes) {
+    return *reinterpret_cast<T*>(reinterpret_cast<unsigned char*>(table) + bytes);
+}
+template <class T>
+__device__ __forceinline__ const T& na_at_bytes(const T* table, int bytes) {
+    return *reinterpret_cast<const T*>(reinterpret_cast<const unsigned char*>(table) + bytes);
+}
+
+// Entry number `n` of head h's table, read from the tensor whatever its strides (the divisions
+// are by constants). Offsets are taken modulo 2^32: the host takes these kernels only where every
+// offset into the table is below 2^32 (TensorRef::offsets_fit_32_bits).
+__device__ __forceinline__ float na_bias_entry(const NaFusedParams& f, long long h, int n) {
+    const int x2 = n % (2 * NA_K2 - 1), x1 = n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1),
+              x0 = n / ((2 * NA_K2 - 1) * (2 * NA_K1 - 1));
+    const unsigned at = (unsigned)h * (unsigned)f.bias.stride[0] +
+                        (unsigned)x0 * (unsigned)f.bias.stride[1] +
+                        (unsigned)x1 * (unsigned)f.bias.stride[2] +
+                        (unsigned)x2 * (unsigned)f.bias.stride[3];
+    return to_acc(na_ptr(f.bias)[at]);
+}
+
+// The most bytes of bias entries the kernels whose rows take dynamic shared memory stage beside
+// them (in static shared memory): tables of 4096 entries, such as 2-D kernels up to 31 and
+// 3-D ones up to 7x7x7.
+#define NA_TC_BIAS_STAGE_MAX (16 * 1024)
+
+// What a tile's logits take of its head's bias table, in shared memory: the table's entries as
+// floats where the kernel has room for them (`STAGED`; else each logit reads its entry from the
+// tensor), and the na_bias_number of each of the COLUMNS columns of a slab from the slab's
+// origin (they depend on the tile's slab shape alone), so that a column's number is its slab's
+// and one load. Numbers are held as the byte offsets of their entries (4 na_bias_number:
+// na_at_bytes). A word apiece in variants without a bias.
+template <int COLUMNS, bool STAGED>
+struct NaBiasTable {
+    float entries[NA_TC_MAY_HAVE_BIAS && STAGED ? NA_TC_BIAS_SPAN : 1];
+    int columns[NA_TC_MAY_HAVE_BIAS ? COLUMNS : 1];
+
+    // Fill it for head h and tile `tl` (nothing without a bias). Every thread of the block calls
+    // it, after a barrier that ends the reads of what it held; a barrier after publishes it.
+    __device__ __forceinline__ void stage(const NaFusedParams& f, long long h,
+                                          const NaTcTile& tl) {
+        if (!NA_TC_MAY_HAVE_BIAS || f.has_bias == 0) {
+            return;
+        }
+        if (STAGED) {
+            for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
+                entries[n] = na_bias_entry(f, h, n);
+            }
+        }
+        for (int n = threadIdx.x; n < COLUMNS; n += NA_TC_THREADS) {
+            int within[3];
+            na_slab_position(tl, n, within);
+            columns[n] = 4 * na_bias_number(within[0], within[1], within[2]);
+        }
+    }
+
+    // The offset of slab `s`'s origin (a slab of the box), and of column n from its slab's.
+    __device__ __forceinline__ int slab_offset(const NaTcTile& tl, const NaSlab& s) const {
+        return 4 * na_bias_number(s.origin[0] + tl.box_first[0], s.origin[1] + tl.box_first[1],
+                                  s.origin[2] + tl.box_first[2]);
+    }
+    __device__ __forceinline__ int column(int n) const { return columns[n]; }
+
+    // The entry of head h's table at offset `bytes`.
+    __device__ __forceinline__ float at(const NaFusedParams& f, long long h, int bytes) const {
+        return STAGED ? na_at_bytes(entries, bytes) : na_bias_entry(f, h, bytes / 4);
+    }
+};
+
+// na_logits for a slab whose logits take the bias (`BIASED`: from `bias`, NaBiasTable) or not:
+// the choice is made once per slab, so that a problem without a bias runs no test of it per
+// logit. With a bias, the offset of a pair's entry is its row's for the slab plus or minus its
+// column's: one add.
+template <int BLOCKS, bool KEY_ROWS, bool BIASED, class Bias>
+__device__ __forceinline__ void na_logits_of(float logits[BLOCKS][4], unsigned seen,
+                                             const NaFusedParams& f, long long h,
+                                             const Bias& bias, const NaTcTile& tl,
+                                             const NaSlab& s, const NaTcRow rows[2], int t) {
+    const float scale = (float)f.scale;
+    // The offset of row r's entry with the slab's column offset 0: key - query + centre, where
+    // rows are queries and columns keys, or the other way round (KEY_ROWS: a column's offset is
+    // then subtracted).
+    int row_offsets[2] = {0, 0};
+    if (BIASED) {
+        const int slab = bias.slab_offset(tl, s);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int* x = rows[r].index;
+            const int row = 4 * na_bias_number(x[0], x[1], x[2]), centre = 4 * NA_TC_BIAS_CENTRE;
+            row_offsets[r] = KEY_ROWS ? centre + row - slab : centre + slab - row;
+        }
+    }
+#pragma unroll
+    for (int kb = 0; kb < BLOCKS; ++kb) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int column = BIASED ? bias.column(8 * kb + 2 * t + e) : 0;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const float product = logits[kb][2 * r + e];
+                float logit = neg_inf();
+                if (na_seen(seen, kb, r, e)) {
+                    const int offset =
+                        KEY_ROWS ? row_offsets[r] - column : row_offsets[r] + column;
+                    logit = BIASED ? fmaf(product, scale, bias.at(f, h, offset)) : product * scale;
+                }
+                logits[kb][2 * r + e] = logit;
+            }
+        }
+    }
+}
+
 // na_logits_of for a slab of a problem with a bias or not (`biased`).
-template <int BLOCKS, bool KEY_ROWS>
+template <int BLOCKS, bool KEY_ROWS, class Bias>
 __device__ __forceinline__ void na_logits_with(float logits[BLOCKS][4], unsigned seen,
                                                const NaFusedParams& f, long long h,
-                                               const NaTcTile& tl, const NaSlab& s,
-                                               const NaTcRow rows[2], bool biased, int t) {
+                                               const Bias& bias, const NaTcTile& tl,
+                                               const NaSlab& s, const NaTcRow rows[2],
+                                               bool biased, int t) {
     if (NA_TC_MAY_HAVE_BIAS && biased) {
-        na_logits_of<BLOCKS, KEY_ROWS, true>(logits, seen, f, h, tl, s, rows, t);
+        na_logits_of<BLOCKS, KEY_ROWS, true>(logits, seen, f, h, bias, tl, s, rows, t);
     } else {
-        na_logits_of<BLOCKS, KEY_ROWS, false>(logits, seen, f, h, tl, s, rows, t);
+        na_logits_of<BLOCKS, KEY_ROWS, false>(logits, seen, f, h, bias, tl, s, rows, t);
     }
 }
 
@@ -738,18 +799,20 @@ __device__ __forceinline__ NaExponent na_exponent(const NaFusedParams& f) {
 // queries and columns keys (the forward, d_query), or the other way round (`KEY_ROWS`: d_key,
 // d_value); with `biased` (rows and columns in the window), the bias is indexed by key - query
 // in group steps (stride 1).
-template <int BLOCKS, bool KEY_ROWS>
+template <int BLOCKS, bool KEY_ROWS, class Bias>
 __device__ __forceinline__ void na_logits(float logits[BLOCKS][4], unsigned seen,
                                           const NaExponent& exponent, const NaFusedParams& f,
-                                          long long h, const NaTcTile& tl, const NaSlab& s,
-                                          const NaTcRow rows[2], bool biased, int t) {
+                                          long long h, const Bias& bias, const NaTcTile& tl,
+                                          const NaSlab& s, const NaTcRow rows[2], bool biased,
+                                          int t) {
     if (exponent.raw) {
         // A lane that sees the whole slab (every lane, for most slabs of a large window) skips it.
         if (!na_slabs_may_be_whole<BLOCKS>() || seen != na_all_seen<BLOCKS>()) {
             na_mask_products<BLOCKS>(logits, seen);
         }
     } else {
-        na_logits_with<BLOCKS, KEY_ROWS>(logits, seen, f, h, tl, s, rows, biased && !s.extra, t);
+        na_logits_with<BLOCKS, KEY_ROWS>(logits, seen, f, h, bias, tl, s, rows,
+                                         biased && !s.extra, t);
     }
 }
 

@@ -125,13 +125,6 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
 // the d_query kernel adds up each tile's share in shared memory and leaves it in the scratch
 // after the statistics, one row per (head, batch, tile); two kernels add those rows up in a fixed
 // order: slices of NA_BIAS_SLICE rows, then the slices.
-#define NA_TCB_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
-
-// Row-major number of `x` in a table of 2 K - 1 entries per axis; entry (key, query) is
-// na_bias_number(key) - na_bias_number(query) + na_bias_number(K - 1), as it is linear.
-__device__ __forceinline__ int na_bias_number(int x0, int x1, int x2) {
-    return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
-}
 
 // Rows of tile sums per head (every batch's tiles), the row of a query tile's task, and slices
 // of rows.
@@ -151,7 +144,7 @@ __device__ __forceinline__ float* na_bias_tile_sums(const NaFusedBwdParams& p) {
     return na_stats(p) + 2 * p.f.batch * p.f.heads * na_fused_tokens(p.f);
 }
 __device__ __forceinline__ float* na_bias_slice_sums(const NaFusedBwdParams& p) {
-    return na_bias_tile_sums(p) + p.f.heads * na_bias_rows(p) * NA_TCB_SPAN;
+    return na_bias_tile_sums(p) + p.f.heads * na_bias_rows(p) * NA_TC_BIAS_SPAN;
 }
 
 // On the host: the lanes of a warp meet here, so that what each read above comes before what any
@@ -179,51 +172,48 @@ struct NaQueryGradShared {
 };
 #endif
 
+// The d_query kernel's bias table (NaBiasTable), its entries staged where they fit: on mma.sync,
+// beside its rows and one copy per warp of the table for its gradient (where it sums it) in 48 KiB
+// of static shared memory.
+constexpr bool na_tcb_query_bias_staged =
+    NA_TCB_WGMMA ? 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
+                 : sizeof(NaQueryGradShared) + sizeof(NaBiasTable<NA_TCB_KEYS, true>) +
+                           (NA_TCB_BIAS_GRADS ? NA_TC_WARPS * 4 * NA_TC_BIAS_SPAN : 0) <=
+                       48 * 1024;
+using NaQueryBias = NaBiasTable<NA_TCB_KEYS, na_tcb_query_bias_staged>;
+
 // Entries of bias tables each warp has room for in the d_query kernel: what its 48 KiB of static
-// shared memory leaves beside its rows and key numbers on mma.sync; on warpgroup products, whose
+// shared memory leaves beside its rows and bias table on mma.sync; on warpgroup products, whose
 // rows take dynamic shared memory, the host's room for one table (kernels.rs,
 // max_tensor_core_bias_span: 512 entries up to head dims 64, else 256).
 #define NA_TCB_BIAS_ROOM                                                                           \
     (NA_TCB_WGMMA ? (NA_DIM <= 64 && NA_DIM_V <= 64 ? 512 : 256)                                   \
-                  : (48 * 1024 - (int)sizeof(NaQueryGradShared) - 2 * NA_TCB_KEYS * 4) /           \
+                  : (48 * 1024 - (int)sizeof(NaQueryGradShared) - (int)sizeof(NaQueryBias)) /     \
                         (NA_TC_WARPS * 4))
 // Copies of the bias table per warp that a tile's d_rpb is added up in: one for each of the
 // four quad positions where they fit the room, else two, else one; position t adds into copy
 // t % NA_TCB_COPIES. The lanes of one position never meet in an entry (below); the positions
 // sharing a copy take turns.
 #define NA_TCB_COPIES                                                                              \
-    (4 * NA_TCB_SPAN <= NA_TCB_BIAS_ROOM ? 4 : 2 * NA_TCB_SPAN <= NA_TCB_BIAS_ROOM ? 2 : 1)
+    (4 * NA_TC_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 4 : 2 * NA_TC_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 2 : 1)
 
 // A query tile's share of its head's d_rpb, added up in shared memory: NA_TCB_COPIES copies of
 // the table per warp, so that no two warps (nor lanes of one warp in one turn) add into one
-// entry; and the na_bias_number of each key of the two key slab buffers. Empty without
-// NA_TCB_BIAS_GRADS.
+// entry. Empty without NA_TCB_BIAS_GRADS.
 struct NaTileBiasGrads {
 #if NA_TCB_BIAS_GRADS
-    float copies[NA_TC_WARPS][NA_TCB_COPIES][NA_TCB_SPAN];
-    int key_numbers[2][NA_TCB_KEYS];
+    float copies[NA_TC_WARPS][NA_TCB_COPIES][NA_TC_BIAS_SPAN];
 #endif
 
-    // Number the keys of slab `s` for buffer `buffer`, as the block stages them (the same
-    // barriers publish them and end their reads).
-    __device__ __forceinline__ void number_keys(int buffer, const NaTcTile& tl, const NaSlab& s) {
-#if NA_TCB_BIAS_GRADS
-        for (int n = threadIdx.x; n < NA_TCB_KEYS; n += NA_TC_THREADS) {
-            int c[3];
-            na_column(tl, s, n, c);
-            key_numbers[buffer][n] = na_bias_number(c[0], c[1], c[2]);
-        }
-#endif
-    }
-
-    // Add warp `warp`'s logit gradients of the slab `s` in buffer `buffer` (C layout of `BLOCKS`
-    // 8-column blocks; `seen` and `live` as na_slab_mask and its warp-wide or give them). The
-    // lanes of one quad position t hold one key column and sixteen different queries, so
-    // different entries; lanes of different t may meet in one, so positions that share a copy
-    // take turns.
+    // Add warp `warp`'s logit gradients of the slab `s` of tile `tl` (C layout of `BLOCKS`
+    // 8-column blocks; `seen` and `live` as na_slab_mask and its warp-wide or give them; the
+    // keys' numbers from `bias`). The lanes of one quad position t hold one key column and
+    // sixteen different queries, so different entries; lanes of different t may meet in one, so
+    // positions that share a copy take turns.
     template <int BLOCKS>
-    __device__ __forceinline__ void add(int warp, int buffer, const float ds[BLOCKS][4],
-                                        unsigned seen, unsigned live, const NaSlab& s,
+    __device__ __forceinline__ void add(int warp, const float ds[BLOCKS][4], unsigned seen,
+                                        unsigned live, const NaQueryBias& bias,
+                                        const NaTcTile& tl, const NaSlab& s,
                                         const NaTcRow rows[2], int t) {
 #if NA_TCB_BIAS_GRADS
         if (s.extra) {
@@ -231,12 +221,14 @@ struct NaTileBiasGrads {
         }
         constexpr int TURNS = 4 / NA_TCB_COPIES;
         float* copy = copies[warp][t % NA_TCB_COPIES];
+        // Entry = key - query + centre, as byte offsets (na_at_bytes): the key's its slab's and
+        // its column's.
+        const int slab = bias.slab_offset(tl, s);
         int query[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             const int* x = rows[r].index;
-            query[r] = na_bias_number(x[0], x[1], x[2]) -
-                       na_bias_number(NA_K0 - 1, NA_K1 - 1, NA_K2 - 1);
+            query[r] = 4 * (na_bias_number(x[0], x[1], x[2]) - NA_TC_BIAS_CENTRE) - slab;
         }
 #pragma unroll
         for (int kb = 0; kb < BLOCKS; ++kb) {
@@ -245,20 +237,21 @@ struct NaTileBiasGrads {
             }
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int key = key_numbers[buffer][8 * kb + 2 * t + e];
+                const int key = bias.column(8 * kb + 2 * t + e);
                 for (int turn = 0; turn < TURNS; ++turn) {
                     bool mine[2];
                     float sum[2];
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         mine[r] = t / NA_TCB_COPIES == turn && na_seen(seen, kb, r, e);
-                        sum[r] = mine[r] ? copy[key - query[r]] + ds[kb][2 * r + e] : 0.0f;
+                        sum[r] = mine[r] ? na_at_bytes(copy, key - query[r]) + ds[kb][2 * r + e]
+                                         : 0.0f;
                     }
                     na_warp_lockstep();
 #pragma unroll
                     for (int r = 0; r < 2; ++r) {
                         if (mine[r]) {
-                            copy[key - query[r]] = sum[r];
+                            na_at_bytes(copy, key - query[r]) = sum[r];
                         }
                     }
                     __syncwarp();
@@ -273,7 +266,7 @@ struct NaTileBiasGrads {
     // n + NA_TC_THREADS, ...: the same thread zeroes them at the start (`zero`).
     __device__ __forceinline__ void flush(float* row) {
 #if NA_TCB_BIAS_GRADS
-        for (int n = threadIdx.x; n < NA_TCB_SPAN; n += NA_TC_THREADS) {
+        for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
             float sum = 0;
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
@@ -290,7 +283,7 @@ struct NaTileBiasGrads {
 
     __device__ __forceinline__ void zero() {
 #if NA_TCB_BIAS_GRADS
-        for (int n = threadIdx.x; n < NA_TCB_SPAN; n += NA_TC_THREADS) {
+        for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
 #pragma unroll
@@ -428,8 +421,8 @@ using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer
 __device__ __forceinline__ void na_query_tile_grads(
     const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
     const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
-    NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
-    float d_query[NA_TCB_BLOCKS][4]) {
+    NaQueryGradShared& shared, NaQueryBias& bias, NaTileBiasGrads& bias_grads,
+    bool wants_bias_grads, float d_query[NA_TCB_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
     elem_t* const ring = reinterpret_cast<elem_t*>(na_dynamic_shared());
@@ -440,7 +433,8 @@ __device__ __forceinline__ void na_query_tile_grads(
     const long long slabs = na_slab_count<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);
     NaSlab next = na_first_slab<NA_TCB_KEYS>(tl, f.has_window, f.extra_count);  // slab j + 1
     NaQueryGradCopies copies = {next, false, 2 * slabs, 0};
-    __syncthreads();  // the last tile's reads of the ring, its rows and key numbers done
+    __syncthreads();  // the last tile's reads of the ring, its rows and bias table done
+    bias.stage(f, h, tl);
     // The tile's query and output gradient rows (one group), then items 0 .. STAGES - 4;
     // two more after each barrier, into the buffers of the items the slab before read (so
     // that at slab j's barrier items up to 2 j + STAGES - 2 have been issued, and slab
@@ -448,9 +442,6 @@ __device__ __forceinline__ void na_query_tile_grads(
     na_stage_tile_rows<NA_DIM, NA_DIM_V, true>(f, tl, b, h, f.query, p.d_out, query_tile,
                                                d_out_tile);
     na_copies_commit();
-    if (wants_bias_grads && slabs > 0) {
-        bias_grads.number_keys(0, tl, next);
-    }
 #pragma unroll
     for (int i = 0; i < NA_TCB_STAGES - 3; ++i) {
         copies.next(f, tl, b, hk, ring);
@@ -477,10 +468,6 @@ __device__ __forceinline__ void na_query_tile_grads(
         values_buffer = na_ring_next<NA_TCB_STAGES>(next_keys_buffer);
         copies.next(f, tl, b, hk, ring);
         copies.next(f, tl, b, hk, ring);
-        if (wants_bias_grads && j + 2 < slabs) {
-            bias_grads.number_keys((int)(j & 1), tl,
-                                   na_next_slab<NA_TCB_KEYS>(tl, next, f.extra_count));
-        }
 
         // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
         float logits[BLOCKS][4], grads[BLOCKS][4];
@@ -503,13 +490,12 @@ __device__ __forceinline__ void na_query_tile_grads(
                 }
                 na_hold_registers<4 * BLOCKS>(&logits[0][0]);
                 na_hold_registers<4 * BLOCKS>(&grads[0][0]);
-                na_logits<BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
+                na_logits<BLOCKS, false>(logits, seen, exponent, f, h, bias, tl, next, rows,
                                          f.has_bias != 0, t);
                 na_logit_grads<BLOCKS>(logits, grads, exponent.factor,
                                        [&](int, int i) { return stats[i / 2]; });
                 if (wants_bias_grads) {
-                    bias_grads.add<BLOCKS>(warp, (int)((j + 1) & 1), grads, seen, live, next,
-                                           rows, t);
+                    bias_grads.add<BLOCKS>(warp, grads, seen, live, bias, tl, next, rows, t);
                 }
             },
             [&] {
@@ -532,7 +518,8 @@ __device__ __forceinline__ void na_query_tile_grads(
     }
 }
 #else
-static_assert(sizeof(NaQueryGradShared) + sizeof(NaTileBiasGrads) <= 48 * 1024,
+static_assert(sizeof(NaQueryGradShared) + sizeof(NaQueryBias) + sizeof(NaTileBiasGrads) <=
+                  48 * 1024,
               "the d_query kernel's static shared memory fits 48 KiB");
 
 // This lane's share of d_query (unscaled; C layout, `NA_TCB_BLOCKS` blocks) of the query
@@ -540,8 +527,8 @@ static_assert(sizeof(NaQueryGradShared) + sizeof(NaTileBiasGrads) <= 48 * 1024,
 __device__ __forceinline__ void na_query_tile_grads(
     const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
     const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
-    NaQueryGradShared& shared, NaTileBiasGrads& bias_grads, bool wants_bias_grads,
-    float d_query[NA_TCB_BLOCKS][4]) {
+    NaQueryGradShared& shared, NaQueryBias& bias, NaTileBiasGrads& bias_grads,
+    bool wants_bias_grads, float d_query[NA_TCB_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
     auto& keys = shared.keys;
@@ -571,12 +558,10 @@ __device__ __forceinline__ void na_query_tile_grads(
     // slab's keys are copied under the whole of this slab's products, its values under dS
     // and d_query's.
     na_zero<NA_TCB_BLOCKS>(d_query);
-    __syncthreads();  // the last task's reads of the keys done
+    __syncthreads();  // the last task's reads of the keys and the bias table done
+    bias.stage(f, h, tl);
     if (slabs > 0) {
         na_stage_key_slab<NA_TCB_KEYS>(f, tl, s, b, hk, keys[0][0], values[0]);
-        if (wants_bias_grads) {
-            bias_grads.number_keys(0, tl, s);
-        }
     }
     for (long long slab = 0; slab < slabs; ++slab, s = after(s)) {
         const int buffer = slab % 2;
@@ -586,9 +571,6 @@ __device__ __forceinline__ void na_query_tile_grads(
         if (slab + 1 < slabs) {
             na_stage_key_slab<NA_TCB_KEYS>(f, tl, after(s), b, hk, keys[buffer ^ 1][0],
                                            nullptr);
-            if (wants_bias_grads) {
-                bias_grads.number_keys(buffer ^ 1, tl, after(s));
-            }
         }
         // The slab's logits (scaled, biased, -inf where they do not count). A slab no query
         // of the warp sees adds nothing: skipped whole (warp-uniform), as the keys kernel
@@ -600,8 +582,8 @@ __device__ __forceinline__ void na_query_tile_grads(
             na_zero<BLOCKS>(probs);
             na_row_products<NA_TCB_STEPS, BLOCKS>(probs, query, keys[buffer][0],
                                                   NA_TCB_PITCH, live, g, t);
-            na_logits<BLOCKS, false>(probs, seen, exponent, f, h, tl, s, rows, f.has_bias != 0,
-                                     t);
+            na_logits<BLOCKS, false>(probs, seen, exponent, f, h, bias, tl, s, rows,
+                                     f.has_bias != 0, t);
             // dP = dO V^T.
             na_zero<BLOCKS>(grads);
             unsigned d_out[NA_TCB_STEPS_V][4];
@@ -619,7 +601,7 @@ __device__ __forceinline__ void na_query_tile_grads(
             na_logit_grads<BLOCKS>(probs, grads, exponent.factor,
                                    [&](int, int i) { return stats[i / 2]; });
             if (wants_bias_grads) {
-                bias_grads.add<BLOCKS>(warp, buffer, grads, seen, live, s, rows, t);
+                bias_grads.add<BLOCKS>(warp, grads, seen, live, bias, tl, s, rows, t);
             }
             na_weighted_rows<NA_TCB_KEYS / 16, NA_DIM / 8>(d_query, grads, keys[buffer][0],
                                                            NA_TCB_PITCH, 0, NA_DIM / 8, live,
@@ -638,6 +620,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
     // Shared arrays are the kernel's own, not an inline function's: on the host those would be
     // one object across every variant loaded (kernels/host.h).
     __shared__ NaQueryGradShared shared;
+    __shared__ NaQueryBias bias;
     __shared__ NaTileBiasGrads bias_grads;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
@@ -656,11 +639,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         NaStat stats[2];
         na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
         float d_query[NA_TCB_BLOCKS][4];
-        na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias_grads,
-                            wants_bias_grads, d_query);
+        na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias,
+                            bias_grads, wants_bias_grads, d_query);
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done
-            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TCB_SPAN);
+            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TC_BIAS_SPAN);
         }
 
         long long at[2];
@@ -746,10 +729,15 @@ constexpr int na_tcb_slab_queries = NA_TCB_QUERIES * NaStaged<NA_DIM, true>::per
 constexpr int na_tcb_slab_rows =
     na_tcb_slab_queries + NA_TCB_QUERIES * NaStaged<NA_DIM_V, true>::per_row;
 
+// The key-row kernels' bias table (NaBiasTable), its entries staged where they fit.
+using NaKeyBias = NaBiasTable<NA_TCB_QUERIES, 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX>;
+
 // Where the key-row kernels' rows lie, all in dynamic shared memory: the tile's key rows, its
 // value rows, the ring's buffers (a slab's query rows, then its output gradient rows), then the
-// ring's statistics.
+// ring's statistics; and their bias table (static).
 struct NaKeyRowsShared {
+    NaKeyBias bias;
+
     __device__ __forceinline__ elem_t* keys() const {
         return reinterpret_cast<elem_t*>(na_dynamic_shared());
     }
@@ -777,13 +765,16 @@ constexpr int na_tcb_key_rows_bytes =
 __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                      const NaTcTile& tl, const NaTcRow rows[2],
                                                      bool biased, long long b, long long h,
-                                                     const NaKeyRowsShared& shared,
+                                                     NaKeyRowsShared& shared,
                                                      NaKeyTileGrads& grads) {
     constexpr int BLOCKS = NA_TCB_QUERIES / 8, STAGES = NA_TCB_QUERY_STAGES;
     const NaFusedParams& f = p.f;
     // Logits scaled by na_logits whatever the problem, as the mma.sync kernels below.
     const NaExponent exponent = {false, NA_LOG2E, 1.0f};
     const int t = threadIdx.x % 4;
+    if (biased) {  // (the last call's reads ended at its closing barrier)
+        shared.bias.stage(f, h, tl);
+    }
     const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
     NaSlab next = na_first_slab<NA_TCB_QUERIES>(tl, true, 0);  // slab j + 1
     // The slabs' copies, one group each (an empty one past the last), slab i into buffer
@@ -848,7 +839,8 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 }
                 na_hold_registers<4 * BLOCKS>(&logits[0][0]);
                 na_hold_registers<4 * BLOCKS>(&dp[0][0]);
-                na_logits<BLOCKS, true>(logits, seen, exponent, f, h, tl, next, rows, biased, t);
+                na_logits<BLOCKS, true>(logits, seen, exponent, f, h, shared.bias, tl, next, rows,
+                                        biased, t);
                 const NaRowStats* stats = shared.stats(buffer);
                 na_logit_grads<BLOCKS>(logits, dp, exponent.factor, [&](int kb, int i) {
                     return stats[8 * kb + 2 * t + i % 2].stat();
@@ -892,12 +884,19 @@ struct NaQuerySlab {
     elem_t d_outs[NA_TCB_QUERIES][NA_TCB_PITCH_V];
     NaRowStats stats[NA_TCB_QUERIES];
 };
-// Query slab buffers: two where they fit beside the tile in 48 KiB of static shared memory (the
-// next slab is copied while this one's products run), else one (it is copied after them).
-constexpr int NA_QUERY_SLABS = sizeof(NaKeyTile) + 2 * sizeof(NaQuerySlab) <= 48 * 1024 ? 2 : 1;
+// The bias table (NaBiasTable), its entries staged where they fit beside the tile and a slab in
+// 48 KiB of static shared memory; query slab buffers: two where they fit beside both (the next
+// slab is copied while this one's products run), else one (it is copied after them).
+using NaKeyBias =
+    NaBiasTable<NA_TCB_QUERIES, sizeof(NaKeyTile) + sizeof(NaQuerySlab) +
+                                        sizeof(NaBiasTable<NA_TCB_QUERIES, true>) <=
+                                    48 * 1024>;
+constexpr int NA_QUERY_SLABS =
+    sizeof(NaKeyTile) + 2 * sizeof(NaQuerySlab) + sizeof(NaKeyBias) <= 48 * 1024 ? 2 : 1;
 struct NaKeyRowsShared {
     __align__(16) NaKeyTile tile;
     __align__(16) NaQuerySlab slabs[NA_QUERY_SLABS];
+    NaKeyBias bias;
 
     __device__ __forceinline__ elem_t* keys() { return tile.keys[0]; }
     __device__ __forceinline__ elem_t* values() { return tile.values[0]; }
@@ -928,7 +927,11 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
     auto after = [&](const NaSlab& s) { return na_next_slab<NA_TCB_QUERIES>(tl, s, 0); };
     const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
     NaSlab s = na_first_slab<NA_TCB_QUERIES>(tl, true, 0);
-    if (count > 0) {  // (the last call's reads ended at its closing barrier)
+    // (The last call's reads ended at its closing barrier.)
+    if (biased) {
+        shared.bias.stage(f, h, tl);
+    }
+    if (count > 0) {
         stage(s, slabs[0]);
     }
     for (long long n = 0; n < count; ++n, s = after(s)) {
@@ -955,7 +958,8 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                 na_row_products<NA_TCB_STEPS, BLOCKS>(probs, a, slab.queries[0], NA_TCB_PITCH,
                                                       live, g, t);
             }
-            na_logits<BLOCKS, true>(probs, seen, exponent, f, h, tl, s, rows, biased, t);
+            na_logits<BLOCKS, true>(probs, seen, exponent, f, h, shared.bias, tl, s, rows,
+                                    biased, t);
             // dP^T = V dO^T.
             float dp[BLOCKS][4];
             {
@@ -1130,28 +1134,28 @@ NA_DYNAMIC_SHARED(na_fused_backward_extras_tc, na_tcb_key_rows_bytes)
 extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
     na_fused_backward_bias_slices_tc(const NaFusedBwdParams p) {
     constexpr int WARPS = NA_REDUCE_THREADS / NA_WARP;
-    constexpr int CHUNKS = (NA_TCB_SPAN + NA_WARP - 1) / NA_WARP;
+    constexpr int CHUNKS = (NA_TC_BIAS_SPAN + NA_WARP - 1) / NA_WARP;
     __shared__ float sums[WARPS][NA_WARP];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const long long rows = na_bias_rows(p), slices = na_bias_slice_count(p);
     for (long long item = blockIdx.x; item < p.f.heads * slices * CHUNKS; item += gridDim.x) {
         const long long h = item / (slices * CHUNKS), slice = item / CHUNKS % slices;
         const int n = (int)(item % CHUNKS) * NA_WARP + lane;
-        const float* tile_sums = na_bias_tile_sums(p) + h * rows * NA_TCB_SPAN;
+        const float* tile_sums = na_bias_tile_sums(p) + h * rows * NA_TC_BIAS_SPAN;
         const long long end = min((slice + 1) * NA_BIAS_SLICE, rows);
         float sum = 0;
-        for (long long r = slice * NA_BIAS_SLICE + warp; n < NA_TCB_SPAN && r < end; r += WARPS) {
-            sum += tile_sums[r * NA_TCB_SPAN + n];
+        for (long long r = slice * NA_BIAS_SLICE + warp; n < NA_TC_BIAS_SPAN && r < end; r += WARPS) {
+            sum += tile_sums[r * NA_TC_BIAS_SPAN + n];
         }
         sums[warp][lane] = sum;
         __syncthreads();
-        if (warp == 0 && n < NA_TCB_SPAN) {
+        if (warp == 0 && n < NA_TC_BIAS_SPAN) {
             float total = 0;
 #pragma unroll
             for (int w = 0; w < WARPS; ++w) {
                 total += sums[w][lane];
             }
-            na_bias_slice_sums(p)[(h * slices + slice) * NA_TCB_SPAN + n] = total;
+            na_bias_slice_sums(p)[(h * slices + slice) * NA_TC_BIAS_SPAN + n] = total;
         }
         __syncthreads();  // the sums read before the next item writes them
     }
@@ -1161,13 +1165,13 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
 extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
     na_fused_backward_bias_tc(const NaFusedBwdParams p) {
     const long long slices = na_bias_slice_count(p);
-    const long long entries = p.f.heads * NA_TCB_SPAN;
+    const long long entries = p.f.heads * NA_TC_BIAS_SPAN;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < entries;
          i += (long long)gridDim.x * blockDim.x) {
-        const long long h = i / NA_TCB_SPAN, n = i % NA_TCB_SPAN;
+        const long long h = i / NA_TC_BIAS_SPAN, n = i % NA_TC_BIAS_SPAN;
         float sum = 0;
         for (long long slice = 0; slice < slices; ++slice) {
-            sum += na_bias_slice_sums(p)[(h * slices + slice) * NA_TCB_SPAN + n];
+            sum += na_bias_slice_sums(p)[(h * slices + slice) * NA_TC_BIAS_SPAN + n];
         }
         const long long at[3] = {n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1)),
                                  n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1), n % (2 * NA_K2 - 1)};

@@ -117,14 +117,20 @@ __device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
 // The slabs' keys and values take turns in a ring of NA_TC_STAGES buffers of shared memory:
 // slab j's keys are item 2 j and its values item 2 j + 1, item i lies in buffer i % NA_TC_STAGES,
 // and while item i is read the next NA_TC_STAGES - 1 are on their way (a copy has the products of
-// one item, or of two, to arrive under). Three buffers where they fit the 48 KiB a block's static
-// shared memory may take, else two.
-#define NA_TC_STAGES (3 * na_tc_buffer * (int)sizeof(elem_t) <= 48 * 1024 ? 3 : 2)
+// one item, or of two, to arrive under). Three buffers where they fit beside the bias table
+// (NaForwardBias) in the 48 KiB a block's static shared memory may take, else two.
+#define NA_TC_STAGES (3 * sizeof(NaRingBuffer) + sizeof(NaForwardBias) <= 48 * 1024 ? 3 : 2)
 #endif
 constexpr int na_tc_buffer = NA_TC_KEYS * (NaKeyRows::per_row > NaValueRows::per_row
                                                ? NaKeyRows::per_row
                                                : NaValueRows::per_row);
 typedef elem_t NaRingBuffer[na_tc_buffer];
+// The tile's bias table, its entries staged where they fit: beside two ring buffers in the
+// 48 KiB of static shared memory on mma.sync.
+constexpr bool na_tc_bias_staged =
+    NA_TC_WGMMA ? 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
+                : 2 * sizeof(NaRingBuffer) + sizeof(NaBiasTable<NA_TC_KEYS, true>) <= 48 * 1024;
+using NaForwardBias = NaBiasTable<NA_TC_KEYS, na_tc_bias_staged>;
 
 
 #if NA_TC_WGMMA
@@ -217,7 +223,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
                                                 const NaTcRow rows[2],
                                                 const elem_t* const query_rows[2],
                                                 const NaExponent& exponent, NaRingBuffer* ring,
-                                                int t) {
+                                                NaForwardBias& bias, int t) {
     unsigned query[NA_TC_STEPS][4];
 #pragma unroll
     for (int s = 0; s < NA_TC_STEPS; ++s) {
@@ -230,7 +236,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
     const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
     const NaSlab first = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
     NaForwardCopies copies = {first, false, 2 * slabs, 0};
-    __syncthreads();  // the last tile's reads of the ring done
+    __syncthreads();  // the last tile's reads of the ring and the bias table done
+    bias.stage(f, h, tl);
     // Items 0 .. 2 NA_TC_AHEAD now; two more after each barrier from slab 0's on, into the
     // buffers of the items the slab before read (so that at slab j's barrier items up to
     // 2 j + 2 NA_TC_AHEAD have been issued, and the two it publishes are waited for).
@@ -283,8 +290,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
         float rescale[2];
         if (logits_run) {
             na_hold_registers<4 * NA_TC_KEY_BLOCKS>(&logits[0][0]);
-            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, tl, next, rows,
-                                               f.has_bias != 0, t);
+            na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, bias, tl, next,
+                                               rows, f.has_bias != 0, t);
             softmax.fold(logits, rescale);
         }
         na_wgmma_wait<0>();
@@ -322,7 +329,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
                                                 const NaTcRow rows[2],
                                                 const elem_t* const query_rows[2],
                                                 const NaExponent& exponent, NaRingBuffer* ring,
-                                                int t) {
+                                                NaForwardBias& bias, int t) {
     const int lane = threadIdx.x % NA_WARP, g = lane / 4;
 #if NA_TC_QUERY_REGISTERS
     unsigned query[NA_TC_STEPS][4];
@@ -349,7 +356,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
         const long long slabs = na_slab_count<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
         NaSlab s = na_first_slab<NA_TC_KEYS>(tl, f.has_window, f.extra_count);
         NaForwardCopies copies = {s, false, 2 * slabs, 0};
-        __syncthreads();  // the last pass's (or tile's) reads of the ring done
+        __syncthreads();  // the last pass's (or tile's) reads of the ring and bias table done
+        bias.stage(f, h, tl);
 #pragma unroll
         for (int item = 0; item < NA_TC_STAGES - 1; ++item) {
             copies.next(f, tl, b, h / f.group, ring[0]);  // slab 0's keys (and values)
@@ -391,8 +399,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
                                                          g, t);
                 }
 #endif
-                na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, tl, s, rows,
-                                                   f.has_bias != 0, t);
+                na_logits<NA_TC_KEY_BLOCKS, false>(logits, seen, exponent, f, h, bias, tl, s,
+                                                   rows, f.has_bias != 0, t);
 
                 // Fold the slab into the running softmax of each row and rescale the output.
                 float rescale[2];
@@ -434,6 +442,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 #else
     __shared__ __align__(128) NaRingBuffer ring[NA_TC_STAGES];
 #endif
+    __shared__ NaForwardBias bias;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
     const long long tasks = na_tc_tasks(f.batch, p.tiling);
@@ -449,7 +458,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
             query_rows[r] =
                 rows[r].valid ? na_tile_row_ptr(f, tl, f.query, b, h, rows[r].index) : nullptr;
         }
-        na_forward_tile(f, tl, b, h, rows, query_rows, exponent, ring, t);
+        na_forward_tile(f, tl, b, h, rows, query_rows, exponent, ring, bias, t);
     }
 }
 #if NA_TC_WGMMA

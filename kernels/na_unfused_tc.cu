@@ -42,11 +42,17 @@ struct NaUtSlabs {
     __align__(8) int numbers[2][NA_UT_KEYS];
 };
 
-// Shared memory of a block: the slabs and the slot tile. launch.rs
-// (`tensor_core_shared_bytes`, the same sum) takes this kernel only for problems within the
-// static limit.
-static_assert(sizeof(NaUtSlabs) + NA_TC_ROWS * NA_UT_SLOT_PITCH * sizeof(elem_t) <= 48 * 1024,
-              "the slot tile and the slab buffers fit the 48 KiB of static shared memory");
+// Shared memory of a block: the slabs, the slot tile and (na_pairwise_tc) the bias table, its
+// entries staged where they fit beside the rest. launch.rs (`tensor_core_shared_bytes`, the same
+// sum with a table whose entries are not staged) takes these kernels only for problems within
+// the static limit.
+constexpr int na_ut_slot_tile_bytes = NA_TC_ROWS * NA_UT_SLOT_PITCH * (int)sizeof(elem_t);
+using NaUtBias = NaBiasTable<NA_UT_KEYS, sizeof(NaUtSlabs) + na_ut_slot_tile_bytes +
+                                                 sizeof(NaBiasTable<NA_UT_KEYS, true>) <=
+                                             48 * 1024>;
+static_assert(sizeof(NaUtSlabs) + na_ut_slot_tile_bytes + sizeof(NaUtBias) <= 48 * 1024,
+              "the slot tile, the slab buffers and the bias table fit the 48 KiB of static "
+              "shared memory");
 
 // The fused kernels' view of an unfused launch (what fused_tc.cuh reads): `a` as the queries,
 // `b` as both the keys and the values, one head per kv head, no additional tokens, no scale.
@@ -205,15 +211,17 @@ __device__ __forceinline__ NaColumnNumbers na_column_numbers(const int* numbers,
     return *reinterpret_cast<const NaColumnNumbers*>(numbers + 8 * kb + 2 * t);
 }
 
-// Walk the slabs of COLUMNS keys of a tile's box with two staging buffers: `stage(s, buffer)`
+// Walk the slabs of COLUMNS keys of a tile's box with two staging buffers: `begin()` writes what
+// the tile's slabs share (after the barrier that ends the last task's reads), `stage(s, buffer)`
 // starts the copies of slab s, `work(s, buffer)` uses it; the next slab is staged while one is
 // worked. Every thread of the block calls it (it holds the barriers).
-template <int COLUMNS, class Stage, class Work>
-__device__ __forceinline__ void na_double_buffered(const NaTcTile& tl, Stage&& stage,
-                                                   Work&& work) {
+template <int COLUMNS, class Begin, class Stage, class Work>
+__device__ __forceinline__ void na_double_buffered(const NaTcTile& tl, Begin&& begin,
+                                                   Stage&& stage, Work&& work) {
     const long long slabs = na_slab_count<COLUMNS>(tl, true, 0);
     NaSlab s = na_first_slab<COLUMNS>(tl, true, 0);
-    __syncthreads();  // the last task's reads of both buffers done
+    __syncthreads();  // the last task's reads of both buffers (and what begin writes) done
+    begin();
     if (slabs > 0) {
         stage(s, 0);
     }
@@ -230,13 +238,13 @@ __device__ __forceinline__ void na_double_buffered(const NaTcTile& tl, Stage&& s
 // Walk a tile's key box slab by slab (na_double_buffered), staged into `slabs`, calling
 // `work(s, seen, live, rows, numbers)` for each slab `s` some lane of the warp sees: `seen` this
 // lane's mask of it (na_slab_mask), `live` the warp's, `rows` the staged rows and `numbers`
-// their key numbers.
-template <class Work>
+// their key numbers; `begin()` first, as na_double_buffered's.
+template <class Begin, class Work>
 __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const NaUtTile& u,
                                                   const NaTcTask& job, NaUtSlabs& slabs, int t,
-                                                  Work&& work) {
+                                                  Begin&& begin, Work&& work) {
     na_double_buffered<NA_UT_KEYS>(
-        u.tl,
+        u.tl, begin,
         [&](const NaSlab& s, int buffer) {
             // f.key and f.value are the same rows (na_fused_view).
             na_stage_key_slab<NA_UT_KEYS>(f, u.tl, s, job.batch, job.head, slabs.rows[buffer][0],
@@ -262,6 +270,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_pairwise_tc(const NaParams p) {
     __shared__ __align__(16) NaUtSlabs keys;
     __shared__ __align__(16) elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
+    __shared__ NaUtBias bias;
     const NaFusedParams f = na_fused_view(p);
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
@@ -292,7 +301,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         na_slot_rows(u, g, slot_rows);
 
         na_each_seen_slab(
-            f, u, job, keys, t,
+            f, u, job, keys, t, [&] { bias.stage(f, job.head, u.tl); },
             [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows,
                 const int* numbers) {
                 float logits[NA_UT_KEY_BLOCKS][4];
@@ -302,8 +311,8 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
                 // Unscaled, the products are the logits but for the bias; those no row sees
                 // are never stored, so only the bias needs the logits' pass.
                 if (NA_TC_MAY_HAVE_BIAS && f.has_bias != 0) {
-                    na_logits_with<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, u.tl, s,
-                                                            u.rows, true, t);
+                    na_logits_with<NA_UT_KEY_BLOCKS, false>(logits, seen, f, job.head, bias,
+                                                            u.tl, s, u.rows, true, t);
                 }
                 // (Predicated stores; a row's two columns rounded in one conversion.)
 #pragma unroll
@@ -353,7 +362,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         float acc[NA_DIM / 8][4];
         na_zero<NA_DIM / 8>(acc);
         na_each_seen_slab(
-            f, u, job, values, t,
+            f, u, job, values, t, [] {},
             [&](const NaSlab& s, unsigned seen, unsigned live, const elem_t* rows,
                 const int* numbers) {
                 // The weights of the slab's columns as the products' A fragments, packed as

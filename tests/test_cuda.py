@@ -57,6 +57,8 @@ TENSOR_CORE_UNFUSED_CASES = [
     # Rows a multiple of 8 long: whole slot rows move sixteen bytes at a time (but in the last
     # tile along axis 0, of four rows).
     (((12, 16), (5, 5), (1, 1), (False, True), False, 0), 32),
+    # A bias table with no room beside the slot tile: its entries are read from the tensor.
+    (((16, 20), (7, 15), (1, 1), (False, False), True, 0), 128),
 ]  # fmt: skip
 TENSOR_CORE_UNFUSED_PARAMS = [
     pytest.param(case, dim, id=f"{len(case[0])}d-K{case[1]}-d{case[2]}-D{dim}")
@@ -330,12 +332,14 @@ TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_C
 # spans several slabs, in every slab width (on mma.sync 32 queries up to head dim 64, 16 past
 # it; on warpgroup products 64 up to head dim 32, 32 past it); stride
 # with causal and GQA at head dims 128/96; a 1-D problem with dilation, stride and MQA at head
-# dims 64/128 with extras; dilation with rpb on a causal 3-D problem.
+# dims 64/128 with extras; dilation with rpb on a causal 3-D problem; a bias table the mma.sync
+# backward kernels have no room to stage (they read its entries from the tensor).
 TENSOR_CORE_BACKWARD_CASES = [
     FusedCase((12, 20), (5, 7), (1, 2), (1, 1), (False, True), 1, 4, 2, 128, 96),
     FusedCase((40,), (13,), (4,), (2,), (False,), 2, 2, 1, 64, 128, n_extra=5, layout="permuted"),
     FusedCase((6, 7, 8), (3, 3, 5), (1, 1, 1), (2, 1, 1), (False, True, False), 1, 2, 2, 32, 32,
               rpb=True, layout="sliced"),
+    FusedCase((20, 19), (19, 19), (1, 1), (1, 1), (False, False), 1, 1, 1, 128, 128, rpb=True),
 ]  # fmt: skip
 TENSOR_CORE_BACKWARD_CASE_PARAMS = [
     pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES + TENSOR_CORE_BACKWARD_CASES

@@ -230,11 +230,14 @@ fn channel_run(function: Function, p: &Problem, params: &Params) -> i32 {
 
 /// Shared memory a block of the unfused tensor-core kernels takes (na_unfused_tc.cu): two slabs
 /// of 64 staged rows (channels padded to whole 16-channel steps, then skewed by 8) with a 4-byte
-/// key number per row, and a tile of `TC_ROWS` rows of window slots (padded to an odd count).
+/// key number per row, a tile of `TC_ROWS` rows of window slots (padded to an odd count), and a
+/// bias table of a 4-byte number per slab row and one word (its entries are staged only where
+/// they fit beside the rest).
 fn tensor_core_shared_bytes(dtype: DType, dim: usize, slots: usize) -> usize {
     const SLAB: usize = 64;
     let slabs = 2 * SLAB * ((dim.next_multiple_of(16) + 8) * dtype.size() + 4);
-    slabs + TC_ROWS * (slots | 1) * dtype.size()
+    let bias_table = 4 * (SLAB + 1);
+    slabs + TC_ROWS * (slots | 1) * dtype.size() + bias_table
 }
 
 /// Static shared memory a kernel may take (no opt-in).
