@@ -9,8 +9,9 @@ use crate::problem::{FusedProblem, Problem};
 
 /// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
 /// included by every source, `fused.cuh` by the fused ones, `fused_bwd.cuh` by the backward
-/// ones, `tensor_core.cuh` and `fused_tc.cuh` by the tensor-core ones.
-pub const HEADERS: [(&str, &str); 5] = [
+/// ones, `tensor_core.cuh` and `fused_tc.cuh` (with its parts `tc_tile.cuh`, `tc_mask.cuh` and
+/// `tc_logits.cuh`) by the tensor-core ones.
+pub const HEADERS: [(&str, &str); 8] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
     (
@@ -20,6 +21,12 @@ pub const HEADERS: [(&str, &str); 5] = [
     (
         "tensor_core.cuh",
         include_str!("../../../kernels/tensor_core.cuh"),
+    ),
+    ("tc_tile.cuh", include_str!("../../../kernels/tc_tile.cuh")),
+    ("tc_mask.cuh", include_str!("../../../kernels/tc_mask.cuh")),
+    (
+        "tc_logits.cuh",
+        include_str!("../../../kernels/tc_logits.cuh"),
     ),
     (
         "fused_tc.cuh",
