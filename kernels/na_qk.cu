@@ -138,3 +138,122 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad(con
         __syncthreads();
     }
 }
+
+// ---- the bias's gradient, a tile of queries at a time --------------------------------------------
+// Where the host gives a scratch (p.bias.data: acc_t, a row of NA_BIAS_SPAN per tile of
+// NA_BIAS_TILE_ROWS query rows of every (batch, head), batch-major then head then tile) and the
+// table fits (NA_BIAS_TILES_FIT),
+// d_bias takes two passes that read each logit gradient once, where na_bias_grad reads each
+// row once per entry: na_bias_grad_tiles sums each tile of NA_BIAS_TILE_ROWS query rows into its
+// scratch row, na_bias_grad_sum adds up each head's rows in a fixed order (the same bits on every
+// run, as na_bias_grad's).
+#define NA_BIAS_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
+#ifndef NA_BIAS_TILE_ROWS
+#error "the host gives NA_BIAS_TILE_ROWS (kernels.rs, BIAS_TILE_ROWS)"
+#endif
+#define NA_BIAS_WARPS (NA_REDUCE_THREADS / 32)
+// Whether a copy of the table per warp fits 48 KiB of static shared memory (launch.rs,
+// bias_grad_takes_tiles, asks the same).
+#define NA_BIAS_TILES_FIT (NA_BIAS_WARPS * NA_BIAS_SPAN * (int)sizeof(acc_t) <= 48 * 1024)
+
+// Row-major number of the bias entry at indices `at` (na_bias_index per axis).
+__device__ __forceinline__ int na_bias_entry_number(const long long at[3]) {
+    return (int)((at[0] * (2 * NA_K1 - 1) + at[1]) * (2 * NA_K2 - 1) + at[2]);
+}
+
+// Tiles of query rows per (batch, head).
+__device__ __forceinline__ long long na_bias_tiles(const NaParams& p) {
+    return (na_tokens(p) + NA_BIAS_TILE_ROWS - 1) / NA_BIAS_TILE_ROWS;
+}
+
+// A block per tile (grid-stride): its warps take the tile's rows in turn, a lane per window slot,
+// each warp adding into its own copy of the table in shared memory (the slots of one row hold
+// different offsets, so a warp's lanes never meet in an entry); then the copies are added up in
+// order into the tile's scratch row.
+extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
+    na_bias_grad_tiles(const NaParams p) {
+    __shared__ acc_t copies[NA_BIAS_WARPS][NA_BIAS_TILES_FIT ? NA_BIAS_SPAN : 1];
+    if (!NA_BIAS_TILES_FIT) {
+        return;  // (the host takes na_bias_grad then)
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long tokens = na_tokens(p), tiles = na_bias_tiles(p);
+    const long long tasks = p.batch * p.heads * tiles;
+    acc_t* const sums = reinterpret_cast<acc_t*>(p.bias.data);
+    for (int n = threadIdx.x; n < NA_BIAS_WARPS * NA_BIAS_SPAN; n += NA_REDUCE_THREADS) {
+        copies[n / NA_BIAS_SPAN][n % NA_BIAS_SPAN] = 0;
+    }
+    for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
+        const NaDivMod bt = na_divmod(task, tiles);
+        const NaDivMod bh = na_divmod(bt.quot, p.heads);
+        const long long end = min((bt.rem + 1) * NA_BIAS_TILE_ROWS, tokens);
+        __syncthreads();  // the copies zeroed
+        for (long long t = bt.rem * NA_BIAS_TILE_ROWS + warp; t < end; t += NA_BIAS_WARPS) {
+            long long x[3];
+            na_token(p, t, x);
+            const NaWindow w = na_window(p, x);
+            const long long at = na_offset(p.w, bh.quot, bh.rem, x[0], x[1], x[2], 0);
+            for (int slot = lane; slot < NA_SLOTS; slot += 32) {
+                const int s[3] = {slot / (NA_K1 * NA_K2), (slot / NA_K2) % NA_K1, slot % NA_K2};
+                long long entry[3];
+                bool valid = true;
+#pragma unroll
+                for (int a = 0; a < 3; ++a) {
+                    valid = valid && w.range[a].start + s[a] < w.range[a].end;
+                    entry[a] = na_bias_index(w, a, s[a]);
+                }
+                if (valid) {
+                    copies[warp][na_bias_entry_number(entry)] +=
+                        to_acc(na_ptr(p.w)[at + slot * p.w.stride[5]]);
+                }
+            }
+            __syncwarp();  // the row's additions done before the next row's
+        }
+        __syncthreads();  // every warp's additions done
+        acc_t* const row = sums + task * NA_BIAS_SPAN;
+        for (int n = threadIdx.x; n < NA_BIAS_SPAN; n += NA_REDUCE_THREADS) {
+            acc_t sum = 0;
+#pragma unroll
+            for (int c = 0; c < NA_BIAS_WARPS; ++c) {
+                sum += copies[c][n];
+                copies[c][n] = 0;
+            }
+            row[n] = sum;
+        }
+    }
+}
+
+// d_bias[h, entry]: a block per 32 entries of a head (a lane each), its warps taking the head's
+// tile rows in turn (row r, batch-major then tile, to warp r % NA_BIAS_WARPS) and their sums
+// added in warp order.
+extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad_sum(const NaParams p) {
+    __shared__ acc_t partial[NA_BIAS_WARPS][32];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const long long chunks = (NA_BIAS_SPAN + 31) / 32, tiles = na_bias_tiles(p);
+    const long long rows = p.batch * tiles;
+    const acc_t* const sums = reinterpret_cast<const acc_t*>(p.bias.data);
+    for (long long job = blockIdx.x; job < p.heads * chunks; job += gridDim.x) {
+        const long long h = job / chunks, n = job % chunks * 32 + lane;
+        acc_t sum = 0;
+        if (n < NA_BIAS_SPAN) {
+#pragma unroll 4
+            for (long long r = warp; r < rows; r += NA_BIAS_WARPS) {
+                const NaDivMod bt = na_divmod(r, tiles);
+                sum += sums[((bt.quot * p.heads + h) * tiles + bt.rem) * NA_BIAS_SPAN + n];
+            }
+        }
+        partial[warp][lane] = sum;
+        __syncthreads();
+        if (warp == 0 && n < NA_BIAS_SPAN) {
+            acc_t total = 0;
+#pragma unroll
+            for (int w = 0; w < NA_BIAS_WARPS; ++w) {
+                total += partial[w][lane];
+            }
+            const long long at[3] = {n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1)),
+                                     n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1), n % (2 * NA_K2 - 1)};
+            na_store(p.out, na_offset(p.out, h, at[0], at[1], at[2], 0, 0), total);
+        }
+        __syncthreads();  // the partial sums read
+    }
+}

@@ -59,6 +59,8 @@ TENSOR_CORE_UNFUSED_CASES = [
     (((12, 16), (5, 5), (1, 1), (False, True), False, 0), 32),
     # A bias table with no room beside the slot tile: its entries are read from the tensor.
     (((16, 20), (7, 15), (1, 1), (False, False), True, 0), 128),
+    # Five tiles of 256 query rows per (batch, head): d_rpb's warps each add up several tile sums.
+    (((1200,), (9,), (2,), (False,), True, 0), 16),
 ]  # fmt: skip
 TENSOR_CORE_UNFUSED_PARAMS = [
     pytest.param(case, dim, id=f"{len(case[0])}d-K{case[1]}-d{case[2]}-D{dim}")

@@ -428,6 +428,34 @@ def test_the_backward_scratch_is_checked_naming_it(stats, message, kernels):
         _core.na_fused_backward(inputs, nbhd, 0.25, saved, grads, dlpack(stats(length)), 0)
 
 
+@pytest.mark.parametrize(
+    "scratch, message",
+    [
+        (lambda n, _: torch.empty(n + 1), r"bias_scratch: expected shape \[\d+\], got shape"),
+        (lambda n, _: torch.empty(n, dtype=torch.float16), "bias_scratch: expected float32"),
+        (lambda n, _: torch.empty(2 * n)[::2], "bias_scratch: expected a contiguous output"),
+        (lambda n, d_rpb: d_rpb.view(-1)[:n], "bias_scratch: .*overlap"),
+    ],
+    ids=["long", "wrong-dtype", "strided", "on-d_rpb"],
+)
+def test_the_bias_gradient_scratch_is_checked_naming_it(scratch, message, kernels):
+    # 2 x 5 x 5 tokens, kernel 3 x 3: a 5 x 5 table per tile of each of the 4 (batch, head)s.
+    q, d_attn = torch.randn(2, 2, 5, 5, 8), torch.randn(2, 2, 5, 5, 9)
+    params = ([3, 3], [1, 1], [False, False])
+    d_rpb = torch.empty(2 * 25 * 4)
+    with kernels():
+        length, dtype = _core.qk_bias_scratch_shape(dlpack(q), dlpack(q), *params)
+        assert (length, dtype) == (4 * 25, "float32")
+        grads = [torch.empty_like(q), torch.empty_like(q)]
+        given = scratch(length, d_rpb)
+        with pytest.raises(ValueError, match=message):
+            _core.na_qk_backward(dlpack(d_attn), dlpack(q), dlpack(q), None,
+                                 *(dlpack(g) for g in grads), dlpack(d_rpb[:50].view(2, 5, 5)),
+                                 None, *params, 0, dlpack(given))  # fmt: skip
+    # The CPU kernels take none.
+    assert _core.qk_bias_scratch_shape(dlpack(q), dlpack(q), *params) == (0, "float32")
+
+
 def test_the_sanitizer_workload_runs_on_the_cuda_kernels(kernels):
     # The script a GPU session runs under compute-sanitizer, through the same kernels here.
     import cuda_workload

@@ -72,8 +72,17 @@ def na_qk_backward(
     dilation: list[int],
     is_causal: list[bool],
     stream: int,
+    bias_scratch: Capsule | None = None,
 ) -> None:
-    """Write the gradients of ``na_qk`` (``d_rpb``/``d_additional_keys`` when given)."""
+    """Write the gradients of ``na_qk`` (``d_rpb``/``d_additional_keys`` when given);
+    ``bias_scratch``, ``qk_bias_scratch_shape`` of it, lets the CUDA kernels sum ``d_rpb`` a tile
+    of queries at a time."""
+
+def qk_bias_scratch_shape(
+    query: Capsule, key: Capsule, kernel_size: list[int], dilation: list[int], is_causal: list[bool]
+) -> tuple[int, str]:
+    """The scratch ``na_qk_backward`` takes for ``d_rpb``: ``(elements, dtype name)``, no elements
+    where the CPU kernels run or the CUDA ones need none."""
 
 def na_av_backward(
     d_out: Capsule,

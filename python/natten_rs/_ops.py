@@ -127,6 +127,14 @@ def na_qk_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(d_query, d_key, d_rpb, d_additional_keys)``; absent ones are empty tensors."""
     d_query, d_key, d_rpb, d_extra = _qk_grads(query, key, additional_keys, with_rpb, kernel_size)
+    bias_scratch = None
+    if with_rpb:
+        # Scratch for the CUDA kernels of d_rpb (a table per tile of query rows; none on the CPU).
+        shape = _core.qk_bias_scratch_shape(
+            dlpack(query), dlpack(key), kernel_size, dilation, is_causal
+        )
+        if shape[0] > 0:
+            bias_scratch = dlpack(query.new_empty(shape[0], dtype=getattr(torch, shape[1])))
     _core.na_qk_backward(
         dlpack(d_attn),
         dlpack(query),
@@ -140,6 +148,7 @@ def na_qk_backward(
         dilation,
         is_causal,
         launch_stream(query),
+        bias_scratch,
     )
     return d_query, d_key, d_rpb, d_extra
 

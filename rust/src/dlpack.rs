@@ -111,6 +111,14 @@ impl DType {
         }
     }
 
+    /// The type kernels accumulate this one in (`acc_t`): float64 for float64, else float32.
+    pub fn accumulator(self) -> DType {
+        match self {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        }
+    }
+
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {

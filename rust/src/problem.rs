@@ -177,6 +177,19 @@ pub fn expect_f32(arg: &'static str, t: &TensorRef, device: Device, shape: &[usi
     expect_tensor(arg, t, DType::F32, device, shape)
 }
 
+/// Check a scratch tensor the kernels write: `len` elements of `dtype` on `device`, dense,
+/// writable, and sharing no memory with `others` (the op's inputs and outputs).
+pub fn expect_scratch(
+    arg: &'static str,
+    t: &TensorRef,
+    (len, dtype): (usize, DType),
+    device: Device,
+    others: &[&TensorRef],
+) -> Result<()> {
+    expect_tensor(arg, t, dtype, device, &[len])?;
+    expect_writable(arg, t, others)
+}
+
 /// Check an output tensor: dense, writable, and sharing no memory with any input (the kernels
 /// read inputs while writing outputs). Shape, dtype and device are checked by the caller.
 fn expect_writable(arg: &'static str, out: &TensorRef, inputs: &[&TensorRef]) -> Result<()> {

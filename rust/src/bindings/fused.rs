@@ -242,12 +242,7 @@ fn na_fused_backward(
 
 /// The backward's scratch: `(elements, dtype)` (the accumulator type of the problem's dtype).
 fn stats_shape(p: &FusedProblem) -> (usize, DType) {
-    let dtype = if p.dtype == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    (cuda::fused_stats_len(p), dtype)
+    (cuda::fused_stats_len(p), p.dtype.accumulator())
 }
 
 /// Validate the inputs of a fused op; the backward's scratch as `(elements, dtype name)`.

@@ -4,12 +4,13 @@
 
 use pyo3::prelude::*;
 
+use super::cuda::cpu_kernels;
 use super::{borrow, borrow_opt, launch, Capsule};
 use crate::cpu::{self, AvGrads, AvTensors, QkGrads, QkTensors};
 use crate::cuda::{self, UnfusedOp};
-use crate::dlpack::TensorRef;
+use crate::dlpack::{DType, TensorRef};
 use crate::error::Error;
-use crate::problem::{Neighborhood, Problem};
+use crate::problem::{expect_scratch, Neighborhood, Problem};
 
 /// `attn = query . key^T` over each query's neighborhood (+ rpb, + additional keys).
 #[pyfunction]
@@ -95,7 +96,13 @@ fn na_av(
 }
 
 /// Gradients of `na_qk` given `d_attn`; `d_rpb` / `d_additional_keys` are written when given.
+/// `bias_scratch`, `qk_bias_scratch_shape` of it, lets the CUDA kernels sum `d_rpb` tile by tile
+/// (without it, they take one pass over every logit gradient per bias entry).
 #[pyfunction]
+#[pyo3(signature = (
+    d_attn, query, key, additional_keys, d_query, d_key, d_rpb, d_additional_keys, kernel_size,
+    dilation, is_causal, stream, bias_scratch=None
+))]
 fn na_qk_backward(
     py: Python<'_>,
     d_attn: Capsule,
@@ -110,6 +117,7 @@ fn na_qk_backward(
     dilation: Vec<i64>,
     is_causal: Vec<bool>,
     stream: u64,
+    bias_scratch: Option<Capsule>,
 ) -> PyResult<()> {
     let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
     let grad = borrow("d_attn", d_attn)?;
@@ -140,6 +148,12 @@ fn na_qk_backward(
     if let Some(d) = &d_extra {
         p.expect_output("d_additional_keys", d, &p.extra_shape(), &inputs)?;
     }
+    let scratch = borrow_opt("bias_scratch", bias_scratch)?;
+    if let Some(s) = &scratch {
+        let mut others = inputs.clone();
+        others.extend([&dq, &dk].into_iter().chain(d_rpb.as_ref()));
+        expect_scratch("bias_scratch", s, bias_scratch_shape(&p), p.device, &others)?;
+    }
     let t = QkTensors {
         query: &q,
         key: &k,
@@ -151,6 +165,7 @@ fn na_qk_backward(
         d_key: &dk,
         d_rpb: d_rpb.as_ref(),
         d_additional_keys: d_extra.as_ref(),
+        bias_scratch: scratch.as_ref(),
     };
     // SAFETY (CUDA): as in `na_qk`.
     launch(
@@ -260,6 +275,34 @@ fn av_output_shape(
     Ok(p.token_shape(p.dim))
 }
 
+/// The scratch `na_qk_backward` takes for `d_rpb`: `(elements, dtype)` (the accumulator type of
+/// the problem's dtype); no elements where the CPU kernels run or the CUDA ones need none.
+fn bias_scratch_shape(p: &Problem) -> (usize, DType) {
+    let len = if cpu_kernels(p.device) {
+        0
+    } else {
+        cuda::bias_scratch_len(p)
+    };
+    (len, p.dtype.accumulator())
+}
+
+/// Validate the inputs of `na_qk_backward`; the scratch it takes for `d_rpb` as `(elements,
+/// dtype name)` (`bias_scratch`).
+#[pyfunction]
+fn qk_bias_scratch_shape(
+    query: Capsule,
+    key: Capsule,
+    kernel_size: Vec<i64>,
+    dilation: Vec<i64>,
+    is_causal: Vec<bool>,
+) -> PyResult<(usize, String)> {
+    let nbhd = Neighborhood::unfused(kernel_size, dilation, is_causal);
+    let (q, k) = (borrow("query", query)?, borrow("key", key)?);
+    let p = Problem::for_qk(&q, &k, None, None, &nbhd)?;
+    let (len, dtype) = bias_scratch_shape(&p);
+    Ok((len, dtype.name().to_string()))
+}
+
 /// Add the unfused entry points to the module.
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(na_qk, m)?)?;
@@ -267,6 +310,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(na_qk_backward, m)?)?;
     m.add_function(wrap_pyfunction!(na_av_backward, m)?)?;
     m.add_function(wrap_pyfunction!(qk_output_shape, m)?)?;
+    m.add_function(wrap_pyfunction!(qk_bias_scratch_shape, m)?)?;
     m.add_function(wrap_pyfunction!(av_output_shape, m)?)?;
     Ok(())
 }

@@ -108,6 +108,9 @@ pub struct QkGrads<'a> {
     pub d_rpb: Option<&'a TensorRef>,
     /// `[B, heads, n_extra, D]`, when the forward had additional keys.
     pub d_additional_keys: Option<&'a TensorRef>,
+    /// Scratch for the CUDA kernels of `d_rpb` (`cuda::bias_scratch_len` accumulators; the CPU
+    /// kernels take none).
+    pub bias_scratch: Option<&'a TensorRef>,
 }
 
 /// Backward of `qk`: `d_query = d_attn . key`, `d_key = d_attn^T . query`, and the reductions.

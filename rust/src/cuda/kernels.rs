@@ -40,6 +40,8 @@ pub const BLOCK: u32 = 256;
 pub const REDUCE_THREADS: u32 = 256;
 /// Query groups per block of the additional-token gradient (blocks are 32 x this).
 pub const EXTRA_ROWS: u32 = 8;
+/// Query rows per tile of the unfused bias-gradient's first pass (`NA_BIAS_TILE_ROWS`).
+pub const BIAS_TILE_ROWS: usize = 256;
 /// Tiles of queries each block of the tensor-core bias-gradient reduction's first pass sums
 /// (`NA_BIAS_SLICE`).
 pub const BIAS_SLICE: usize = 128;
@@ -110,7 +112,12 @@ impl Source {
     /// The kernels the source defines.
     pub fn functions(self) -> &'static [Function] {
         match self {
-            Source::Qk => &[Function::Pairwise, Function::BiasGrad],
+            Source::Qk => &[
+                Function::Pairwise,
+                Function::BiasGrad,
+                Function::BiasGradTiles,
+                Function::BiasGradSum,
+            ],
             Source::Av => &[Function::Gather, Function::Scatter, Function::ExtraGrad],
             Source::FusedFwd => &[Function::FusedForward],
             Source::FusedBwd => &[
@@ -189,8 +196,12 @@ impl Source {
 pub enum Function {
     /// `out[x, slot] = a[x] . b[key(x, slot)] (+ bias)`, extra slots dotted with extra tokens.
     Pairwise,
-    /// `d_bias[h, offset] = sum of w[.., slot at offset]`.
+    /// `d_bias[h, offset] = sum of w[.., slot at offset]`, a block per entry.
     BiasGrad,
+    /// `BiasGrad`'s sums over each tile of query rows, into a scratch row per tile.
+    BiasGradTiles,
+    /// `d_bias` as the sum of `BiasGradTiles`' rows.
+    BiasGradSum,
     /// `out[x] = sum_slot w[x, slot] b[key(x, slot)] (+ extra tokens)`.
     Gather,
     /// `out[y] = sum over queries x seeing y of w[x, slot(x, y)] a[x]`.
@@ -232,6 +243,8 @@ impl Function {
         match self {
             Function::Pairwise => "na_pairwise",
             Function::BiasGrad => "na_bias_grad",
+            Function::BiasGradTiles => "na_bias_grad_tiles",
+            Function::BiasGradSum => "na_bias_grad_sum",
             Function::Gather => "na_gather",
             Function::Scatter => "na_scatter",
             Function::ExtraGrad => "na_extra_grad",
@@ -254,7 +267,10 @@ impl Function {
     /// The source that defines it.
     pub fn source(self) -> Source {
         match self {
-            Function::Pairwise | Function::BiasGrad => Source::Qk,
+            Function::Pairwise
+            | Function::BiasGrad
+            | Function::BiasGradTiles
+            | Function::BiasGradSum => Source::Qk,
             Function::Gather | Function::Scatter | Function::ExtraGrad => Source::Av,
             Function::FusedForward => Source::FusedFwd,
             Function::FusedForwardTc => Source::FusedTc,
@@ -453,6 +469,9 @@ impl KernelKey {
         }
         if self.source.specialises_bias() {
             flags.push(format!("-DNA_BIASED={}", u8::from(self.biased)));
+        }
+        if self.source == Source::Qk {
+            flags.push(format!("-DNA_BIAS_TILE_ROWS={BIAS_TILE_ROWS}"));
         }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());

@@ -5,12 +5,13 @@
 //! The ops are the same compositions of window primitives as on the CPU (cpu/mod.rs): logits
 //! and `d_attn` are `Pairwise`; the output and `d_query` are `Gather`; `d_key` and `d_value` are
 //! `Scatter` (a gather over inverse windows); extra-token gradients are `ExtraGrad`; `d_rpb` is
-//! `BiasGrad`.
+//! `BiasGradTiles` then `BiasGradSum` where the caller gives their scratch (`bias_scratch_len`),
+//! else `BiasGrad`.
 
 use super::fused_launch::{
     indices_fit_32_bits, takes_tensor_cores as source_takes, TC_ROWS, TC_THREADS,
 };
-use super::kernels::{Function, Source, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
+use super::kernels::{Function, Source, BIAS_TILE_ROWS, BLOCK, EXTRA_ROWS, REDUCE_THREADS};
 use super::tiling::TcTiling;
 use crate::cpu::{AvGrads, AvTensors, QkGrads, QkTensors};
 use crate::dlpack::{DType, TensorRef};
@@ -192,8 +193,15 @@ impl Launch {
             | Function::FusedBackwardBiasSlicesTc
             | Function::FusedBackwardBiasTc => return None,
             Function::BiasGrad => {
-                let span: usize = p.axes.iter().map(|a| 2 * a.kernel - 1).product();
-                Config::covering((p.heads * span) as u64, 1, (REDUCE_THREADS, 1))
+                Config::covering((p.heads * bias_span(p)) as u64, 1, (REDUCE_THREADS, 1))
+            }
+            Function::BiasGradTiles => {
+                let tiles = p.batch * p.heads * p.tokens().div_ceil(BIAS_TILE_ROWS);
+                Config::covering(tiles as u64, 1, (REDUCE_THREADS, 1))
+            }
+            Function::BiasGradSum => {
+                let chunks = p.heads * bias_span(p).div_ceil(32);
+                Config::covering(chunks as u64, 1, (REDUCE_THREADS, 1))
             }
         };
         (config.grid > 0).then_some(Launch {
@@ -311,6 +319,27 @@ pub fn av(p: &Problem, t: &AvTensors, out: &TensorRef, tensor_cores: bool) -> Ve
         .collect()
 }
 
+/// Entries of a head's bias table: `2 K - 1` per axis.
+fn bias_span(p: &Problem) -> usize {
+    p.axes.iter().map(|a| 2 * a.kernel - 1).product()
+}
+
+/// Whether `BiasGradTiles` takes problem `p`: a copy of the bias table per warp of its blocks,
+/// in accumulators, fits 48 KiB of static shared memory (`NA_BIAS_TILES_FIT`).
+pub fn bias_grad_takes_tiles(p: &Problem) -> bool {
+    (REDUCE_THREADS as usize / 32) * bias_span(p) * p.dtype.accumulator().size()
+        <= STATIC_SHARED_BYTES
+}
+
+/// Accumulators of scratch `d_rpb` takes on CUDA (`BiasGradTiles`' rows: a table per tile of
+/// `BIAS_TILE_ROWS` query rows of every batch and head), or 0 where it takes `BiasGrad`.
+pub fn bias_scratch_len(p: &Problem) -> usize {
+    if !bias_grad_takes_tiles(p) {
+        return 0;
+    }
+    p.batch * p.heads * p.tokens().div_ceil(BIAS_TILE_ROWS) * bias_span(p)
+}
+
 /// Backward of `qk`: `d_query` (gather), `d_key` (scatter), then the reductions.
 pub fn qk_backward(
     p: &Problem,
@@ -350,7 +379,18 @@ pub fn qk_backward(
             out: View::bias(d_rpb),
             ..base
         };
-        launches.push(Launch::new(Function::BiasGrad, p, params));
+        match g.bias_scratch.filter(|_| bias_scratch_len(p) > 0) {
+            Some(scratch) => {
+                // The kernels find their scratch at the bias's address (a backward has none).
+                let params = Params {
+                    bias: View::with(scratch, [0; 6]),
+                    ..params
+                };
+                launches.push(Launch::new(Function::BiasGradTiles, p, params));
+                launches.push(Launch::new(Function::BiasGradSum, p, params));
+            }
+            None => launches.push(Launch::new(Function::BiasGrad, p, params)),
+        }
     }
     launches.into_iter().flatten().collect()
 }

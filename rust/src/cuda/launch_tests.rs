@@ -101,6 +101,7 @@ fn backward_plans_launch_every_requested_gradient() {
         d_key: &k,
         d_rpb: Some(&rpb),
         d_additional_keys: Some(&extra),
+        bias_scratch: None,
     };
     let functions: Vec<Function> = qk_backward(&p, &d_attn, &t, &g, false)
         .iter()
@@ -120,6 +121,49 @@ fn backward_plans_launch_every_requested_gradient() {
     let extra_grad = qk_backward(&p, &d_attn, &t, &g, false)[2];
     assert_eq!(extra_grad.config.grid, 2 * 3 * 2);
     assert_eq!(extra_grad.config.block, (32, EXTRA_ROWS));
+    // With a scratch, d_rpb takes two passes: a block per tile of 256 query rows of every
+    // (batch, head) (72 tokens: one), then a block per 32 entries of every head (45 entries:
+    // two); both find the scratch at the bias's address.
+    let scratch = tensor(&[bias_scratch_len(&p)], 0x6000);
+    assert_eq!(scratch.numel(), 2 * 3 * 45);
+    let tiled = QkGrads {
+        bias_scratch: Some(&scratch),
+        ..g
+    };
+    let launches = qk_backward(&p, &d_attn, &t, &tiled, false);
+    let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
+    assert_eq!(
+        functions,
+        [Gather, Scatter, ExtraGrad, BiasGradTiles, BiasGradSum]
+    );
+    let (tiles, sum) = (launches[3], launches[4]);
+    assert_eq!(
+        (tiles.config.grid, tiles.config.block),
+        (2 * 3, (REDUCE_THREADS, 1))
+    );
+    assert_eq!(
+        (sum.config.grid, sum.config.block),
+        (3 * 2, (REDUCE_THREADS, 1))
+    );
+    assert!([tiles, sum].iter().all(|l| l.params.bias.data == 0x6000));
+    assert!([tiles, sum].iter().all(|l| l.params.out.data == 0x3000));
+}
+
+#[test]
+fn bias_grads_take_tiles_where_a_table_per_warp_fits_static_shared_memory() {
+    // 8 warps of 4-byte accumulators fit tables of 1536 entries (2-D kernels up to 19), of
+    // 8-byte ones 768 (2-D up to 13); past that d_rpb takes one block per entry, with no scratch.
+    let with = |kernel: i64, dtype: DType| {
+        let q = TensorRef::meta(&[2, 3, 40, 40, 8], dtype, Device::Cuda(0));
+        let nbhd = Neighborhood::unfused(vec![kernel; 2], vec![1; 2], vec![false; 2]);
+        let p = Problem::for_qk(&q, &q, None, None, &nbhd).unwrap();
+        (bias_grad_takes_tiles(&p), bias_scratch_len(&p))
+    };
+    // 1600 tokens: 7 tiles of 256 rows per (batch, head).
+    assert_eq!(with(19, DType::F32), (true, 2 * 3 * 7 * 37 * 37));
+    assert_eq!(with(21, DType::F32), (false, 0));
+    assert_eq!(with(13, DType::F64), (true, 2 * 3 * 7 * 25 * 25));
+    assert_eq!(with(15, DType::F64), (false, 0));
 }
 
 #[test]
@@ -288,6 +332,7 @@ fn tensor_core_products_launch_a_block_per_query_tile() {
         d_key: &q,
         d_rpb: None,
         d_additional_keys: None,
+        bias_scratch: None,
     };
     let backward: Vec<Function> = qk_backward(&p, &attn, &t, &g, true)
         .iter()

@@ -378,6 +378,11 @@ pub fn fused_stats_len(p: &FusedProblem) -> usize {
     fused_launch::backward_stats_len(p)
 }
 
+/// Accumulators of scratch the CUDA kernels of `d_rpb` take for `p` (0: none).
+pub fn bias_scratch_len(p: &Problem) -> usize {
+    launch::bias_scratch_len(p)
+}
+
 /// The architecture kernels are compiled for on CUDA device `ordinal`.
 pub fn device_arch(ordinal: i32) -> Result<Arch> {
     runtime::device_arch(ordinal)
