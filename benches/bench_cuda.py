@@ -9,12 +9,16 @@ kernels and the softmax move at the least (inputs read once, outputs written onc
 weights written, read and written by softmax, read again) divided by the time, against the
 device's memory bandwidth (from its clock and bus width, or ``--peak-gbs``).
 
-    python benches/bench_cuda.py [--problems p1 p2] [--rounds 20] [--dilations 1 4]
+With ``--rpb``, natten_rs's logits take a relative positional bias (as NAT/DiNAT models call
+``na2d_qk``; its gradient too in forward + backward); sdpa goes without.
+
+    python benches/bench_cuda.py [--problems p1 p2] [--rounds 20] [--dilations 1 4] [--rpb]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 from dataclasses import dataclass
 
@@ -59,8 +63,8 @@ PROBLEMS = {
 }
 
 
-def natten_rs_fwd(p: Problem, q, k, v, dilation: int):
-    attn = na2d_qk(q * p.dim**-0.5, k, p.kernel, dilation).softmax(-1)
+def natten_rs_fwd(p: Problem, q, k, v, dilation: int, rpb=None):
+    attn = na2d_qk(q * p.dim**-0.5, k, p.kernel, dilation, rpb=rpb).softmax(-1)
     return na2d_av(attn, v, p.kernel, dilation)
 
 
@@ -82,8 +86,14 @@ def measure(calls: dict, rounds: int) -> dict:
     return interleaved(calls, rounds, timer=timed, warmups=2)
 
 
-def calls_for(p: Problem, dilation: int, backward: bool) -> dict:
+def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool) -> dict:
     q, k, v = p.inputs(grad=backward)
+    side = 2 * p.kernel - 1
+    bias = (
+        torch.randn(p.heads, side, side, device="cuda", dtype=p.dtype, requires_grad=backward)
+        if rpb
+        else None
+    )
 
     def run(fn):
         if not backward:
@@ -93,7 +103,8 @@ def calls_for(p: Problem, dilation: int, backward: bool) -> dict:
         out.backward(torch.ones_like(out))
         return out
 
-    return {"natten_rs": lambda: run(natten_rs_fwd), "sdpa": lambda: run(sdpa_fwd)}
+    ours = functools.partial(natten_rs_fwd, rpb=bias)
+    return {"natten_rs": lambda: run(ours), "sdpa": lambda: run(sdpa_fwd)}
 
 
 def peak_bandwidth(override: float | None) -> float | None:
@@ -114,6 +125,7 @@ def main() -> None:
     parser.add_argument("--dilations", nargs="+", type=int, default=[1, 4])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth, GB/s")
+    parser.add_argument("--rpb", action="store_true", help="natten_rs's logits take a bias")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda: no CUDA device (torch.cuda.is_available() is False)")
@@ -124,10 +136,11 @@ def main() -> None:
         p = PROBLEMS[key]
         for dilation in args.dilations:
             for backward in (False, True):
-                times = measure(calls_for(p, dilation, backward), args.rounds)
+                times = measure(calls_for(p, dilation, backward, args.rpb), args.rounds)
                 ours, sdpa = times["natten_rs"], times["sdpa"]
                 line = (
-                    f"{p.name:>18} d{dilation} {'fwd+bwd' if backward else 'fwd':>7}  "
+                    f"{p.name:>18}{' rpb' if args.rpb else ''} d{dilation} "
+                    f"{'fwd+bwd' if backward else 'fwd':>7}  "
                     f"natten_rs {ours * 1e3:8.3f} ms  sdpa {sdpa * 1e3:8.3f} ms  "
                     f"sdpa/natten_rs {sdpa / ours:6.2f}x"
                 )
