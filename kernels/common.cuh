@@ -308,6 +308,25 @@ __device__ __forceinline__ void na_tree_sum(acc_t* partial) {
     }
 }
 
+// The sum over the block's WARPS warps, in warp order, of the `value` of each lane: for warp 0
+// (the others get 0), through `sums`. Every thread of the block calls it; it ends with a barrier,
+// after which `sums` may be written again.
+template <int WARPS, class T>
+__device__ __forceinline__ T na_warp_order_sum(T value, T (&sums)[WARPS][32]) {
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    sums[warp][lane] = value;
+    __syncthreads();
+    T total = 0;
+    if (warp == 0) {
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) {
+            total += sums[w][lane];
+        }
+    }
+    __syncthreads();
+    return total;
+}
+
 // ---- indexing -----------------------------------------------------------------------------------
 
 // Quotient and remainder of non-negative n by positive d. All index arithmetic is 64-bit (tensors
@@ -499,4 +518,17 @@ __device__ __forceinline__ long long na_key(const NaParams& p, const NaWindow& w
 // (key - query) / d shifted by K - 1 (spec: relative positional bias; stride 1 only).
 __device__ __forceinline__ long long na_bias_index(const NaWindow& w, int a, long long s) {
     return w.range[a].start + s - w.pos[a].index + na_kernel(a) - 1;
+}
+
+// Entries of a head's bias table: 2 K - 1 per axis.
+#define NA_BIAS_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
+
+// Row-major number of the entry at indices `x` of a bias table, and the indices of number `n`.
+__device__ __forceinline__ constexpr int na_bias_number(int x0, int x1, int x2) {
+    return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
+}
+__device__ __forceinline__ void na_bias_indices(int n, int x[3]) {
+    x[0] = n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1));
+    x[1] = n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1);
+    x[2] = n % (2 * NA_K2 - 1);
 }

@@ -144,7 +144,7 @@ __device__ __forceinline__ float* na_bias_tile_sums(const NaFusedBwdParams& p) {
     return na_stats(p) + 2 * p.f.batch * p.f.heads * na_fused_tokens(p.f);
 }
 __device__ __forceinline__ float* na_bias_slice_sums(const NaFusedBwdParams& p) {
-    return na_bias_tile_sums(p) + p.f.heads * na_bias_rows(p) * NA_TC_BIAS_SPAN;
+    return na_bias_tile_sums(p) + p.f.heads * na_bias_rows(p) * NA_BIAS_SPAN;
 }
 
 // On the host: the lanes of a warp meet here, so that what each read above comes before what any
@@ -176,9 +176,9 @@ struct NaQueryGradShared {
 // beside its rows and one copy per warp of the table for its gradient (where it sums it) in 48 KiB
 // of static shared memory.
 constexpr bool na_tcb_query_bias_staged =
-    NA_TCB_WGMMA ? 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
+    NA_TCB_WGMMA ? 4 * NA_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
                  : sizeof(NaQueryGradShared) + sizeof(NaBiasTable<NA_TCB_KEYS, true>) +
-                           (NA_TCB_BIAS_GRADS ? NA_TC_WARPS * 4 * NA_TC_BIAS_SPAN : 0) <=
+                           (NA_TCB_BIAS_GRADS ? NA_TC_WARPS * 4 * NA_BIAS_SPAN : 0) <=
                        48 * 1024;
 using NaQueryBias = NaBiasTable<NA_TCB_KEYS, na_tcb_query_bias_staged>;
 
@@ -195,14 +195,14 @@ using NaQueryBias = NaBiasTable<NA_TCB_KEYS, na_tcb_query_bias_staged>;
 // t % NA_TCB_COPIES. The lanes of one position never meet in an entry (below); the positions
 // sharing a copy take turns.
 #define NA_TCB_COPIES                                                                              \
-    (4 * NA_TC_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 4 : 2 * NA_TC_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 2 : 1)
+    (4 * NA_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 4 : 2 * NA_BIAS_SPAN <= NA_TCB_BIAS_ROOM ? 2 : 1)
 
 // A query tile's share of its head's d_rpb, added up in shared memory: NA_TCB_COPIES copies of
 // the table per warp, so that no two warps (nor lanes of one warp in one turn) add into one
 // entry. Empty without NA_TCB_BIAS_GRADS.
 struct NaTileBiasGrads {
 #if NA_TCB_BIAS_GRADS
-    float copies[NA_TC_WARPS][NA_TCB_COPIES][NA_TC_BIAS_SPAN];
+    float copies[NA_TC_WARPS][NA_TCB_COPIES][NA_BIAS_SPAN];
 #endif
 
     // Add warp `warp`'s logit gradients of the slab `s` of tile `tl` (C layout of `BLOCKS`
@@ -266,7 +266,7 @@ struct NaTileBiasGrads {
     // n + NA_TC_THREADS, ...: the same thread zeroes them at the start (`zero`).
     __device__ __forceinline__ void flush(float* row) {
 #if NA_TCB_BIAS_GRADS
-        for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
+        for (int n = threadIdx.x; n < NA_BIAS_SPAN; n += NA_TC_THREADS) {
             float sum = 0;
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
@@ -283,7 +283,7 @@ struct NaTileBiasGrads {
 
     __device__ __forceinline__ void zero() {
 #if NA_TCB_BIAS_GRADS
-        for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
+        for (int n = threadIdx.x; n < NA_BIAS_SPAN; n += NA_TC_THREADS) {
 #pragma unroll
             for (int w = 0; w < NA_TC_WARPS; ++w) {
 #pragma unroll
@@ -643,7 +643,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
                             bias_grads, wants_bias_grads, d_query);
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done
-            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_TC_BIAS_SPAN);
+            bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_BIAS_SPAN);
         }
 
         long long at[2];
@@ -730,7 +730,7 @@ constexpr int na_tcb_slab_rows =
     na_tcb_slab_queries + NA_TCB_QUERIES * NaStaged<NA_DIM_V, true>::per_row;
 
 // The key-row kernels' bias table (NaBiasTable), its entries staged where they fit.
-using NaKeyBias = NaBiasTable<NA_TCB_QUERIES, 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX>;
+using NaKeyBias = NaBiasTable<NA_TCB_QUERIES, 4 * NA_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX>;
 
 // Where the key-row kernels' rows lie, all in dynamic shared memory: the tile's key rows, its
 // value rows, the ring's buffers (a slab's query rows, then its output gradient rows), then the
@@ -1134,30 +1134,23 @@ NA_DYNAMIC_SHARED(na_fused_backward_extras_tc, na_tcb_key_rows_bytes)
 extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
     na_fused_backward_bias_slices_tc(const NaFusedBwdParams p) {
     constexpr int WARPS = NA_REDUCE_THREADS / NA_WARP;
-    constexpr int CHUNKS = (NA_TC_BIAS_SPAN + NA_WARP - 1) / NA_WARP;
+    constexpr int CHUNKS = (NA_BIAS_SPAN + NA_WARP - 1) / NA_WARP;
     __shared__ float sums[WARPS][NA_WARP];
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const long long rows = na_bias_rows(p), slices = na_bias_slice_count(p);
     for (long long item = blockIdx.x; item < p.f.heads * slices * CHUNKS; item += gridDim.x) {
         const long long h = item / (slices * CHUNKS), slice = item / CHUNKS % slices;
         const int n = (int)(item % CHUNKS) * NA_WARP + lane;
-        const float* tile_sums = na_bias_tile_sums(p) + h * rows * NA_TC_BIAS_SPAN;
+        const float* tile_sums = na_bias_tile_sums(p) + h * rows * NA_BIAS_SPAN;
         const long long end = min((slice + 1) * NA_BIAS_SLICE, rows);
         float sum = 0;
-        for (long long r = slice * NA_BIAS_SLICE + warp; n < NA_TC_BIAS_SPAN && r < end; r += WARPS) {
-            sum += tile_sums[r * NA_TC_BIAS_SPAN + n];
+        for (long long r = slice * NA_BIAS_SLICE + warp; n < NA_BIAS_SPAN && r < end; r += WARPS) {
+            sum += tile_sums[r * NA_BIAS_SPAN + n];
         }
-        sums[warp][lane] = sum;
-        __syncthreads();
-        if (warp == 0 && n < NA_TC_BIAS_SPAN) {
-            float total = 0;
-#pragma unroll
-            for (int w = 0; w < WARPS; ++w) {
-                total += sums[w][lane];
-            }
-            na_bias_slice_sums(p)[(h * slices + slice) * NA_TC_BIAS_SPAN + n] = total;
+        const float total = na_warp_order_sum(sum, sums);
+        if (warp == 0 && n < NA_BIAS_SPAN) {
+            na_bias_slice_sums(p)[(h * slices + slice) * NA_BIAS_SPAN + n] = total;
         }
-        __syncthreads();  // the sums read before the next item writes them
     }
 }
 
@@ -1165,16 +1158,16 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
 extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
     na_fused_backward_bias_tc(const NaFusedBwdParams p) {
     const long long slices = na_bias_slice_count(p);
-    const long long entries = p.f.heads * NA_TC_BIAS_SPAN;
+    const long long entries = p.f.heads * NA_BIAS_SPAN;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < entries;
          i += (long long)gridDim.x * blockDim.x) {
-        const long long h = i / NA_TC_BIAS_SPAN, n = i % NA_TC_BIAS_SPAN;
+        const long long h = i / NA_BIAS_SPAN, n = i % NA_BIAS_SPAN;
         float sum = 0;
         for (long long slice = 0; slice < slices; ++slice) {
-            sum += na_bias_slice_sums(p)[(h * slices + slice) * NA_TC_BIAS_SPAN + n];
+            sum += na_bias_slice_sums(p)[(h * slices + slice) * NA_BIAS_SPAN + n];
         }
-        const long long at[3] = {n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1)),
-                                 n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1), n % (2 * NA_K2 - 1)};
+        int at[3];
+        na_bias_indices((int)n, at);
         na_store(p.d_bias, na_offset(p.d_bias, h, at[0], at[1], at[2], 0, 0), sum);
     }
 }

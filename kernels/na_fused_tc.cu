@@ -128,7 +128,7 @@ typedef elem_t NaRingBuffer[na_tc_buffer];
 // The tile's bias table, its entries staged where they fit: beside two ring buffers in the
 // 48 KiB of static shared memory on mma.sync.
 constexpr bool na_tc_bias_staged =
-    NA_TC_WGMMA ? 4 * NA_TC_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
+    NA_TC_WGMMA ? 4 * NA_BIAS_SPAN <= NA_TC_BIAS_STAGE_MAX
                 : 2 * sizeof(NaRingBuffer) + sizeof(NaBiasTable<NA_TC_KEYS, true>) <= 48 * 1024;
 using NaForwardBias = NaBiasTable<NA_TC_KEYS, na_tc_bias_staged>;
 

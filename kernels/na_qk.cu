@@ -119,12 +119,11 @@ __device__ __forceinline__ acc_t na_offset_partial(const NaParams& p, long long 
 // result is the same bits on every run (no atomics).
 extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad(const NaParams p) {
     __shared__ acc_t partial[NA_REDUCE_THREADS];
-    const long long span[3] = {2 * NA_K0 - 1, 2 * NA_K1 - 1, 2 * NA_K2 - 1};
-    const long long entries = p.heads * span[0] * span[1] * span[2];
+    const long long entries = p.heads * NA_BIAS_SPAN;
     for (long long o = blockIdx.x; o < entries; o += gridDim.x) {
-        const long long h = o / (span[0] * span[1] * span[2]);
-        const long long r = o % (span[0] * span[1] * span[2]);
-        const long long at[3] = {r / (span[1] * span[2]), (r / span[2]) % span[1], r % span[2]};
+        const long long h = o / NA_BIAS_SPAN;
+        int at[3];
+        na_bias_indices((int)(o % NA_BIAS_SPAN), at);
         long long rel[3];
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
@@ -147,7 +146,6 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad(con
 // row once per entry: na_bias_grad_tiles sums each tile of NA_BIAS_TILE_ROWS query rows into its
 // scratch row, na_bias_grad_sum adds up each head's rows in a fixed order (the same bits on every
 // run, as na_bias_grad's).
-#define NA_BIAS_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
 #ifndef NA_BIAS_TILE_ROWS
 #error "the host gives NA_BIAS_TILE_ROWS (kernels.rs, BIAS_TILE_ROWS)"
 #endif
@@ -155,11 +153,6 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad(con
 // Whether a copy of the table per warp fits 48 KiB of static shared memory (launch.rs,
 // bias_grad_takes_tiles, asks the same).
 #define NA_BIAS_TILES_FIT (NA_BIAS_WARPS * NA_BIAS_SPAN * (int)sizeof(acc_t) <= 48 * 1024)
-
-// Row-major number of the bias entry at indices `at` (na_bias_index per axis).
-__device__ __forceinline__ int na_bias_entry_number(const long long at[3]) {
-    return (int)((at[0] * (2 * NA_K1 - 1) + at[1]) * (2 * NA_K2 - 1) + at[2]);
-}
 
 // Tiles of query rows per (batch, head).
 __device__ __forceinline__ long long na_bias_tiles(const NaParams& p) {
@@ -195,15 +188,15 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS)
             const long long at = na_offset(p.w, bh.quot, bh.rem, x[0], x[1], x[2], 0);
             for (int slot = lane; slot < NA_SLOTS; slot += 32) {
                 const int s[3] = {slot / (NA_K1 * NA_K2), (slot / NA_K2) % NA_K1, slot % NA_K2};
-                long long entry[3];
+                int entry[3];
                 bool valid = true;
 #pragma unroll
                 for (int a = 0; a < 3; ++a) {
                     valid = valid && w.range[a].start + s[a] < w.range[a].end;
-                    entry[a] = na_bias_index(w, a, s[a]);
+                    entry[a] = (int)na_bias_index(w, a, s[a]);
                 }
                 if (valid) {
-                    copies[warp][na_bias_entry_number(entry)] +=
+                    copies[warp][na_bias_number(entry[0], entry[1], entry[2])] +=
                         to_acc(na_ptr(p.w)[at + slot * p.w.stride[5]]);
                 }
             }
@@ -242,18 +235,11 @@ extern "C" __global__ void __launch_bounds__(NA_REDUCE_THREADS) na_bias_grad_sum
                 sum += sums[((bt.quot * p.heads + h) * tiles + bt.rem) * NA_BIAS_SPAN + n];
             }
         }
-        partial[warp][lane] = sum;
-        __syncthreads();
+        const acc_t total = na_warp_order_sum(sum, partial);
         if (warp == 0 && n < NA_BIAS_SPAN) {
-            acc_t total = 0;
-#pragma unroll
-            for (int w = 0; w < NA_BIAS_WARPS; ++w) {
-                total += partial[w][lane];
-            }
-            const long long at[3] = {n / ((2 * NA_K1 - 1) * (2 * NA_K2 - 1)),
-                                     n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1), n % (2 * NA_K2 - 1)};
+            int at[3];
+            na_bias_indices((int)n, at);
             na_store(p.out, na_offset(p.out, h, at[0], at[1], at[2], 0, 0), total);
         }
-        __syncthreads();  // the partial sums read
     }
 }

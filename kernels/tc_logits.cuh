@@ -16,15 +16,9 @@
     (NA_BIASED && NA_K0 % 2 == 1 && NA_K1 % 2 == 1 && NA_K2 % 2 == 1 && NA_S0 == 1 &&          \
      NA_S1 == 1 && NA_S2 == 1)
 
-// Entries of a head's bias table: 2 K - 1 per axis.
-#define NA_TC_BIAS_SPAN ((2 * NA_K0 - 1) * (2 * NA_K1 - 1) * (2 * NA_K2 - 1))
-
-// Row-major number of `x` in a table of 2 K - 1 entries per axis. The bias of a pair is entry
-// key - query + K - 1 (group steps, per axis), and the number is linear: the pair's is
+// The bias of a pair is entry key - query + K - 1 (group steps, per axis) of its head's table
+// (NA_BIAS_SPAN entries), and the entry's number (na_bias_number) is linear: the pair's is
 // na_bias_number(key) - na_bias_number(query) + NA_TC_BIAS_CENTRE.
-__device__ __forceinline__ constexpr int na_bias_number(int x0, int x1, int x2) {
-    return (x0 * (2 * NA_K1 - 1) + x1) * (2 * NA_K2 - 1) + x2;
-}
 #define NA_TC_BIAS_CENTRE na_bias_number(NA_K0 - 1, NA_K1 - 1, NA_K2 - 1)
 
 // The element `bytes` bytes into `table`. Entries of the bias tables in shared memory are
@@ -42,12 +36,12 @@ __device__ __forceinline__ const T& na_at_bytes(const T* table, int bytes) {
 // are by constants). Offsets are taken modulo 2^32: the host takes these kernels only where every
 // offset into the table is below 2^32 (TensorRef::offsets_fit_32_bits).
 __device__ __forceinline__ float na_bias_entry(const NaFusedParams& f, long long h, int n) {
-    const int x2 = n % (2 * NA_K2 - 1), x1 = n / (2 * NA_K2 - 1) % (2 * NA_K1 - 1),
-              x0 = n / ((2 * NA_K2 - 1) * (2 * NA_K1 - 1));
+    int x[3];
+    na_bias_indices(n, x);
     const unsigned at = (unsigned)h * (unsigned)f.bias.stride[0] +
-                        (unsigned)x0 * (unsigned)f.bias.stride[1] +
-                        (unsigned)x1 * (unsigned)f.bias.stride[2] +
-                        (unsigned)x2 * (unsigned)f.bias.stride[3];
+                        (unsigned)x[0] * (unsigned)f.bias.stride[1] +
+                        (unsigned)x[1] * (unsigned)f.bias.stride[2] +
+                        (unsigned)x[2] * (unsigned)f.bias.stride[3];
     return to_acc(na_ptr(f.bias)[at]);
 }
 
@@ -64,7 +58,7 @@ __device__ __forceinline__ float na_bias_entry(const NaFusedParams& f, long long
 // na_at_bytes). A word apiece in variants without a bias.
 template <int COLUMNS, bool STAGED>
 struct NaBiasTable {
-    float entries[NA_TC_MAY_HAVE_BIAS && STAGED ? NA_TC_BIAS_SPAN : 1];
+    float entries[NA_TC_MAY_HAVE_BIAS && STAGED ? NA_BIAS_SPAN : 1];
     int columns[NA_TC_MAY_HAVE_BIAS ? COLUMNS : 1];
 
     // Fill it for head h and tile `tl` (nothing without a bias). Every thread of the block calls
@@ -75,7 +69,7 @@ struct NaBiasTable {
             return;
         }
         if (STAGED) {
-            for (int n = threadIdx.x; n < NA_TC_BIAS_SPAN; n += NA_TC_THREADS) {
+            for (int n = threadIdx.x; n < NA_BIAS_SPAN; n += NA_TC_THREADS) {
                 entries[n] = na_bias_entry(f, h, n);
             }
         }
