@@ -10,8 +10,9 @@ use crate::problem::{FusedProblem, Problem};
 /// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
 /// included by every source, `fused.cuh` by the fused ones, `fused_bwd.cuh` by the backward
 /// ones, `tensor_core.cuh` and `fused_tc.cuh` (with its parts `tc_tile.cuh`, `tc_mask.cuh` and
-/// `tc_logits.cuh`) by the tensor-core ones.
-pub const HEADERS: [(&str, &str); 8] = [
+/// `tc_logits.cuh`) by the tensor-core ones, and `bwd_tc.cuh`, `bwd_tc_bias.cuh` and
+/// `bwd_tc_keys.cuh` by the tensor-core backward.
+pub const HEADERS: [(&str, &str); 11] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
     (
@@ -31,6 +32,15 @@ pub const HEADERS: [(&str, &str); 8] = [
     (
         "fused_tc.cuh",
         include_str!("../../../kernels/fused_tc.cuh"),
+    ),
+    ("bwd_tc.cuh", include_str!("../../../kernels/bwd_tc.cuh")),
+    (
+        "bwd_tc_bias.cuh",
+        include_str!("../../../kernels/bwd_tc_bias.cuh"),
+    ),
+    (
+        "bwd_tc_keys.cuh",
+        include_str!("../../../kernels/bwd_tc_keys.cuh"),
     ),
 ];
 
