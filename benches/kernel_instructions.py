@@ -63,22 +63,29 @@ def tool(name: str) -> str:
 def compile_problem(
     kernel: tuple[int, ...], dim: int, dtype, arch: str, rpb: bool = False
 ) -> list[Path]:
-    """ELF images of every kernel natten_rs.precompile builds for the problem (a fresh cache),
-    the variants of problems with a relative positional bias where `rpb`."""
+    """ELF images of every kernel natten_rs.precompile builds for the problem (a fresh cache);
+    where `rpb`, the variants of problems with a relative positional bias come last, so that
+    they take the place of their unbiased twins (the unfused kernels are built both ways)."""
     import natten_rs
     from natten_rs import _core
 
     cache = Path(tempfile.mkdtemp())
     os.environ["NATTEN_RS_CACHE_DIR"] = str(cache)
     _core.forget_compiled()
-    natten_rs.precompile([kernel], dtypes=[dtype], arch=arch, head_dims=[dim], rpb=rpb)
     images = []
-    for entry in sorted(cache.glob("*.cubin")):
-        # A cache entry is a header, NVRTC's log and the image (rust/src/cuda/cache.rs).
-        data = entry.read_bytes()
-        image = entry.with_suffix(".elf")
-        image.write_bytes(data[data.index(ELF_MAGIC) :])
-        images.append(image)
+    for with_rpb in [False, True] if rpb else [False]:
+        # A program's file is named by its hash: one built on the first pass is not new on
+        # the second.
+        seen = {image.stem for image in images}
+        natten_rs.precompile([kernel], dtypes=[dtype], arch=arch, head_dims=[dim], rpb=with_rpb)
+        for entry in sorted(cache.glob("*.cubin")):
+            if entry.stem in seen:
+                continue
+            # A cache entry is a header, NVRTC's log and the image (rust/src/cuda/cache.rs).
+            data = entry.read_bytes()
+            image = entry.with_suffix(".elf")
+            image.write_bytes(data[data.index(ELF_MAGIC) :])
+            images.append(image)
     return images
 
 
