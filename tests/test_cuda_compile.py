@@ -126,37 +126,46 @@ def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
             assert shared == twin_shared, logs[name]
 
 
-def _symbol_sizes(image: bytes) -> dict[str, int]:
-    """Name -> size of every symbol of an ELF64 image's symbol table."""
+def _elf_sizes(image: bytes) -> tuple[dict[str, int], dict[str, int]]:
+    """Name -> size of every symbol of an ELF64 image's symbol table, and of every section."""
     (section_at,) = struct.unpack_from("<Q", image, 0x28)
-    entry_size, count = struct.unpack_from("<HH", image, 0x3A)
+    entry_size, count, names_index = struct.unpack_from("<HHH", image, 0x3A)
     sections = [struct.unpack_from("<IIQQQQIIQQ", image, section_at + i * entry_size)
                 for i in range(count)]  # fmt: skip
-    sizes = {}
+
+    def name(table: int, at: int) -> str:
+        start = sections[table][4] + at
+        return image[start : image.index(b"\0", start)].decode()
+
+    symbols = {}
     for _, kind, _, _, at, length, link, _, _, symbol_size in sections:
         if kind != 2:  # SHT_SYMTAB
             continue
-        names_at = sections[link][4]
         for offset in range(at, at + length, symbol_size):
             (name_at,) = struct.unpack_from("<I", image, offset)
             (size,) = struct.unpack_from("<Q", image, offset + 16)
-            name = image[names_at + name_at : image.index(b"\0", names_at + name_at)]
-            sizes[name.decode()] = size
-    return sizes
+            symbols[name(link, name_at)] = size
+    section_sizes = {name(names_index, s[0]): s[5] for s in sections}
+    return symbols, section_sizes
 
 
 def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
     # The runtime launches a kernel with as much dynamic shared memory as the size of its
     # `<kernel>_dynamic_shared` array (NA_DYNAMIC_SHARED): every warpgroup variant of the forward
     # and backward tile kernels defines one on sm_90a (their rings: more than static arrays may
-    # take at head dims 128, at most what a block may take), and no kernel does elsewhere.
+    # take at head dims 128), and no kernel does elsewhere. With the kernel's static shared
+    # memory (its `.nv.shared.<kernel>` section: the bias table) it is at most what a block may
+    # take, 227 KiB: past that, the launch would fail.
     sizes = {kernel: [] for kernel in WARPGROUP_KERNELS}
     for entry in cache_dir.glob("*.cubin"):
         data = entry.read_bytes()
-        symbols = _symbol_sizes(data[data.index(b"\x7fELF") :])
+        symbols, sections = _elf_sizes(data[data.index(b"\x7fELF") :])
         for name, size in symbols.items():
             if name.endswith("_dynamic_shared"):
-                sizes[name.removesuffix("_dynamic_shared")].append(size)
+                kernel = name.removesuffix("_dynamic_shared")
+                sizes[kernel].append(size)
+                static = sections.get(f".nv.shared.{kernel}", 0)
+                assert static + size <= 227 * 1024, (entry.name, kernel, static, size)
     for kernel, found in sizes.items():
         if arch == "sm_90a":
             variants = [n for n in names if ", wgmma]" in n and n.endswith(f"/{kernel}")]
