@@ -176,21 +176,24 @@ def test_flex_compile_round_trips():
 
 
 def test_capabilities_are_truthful():
-    # CUDA kernels are there wherever torch sees a device; NATTEN's GEMM / fused CUDA backend
-    # queries answer False everywhere (natten_rs has no such kernels).
-    assert ctx.has_cuda() is torch.cuda.is_available()
+    # CUDA kernels are there wherever torch sees a device; the fused ops run on the CPU and on
+    # every CUDA device; the unfused ops' tensor-core products (NATTEN's "GEMM NA") on devices
+    # of compute capability 8.0 on, in half types only (no TF32 or float64 products).
+    cuda = torch.cuda.is_available()
+    assert ctx.has_cuda() is cuda
     assert ctx.HAS_LIBNATTEN is False
-    for query in (
-        ctx.has_gemm,
-        ctx.has_tf32_gemm,
-        ctx.has_fp32_gemm,
-        ctx.has_fp64_gemm,
-        ctx.has_fna,
-        ctx.has_fused_na,
-    ):
+    for query in (ctx.has_tf32_gemm, ctx.has_fp32_gemm, ctx.has_fp64_gemm):
         assert query() is False
         assert query("cpu") is False
         assert query(0) is False
+    for query in (ctx.has_fna, ctx.has_fused_na):
+        assert query() is True
+        assert query("cpu") is True
+        assert query(torch.device("cpu")) is True
+        assert query(0) is cuda
+    assert ctx.has_gemm("cpu") is False
+    assert ctx.has_gemm(0) is (cuda and ctx.get_device_cc(0) >= 80)
+    assert ctx.has_gemm() is (cuda and ctx.get_device_cc() >= 80)
     # Our CPU kernels take float16 and bfloat16.
     for query in (ctx.has_half, ctx.has_bfloat):
         assert query("cpu") is True

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import DTYPE_PARAMS, LAYOUTS
 from natten_rs import KernelError, _core
+from natten_rs import context as ctx
 from natten_rs._ops import dlpack
 from test_cuda import (
     CASE_IDS,
@@ -321,6 +322,31 @@ def test_half_types_without_additional_tokens_take_the_tensor_core_window_produc
         _core.run_cuda_kernels_on_host(None)
     names = ("na_host_na_pairwise", "na_host_na_pairwise_tc")
     assert _built_kernels(tmp_path, names) == {kernel}
+
+
+def test_use_gemm_na_false_keeps_the_unfused_ops_off_tensor_cores(tmp_path):
+    # NATTEN's flag for its GEMM-based kernels turns natten_rs's counterpart off and on again;
+    # the fused ops keep theirs.
+    q = torch.randn(1, 2, 10, 16).to(torch.bfloat16)
+    names = ("na_host_na_pairwise", "na_host_na_pairwise_tc", "na_host_na_gather",
+             "na_host_na_gather_tc", "na_host_na_fused_forward_tc")  # fmt: skip
+    built = {}
+    _core.run_cuda_kernels_on_host(str(tmp_path))
+    try:
+        for gemm_na in (False, True):
+            ctx.use_gemm_na(gemm_na)
+            assert ctx.is_gemm_na_enabled() is gemm_na
+            attn = F.na1d_qk(q, q, 3, 1).softmax(-1)
+            F.na1d_av(attn, q, 3, 1)
+            tokens = q.transpose(1, 2)  # the fused ops are heads-last
+            F.na1d(tokens, tokens, tokens, 3)
+            built[gemm_na] = _built_kernels(tmp_path, names)
+    finally:
+        ctx._reset()
+        _core.run_cuda_kernels_on_host(None)
+    assert built[False] == {"na_host_na_pairwise", "na_host_na_gather",
+                            "na_host_na_fused_forward_tc"}  # fmt: skip
+    assert built[True] == set(names)
 
 
 @pytest.mark.parametrize(

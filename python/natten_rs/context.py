@@ -1,16 +1,19 @@
 """NATTEN's context and capability functions (every name NATTEN 0.15 - 0.21 exports for them).
 
 Flags that pick or tune NATTEN's own CUDA kernels (fused NA, KV parallelism, the auto-tuner,
-tiled / GEMM NA, TF32 in GEMM NA, Flex Attention compilation, memory-usage preference) are
-accepted, checked and recorded, and the getters return what was set; natten_rs's CPU kernels
-do not depend on them. natten_rs's CPU kernels are always deterministic, whatever
-``use_deterministic_algorithms`` records.
+tiled NA, TF32 in GEMM NA, Flex Attention compilation, memory-usage preference) are accepted,
+checked and recorded, and the getters return what was set; natten_rs's kernels do not depend on
+them. One does: ``use_gemm_na(False)`` keeps the unfused ops (``na*d_qk``, ``na*d_av``) off the
+tensor-core window products that are natten_rs's counterpart of NATTEN's GEMM-based kernels,
+on the kernels with a thread per output instead. natten_rs's kernels are deterministic
+whatever ``use_deterministic_algorithms`` records.
 
-Capability queries tell the truth about this machine and this build: natten_rs has no CUDA
-kernels yet, so ``has_cuda()`` and every GEMM / fused-NA query answer False (also where
-``torch.cuda.is_available()``), and ``get_device_cc()`` answers 0 without a CUDA device.
-``has_half()`` / ``has_bfloat()`` answer True for the CPU (our kernels take float16 and
-bfloat16) and False for a CUDA device.
+Capability queries tell the truth about this machine and this build: natten_rs runs on CUDA
+wherever torch sees a device (``has_cuda()``), its fused ops on the CPU and on every CUDA device
+(``has_fna()``), and its unfused ops' tensor-core products on devices of compute capability 8.0
+and later in float16 and bfloat16 (``has_gemm()``; none in float32 or float64, so
+``has_tf32_gemm()`` and ``has_fp64_gemm()`` answer False). ``get_device_cc()`` answers 0
+without a CUDA device.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import dataclasses
 from enum import Enum
 
 import torch
+
+from . import _core
 
 __all__ = [
     "HAS_LIBNATTEN",
@@ -103,7 +108,6 @@ class _Context:
     autotune_steps_forward: int = 5
     autotune_steps_backward: int = 5
     tiled_na: bool = True
-    gemm_na: bool = True
     tf32_in_gemm_na: bool = True
     flex_compile: bool = False
     flex_compile_backprop: bool = False
@@ -116,6 +120,7 @@ def _reset() -> None:
     """Restore every flag to its default (for tests)."""
     global _STATE
     _STATE = _Context()
+    _core.use_unfused_tensor_cores(True)
 
 
 def _bool(name: str, value) -> bool:
@@ -318,11 +323,14 @@ def is_tiled_na_enabled() -> bool:
 
 
 def use_gemm_na(mode: bool = True) -> None:
-    _STATE.gemm_na = _bool("mode", mode)
+    """Let the unfused ops take their tensor-core window products where they fit (the default),
+    or (``False``) keep them on the kernels with a thread per output: a way round the
+    tensor-core kernels, as NATTEN's flag turned its GEMM-based kernels off."""
+    _core.use_unfused_tensor_cores(_bool("mode", mode))
 
 
 def is_gemm_na_enabled() -> bool:
-    return _STATE.gemm_na
+    return _core.unfused_tensor_cores()
 
 
 def use_tf32_in_gemm_na(mode: bool = True) -> None:
@@ -447,29 +455,31 @@ def has_bfloat(device_index=None) -> bool:
     return has_half(device_index)
 
 
+def has_gemm(device_index=None) -> bool:
+    """Whether the unfused ops have tensor-core window products on the device (NATTEN's
+    GEMM-based kernels): CUDA devices of compute capability 8.0 and later."""
+    return not _is_cpu(device_index) and get_device_cc(device_index) >= 80
+
+
 def _no_gemm(device_index=None) -> bool:
     _is_cpu(device_index)  # type-checks the argument
     return False
 
 
-def has_gemm(device_index=None) -> bool:
-    """NATTEN's CUDA GEMM-based kernels: False, natten_rs has none."""
-    return _no_gemm(device_index)
-
-
 def has_tf32_gemm(device_index=None) -> bool:
-    """False: natten_rs has no CUDA GEMM kernels."""
+    """False: the tensor-core window products take float16 and bfloat16 only."""
     return _no_gemm(device_index)
 
 
 def has_fp64_gemm(device_index=None) -> bool:
-    """False: natten_rs has no CUDA GEMM kernels."""
+    """False: the tensor-core window products take float16 and bfloat16 only."""
     return _no_gemm(device_index)
 
 
 def has_fna(device_index=None) -> bool:
-    """NATTEN's fused CUDA kernels: False, natten_rs has none (its CPU ops are fused)."""
-    return _no_gemm(device_index)
+    """Whether the fused ops run on the device: on the CPU, and on every CUDA device torch
+    sees."""
+    return _is_cpu(device_index) or torch.cuda.is_available()
 
 
 has_fp32_gemm = has_tf32_gemm

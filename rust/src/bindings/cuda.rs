@@ -228,6 +228,19 @@ fn run_cuda_kernels_on_host(
     ))
 }
 
+/// Let the unfused ops take their tensor-core window products where they fit (`mode` True, the
+/// default), or keep them on the kernels with a thread per output (NATTEN's `use_gemm_na`).
+#[pyfunction]
+fn use_unfused_tensor_cores(mode: bool) {
+    cuda::use_unfused_tensor_cores(mode);
+}
+
+/// Whether the unfused ops may take their tensor-core window products.
+#[pyfunction]
+fn unfused_tensor_cores() -> bool {
+    cuda::unfused_tensor_cores()
+}
+
 /// Whether a problem on `device` runs the CPU kernels: CPU tensors do, unless
 /// `run_cuda_kernels_on_host` sends them through the CUDA kernels.
 pub(super) fn cpu_kernels(device: Device) -> bool {
@@ -241,5 +254,7 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(nvrtc_version, m)?)?;
     m.add_function(wrap_pyfunction!(forget_compiled, m)?)?;
     m.add_function(wrap_pyfunction!(run_cuda_kernels_on_host, m)?)?;
+    m.add_function(wrap_pyfunction!(use_unfused_tensor_cores, m)?)?;
+    m.add_function(wrap_pyfunction!(unfused_tensor_cores, m)?)?;
     Ok(())
 }

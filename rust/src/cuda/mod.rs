@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::problem::{FusedProblem, Problem};
 use launch::Launch;
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where launches run: a CUDA device, or the CPU through the host build of the kernels
 /// (`host::enable`, for tests).
@@ -131,10 +132,28 @@ pub fn keys(p: &Problem, op: UnfusedOp) -> Result<Vec<KernelKey>> {
     Ok(keys)
 }
 
-/// Whether the window products of problem `p` (`Pairwise`, `Gather`) run on tensor cores: the
-/// problem fits the tensor-core kernels (`launch::takes_tensor_cores`) and its device has them.
+/// Whether the unfused ops may take the tensor-core window products (NATTEN's "GEMM NA"; the
+/// Python context's `use_gemm_na`): on unless turned off, as a way round them.
+static UNFUSED_TENSOR_CORES: AtomicBool = AtomicBool::new(true);
+
+/// Let the unfused ops take the tensor-core window products where they fit (`true`, the
+/// default), or keep them on the kernels with a thread per output (`false`).
+pub fn use_unfused_tensor_cores(on: bool) {
+    UNFUSED_TENSOR_CORES.store(on, Ordering::Relaxed);
+}
+
+/// Whether the unfused ops may take the tensor-core window products (`use_unfused_tensor_cores`).
+pub fn unfused_tensor_cores() -> bool {
+    UNFUSED_TENSOR_CORES.load(Ordering::Relaxed)
+}
+
+/// Whether the window products of problem `p` (`Pairwise`, `Gather`) run on tensor cores: they
+/// are allowed (`unfused_tensor_cores`), the problem fits the tensor-core kernels
+/// (`launch::takes_tensor_cores`) and its device has them.
 fn products_on_tensor_cores(p: &Problem) -> Result<bool> {
-    Ok(launch::takes_tensor_cores(p) && device_has_tensor_cores(p.device)?)
+    Ok(unfused_tensor_cores()
+        && launch::takes_tensor_cores(p)
+        && device_has_tensor_cores(p.device)?)
 }
 
 /// The variant of fused source `source` (forward or backward) that problem `p` needs, or why
