@@ -156,6 +156,22 @@ def test_tensor_core_window_products_match_the_cpu_path_and_the_oracle(case, dim
     check_unfused(case, dtype, layout, "cuda", dim=dim)
 
 
+@contextlib.contextmanager
+def _without_tensor_core_products():
+    natten_rs.use_gemm_na(False)
+    try:
+        yield
+    finally:
+        natten_rs.use_gemm_na(True)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_PARAMS[:2])
+def test_use_gemm_na_false_takes_the_thread_per_output_kernels(case, dim, dtype):
+    # The way round the tensor-core window products gives the same results on the other kernels.
+    check_unfused(case, dtype, "contiguous", "cuda", _without_tensor_core_products, dim=dim)
+
+
 def _poisoned(*shape, like):
     return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
 
