@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 
 import natten_rs
 import natten_rs.functional as F
@@ -21,7 +22,7 @@ from natten_rs import _core, _cuda, _ops
 from natten_rs._ops import dlpack
 from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
 from test_fused import Case as FusedCase
-from test_fused import as_oracle, call, leaves, lse_tolerance, oracle, random_grad
+from test_fused import as_oracle, call, leaves, lse_tolerance, oracle, random_case, random_grad
 
 pytestmark = [
     pytest.mark.cuda,
@@ -343,6 +344,22 @@ TENSOR_CORE_CASES = [
     FusedCase((30,), (9,), (1,), (1,), (True,), 1, 2, 2, 16, 16, n_extra=3, scale=0.0),
     FusedCase((36, 40), (17, 23), (1, 1), (1, 1), (False, False), 1, 1, 1, 32, 32),
 ]  # fmt: skip
+# Random problems for the tensor-core kernels (test_fused.random_case: every feature drawn) with
+# head dims in eights, over longer axes and wider windows than the shared fused cases, so that
+# tiles and slabs come several to an axis: the forward's here (head dims up to 256), the
+# backward's below (up to 128).
+_TENSOR_CORE_RNG = random.Random(2026)
+_TENSOR_CORE_SHAPES = {1: ((90,), 33), 2: ((20, 22), 11), 3: ((7, 8, 9), 5)}
+
+
+def _random_tensor_core_case(rank: int, dims: tuple[int, ...]) -> FusedCase:
+    shape, kernel = _TENSOR_CORE_SHAPES[rank]
+    return random_case(_TENSOR_CORE_RNG, rank, shape, kernel, dims, dims_v=(16, 40, 128))
+
+
+TENSOR_CORE_CASES += [
+    _random_tensor_core_case(rank, (8, 24, 32, 64, 96, 128, 256)) for rank in (1, 2, 2, 3)
+]
 TENSOR_CORE_CASE_PARAMS = [pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES]
 
 # Problems for the tensor-core backward (half types, head dims multiples of 8 up to 128; wider
@@ -359,6 +376,9 @@ TENSOR_CORE_BACKWARD_CASES = [
               rpb=True, layout="sliced"),
     FusedCase((20, 19), (19, 19), (1, 1), (1, 1), (False, False), 1, 1, 1, 128, 128, rpb=True),
 ]  # fmt: skip
+TENSOR_CORE_BACKWARD_CASES += [
+    _random_tensor_core_case(rank, (8, 16, 32, 48, 64, 128)) for rank in (1, 2, 3)
+]
 TENSOR_CORE_BACKWARD_CASE_PARAMS = [
     pytest.param(case, id=str(case)) for case in TENSOR_CORE_CASES + TENSOR_CORE_BACKWARD_CASES
 ]

@@ -121,23 +121,34 @@ MAX_SHAPE = {1: (24,), 2: (10, 11), 3: (5, 6, 7)}
 HEADS = ((1, 1), (2, 1), (2, 2), (3, 1), (4, 2), (3, 3))
 
 
-def _random_axis(rng: random.Random, max_length: int) -> tuple[int, int, int, int]:
-    kernel = rng.randint(2, min(7, max_length))
+def _random_axis(rng: random.Random, max_length: int, max_kernel: int) -> tuple[int, int, int, int]:
+    kernel = rng.randint(2, min(max_kernel, max_length))
     dilation = rng.choice([d for d in (1, 2, 3) if kernel * d <= max_length])
     stride = rng.choice(sorted({1, 2, kernel}))
     return rng.randint(kernel * dilation, max_length), kernel, stride, dilation
 
 
-def random_case(rng: random.Random, rank: int) -> Case:
-    spatial, kernel, stride, dilation = zip(*(_random_axis(rng, n) for n in MAX_SHAPE[rank]))
+def random_case(
+    rng: random.Random,
+    rank: int,
+    max_shape: tuple[int, ...] | None = None,
+    max_kernel: int = 7,
+    dims: tuple[int, ...] = (4, 8, 16),
+    dims_v: tuple[int, ...] = (6,),
+) -> Case:
+    """A problem with every feature drawn at random: axes up to `max_shape` (MAX_SHAPE's by
+    default), kernels up to `max_kernel`, head dims from `dims` and value head dims the same or
+    from `dims_v`."""
+    axes = max_shape or MAX_SHAPE[rank]
+    spatial, kernel, stride, dilation = zip(*(_random_axis(rng, n, max_kernel) for n in axes))
     heads, heads_kv = rng.choice(HEADS)
-    dim = rng.choice((4, 8, 16))
+    dim = rng.choice(dims)
     n_extra = rng.choice((0, 0, 1, 3))
     rpb_ok = all(k % 2 for k in kernel) and all(s == 1 for s in stride)
     return Case(
         spatial, kernel, stride, dilation, tuple(rng.random() < 0.3 for _ in range(rank)),
         batch=rng.randint(1, 2), heads=heads, heads_kv=heads_kv, dim=dim,
-        dim_v=rng.choice((dim, 6)), rpb=rpb_ok and rng.random() < 0.6, n_extra=n_extra,
+        dim_v=rng.choice((dim, *dims_v)), rpb=rpb_ok and rng.random() < 0.6, n_extra=n_extra,
         expanded_extras=n_extra > 0 and rng.random() < 0.3, scale=rng.choice((None, None, 0.25)),
         layout=rng.choice(LAYOUTS), form=rng.choice(("scalar", "tuple", "list")),
     )  # fmt: skip
