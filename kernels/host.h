@@ -11,9 +11,10 @@
 // index order or (`reversed`) the other way: a read of what another thread writes without a
 // barrier between them sees the write in one order and not in the other, so a kernel run both
 // ways finds such a race wherever it changes a result. Shared memory is `static`: one copy, used by one block
-// at a time. So a kernel declares its shared arrays itself (or in a non-inline function): the
-// host compiler makes the static locals of inline functions one object across every library
-// loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share them. A barrier that
+// at a time. So a kernel declares its shared arrays itself (or in a non-inline function): with
+// default visibility the host compiler makes the static locals of inline functions one object
+// across every library loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share
+// them; host.rs builds with hidden symbols, but a kernel should not rely on it. A barrier that
 // some live thread of the block (or warp) never reaches would hang a GPU; here it ends the
 // launch with an error.
 #pragma once
@@ -42,6 +43,11 @@ struct uint3 {
     unsigned x, y, z;
 };
 typedef uint3 dim3;
+
+// Libraries are built with hidden symbols (host.rs), so that the inline functions and
+// variables of one bind to its own copies, never to another loaded library's: what the host
+// calls or reads is exported by name.
+#define NA_HOST_EXPORT extern "C" __attribute__((visibility("default")))
 
 // Launches are serialised by the caller (host.rs), so the launch geometry is global.
 inline uint3 threadIdx;
@@ -618,7 +624,7 @@ inline int __any_sync(unsigned, int predicate) {
         memcpy(&params, p, sizeof(Params));                                               \
         kernel(params);                                                                        \
     }                                                                                          \
-    extern "C" int na_host_##kernel(const void* p, unsigned grid, unsigned bx, unsigned by,   \
-                                    unsigned reversed) {                                       \
+    NA_HOST_EXPORT int na_host_##kernel(const void* p, unsigned grid, unsigned bx, unsigned by, \
+                                        unsigned reversed) {                                   \
         return na_host::launch(na_host_body_##kernel, p, grid, bx, by, reversed);              \
     }

@@ -28,8 +28,9 @@ struct Host {
     dir: PathBuf,
     /// The C++17 compiler.
     compiler: String,
-    /// Opened libraries, one per variant; never closed (their code may be running elsewhere
-    /// only while the lock is held, but closing buys nothing in a test process).
+    /// Opened libraries, one per variant; closed when the host build is turned off (their
+    /// code runs only while the lock is held). Built with hidden symbols, each binds to its
+    /// own inline functions and variables, whatever else is loaded.
     libraries: HashMap<KernelKey, libloading::Library>,
     /// The most blocks a launch runs: fewer than its grid asks for make each block loop over
     /// several tasks, as on a GPU whose grid limit a problem exceeds.
@@ -145,6 +146,7 @@ fn compile(
             "-O1",
             "-shared",
             "-fPIC",
+            "-fvisibility=hidden",
             "-Wno-unknown-pragmas",
         ])
         .args(defines)
