@@ -113,11 +113,12 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
 template <int N, int COLUMNS>
 __device__ __forceinline__ void na_issue_row_products(float products[COLUMNS / 8][4],
                                                       const elem_t* a, const elem_t* b) {
-    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
+    using Rows = NaStaged<N, true>;
 #pragma unroll
     for (int s = 0; s < NA_TC_PAD(N) / 16; ++s) {
-        const NaSmemMatrix a_step = {a, 256u * s, 128, group};
-        const NaSmemMatrix b_step = {b, 256u * s, 128, group};
+        const unsigned step = 2 * Rows::chunk_bytes * s;
+        const NaSmemMatrix a_step = {a, step, Rows::chunk_bytes, Rows::group_bytes};
+        const NaSmemMatrix b_step = {b, step, Rows::chunk_bytes, Rows::group_bytes};
         na_wgmma_ss<COLUMNS, 0>(&products[0][0], a_step, b_step, s > 0);
     }
 }
@@ -144,8 +145,8 @@ __device__ __forceinline__ void na_issue_logits_and_dp(float logits[COLUMNS / 8]
 // them: the rows along K (two 8-row groups), the channels along N.
 template <int N>
 __device__ __forceinline__ NaSmemMatrix na_row_step(const elem_t* rows, int k) {
-    constexpr unsigned group = 16 * NaStaged<N, true>::padded;  // bytes per 8 rows
-    return {rows, 2 * group * k, group, 128};
+    using Rows = NaStaged<N, true>;
+    return {rows, 2 * Rows::group_bytes * k, Rows::group_bytes, Rows::chunk_bytes};
 }
 
 // The waits of a pipelined slab's two groups of products, issued in this order: the next slab's

@@ -131,17 +131,27 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
 // memory. Pitched (CORE_MATRICES false): row after row, each padded by NA_TC_SKEW, which
 // ldmatrix reads without bank conflicts. In core matrices (wgmma's operand layout without
 // swizzling, NaSmemMatrix): the 8x8 blocks of eight rows by eight channels are 128 contiguous
-// bytes each, a row group's blocks in channel order and the row groups one after another.
-template <int N, bool CORE_MATRICES>
+// bytes each, either a row group's blocks in channel order and the row groups one after another,
+// or (CHUNK_ROWS, the rows of a buffer) chunk-major: each 8-channel chunk of every row together,
+// row after row, the chunks one after another, as bulk tensor copies of 8 channels by a slab
+// land (tma.cuh).
+template <int N, bool CORE_MATRICES, int CHUNK_ROWS = 0>
 struct NaStaged {
+    static_assert(CHUNK_ROWS == 0 || (CORE_MATRICES && CHUNK_ROWS % 8 == 0),
+                  "chunk-major rows are core matrices of whole row groups");
     static constexpr int padded = NA_TC_PAD(N);
-    // Elements from one 8-channel chunk of a row to the next.
-    static constexpr int chunk = CORE_MATRICES ? 64 : 8;
+    // Elements from one 8-channel chunk of a row to the next, and from one group of eight rows
+    // to the next (core matrices).
+    static constexpr int chunk = CHUNK_ROWS ? 8 * CHUNK_ROWS : CORE_MATRICES ? 64 : 8;
+    static constexpr int group = CHUNK_ROWS ? 64 : 8 * padded;
+    // The same in bytes, as matrix descriptors take them.
+    static constexpr unsigned chunk_bytes = chunk * sizeof(elem_t);
+    static constexpr unsigned group_bytes = group * sizeof(elem_t);
     // Elements a buffer takes per row.
     static constexpr int per_row = CORE_MATRICES ? padded : padded + NA_TC_SKEW;
     // Where row n starts.
     __device__ __forceinline__ static int row(int n) {
-        return CORE_MATRICES ? n / 8 * (8 * padded) + n % 8 * 8 : n * (padded + NA_TC_SKEW);
+        return CORE_MATRICES ? n / 8 * group + n % 8 * 8 : n * (padded + NA_TC_SKEW);
     }
 };
 
@@ -149,10 +159,10 @@ struct NaStaged {
 // `row_of(n, ptrs, steps)`, which sets the channel-0 pointers (null for none: zeros) and channel
 // steps of the rows of `dst` (N channels) and `dst_v` (N_V channels); a null destination is
 // skipped.
-template <int ROWS, int N, int N_V, bool CORE_MATRICES = false, class RowOf>
+template <int ROWS, int N, int N_V, bool CORE_MATRICES = false, int CHUNK_ROWS = 0, class RowOf>
 __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf&& row_of) {
-    using Rows = NaStaged<N, CORE_MATRICES>;
-    using RowsV = NaStaged<N_V, CORE_MATRICES>;
+    using Rows = NaStaged<N, CORE_MATRICES, CHUNK_ROWS>;
+    using RowsV = NaStaged<N_V, CORE_MATRICES, CHUNK_ROWS>;
     constexpr int parts = NA_TC_THREADS / ROWS;
     const int part = threadIdx.x % parts;
     for (int n = threadIdx.x / parts; n < ROWS; n += NA_TC_THREADS / parts) {
@@ -175,11 +185,11 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
 // padded as na_stage_pairs lays them; rows of columns that do not exist (na_column) are zeros (a
 // zero weight times a zero row adds nothing). Every thread of the block calls it, after a barrier that ends the
 // reads of what it overwrites, and waits for its copies before the barrier that publishes them.
-template <int KEYS, bool CORE_MATRICES = false>
+template <int KEYS, bool CORE_MATRICES = false, int CHUNK_ROWS = 0>
 __device__ __forceinline__ void na_stage_key_slab(const NaFusedParams& f, const NaTcTile& tl,
                                                   const NaSlab& s, long long b, long long hk,
                                                   elem_t* keys, elem_t* values) {
-    na_stage_pairs<KEYS, NA_DIM, NA_DIM_V, CORE_MATRICES>(
+    na_stage_pairs<KEYS, NA_DIM, NA_DIM_V, CORE_MATRICES, CHUNK_ROWS>(
         keys, values, [&](int n, const elem_t* src[2], long long step[2]) {
             int c[3];
             if (!na_column(tl, s, n, c)) {
@@ -231,10 +241,11 @@ __device__ __forceinline__ int na_ring_before(int buffer) {
 }
 
 // Copies of a tile's slabs into a ring of STAGES buffers of BUFFER elements (laid out as
-// NaStaged<., CORE_MATRICES>), item after item: each slab's keys then its values (or, with
-// VALUES_FIRST, its values then its keys), each item one cp.async group (an empty one past the
-// last slab), item i into buffer i % STAGES.
-template <int KEYS, int STAGES, int BUFFER, bool CORE_MATRICES, bool VALUES_FIRST>
+// NaStaged<., CORE_MATRICES, CHUNK_ROWS>), item after item: each slab's keys then its values (or,
+// with VALUES_FIRST, its values then its keys), each item one cp.async group (an empty one past
+// the last slab), item i into buffer i % STAGES.
+template <int KEYS, int STAGES, int BUFFER, bool CORE_MATRICES, bool VALUES_FIRST,
+          int CHUNK_ROWS = 0>
 struct NaRingCopies {
     NaSlab slab;     // the slab of the next item
     bool second;     // whether the next item is the slab's second
@@ -245,16 +256,31 @@ struct NaRingCopies {
     __device__ __forceinline__ void next(const NaFusedParams& f, const NaTcTile& tl, long long b,
                                          long long hk, elem_t* ring) {
         if (left > 0) {
-            elem_t* const to = ring + buffer * BUFFER;
-            const bool keys = second == VALUES_FIRST;
-            na_stage_key_slab<KEYS, CORE_MATRICES>(f, tl, slab, b, hk, keys ? to : nullptr,
-                                                   keys ? nullptr : to);
+            stage(f, tl, b, hk, ring);
+        }
+        na_copies_commit();
+        advance(tl, f.extra_count);
+    }
+
+    // Whether the next item is a slab's keys (else its values).
+    __device__ __forceinline__ bool keys_next() const { return second == VALUES_FIRST; }
+
+    // Start the cp.async copies of the next item (there is one) into its buffer of `ring`.
+    __device__ __forceinline__ void stage(const NaFusedParams& f, const NaTcTile& tl, long long b,
+                                          long long hk, elem_t* ring) const {
+        elem_t* const to = ring + buffer * BUFFER;
+        na_stage_key_slab<KEYS, CORE_MATRICES, CHUNK_ROWS>(
+            f, tl, slab, b, hk, keys_next() ? to : nullptr, keys_next() ? nullptr : to);
+    }
+
+    // Move on to the item after the next (of a tile with `extras` additional tokens).
+    __device__ __forceinline__ void advance(const NaTcTile& tl, long long extras) {
+        if (left > 0) {
             if (second) {
-                slab = na_next_slab<KEYS>(tl, slab, f.extra_count);
+                slab = na_next_slab<KEYS>(tl, slab, extras);
             }
             --left;
         }
-        na_copies_commit();
         second = !second;
         buffer = na_ring_next<STAGES>(buffer);
     }

@@ -136,27 +136,28 @@ using NaForwardBias = NaBiasTable<NA_TC_KEYS, na_tc_bias_staged>;
 #if NA_TC_WGMMA
 // Issue the products of the logits of this warpgroup's 64 queries (`query`, every step's A
 // fragment) against a slab's staged keys: step s is channels 16 s .. 16 s + 15 of every key, two
-// core matrices along K (128 bytes apart), the key groups of eight a padded row group apart.
+// core matrices along K (a chunk apart), the key groups of eight a row group apart.
 __device__ __forceinline__ void na_issue_logits(float logits[NA_TC_KEY_BLOCKS][4],
                                                 const unsigned query[NA_TC_STEPS][4],
                                                 const elem_t* keys) {
 #pragma unroll
     for (int s = 0; s < NA_TC_STEPS; ++s) {
-        const NaSmemMatrix step = {keys, 256u * s, 128, 16 * NaKeyRows::padded};
+        const NaSmemMatrix step = {keys, 2 * NaKeyRows::chunk_bytes * s, NaKeyRows::chunk_bytes,
+                                   NaKeyRows::group_bytes};
         na_wgmma<NA_TC_KEYS, 0>(&logits[0][0], query[s], step, s > 0);
     }
 }
 
 // Issue out += probabilities . values (`probabilities`: A fragments of sixteen keys each): keys
-// 16 j .. 16 j + 15 are two row groups of the values (along K, a padded row group apart), their
-// channels eight at a time one core matrix (128 bytes) apart: N-major.
+// 16 j .. 16 j + 15 are two row groups of the values (along K, a row group apart), their
+// channels eight at a time one core matrix (a chunk) apart: N-major.
 __device__ __forceinline__ void na_issue_values(float out[NA_TC_OUT_BLOCKS][4],
                                                 const unsigned probabilities[NA_TC_KEYS / 16][4],
                                                 const elem_t* values) {
 #pragma unroll
     for (int j = 0; j < NA_TC_KEYS / 16; ++j) {
-        const NaSmemMatrix rows = {values, 32u * NaValueRows::padded * j,
-                                   16 * NaValueRows::padded, 128};
+        const NaSmemMatrix rows = {values, 2 * NaValueRows::group_bytes * j,
+                                   NaValueRows::group_bytes, NaValueRows::chunk_bytes};
         na_wgmma<8 * NA_TC_OUT_BLOCKS, 1>(&out[0][0], probabilities[j], rows, 1);
     }
 }
