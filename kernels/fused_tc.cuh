@@ -18,6 +18,7 @@
 //     A layout of the next.
 #pragma once
 #include "tc_logits.cuh"
+#include "tma.cuh"
 
 // Two adjacent elements at a 4-byte aligned address (as even offsets of staged rows of an even
 // length), `at[0]` in the low half.

@@ -3,11 +3,12 @@
 // memory. rust/src/cuda/host.rs builds and calls such libraries so that the kernels' logic
 // (indexing, windows, reductions, warp shuffles, block barriers) is tested against the CPU path
 // on machines without a GPU. Timing, the memory model (but for the late completion of cp.async
-// copies and of wgmma products) and the driver are not emulated.
+// copies, bulk tensor copies and wgmma products) and the driver are not emulated.
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
-// costs 256 small stacks and no OS threads. Between two switches the threads run in turn, in
+// costs 256 small stacks and no OS threads (a wait on a copy barrier, mbarrier, switches too).
+// Between two switches the threads run in turn, in
 // index order or (`reversed`) the other way: a read of what another thread writes without a
 // barrier between them sees the write in one order and not in the other, so a kernel run both
 // ways finds such a race wherever it changes a result. Shared memory is `static`: one copy, used by one block
@@ -35,6 +36,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __grid_constant__
 #define __shared__ static
 #define __constant__
 #define __align__(n) __attribute__((aligned(n)))
@@ -48,6 +50,10 @@ typedef uint3 dim3;
 // variables of one bind to its own copies, never to another loaded library's: what the host
 // calls or reads is exported by name.
 #define NA_HOST_EXPORT extern "C" __attribute__((visibility("default")))
+
+// Bulk tensor copies this library has issued (na_host::tensor_copy): tests read it to tell that
+// a variant took them. (Each library is one translation unit.)
+NA_HOST_EXPORT unsigned long long na_host_tensor_copies = 0;
 
 // Launches are serialised by the caller (host.rs), so the launch geometry is global.
 inline uint3 threadIdx;
@@ -239,6 +245,7 @@ struct Block {
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned current = 0;
     int count[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_count's predicates
+    unsigned long long arrivals = 0;  // at copy barriers (Mbarrier), counted as progress
     bool deadlock = false;
     bool reversed = false;  // threads run last first between switches
     void (*body)(const void*) = nullptr;
@@ -399,6 +406,169 @@ inline void wait_product_groups(unsigned long long newest) {
     f.product_count = kept;
 }
 
+// A shared-memory barrier that copies complete on (mbarrier): `expected` arrivals and the bytes
+// announced for them (`owed`, less those landed) complete a phase. Copies on it land as late as
+// the GPU allows: when a thread waits on the phase, or when the next phase's first arrival
+// comes. Until then their destinations read as all ones (NaNs in the half types).
+struct BulkCopy {
+    void* dst;
+    unsigned char* bytes;  // what lands (malloc'd)
+    size_t size;
+};
+
+struct Mbarrier {
+    unsigned expected;
+    unsigned arrived;
+    long long owed;
+    unsigned long long phase;
+    BulkCopy* copies;  // landing at the phase's completion
+    unsigned pending;
+    unsigned capacity;
+};
+
+inline void mbarrier_drop_copies(Mbarrier& m) {
+    for (unsigned i = 0; i < m.pending; ++i) {
+        free(m.copies[i].bytes);
+    }
+    m.pending = 0;
+}
+
+inline void mbarrier_init(Mbarrier& m, unsigned count) {
+    mbarrier_drop_copies(m);
+    free(m.copies);
+    m = Mbarrier{count, 0, 0, 0, nullptr, 0, 0};
+}
+
+// Hold `size` bytes (from `src`, or zeros) for `dst`, landing when `m`'s phase completes.
+inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size) {
+    if (m.pending == m.capacity) {
+        m.capacity = m.capacity == 0 ? 16 : 2 * m.capacity;
+        m.copies = static_cast<BulkCopy*>(realloc(m.copies, m.capacity * sizeof(BulkCopy)));
+    }
+    BulkCopy& c = m.copies[m.pending++];
+    c.dst = dst;
+    c.size = size;
+    c.bytes = static_cast<unsigned char*>(malloc(size));
+    if (src != nullptr) {
+        memcpy(c.bytes, src, size);
+    } else {
+        memset(c.bytes, 0, size);
+    }
+    memset(dst, 0xff, size);
+}
+
+// Complete `m`'s phase if every arrival is in: its copies land; the phase completes if their
+// bytes are those announced. Returns whether it completed.
+inline bool mbarrier_settle(Mbarrier& m) {
+    if (m.arrived < m.expected) {
+        return false;
+    }
+    for (unsigned i = 0; i < m.pending; ++i) {
+        memcpy(m.copies[i].dst, m.copies[i].bytes, m.copies[i].size);
+        m.owed -= (long long)m.copies[i].size;
+    }
+    mbarrier_drop_copies(m);
+    if (m.owed != 0) {
+        return false;
+    }
+    m.arrived = 0;
+    m.phase++;
+    block->arrivals++;
+    return true;
+}
+
+// An arrival at `m`, announcing `bytes` for its phase. An arrival past the expected count
+// (a phase whose bytes never added up) would corrupt a GPU's barrier: reported as a deadlock.
+inline void mbarrier_arrive(Mbarrier& m, unsigned bytes) {
+    if (m.arrived == m.expected && !mbarrier_settle(m)) {
+        block->deadlock = true;
+        return;
+    }
+    m.owed += bytes;
+    m.arrived++;
+    block->arrivals++;
+}
+
+// cp.async.mbarrier.arrive.noinc: the thread's pending cp.async copies land with `m`'s phase,
+// and its arrival counts once they have.
+inline void mbarrier_arrive_after_copies(Mbarrier& m) {
+    Fiber& f = block->fibers[block->current];
+    if (m.arrived == m.expected && !mbarrier_settle(m)) {
+        block->deadlock = true;
+        return;
+    }
+    for (unsigned i = 0; i < f.pending; ++i) {
+        void* dst = f.copies[i].dst;
+        mbarrier_hold(m, dst, f.copies[i].bytes, f.copies[i].size);
+        m.owed += f.copies[i].size;  // (the copy's own bytes, owed and landed together)
+    }
+    f.pending = 0;
+    m.arrived++;
+    block->arrivals++;
+}
+
+// Wait until `m`'s phase of parity `parity` has completed (the phase now running has the other
+// parity).
+inline void mbarrier_wait(Mbarrier& m, unsigned parity) {
+    while (m.phase % 2 == parity && !block->deadlock) {
+        if (!mbarrier_settle(m)) {
+            switch_to(block->fibers[block->current].context, block->scheduler);
+        }
+    }
+}
+
+// A tensor map as the host build encodes it (rust/src/cuda/tma.rs, HostTensorMap): 128 bytes.
+struct HostTensorMap {
+    unsigned long long address;
+    unsigned long long dims[5];     // innermost first
+    unsigned long long strides[4];  // bytes, of dimensions 1 to 4 (dimension 0 is dense)
+    unsigned box[5];
+    unsigned element_strides[5];
+    unsigned element_bytes;
+    unsigned rank;
+};
+static_assert(sizeof(HostTensorMap) == 128, "a tensor map takes 128 bytes");
+
+// cp.async.bulk.tensor (tile mode, no swizzle, no interleave) on the host: the box of `map` at
+// coordinates `c`, dense in `dst` with the innermost dimension fastest, every `element
+// stride`-th element along each dimension (ceil(box / element stride) of them), zeros where a
+// coordinate lies outside the tensor; its bytes land with `m`'s phase.
+inline void tensor_copy(void* dst, const void* map_bytes, const int c[5], Mbarrier& m) {
+    HostTensorMap map;
+    memcpy(&map, map_bytes, sizeof map);
+    na_host_tensor_copies++;
+    unsigned long long count[5] = {1, 1, 1, 1, 1};
+    unsigned long long total = map.element_bytes;
+    for (unsigned d = 0; d < map.rank; ++d) {
+        count[d] = (map.box[d] + map.element_strides[d] - 1) / map.element_strides[d];
+        total *= count[d];
+    }
+    unsigned char* staged = static_cast<unsigned char*>(calloc(total, 1));
+    unsigned long long at = 0;  // element number in the box, innermost fastest
+    for (unsigned long long i4 = 0; i4 < count[4]; ++i4)
+    for (unsigned long long i3 = 0; i3 < count[3]; ++i3)
+    for (unsigned long long i2 = 0; i2 < count[2]; ++i2)
+    for (unsigned long long i1 = 0; i1 < count[1]; ++i1)
+    for (unsigned long long i0 = 0; i0 < count[0]; ++i0, ++at) {
+        const unsigned long long index[5] = {i0, i1, i2, i3, i4};
+        bool inside = true;
+        unsigned long long offset = 0;
+        for (unsigned d = 0; d < map.rank; ++d) {
+            const long long x = (long long)c[d] + (long long)(index[d] * map.element_strides[d]);
+            inside = inside && x >= 0 && (unsigned long long)x < map.dims[d];
+            offset += (d == 0 ? map.element_bytes : map.strides[d - 1]) * (unsigned long long)x;
+        }
+        if (inside) {
+            memcpy(staged + at * map.element_bytes,
+                   reinterpret_cast<const unsigned char*>(map.address) + offset,
+                   map.element_bytes);
+        }
+    }
+    // (Copies may come after the phase's last arrival: they keep it from completing.)
+    mbarrier_hold(m, dst, staged, total);
+    free(staged);
+}
+
 // One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
 // two banks by barrier phase, so a lane that races ahead to the next shuffle writes the other
 // bank while slower lanes still read this one (one barrier per shuffle, not two).
@@ -446,7 +616,7 @@ inline void run_thread() {
 
 // Phases every barrier of block `b` has gone through, summed: it grows while any moves.
 inline unsigned long long progress(const Block& b) {
-    unsigned long long phases = b.sync.phase;
+    unsigned long long phases = b.sync.phase + b.arrivals;
     for (unsigned t = 0; t < b.threads; t += kWarp) {
         phases += b.warps[t / kWarp].phase;
     }

@@ -55,22 +55,38 @@
 #define NA_TC_OUT_BLOCKS (NA_DIM_V / 8 < 16 ? NA_DIM_V / 8 : 16)
 #endif
 #define NA_TC_PASSES ((NA_DIM_V / 8 + NA_TC_OUT_BLOCKS - 1) / NA_TC_OUT_BLOCKS)
+// Whether a warpgroup variant stages its slabs' key and value rows by bulk tensor copies
+// (tma.cuh; sm_90), as the host asks for it (NA_TMA: kernels.rs): one thread copies a slab's
+// rows, eight channels at a time, into a buffer laid out chunk-major, completing on that
+// buffer's barrier, which every thread then waits on; the additional tokens' rows are copied by
+// cp.async, completing on the same barriers. The slabs of every tile then take the shape the
+// host chose (a tensor map's box is fixed).
+#if NA_TC_WGMMA && defined(NA_TMA) && NA_TMA
+#define NA_TC_TMA 1
+#else
+#define NA_TC_TMA 0
+#endif
 #if NA_TC_WGMMA
 static_assert(NA_TC_PASSES == 1, "warpgroup products take the whole output in one pass");
 static_assert(NA_TC_WARPS % 4 == 0, "warpgroup products take whole warpgroups");
 #endif
-// How a slab's key and value rows lie in shared memory: in core matrices for wgmma, pitched for
-// ldmatrix (NaStaged).
-using NaKeyRows = NaStaged<NA_DIM, NA_TC_WGMMA>;
-using NaValueRows = NaStaged<NA_DIM_V, NA_TC_WGMMA>;
+// How a slab's key and value rows lie in shared memory: in core matrices for wgmma (chunk-major
+// where bulk tensor copies bring them), pitched for ldmatrix (NaStaged).
+#define NA_TC_CHUNK_ROWS (NA_TC_TMA ? NA_TC_KEYS : 0)
+using NaKeyRows = NaStaged<NA_DIM, NA_TC_WGMMA, NA_TC_CHUNK_ROWS>;
+using NaValueRows = NaStaged<NA_DIM_V, NA_TC_WGMMA, NA_TC_CHUNK_ROWS>;
 
-// The forward's parameters and the query tiling (fused_launch::FusedTcParams).
+// The forward's parameters, the query tiling and the bulk copies' tensor maps
+// (fused_launch::FusedTcParams; the maps are zeros but in NA_TC_TMA variants).
 struct NaFusedTcParams {
     NaFusedParams forward;
     NaTcTiling tiling;  // the query tiles (each at most NA_TC_ROWS queries)
+    NaTmaParams tma;    // at the next multiple of 128 bytes
 };
 
-static_assert(sizeof(NaFusedTcParams) == sizeof(NaFusedParams) + sizeof(NaTcTiling),
+static_assert(sizeof(NaFusedTcParams) ==
+                  (sizeof(NaFusedParams) + sizeof(NaTcTiling) + 127) / 128 * 128 +
+                      sizeof(NaTmaParams),
               "NaFusedTcParams must match fused_launch::FusedTcParams");
 
 // The barrier that publishes staged rows, each thread having waited for its copies. Warpgroup
@@ -211,9 +227,58 @@ __device__ __forceinline__ void na_store_rows(const NaFusedParams& f, const NaTc
 
 // The forward's copies into its ring: each slab's keys, then its values.
 using NaForwardCopies =
-    NaRingCopies<NA_TC_KEYS, NA_TC_STAGES, na_tc_buffer, NA_TC_WGMMA, false>;
+    NaRingCopies<NA_TC_KEYS, NA_TC_STAGES, na_tc_buffer, NA_TC_WGMMA, false, NA_TC_CHUNK_ROWS>;
 
 #if NA_TC_WGMMA
+// The bytes of one item of a slab: its rows of keys or of values.
+__device__ __forceinline__ unsigned na_item_bytes(bool keys) {
+    return NA_TC_KEYS * (keys ? NA_DIM : NA_DIM_V) * (unsigned)sizeof(elem_t);
+}
+
+// Copy the next item of `copies` (tile `tl`'s, batch b, key head hk) into `ring`: by cp.async
+// (its own group), or in NA_TC_TMA variants onto the item's buffer's barrier, on which every
+// thread arrives: a slab of the box by bulk tensor copies of thread 0 (the tensor maps' box is
+// 8 channels by the slab; its corner is the slab's first position, whose dilation group the
+// element strides keep to), the additional tokens by every thread's cp.async.
+__device__ __forceinline__ void na_forward_copy(NaForwardCopies& copies, const NaFusedParams& f,
+                                                const NaTmaParams& tma,
+                                                NaBarrierRing<NA_TC_STAGES>& barriers,
+                                                const NaTcTile& tl, long long b, long long hk,
+                                                elem_t* ring) {
+#if NA_TC_TMA
+    NaBarrier* const full = &barriers.full[copies.buffer];
+    if (copies.left > 0 && !copies.slab.extra) {
+        const bool keys = copies.keys_next();
+        if (threadIdx.x == 0) {
+            const NaTensorMap& map = keys ? tma.key : tma.value;
+            const int channels = keys ? NA_DIM : NA_DIM_V;
+            na_barrier_arrive_expect(full, na_item_bytes(keys));
+            int c[5] = {(int)hk * channels, 0, 0, 0, (int)b};
+#pragma unroll
+            for (int a = 0; a < 3; ++a) {
+                c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + copies.slab.origin[a]);
+            }
+            elem_t* const to = ring + copies.buffer * na_tc_buffer;
+            const int pitch = keys ? NaKeyRows::chunk : NaValueRows::chunk;
+            for (int chunk = 0; chunk < channels / 8; ++chunk, c[0] += 8) {
+                na_tensor_copy(to + chunk * pitch, map, c, full);
+            }
+        } else {
+            na_barrier_arrive(full);
+        }
+    } else if (copies.left > 0) {
+        copies.stage(f, tl, b, hk, ring);
+        na_barrier_arrive_after_copies(full);
+    } else {
+        na_barrier_arrive(full);
+    }
+    barriers.put(copies.buffer);
+    copies.advance(tl, f.extra_count);
+#else
+    copies.next(f, tl, b, hk, ring);
+#endif
+}
+
 // One tile's output on warpgroup products, software-pipelined: the barrier of slab j publishes
 // slab j's values and slab j + 1's keys; then slab j + 1's logits and slab j's value product are
 // issued together, and slab j + 1's masks and softmax run while the value product does (its
@@ -224,7 +289,8 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
                                                 const NaTcRow rows[2],
                                                 const elem_t* const query_rows[2],
                                                 const NaExponent& exponent, NaRingBuffer* ring,
-                                                NaForwardBias& bias, int t) {
+                                                NaForwardBias& bias, const NaTmaParams& tma,
+                                                NaBarrierRing<NA_TC_STAGES>& barriers, int t) {
     unsigned query[NA_TC_STEPS][4];
 #pragma unroll
     for (int s = 0; s < NA_TC_STEPS; ++s) {
@@ -244,7 +310,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
     // 2 j + 2 NA_TC_AHEAD have been issued, and the two it publishes are waited for).
 #pragma unroll
     for (int i = 0; i <= 2 * NA_TC_AHEAD; ++i) {
-        copies.next(f, tl, b, h / f.group, ring[0]);
+        na_forward_copy(copies, f, tma, barriers, tl, b, h / f.group, ring[0]);
     }
     NaSlab next = first;         // slab j + 1
     int values_buffer = NA_TC_STAGES - 1;  // item 2 j + 1's (none read for j = -1)
@@ -255,19 +321,26 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
         // Which of this lane's logits of slab j + 1 count, known before any product.
         const unsigned seen = has_next ? na_slab_seen<NA_TC_KEY_BLOCKS>(tl, next, rows, t) : 0u;
         const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+        const int keys_buffer = na_ring_next<NA_TC_STAGES>(values_buffer);
+#if NA_TC_TMA
+        if (j >= 0) {
+            barriers.wait(values_buffer);
+        }
+        barriers.wait(keys_buffer);
+#else
         if (j < 0) {
             na_copies_wait_groups<2 * NA_TC_AHEAD>();
         } else {
             na_copies_wait_groups<2 * NA_TC_AHEAD - 2>();
         }
+#endif
         const bool logits_run = na_publish_slab(live != 0);
-        const int keys_buffer = na_ring_next<NA_TC_STAGES>(values_buffer);
         const elem_t* const values = ring[values_buffer];
         const elem_t* const keys = ring[keys_buffer];
         values_buffer = na_ring_next<NA_TC_STAGES>(keys_buffer);
         if (j >= 0) {
-            copies.next(f, tl, b, h / f.group, ring[0]);
-            copies.next(f, tl, b, h / f.group, ring[0]);
+            na_forward_copy(copies, f, tma, barriers, tl, b, h / f.group, ring[0]);
+            na_forward_copy(copies, f, tma, barriers, tl, b, h / f.group, ring[0]);
         }
 
         // Both products in flight, the logits' group first, so that waiting for all but the
@@ -435,11 +508,38 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
 }
 #endif
 
+#if NA_TC_TMA
+// Set up the ring for bulk tensor copies: every buffer zeroed (the padding channels of rows
+// narrower than whole 16-channel steps, which no copy writes, stay zero) and one barrier per
+// buffer expecting every thread, published to the copy engine and the block.
+__device__ __forceinline__ void na_start_ring(NaRingBuffer* ring, NaBarrier* full) {
+    elem_t* const all = ring[0];
+    for (int i = 8 * threadIdx.x; i < NA_TC_STAGES * na_tc_buffer; i += 8 * NA_TC_THREADS) {
+        na_zero_chunk(all + i);
+    }
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < NA_TC_STAGES; ++i) {
+            na_barrier_init(&full[i], NA_TC_THREADS);
+        }
+        na_barrier_init_fence();
+    }
+    na_async_proxy_fence();
+    __syncthreads();
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
-    na_fused_forward_tc(const NaFusedTcParams p) {
+    na_fused_forward_tc(const __grid_constant__ NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
 #if NA_TC_WGMMA
     NaRingBuffer* const ring = reinterpret_cast<NaRingBuffer*>(na_dynamic_shared());
+#if NA_TC_TMA
+    __shared__ NaBarrier full[NA_TC_STAGES];
+    NaBarrierRing<NA_TC_STAGES> barriers = {full, 0u};
+    na_start_ring(ring, full);
+#else
+    NaBarrierRing<NA_TC_STAGES> barriers = {nullptr, 0u};  // (cp.async groups instead)
+#endif
 #else
     __shared__ __align__(128) NaRingBuffer ring[NA_TC_STAGES];
 #endif
@@ -452,14 +552,20 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
         const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, h = job.head;
         NaTcRow rows[2];  // this lane's: rows g and g + 8 of its warp's sixteen
-        const NaTcTile tl = na_query_tile<NA_TC_KEYS>(p.tiling, job.tile, warp, g, rows);
+        const NaTcTile tl =
+            na_query_tile<NA_TC_KEYS>(p.tiling, job.tile, warp, g, rows,
+                                      NA_TC_TMA ? p.tma.slab_shift : nullptr);
         const elem_t* query_rows[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             query_rows[r] =
                 rows[r].valid ? na_tile_row_ptr(f, tl, f.query, b, h, rows[r].index) : nullptr;
         }
+#if NA_TC_WGMMA
+        na_forward_tile(f, tl, b, h, rows, query_rows, exponent, ring, bias, p.tma, barriers, t);
+#else
         na_forward_tile(f, tl, b, h, rows, query_rows, exponent, ring, bias, t);
+#endif
     }
 }
 #if NA_TC_WGMMA

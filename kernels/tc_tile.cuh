@@ -318,10 +318,12 @@ __device__ __forceinline__ int na_kept(int x) {
 }
 
 // A tile of queries (na_tile_rows): with the box of key group indices their windows span, cut
-// into slabs of COLUMNS keys, and each row's window.
+// into slabs of COLUMNS keys (by na_cut_box, or where `slab_shift` is given, in slabs of that
+// shape: the launch's one, fixed by the host for the bulk tensor copies), and each row's window.
 template <int COLUMNS>
 __device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long long index,
-                                                  int warp, int g, NaTcRow rows[2]) {
+                                                  int warp, int g, NaTcRow rows[2],
+                                                  const int* slab_shift = nullptr) {
     NaTcTile tl = na_tile_rows(tiling, index, warp, g, rows);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
@@ -335,7 +337,14 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long
             rows[r].end[a] = na_kept((int)w.end);
         }
     }
-    na_cut_box<COLUMNS>(tl);
+    if (slab_shift != nullptr) {
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+            tl.slab_shift[a] = slab_shift[a];
+        }
+    } else {
+        na_cut_box<COLUMNS>(tl);
+    }
     return tl;
 }
 

@@ -5,7 +5,7 @@
 causal, dilation, a strided input; with additional tokens, and without them, which half types
 take on tensor cores) and the fused forward and backward (GQA,
 stride, additional tokens, rpb, head dims that differ; the half types on warpgroup products as
-well), at ranks 1-3, in every dtype. test_cuda.py runs
+well, and with the forward's bulk tensor copies), at ranks 1-3, in every dtype. test_cuda.py runs
 it so under ``pytest -m cuda`` when compute-sanitizer is on the PATH. ``--device cpu`` runs the
 same calls on the CPU, so CI keeps the script itself working; test_cuda_host.py also runs them
 through the host build of the kernels under AddressSanitizer, the memory check a machine without
@@ -79,24 +79,37 @@ def unfused_window_only(spatial, kernel, dilation, causal, dtype, device) -> Non
     unfused(spatial, kernel, dilation, causal, dtype, device, extra=False)
 
 
+def _fused_with(settings: dict, spatial, kernel, dilation, causal, dtype, device) -> None:
+    """`fused` for the half types with the environment `settings` in force, then restored."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        fused(spatial, kernel, dilation, causal, dtype, device)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def fused_on_warpgroups(spatial, kernel, dilation, causal, dtype, device) -> None:
     """`fused` with NATTEN_RS_WGMMA=1, for the half types (on sm_90a, the tensor-core kernels on
     warpgroup products, with their rings in dynamic shared memory; elsewhere the kernels of
     `fused` again)."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return
-    before = os.environ.get("NATTEN_RS_WGMMA")
-    os.environ["NATTEN_RS_WGMMA"] = "1"
-    try:
-        fused(spatial, kernel, dilation, causal, dtype, device)
-    finally:
-        if before is None:
-            del os.environ["NATTEN_RS_WGMMA"]
-        else:
-            os.environ["NATTEN_RS_WGMMA"] = before
+    _fused_with({"NATTEN_RS_WGMMA": "1"}, spatial, kernel, dilation, causal, dtype, device)
 
 
-WORKLOADS = (unfused, unfused_window_only, fused, fused_on_warpgroups)
+def fused_with_bulk_copies(spatial, kernel, dilation, causal, dtype, device) -> None:
+    """`fused_on_warpgroups` with NATTEN_RS_TMA=1 too (on sm_90a, the forward's slabs staged by
+    bulk tensor copies onto shared-memory barriers, where the layout allows)."""
+    settings = {"NATTEN_RS_WGMMA": "1", "NATTEN_RS_TMA": "1"}
+    _fused_with(settings, spatial, kernel, dilation, causal, dtype, device)
+
+
+WORKLOADS = (unfused, unfused_window_only, fused, fused_on_warpgroups, fused_with_bulk_copies)
 # Calls `run` makes: every workload on every problem in every dtype.
 RUNS = len(WORKLOADS) * len(PROBLEMS) * len(DTYPES)
 

@@ -5,17 +5,20 @@ GPU needed) or on a GPU.
     python tests/sweep.py --ops forward backward unfused --count 200
     python tests/sweep.py --device cuda --count 500 --dtypes float16 bfloat16 float32
     NATTEN_RS_WGMMA=1 python tests/sweep.py --reversed --grid 3 --large
+    NATTEN_RS_WGMMA=1 NATTEN_RS_TMA=1 python tests/sweep.py --ops forward --count 300
 
 Every problem is drawn from --seed with every feature (test_fused.random_case: ranks 1-3, odd and
 even kernels, stride, dilation, causal per axis, GQA/MQA, Dv != D, additional tokens, rpb,
 scales, layouts); head dims are multiples of 8 in the half types, so that the tensor-core
 kernels take them where they can. A failing problem is printed with its error and the sweep goes
-on; the exit status is the number of failures (capped at 100)."""
+on; the exit status is the number of failures (capped at 100). Through the host build, the sweep
+also says how many problems took bulk tensor copies (NATTEN_RS_TMA=1)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import random
 import sys
 import tempfile
@@ -70,6 +73,18 @@ def draw(op: str, rng: random.Random, dtype, large: bool):
     return str(case), lambda device, kernels: run(case, dtype, device, kernels)
 
 
+def tensor_copies(directory: str, seen: dict) -> int:
+    """Bulk tensor copies the host libraries built in `directory` have issued since the last
+    call (`seen`: each library's count then; once opened here, a library stays loaded, so its
+    count only grows)."""
+    issued = 0
+    for library in Path(directory).glob("*.so"):
+        count = ctypes.c_ulonglong.in_dll(ctypes.CDLL(str(library)), "na_host_tensor_copies").value
+        issued += count - seen.get(library, 0)
+        seen[library] = count
+    return issued
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=["forward", "backward", "unfused"],
@@ -100,8 +115,10 @@ def main() -> int:
             try:
                 yield
             finally:
+                tally.append(tensor_copies(directory, seen))
                 _core.run_cuda_kernels_on_host(None)
 
+    tally, seen = [], {}  # per run on the host build: bulk tensor copies (NATTEN_RS_TMA=1)
     failures = 0
     for op in args.ops:
         rng = random.Random(f"{args.seed}-{op}")
@@ -120,6 +137,8 @@ def main() -> int:
             print(f"ok {op} {i} {dtype} {what} ({time.perf_counter() - start:.1f} s)",
                   flush=True)  # fmt: skip
         print(f"{op}: {passed} of {args.count} passed", flush=True)
+    if any(tally):
+        print(f"host: {sum(n > 0 for n in tally)} runs took bulk tensor copies", flush=True)
     return min(failures, 100)
 
 

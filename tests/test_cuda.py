@@ -399,6 +399,17 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monk
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_bulk_copy_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
+    # NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: on sm_90a, the warpgroup forward stages its slabs
+    # by bulk tensor copies where tensor maps describe the keys and values (the cases' other
+    # layouts, and other devices, keep cp.async).
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+    check_fused_forward(case, dtype, "cuda")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
     # NATTEN_RS_WGMMA=1: the backward tile kernels' warpgroup products on sm_90a.

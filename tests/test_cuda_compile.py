@@ -124,6 +124,18 @@ def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
             assert re.search(r"[1-9]\d* bytes gmem", logs[name]), logs[name]
         else:
             assert shared == twin_shared, logs[name]
+    # The forward's bulk-copy variants (NATTEN_RS_TMA=1 too; rows dense): on sm_90a they keep
+    # one barrier per ring buffer in static shared memory beside their twin's (within its
+    # 128-byte granule where it has a bias table); elsewhere they are the same mma.sync kernels.
+    bulk = [name for name in logs if ", wgmma, tma]" in name]
+    assert len(bulk) == 10, bulk
+    for name in bulk:
+        twin = name.replace(", wgmma, tma]", ", wgmma]")
+        shared, twin_shared = (_shared_bytes(logs[n], "na_fused_forward_tc") for n in (name, twin))
+        if arch == "sm_90a":
+            assert shared >= max(twin_shared, 6 * 8), logs[name]
+        else:
+            assert shared == twin_shared, logs[name]
 
 
 def _elf_sizes(image: bytes) -> tuple[dict[str, int], dict[str, int]]:
@@ -168,7 +180,10 @@ def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
                 assert static + size <= 227 * 1024, (entry.name, kernel, static, size)
     for kernel, found in sizes.items():
         if arch == "sm_90a":
-            variants = [n for n in names if ", wgmma]" in n and n.endswith(f"/{kernel}")]
+            warpgroup = (", wgmma]", ", wgmma, tma]")
+            variants = [
+                n for n in names if n.endswith(f"/{kernel}") and any(w in n for w in warpgroup)
+            ]
             assert len(found) == len(variants) > 0, (kernel, found, variants)
             assert 48 * 1024 < max(found) <= 227 * 1024, (kernel, found)
         else:

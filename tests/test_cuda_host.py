@@ -140,6 +140,52 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kern
     check_fused_forward(case, dtype, "cpu", kernels)
 
 
+def _with_bulk_copies(monkeypatch):
+    """NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: the warpgroup forward stages its slabs by bulk
+    tensor copies (emulated here as the driver documents them, landing on their barriers as late
+    as a GPU allows) where tensor maps describe the keys and values."""
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
+def test_bulk_copy_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
+    _with_bulk_copies(monkeypatch)
+    check_fused_forward(case, dtype, "cpu", kernels)
+
+
+def _tensor_copies(directory) -> int:
+    """Bulk tensor copies the host libraries built in `directory` have issued (read while they
+    are loaded: turning the host build off closes them)."""
+    libraries = (ctypes.CDLL(str(library)) for library in directory.glob("*.so"))
+    return sum(ctypes.c_ulonglong.in_dll(h, "na_host_tensor_copies").value for h in libraries)
+
+
+@pytest.mark.parametrize(
+    "heads_first, dilation, takes",
+    [
+        (False, 1, True),
+        (False, 4, True),  # boxes of 64 keys x 4 = 256 elements, the most the driver takes
+        (False, 5, False),  # 320
+        (True, 1, False),  # heads apart from their channels: no map describes them
+    ],
+)
+def test_bulk_copies_are_taken_where_tensor_maps_describe_the_keys(
+    heads_first, dilation, takes, tmp_path, monkeypatch
+):
+    _with_bulk_copies(monkeypatch)
+    shape = (2, 4, 200, 32) if heads_first else (2, 200, 4, 32)
+    q, k, v = (torch.randn(shape).to(torch.bfloat16) for _ in range(3))
+    if heads_first:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    with _on_host(tmp_path)():
+        out = natten_rs.na1d(q, k, v, kernel_size=9, dilation=dilation)
+        assert (_tensor_copies(tmp_path) > 0) == takes
+    expected = natten_rs.na1d(q, k, v, kernel_size=9, dilation=dilation)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels):
@@ -155,10 +201,11 @@ def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, ker
     check_fused_backward(case, dtype, "cpu", kernels)
 
 
-@pytest.mark.parametrize("wgmma", ["0", "1"], ids=["mma", "warpgroup"])
+@pytest.mark.parametrize("variant", ["mma", "warpgroup", "bulk copies"])
 @pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
-def test_tensor_core_forward_in_reversed_turns(case, wgmma, reversed_turns, monkeypatch):
-    monkeypatch.setenv("NATTEN_RS_WGMMA", wgmma)
+def test_tensor_core_forward_in_reversed_turns(case, variant, reversed_turns, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "0" if variant == "mma" else "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", "1" if variant == "bulk copies" else "0")
     check_fused_forward(case, torch.bfloat16, "cpu", reversed_turns)
 
 
@@ -248,6 +295,9 @@ def test_the_warpgroup_kernels_loop_over_what_a_small_grid_leaves(case, few_bloc
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
     check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
+    # The bulk copies' barriers keep their phases from tile to tile.
+    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+    check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
 
 
 @pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])

@@ -232,6 +232,41 @@ impl TensorRef {
         last_dense && self.data.is_multiple_of(16) && axes.all(|(&n, &s)| n <= 1 || whole_chunks(s))
     }
 
+    /// Whether a tensor map (sm_90's bulk tensor copies; cuda/tma.rs) can describe the tensor
+    /// with its last two axes merged, innermost first: those two dense together (a unit stride,
+    /// the second-to-last stride the last axis's length), every other stride a positive whole
+    /// number of 16 bytes that spans at least the axes inside it (so that the map's strides
+    /// grow outwards, as the driver documents them), and a 16-byte aligned address. Axes of
+    /// one element aside.
+    pub fn fits_tensor_maps(&self) -> bool {
+        let size = self.element_size();
+        let rank = self.shape.len();
+        if rank < 2 || !self.data.is_multiple_of(16) {
+            return false;
+        }
+        let (channels, heads) = (self.shape[rank - 1], self.shape[rank - 2]);
+        let inner_dense = (channels <= 1 || self.strides[rank - 1] == 1)
+            && (heads <= 1 || self.strides[rank - 2] == channels as isize);
+        let mut spanned = heads * channels * size;
+        if !inner_dense || !spanned.is_multiple_of(16) {
+            return false;
+        }
+        for (&n, &s) in self.shape[..rank - 2].iter().zip(&self.strides).rev() {
+            if n <= 1 {
+                continue;
+            }
+            let Ok(step) = usize::try_from(s) else {
+                return false;
+            };
+            let bytes = step.saturating_mul(size);
+            if bytes < spanned || !bytes.is_multiple_of(16) {
+                return false;
+            }
+            spanned = bytes.saturating_mul(n);
+        }
+        true
+    }
+
     /// Whether the elements are dense and row-major (so that no two indices share memory).
     pub fn is_contiguous(&self) -> bool {
         let expected = contiguous_strides(&self.shape);

@@ -6,6 +6,7 @@
 use super::kernels::{Function, KernelKey, Source, BIAS_SLICE, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
 use super::tiling::{tasks_fit_31_bits, TcTiling};
+use super::tma::{self, TmaParams};
 use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
 use crate::layout;
@@ -357,7 +358,8 @@ pub fn forward(
 }
 
 /// The tensor-core forward's parameter block (`NaFusedTcParams` in kernels/na_fused_tc.cu): the
-/// forward's, and how the queries are tiled.
+/// forward's, how the queries are tiled, and the bulk copies' tensor maps (variants that take
+/// them: `KernelKey::tma`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct FusedTcParams {
@@ -365,12 +367,16 @@ pub struct FusedTcParams {
     pub forward: FusedParams,
     /// The query tiles.
     pub tiling: TcTiling,
+    /// The tensor maps (at the next multiple of 128 bytes; zeros but with the bulk copies).
+    pub tma: TmaParams,
 }
 
 // The static_assert of na_fused_tc.cu checks the same size on the device side.
 const _: () = assert!(
     std::mem::size_of::<FusedTcParams>()
-        == std::mem::size_of::<FusedParams>() + std::mem::size_of::<TcTiling>()
+        == (std::mem::size_of::<FusedParams>() + std::mem::size_of::<TcTiling>()).div_ceil(128)
+            * 128
+            + std::mem::size_of::<TmaParams>()
 );
 
 /// Warps per block of the tensor-core kernels (the forward's may take more:
@@ -405,22 +411,32 @@ pub fn indices_fit_32_bits(batch: usize, heads: usize, axes: &[Axis; 3], extra: 
         && tasks_fit_31_bits(batch, heads, axes, extra)
 }
 
-/// The tensor-core forward in blocks of `warps` warps: one per query tile (sixteen queries a
-/// warp) of every `(batch, head)`; `None` when there is no query.
+/// The tensor-core forward of variant `key`, in blocks of its warps
+/// (`KernelKey::tensor_core_warps`): one per query tile (sixteen queries a warp) of every
+/// `(batch, head)`, with the tensor maps of its bulk copies where it takes them (in the host
+/// build's encoding); `None` when there is no query.
 pub fn tensor_core_forward(
     p: &FusedProblem,
     t: &FusedTensors,
     out: &TensorRef,
     lse: &TensorRef,
-    warps: usize,
+    key: &KernelKey,
 ) -> Option<FusedLaunch<FusedTcParams>> {
     let plain = forward(p, t, out, lse)?;
-    let tiling = TcTiling::new(&p.axes, 16 * warps, p.heads);
+    let warps = key.tensor_core_warps();
+    let rows = 16 * warps;
+    let tiling = TcTiling::new(&p.axes, rows, p.heads);
+    let tma = match key.tma {
+        true => tma::params(p, &plain.params.key, &plain.params.value, rows)
+            .expect("variants take bulk copies only where the tensors' maps can be planned"),
+        false => TmaParams::default(),
+    };
     Some(FusedLaunch {
         function: Function::FusedForwardTc,
         params: FusedTcParams {
             forward: plain.params,
             tiling,
+            tma,
         },
         config: Config::covering(tiling.tasks(p.batch) as u64, 1, (WARP * warps as u32, 1)),
     })

@@ -487,7 +487,9 @@ fn tensor_core_tiles_cover_every_dilation_group() {
     };
     let out = TensorRef::meta(&[2, 20, 19, 4, 16], DType::BF16, Device::Cuda(0));
     let lse = TensorRef::meta(&[2, 20, 19, 4], DType::F32, Device::Cuda(0));
-    let launch = tensor_core_forward(&p, &tensors, &out, &lse, TC_WARPS).unwrap();
+    let key = KernelKey::for_fused(Source::FusedTc, &p);
+    assert_eq!(key.tensor_core_warps(), TC_WARPS);
+    let launch = tensor_core_forward(&p, &tensors, &out, &lse, &key).unwrap();
     assert_eq!(launch.function, Function::FusedForwardTc);
     let tiling = launch.params.tiling;
     assert_eq!((tiling.tile(), tiling.tiles()), ([1, 8, 8], [1, 4, 3]));
@@ -507,7 +509,13 @@ fn tensor_core_tiles_cover_every_dilation_group() {
     assert_eq!(launch.config.grid, 2 * 4 * 12);
     assert_eq!(launch.config.block, (128, 1));
     // Blocks of eight warps take tiles of 128 queries: 16 x 8, one tile per group of axis 0.
-    let launch = tensor_core_forward(&p, &tensors, &out, &lse, 8).unwrap();
+    let wide = KernelKey {
+        wgmma: true,
+        dims: (64, 64),
+        ..key
+    };
+    assert_eq!(wide.tensor_core_warps(), 8);
+    let launch = tensor_core_forward(&p, &tensors, &out, &lse, &wide).unwrap();
     let tiling = launch.params.tiling;
     assert_eq!((tiling.tile(), tiling.tiles()), ([1, 16, 8], [1, 2, 3]));
     assert_eq!(launch.config.grid, 2 * 4 * 6);

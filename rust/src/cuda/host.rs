@@ -235,7 +235,7 @@ pub unsafe fn run<P: Copy>(
         return Err(Error::Kernel {
             message: format!(
                 "host kernels: {} of {} deadlocked (a barrier or shuffle that some live \
-                 thread never reaches)",
+                 thread never reaches, or a copy barrier whose bytes never add up)",
                 function.symbol(),
                 key.name()
             ),

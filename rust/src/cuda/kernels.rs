@@ -4,6 +4,7 @@
 //! module.
 
 use super::fused_launch::TC_WARPS;
+use super::tma;
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
@@ -12,7 +13,7 @@ use crate::problem::{FusedProblem, Problem};
 /// ones, `tensor_core.cuh` and `fused_tc.cuh` (with its parts `tc_tile.cuh`, `tc_mask.cuh` and
 /// `tc_logits.cuh`) by the tensor-core ones, and `bwd_tc.cuh`, `bwd_tc_bias.cuh` and
 /// `bwd_tc_keys.cuh` by the tensor-core backward.
-pub const HEADERS: [(&str, &str); 11] = [
+pub const HEADERS: [(&str, &str); 12] = [
     ("common.cuh", include_str!("../../../kernels/common.cuh")),
     ("fused.cuh", include_str!("../../../kernels/fused.cuh")),
     (
@@ -24,6 +25,7 @@ pub const HEADERS: [(&str, &str); 11] = [
         include_str!("../../../kernels/tensor_core.cuh"),
     ),
     ("tc_tile.cuh", include_str!("../../../kernels/tc_tile.cuh")),
+    ("tma.cuh", include_str!("../../../kernels/tma.cuh")),
     ("tc_mask.cuh", include_str!("../../../kernels/tc_mask.cuh")),
     (
         "tc_logits.cuh",
@@ -319,6 +321,9 @@ pub struct KernelKey {
     /// and d_key with d_value), take warpgroup products (wgmma) where their target has them
     /// (`wgmma_for`); false for every other source.
     pub wgmma: bool,
+    /// Whether the tensor-core forward's warpgroup variant stages its slabs by bulk tensor copies
+    /// (TMA, sm_90; `tma::takes_bulk_copies`); false for every other variant.
+    pub tma: bool,
     /// Whether a tensor-core source's problem guarantees dense, 16-byte aligned rows wherever
     /// it stages them (`FusedProblem::rows_dense`, `Problem::rows_dense`), so that its staging
     /// compiles 16-byte copies alone; false for every other source (and for other layouts,
@@ -405,6 +410,7 @@ impl KernelKey {
             stride: [1; 3],
             dims,
             wgmma: false,
+            tma: false,
             dense_rows: false,
             biased: false,
         }
@@ -412,7 +418,7 @@ impl KernelKey {
 
     /// The variant of fused source `source` that problem `p` needs.
     pub fn for_fused(source: Source, p: &FusedProblem) -> KernelKey {
-        KernelKey {
+        let key = KernelKey {
             source,
             dtype: p.dtype,
             kernel: p.axes.map(|a| a.kernel),
@@ -420,9 +426,23 @@ impl KernelKey {
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
             wgmma: wgmma_for(source, (p.dim, p.dim_v)),
+            tma: false,
             dense_rows: source.stages_dense_rows() && p.rows_dense,
             biased: source.specialises_bias() && p.rpb,
+        };
+        KernelKey {
+            tma: key.takes_bulk_copies(p),
+            ..key
         }
+    }
+
+    /// Whether this variant of the tensor-core forward of `p` stages its slabs by bulk tensor
+    /// copies: its warpgroup variant where `tma::takes_bulk_copies` allows them.
+    fn takes_bulk_copies(&self, p: &FusedProblem) -> bool {
+        self.source == Source::FusedTc
+            && self.wgmma
+            && self.dense_rows
+            && tma::takes_bulk_copies(p, 16 * self.tensor_core_warps())
     }
 
     /// Warps per block of the variant's tensor-core kernels: two warpgroups for the forward's
@@ -471,6 +491,9 @@ impl KernelKey {
         if self.wgmma {
             flags.push("-DNA_WGMMA=1".to_string());
         }
+        if self.tma {
+            flags.push("-DNA_TMA=1".to_string());
+        }
         if self.source == Source::FusedTc {
             flags.push(format!("-DNA_TC_WARPS={}", self.tensor_core_warps()));
         }
@@ -509,7 +532,11 @@ impl KernelKey {
                 ""
             };
             let rpb = if self.biased { ", rpb" } else { "" };
-            let wgmma = if self.wgmma { ", wgmma" } else { "" };
+            let wgmma = match (self.wgmma, self.tma) {
+                (true, true) => ", wgmma, tma",
+                (true, false) => ", wgmma",
+                _ => "",
+            };
             format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{rpb}{any_rows}{wgmma}")
         } else {
             String::new()
@@ -624,6 +651,7 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     stride,
                     dims,
                     wgmma: false,
+                    tma: false,
                     dense_rows: source.stages_dense_rows(),
                     biased: false,
                 };
@@ -642,6 +670,14 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     // 64/64 would only add compile time.
                     if wgmma_applies(source, dims) && dims != (64, 64) {
                         keys.push(KernelKey { wgmma: true, ..key });
+                        // And its bulk tensor copies (the forward's; dense rows only).
+                        if source == Source::FusedTc && key.dense_rows {
+                            keys.push(KernelKey {
+                                wgmma: true,
+                                tma: true,
+                                ..key
+                            });
+                        }
                     }
                 }
                 // The tensor-core kernels of other layouts (element-by-element copies beside the
@@ -668,9 +704,14 @@ mod tests {
             for f in source.functions() {
                 assert_eq!(f.source(), source);
                 let params = source.params_struct();
-                assert!(source
-                    .text()
-                    .contains(&format!(" {}(const {params} p)", f.symbol())));
+                let text = source.text();
+                assert!(
+                    text.contains(&format!(" {}(const {params} p)", f.symbol()))
+                        || text.contains(&format!(
+                            " {}(const __grid_constant__ {params} p)",
+                            f.symbol()
+                        ))
+                );
             }
         }
     }
@@ -730,6 +771,7 @@ mod tests {
             stride: [1; 3],
             dims,
             wgmma,
+            tma: false,
             dense_rows: true,
             biased: false,
         };

@@ -17,6 +17,7 @@ mod nvrtc;
 mod programs;
 mod runtime;
 mod tiling;
+mod tma;
 
 pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_BACKWARD_DIM};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
@@ -357,8 +358,13 @@ pub unsafe fn fused_forward(
     // mirrors (`NaFusedTcParams`, `NaFusedParams`).
     unsafe {
         if key.source == Source::FusedTc {
-            let warps = key.tensor_core_warps();
-            let launch = fused_launch::tensor_core_forward(p, t, out, lse, warps);
+            let mut launch = fused_launch::tensor_core_forward(p, t, out, lse, &key);
+            // (Only sm_90 kernels read the maps: elsewhere the variant stages by cp.async.)
+            if let (Target::Gpu(device), Some(launch), true) = (target, launch.as_mut(), key.tma) {
+                if runtime::device_arch(device)?.number >= 90 {
+                    runtime::encode_tensor_maps(&mut launch.params.tma)?;
+                }
+            }
             target.launch_planned(&key, launch, stream)
         } else {
             target.launch_planned(&key, fused_launch::forward(p, t, out, lse), stream)
@@ -432,17 +438,22 @@ pub fn variants(
     let mut keys = Vec::new();
     for &(kernel, causal) in shapes {
         for &dtype in dtypes {
-            let key = |source, dims| KernelKey {
-                source,
-                dtype,
-                kernel,
-                causal,
-                stride: [1; 3],
-                dims,
-                wgmma: kernels::wgmma_for(source, dims),
-                // (the common layouts; others compile at first use)
-                dense_rows: source.stages_dense_rows(),
-                biased: rpb && source.specialises_bias(),
+            let key = |source, dims| {
+                let wgmma = kernels::wgmma_for(source, dims);
+                KernelKey {
+                    source,
+                    dtype,
+                    kernel,
+                    causal,
+                    stride: [1; 3],
+                    dims,
+                    wgmma,
+                    // (where asked for, as contiguous tensors would take them)
+                    tma: source == Source::FusedTc && wgmma && tma::requested(),
+                    // (the common layouts; others compile at first use)
+                    dense_rows: source.stages_dense_rows(),
+                    biased: rpb && source.specialises_bias(),
+                }
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));
             let slots = kernel.iter().product();

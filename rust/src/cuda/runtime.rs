@@ -12,6 +12,7 @@ use super::kernels::{Function, KernelKey};
 use super::launch::Config;
 use super::nvrtc::Arch;
 use super::programs::{self, Report};
+use super::tma::{MapPlan, TmaParams};
 use crate::error::{Error, Result};
 
 /// A CUDA stream handle as torch gives it (`torch.cuda.Stream.cuda_stream`); 0 is the legacy
@@ -315,6 +316,37 @@ pub unsafe fn enqueue_with<P: Copy>(
         &format!("launching {}", launched_function.symbol()),
         launched,
     )
+}
+
+/// Encode for the driver the tensor maps of `tma`, planned in the host build's encoding
+/// (`tma::MapPlan`): 2-byte elements, no interleave or swizzle, zeros outside the tensor.
+pub fn encode_tensor_maps(tma: &mut TmaParams) -> Result<()> {
+    ensure_driver()?;
+    for map in [&mut tma.key, &mut tma.value] {
+        let plan = MapPlan::from_host(map);
+        let mut encoded = cu::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: every array holds `plan.rank` entries (the strides one fewer) and outlives
+        // the call; the driver only writes `encoded`, which is aligned as it asks.
+        let code = unsafe {
+            cu::cuTensorMapEncodeTiled(
+                &mut encoded,
+                cu::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT16,
+                plan.rank,
+                plan.address as *mut c_void,
+                plan.dims.as_ptr(),
+                plan.strides.as_ptr(),
+                plan.boxes.as_ptr(),
+                plan.element_strides.as_ptr(),
+                cu::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                cu::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_NONE,
+                cu::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                cu::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        };
+        check("cuTensorMapEncodeTiled", code)?;
+        map.words = encoded.opaque;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

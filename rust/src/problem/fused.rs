@@ -55,6 +55,9 @@ pub struct FusedProblem {
     /// and for a backward the output gradient's (`with_output_gradient`). Their variants then
     /// stage by 16-byte copies alone (`KernelKey::dense_rows`).
     pub rows_dense: bool,
+    /// Whether tensor maps can describe the keys and values (`TensorRef::fits_tensor_maps`),
+    /// so that sm_90's bulk tensor copies may stage them (cuda/tma.rs).
+    pub kv_tensor_maps: bool,
     /// Logit scale.
     pub scale: f64,
     /// Element type of every tensor but `lse` (float32).
@@ -117,6 +120,9 @@ impl FusedProblem {
                 .flatten()
                 .chain([query])
                 .all(TensorRef::rows_dense_and_aligned),
+            kv_tensor_maps: [t.key, t.value]
+                .into_iter()
+                .all(|t| t.is_some_and(TensorRef::fits_tensor_maps)),
             scale,
             dtype,
             device: query.device,

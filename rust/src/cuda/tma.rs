@@ -1,0 +1,228 @@
+//! sm_90's bulk tensor copies (TMA) for the tensor-core forward's warpgroup variant
+//! (kernels/tma.cuh; na_fused_tc.cu's NA_TC_TMA): which problems take them, the one slab shape
+//! a launch's tiles share (a tensor map's box is fixed when it is encoded), and the key and value
+//! maps, planned here in the host build's plain encoding, which `runtime::encode_tensor_maps`
+//! turns into the driver's for a GPU. Pure planning, testable without a GPU.
+
+use super::launch::View;
+use super::tiling::query_tile;
+use crate::problem::FusedProblem;
+use crate::window::Axis;
+
+/// Keys per slab of the warpgroup forward (na_fused_tc.cu's NA_TC_KEYS, head dims up to 128).
+const SLAB_KEYS: usize = 64;
+/// The driver's limits on a map: elements per box side, element stride, dimensions; and its
+/// strides stay below 2^40 bytes.
+const MAX_BOX_SIDE: usize = 256;
+const MAX_ELEMENT_STRIDE: usize = 8;
+const RANK: usize = 5;
+const MAX_STRIDE: u64 = 1 << 40;
+/// Channels per copy: one 16-byte chunk of each row (the rows land chunk-major).
+const CHUNK: usize = 8;
+
+/// A tensor map's 128 bytes (aligned as CUDA 13's `CUtensorMap`): the driver's encoding on a
+/// GPU, or `MapPlan::host_encoding` on the host build.
+#[repr(C, align(128))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TensorMap {
+    /// Opaque to the kernels but on the host build.
+    pub words: [u64; 16],
+}
+
+/// The bulk copies' part of the tensor-core forward's parameter block (`NaTmaParams` in
+/// kernels/tma.cuh); zeros but in variants that take the copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TmaParams {
+    /// The keys' map.
+    pub key: TensorMap,
+    /// The values' map.
+    pub value: TensorMap,
+    /// log2 of the sides of every tile's slabs.
+    pub slab_shift: [i32; 3],
+    /// Padding (as in the kernel source).
+    pub reserved: i32,
+}
+
+// The static_assert of tma.cuh checks the same size on the device side.
+const _: () = assert!(std::mem::size_of::<TmaParams>() == 3 * 128);
+
+/// What a tensor map describes (cuTensorMapEncodeTiled's arguments, 2-byte elements, no
+/// interleave or swizzle, zeros outside the tensor); laid out as the host build reads it
+/// (host.h, `HostTensorMap`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MapPlan {
+    /// Address of element 0.
+    pub address: u64,
+    /// Elements along each dimension, innermost first.
+    pub dims: [u64; RANK],
+    /// Bytes from one element to the next along dimensions 1 to 4 (dimension 0 is dense).
+    pub strides: [u64; RANK - 1],
+    /// Elements a box spans along each dimension.
+    pub boxes: [u32; RANK],
+    /// Every how many elements a box takes one, along each dimension.
+    pub element_strides: [u32; RANK],
+    /// Bytes per element.
+    pub element_bytes: u32,
+    /// Dimensions.
+    pub rank: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<MapPlan>() == 128);
+
+impl MapPlan {
+    /// The host build's encoding: the plan's own bytes.
+    pub fn host_encoding(&self) -> TensorMap {
+        // SAFETY: both are 128 bytes of plain integers (checked above), any bit pattern valid.
+        TensorMap {
+            words: unsafe { std::mem::transmute::<MapPlan, [u64; 16]>(*self) },
+        }
+    }
+
+    /// The plan a host encoding holds.
+    pub fn from_host(map: &TensorMap) -> MapPlan {
+        // SAFETY: as `host_encoding`.
+        unsafe { std::mem::transmute::<[u64; 16], MapPlan>(map.words) }
+    }
+}
+
+/// Whether `NATTEN_RS_TMA=1` asks for the bulk copies (read at each lookup, so that the variant
+/// follows it). Off by default: they take effect where the warpgroup products do (sm_90a, with
+/// `NATTEN_RS_WGMMA=1`).
+pub fn requested() -> bool {
+    std::env::var_os("NATTEN_RS_TMA").is_some_and(|v| v == "1")
+}
+
+/// Whether the warpgroup forward of `p` in tiles of `rows` queries stages its slabs by bulk
+/// tensor copies: asked for, a neighborhood to stage, keys and values that tensor maps describe
+/// (`FusedProblem::kv_tensor_maps`), coordinates in 31 bits, and a slab shape whose boxes the
+/// driver takes (`slab_shift`).
+pub fn takes_bulk_copies(p: &FusedProblem, rows: usize) -> bool {
+    let channels = p.heads_kv.checked_mul(p.dim.max(p.dim_v));
+    requested()
+        && p.window
+        && p.kv_tensor_maps
+        && channels.is_some_and(|c| c <= i32::MAX as usize)
+        && slab_shift(p, rows).is_some()
+}
+
+/// The longest side, in group indices, of the key boxes of the query tiles of `tile` queries
+/// along `axis` (a box spans the windows of its tile's first and last query; every dilation
+/// group of one length gives the same boxes).
+fn longest_box(axis: &Axis, tile: usize) -> usize {
+    let d = axis.dilation;
+    let groups = [0, d.min(axis.length) - 1];
+    let mut longest = 0;
+    for group in groups {
+        let len = axis.group_len(group);
+        for first in (0..len).step_by(tile) {
+            let last = (first + tile).min(len) - 1;
+            let start = axis.window(first * d + group).first / d;
+            let end = axis.window(last * d + group);
+            longest = longest.max(end.first / d + end.count - start);
+        }
+    }
+    longest
+}
+
+/// The element stride of a box side of `side` slab positions along an axis of dilation `d`
+/// (the positions of one dilation group), or `None` where the driver's limits refuse it.
+fn element_stride(side: usize, d: usize) -> Option<usize> {
+    match side {
+        1 => Some(1),
+        _ if d <= MAX_ELEMENT_STRIDE && side * d <= MAX_BOX_SIDE => Some(d),
+        _ => None,
+    }
+}
+
+/// log2 of the sides of the slabs of `SLAB_KEYS` keys every tile of the forward of `p` (tiles of
+/// `rows` queries) takes: of the shapes whose boxes the driver takes (`element_stride`), none
+/// longer on the first two axes than their longest box rounded up to a power of two (the last
+/// takes what is left, as na_cut_box does), the one with the fewest slabs over the longest
+/// boxes, then the most even, then the longest along the last axis. `None` where none fits.
+pub fn slab_shift(p: &FusedProblem, rows: usize) -> Option<[u32; 3]> {
+    let tile = query_tile(&p.axes, rows);
+    let boxes: [usize; 3] = [0, 1, 2].map(|a| longest_box(&p.axes[a], tile[a]));
+    let total = SLAB_KEYS.trailing_zeros();
+    let most = |a: usize| boxes[a].next_power_of_two().trailing_zeros().min(total);
+    let mut best: Option<((usize, u32, u32), [u32; 3])> = None;
+    for s0 in 0..=most(0) {
+        for s1 in 0..=most(1).min(total - s0) {
+            let shift = [s0, s1, total - s0 - s1];
+            let fits = (0..3).all(|a| element_stride(1 << shift[a], p.axes[a].dilation).is_some());
+            if !fits {
+                continue;
+            }
+            let slabs = (0..3).map(|a| boxes[a].div_ceil(1 << shift[a])).product();
+            let rank = (slabs, s0.max(s1).max(shift[2]), total - shift[2]);
+            if best.is_none_or(|(r, _)| rank < r) {
+                best = Some((rank, shift));
+            }
+        }
+    }
+    best.map(|(_, shift)| shift)
+}
+
+/// The map of the keys or values `v` (`channels` per head, 2-byte elements) of `p`, whose boxes
+/// are `CHUNK` channels by a slab of sides `1 << shift`: dimensions innermost first the channels
+/// of every kv head, the axes from the last, the batch. An axis of one element takes the stride
+/// that packs it (it is never stepped along). `None` where a stride reaches 2^40 bytes.
+pub fn map_of(p: &FusedProblem, v: &View, channels: usize, shift: [u32; 3]) -> Option<MapPlan> {
+    const ELEMENT: u64 = 2;
+    let mut plan = MapPlan {
+        address: v.data,
+        element_bytes: ELEMENT as u32,
+        rank: RANK as u32,
+        ..MapPlan::default()
+    };
+    plan.dims[0] = (p.heads_kv * channels) as u64;
+    plan.boxes[0] = CHUNK as u32;
+    plan.element_strides[0] = 1;
+    // Dimensions 1 to 4: axes 2, 1, 0, then the batch.
+    let outer = [(2, p.axes[2]), (1, p.axes[1]), (0, p.axes[0])];
+    let mut packed = plan.dims[0] * ELEMENT;
+    for (dim, (axis, a)) in outer.into_iter().enumerate() {
+        let side = 1usize << shift[axis];
+        let stride = element_stride(side, a.dilation)?;
+        plan.dims[dim + 1] = a.length as u64;
+        plan.boxes[dim + 1] = (side * stride) as u32;
+        plan.element_strides[dim + 1] = stride as u32;
+        plan.strides[dim] = step(a.length, v.stride[2 + axis], packed);
+        packed = plan.strides[dim] * a.length as u64;
+    }
+    plan.dims[4] = p.batch as u64;
+    plan.boxes[4] = 1;
+    plan.element_strides[4] = 1;
+    plan.strides[3] = step(p.batch, v.stride[0], packed);
+    plan.strides
+        .iter()
+        .all(|&s| s > 0 && s < MAX_STRIDE && s.is_multiple_of(16))
+        .then_some(plan)
+}
+
+/// Bytes between elements along an axis of `length` elements `stride` apart (2-byte elements),
+/// or `packed` for an axis of one element.
+fn step(length: usize, stride: i64, packed: u64) -> u64 {
+    if length <= 1 {
+        packed
+    } else {
+        stride as u64 * 2
+    }
+}
+
+/// The bulk copies' parameters for the forward of `p` in tiles of `rows` queries, keys `key` and
+/// values `value` (`None` where `takes_bulk_copies` would refuse them).
+pub fn params(p: &FusedProblem, key: &View, value: &View, rows: usize) -> Option<TmaParams> {
+    let shift = slab_shift(p, rows)?;
+    Some(TmaParams {
+        key: map_of(p, key, p.dim, shift)?.host_encoding(),
+        value: map_of(p, value, p.dim_v, shift)?.host_encoding(),
+        slab_shift: shift.map(|s| s as i32),
+        reserved: 0,
+    })
+}
+
+#[cfg(test)]
+#[path = "tma_tests.rs"]
+mod tests;
