@@ -109,24 +109,28 @@ __device__ __forceinline__ void na_logit_grads(float probs[BLOCKS][4], float dp[
 // rows (rows along K, channels along N).
 
 // Issue products = A B^T (COLUMNS wide) over the 16-channel steps of rows of N channels: A the
-// tile's 64 rows and B a slab's COLUMNS.
-template <int N, int COLUMNS>
+// tile's 64 rows and B a slab's COLUMNS, laid out as NaStaged<N, true> (B chunk-major, as bulk
+// tensor copies land it, where SLAB_CHUNK_ROWS says so).
+template <int N, int COLUMNS, int SLAB_CHUNK_ROWS = 0>
 __device__ __forceinline__ void na_issue_row_products(float products[COLUMNS / 8][4],
                                                       const elem_t* a, const elem_t* b) {
     using Rows = NaStaged<N, true>;
+    using SlabRows = NaStaged<N, true, SLAB_CHUNK_ROWS>;
 #pragma unroll
     for (int s = 0; s < NA_TC_PAD(N) / 16; ++s) {
-        const unsigned step = 2 * Rows::chunk_bytes * s;
-        const NaSmemMatrix a_step = {a, step, Rows::chunk_bytes, Rows::group_bytes};
-        const NaSmemMatrix b_step = {b, step, Rows::chunk_bytes, Rows::group_bytes};
+        const NaSmemMatrix a_step = {a, 2 * Rows::chunk_bytes * s, Rows::chunk_bytes,
+                                     Rows::group_bytes};
+        const NaSmemMatrix b_step = {b, 2 * SlabRows::chunk_bytes * s, SlabRows::chunk_bytes,
+                                     SlabRows::group_bytes};
         na_wgmma_ss<COLUMNS, 0>(&products[0][0], a_step, b_step, s > 0);
     }
 }
 
 // The first group of a pipelined slab's products, zeroed first, and committed whether issued or
 // not (`run`), so that the waits count the same groups: logits = a b^T (query and key rows) and
-// dp = a_v b_v^T (output-gradient and value rows), COLUMNS wide.
-template <int COLUMNS>
+// dp = a_v b_v^T (output-gradient and value rows), COLUMNS wide (b and b_v as
+// na_issue_row_products's B).
+template <int COLUMNS, int SLAB_CHUNK_ROWS = 0>
 __device__ __forceinline__ void na_issue_logits_and_dp(float logits[COLUMNS / 8][4],
                                                        float dp[COLUMNS / 8][4], bool run,
                                                        const elem_t* a, const elem_t* b,
@@ -135,17 +139,18 @@ __device__ __forceinline__ void na_issue_logits_and_dp(float logits[COLUMNS / 8]
     na_zero<COLUMNS / 8>(dp);
     if (run) {
         na_wgmma_fence();
-        na_issue_row_products<NA_DIM, COLUMNS>(logits, a, b);
-        na_issue_row_products<NA_DIM_V, COLUMNS>(dp, a_v, b_v);
+        na_issue_row_products<NA_DIM, COLUMNS, SLAB_CHUNK_ROWS>(logits, a, b);
+        na_issue_row_products<NA_DIM_V, COLUMNS, SLAB_CHUNK_ROWS>(dp, a_v, b_v);
     }
     na_wgmma_commit();
 }
 
-// Rows 16 k .. 16 k + 15 of staged rows of N channels as the B factor of a product that weighs
-// them: the rows along K (two 8-row groups), the channels along N.
-template <int N>
+// Rows 16 k .. 16 k + 15 of staged rows of N channels (NaStaged<N, true, CHUNK_ROWS>) as the B
+// factor of a product that weighs them: the rows along K (two 8-row groups), the channels along
+// N.
+template <int N, int CHUNK_ROWS = 0>
 __device__ __forceinline__ NaSmemMatrix na_row_step(const elem_t* rows, int k) {
-    using Rows = NaStaged<N, true>;
+    using Rows = NaStaged<N, true, CHUNK_ROWS>;
     return {rows, 2 * Rows::group_bytes * k, Rows::group_bytes, Rows::chunk_bytes};
 }
 

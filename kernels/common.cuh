@@ -225,6 +225,27 @@ struct NaFusedParams {
 static_assert(sizeof(NaFusedParams) == 8 * 56 + 10 * 8 + 8 + 2 * 4,
               "NaFusedParams must match fused_launch::FusedParams");
 
+// A tensor map: the driver's 128 opaque bytes on a GPU (aligned as CUDA 13's CUtensorMap),
+// passed in the kernel's parameter block (which must then be __grid_constant__), or on the host
+// build the plain record host.h reads.
+struct __align__(128) NaTensorMap {
+    unsigned long long words[16];
+};
+
+// The bulk copies' part of the tensor-core forward's and backward's parameter blocks
+// (tma::TmaParams; kernels/tma.cuh): the key and value maps and the slab shape every tile takes
+// (one box per map). Each map's dimensions, innermost first: the channels of every kv head (the
+// heads dense after one another), the three axes from the last, and the batch; its box is 8
+// channels by a slab (sides times the dilation, at that element stride).
+struct NaTmaParams {
+    NaTensorMap key;
+    NaTensorMap value;
+    int slab_shift[3];  // log2 of a slab's sides (as na_cut_box's cut, but fixed by the host)
+    int reserved;
+};
+
+static_assert(sizeof(NaTmaParams) == 3 * 128, "NaTmaParams must match tma::TmaParams");
+
 __device__ __forceinline__ const elem_t* na_ptr(const NaView& v) {
     return reinterpret_cast<const elem_t*>(v.data);
 }

@@ -21,10 +21,13 @@ struct NaFusedBwdParams {
     int has_d_lse;
     int reserved;
     NaTcTiling tiling;   // the launch's tasks and tiles (tensor-core kernels; else unused)
+    NaTmaParams tma;     // the d_query kernel's bulk copies (NA_TCB_TMA variants; else zeros)
 };
 
 static_assert(sizeof(NaFusedBwdParams) ==
-                  sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4 + sizeof(NaTcTiling),
+                  (sizeof(NaFusedParams) + 8 * 56 + 8 + 2 * 4 + sizeof(NaTcTiling) + 127) / 128 *
+                          128 +
+                      sizeof(NaTmaParams),
               "NaFusedBwdParams must match fused_launch::FusedBackwardParams");
 
 __device__ __forceinline__ long long na_fused_tokens(const NaFusedParams& p) {

@@ -274,6 +274,53 @@ struct NaRingCopies {
             f, tl, slab, b, hk, keys_next() ? to : nullptr, keys_next() ? nullptr : to);
     }
 
+#if NA_HAS_WGMMA
+    // Copy the next item onto its buffer's barrier of `barriers` rather than as a cp.async
+    // group (the bulk-copy variants, CHUNK_ROWS = KEYS), every thread arriving on it: a slab of
+    // the box by thread 0's bulk tensor copies (tma.cuh: a box of 8 channels by the slab, its
+    // corner the slab's first position, whose dilation group the element strides keep to), the
+    // additional tokens by every thread's cp.async.
+    __device__ __forceinline__ void next_onto(const NaFusedParams& f, const NaTmaParams& tma,
+                                              NaBarrierRing<STAGES>& barriers,
+                                              const NaTcTile& tl, long long b, long long hk,
+                                              elem_t* ring) {
+        static_assert(CORE_MATRICES && CHUNK_ROWS == KEYS, "bulk copies land chunk-major");
+        NaBarrier* const full = &barriers.full[buffer];
+        if (left > 0 && !slab.extra) {
+            if (threadIdx.x == 0) {
+                copy_slab(f, keys_next() ? tma.key : tma.value, tl, b, hk, ring, full);
+            } else {
+                na_barrier_arrive(full);
+            }
+        } else if (left > 0) {
+            stage(f, tl, b, hk, ring);
+            na_barrier_arrive_after_copies(full);
+        } else {
+            na_barrier_arrive(full);
+        }
+        barriers.put(buffer);
+        advance(tl, f.extra_count);
+    }
+
+    // Thread 0's share of next_onto for a slab of the box: announce its bytes on `full`, then
+    // copy its rows 8 channels at a time through `map`.
+    __device__ __forceinline__ void copy_slab(const NaFusedParams& f, const NaTensorMap& map,
+                                              const NaTcTile& tl, long long b, long long hk,
+                                              elem_t* ring, NaBarrier* full) const {
+        const int channels = keys_next() ? NA_DIM : NA_DIM_V;
+        na_barrier_arrive_expect(full, KEYS * channels * (unsigned)sizeof(elem_t));
+        int c[5] = {(int)hk * channels, 0, 0, 0, (int)b};
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+            c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + slab.origin[a]);
+        }
+        elem_t* const to = ring + buffer * BUFFER;
+        for (int chunk = 0; chunk < channels / 8; ++chunk, c[0] += 8) {
+            na_tensor_copy(to + chunk * 8 * CHUNK_ROWS, map, c, full);
+        }
+    }
+#endif
+
     // Move on to the item after the next (of a tile with `extras` additional tokens).
     __device__ __forceinline__ void advance(const NaTcTile& tl, long long extras) {
         if (left > 0) {
@@ -286,6 +333,28 @@ struct NaRingCopies {
         buffer = na_ring_next<STAGES>(buffer);
     }
 };
+
+#if NA_HAS_WGMMA
+// Set up a ring of STAGES buffers (`elements` in all, a multiple of 8) for bulk tensor copies:
+// every buffer zeroed (the padding channels of rows narrower than whole 16-channel steps, which
+// no copy writes, stay zero) and one barrier per buffer in `full` expecting every thread,
+// published to the copy engine and the block. Every thread of the block calls it, once.
+template <int STAGES>
+__device__ __forceinline__ void na_start_barrier_ring(elem_t* ring, int elements,
+                                                      NaBarrier* full) {
+    for (int i = 8 * threadIdx.x; i < elements; i += 8 * NA_TC_THREADS) {
+        na_zero_chunk(ring + i);
+    }
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < STAGES; ++i) {
+            na_barrier_init(&full[i], NA_TC_THREADS);
+        }
+        na_barrier_init_fence();
+    }
+    na_async_proxy_fence();
+    __syncthreads();
+}
+#endif
 
 // Fragment `s` (channels 16 s .. 16 s + 15) of the A operand whose rows g and g + 8 are
 // `row[0]` and `row[1]` (rows of N channels, `step` apart; missing rows and channels past N as

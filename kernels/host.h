@@ -489,20 +489,27 @@ inline void mbarrier_arrive(Mbarrier& m, unsigned bytes) {
     block->arrivals++;
 }
 
-// cp.async.mbarrier.arrive.noinc: the thread's pending cp.async copies land with `m`'s phase,
-// and its arrival counts once they have.
+// cp.async.mbarrier.arrive.noinc: the thread's cp.async copies not yet committed to a group
+// land with `m`'s phase, and its arrival counts once they have. (On a GPU the arrival waits for
+// the thread's committed copies too; here those still land at the wait for their group, never
+// sooner: code may not count on the barrier for them.)
 inline void mbarrier_arrive_after_copies(Mbarrier& m) {
     Fiber& f = block->fibers[block->current];
     if (m.arrived == m.expected && !mbarrier_settle(m)) {
         block->deadlock = true;
         return;
     }
+    unsigned kept = 0;
     for (unsigned i = 0; i < f.pending; ++i) {
-        void* dst = f.copies[i].dst;
-        mbarrier_hold(m, dst, f.copies[i].bytes, f.copies[i].size);
-        m.owed += f.copies[i].size;  // (the copy's own bytes, owed and landed together)
+        PendingCopy& c = f.copies[i];
+        if (c.group == f.committed) {
+            mbarrier_hold(m, c.dst, c.bytes, c.size);
+            m.owed += c.size;  // (the copy's own bytes, owed and landed together)
+        } else {
+            f.copies[kept++] = c;
+        }
     }
-    f.pending = 0;
+    f.pending = kept;
     m.arrived++;
     block->arrivals++;
 }

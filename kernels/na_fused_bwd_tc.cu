@@ -63,6 +63,16 @@ __device__ __forceinline__ void na_query_stats(const NaFusedBwdParams& p, const 
     }
 }
 
+// Whether the d_query kernel's warpgroup variant takes its slabs' values and keys by bulk
+// tensor copies onto a barrier per buffer, laid out chunk-major, as the forward's NA_TC_TMA
+// variants do (NA_TMA: kernels.rs); the tile's own rows still come by cp.async.
+#if NA_TCB_WGMMA && defined(NA_TMA) && NA_TMA
+#define NA_TCB_TMA 1
+#else
+#define NA_TCB_TMA 0
+#endif
+#define NA_TCB_CHUNK_ROWS (NA_TCB_TMA ? NA_TCB_KEYS : 0)
+
 #if NA_TCB_WGMMA
 // The d_query kernel on warpgroup products, software-pipelined as the warpgroup forward
 // (na_fused_tc.cu): the tile's query and output gradient rows sit in shared memory (both
@@ -77,7 +87,22 @@ constexpr int na_tcb_buffer =
                        : NaStaged<NA_DIM_V, true>::per_row);
 constexpr int na_tcb_query_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
 constexpr int na_tcb_d_out_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
-using NaQueryGradCopies = NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true>;
+using NaQueryGradCopies =
+    NaRingCopies<NA_TCB_KEYS, NA_TCB_STAGES, na_tcb_buffer, true, true, NA_TCB_CHUNK_ROWS>;
+
+// Copy the next item of `copies` into `ring`: as a cp.async group, or onto its buffer's barrier
+// (NaRingCopies::next_onto).
+__device__ __forceinline__ void na_query_grad_copy(NaQueryGradCopies& copies,
+                                                   const NaFusedBwdParams& p,
+                                                   NaBarrierRing<NA_TCB_STAGES>& barriers,
+                                                   const NaTcTile& tl, long long b, long long hk,
+                                                   elem_t* ring) {
+#if NA_TCB_TMA
+    copies.next_onto(p.f, p.tma, barriers, tl, b, hk, ring);
+#else
+    copies.next(p.f, tl, b, hk, ring);
+#endif
+}
 
 // This lane's share of d_query (unscaled; C layout, `NA_TCB_BLOCKS` blocks) of the query
 // tile `tl` of (batch b, head h): every slab's dS K. Every thread of the block calls it.
@@ -85,7 +110,8 @@ __device__ __forceinline__ void na_query_tile_grads(
     const NaFusedBwdParams& p, const NaTcTile& tl, const NaTcRow rows[2], long long b, long long h,
     const elem_t* const query_rows[2], const NaStat stats[2], const NaExponent& exponent,
     NaQueryGradShared& shared, NaQueryBias& bias, NaTileBiasGrads& bias_grads,
-    bool wants_bias_grads, float d_query[NA_TCB_BLOCKS][4]) {
+    bool wants_bias_grads, NaBarrierRing<NA_TCB_STAGES>& barriers,
+    float d_query[NA_TCB_BLOCKS][4]) {
     const NaFusedParams& f = p.f;
     constexpr int BLOCKS = NA_TCB_KEYS / 8;
     elem_t* const ring = reinterpret_cast<elem_t*>(na_dynamic_shared());
@@ -107,7 +133,7 @@ __device__ __forceinline__ void na_query_tile_grads(
     na_copies_commit();
 #pragma unroll
     for (int i = 0; i < NA_TCB_STAGES - 3; ++i) {
-        copies.next(f, tl, b, hk, ring);
+        na_query_grad_copy(copies, p, barriers, tl, b, hk, ring);
     }
 
     na_zero<NA_TCB_BLOCKS>(d_query);
@@ -118,7 +144,15 @@ __device__ __forceinline__ void na_query_tile_grads(
         const bool has_next = j + 1 < slabs;
         const unsigned seen = has_next ? na_slab_seen<BLOCKS>(tl, next, rows, t) : 0u;
         const unsigned live = __reduce_or_sync(0xffffffffu, seen);
+#if NA_TCB_TMA
+        if (j < 0) {
+            na_copies_wait_groups<0>();  // the tile's rows
+        }
+        barriers.wait(values_buffer);
+        barriers.wait(na_ring_next<NA_TCB_STAGES>(values_buffer));
+#else
         na_copies_wait_groups<NA_TCB_STAGES - 5>();
+#endif
         na_async_proxy_fence();
         // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the
         // compiler knows it is warp-uniform (as na_publish_slab).
@@ -129,19 +163,20 @@ __device__ __forceinline__ void na_query_tile_grads(
         const int next_keys_buffer = na_ring_next<NA_TCB_STAGES>(values_buffer);
         const elem_t* const next_keys = ring + next_keys_buffer * na_tcb_buffer;
         values_buffer = na_ring_next<NA_TCB_STAGES>(next_keys_buffer);
-        copies.next(f, tl, b, hk, ring);
-        copies.next(f, tl, b, hk, ring);
+        na_query_grad_copy(copies, p, barriers, tl, b, hk, ring);
+        na_query_grad_copy(copies, p, barriers, tl, b, hk, ring);
 
         // Logits and dP of slab j + 1 (one group), then d_query += dS K of slab j.
         float logits[BLOCKS][4], grads[BLOCKS][4];
-        na_issue_logits_and_dp<NA_TCB_KEYS>(logits, grads, logits_run, query_tile, next_keys,
-                                            d_out_tile, next_values);
+        na_issue_logits_and_dp<NA_TCB_KEYS, NA_TCB_CHUNK_ROWS>(
+            logits, grads, logits_run, query_tile, next_keys, d_out_tile, next_values);
         if (keys_run) {
             na_wgmma_fence();
 #pragma unroll
             for (int k = 0; k < NA_TCB_KEYS / 16; ++k) {
                 na_wgmma<8 * NA_TCB_BLOCKS, 1>(&d_query[0][0], grads_a[k],
-                                               na_row_step<NA_DIM>(keys, k), 1);
+                                               na_row_step<NA_DIM, NA_TCB_CHUNK_ROWS>(keys, k),
+                                               1);
             }
         }
         na_wgmma_commit();
@@ -278,7 +313,7 @@ __device__ __forceinline__ void na_query_tile_grads(
 // d_query keeps the full register budget (no cap for more blocks per SM, unlike the other tile
 // kernels): it holds the most per row (dO, the query, its gradient), and a cap spills it.
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
-    na_fused_backward_query_tc(const NaFusedBwdParams p) {
+    na_fused_backward_query_tc(const __grid_constant__ NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     // Shared arrays are the kernel's own, not an inline function's: on the host those would be
     // one object across every variant loaded (kernels/host.h).
@@ -292,18 +327,32 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, 1)
         bias_grads.zero();  // (first added to after a barrier)
     }
     const NaExponent exponent = na_exponent(f);
+#if NA_TCB_TMA
+    __shared__ NaBarrier full[NA_TCB_STAGES];
+    NaBarrierRing<NA_TCB_STAGES> barriers = {full, 0u};
+    na_start_barrier_ring<NA_TCB_STAGES>(reinterpret_cast<elem_t*>(na_dynamic_shared()),
+                                         NA_TCB_STAGES * na_tcb_buffer, full);
+#elif NA_TCB_WGMMA
+    NaBarrierRing<NA_TCB_STAGES> barriers = {nullptr, 0u};  // (cp.async groups instead)
+#endif
     const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, h = job.head;
         NaTcRow rows[2];
-        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(p.tiling, job.tile, warp, g, rows);
+        const NaTcTile tl = na_query_tile<NA_TCB_KEYS>(p.tiling, job.tile, warp, g, rows,
+                                                       NA_TCB_TMA ? p.tma.slab_shift : nullptr);
         const elem_t* query_rows[2];
         NaStat stats[2];
         na_query_stats(p, tl, rows, b, h, t, query_rows, stats);
         float d_query[NA_TCB_BLOCKS][4];
+#if NA_TCB_WGMMA
+        na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias,
+                            bias_grads, wants_bias_grads, barriers, d_query);
+#else
         na_query_tile_grads(p, tl, rows, b, h, query_rows, stats, exponent, shared, bias,
                             bias_grads, wants_bias_grads, d_query);
+#endif
         if (wants_bias_grads) {
             __syncthreads();  // every warp's additions done
             bias_grads.flush(na_bias_tile_sums(p) + na_bias_row(p, job) * NA_BIAS_SPAN);

@@ -230,50 +230,15 @@ using NaForwardCopies =
     NaRingCopies<NA_TC_KEYS, NA_TC_STAGES, na_tc_buffer, NA_TC_WGMMA, false, NA_TC_CHUNK_ROWS>;
 
 #if NA_TC_WGMMA
-// The bytes of one item of a slab: its rows of keys or of values.
-__device__ __forceinline__ unsigned na_item_bytes(bool keys) {
-    return NA_TC_KEYS * (keys ? NA_DIM : NA_DIM_V) * (unsigned)sizeof(elem_t);
-}
-
 // Copy the next item of `copies` (tile `tl`'s, batch b, key head hk) into `ring`: by cp.async
-// (its own group), or in NA_TC_TMA variants onto the item's buffer's barrier, on which every
-// thread arrives: a slab of the box by bulk tensor copies of thread 0 (the tensor maps' box is
-// 8 channels by the slab; its corner is the slab's first position, whose dilation group the
-// element strides keep to), the additional tokens by every thread's cp.async.
+// (its own group), or in NA_TC_TMA variants onto the item's buffer's barrier (next_onto).
 __device__ __forceinline__ void na_forward_copy(NaForwardCopies& copies, const NaFusedParams& f,
                                                 const NaTmaParams& tma,
                                                 NaBarrierRing<NA_TC_STAGES>& barriers,
                                                 const NaTcTile& tl, long long b, long long hk,
                                                 elem_t* ring) {
 #if NA_TC_TMA
-    NaBarrier* const full = &barriers.full[copies.buffer];
-    if (copies.left > 0 && !copies.slab.extra) {
-        const bool keys = copies.keys_next();
-        if (threadIdx.x == 0) {
-            const NaTensorMap& map = keys ? tma.key : tma.value;
-            const int channels = keys ? NA_DIM : NA_DIM_V;
-            na_barrier_arrive_expect(full, na_item_bytes(keys));
-            int c[5] = {(int)hk * channels, 0, 0, 0, (int)b};
-#pragma unroll
-            for (int a = 0; a < 3; ++a) {
-                c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + copies.slab.origin[a]);
-            }
-            elem_t* const to = ring + copies.buffer * na_tc_buffer;
-            const int pitch = keys ? NaKeyRows::chunk : NaValueRows::chunk;
-            for (int chunk = 0; chunk < channels / 8; ++chunk, c[0] += 8) {
-                na_tensor_copy(to + chunk * pitch, map, c, full);
-            }
-        } else {
-            na_barrier_arrive(full);
-        }
-    } else if (copies.left > 0) {
-        copies.stage(f, tl, b, hk, ring);
-        na_barrier_arrive_after_copies(full);
-    } else {
-        na_barrier_arrive(full);
-    }
-    barriers.put(copies.buffer);
-    copies.advance(tl, f.extra_count);
+    copies.next_onto(f, tma, barriers, tl, b, hk, ring);
 #else
     copies.next(f, tl, b, hk, ring);
 #endif
@@ -508,26 +473,6 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
 }
 #endif
 
-#if NA_TC_TMA
-// Set up the ring for bulk tensor copies: every buffer zeroed (the padding channels of rows
-// narrower than whole 16-channel steps, which no copy writes, stay zero) and one barrier per
-// buffer expecting every thread, published to the copy engine and the block.
-__device__ __forceinline__ void na_start_ring(NaRingBuffer* ring, NaBarrier* full) {
-    elem_t* const all = ring[0];
-    for (int i = 8 * threadIdx.x; i < NA_TC_STAGES * na_tc_buffer; i += 8 * NA_TC_THREADS) {
-        na_zero_chunk(all + i);
-    }
-    if (threadIdx.x == 0) {
-        for (int i = 0; i < NA_TC_STAGES; ++i) {
-            na_barrier_init(&full[i], NA_TC_THREADS);
-        }
-        na_barrier_init_fence();
-    }
-    na_async_proxy_fence();
-    __syncthreads();
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
     na_fused_forward_tc(const __grid_constant__ NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
@@ -536,7 +481,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 #if NA_TC_TMA
     __shared__ NaBarrier full[NA_TC_STAGES];
     NaBarrierRing<NA_TC_STAGES> barriers = {full, 0u};
-    na_start_ring(ring, full);
+    na_start_barrier_ring<NA_TC_STAGES>(ring[0], NA_TC_STAGES * na_tc_buffer, full);
 #else
     NaBarrierRing<NA_TC_STAGES> barriers = {nullptr, 0u};  // (cp.async groups instead)
 #endif

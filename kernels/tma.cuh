@@ -10,26 +10,8 @@
 #pragma once
 #include "tensor_core.cuh"
 
-// A tensor map: the driver's 128 opaque bytes on a GPU (aligned as CUDA 13's CUtensorMap),
-// passed in the kernel's parameter block (which must then be __grid_constant__), or on the host
-// build the plain record host.h reads.
-struct __align__(128) NaTensorMap {
-    unsigned long long words[16];
-};
-
-// The bulk copies' part of the forward's parameter block (tma::TmaParams): the key and value
-// maps and the slab shape every tile takes (one box per map). Each map's dimensions, innermost
-// first: the channels of every kv head (the heads dense after one another), the three axes from
-// the last, and the batch; its box is 8 channels by a slab (sides times the dilation, at that
-// element stride).
-struct NaTmaParams {
-    NaTensorMap key;
-    NaTensorMap value;
-    int slab_shift[3];  // log2 of a slab's sides (as na_cut_box's cut, but fixed by the host)
-    int reserved;
-};
-
-static_assert(sizeof(NaTmaParams) == 3 * 128, "NaTmaParams must match tma::TmaParams");
+// (The tensor maps and their parameter block, NaTensorMap and NaTmaParams, are common.cuh's:
+// the backward's parameter block carries them too.)
 
 // The barriers and copies exist where warpgroup products do (sm_90a, and the host build).
 #if NA_HAS_WGMMA

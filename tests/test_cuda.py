@@ -417,6 +417,16 @@ def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, mon
     check_fused_backward(case, dtype, "cuda")
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_bulk_copy_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
+    # NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: on sm_90a, the d_query kernel's key and value slabs
+    # come by bulk tensor copies where the layout allows.
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+    check_fused_backward(case, dtype, "cuda")
+
+
 def check_dense_attention(dtype, device, kernels=contextlib.nullcontext):
     """Dense attention (the fused kernel with only additional tokens) against the CPU path."""
     q, k, v = make_inputs((2, 7, 4, 16), (2, 13, 2, 16), (2, 13, 2, 8), dtype=dtype,

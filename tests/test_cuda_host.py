@@ -141,9 +141,10 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kern
 
 
 def _with_bulk_copies(monkeypatch):
-    """NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: the warpgroup forward stages its slabs by bulk
-    tensor copies (emulated here as the driver documents them, landing on their barriers as late
-    as a GPU allows) where tensor maps describe the keys and values."""
+    """NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: the warpgroup forward and the backward's d_query
+    kernel stage their key and value slabs by bulk tensor copies (emulated here as the driver
+    documents them, landing on their barriers as late as a GPU allows) where tensor maps describe
+    the keys and values."""
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     monkeypatch.setenv("NATTEN_RS_TMA", "1")
 
@@ -153,6 +154,13 @@ def _with_bulk_copies(monkeypatch):
 def test_bulk_copy_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
     _with_bulk_copies(monkeypatch)
     check_fused_forward(case, dtype, "cpu", kernels)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
+def test_bulk_copy_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
+    _with_bulk_copies(monkeypatch)
+    check_fused_backward(case, dtype, "cpu", kernels)
 
 
 def _tensor_copies(directory) -> int:
@@ -209,10 +217,11 @@ def test_tensor_core_forward_in_reversed_turns(case, variant, reversed_turns, mo
     check_fused_forward(case, torch.bfloat16, "cpu", reversed_turns)
 
 
-@pytest.mark.parametrize("wgmma", ["0", "1"], ids=["mma", "warpgroup"])
+@pytest.mark.parametrize("variant", ["mma", "warpgroup", "bulk copies"])
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
-def test_tensor_core_backward_in_reversed_turns(case, wgmma, reversed_turns, monkeypatch):
-    monkeypatch.setenv("NATTEN_RS_WGMMA", wgmma)
+def test_tensor_core_backward_in_reversed_turns(case, variant, reversed_turns, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "0" if variant == "mma" else "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", "1" if variant == "bulk copies" else "0")
     check_fused_backward(case, torch.bfloat16, "cpu", reversed_turns)
 
 
@@ -298,6 +307,7 @@ def test_the_warpgroup_kernels_loop_over_what_a_small_grid_leaves(case, few_bloc
     # The bulk copies' barriers keep their phases from tile to tile.
     monkeypatch.setenv("NATTEN_RS_TMA", "1")
     check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
+    check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
 
 
 @pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])

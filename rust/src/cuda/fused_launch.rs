@@ -142,16 +142,22 @@ pub struct FusedBackwardParams {
     pub reserved: i32,
     /// The launch's tasks and tiles (the tensor-core kernels; zeros otherwise).
     pub tiling: TcTiling,
+    /// The tensor maps of the tensor-core d_query kernel's bulk copies (at the next multiple of
+    /// 128 bytes; zeros for other kernels and variants).
+    pub tma: TmaParams,
 }
 
 // The static_assert of fused_bwd.cuh checks the same size on the device side.
 const _: () = assert!(
     std::mem::size_of::<FusedBackwardParams>()
-        == std::mem::size_of::<FusedParams>()
+        == (std::mem::size_of::<FusedParams>()
             + 8 * 56
             + 8
             + 2 * 4
-            + std::mem::size_of::<TcTiling>()
+            + std::mem::size_of::<TcTiling>())
+        .div_ceil(128)
+            * 128
+            + std::mem::size_of::<TmaParams>()
 );
 
 /// One launch of a fused backward kernel.
@@ -288,15 +294,16 @@ pub fn backward_tiling(p: &FusedProblem, function: Function) -> TcTiling {
 }
 
 /// Backward, in launch order (`backward_plan`); `tensor_cores` picks the tensor-core kernels
-/// for `d_query`, `d_key` and `d_value`. `stats` is the scratch of `backward_stats_len`
-/// elements of the accumulator type.
+/// for `d_query`, `d_key` and `d_value`, and `bulk_copies` gives their d_query kernel the tensor
+/// maps of its bulk copies (its variant takes them: `KernelKey::tma`, in the host build's
+/// encoding). `stats` is the scratch of `backward_stats_len` elements of the accumulator type.
 pub fn backward(
     p: &FusedProblem,
     t: &FusedTensors,
     saved: &Saved,
     grads: &FusedGrads,
     stats: &TensorRef,
-    tensor_cores: bool,
+    (tensor_cores, bulk_copies): (bool, bool),
 ) -> Vec<FusedBackwardLaunch> {
     let tokens = |t: &TensorRef| View::heads_last(t, p.rank, true);
     let extras = |t: Option<&TensorRef>| t.map(View::extras_heads_last).unwrap_or_default();
@@ -322,12 +329,20 @@ pub fn backward(
         reserved: 0,
         ..FusedBackwardParams::default()
     };
+    let query_maps = match bulk_copies {
+        true => bulk_copy_params(p, &params.forward, TC_ROWS),
+        false => TmaParams::default(),
+    };
     backward_plan(p, grads, tensor_cores)
         .into_iter()
         .map(|(function, config)| FusedBackwardLaunch {
             function,
             params: FusedBackwardParams {
                 tiling: backward_tiling(p, function),
+                tma: match function {
+                    Function::FusedBackwardQueryTc => query_maps,
+                    _ => TmaParams::default(),
+                },
                 ..params
             },
             config,
@@ -427,8 +442,7 @@ pub fn tensor_core_forward(
     let rows = 16 * warps;
     let tiling = TcTiling::new(&p.axes, rows, p.heads);
     let tma = match key.tma {
-        true => tma::params(p, &plain.params.key, &plain.params.value, rows)
-            .expect("variants take bulk copies only where the tensors' maps can be planned"),
+        true => bulk_copy_params(p, &plain.params, rows),
         false => TmaParams::default(),
     };
     Some(FusedLaunch {
@@ -440,6 +454,13 @@ pub fn tensor_core_forward(
         },
         config: Config::covering(tiling.tasks(p.batch) as u64, 1, (WARP * warps as u32, 1)),
     })
+}
+
+/// The tensor maps of the keys and values of `forward` for tiles of `rows` queries (a variant
+/// takes bulk copies only where `tma::takes_bulk_copies` found them plannable).
+fn bulk_copy_params(p: &FusedProblem, forward: &FusedParams, rows: usize) -> TmaParams {
+    tma::params(p, &forward.key, &forward.value, rows)
+        .expect("variants take bulk copies only where the tensors' maps can be planned")
 }
 
 #[cfg(test)]

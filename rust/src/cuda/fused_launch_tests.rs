@@ -164,7 +164,7 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         d_additional_values: Some(&g[4]),
         d_rpb: None,
     };
-    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, false);
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, (false, false));
     let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
     assert_eq!(
         functions,
@@ -218,7 +218,7 @@ fn backward_launches_queries_then_keys_then_extras_one_warp_per_row() {
         d_additional_values: None,
         ..grads
     };
-    let launches = backward(&p, &tensors(&t), &bare, &only_query, &stats, false);
+    let launches = backward(&p, &tensors(&t), &bare, &only_query, &stats, (false, false));
     assert_eq!(launches.len(), 1);
     assert_eq!(launches[0].params.has_d_lse, 0);
 }
@@ -252,7 +252,7 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         d_additional_values: Some(&g[4]),
         d_rpb: Some(&bias_grad),
     };
-    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, true);
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, (true, false));
     let functions: Vec<Function> = launches.iter().map(|l| l.function).collect();
     assert_eq!(
         functions,
@@ -305,6 +305,20 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
         launches[3..].iter().all(|l| l.params.tiling == queries),
         "the bias sums follow the query tiles"
     );
+    assert!(launches
+        .iter()
+        .all(|l| l.params.tma == TmaParams::default()));
+    // With bulk copies, the d_query kernel alone takes the keys' and values' maps, its slabs
+    // of the shape they were planned for.
+    let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, (true, true));
+    let maps = launches[0].params.tma;
+    let shift = crate::cuda::tma::slab_shift(&p, TC_ROWS).unwrap();
+    assert_eq!(maps.slab_shift, shift.map(|s| s as i32));
+    let key = crate::cuda::tma::MapPlan::from_host(&maps.key);
+    assert_eq!(key.address, pr.forward.key.data);
+    assert!(launches[1..]
+        .iter()
+        .all(|l| l.params.tma == TmaParams::default()));
 }
 
 /// A self-attention problem with a bias of `bias` entries per head.

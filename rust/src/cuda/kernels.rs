@@ -321,8 +321,9 @@ pub struct KernelKey {
     /// and d_key with d_value), take warpgroup products (wgmma) where their target has them
     /// (`wgmma_for`); false for every other source.
     pub wgmma: bool,
-    /// Whether the tensor-core forward's warpgroup variant stages its slabs by bulk tensor copies
-    /// (TMA, sm_90; `tma::takes_bulk_copies`); false for every other variant.
+    /// Whether the warpgroup variant of the tensor-core forward, or of the backward's d_query
+    /// kernel, stages its key and value slabs by bulk tensor copies (TMA, sm_90;
+    /// `tma::takes_bulk_copies`); false for every other variant.
     pub tma: bool,
     /// Whether a tensor-core source's problem guarantees dense, 16-byte aligned rows wherever
     /// it stages them (`FusedProblem::rows_dense`, `Problem::rows_dense`), so that its staging
@@ -436,10 +437,11 @@ impl KernelKey {
         }
     }
 
-    /// Whether this variant of the tensor-core forward of `p` stages its slabs by bulk tensor
-    /// copies: its warpgroup variant where `tma::takes_bulk_copies` allows them.
+    /// Whether this variant of the tensor-core forward or backward of `p` stages its key and
+    /// value slabs by bulk tensor copies (the backward's d_query kernel): its warpgroup variant
+    /// where `tma::takes_bulk_copies` allows them.
     fn takes_bulk_copies(&self, p: &FusedProblem) -> bool {
-        self.source == Source::FusedTc
+        matches!(self.source, Source::FusedTc | Source::FusedBwdTc)
             && self.wgmma
             && self.dense_rows
             && tma::takes_bulk_copies(p, 16 * self.tensor_core_warps())
@@ -670,8 +672,8 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     // 64/64 would only add compile time.
                     if wgmma_applies(source, dims) && dims != (64, 64) {
                         keys.push(KernelKey { wgmma: true, ..key });
-                        // And its bulk tensor copies (the forward's; dense rows only).
-                        if source == Source::FusedTc && key.dense_rows {
+                        // And its bulk tensor copies (dense rows only).
+                        if key.dense_rows {
                             keys.push(KernelKey {
                                 wgmma: true,
                                 tma: true,

@@ -78,6 +78,18 @@ impl Target {
 }
 
 impl Target {
+    /// Encode for the driver the tensor maps `tma` of a launch of variant `key`, planned in the
+    /// host build's encoding: where the variant takes bulk copies on an sm_90 device (elsewhere
+    /// its kernels stage by cp.async and never read them; the host build reads them as planned).
+    fn encode_tensor_maps(self, key: &KernelKey, tma: &mut tma::TmaParams) -> Result<()> {
+        match self {
+            Target::Gpu(device) if key.tma && runtime::device_arch(device)?.number >= 90 => {
+                runtime::encode_tensor_maps(tma)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// `launch` for a planned fused launch; nothing when the plan is empty.
     ///
     /// # Safety
@@ -359,11 +371,8 @@ pub unsafe fn fused_forward(
     unsafe {
         if key.source == Source::FusedTc {
             let mut launch = fused_launch::tensor_core_forward(p, t, out, lse, &key);
-            // (Only sm_90 kernels read the maps: elsewhere the variant stages by cp.async.)
-            if let (Target::Gpu(device), Some(launch), true) = (target, launch.as_mut(), key.tma) {
-                if runtime::device_arch(device)?.number >= 90 {
-                    runtime::encode_tensor_maps(&mut launch.params.tma)?;
-                }
+            if let Some(launch) = launch.as_mut() {
+                target.encode_tensor_maps(&key, &mut launch.params.tma)?;
             }
             target.launch_planned(&key, launch, stream)
         } else {
@@ -388,8 +397,13 @@ pub unsafe fn fused_backward(
 ) -> Result<()> {
     let target = Target::of(p.device)?;
     let tensor_cores = backward_on_tensor_cores(p)?;
-    for launch in fused_launch::backward(p, t, saved, grads, stats, tensor_cores) {
+    let bulk_copies = tensor_cores && KernelKey::for_fused(Source::FusedBwdTc, p).tma;
+    let plan = fused_launch::backward(p, t, saved, grads, stats, (tensor_cores, bulk_copies));
+    for mut launch in plan {
         let key = KernelKey::for_fused(launch.function.source(), p);
+        if launch.function == kernels::Function::FusedBackwardQueryTc {
+            target.encode_tensor_maps(&key, &mut launch.params.tma)?;
+        }
         let shape = (launch.function, launch.config);
         // SAFETY: forwarded contract; the backward kernels take one `NaFusedBwdParams`, which
         // `FusedBackwardParams` mirrors, and run in stream order (stats before their readers).
@@ -449,7 +463,7 @@ pub fn variants(
                     dims,
                     wgmma,
                     // (where asked for, as contiguous tensors would take them)
-                    tma: source == Source::FusedTc && wgmma && tma::requested(),
+                    tma: wgmma && tma::requested(),
                     // (the common layouts; others compile at first use)
                     dense_rows: source.stages_dense_rows(),
                     biased: rpb && source.specialises_bias(),
