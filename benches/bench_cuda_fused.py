@@ -14,7 +14,9 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
     backend (compiled by torch.compile), and natten / fused;
   * on an sm_90 device (unless NATTEN_RS_WGMMA is set already): ``wgmma``, the fused op on
     warpgroup products (NATTEN_RS_WGMMA=1: the forward and the backward's tile kernels), its
-    time and the mma.sync time over it (above 1: the warpgroup products are faster);
+    time and the mma.sync time over it (above 1: the warpgroup products are faster); and
+    ``tma``, the same with bulk tensor copies (NATTEN_RS_TMA=1 too: the forward's and the
+    d_query kernel's slabs), its time and the wgmma time over it (above 1: the copies pay);
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
 
@@ -103,8 +105,11 @@ def fused(p: Problem, q, k, v, rpb):
 
 # Contenders that run under environment variables of their own, forward and backward: "wgmma",
 # the fused op on warpgroup products (NATTEN_RS_WGMMA=1, read at each call; sm_90a: the forward
-# and the backward's tile kernels).
-ENVIRONMENTS = {"wgmma": {"NATTEN_RS_WGMMA": "1"}}
+# and the backward's tile kernels), and "tma", those with bulk tensor copies as well.
+ENVIRONMENTS = {
+    "wgmma": {"NATTEN_RS_WGMMA": "1"},
+    "tma": {"NATTEN_RS_WGMMA": "1", "NATTEN_RS_TMA": "1"},
+}
 
 
 @contextlib.contextmanager
@@ -186,6 +191,8 @@ def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
     ]
     if "wgmma" in times:
         parts.append(f"wgmma {times['wgmma'] * 1e3:9.3f} ms ({ours / times['wgmma']:4.2f}x)")
+    if "tma" in times:
+        parts.append(f"tma {times['tma'] * 1e3:9.3f} ms ({times['wgmma'] / times['tma']:4.2f}x)")
     for name in ("unfused", "natten"):
         if name in times:
             parts.append(f"{name}/natten_rs {times[name] / ours:5.2f}x")
@@ -215,6 +222,7 @@ def main() -> None:
         contenders = {"natten_rs": fused, "sdpa": sdpa}
         if torch.cuda.get_device_capability() == (9, 0) and "NATTEN_RS_WGMMA" not in os.environ:
             contenders["wgmma"] = fused
+            contenders["tma"] = fused
         if p.unfused:
             contenders["unfused"] = unfused
         if natten is not None and not p.rpb:  # NATTEN 0.20 on has no rpb
