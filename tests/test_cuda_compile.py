@@ -305,6 +305,20 @@ def test_precompile_with_head_dims_builds_the_fused_kernels_each_gpu_would_run(c
     assert not any(m.startswith("na_fused_tc") for m in older), older
 
 
+@pytest.mark.parametrize("tma", ["0", "1"])
+def test_precompile_follows_the_warpgroup_and_bulk_copy_switches(tma, cache_dir, monkeypatch):
+    # NATTEN_RS_WGMMA=1 (and NATTEN_RS_TMA=1): the tensor-core forward and backward variants
+    # that problems of contiguous tensors would then take.
+    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+    monkeypatch.setenv("NATTEN_RS_TMA", tma)
+    rows = natten_rs.precompile([(3, 5)], dtypes=[torch.float16], head_dims=[32], arch="sm_90a")
+    fused = {name.rsplit("/", 1)[0] for name, *_ in rows if name.startswith("na_fused_")}
+    tensor_core = {m for m in fused if m.split("[")[0].endswith("_tc")}
+    assert {m.split("[")[0] for m in tensor_core} == {"na_fused_tc", "na_fused_bwd_tc"}, fused
+    ending = ", wgmma, tma]" if tma == "1" else ", wgmma]"
+    assert all(m.endswith(ending) for m in tensor_core), tensor_core
+
+
 def test_precompile_with_rpb_builds_the_tensor_core_kernels_of_biased_problems(cache_dir):
     # The tensor-core variants are specialised by the bias (those without compile no bias path).
     rows = natten_rs.precompile([(3, 5)], dtypes=[torch.bfloat16], head_dims=[32], arch="sm_80",
