@@ -235,9 +235,9 @@ impl TensorRef {
     /// Whether a tensor map (sm_90's bulk tensor copies; cuda/tma.rs) can describe the tensor
     /// with its last two axes merged, innermost first: those two dense together (a unit stride,
     /// the second-to-last stride the last axis's length), every other stride a positive whole
-    /// number of 16 bytes that spans at least the axes inside it (so that the map's strides
-    /// grow outwards, as the driver documents them), and a 16-byte aligned address. Axes of
-    /// one element aside.
+    /// number of 16 bytes, below 2^40, that spans at least the axes inside it (so that the
+    /// map's strides grow outwards, as the driver documents them), and a 16-byte aligned
+    /// address. Axes of one element aside.
     pub fn fits_tensor_maps(&self) -> bool {
         let size = self.element_size();
         let rank = self.shape.len();
@@ -259,7 +259,7 @@ impl TensorRef {
                 return false;
             };
             let bytes = step.saturating_mul(size);
-            if bytes < spanned || !bytes.is_multiple_of(16) {
+            if bytes < spanned || bytes >= 1 << 40 || !bytes.is_multiple_of(16) {
                 return false;
             }
             spanned = bytes.saturating_mul(n);

@@ -130,7 +130,35 @@ fn tensor_maps_take_heads_dense_with_channels_and_strides_growing_outwards() {
     assert!(!laid_out(&shape, vec![640, 64, 16, 1], 0x1008).fits_tensor_maps());
     assert!(!laid_out(&shape, vec![640, -64, 16, 1], 0x1000).fits_tensor_maps());
     assert!(!laid_out(&shape, vec![0, 64, 16, 1], 0x1000).fits_tensor_maps());
+    // A stride past the driver's 2^40 bytes.
+    assert!(!laid_out(&shape, vec![1 << 40, 64, 16, 1], 0x1000).fits_tensor_maps());
     // Axes of one element take any stride.
     let single = [1, 10, 1, 16];
     assert!(laid_out(&single, vec![0, 16, 7, 1], 0x1000).fits_tensor_maps());
+}
+
+#[test]
+fn problems_take_maps_only_where_both_keys_and_values_fit_them() {
+    let shape = [2, 10, 4, 16];
+    let q = laid_out(&shape, vec![640, 64, 16, 1], 0x1000);
+    let heads_apart = laid_out(&shape, vec![640, 16, 160, 1], 0x2000);
+    let nbhd = Neighborhood {
+        kernel: vec![3],
+        stride: vec![1],
+        dilation: vec![1],
+        causal: vec![false],
+    };
+    let with = |value: &TensorRef| {
+        let inputs = FusedInputs {
+            query: Some(&q),
+            key: Some(&q),
+            value: Some(value),
+            ..FusedInputs::default()
+        };
+        FusedProblem::new(&inputs, &nbhd, 1.0)
+            .unwrap()
+            .kv_tensor_maps
+    };
+    assert!(with(&q));
+    assert!(!with(&heads_apart));
 }
