@@ -277,20 +277,28 @@ struct NaRingCopies {
 #if NA_HAS_WGMMA
     // Copy the next item onto its buffer's barrier of `barriers` rather than as a cp.async
     // group (the bulk-copy variants, CHUNK_ROWS = KEYS), every thread arriving on it: a slab of
-    // the box by thread 0's bulk tensor copies (tma.cuh: a box of 8 channels by the slab, its
-    // corner the slab's first position, whose dilation group the element strides keep to), the
+    // the box by bulk tensor copies, one 8-channel chunk per thread of the first warp (tma.cuh:
+    // a box of 8 channels by the slab, its corner the slab's first position, whose dilation
+    // group the element strides keep to), thread 0 announcing their bytes as it arrives; the
     // additional tokens by every thread's cp.async.
     __device__ __forceinline__ void next_onto(const NaFusedParams& f, const NaTmaParams& tma,
                                               NaBarrierRing<STAGES>& barriers,
                                               const NaTcTile& tl, long long b, long long hk,
                                               elem_t* ring) {
         static_assert(CORE_MATRICES && CHUNK_ROWS == KEYS, "bulk copies land chunk-major");
+        static_assert(NA_DIM / 8 <= NA_WARP && NA_DIM_V / 8 <= NA_WARP,
+                      "a chunk per thread of the first warp");
         NaBarrier* const full = &barriers.full[buffer];
         if (left > 0 && !slab.extra) {
+            const bool keys = keys_next();
+            const int channels = keys ? NA_DIM : NA_DIM_V;
             if (threadIdx.x == 0) {
-                copy_slab(f, keys_next() ? tma.key : tma.value, tl, b, hk, ring, full);
+                na_barrier_arrive_expect(full, KEYS * channels * (unsigned)sizeof(elem_t));
             } else {
                 na_barrier_arrive(full);
+            }
+            if ((int)threadIdx.x < channels / 8) {
+                copy_chunk(f, keys ? tma.key : tma.value, channels, tl, b, hk, ring, full);
             }
         } else if (left > 0) {
             stage(f, tl, b, hk, ring);
@@ -302,22 +310,19 @@ struct NaRingCopies {
         advance(tl, f.extra_count);
     }
 
-    // Thread 0's share of next_onto for a slab of the box: announce its bytes on `full`, then
-    // copy its rows 8 channels at a time through `map`.
-    __device__ __forceinline__ void copy_slab(const NaFusedParams& f, const NaTensorMap& map,
-                                              const NaTcTile& tl, long long b, long long hk,
-                                              elem_t* ring, NaBarrier* full) const {
-        const int channels = keys_next() ? NA_DIM : NA_DIM_V;
-        na_barrier_arrive_expect(full, KEYS * channels * (unsigned)sizeof(elem_t));
-        int c[5] = {(int)hk * channels, 0, 0, 0, (int)b};
+    // This thread's share of next_onto for a slab of the box: its 8-channel chunk (of rows of
+    // `channels`), copied through `map` onto `full`.
+    __device__ __forceinline__ void copy_chunk(const NaFusedParams& f, const NaTensorMap& map,
+                                               int channels, const NaTcTile& tl, long long b,
+                                               long long hk, elem_t* ring,
+                                               NaBarrier* full) const {
+        const int chunk = (int)threadIdx.x;
+        int c[5] = {(int)hk * channels + 8 * chunk, 0, 0, 0, (int)b};
 #pragma unroll
         for (int a = 0; a < 3; ++a) {
             c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + slab.origin[a]);
         }
-        elem_t* const to = ring + buffer * BUFFER;
-        for (int chunk = 0; chunk < channels / 8; ++chunk, c[0] += 8) {
-            na_tensor_copy(to + chunk * 8 * CHUNK_ROWS, map, c, full);
-        }
+        na_tensor_copy(ring + buffer * BUFFER + chunk * 8 * CHUNK_ROWS, map, c, full);
     }
 #endif
 
