@@ -477,11 +477,20 @@ inline bool mbarrier_settle(Mbarrier& m) {
     return true;
 }
 
-// An arrival at `m`, announcing `bytes` for its phase. An arrival past the expected count
-// (a phase whose bytes never added up) would corrupt a GPU's barrier: reported as a deadlock.
-inline void mbarrier_arrive(Mbarrier& m, unsigned bytes) {
+// Whether `m` takes an arrival: its last phase, if every arrival is in, completes first. An
+// arrival past the expected count (a phase whose bytes never added up) would corrupt a GPU's
+// barrier: reported as a deadlock.
+inline bool mbarrier_takes_arrival(Mbarrier& m) {
     if (m.arrived == m.expected && !mbarrier_settle(m)) {
         block->deadlock = true;
+        return false;
+    }
+    return true;
+}
+
+// An arrival at `m`, announcing `bytes` for its phase.
+inline void mbarrier_arrive(Mbarrier& m, unsigned bytes) {
+    if (!mbarrier_takes_arrival(m)) {
         return;
     }
     m.owed += bytes;
@@ -495,8 +504,7 @@ inline void mbarrier_arrive(Mbarrier& m, unsigned bytes) {
 // sooner: code may not count on the barrier for them.)
 inline void mbarrier_arrive_after_copies(Mbarrier& m) {
     Fiber& f = block->fibers[block->current];
-    if (m.arrived == m.expected && !mbarrier_settle(m)) {
-        block->deadlock = true;
+    if (!mbarrier_takes_arrival(m)) {
         return;
     }
     unsigned kept = 0;

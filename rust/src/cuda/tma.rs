@@ -19,6 +19,8 @@ const RANK: usize = 5;
 const MAX_STRIDE: u64 = 1 << 40;
 /// Channels per copy: one 16-byte chunk of each row (the rows land chunk-major).
 const CHUNK: usize = 8;
+/// Bytes per element: the copies stage the half types.
+const ELEMENT: u64 = 2;
 
 /// A tensor map's 128 bytes (aligned as CUDA 13's `CUtensorMap`): the driver's encoding on a
 /// GPU, or `MapPlan::host_encoding` on the host build.
@@ -169,7 +171,6 @@ pub fn slab_shift(p: &FusedProblem, rows: usize) -> Option<[u32; 3]> {
 /// of every kv head, the axes from the last, the batch. An axis of one element takes the stride
 /// that packs it (it is never stepped along). `None` where a stride reaches 2^40 bytes.
 pub fn map_of(p: &FusedProblem, v: &View, channels: usize, shift: [u32; 3]) -> Option<MapPlan> {
-    const ELEMENT: u64 = 2;
     let mut plan = MapPlan {
         address: v.data,
         element_bytes: ELEMENT as u32,
@@ -201,13 +202,13 @@ pub fn map_of(p: &FusedProblem, v: &View, channels: usize, shift: [u32; 3]) -> O
         .then_some(plan)
 }
 
-/// Bytes between elements along an axis of `length` elements `stride` apart (2-byte elements),
-/// or `packed` for an axis of one element.
+/// Bytes between elements along an axis of `length` elements `stride` apart, or `packed` for
+/// an axis of one element.
 fn step(length: usize, stride: i64, packed: u64) -> u64 {
     if length <= 1 {
         packed
     } else {
-        stride as u64 * 2
+        stride as u64 * ELEMENT
     }
 }
 
