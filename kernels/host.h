@@ -3,7 +3,8 @@
 // memory. rust/src/cuda/host.rs builds and calls such libraries so that the kernels' logic
 // (indexing, windows, reductions, warp shuffles, block barriers) is tested against the CPU path
 // on machines without a GPU. Timing, the memory model (but for the late completion of cp.async
-// copies, bulk tensor copies and wgmma products) and the driver are not emulated.
+// copies, bulk tensor copies and wgmma products, and the fences the async proxy needs) and the
+// driver are not emulated.
 //
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
@@ -23,7 +24,9 @@
 // C headers only: they parse in a fraction of the time of their C++ counterparts, and every
 // kernel variant is compiled separately.
 #include <math.h>
+#include <stdarg.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -54,6 +57,10 @@ typedef uint3 dim3;
 // Bulk tensor copies this library has issued (na_host::tensor_copy): tests read it to tell that
 // a variant took them. (Each library is one translation unit.)
 NA_HOST_EXPORT unsigned long long na_host_tensor_copies = 0;
+
+// The first rule of the GPU's that a launch broke where the emulation checks it (na_host::fault),
+// empty if none: the launch then returns 2, and host.rs reports this.
+NA_HOST_EXPORT char na_host_fault[512] = {0};
 
 // Launches are serialised by the caller (host.rs), so the launch geometry is global.
 inline uint3 threadIdx;
@@ -217,6 +224,13 @@ inline void prepare(Context& c, char* stack, size_t size, void (*entry)()) {
 }
 #endif
 
+// Numbers of 16-byte chunks of dynamic shared memory (see generic_write).
+struct ChunkList {
+    unsigned* chunks = nullptr;
+    unsigned count = 0;
+    unsigned capacity = 0;
+};
+
 struct Fiber {
     Context context;
     char* stack = nullptr;
@@ -229,6 +243,9 @@ struct Fiber {
     unsigned product_count = 0;
     unsigned product_capacity = 0;
     unsigned long long product_groups = 0;  // wgmma groups this thread has committed
+    bool products_fenced = false;  // a wgmma.fence since this thread's last commit
+    ChunkList unfenced;  // chunks of shared memory its copies wrote since its last proxy fence
+    ChunkList fenced;    // chunks it has fenced since its last block barrier
 };
 
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
@@ -262,6 +279,128 @@ constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kGather = 64;  // bytes a lane contributes to one warp gather, at most
 
+// Record that the launch broke a rule of the GPU's (the first such, in na_host_fault): on a GPU it
+// would read stale data or fault. The launch runs on, as the emulation is still well defined.
+inline void fault(const char* format, ...) {
+    if (na_host_fault[0] != 0) {
+        return;
+    }
+    va_list args;
+    va_start(args, format);
+    vsnprintf(na_host_fault, sizeof na_host_fault, format, args);
+    va_end(args);
+}
+
+// The two proxies of shared memory. Ordinary accesses and cp.async copies go through the generic
+// proxy; wgmma's shared-memory factors and bulk tensor copies through the async proxy, which sees
+// another thread's generic write only once the writer has fenced (fence.proxy.async) and then
+// met the reader at a barrier (its own, right after its fence). Where the kernels take warpgroup
+// products, every 16-byte chunk of dynamic shared memory (where they stage their factors)
+// records the thread whose cp.async copy last wrote it, and whether that thread has fenced
+// since, until the fence is published by the writer's next block barrier; a product that reads
+// such a chunk before is reported. Ordinary stores are not seen (the kernels stage every factor
+// by copies).
+#if defined(NA_WGMMA) && NA_WGMMA
+constexpr bool kTracksProxies = true;
+#else
+constexpr bool kTracksProxies = false;
+#endif
+constexpr unsigned short kFenced = 0x8000;
+// Per chunk: 0, or the writing thread + 1, with kFenced once it has fenced.
+inline unsigned short unfenced_writer[sizeof dynamic_shared / 16];
+
+// The chunks of dynamic shared memory that bytes [dst, dst + size) cover: false if they lie
+// outside it.
+inline bool shared_chunks(const void* dst, size_t size, size_t& first, size_t& end) {
+    const uintptr_t at =
+        reinterpret_cast<uintptr_t>(dst) - reinterpret_cast<uintptr_t>(dynamic_shared);
+    if (!kTracksProxies || at >= sizeof dynamic_shared || size == 0) {
+        return false;
+    }
+    first = at / 16;
+    end = min<size_t>((at + size + 15) / 16, sizeof dynamic_shared / 16);
+    return true;
+}
+
+inline void note_chunk(ChunkList& list, unsigned chunk) {
+    if (list.count == list.capacity) {
+        list.capacity = list.capacity == 0 ? 256 : 2 * list.capacity;
+        list.chunks = static_cast<unsigned*>(realloc(list.chunks, list.capacity * sizeof(unsigned)));
+    }
+    list.chunks[list.count++] = chunk;
+}
+
+// `size` bytes at `dst` written through the generic proxy by thread `writer`'s copy.
+inline void generic_write(const void* dst, size_t size, unsigned writer) {
+    size_t first, end;
+    if (!shared_chunks(dst, size, first, end)) {
+        return;
+    }
+    for (size_t c = first; c < end; ++c) {
+        if (unfenced_writer[c] != writer + 1) {
+            unfenced_writer[c] = (unsigned short)(writer + 1);
+            note_chunk(block->fibers[writer].unfenced, (unsigned)c);
+        }
+    }
+}
+
+// `size` bytes at `dst` written through the async proxy (a bulk tensor copy).
+inline void async_write(const void* dst, size_t size) {
+    size_t first, end;
+    if (shared_chunks(dst, size, first, end)) {
+        memset(&unfenced_writer[first], 0, (end - first) * sizeof unfenced_writer[0]);
+    }
+}
+
+// fence.proxy.async by the running thread: its copies' writes so far are the async proxy's to
+// read, its own products' at once, others' after its next barrier.
+inline void proxy_fence() {
+    const unsigned me = block->current;
+    Fiber& f = block->fibers[me];
+    for (unsigned i = 0; i < f.unfenced.count; ++i) {
+        const unsigned c = f.unfenced.chunks[i];
+        if (unfenced_writer[c] == me + 1) {
+            unfenced_writer[c] |= kFenced;
+            note_chunk(f.fenced, c);
+        }
+    }
+    f.unfenced.count = 0;
+}
+
+// The running thread arrives at a block barrier: writes it has fenced are published.
+inline void publish_fenced() {
+    const unsigned me = block->current;
+    Fiber& f = block->fibers[me];
+    for (unsigned i = 0; i < f.fenced.count; ++i) {
+        const unsigned c = f.fenced.chunks[i];
+        if (unfenced_writer[c] == ((me + 1) | kFenced)) {
+            unfenced_writer[c] = 0;
+        }
+    }
+    f.fenced.count = 0;
+}
+
+// The async proxy reads `size` bytes at `src` for the running thread's `reader`.
+inline void async_read(const void* src, size_t size, const char* reader) {
+    size_t first, end;
+    if (!shared_chunks(src, size, first, end)) {
+        return;
+    }
+    const unsigned me = block->current;
+    for (size_t c = first; c < end; ++c) {
+        const unsigned v = unfenced_writer[c], writer = (v & ~kFenced) - 1u;
+        if (v == 0 || v == ((me + 1) | kFenced)) {
+            continue;
+        }
+        fault("%s (thread %u) reads byte %zu of the dynamic shared memory, which thread %u's "
+              "cp.async copy wrote, %s",
+              reader, me, 16 * c, writer,
+              v & kFenced ? "fenced (fence.proxy.async) but with no barrier since"
+                          : "with no fence.proxy.async since");
+        return;
+    }
+}
+
 // Back to the scheduler until `barrier` has moved past `phase`.
 inline void wait(Barrier& barrier, unsigned long long phase) {
     while (barrier.phase == phase && !block->deadlock) {
@@ -270,6 +409,7 @@ inline void wait(Barrier& barrier, unsigned long long phase) {
 }
 
 inline void sync_block() {
+    publish_fenced();
     const unsigned long long phase = block->sync.phase;
     block->sync.arrive();
     wait(block->sync, phase);
@@ -312,11 +452,17 @@ inline void copy_async(void* dst, const void* src, unsigned size = 16) {
     memset(dst, 0xff, size);
 }
 
+// Complete copy `c` of the running thread's.
+inline void land(const PendingCopy& c) {
+    memcpy(c.dst, c.bytes, c.size);
+    generic_write(c.dst, c.size, block->current);
+}
+
 // Complete every copy this thread has issued.
 inline void wait_copies() {
     Fiber& f = block->fibers[block->current];
     for (unsigned i = 0; i < f.pending; ++i) {
-        memcpy(f.copies[i].dst, f.copies[i].bytes, f.copies[i].size);
+        land(f.copies[i]);
     }
     f.pending = 0;
 }
@@ -331,7 +477,7 @@ inline void wait_copy_groups(unsigned long long newest) {
     unsigned kept = 0;
     for (unsigned i = 0; i < f.pending; ++i) {
         if (f.copies[i].group + newest < f.committed) {
-            memcpy(f.copies[i].dst, f.copies[i].bytes, f.copies[i].size);
+            land(f.copies[i]);
         } else {
             f.copies[kept++] = f.copies[i];
         }
@@ -347,6 +493,11 @@ constexpr unsigned kPendingBits = 0x7f80dad0u;
 
 inline void issue_product(const PendingProduct& product) {
     Fiber& f = block->fibers[block->current];
+    if (!f.products_fenced) {
+        fault("thread %u issues a wgmma with no wgmma.fence since its last commit (a product "
+              "may not see its registers' latest values)",
+              block->current);
+    }
     if (f.product_count == f.product_capacity) {
         f.product_capacity = f.product_capacity == 0 ? 16 : 2 * f.product_capacity;
         f.products = static_cast<PendingProduct*>(
@@ -367,8 +518,17 @@ inline void issue_product(const PendingProduct& product) {
     f.product_count++;
 }
 
+// wgmma.fence: the running thread's register writes so far are the next products' to read. The
+// PTX ISA asks for it before a product whose accumulators or A fragments other instructions
+// touched; the kernels fence before each group they issue, and the emulation holds them to it.
+inline void fence_products() { block->fibers[block->current].products_fenced = true; }
+
 // Close this thread's group of products (wgmma.commit_group).
-inline void commit_products() { block->fibers[block->current].product_groups++; }
+inline void commit_products() {
+    Fiber& f = block->fibers[block->current];
+    f.product_groups++;
+    f.products_fenced = false;
+}
 
 // Complete `p`: its output goes to the next pending product on the same accumulators, or, where
 // none follows, to the accumulators themselves (NaNs where they were written meanwhile).
@@ -414,6 +574,7 @@ struct BulkCopy {
     void* dst;
     unsigned char* bytes;  // what lands (malloc'd)
     size_t size;
+    int writer;  // the thread whose cp.async copy it is, or -1 (a bulk tensor copy)
 };
 
 struct Mbarrier {
@@ -439,8 +600,9 @@ inline void mbarrier_init(Mbarrier& m, unsigned count) {
     m = Mbarrier{count, 0, 0, 0, nullptr, 0, 0};
 }
 
-// Hold `size` bytes (from `src`, or zeros) for `dst`, landing when `m`'s phase completes.
-inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size) {
+// Hold `size` bytes (from `src`, or zeros) for `dst`, landing when `m`'s phase completes: a
+// bulk tensor copy's, or (`writer`) a thread's cp.async copy's.
+inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size, int writer = -1) {
     if (m.pending == m.capacity) {
         m.capacity = m.capacity == 0 ? 16 : 2 * m.capacity;
         m.copies = static_cast<BulkCopy*>(realloc(m.copies, m.capacity * sizeof(BulkCopy)));
@@ -448,6 +610,7 @@ inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size) 
     BulkCopy& c = m.copies[m.pending++];
     c.dst = dst;
     c.size = size;
+    c.writer = writer;
     c.bytes = static_cast<unsigned char*>(malloc(size));
     if (src != nullptr) {
         memcpy(c.bytes, src, size);
@@ -464,8 +627,14 @@ inline bool mbarrier_settle(Mbarrier& m) {
         return false;
     }
     for (unsigned i = 0; i < m.pending; ++i) {
-        memcpy(m.copies[i].dst, m.copies[i].bytes, m.copies[i].size);
-        m.owed -= (long long)m.copies[i].size;
+        const BulkCopy& c = m.copies[i];
+        memcpy(c.dst, c.bytes, c.size);
+        if (c.writer < 0) {
+            async_write(c.dst, c.size);
+        } else {
+            generic_write(c.dst, c.size, (unsigned)c.writer);
+        }
+        m.owed -= (long long)c.size;
     }
     mbarrier_drop_copies(m);
     if (m.owed != 0) {
@@ -511,7 +680,7 @@ inline void mbarrier_arrive_after_copies(Mbarrier& m) {
     for (unsigned i = 0; i < f.pending; ++i) {
         PendingCopy& c = f.copies[i];
         if (c.group == f.committed) {
-            mbarrier_hold(m, c.dst, c.bytes, c.size);
+            mbarrier_hold(m, c.dst, c.bytes, c.size, (int)block->current);
             m.owed += c.size;  // (the copy's own bytes, owed and landed together)
         } else {
             f.copies[kept++] = c;
@@ -552,6 +721,10 @@ inline void tensor_copy(void* dst, const void* map_bytes, const int c[5], Mbarri
     HostTensorMap map;
     memcpy(&map, map_bytes, sizeof map);
     na_host_tensor_copies++;
+    if (reinterpret_cast<uintptr_t>(dst) % 128 != 0) {
+        fault("a bulk tensor copy (thread %u) lands at shared address %p, not 128-byte aligned",
+              block->current, dst);
+    }
     unsigned long long count[5] = {1, 1, 1, 1, 1};
     unsigned long long total = map.element_bytes;
     for (unsigned d = 0; d < map.rank; ++d) {
@@ -659,8 +832,12 @@ inline bool run_block(Block& b) {
         f.committed = 0;
         f.product_count = 0;  // nor do products
         f.product_groups = 0;
+        f.products_fenced = false;
+        f.unfenced.count = 0;
+        f.fenced.count = 0;
         prepare(f.context, f.stack, kStack, run_thread);
     }
+    memset(unfenced_writer, 0, sizeof unfenced_writer);
     unsigned live = threads;
     while (live > 0) {
         const unsigned long long before = progress(b);
@@ -694,7 +871,8 @@ inline bool run_block(Block& b) {
 }
 
 // Run kernel `body` over a grid of `grid` blocks of `bx` x `by` threads, in reversed turns where
-// `reversed` (Block::reversed). Returns 0, or 1 when a block deadlocked.
+// `reversed` (Block::reversed). Returns 0; 1 when a block deadlocked; 2 when the launch broke a
+// rule the emulation checks (na_host_fault says which).
 inline int launch(void (*body)(const void*), const void* params, unsigned grid, unsigned bx,
                   unsigned by, unsigned reversed) {
     Block b;
@@ -713,16 +891,22 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     gridDim = {grid, 1, 1};
     blockDim = {bx, by, 1};
     block = &b;
+    na_host_fault[0] = 0;
     int status = 0;
     for (unsigned g = 0; g < grid && status == 0; ++g) {
         blockIdx = {g, 0, 0};
         status = run_block(b) ? 0 : 1;
+    }
+    if (status == 0 && na_host_fault[0] != 0) {
+        status = 2;
     }
     block = nullptr;
     for (unsigned t = 0; t < b.threads; ++t) {
         free(b.fibers[t].stack);
         free(b.fibers[t].copies);
         free(b.fibers[t].products);
+        free(b.fibers[t].unfenced.chunks);
+        free(b.fibers[t].fenced.chunks);
     }
     delete[] b.fibers;
     delete[] b.warps;
@@ -746,6 +930,7 @@ inline int __syncthreads_count(int predicate) {
         count = 0;
     }
     count += predicate != 0;
+    na_host::publish_fenced();
     b.sync.arrive();
     na_host::wait(b.sync, phase);
     return count;

@@ -226,10 +226,33 @@ inline void na_host_wgmma_multiply(const na_host::PendingProduct& p, float* out)
     }
 }
 
+// Check what a GPU demands of a factor of 16 x N in shared memory (`what`: which) as its
+// descriptor gives it: a start address and offsets in whole 16-byte units (the descriptor keeps
+// bits 4-17: it would drop the rest), and rows written by copies that the async proxy may read
+// (na_host::async_read).
+template <int N, int TRANSPOSE_B>
+inline void na_host_check_factor(const NaSmemMatrix& m, const char* what) {
+    const unsigned char* const start = reinterpret_cast<const unsigned char*>(m.base) + m.offset;
+    if (reinterpret_cast<uintptr_t>(start) % 16 != 0 || m.leading % 16 != 0 ||
+        m.stride % 16 != 0) {
+        na_host::fault("%s (thread %u): descriptor start %p, leading %u, stride %u bytes, "
+                       "not all multiples of 16",
+                       what, threadIdx.x, static_cast<const void*>(start), m.leading, m.stride);
+        return;
+    }
+    // Its 16-byte rows: 8 k (K-major) or 8 n (N-major) each.
+    for (int k = 0; k < 16; k += TRANSPOSE_B ? 1 : 8) {
+        for (int n = 0; n < N; n += TRANSPOSE_B ? 8 : 1) {
+            na_host::async_read(start + na_host_matrix_offset<TRANSPOSE_B>(m, k, n), 16, what);
+        }
+    }
+}
+
 // A pending product of this lane's: accumulators `d`, B `b` (read at completion).
 template <int N, int TRANSPOSE_B>
 inline na_host::PendingProduct na_host_product(float* d, const NaSmemMatrix& b, int accumulate) {
     static_assert(N / 2 <= 64, "a pending product holds 64 accumulators");
+    na_host_check_factor<N, TRANSPOSE_B>(b, "wgmma's B");
     na_host::PendingProduct p;
     p.d = d;
     p.count = N / 2;
@@ -270,6 +293,7 @@ template <int N, int TRANSPOSE_B>
 inline void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a, const NaSmemMatrix& b,
                         int accumulate) {
     na_host::sync_warpgroup();
+    na_host_check_factor<64, 0>(a, "wgmma's A");
     na_host::PendingProduct p = na_host_product<N, TRANSPOSE_B>(d, b, accumulate);
     p.a_smem = reinterpret_cast<const unsigned char*>(a.base) + a.offset;
     p.a_leading = a.leading;
@@ -278,13 +302,13 @@ inline void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a, const NaSmemMatri
     na_host::issue_product(p);
 }
 
-inline void na_wgmma_fence() {}
+inline void na_wgmma_fence() { na_host::fence_products(); }
 inline void na_wgmma_commit() { na_host::commit_products(); }
 template <int PENDING>
 inline void na_wgmma_wait() {
     na_host::wait_product_groups(PENDING);
 }
-inline void na_async_proxy_fence() {}
+inline void na_async_proxy_fence() { na_host::proxy_fence(); }
 #else
 #define NA_WGMMA_D8(i)                                                                      \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \

@@ -231,18 +231,34 @@ pub unsafe fn run<P: Copy>(
     // SAFETY: forwarded contract; the lock serialises launches, whose geometry the library
     // keeps in globals.
     let status = unsafe { call(library, &symbol, config, &params, host.reversed)? };
-    if status != 0 {
-        return Err(Error::Kernel {
-            message: format!(
-                "host kernels: {} of {} deadlocked (a barrier or shuffle that some live \
-                 thread never reaches, or a copy barrier whose bytes never add up)",
-                function.symbol(),
-                key.name()
-            ),
-            log: String::new(),
-        });
+    let what = match status {
+        0 => return Ok(()),
+        1 => "deadlocked (a barrier or shuffle that some live thread never reaches, or a copy \
+              barrier whose bytes never add up)"
+            .to_string(),
+        _ => format!("broke a rule of the GPU's: {}", fault(library)),
+    };
+    Err(Error::Kernel {
+        message: format!(
+            "host kernels: {} of {} {what}",
+            function.symbol(),
+            key.name()
+        ),
+        log: String::new(),
+    })
+}
+
+/// What the last launch of `library` broke (host.h's `na_host_fault`).
+fn fault(library: &libloading::Library) -> String {
+    // SAFETY: host.h defines `char na_host_fault[512]`, NUL-terminated (vsnprintf, or zeroed).
+    unsafe {
+        match library.get::<*const std::ffi::c_char>(b"na_host_fault\0") {
+            Ok(symbol) => std::ffi::CStr::from_ptr(*symbol)
+                .to_string_lossy()
+                .into_owned(),
+            Err(e) => format!("(unreadable: {e})"),
+        }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -310,6 +326,10 @@ NA_HOST_ENTRY(divergent, P)
 NA_HOST_ENTRY(unsynchronised, P)
 "#;
 
+    /// Launches of a library share its globals (host.h's block, shared memory): the tests,
+    /// which run on several threads, take turns as `run` does.
+    static LAUNCHES: Mutex<()> = Mutex::new(());
+
     fn library() -> Option<libloading::Library> {
         if Command::new("c++").arg("--version").output().is_err() {
             eprintln!("no C++ compiler: skipped");
@@ -337,6 +357,7 @@ NA_HOST_ENTRY(unsynchronised, P)
         };
         let params = out.as_mut_ptr();
         let symbol = format!("na_host_{kernel}");
+        let _serial = super::super::lock(&LAUNCHES);
         // SAFETY: the kernels take `struct P { float* out; }` and write within `grid * 64`
         // floats.
         unsafe { call(library, &symbol, config, &params, reversed) }.unwrap()
@@ -374,6 +395,138 @@ NA_HOST_ENTRY(unsynchronised, P)
             assert_eq!(status, 0);
             assert!(out.iter().enumerate().all(|(i, &x)| x == (63 - i) as f32));
         }
+    }
+
+    /// A warpgroup product (wgmma) of A, every element 1, with a 16 x 8 B (K-major, two core
+    /// matrices along K) that the block stages into dynamic shared memory from `w.b` (n-major
+    /// rows of 16 k), by `w.mode`:
+    ///   0  cp.async copies of the first 16 threads, each fencing for the async proxy before the
+    ///      block barrier that publishes them;
+    ///   1  the same copies, not fenced;
+    ///   2  the same copies, fenced after the barrier;
+    ///   3  as 0, but the descriptor's start 8 bytes off;
+    ///   4  two bulk tensor copies of thread 0 (async proxy writes: no fence needed);
+    ///   5  as 4, but landing 16 bytes past a 128-byte boundary;
+    ///   6  as 4, but with no wgmma.fence before the product.
+    const PROXIES: &str = r#"
+#include "host.h"
+#include "tensor_core.cuh"
+struct W {
+    float* out;
+    const elem_t* b;
+    int mode;
+};
+extern "C" __global__ void proxies(const W w) {
+    elem_t* const b = reinterpret_cast<elem_t*>(na_dynamic_shared());
+    const unsigned t = threadIdx.x;
+    if (w.mode <= 3 && t < 16) {  // row n = t % 8 of core matrix t / 8 (k 8 (t / 8) ..)
+        na_host::copy_async(b + 64 * (t / 8) + 8 * (t % 8), w.b + 16 * (t % 8) + 8 * (t / 8));
+        na_host::wait_copies();
+    }
+    if (w.mode >= 4 && t == 0) {
+        // B as a 2-d tensor (16 k, 8 n); a box of 8 k by 8 n is one core matrix.
+        na_host::HostTensorMap map = {};
+        map.address = reinterpret_cast<unsigned long long>(w.b);
+        map.dims[0] = 16;
+        map.dims[1] = 8;
+        map.strides[0] = 32;
+        map.box[0] = map.box[1] = 8;
+        map.element_strides[0] = map.element_strides[1] = 1;
+        map.element_bytes = 2;
+        map.rank = 2;
+        static na_host::Mbarrier full;
+        na_host::mbarrier_init(full, 1);
+        na_host::mbarrier_arrive(full, 256);
+        for (int chunk = 0; chunk < 2; ++chunk) {
+            const int c[5] = {8 * chunk, 0, 0, 0, 0};
+            na_host::tensor_copy(b + 64 * chunk + (w.mode == 5 ? 8 : 0), &map, c, full);
+        }
+        na_host::mbarrier_wait(full, 0);
+    }
+    if (w.mode == 0 || w.mode == 3) {
+        na_async_proxy_fence();
+    }
+    __syncthreads();
+    if (w.mode == 2) {
+        na_async_proxy_fence();
+    }
+    const unsigned one = from_acc(1.0f);
+    const unsigned a[4] = {one | one << 16, one | one << 16, one | one << 16, one | one << 16};
+    const NaSmemMatrix m = {b, w.mode == 3 ? 8u : 0u, 128, 256};
+    float d[4] = {0, 0, 0, 0};
+    if (w.mode != 6) {
+        na_wgmma_fence();
+    }
+    na_wgmma<8, 0>(d, a, m, 0);
+    na_wgmma_commit();
+    na_wgmma_wait<0>();
+    for (int i = 0; i < 4; ++i) {
+        w.out[4 * t + i] = d[i];
+    }
+}
+NA_HOST_ENTRY(proxies, W)
+"#;
+
+    /// Launch PROXIES in `mode` over B (element (k, n) = k + 16 n); the status and the sums
+    /// of B's columns 0 and 1 thread 0 got.
+    fn launch_proxies(mode: i32) -> Option<(i32, [f32; 2])> {
+        if Command::new("c++").arg("--version").output().is_err() {
+            eprintln!("no C++ compiler: skipped");
+            return None;
+        }
+        let key = crate::cuda::kernels::representative_keys()
+            .into_iter()
+            .find(|k| k.wgmma && k.dtype == crate::dlpack::DType::F16)
+            .expect("a warpgroup variant");
+        let dir = std::env::temp_dir().join(format!("natten_rs_host_{}", std::process::id()));
+        let files: Vec<_> = [HOST_HEADER].into_iter().chain(HEADERS).collect();
+        let path = compile(&dir, "c++", &files, PROXIES, &key.defines()).expect("compiles");
+        let library = open(&path).expect("the library opens");
+        let b: Vec<u16> = (0..8)
+            .flat_map(|n| (0..16).map(move |k| half::f16::from_f32((k + 16 * n) as f32).to_bits()))
+            .collect();
+        let mut out = vec![0.0f32; 4 * 128];
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct W {
+            out: *mut f32,
+            b: *const u16,
+            mode: i32,
+        }
+        let params = W {
+            out: out.as_mut_ptr(),
+            b: b.as_ptr(),
+            mode,
+        };
+        let config = Config {
+            grid: 1,
+            block: (128, 1),
+        };
+        // SAFETY: W mirrors the kernel's struct; it reads 128 elements of `b` and writes 4 floats
+        // per thread of `out`.
+        let _serial = super::super::lock(&LAUNCHES);
+        let status = unsafe { call(&library, "na_host_proxies", config, &params, false) }.unwrap();
+        if status == 2 {
+            eprintln!("mode {mode}: {}", fault(&library));
+        }
+        Some((status, [out[0], out[1]]))
+    }
+
+    #[test]
+    fn products_read_copies_only_after_fences_and_a_barrier() {
+        // Column n of B sums to 120 + 256 n.
+        let Some(fenced) = launch_proxies(0) else {
+            return;
+        };
+        assert_eq!(fenced, (0, [120.0, 376.0]));
+        for mode in [1, 2, 3, 5, 6] {
+            assert_eq!(
+                launch_proxies(mode).unwrap().0,
+                2,
+                "mode {mode} is reported"
+            );
+        }
+        assert_eq!(launch_proxies(4).unwrap(), (0, [120.0, 376.0]));
     }
 
     #[test]
