@@ -433,9 +433,14 @@ inline void sync_warpgroup() {
 // cp.async on the host: a copy completes as late as the GPU allows, at the issuing thread's
 // next wait, and its destination reads as all ones (a NaN in either half type) until then, so a
 // read that comes before its wait (or, from another thread, before the barrier after that wait)
-// sees NaNs instead of passing by luck. `src` null brings zeros. Copies take 16 bytes, or `size`.
+// sees NaNs instead of passing by luck. `src` null brings zeros. Copies take 16 bytes, or `size`,
+// both addresses aligned to it.
 inline void copy_async(void* dst, const void* src, unsigned size = 16) {
     Fiber& f = block->fibers[block->current];
+    if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0) {
+        fault("a cp.async copy of %u bytes (thread %u) from %p to %p, not both %u-byte aligned",
+              size, block->current, src, dst, size);
+    }
     if (f.pending == f.capacity) {
         f.capacity = f.capacity == 0 ? 64 : 2 * f.capacity;
         f.copies = static_cast<PendingCopy*>(realloc(f.copies, f.capacity * sizeof(PendingCopy)));

@@ -86,6 +86,17 @@ __device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[
     }
 }
 
+// ldmatrix's rows, given by the first `lanes` lanes: each 16 bytes, 16-byte aligned.
+inline void na_host_check_rows(const elem_t* const rows[32], int lanes) {
+    for (int i = 0; i < lanes; ++i) {
+        if (reinterpret_cast<uintptr_t>(rows[i]) % 16 != 0) {
+            na_host::fault("ldmatrix (thread %u): lane %d's row at %p is not 16-byte aligned",
+                           threadIdx.x, i, static_cast<const void*>(rows[i]));
+            return;
+        }
+    }
+}
+
 // The B fragment of 16 rows of 8 elements in shared memory read as their transpose (the rows of
 // a product's second factor stored row-major, as a slab's value rows are): b[0] = rows 2t, 2t+1
 // and b[1] = rows 2t+8, 2t+9, element g of each. Lane i < 16 passes the address of row i
@@ -93,6 +104,7 @@ __device__ inline void na_mma(float c[4], const unsigned a[4], const unsigned b[
 __device__ inline void na_load_b_transposed(unsigned b[2], NaShared row) {
     const elem_t* rows[32];
     na_host::warp_gather(&row, sizeof row, rows);
+    na_host_check_rows(rows, 16);
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     for (int m = 0; m < 2; ++m) {
         b[m] = na_pack(rows[8 * m + 2 * t][g], rows[8 * m + 2 * t + 1][g]);
@@ -106,6 +118,7 @@ __device__ inline void na_load_b_transposed(unsigned b[2], NaShared row) {
 __device__ inline void na_load_b_pairs(unsigned b[4], NaShared at) {
     const elem_t* rows[32];
     na_host::warp_gather(&at, sizeof at, rows);
+    na_host_check_rows(rows, 32);
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     for (int j = 0; j < 4; ++j) {
         b[j] = na_pack(rows[8 * j + g][2 * t], rows[8 * j + g][2 * t + 1]);

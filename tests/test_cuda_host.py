@@ -580,12 +580,13 @@ print(cuda_workload.run(torch.device("cpu")))
 def test_the_sanitizer_workload_reads_and_writes_only_its_memory(tmp_path):
     # The memory check of the GPU's compute-sanitizer, on the host: the workload's kernels built
     # with AddressSanitizer, which stops at the first read or write past a tensor (heap), past a
-    # shared array (the kernels' statics) or of freed memory, and names the kernel. (Stack
-    # checks are off: the host's threads are fibers on stacks of their own.)
+    # shared array (the kernels' statics) or of freed memory, and names the kernel (stack checks
+    # are off: the host's threads are fibers on stacks of their own); and with the alignment
+    # check, which stops at a typed read or write of an address its type's alignment does not
+    # divide (a GPU faults there; the host's CPU would not).
     compiler = tmp_path / "asan-c++"
-    compiler.write_text(
-        '#!/bin/sh\nexec c++ -fsanitize=address -fno-omit-frame-pointer --param asan-stack=0 "$@"\n'
-    )
+    flags = "-fsanitize=address,alignment -fno-sanitize-recover=alignment -fno-omit-frame-pointer"
+    compiler.write_text(f'#!/bin/sh\nexec c++ {flags} --param asan-stack=0 "$@"\n')
     compiler.chmod(0o755)
     env = {
         **os.environ,
@@ -598,6 +599,7 @@ def test_the_sanitizer_workload_reads_and_writes_only_its_memory(tmp_path):
         env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert "AddressSanitizer" not in run.stderr, run.stderr[-6000:]
+    assert "runtime error" not in run.stderr, run.stderr[-6000:]
     assert run.returncode == 0, run.stderr[-6000:]
     import cuda_workload
 
