@@ -227,7 +227,7 @@ static_assert(sizeof(NaFusedParams) == 8 * 56 + 10 * 8 + 8 + 2 * 4,
 
 // A tensor map: the driver's 128 opaque bytes on a GPU (aligned as CUDA 13's CUtensorMap),
 // passed in the kernel's parameter block (which must then be __grid_constant__), or on the host
-// build the plain record host.h reads.
+// build the plain record host_async.h reads.
 struct __align__(128) NaTensorMap {
     unsigned long long words[16];
 };

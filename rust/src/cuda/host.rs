@@ -17,8 +17,18 @@ use super::kernels::{Function, KernelKey, HEADERS};
 use super::launch::Config;
 use crate::error::{Error, Result};
 
-/// `kernels/host.h`: the CUDA built-ins for a host compiler.
-const HOST_HEADER: (&str, &str) = ("host.h", include_str!("../../../kernels/host.h"));
+/// `kernels/host.h`, the CUDA built-ins for a host compiler, and the headers it includes.
+const HOST_HEADERS: [(&str, &str); 3] = [
+    ("host.h", include_str!("../../../kernels/host.h")),
+    (
+        "host_threads.h",
+        include_str!("../../../kernels/host_threads.h"),
+    ),
+    (
+        "host_async.h",
+        include_str!("../../../kernels/host_async.h"),
+    ),
+];
 
 /// `extern "C" int na_host_<kernel>(const void* params, unsigned grid, unsigned bx, unsigned by)`.
 type Entry = unsafe extern "C" fn(*const c_void, u32, u32, u32, u32) -> i32;
@@ -71,7 +81,7 @@ pub fn enabled() -> bool {
 fn unit(key: &KernelKey) -> String {
     let mut text = format!(
         "#include \"{}\"\n#include \"{}\"\n",
-        HOST_HEADER.0,
+        HOST_HEADERS[0].0,
         key.source.file_name()
     );
     for f in key.source.functions() {
@@ -91,7 +101,7 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// Compile `key` into a library under `dir`; its path.
 fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
     let source = (key.source.file_name(), key.source.text());
-    let files: Vec<_> = [HOST_HEADER]
+    let files: Vec<_> = HOST_HEADERS
         .into_iter()
         .chain(HEADERS)
         .chain([source])
@@ -336,7 +346,7 @@ NA_HOST_ENTRY(unsynchronised, P)
             return None;
         }
         let dir = std::env::temp_dir().join(format!("natten_rs_host_{}", std::process::id()));
-        let path = compile(&dir, "c++", &[HOST_HEADER], UNIT, &[]).expect("the unit compiles");
+        let path = compile(&dir, "c++", &HOST_HEADERS, UNIT, &[]).expect("the unit compiles");
         Some(open(&path).expect("the library opens"))
     }
 
@@ -479,7 +489,7 @@ NA_HOST_ENTRY(proxies, W)
             .find(|k| k.wgmma && k.dtype == crate::dlpack::DType::F16)
             .expect("a warpgroup variant");
         let dir = std::env::temp_dir().join(format!("natten_rs_host_{}", std::process::id()));
-        let files: Vec<_> = [HOST_HEADER].into_iter().chain(HEADERS).collect();
+        let files: Vec<_> = HOST_HEADERS.into_iter().chain(HEADERS).collect();
         let path = compile(&dir, "c++", &files, PROXIES, &key.defines()).expect("compiles");
         let library = open(&path).expect("the library opens");
         let b: Vec<u16> = (0..8)

@@ -51,7 +51,7 @@ const _: () = assert!(std::mem::size_of::<TmaParams>() == 3 * 128);
 
 /// What a tensor map describes (cuTensorMapEncodeTiled's arguments, 2-byte elements, no
 /// interleave or swizzle, zeros outside the tensor); laid out as the host build reads it
-/// (host.h, `HostTensorMap`).
+/// (host_async.h, `HostTensorMap`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapPlan {
