@@ -216,6 +216,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     b.warpgroups = new Barrier[(b.threads + kWarpgroup - 1) / kWarpgroup];
     b.lanes = new unsigned long long[2 * b.threads]();
     b.wide = new unsigned char[2 * b.threads * kGather]();
+    b.agree = new unsigned char[2 * b.threads * kAgree]();
     for (unsigned t = 0; t < b.threads; ++t) {
         b.fibers[t].stack = static_cast<char*>(malloc(kStack));
     }
@@ -244,6 +245,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     delete[] b.warpgroups;
     delete[] b.lanes;
     delete[] b.wide;
+    delete[] b.agree;
     return status;
 }
 

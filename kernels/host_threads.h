@@ -160,6 +160,7 @@ struct Block {
     Barrier* warpgroups = nullptr;
     unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
+    unsigned char* agree = nullptr;       // two banks of one warpgroup slot per thread
     unsigned current = 0;
     int count[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_count's predicates
     unsigned long long arrivals = 0;  // at copy barriers (Mbarrier), counted as progress
@@ -178,6 +179,7 @@ constexpr unsigned kWarp = 32;
 constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kGather = 64;  // bytes a lane contributes to one warp gather, at most
+constexpr size_t kAgree = 64;   // bytes a thread offers sync_warpgroup_agreeing, at most
 
 // Record that the launch broke a rule of the GPU's (the first such, in na_host_fault): on a GPU it
 // would read stale data or fault. The launch runs on, as the emulation is still well defined.
@@ -205,12 +207,19 @@ inline void sync_warp() {
     wait(warp, phase);
 }
 
-// A barrier of the running thread's warpgroup (the warpgroup-wide instructions' .sync.aligned).
-inline void sync_warpgroup() {
-    Barrier& group = block->warpgroups[block->current / kWarpgroup];
+// A barrier of the running thread's warpgroup (the warpgroup-wide instructions' .sync.aligned),
+// at which each thread offers `bytes` (at most kAgree) of its operands: whether they are those of
+// the warpgroup's first thread. Banks alternate by barrier phase, as for `exchange`.
+inline bool sync_warpgroup_agreeing(const void* mine, size_t bytes) {
+    const unsigned t = block->current;
+    Barrier& group = block->warpgroups[t / kWarpgroup];
     const unsigned long long phase = group.phase;
+    unsigned char* bank = block->agree + (phase % 2) * block->threads * kAgree;
+    memcpy(bank + t * kAgree, mine, bytes);
     group.arrive();
     wait(group, phase);
+    const unsigned first = t / kWarpgroup * kWarpgroup;
+    return memcmp(bank + t * kAgree, bank + first * kAgree, bytes) == 0;
 }
 
 // One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between

@@ -279,13 +279,42 @@ inline na_host::PendingProduct na_host_product(float* d, const NaSmemMatrix& b, 
     return p;
 }
 
-// d = A B (+ d where `accumulate`), completing at na_wgmma_wait (na_host::issue_product). The
-// warpgroup meets first, as the instruction's .sync.aligned asks: a warp that skips a product its
-// warpgroup takes leaves the others waiting, which the emulation reports as a deadlock. A is
-// read now, every lane's fragment gathered.
+// The warpgroup meets for a product, as the instruction's .sync.aligned asks: a warp that skips a
+// product its warpgroup takes leaves the others waiting, which the emulation reports as a
+// deadlock. One instruction, it takes one shape, descriptors (A's, where `a` is given, and B's)
+// and accumulate flag: every thread must give those of the warpgroup's first.
+template <int N, int TRANSPOSE_B>
+inline void na_host_meet(const NaSmemMatrix* a, const NaSmemMatrix& b, int accumulate) {
+    struct Operands {
+        const void* a_start;
+        const void* b_start;
+        unsigned a_leading, a_stride, b_leading, b_stride;
+        int n, transpose, accumulate;
+    } mine;
+    memset(&mine, 0, sizeof mine);  // (padding compared too)
+    if (a != nullptr) {
+        mine.a_start = reinterpret_cast<const unsigned char*>(a->base) + a->offset;
+        mine.a_leading = a->leading;
+        mine.a_stride = a->stride;
+    }
+    mine.b_start = reinterpret_cast<const unsigned char*>(b.base) + b.offset;
+    mine.b_leading = b.leading;
+    mine.b_stride = b.stride;
+    mine.n = N;
+    mine.transpose = TRANSPOSE_B;
+    mine.accumulate = accumulate != 0;
+    if (!na_host::sync_warpgroup_agreeing(&mine, sizeof mine)) {
+        na_host::fault("wgmma (thread %u): its shape, descriptors or accumulate flag differ from "
+                       "those of its warpgroup's first thread",
+                       threadIdx.x);
+    }
+}
+
+// d = A B (+ d where `accumulate`), completing at na_wgmma_wait (na_host::issue_product), once
+// the warpgroup has met (na_host_meet). A is read now, every lane's fragment gathered.
 template <int N, int TRANSPOSE_B>
 inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b, int accumulate) {
-    na_host::sync_warpgroup();
+    na_host_meet<N, TRANSPOSE_B>(nullptr, b, accumulate);
     struct Fragment {
         unsigned a[4];
     };
@@ -305,7 +334,7 @@ inline void na_wgmma(float d[N / 2], const unsigned a[4], const NaSmemMatrix& b,
 template <int N, int TRANSPOSE_B>
 inline void na_wgmma_ss(float d[N / 2], const NaSmemMatrix& a, const NaSmemMatrix& b,
                         int accumulate) {
-    na_host::sync_warpgroup();
+    na_host_meet<N, TRANSPOSE_B>(&a, b, accumulate);
     na_host_check_factor<64, 0>(a, "wgmma's A");
     na_host::PendingProduct p = na_host_product<N, TRANSPOSE_B>(d, b, accumulate);
     p.a_smem = reinterpret_cast<const unsigned char*>(a.base) + a.offset;

@@ -417,7 +417,8 @@ NA_HOST_ENTRY(unsynchronised, P)
     ///   3  as 0, but the descriptor's start 8 bytes off;
     ///   4  two bulk tensor copies of thread 0 (async proxy writes: no fence needed);
     ///   5  as 4, but landing 16 bytes past a 128-byte boundary;
-    ///   6  as 4, but with no wgmma.fence before the product.
+    ///   6  as 4, but with no wgmma.fence before the product;
+    ///   7  as 4, but thread 5's descriptor unlike the warpgroup's.
     const PROXIES: &str = r#"
 #include "host.h"
 #include "tensor_core.cuh"
@@ -462,7 +463,8 @@ extern "C" __global__ void proxies(const W w) {
     }
     const unsigned one = from_acc(1.0f);
     const unsigned a[4] = {one | one << 16, one | one << 16, one | one << 16, one | one << 16};
-    const NaSmemMatrix m = {b, w.mode == 3 ? 8u : 0u, 128, 256};
+    const unsigned offset = w.mode == 3 ? 8u : w.mode == 7 && t == 5 ? 256u : 0u;
+    const NaSmemMatrix m = {b, offset, 128, 256};
     float d[4] = {0, 0, 0, 0};
     if (w.mode != 6) {
         na_wgmma_fence();
@@ -529,7 +531,7 @@ NA_HOST_ENTRY(proxies, W)
             return;
         };
         assert_eq!(fenced, (0, [120.0, 376.0]));
-        for mode in [1, 2, 3, 5, 6] {
+        for mode in [1, 2, 3, 5, 6, 7] {
             assert_eq!(
                 launch_proxies(mode).unwrap().0,
                 2,
