@@ -16,7 +16,7 @@ import torch
 from natten_rs import KernelError, _core, _cuda
 
 ARCHS = ["sm_80", "sm_90a"]
-# The kernels are simple enough to live in registers: any spill is a regression.
+# The kernels are simple enough to live in registers: any spill (or stack frame) is a regression.
 MAX_SPILL_BYTES = 0
 KERNELS = {
     "na_qk": ("na_pairwise", "na_bias_grad"),
@@ -92,6 +92,10 @@ def test_every_kernel_variant_compiles_without_warnings_or_spills(arch, cache_di
         assert "performance loss" not in log.lower(), f"{name}:\n{log}"
         assert registers is not None and registers > 0, f"{name}: no ptxas report\n{log}"
         assert spills is not None and spills <= MAX_SPILL_BYTES, f"{name}: {spills} spill bytes"
+        # Nor do they keep anything in local memory: a stack frame without spills is an array
+        # indexed at run time, or a parameter block copied out of parameter space.
+        frames = re.findall(r"(\d+) bytes stack frame", log)
+        assert frames and set(frames) == {"0"}, f"{name}: a stack frame\n{log}"
     _check_warpgroup_variants(arch, {name: log for name, _, _, log, _ in rows})
     _check_dynamic_shared_symbols(arch, cache_dir, names)
 
@@ -303,6 +307,22 @@ def test_precompile_with_head_dims_builds_the_fused_kernels_each_gpu_would_run(c
     older = {name.rsplit("/", 1)[0] for name, *_ in older}
     assert any(m.startswith("na_fused_fwd[float16") for m in older), older
     assert not any(m.startswith("na_fused_tc") for m in older), older
+
+
+@pytest.mark.parametrize("arch", ["sm_100", "sm_120"])
+def test_the_kernels_of_a_dinat_layer_compile_for_blackwell(arch, cache_dir):
+    # Blackwell GPUs (data-centre sm_100, workstation sm_120) take the kernels of sm_80 and later:
+    # tensor cores by mma.sync, no warpgroup products (sm_90a's alone). A DiNAT layer's unfused
+    # and fused kernels, with a bias, in both half types and float32, compile for them without
+    # spills.
+    dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    rows = natten_rs.precompile([(7, 7)], dtypes=dtypes, head_dims=[32, 128], arch=arch, rpb=True)
+    modules = {name.rsplit("/", 1)[0] for name, *_ in rows}
+    sources = {m.split("[")[0] for m in modules}
+    assert sources >= {"na_qk", "na_av", "na_unfused_tc", "na_fused_tc", "na_fused_bwd_tc",
+                       "na_fused_fwd", "na_fused_bwd"}, sources  # fmt: skip
+    assert all(registers > 0 and spills == 0 for _, registers, spills in rows), rows
+    assert not any("wgmma" in m for m in modules), modules
 
 
 @pytest.mark.parametrize("tma", ["0", "1"])
