@@ -90,9 +90,18 @@ struct __align__(16) NaChunk {
     unsigned words[4];
 };
 
+// This thread's ordinary store of `bytes` at `at` in shared memory, which warpgroup products may
+// read: the host build holds such stores to the proxy rules that copies keep (host_async.h).
+__device__ __forceinline__ void na_stored(const void* at, unsigned bytes) {
+#ifdef NA_HOST
+    na_host::generic_write(at, bytes, na_host::block->current);
+#endif
+}
+
 // Zeros for eight channels (16 bytes, aligned) of a staged row: one store.
 __device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
     *reinterpret_cast<NaChunk*>(chunk) = NaChunk{};
+    na_stored(chunk, sizeof(NaChunk));
 }
 
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
@@ -124,6 +133,7 @@ __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, lon
             for (int i = 0; i < 8; ++i) {
                 chunk[i] = src[(c + i) * step];
             }
+            na_stored(chunk, 8 * sizeof(elem_t));
         }
     }
 }

@@ -169,6 +169,9 @@ inline bool run_block(Block& b) {
         prepare(f.context, f.stack, kStack, run_thread);
     }
     memset(unfenced_writer, 0, sizeof unfenced_writer);
+    // A block's shared memory starts undefined on a GPU: here all ones (NaNs in the half types),
+    // so that a read of what the block never wrote shows.
+    memset(dynamic_shared, 0xff, sizeof dynamic_shared);
     unsigned live = threads;
     while (live > 0) {
         const unsigned long long before = progress(b);

@@ -13,8 +13,8 @@ namespace na_host {
 // products, every 16-byte chunk of dynamic shared memory (where they stage their factors)
 // records the thread whose cp.async copy last wrote it, and whether that thread has fenced
 // since, until the fence is published by the writer's next block barrier; a product that reads
-// such a chunk before is reported. Ordinary stores are not seen (the kernels stage every factor
-// by copies).
+// such a chunk before is reported. Ordinary stores count where the kernels say so (na_stored:
+// the rows they stage element by element, and zeros).
 #if defined(NA_WGMMA) && NA_WGMMA
 constexpr bool kTracksProxies = true;
 #else
