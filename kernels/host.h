@@ -217,7 +217,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     b.fibers = new Fiber[b.threads];
     b.warps = new Barrier[(b.threads + kWarp - 1) / kWarp];
     b.warpgroups = new Barrier[(b.threads + kWarpgroup - 1) / kWarpgroup];
-    b.lanes = new unsigned long long[2 * b.threads]();
+    b.lanes = new unsigned char[2 * b.threads * sizeof(unsigned long long)]();
     b.wide = new unsigned char[2 * b.threads * kGather]();
     b.agree = new unsigned char[2 * b.threads * kAgree]();
     for (unsigned t = 0; t < b.threads; ++t) {

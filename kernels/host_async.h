@@ -38,10 +38,7 @@ inline bool shared_chunks(const void* dst, size_t size, size_t& first, size_t& e
 }
 
 inline void note_chunk(ChunkList& list, unsigned chunk) {
-    if (list.count == list.capacity) {
-        list.capacity = list.capacity == 0 ? 256 : 2 * list.capacity;
-        list.chunks = static_cast<unsigned*>(realloc(list.chunks, list.capacity * sizeof(unsigned)));
-    }
+    make_room(list.chunks, list.count, list.capacity, 256);
     list.chunks[list.count++] = chunk;
 }
 
@@ -122,14 +119,12 @@ inline void async_read(const void* src, size_t size, const char* reader) {
 // both addresses aligned to it.
 inline void copy_async(void* dst, const void* src, unsigned size = 16) {
     Fiber& f = block->fibers[block->current];
-    if (reinterpret_cast<uintptr_t>(dst) % size != 0 || reinterpret_cast<uintptr_t>(src) % size != 0) {
+    const uintptr_t to = reinterpret_cast<uintptr_t>(dst), from = reinterpret_cast<uintptr_t>(src);
+    if (to % size != 0 || from % size != 0) {
         fault("a cp.async copy of %u bytes (thread %u) from %p to %p, not both %u-byte aligned",
               size, block->current, src, dst, size);
     }
-    if (f.pending == f.capacity) {
-        f.capacity = f.capacity == 0 ? 64 : 2 * f.capacity;
-        f.copies = static_cast<PendingCopy*>(realloc(f.copies, f.capacity * sizeof(PendingCopy)));
-    }
+    make_room(f.copies, f.pending, f.capacity, 64);
     PendingCopy& c = f.copies[f.pending++];
     c.dst = dst;
     c.size = size;
@@ -188,11 +183,7 @@ inline void issue_product(const PendingProduct& product) {
               "may not see its registers' latest values)",
               block->current);
     }
-    if (f.product_count == f.product_capacity) {
-        f.product_capacity = f.product_capacity == 0 ? 16 : 2 * f.product_capacity;
-        f.products = static_cast<PendingProduct*>(
-            realloc(f.products, f.product_capacity * sizeof(PendingProduct)));
-    }
+    make_room(f.products, f.product_count, f.product_capacity, 16);
     PendingProduct& p = f.products[f.product_count] = product;
     p.group = f.product_groups;
     p.chained = false;
@@ -293,10 +284,7 @@ inline void mbarrier_init(Mbarrier& m, unsigned count) {
 // Hold `size` bytes (from `src`, or zeros) for `dst`, landing when `m`'s phase completes: a
 // bulk tensor copy's, or (`writer`) a thread's cp.async copy's.
 inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size, int writer = -1) {
-    if (m.pending == m.capacity) {
-        m.capacity = m.capacity == 0 ? 16 : 2 * m.capacity;
-        m.copies = static_cast<BulkCopy*>(realloc(m.copies, m.capacity * sizeof(BulkCopy)));
-    }
+    make_room(m.copies, m.pending, m.capacity, 16);
     BulkCopy& c = m.copies[m.pending++];
     c.dst = dst;
     c.size = size;

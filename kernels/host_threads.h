@@ -158,7 +158,7 @@ struct Block {
     Barrier sync;
     Barrier* warps = nullptr;
     Barrier* warpgroups = nullptr;
-    unsigned long long* lanes = nullptr;  // two banks of one shuffle slot per thread
+    unsigned char* lanes = nullptr;       // two banks of one shuffle slot (8 bytes) per thread
     unsigned char* wide = nullptr;        // two banks of one gather slot per thread
     unsigned char* agree = nullptr;       // two banks of one warpgroup slot per thread
     unsigned current = 0;
@@ -180,6 +180,16 @@ constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;
 constexpr size_t kGather = 64;  // bytes a lane contributes to one warp gather, at most
 constexpr size_t kAgree = 64;   // bytes a thread offers sync_warpgroup_agreeing, at most
+
+// Make room for one more item in `items` (`count` of `capacity` in use; plain data, malloc'd),
+// doubling it, from `first` items.
+template <class T>
+inline void make_room(T*& items, unsigned count, unsigned& capacity, unsigned first) {
+    if (count == capacity) {
+        capacity = capacity == 0 ? first : 2 * capacity;
+        items = static_cast<T*>(realloc(items, capacity * sizeof(T)));
+    }
+}
 
 // Record that the launch broke a rule of the GPU's (the first such, in na_host_fault): on a GPU it
 // would read stale data or fault. The launch runs on, as the emulation is still well defined.
@@ -207,47 +217,50 @@ inline void sync_warp() {
     wait(warp, phase);
 }
 
+// Put `bytes` from `mine` in the running thread's slot (`slot` bytes each) of one of two banks of
+// slots, by `barrier`'s phase, and meet the others at `barrier`; the bank, which holds every
+// thread's offer. A thread that races ahead to the next meeting writes the other bank while
+// slower ones still read this one: one barrier per meeting, not two.
+inline const unsigned char* publish_and_meet(Barrier& barrier, unsigned char* banks, size_t slot,
+                                             const void* mine, size_t bytes) {
+    const unsigned long long phase = barrier.phase;
+    unsigned char* bank = banks + (phase % 2) * block->threads * slot;
+    memcpy(bank + block->current * slot, mine, bytes);
+    barrier.arrive();
+    wait(barrier, phase);
+    return bank;
+}
+
 // A barrier of the running thread's warpgroup (the warpgroup-wide instructions' .sync.aligned),
-// at which each thread offers `bytes` (at most kAgree) of its operands: whether they are those of
-// the warpgroup's first thread. Banks alternate by barrier phase, as for `exchange`.
+// at which each thread offers `bytes` (at most kAgree) of its operands (publish_and_meet): whether
+// they are those of the warpgroup's first thread.
 inline bool sync_warpgroup_agreeing(const void* mine, size_t bytes) {
     const unsigned t = block->current;
     Barrier& group = block->warpgroups[t / kWarpgroup];
-    const unsigned long long phase = group.phase;
-    unsigned char* bank = block->agree + (phase % 2) * block->threads * kAgree;
-    memcpy(bank + t * kAgree, mine, bytes);
-    group.arrive();
-    wait(group, phase);
+    const unsigned char* bank = publish_and_meet(group, block->agree, kAgree, mine, bytes);
     const unsigned first = t / kWarpgroup * kWarpgroup;
     return memcmp(bank + t * kAgree, bank + first * kAgree, bytes) == 0;
 }
 
-// One shuffle: publish `bits`, wait for the warp, read the partner's. Slots alternate between
-// two banks by barrier phase, so a lane that races ahead to the next shuffle writes the other
-// bank while slower lanes still read this one (one barrier per shuffle, not two).
+// One shuffle: publish `bits`, meet the warp (publish_and_meet), read the partner's.
 inline unsigned long long exchange(unsigned long long bits, int lane_mask) {
     const unsigned t = block->current;
     Barrier& warp = block->warps[t / kWarp];
-    const unsigned long long phase = warp.phase;
-    const size_t bank = (phase % 2) * block->threads;
-    block->lanes[bank + t] = bits;
-    warp.arrive();
-    wait(warp, phase);
+    const unsigned char* bank =
+        publish_and_meet(warp, block->lanes, sizeof bits, &bits, sizeof bits);
     const unsigned partner = (t / kWarp) * kWarp + ((t % kWarp) ^ (unsigned)lane_mask);
-    return block->lanes[bank + partner];
+    unsigned long long theirs;
+    memcpy(&theirs, bank + partner * sizeof bits, sizeof bits);
+    return theirs;
 }
 
-// One gather: publish `bytes` (at most kGather) from `mine`, wait for the warp, read every
-// lane's into `all` (lane order). Banks alternate by barrier phase, as for `exchange`. Warp-wide
-// instructions that combine all lanes' registers (mma.sync) are emulated on top of this.
+// One gather: publish `bytes` (at most kGather) from `mine`, meet the warp (publish_and_meet),
+// read every lane's into `all` (lane order). Warp-wide instructions that combine all lanes'
+// registers (mma.sync) are emulated on top of this.
 inline void warp_gather(const void* mine, size_t bytes, void* all) {
     const unsigned t = block->current;
     Barrier& warp = block->warps[t / kWarp];
-    const unsigned long long phase = warp.phase;
-    unsigned char* bank = block->wide + (phase % 2) * block->threads * kGather;
-    memcpy(bank + t * kGather, mine, bytes);
-    warp.arrive();
-    wait(warp, phase);
+    const unsigned char* bank = publish_and_meet(warp, block->wide, kGather, mine, bytes);
     const unsigned first = (t / kWarp) * kWarp;
     for (unsigned lane = 0; lane < kWarp && first + lane < block->threads; ++lane) {
         memcpy(static_cast<unsigned char*>(all) + lane * bytes, bank + (first + lane) * kGather,
