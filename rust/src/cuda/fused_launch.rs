@@ -465,4 +465,4 @@ fn bulk_copy_params(p: &FusedProblem, forward: &FusedParams, rows: usize) -> Tma
 
 #[cfg(test)]
 #[path = "fused_launch_tests.rs"]
-mod tests;
+pub(crate) mod tests;

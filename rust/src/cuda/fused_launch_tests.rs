@@ -411,17 +411,23 @@ fn backward_head_dims_have_their_own_limit() {
     );
 }
 
-/// A self-attention problem (query, key and value alike) of `shape` `[B, *spatial, heads, D]`.
-fn self_attention(
+/// The one tensor of `self_attention`: contiguous, at an aligned address.
+pub(crate) fn self_attention_tensor(shape: &[usize], dtype: DType) -> TensorRef {
+    TensorRef {
+        data: 0x1000,
+        ..TensorRef::meta(shape, dtype, Device::Cuda(0))
+    }
+}
+
+/// A self-attention problem (query, key and value alike) of `shape` `[B, *spatial, heads, D]`,
+/// window `kernel` and `dilation` per spatial axis.
+pub(crate) fn self_attention(
     shape: &[usize],
     dtype: DType,
     kernel: Vec<i64>,
     dilation: Vec<i64>,
 ) -> FusedProblem {
-    let q = TensorRef {
-        data: 0x1000,
-        ..TensorRef::meta(shape, dtype, Device::Cuda(0))
-    };
+    let q = self_attention_tensor(shape, dtype);
     let inputs = FusedInputs {
         query: Some(&q),
         key: Some(&q),

@@ -391,12 +391,13 @@ impl KernelKey {
         KernelKey {
             dense_rows: source.stages_dense_rows() && p.rows_dense,
             biased: source.specialises_bias() && p.rpb,
-            ..KernelKey::unfused(source, p.dtype, kernel, causal, dims)
+            ..KernelKey::stride_one(source, p.dtype, kernel, causal, dims)
         }
     }
 
-    /// A variant of an unfused-op source (stride 1; `dims` (0, 0) but for the tensor-core one).
-    fn unfused(
+    /// A variant of `source` at stride 1 with no other specialisation (no warpgroup products,
+    /// bulk copies, dense rows or bias; `dims` (0, 0) for sources whose head dims stay run-time).
+    pub(crate) fn stride_one(
         source: Source,
         dtype: DType,
         kernel: [usize; 3],
@@ -578,7 +579,7 @@ pub fn representative_keys() -> Vec<KernelKey> {
     for source in Source::UNFUSED {
         for dtype in DTYPES {
             for (kernel, causal) in shapes {
-                keys.push(KernelKey::unfused(source, dtype, kernel, causal, (0, 0)));
+                keys.push(KernelKey::stride_one(source, dtype, kernel, causal, (0, 0)));
             }
         }
     }
@@ -604,7 +605,7 @@ fn representative_unfused_tensor_core_keys() -> Vec<KernelKey> {
         for (kernel, causal, dim) in shapes {
             let key = KernelKey {
                 dense_rows: true,
-                ..KernelKey::unfused(source, dtype, kernel, causal, (dim, dim))
+                ..KernelKey::stride_one(source, dtype, kernel, causal, (dim, dim))
             };
             keys.extend([
                 key,

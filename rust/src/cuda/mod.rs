@@ -455,18 +455,13 @@ pub fn variants(
             let key = |source, dims| {
                 let wgmma = kernels::wgmma_for(source, dims);
                 KernelKey {
-                    source,
-                    dtype,
-                    kernel,
-                    causal,
-                    stride: [1; 3],
-                    dims,
                     wgmma,
                     // (where asked for, as contiguous tensors would take them)
                     tma: wgmma && tma::requested(),
                     // (the common layouts; others compile at first use)
                     dense_rows: source.stages_dense_rows(),
                     biased: rpb && source.specialises_bias(),
+                    ..KernelKey::stride_one(source, dtype, kernel, causal, dims)
                 }
             };
             keys.extend(Source::UNFUSED.map(|source| key(source, (0, 0))));

@@ -1,29 +1,13 @@
 use super::*;
+use crate::cuda::fused_launch::tests::{self_attention, self_attention_tensor};
 use crate::dlpack::{DType, Device, TensorRef};
 use crate::problem::{FusedInputs, Neighborhood};
 
 /// Self attention over a contiguous bfloat16 tensor of `shape` (at an aligned address), window
-/// `kernel` and `dilation` per spatial axis.
+/// `kernel` and `dilation` per spatial axis; and that tensor.
 fn problem(shape: &[usize], kernel: Vec<i64>, dilation: Vec<i64>) -> (FusedProblem, TensorRef) {
-    let q = TensorRef {
-        data: 0x1000,
-        ..TensorRef::meta(shape, DType::BF16, Device::Cuda(0))
-    };
-    let inputs = FusedInputs {
-        query: Some(&q),
-        key: Some(&q),
-        value: Some(&q),
-        ..FusedInputs::default()
-    };
-    let rank = kernel.len();
-    let nbhd = Neighborhood {
-        kernel,
-        stride: vec![1; rank],
-        dilation,
-        causal: vec![false; rank],
-    };
-    let p = FusedProblem::new(&inputs, &nbhd, 1.0).unwrap();
-    (p, q)
+    let p = self_attention(shape, DType::BF16, kernel, dilation);
+    (p, self_attention_tensor(shape, DType::BF16))
 }
 
 fn axis(length: usize, kernel: usize, dilation: usize) -> Axis {
