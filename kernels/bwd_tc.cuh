@@ -20,6 +20,15 @@
 // The d_query kernel multiplies on warpgroup products (wgmma) where the host asks for them
 // (NA_WGMMA) and the target has them (sm_90a): its slabs are then 64 keys whatever the rows.
 #define NA_TCB_WGMMA NA_HAS_WGMMA
+// Whether the warpgroup kernels take their slabs by bulk tensor copies onto a barrier per ring
+// buffer, laid out chunk-major, as the forward's NA_TC_TMA variants do (NA_TMA: kernels.rs): the
+// d_query kernel its slabs' keys and values, the key-row kernel its slabs' queries and output
+// gradients. The tiles' own rows still come by cp.async.
+#if NA_TCB_WGMMA && defined(NA_TMA) && NA_TMA
+#define NA_TCB_TMA 1
+#else
+#define NA_TCB_TMA 0
+#endif
 #define NA_TCB_KEYS (NA_TCB_WIDE && !NA_TCB_WGMMA ? 32 : 64)
 // 8-channel blocks per lane of a gradient row (of a query or key, and of a value): a
 // warpgroup product's width is whole 16 channels.

@@ -10,18 +10,34 @@
 // tile's key and value rows are staged once, each slab's query and output gradient rows (and its
 // queries' statistics) in turn.
 
+// Start copying the statistics of column `n` of slab `s` (query head h) into `stats[n]`
+// (cp.async), or zeros where the column does not exist; whether a copy was started.
+__device__ __forceinline__ bool na_stage_query_stats(const NaFusedBwdParams& p, const NaTcTile& tl,
+                                                     const NaSlab& s, int n, long long b,
+                                                     long long h, NaRowStats* stats) {
+    int c[3];
+    if (!na_column(tl, s, n, c)) {
+        stats[n] = {0, 0};
+        return false;
+    }
+    long long x[3];
+    na_tile_positions(p.f, tl, c, x);
+    na_copy8_async(&stats[n], na_stats(p) + 2 * na_query_row(p.f, b, h, x));
+    return true;
+}
+
 // Start staging slab `s`'s query and output gradient rows into `queries` and `d_outs` (laid out
-// as NaStaged<., CORE_MATRICES>) and its queries' statistics into `stats`, all asynchronously
-// (a load of the statistics would hold the thread up until it arrived); columns that do not
-// exist as zeros. Every thread of the block calls it, after a barrier that ends the reads of
-// what it overwrites, and waits for its copies before the barrier that publishes them.
-template <bool CORE_MATRICES>
+// as NaStaged<., CORE_MATRICES, CHUNK_ROWS>) and its queries' statistics into `stats`, all
+// asynchronously (a load of the statistics would hold the thread up until it arrived); columns
+// that do not exist as zeros. Every thread of the block calls it, after a barrier that ends the
+// reads of what it overwrites, and waits for its copies before the barrier that publishes them.
+template <bool CORE_MATRICES, int CHUNK_ROWS = 0>
 __device__ __forceinline__ void na_stage_query_slab(const NaFusedBwdParams& p, const NaTcTile& tl,
                                                     const NaSlab& s, long long b, long long h,
                                                     elem_t* queries, elem_t* d_outs,
                                                     NaRowStats* stats) {
     const NaFusedParams& f = p.f;
-    na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V, CORE_MATRICES>(
+    na_stage_pairs<NA_TCB_QUERIES, NA_DIM, NA_DIM_V, CORE_MATRICES, CHUNK_ROWS>(
         queries, d_outs, [&](int n, const elem_t* src[2], long long step[2]) {
             int c[3];
             if (!na_column(tl, s, n, c)) {
@@ -33,14 +49,7 @@ __device__ __forceinline__ void na_stage_query_slab(const NaFusedBwdParams& p, c
             step[1] = p.d_out.stride[5];
         });
     for (int n = threadIdx.x; n < NA_TCB_QUERIES; n += NA_TC_THREADS) {
-        int c[3];
-        if (na_column(tl, s, n, c)) {
-            long long x[3];
-            na_tile_positions(f, tl, c, x);
-            na_copy8_async(&stats[n], na_stats(p) + 2 * na_query_row(f, b, h, x));
-        } else {
-            stats[n] = {0, 0};
-        }
+        na_stage_query_stats(p, tl, s, n, b, h, stats);
     }
 }
 
@@ -63,9 +72,12 @@ struct NaKeyTileGrads {
 // barrier of slab j publishes slab j + 1: its logits and dP are issued with slab j's gradient
 // products, and (NA_TCB_KEY_OVERLAP) its P and dS computed while those run. Wide rows wait for
 // both first: slab j's fragments and slab j + 1's logits at once, beside d_key and d_value,
-// spill at head dim 128.
+// spill at head dim 128. The key kernel's slabs of the box come by bulk tensor copies where the
+// host asks for them (NA_TCB_TMA), landing chunk-major; the additional tokens' kernel keeps
+// cp.async (its boxes, whole dilation groups, take shapes of their own), into the same layout.
 #define NA_TCB_QUERY_STAGES 4
 #define NA_TCB_KEY_OVERLAP (!NA_TCB_WIDE)
+#define NA_TCB_QUERY_CHUNK_ROWS (NA_TCB_TMA ? NA_TCB_QUERIES : 0)
 constexpr int na_tcb_key_tile = NA_TC_ROWS * NaStaged<NA_DIM, true>::per_row;
 constexpr int na_tcb_value_tile = NA_TC_ROWS * NaStaged<NA_DIM_V, true>::per_row;
 constexpr int na_tcb_slab_queries = NA_TCB_QUERIES * NaStaged<NA_DIM, true>::per_row;
@@ -101,16 +113,62 @@ constexpr int na_tcb_key_rows_bytes =
         (int)sizeof(elem_t) +
     NA_TCB_QUERY_STAGES * NA_TCB_QUERIES * (int)sizeof(NaRowStats);
 
+// Copy slab `s`'s query and output gradient rows (query head h) into `queries` and `d_outs`, and
+// its queries' statistics into `stats`, onto `full` (rather than as a cp.async group), every
+// thread arriving on it; with `copies` false, only arrive. The rows by bulk tensor copies
+// (na_copy_slab_chunk: the queries' chunks by the first warp, the output gradients' by the
+// second, thread 0 announcing their bytes), the statistics by the threads past those two warps
+// (cp.async, their arrival once it lands; zeros for columns that do not exist).
+__device__ __forceinline__ void na_copy_query_slab_onto(const NaFusedBwdParams& p,
+                                                        const NaTcTile& tl, const NaSlab& s,
+                                                        bool copies, long long b, long long h,
+                                                        elem_t* queries, elem_t* d_outs,
+                                                        NaRowStats* stats, NaBarrier* full) {
+    constexpr int ROWS = NA_TCB_QUERIES;
+    static_assert(NA_TC_THREADS >= 2 * NA_WARP + ROWS, "a thread per statistic past two warps");
+    static_assert(NA_DIM / 8 <= NA_WARP && NA_DIM_V / 8 <= NA_WARP, "a chunk per thread");
+    const int thread = (int)threadIdx.x, n = thread - 2 * NA_WARP;
+    if (!copies) {
+        na_barrier_arrive(full);
+    } else if (n >= 0) {
+        // (A thread whose column does not exist arrives at once, its zeros released by it.)
+        const bool copied = n < ROWS && na_stage_query_stats(p, tl, s, n, b, h, stats);
+        if (copied) {
+            na_barrier_arrive_after_copies(full);
+        } else {
+            na_barrier_arrive(full);
+        }
+    } else {
+        if (thread == 0) {
+            na_barrier_arrive_expect(full, ROWS * (NA_DIM + NA_DIM_V) * (unsigned)sizeof(elem_t));
+        } else {
+            na_barrier_arrive(full);
+        }
+        const int warp = thread / NA_WARP, chunk = thread % NA_WARP;
+        const int channels = warp == 0 ? NA_DIM : NA_DIM_V;
+        if (chunk < channels / 8) {
+            na_copy_slab_chunk(p.f, p.tma.maps[warp], channels, chunk, tl, s, b, h,
+                               (warp == 0 ? queries : d_outs) + chunk * 8 * ROWS, full);
+        }
+    }
+}
+
 // Add to `grads` the terms of query head h's rows in box `tl` (its columns): d_value += P^T dO,
 // d_key += dS^T Q (unscaled). `biased`: whether the logits take the bias (rows are keys of the
-// window). Every thread of the block calls it, after the tile's rows were staged (not yet
-// committed, or published); it ends with a barrier after every read of the tile and the ring.
+// window). BULK: the slabs come onto `barriers` (na_copy_query_slab_onto; the tile's rows
+// committed as a cp.async group of their own), else as cp.async groups (the tile's rows not yet
+// committed). Every thread of the block calls it, after the tile's rows were staged; it ends
+// with a barrier after every read of the tile and the ring.
+template <bool BULK>
 __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
                                                      const NaTcTile& tl, const NaTcRow rows[2],
                                                      bool biased, long long b, long long h,
                                                      NaKeyRowsShared& shared,
+                                                     NaBarrierRing<NA_TCB_QUERY_STAGES>& barriers,
                                                      NaKeyTileGrads& grads) {
     constexpr int BLOCKS = NA_TCB_QUERIES / 8, STAGES = NA_TCB_QUERY_STAGES;
+    constexpr int CHUNK_ROWS = NA_TCB_QUERY_CHUNK_ROWS;
+    static_assert(!BULK || CHUNK_ROWS == NA_TCB_QUERIES, "bulk copies land chunk-major");
     const NaFusedParams& f = p.f;
     // Logits scaled by na_logits whatever the problem, as the mma.sync kernels below.
     const NaExponent exponent = {false, NA_LOG2E, 1.0f};
@@ -120,22 +178,33 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
     }
     const long long count = na_slab_count<NA_TCB_QUERIES>(tl, true, 0);
     NaSlab next = na_first_slab<NA_TCB_QUERIES>(tl, true, 0);  // slab j + 1
-    // The slabs' copies, one group each (an empty one past the last), slab i into buffer
-    // i % STAGES: slabs 0 .. STAGES - 3 first (the tile's rows in the first group), then one
-    // after each barrier into the buffer of the slab whose products were waited for before it
-    // (so that at slab j's barrier slabs up to j + STAGES - 2 have been issued, and slab j + 1
-    // is waited for).
+    // The slabs' copies, one group (or barrier phase) each, an empty one past the last; slab i
+    // into buffer i % STAGES: slabs 0 .. STAGES - 3 first (without BULK the tile's rows in the
+    // first group), then one after each barrier into the buffer of the slab whose products were
+    // waited for before it (so that at slab j's barrier slabs up to j + STAGES - 2 have been
+    // issued, and slab j + 1 is waited for).
     NaSlab copied = next;
     long long left = count;
     int copy_buffer = 0;
     auto copy_next = [&] {
+        elem_t* const queries = shared.queries(copy_buffer);
+        elem_t* const d_outs = shared.d_outs(copy_buffer);
+        NaRowStats* const stats = shared.stats(copy_buffer);
+        if (BULK) {
+            na_copy_query_slab_onto(p, tl, copied, left > 0, b, h, queries, d_outs, stats,
+                                    &barriers.full[copy_buffer]);
+            barriers.put(copy_buffer);
+        } else {
+            if (left > 0) {
+                na_stage_query_slab<true, CHUNK_ROWS>(p, tl, copied, b, h, queries, d_outs,
+                                                      stats);
+            }
+            na_copies_commit();
+        }
         if (left > 0) {
-            na_stage_query_slab<true>(p, tl, copied, b, h, shared.queries(copy_buffer),
-                                      shared.d_outs(copy_buffer), shared.stats(copy_buffer));
             copied = na_next_slab<NA_TCB_QUERIES>(tl, copied, 0);
             --left;
         }
-        na_copies_commit();
         copy_buffer = na_ring_next<STAGES>(copy_buffer);
     };
 #pragma unroll 1
@@ -151,7 +220,14 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
         const bool has_next = j + 1 < count;
         // The mask built for every slab, as the mma.sync kernels build it.
         const unsigned seen = has_next ? na_slab_mask<BLOCKS>(tl, next, rows, t) : 0u;
-        na_copies_wait_groups<STAGES - 3>();
+        if (BULK) {
+            if (j < 0) {
+                na_copies_wait_groups<0>();  // the tile's rows
+            }
+            barriers.wait(buffer);  // slab j + 1
+        } else {
+            na_copies_wait_groups<STAGES - 3>();
+        }
         na_async_proxy_fence();
         // Whether the warpgroup (the block) sees slab j + 1, through a vote so that the compiler
         // knows it is warp-uniform (as na_publish_slab).
@@ -160,17 +236,19 @@ __device__ __forceinline__ void na_key_rows_over_box(const NaFusedBwdParams& p,
 
         // S^T and dP^T of slab j + 1 (one group), then slab j's gradient products.
         float logits[BLOCKS][4], dp[BLOCKS][4];
-        na_issue_logits_and_dp<NA_TCB_QUERIES>(logits, dp, logits_run, shared.keys(),
-                                               shared.queries(buffer), shared.values(),
-                                               shared.d_outs(buffer));
+        na_issue_logits_and_dp<NA_TCB_QUERIES, CHUNK_ROWS>(logits, dp, logits_run, shared.keys(),
+                                                           shared.queries(buffer),
+                                                           shared.values(), shared.d_outs(buffer));
         if (grads_run) {
             na_wgmma_fence();
 #pragma unroll
             for (int k = 0; k < NA_TCB_QUERIES / 16; ++k) {
-                na_wgmma<8 * NA_TCB_BLOCKS_V, 1>(&grads.d_value[0][0], probs_a[k],
-                                                 na_row_step<NA_DIM_V>(shared.d_outs(last), k), 1);
-                na_wgmma<8 * NA_TCB_BLOCKS, 1>(&grads.d_key[0][0], grads_a[k],
-                                               na_row_step<NA_DIM>(shared.queries(last), k), 1);
+                na_wgmma<8 * NA_TCB_BLOCKS_V, 1>(
+                    &grads.d_value[0][0], probs_a[k],
+                    na_row_step<NA_DIM_V, CHUNK_ROWS>(shared.d_outs(last), k), 1);
+                na_wgmma<8 * NA_TCB_BLOCKS, 1>(
+                    &grads.d_key[0][0], grads_a[k],
+                    na_row_step<NA_DIM, CHUNK_ROWS>(shared.queries(last), k), 1);
             }
         }
         na_wgmma_commit();

@@ -233,13 +233,14 @@ struct __align__(128) NaTensorMap {
 };
 
 // The bulk copies' part of the tensor-core forward's and backward's parameter blocks
-// (tma::TmaParams; kernels/tma.cuh): the key and value maps and the slab shape every tile takes
-// (one box per map). Each map's dimensions, innermost first: the channels of every kv head (the
-// heads dense after one another), the three axes from the last, and the batch; its box is 8
-// channels by a slab (sides times the dilation, at that element stride).
+// (tma::TmaParams; kernels/tma.cuh): the maps of the two tensors a slab stages (its keys and
+// values in the forward and the d_query kernel, its queries and output gradients in the key-row
+// kernel) and the slab shape every tile takes (one box per map). Each map's dimensions,
+// innermost first: the channels of every head (the heads dense after one another), the three
+// axes from the last, and the batch; its box is 8 channels by a slab (sides times the dilation,
+// at that element stride).
 struct NaTmaParams {
-    NaTensorMap key;
-    NaTensorMap value;
+    NaTensorMap maps[2];
     int slab_shift[3];  // log2 of a slab's sides (as na_cut_box's cut, but fixed by the host)
     int reserved;
 };

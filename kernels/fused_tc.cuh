@@ -251,6 +251,24 @@ __device__ __forceinline__ int na_ring_before(int buffer) {
     return buffer == 0 ? STAGES - 1 : buffer - 1;
 }
 
+#if NA_HAS_WGMMA
+// Copy chunk `chunk` (8 channels) of the rows of slab `s` of tile `tl` (batch b, head `head`, of
+// `channels` each) through `map` into `dst`, completing on `full`: one bulk tensor copy of a box
+// of 8 channels by the slab (tma.cuh), its corner the slab's first position, whose dilation group
+// the map's element strides keep to. The rows land chunk-major (NaStaged's CHUNK_ROWS).
+__device__ __forceinline__ void na_copy_slab_chunk(const NaFusedParams& f, const NaTensorMap& map,
+                                                   int channels, int chunk, const NaTcTile& tl,
+                                                   const NaSlab& s, long long b, long long head,
+                                                   elem_t* dst, NaBarrier* full) {
+    int c[5] = {(int)head * channels + 8 * chunk, 0, 0, 0, (int)b};
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + s.origin[a]);
+    }
+    na_tensor_copy(dst, map, c, full);
+}
+#endif
+
 // Copies of a tile's slabs into a ring of STAGES buffers of BUFFER elements (laid out as
 // NaStaged<., CORE_MATRICES, CHUNK_ROWS>), item after item: each slab's keys then its values (or,
 // with VALUES_FIRST, its values then its keys), each item one cp.async group (an empty one past
@@ -287,10 +305,9 @@ struct NaRingCopies {
 #if NA_HAS_WGMMA
     // Copy the next item onto its buffer's barrier of `barriers` rather than as a cp.async
     // group (the bulk-copy variants, CHUNK_ROWS = KEYS), every thread arriving on it: a slab of
-    // the box by bulk tensor copies, one 8-channel chunk per thread of the first warp (tma.cuh:
-    // a box of 8 channels by the slab, its corner the slab's first position, whose dilation
-    // group the element strides keep to), thread 0 announcing their bytes as it arrives; the
-    // additional tokens by every thread's cp.async.
+    // the box by bulk tensor copies, one 8-channel chunk per thread of the first warp
+    // (na_copy_slab_chunk), thread 0 announcing their bytes as it arrives; the additional tokens
+    // by every thread's cp.async.
     __device__ __forceinline__ void next_onto(const NaFusedParams& f, const NaTmaParams& tma,
                                               NaBarrierRing<STAGES>& barriers,
                                               const NaTcTile& tl, long long b, long long hk,
@@ -307,8 +324,10 @@ struct NaRingCopies {
             } else {
                 na_barrier_arrive(full);
             }
-            if ((int)threadIdx.x < channels / 8) {
-                copy_chunk(f, keys ? tma.key : tma.value, channels, tl, b, hk, ring, full);
+            const int chunk = (int)threadIdx.x;
+            if (chunk < channels / 8) {
+                na_copy_slab_chunk(f, tma.maps[keys ? 0 : 1], channels, chunk, tl, slab, b, hk,
+                                   ring + buffer * BUFFER + chunk * 8 * CHUNK_ROWS, full);
             }
         } else if (left > 0) {
             stage(f, tl, b, hk, ring);
@@ -318,21 +337,6 @@ struct NaRingCopies {
         }
         barriers.put(buffer);
         advance(tl, f.extra_count);
-    }
-
-    // This thread's share of next_onto for a slab of the box: its 8-channel chunk (of rows of
-    // `channels`), copied through `map` onto `full`.
-    __device__ __forceinline__ void copy_chunk(const NaFusedParams& f, const NaTensorMap& map,
-                                               int channels, const NaTcTile& tl, long long b,
-                                               long long hk, elem_t* ring,
-                                               NaBarrier* full) const {
-        const int chunk = (int)threadIdx.x;
-        int c[5] = {(int)hk * channels + 8 * chunk, 0, 0, 0, (int)b};
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            c[3 - a] = na_tile_position(f, tl, a, tl.box_first[a] + slab.origin[a]);
-        }
-        na_tensor_copy(ring + buffer * BUFFER + chunk * 8 * CHUNK_ROWS, map, c, full);
     }
 #endif
 

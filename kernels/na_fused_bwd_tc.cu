@@ -17,9 +17,11 @@
 // Slabs are staged by cp.async, the next one's rows (where the buffers allow) copied while this
 // one's products run. On sm_90a, where the host asks for it (NA_WGMMA), the d_query and key-row
 // kernels take warpgroup products instead (wgmma), software-pipelined as the warpgroup forward
-// (the key-row kernels' slabs go through a ring, with no per-warp skipping). Products take
-// half-precision operands and float accumulators; the probabilities and logit gradients are
-// rounded to the element type for the products that take them, as in the forward.
+// (the key-row kernels' slabs go through a ring, with no per-warp skipping), and where it asks
+// for those too (NA_TMA), the d_query and key kernels' slabs come by bulk tensor copies (tma.cuh;
+// NA_TCB_TMA). Products take half-precision operands and float accumulators; the probabilities
+// and logit gradients are rounded to the element type for the products that take them, as in the
+// forward.
 #include "bwd_tc_bias.cuh"
 #include "bwd_tc_keys.cuh"
 
@@ -63,14 +65,7 @@ __device__ __forceinline__ void na_query_stats(const NaFusedBwdParams& p, const 
     }
 }
 
-// Whether the d_query kernel's warpgroup variant takes its slabs' values and keys by bulk
-// tensor copies onto a barrier per buffer, laid out chunk-major, as the forward's NA_TC_TMA
-// variants do (NA_TMA: kernels.rs); the tile's own rows still come by cp.async.
-#if NA_TCB_WGMMA && defined(NA_TMA) && NA_TMA
-#define NA_TCB_TMA 1
-#else
-#define NA_TCB_TMA 0
-#endif
+// How the d_query kernel's slabs lie: chunk-major where bulk copies land them (NA_TCB_TMA).
 #define NA_TCB_CHUNK_ROWS (NA_TCB_TMA ? NA_TCB_KEYS : 0)
 
 #if NA_TCB_WGMMA
@@ -373,12 +368,20 @@ NA_DYNAMIC_SHARED(na_fused_backward_query_tc,
 #endif
 
 extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS)
-    na_fused_backward_keys_tc(const NaFusedBwdParams p) {
+    na_fused_backward_keys_tc(const __grid_constant__ NaFusedBwdParams p) {
     const NaFusedParams& f = p.f;
     // (The kernel's own, not an inline function's: kernels/host.h.)
     __shared__ NaKeyRowsShared shared;
     const int lane = threadIdx.x % NA_WARP, warp = threadIdx.x / NA_WARP;
     const int g = lane / 4, t = lane % 4;
+#if NA_TCB_TMA
+    __shared__ NaBarrier full[NA_TCB_QUERY_STAGES];
+    NaBarrierRing<NA_TCB_QUERY_STAGES> barriers = {full, 0u};
+    na_start_barrier_ring<NA_TCB_QUERY_STAGES>(
+        shared.queries(0), NA_TCB_QUERY_STAGES * na_tcb_slab_rows, full);
+#elif NA_TCB_WGMMA
+    NaBarrierRing<NA_TCB_QUERY_STAGES> barriers = {nullptr, 0u};  // (cp.async groups instead)
+#endif
     // Tasks over the kv heads, tiles of keys (the host's tiling for this launch).
     const long long tasks = na_tc_tasks(f.batch, p.tiling);
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
@@ -403,14 +406,23 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                 rows[r].end[a] = (int)run.end;
             }
         }
-        na_cut_box<NA_TCB_QUERIES>(tl);
-        // The tile's keys and values, row n as na_tile_rows numbers them.
+        na_cut_box_as<NA_TCB_QUERIES>(tl, NA_TCB_TMA ? p.tma.slab_shift : nullptr);
+        // The tile's keys and values, row n as na_tile_rows numbers them (a group of their own
+        // where bulk copies bring the slabs: na_key_rows_over_box).
         na_stage_tile_rows<NA_DIM, NA_DIM_V, NA_TCB_WGMMA>(f, tl, b, hk, f.key, f.value,
                                                            shared.keys(), shared.values());
+        if (NA_TCB_TMA) {
+            na_copies_commit();
+        }
         NaKeyTileGrads grads;
         grads.zero();
         for (long long h = hk * f.group; h < (hk + 1) * f.group; ++h) {
+#if NA_TCB_WGMMA
+            na_key_rows_over_box<NA_TCB_TMA>(p, tl, rows, f.has_bias != 0, b, h, shared,
+                                             barriers, grads);
+#else
             na_key_rows_over_box(p, tl, rows, f.has_bias != 0, b, h, shared, grads);
+#endif
         }
         long long at_key[2], at_value[2];
 #pragma unroll
@@ -436,6 +448,9 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
     // host's tiling for this launch).
     const long long tasks = na_tc_tasks(f.batch, p.tiling);
     const long long groups = f.dilation[0] * f.dilation[1] * f.dilation[2];
+#if NA_TCB_WGMMA
+    NaBarrierRing<NA_TCB_QUERY_STAGES> barriers = {nullptr, 0u};  // (cp.async groups)
+#endif
     for (long long task = blockIdx.x; task < tasks; task += gridDim.x) {
         const NaTcTask job = na_tc_task(task, p.tiling);
         const long long b = job.batch, hk = job.head, first = job.tile * NA_TC_ROWS;
@@ -476,7 +491,11 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_KEY_MIN_BLOCKS
                     tl.box_len[a] = (int)(l.quot + (at[a] < l.rem ? 1 : 0));
                 }
                 na_cut_box<NA_TCB_QUERIES>(tl);
+#if NA_TCB_WGMMA
+                na_key_rows_over_box<false>(p, tl, rows, false, b, h, shared, barriers, grads);
+#else
                 na_key_rows_over_box(p, tl, rows, false, b, h, shared, grads);
+#endif
             }
         }
         long long at_key[2], at_value[2];

@@ -225,6 +225,21 @@ __device__ __forceinline__ void na_cut_box(NaTcTile& tl) {
     tl.slab_shift[2] = total - tl.slab_shift[0] - tl.slab_shift[1];
 }
 
+// Cut the tile's box (its sides set) into slabs of COLUMNS columns: by na_cut_box, or where
+// `slab_shift` is given, in slabs of that shape (the launch's one, fixed by the host for the bulk
+// tensor copies, whose tensor maps' boxes take it). Every lane of the warp calls it.
+template <int COLUMNS>
+__device__ __forceinline__ void na_cut_box_as(NaTcTile& tl, const int* slab_shift) {
+    if (slab_shift == nullptr) {
+        na_cut_box<COLUMNS>(tl);
+        return;
+    }
+#pragma unroll
+    for (int a = 0; a < 3; ++a) {
+        tl.slab_shift[a] = slab_shift[a];
+    }
+}
+
 // Tile number `index` (of one (batch, head)) of `tiling`, and this lane's rows `rows[0]` (g) and
 // `rows[1]` (g + 8) of warp `warp`; the ranges and the box are the caller's to fill.
 __device__ __forceinline__ NaTcTile na_tile_rows(const NaTcTiling& tiling, long long index,
@@ -318,8 +333,7 @@ __device__ __forceinline__ int na_kept(int x) {
 }
 
 // A tile of queries (na_tile_rows): with the box of key group indices their windows span, cut
-// into slabs of COLUMNS keys (by na_cut_box, or where `slab_shift` is given, in slabs of that
-// shape: the launch's one, fixed by the host for the bulk tensor copies), and each row's window.
+// into slabs of COLUMNS keys (na_cut_box_as), and each row's window.
 template <int COLUMNS>
 __device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long long index,
                                                   int warp, int g, NaTcRow rows[2],
@@ -337,14 +351,7 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long
             rows[r].end[a] = na_kept((int)w.end);
         }
     }
-    if (slab_shift != nullptr) {
-#pragma unroll
-        for (int a = 0; a < 3; ++a) {
-            tl.slab_shift[a] = slab_shift[a];
-        }
-    } else {
-        na_cut_box<COLUMNS>(tl);
-    }
+    na_cut_box_as<COLUMNS>(tl, slab_shift);
     return tl;
 }
 

@@ -129,18 +129,23 @@ def _check_warpgroup_variants(arch: str, logs: dict[str, str]):
         else:
             assert shared == twin_shared, logs[name]
     # Their bulk-copy variants (NATTEN_RS_TMA=1 too; rows dense), one per warpgroup variant: on
-    # sm_90a the forward and the d_query kernel keep one barrier per ring buffer in static shared
-    # memory beside their twin's (within its 128-byte granule where it has a bias table); the
-    # other kernels, and every kernel elsewhere, are their twins.
+    # sm_90a the forward, the d_query and the key kernel keep one 8-byte barrier per ring buffer
+    # (at least five, five and four buffers) in static shared memory beside their twin's (within
+    # its 128-byte granule where it has a bias table); the other kernels, and every kernel
+    # elsewhere, are their twins.
     bulk = [name for name in logs if ", wgmma, tma]" in name]
     assert len(bulk) == len(warpgroup), bulk
+    ring_buffers = {
+        "na_fused_forward_tc": 5,
+        "na_fused_backward_query_tc": 5,
+        "na_fused_backward_keys_tc": 4,
+    }
     for name in bulk:
         twin = name.replace(", wgmma, tma]", ", wgmma]")
         function = name.split("/")[-1]
         shared, twin_shared = (_shared_bytes(logs[n], function) for n in (name, twin))
-        copies = function in ("na_fused_forward_tc", "na_fused_backward_query_tc")
-        if arch == "sm_90a" and copies:
-            assert shared >= max(twin_shared, 5 * 8), logs[name]
+        if arch == "sm_90a" and function in ring_buffers:
+            assert shared >= max(twin_shared, 8 * ring_buffers[function]), logs[name]
         else:
             assert shared == twin_shared, logs[name]
 

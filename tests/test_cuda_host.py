@@ -142,9 +142,9 @@ def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kern
 
 def _with_bulk_copies(monkeypatch):
     """NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: the warpgroup forward and the backward's d_query
-    kernel stage their key and value slabs by bulk tensor copies (emulated here as the driver
-    documents them, landing on their barriers as late as a GPU allows) where tensor maps describe
-    the keys and values."""
+    kernel stage their key and value slabs by bulk tensor copies, and the backward's key kernel
+    its query and output gradient slabs (emulated here as the driver documents them, landing on
+    their barriers as late as a GPU allows), where tensor maps describe those tensors."""
     monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
     monkeypatch.setenv("NATTEN_RS_TMA", "1")
 
@@ -192,6 +192,28 @@ def test_bulk_copies_are_taken_where_tensor_maps_describe_the_keys(
         assert (_tensor_copies(tmp_path) > 0) == takes
     expected = natten_rs.na1d(q, k, v, kernel_size=9, dilation=dilation)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("heads_apart", [False, True])
+def test_backward_bulk_copies_are_taken_where_tensor_maps_describe_the_output_gradient(
+    heads_apart, tmp_path, monkeypatch
+):
+    # The key kernel stages query and output gradient slabs by bulk copies: an output gradient
+    # whose heads lie apart from their channels (the gradient of a transposed output) leaves the
+    # whole backward on cp.async, with the same gradients.
+    _with_bulk_copies(monkeypatch)
+    q, k, v = (torch.randn(2, 200, 4, 32).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    d_out = torch.randn(2, 200, 4, 32).to(torch.bfloat16)
+    if heads_apart:
+        d_out = d_out.transpose(1, 2).contiguous().transpose(1, 2)
+    with _on_host(tmp_path)():
+        out = natten_rs.na1d(q, k, v, kernel_size=9, dilation=2)
+        forward_copies = _tensor_copies(tmp_path)
+        grads = torch.autograd.grad(out, (q, k, v), d_out)
+        assert (_tensor_copies(tmp_path) > forward_copies) != heads_apart
+    out = natten_rs.na1d(q, k, v, kernel_size=9, dilation=2)
+    for got, expected in zip(grads, torch.autograd.grad(out, (q, k, v), d_out)):
+        torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)

@@ -6,7 +6,7 @@
 use super::kernels::{Function, KernelKey, Source, BIAS_SLICE, BLOCK, REDUCE_THREADS};
 use super::launch::{Config, View};
 use super::tiling::{tasks_fit_31_bits, TcTiling};
-use super::tma::{self, TmaParams};
+use super::tma::{self, Slabs, TmaParams};
 use crate::cpu::{FusedGrads, FusedTensors, Saved};
 use crate::dlpack::TensorRef;
 use crate::layout;
@@ -142,8 +142,9 @@ pub struct FusedBackwardParams {
     pub reserved: i32,
     /// The launch's tasks and tiles (the tensor-core kernels; zeros otherwise).
     pub tiling: TcTiling,
-    /// The tensor maps of the tensor-core d_query kernel's bulk copies (at the next multiple of
-    /// 128 bytes; zeros for other kernels and variants).
+    /// The tensor maps of the bulk copies of the tensor-core d_query kernel (keys and values)
+    /// or key kernel (queries and output gradients), at the next multiple of 128 bytes; zeros
+    /// for other kernels and variants.
     pub tma: TmaParams,
 }
 
@@ -294,9 +295,9 @@ pub fn backward_tiling(p: &FusedProblem, function: Function) -> TcTiling {
 }
 
 /// Backward, in launch order (`backward_plan`); `tensor_cores` picks the tensor-core kernels
-/// for `d_query`, `d_key` and `d_value`, and `bulk_copies` gives their d_query kernel the tensor
-/// maps of its bulk copies (its variant takes them: `KernelKey::tma`, in the host build's
-/// encoding). `stats` is the scratch of `backward_stats_len` elements of the accumulator type.
+/// for `d_query`, `d_key` and `d_value`, and `bulk_copies` gives their d_query and key kernels
+/// the tensor maps of their bulk copies (their variant takes them: `KernelKey::tma`, in the host
+/// build's encoding). `stats` is the scratch of `backward_stats_len` elements of the accumulator type.
 pub fn backward(
     p: &FusedProblem,
     t: &FusedTensors,
@@ -329,10 +330,15 @@ pub fn backward(
         reserved: 0,
         ..FusedBackwardParams::default()
     };
-    let query_maps = match bulk_copies {
-        true => bulk_copy_params(p, &params.forward, TC_ROWS),
+    let maps = |slabs, tensors| match bulk_copies {
+        true => bulk_copy_params(p, slabs, tensors, TC_ROWS),
         false => TmaParams::default(),
     };
+    let f = &params.forward;
+    let (query_maps, key_maps) = (
+        maps(Slabs::Keys, [&f.key, &f.value]),
+        maps(Slabs::Queries, [&f.query, &params.d_out]),
+    );
     backward_plan(p, grads, tensor_cores)
         .into_iter()
         .map(|(function, config)| FusedBackwardLaunch {
@@ -341,6 +347,7 @@ pub fn backward(
                 tiling: backward_tiling(p, function),
                 tma: match function {
                     Function::FusedBackwardQueryTc => query_maps,
+                    Function::FusedBackwardKeysTc => key_maps,
                     _ => TmaParams::default(),
                 },
                 ..params
@@ -442,7 +449,12 @@ pub fn tensor_core_forward(
     let rows = 16 * warps;
     let tiling = TcTiling::new(&p.axes, rows, p.heads);
     let tma = match key.tma {
-        true => bulk_copy_params(p, &plain.params, rows),
+        true => bulk_copy_params(
+            p,
+            Slabs::Keys,
+            [&plain.params.key, &plain.params.value],
+            rows,
+        ),
         false => TmaParams::default(),
     };
     Some(FusedLaunch {
@@ -456,10 +468,10 @@ pub fn tensor_core_forward(
     })
 }
 
-/// The tensor maps of the keys and values of `forward` for tiles of `rows` queries (a variant
-/// takes bulk copies only where `tma::takes_bulk_copies` found them plannable).
-fn bulk_copy_params(p: &FusedProblem, forward: &FusedParams, rows: usize) -> TmaParams {
-    tma::params(p, &forward.key, &forward.value, rows)
+/// The tensor maps of `tensors`, staged as `slabs` for tiles of `rows` (a variant takes bulk
+/// copies only where `tma::takes_bulk_copies` found them plannable).
+fn bulk_copy_params(p: &FusedProblem, slabs: Slabs, tensors: [&View; 2], rows: usize) -> TmaParams {
+    tma::params(p, slabs, tensors, rows)
         .expect("variants take bulk copies only where the tensors' maps can be planned")
 }
 

@@ -1,6 +1,7 @@
 use super::*;
 use crate::cuda::kernels::{KernelKey, Source};
 use crate::cuda::tiling::{query_tile, TcTiling};
+use crate::cuda::tma::MapPlan;
 use crate::dlpack::{DType, Device};
 use crate::problem::{FusedInputs, Neighborhood, Problem};
 
@@ -308,15 +309,21 @@ fn tensor_core_backward_launches_a_block_per_tile_then_the_bias_sums() {
     assert!(launches
         .iter()
         .all(|l| l.params.tma == TmaParams::default()));
-    // With bulk copies, the d_query kernel alone takes the keys' and values' maps, its slabs
-    // of the shape they were planned for.
+    // With bulk copies, the d_query kernel takes the keys' and values' maps and the key kernel
+    // the queries' and output gradients', each its slabs of the shape they were planned for.
     let launches = backward(&p, &tensors(&t), &saved, &grads, &stats, (true, true));
-    let maps = launches[0].params.tma;
-    let shift = crate::cuda::tma::slab_shift(&p, TC_ROWS).unwrap();
-    assert_eq!(maps.slab_shift, shift.map(|s| s as i32));
-    let key = crate::cuda::tma::MapPlan::from_host(&maps.key);
-    assert_eq!(key.address, pr.forward.key.data);
-    assert!(launches[1..]
+    let staged = [
+        (Slabs::Keys, [pr.forward.key.data, pr.forward.value.data]),
+        (Slabs::Queries, [pr.forward.query.data, pr.d_out.data]),
+    ];
+    for (launch, (slabs, addresses)) in launches.iter().zip(staged) {
+        let maps = launch.params.tma;
+        let shift = tma::slab_shift(&p, slabs, TC_ROWS).unwrap();
+        assert_eq!(maps.slab_shift, shift.map(|s| s as i32));
+        let planned = maps.maps.map(|m| MapPlan::from_host(&m).address);
+        assert_eq!(planned, addresses, "{:?}", launch.function);
+    }
+    assert!(launches[2..]
         .iter()
         .all(|l| l.params.tma == TmaParams::default()));
 }

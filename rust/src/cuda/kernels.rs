@@ -4,7 +4,7 @@
 //! module.
 
 use super::fused_launch::TC_WARPS;
-use super::tma;
+use super::tma::{self, Slabs};
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
@@ -322,8 +322,8 @@ pub struct KernelKey {
     /// (`wgmma_for`); false for every other source.
     pub wgmma: bool,
     /// Whether the warpgroup variant of the tensor-core forward, or of the backward's d_query
-    /// kernel, stages its key and value slabs by bulk tensor copies (TMA, sm_90;
-    /// `tma::takes_bulk_copies`); false for every other variant.
+    /// and key kernels, stages its slabs by bulk tensor copies (TMA, sm_90;
+    /// `takes_bulk_copies`); false for every other variant.
     pub tma: bool,
     /// Whether a tensor-core source's problem guarantees dense, 16-byte aligned rows wherever
     /// it stages them (`FusedProblem::rows_dense`, `Problem::rows_dense`), so that its staging
@@ -438,14 +438,21 @@ impl KernelKey {
         }
     }
 
-    /// Whether this variant of the tensor-core forward or backward of `p` stages its key and
-    /// value slabs by bulk tensor copies (the backward's d_query kernel): its warpgroup variant
-    /// where `tma::takes_bulk_copies` allows them.
+    /// Whether this variant of the tensor-core forward or backward of `p` stages its slabs by
+    /// bulk tensor copies: its warpgroup variant where `tma::takes_bulk_copies` allows them, for
+    /// the forward's key and value slabs, and for the backward's both those of its d_query
+    /// kernel and the query and output gradient slabs of its key kernel.
     fn takes_bulk_copies(&self, p: &FusedProblem) -> bool {
-        matches!(self.source, Source::FusedTc | Source::FusedBwdTc)
+        let rows = 16 * self.tensor_core_warps();
+        let slabs: &[Slabs] = match self.source {
+            Source::FusedTc => &[Slabs::Keys],
+            Source::FusedBwdTc => &[Slabs::Keys, Slabs::Queries],
+            _ => &[],
+        };
+        !slabs.is_empty()
             && self.wgmma
             && self.dense_rows
-            && tma::takes_bulk_copies(p, 16 * self.tensor_core_warps())
+            && slabs.iter().all(|&s| tma::takes_bulk_copies(p, s, rows))
     }
 
     /// Warps per block of the variant's tensor-core kernels: two warpgroups for the forward's

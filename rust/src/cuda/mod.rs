@@ -401,7 +401,8 @@ pub unsafe fn fused_backward(
     let plan = fused_launch::backward(p, t, saved, grads, stats, (tensor_cores, bulk_copies));
     for mut launch in plan {
         let key = KernelKey::for_fused(launch.function.source(), p);
-        if launch.function == kernels::Function::FusedBackwardQueryTc {
+        use kernels::Function::{FusedBackwardKeysTc, FusedBackwardQueryTc};
+        if matches!(launch.function, FusedBackwardQueryTc | FusedBackwardKeysTc) {
             target.encode_tensor_maps(&key, &mut launch.params.tma)?;
         }
         let shape = (launch.function, launch.config);

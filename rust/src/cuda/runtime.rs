@@ -322,7 +322,7 @@ pub unsafe fn enqueue_with<P: Copy>(
 /// (`tma::MapPlan`): 2-byte elements, no interleave or swizzle, zeros outside the tensor.
 pub fn encode_tensor_maps(tma: &mut TmaParams) -> Result<()> {
     ensure_driver()?;
-    for map in [&mut tma.key, &mut tma.value] {
+    for map in &mut tma.maps {
         let plan = MapPlan::from_host(map);
         let mut encoded = cu::CUtensorMap { opaque: [0; 16] };
         // SAFETY: every array holds `plan.rank` entries (the strides one fewer) and outlives

@@ -1,15 +1,18 @@
-//! sm_90's bulk tensor copies (TMA) for the tensor-core forward's warpgroup variant
-//! (kernels/tma.cuh; na_fused_tc.cu's NA_TC_TMA): which problems take them, the one slab shape
-//! a launch's tiles share (a tensor map's box is fixed when it is encoded), and the key and value
-//! maps, planned here in the host build's plain encoding, which `runtime::encode_tensor_maps`
-//! turns into the driver's for a GPU. Pure planning, testable without a GPU.
+//! sm_90's bulk tensor copies (TMA) for the tensor-core kernels' warpgroup variants
+//! (kernels/tma.cuh; na_fused_tc.cu's NA_TC_TMA, na_fused_bwd_tc.cu's NA_TCB_TMA): which problems
+//! take them, the one slab shape a launch's tiles share (a tensor map's box is fixed when it is
+//! encoded), and the maps of what the slabs stage (keys and values for the forward and the
+//! backward's d_query kernel, queries and output gradients for its key kernel), planned here in
+//! the host build's plain encoding, which `runtime::encode_tensor_maps` turns into the driver's
+//! for a GPU. Pure planning, testable without a GPU.
 
 use super::launch::View;
 use super::tiling::query_tile;
 use crate::problem::FusedProblem;
 use crate::window::Axis;
 
-/// Keys per slab of the warpgroup forward (na_fused_tc.cu's NA_TC_KEYS, head dims up to 128).
+/// Keys per slab of the warpgroup forward and d_query kernel (na_fused_tc.cu's NA_TC_KEYS and
+/// bwd_tc.cuh's NA_TCB_KEYS, head dims up to 128).
 const SLAB_KEYS: usize = 64;
 /// The driver's limits on a map: elements per box side, element stride, dimensions; and its
 /// strides stay below 2^40 bytes.
@@ -31,15 +34,15 @@ pub struct TensorMap {
     pub words: [u64; 16],
 }
 
-/// The bulk copies' part of the tensor-core forward's parameter block (`NaTmaParams` in
-/// kernels/tma.cuh); zeros but in variants that take the copies.
+/// The bulk copies' part of the tensor-core kernels' parameter blocks (`NaTmaParams` in
+/// kernels/common.cuh); zeros but in the launches of variants that take the copies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TmaParams {
-    /// The keys' map.
-    pub key: TensorMap,
-    /// The values' map.
-    pub value: TensorMap,
+    /// The maps of the two tensors a slab stages: its keys and values (the forward, the
+    /// backward's d_query kernel) or its queries and output gradients (the backward's key
+    /// kernel).
+    pub maps: [TensorMap; 2],
     /// log2 of the sides of every tile's slabs.
     pub slab_shift: [i32; 3],
     /// Padding (as in the kernel source).
@@ -96,33 +99,81 @@ pub fn requested() -> bool {
     std::env::var_os("NATTEN_RS_TMA").is_some_and(|v| v == "1")
 }
 
-/// Whether the warpgroup forward of `p` in tiles of `rows` queries stages its slabs by bulk
-/// tensor copies: asked for, a neighborhood to stage, keys and values that tensor maps describe
-/// (`FusedProblem::kv_tensor_maps`), coordinates in 31 bits, and a slab shape whose boxes the
-/// driver takes (`slab_shift`).
-pub fn takes_bulk_copies(p: &FusedProblem, rows: usize) -> bool {
-    let channels = p.heads_kv.checked_mul(p.dim.max(p.dim_v));
-    requested()
-        && p.window
-        && p.kv_tensor_maps
-        && channels.is_some_and(|c| c <= i32::MAX as usize)
-        && slab_shift(p, rows).is_some()
+/// What a kernel's slabs stage, for which tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slabs {
+    /// Keys and values, for tiles of queries: the forward, the backward's d_query kernel.
+    Keys,
+    /// Queries and output gradients, for tiles of keys: the backward's key kernel.
+    Queries,
 }
 
-/// The longest side, in group indices, of the key boxes of the query tiles of `tile` queries
-/// along `axis` (a box spans the windows of its tile's first and last query; every dilation
-/// group of one length gives the same boxes).
-fn longest_box(axis: &Axis, tile: usize) -> usize {
+impl Slabs {
+    /// Columns per slab: the kernels' NA_TC_KEYS and NA_TCB_KEYS (`SLAB_KEYS`), or on warpgroup
+    /// products bwd_tc.cuh's NA_TCB_QUERIES (64 for rows up to 32 channels, else 32).
+    fn columns(self, p: &FusedProblem) -> usize {
+        match self {
+            Slabs::Keys => SLAB_KEYS,
+            Slabs::Queries if p.dim <= 32 && p.dim_v <= 32 => 64,
+            Slabs::Queries => 32,
+        }
+    }
+
+    /// Heads of the staged tensors.
+    fn heads(self, p: &FusedProblem) -> usize {
+        match self {
+            Slabs::Keys => p.heads_kv,
+            Slabs::Queries => p.heads,
+        }
+    }
+
+    /// Whether tensor maps describe the staged tensors (`FusedProblem::kv_tensor_maps`,
+    /// `FusedProblem::query_tensor_maps`).
+    fn mapped(self, p: &FusedProblem) -> bool {
+        match self {
+            Slabs::Keys => p.kv_tensor_maps,
+            Slabs::Queries => p.query_tensor_maps,
+        }
+    }
+}
+
+/// Whether the warpgroup kernel of `p` whose tiles of `rows` take `slabs` stages them by bulk
+/// tensor copies: asked for, a neighborhood to stage, tensors that tensor maps describe,
+/// coordinates in 31 bits, and a slab shape whose boxes the driver takes (`slab_shift`).
+pub fn takes_bulk_copies(p: &FusedProblem, slabs: Slabs, rows: usize) -> bool {
+    let channels = slabs.heads(p).checked_mul(p.dim.max(p.dim_v));
+    requested()
+        && p.window
+        && slabs.mapped(p)
+        && channels.is_some_and(|c| c <= i32::MAX as usize)
+        && slab_shift(p, slabs, rows).is_some()
+}
+
+/// The longest side, in group indices, of the boxes of the tiles of `tile` positions along
+/// `axis`: for tiles of queries (`Slabs::Keys`) a box spans the windows of the tile's first and
+/// last query, for tiles of keys the queries whose windows hold one of its keys (the kernels'
+/// na_fused_inverse_run). Every dilation group of one length gives the same boxes.
+fn longest_box(axis: &Axis, tile: usize, slabs: Slabs) -> usize {
     let d = axis.dilation;
-    let groups = [0, d.min(axis.length) - 1];
     let mut longest = 0;
-    for group in groups {
-        let len = axis.group_len(group);
-        for first in (0..len).step_by(tile) {
-            let last = (first + tile).min(len) - 1;
-            let start = axis.window(first * d + group).first / d;
-            let end = axis.window(last * d + group);
-            longest = longest.max(end.first / d + end.count - start);
+    for group in [0, d.min(axis.length) - 1] {
+        // Each query's window in group indices, [start, end): both ends move monotonically.
+        let windows: Vec<(usize, usize)> = (0..axis.group_len(group))
+            .map(|i| {
+                let w = axis.window(i * d + group);
+                (w.first / d, w.first / d + w.count)
+            })
+            .collect();
+        for first in (0..windows.len()).step_by(tile) {
+            let last = (first + tile).min(windows.len()) - 1;
+            let (start, end) = match slabs {
+                Slabs::Keys => (windows[first].0, windows[last].1),
+                Slabs::Queries => (
+                    windows.partition_point(|w| w.1 <= first),
+                    windows.partition_point(|w| w.0 <= last),
+                ),
+            };
+            longest = longest.max(end.saturating_sub(start));
         }
     }
     longest
@@ -138,15 +189,15 @@ fn element_stride(side: usize, d: usize) -> Option<usize> {
     }
 }
 
-/// log2 of the sides of the slabs of `SLAB_KEYS` keys every tile of the forward of `p` (tiles of
-/// `rows` queries) takes: of the shapes whose boxes the driver takes (`element_stride`), none
-/// longer on the first two axes than their longest box rounded up to a power of two (the last
-/// takes what is left, as na_cut_box does), the one with the fewest slabs over the longest
-/// boxes, then the most even, then the longest along the last axis. `None` where none fits.
-pub fn slab_shift(p: &FusedProblem, rows: usize) -> Option<[u32; 3]> {
+/// log2 of the sides of the `slabs` every tile (of `rows` positions) of the kernel of `p` that
+/// stages them takes: of the shapes whose boxes the driver takes (`element_stride`), none longer
+/// on the first two axes than their longest box rounded up to a power of two (the last takes
+/// what is left, as na_cut_box does), the one with the fewest slabs over the longest boxes, then
+/// the most even, then the longest along the last axis. `None` where none fits.
+pub fn slab_shift(p: &FusedProblem, slabs: Slabs, rows: usize) -> Option<[u32; 3]> {
     let tile = query_tile(&p.axes, rows);
-    let boxes: [usize; 3] = [0, 1, 2].map(|a| longest_box(&p.axes[a], tile[a]));
-    let total = SLAB_KEYS.trailing_zeros();
+    let boxes: [usize; 3] = [0, 1, 2].map(|a| longest_box(&p.axes[a], tile[a], slabs));
+    let total = slabs.columns(p).trailing_zeros();
     let most = |a: usize| boxes[a].next_power_of_two().trailing_zeros().min(total);
     let mut best: Option<((usize, u32, u32), [u32; 3])> = None;
     for s0 in 0..=most(0) {
@@ -166,18 +217,23 @@ pub fn slab_shift(p: &FusedProblem, rows: usize) -> Option<[u32; 3]> {
     best.map(|(_, shift)| shift)
 }
 
-/// The map of the keys or values `v` (`channels` per head, 2-byte elements) of `p`, whose boxes
-/// are `CHUNK` channels by a slab of sides `1 << shift`: dimensions innermost first the channels
-/// of every kv head, the axes from the last, the batch. An axis of one element takes the stride
-/// that packs it (it is never stepped along). `None` where a stride reaches 2^40 bytes.
-pub fn map_of(p: &FusedProblem, v: &View, channels: usize, shift: [u32; 3]) -> Option<MapPlan> {
+/// The map of the tokens `v` (`heads` of `channels`, 2-byte elements) of `p`, whose boxes are
+/// `CHUNK` channels by a slab of sides `1 << shift`: dimensions innermost first the channels of
+/// every head, the axes from the last, the batch. An axis of one element takes the stride that
+/// packs it (it is never stepped along). `None` where a stride reaches 2^40 bytes.
+pub fn map_of(
+    p: &FusedProblem,
+    v: &View,
+    (heads, channels): (usize, usize),
+    shift: [u32; 3],
+) -> Option<MapPlan> {
     let mut plan = MapPlan {
         address: v.data,
         element_bytes: ELEMENT as u32,
         rank: RANK as u32,
         ..MapPlan::default()
     };
-    plan.dims[0] = (p.heads_kv * channels) as u64;
+    plan.dims[0] = (heads * channels) as u64;
     plan.boxes[0] = CHUNK as u32;
     plan.element_strides[0] = 1;
     // Dimensions 1 to 4: axes 2, 1, 0, then the batch.
@@ -212,13 +268,23 @@ fn step(length: usize, stride: i64, packed: u64) -> u64 {
     }
 }
 
-/// The bulk copies' parameters for the forward of `p` in tiles of `rows` queries, keys `key` and
-/// values `value` (`None` where `takes_bulk_copies` would refuse them).
-pub fn params(p: &FusedProblem, key: &View, value: &View, rows: usize) -> Option<TmaParams> {
-    let shift = slab_shift(p, rows)?;
+/// The bulk copies' parameters of the kernel of `p` whose tiles of `rows` stage `slabs`, from
+/// `tensors` (keys and values, or queries and output gradients); `None` where
+/// `takes_bulk_copies` would refuse them.
+pub fn params(
+    p: &FusedProblem,
+    slabs: Slabs,
+    tensors: [&View; 2],
+    rows: usize,
+) -> Option<TmaParams> {
+    let shift = slab_shift(p, slabs, rows)?;
+    let heads = slabs.heads(p);
+    let [first, second] = tensors;
     Some(TmaParams {
-        key: map_of(p, key, p.dim, shift)?.host_encoding(),
-        value: map_of(p, value, p.dim_v, shift)?.host_encoding(),
+        maps: [
+            map_of(p, first, (heads, p.dim), shift)?.host_encoding(),
+            map_of(p, second, (heads, p.dim_v), shift)?.host_encoding(),
+        ],
         slab_shift: shift.map(|s| s as i32),
         reserved: 0,
     })

@@ -58,6 +58,9 @@ pub struct FusedProblem {
     /// Whether tensor maps can describe the keys and values (`TensorRef::fits_tensor_maps`),
     /// so that sm_90's bulk tensor copies may stage them (cuda/tma.rs).
     pub kv_tensor_maps: bool,
+    /// Whether tensor maps can describe the queries and, for a backward, the output gradient
+    /// (`with_output_gradient`): the backward's key kernel stages those (cuda/tma.rs).
+    pub query_tensor_maps: bool,
     /// Logit scale.
     pub scale: f64,
     /// Element type of every tensor but `lse` (float32).
@@ -68,9 +71,10 @@ pub struct FusedProblem {
 
 impl FusedProblem {
     /// The problem of a backward whose output gradient is `d_out`, whose rows are staged too
-    /// (`rows_dense`).
+    /// (`rows_dense`, `query_tensor_maps`).
     pub fn with_output_gradient(mut self, d_out: &TensorRef) -> FusedProblem {
         self.rows_dense &= d_out.rows_dense_and_aligned();
+        self.query_tensor_maps &= d_out.fits_tensor_maps();
         self
     }
 
@@ -123,6 +127,7 @@ impl FusedProblem {
             kv_tensor_maps: [t.key, t.value]
                 .into_iter()
                 .all(|t| t.is_some_and(TensorRef::fits_tensor_maps)),
+            query_tensor_maps: query.fits_tensor_maps(),
             scale,
             dtype,
             device: query.device,
