@@ -9,16 +9,16 @@
 // A launch runs its blocks one after another. The threads of a block are fibers on the calling
 // thread, switched only at __syncthreads, __syncwarp and warp shuffles, so a block of 256 threads
 // costs 256 small stacks and no OS threads (a wait on a copy barrier, mbarrier, switches too).
-// Between two switches the threads run in turn, in
-// index order or (`reversed`) the other way: a read of what another thread writes without a
-// barrier between them sees the write in one order and not in the other, so a kernel run both
-// ways finds such a race wherever it changes a result. Shared memory is `static`: one copy, used by one block
-// at a time. So a kernel declares its shared arrays itself (or in a non-inline function): with
-// default visibility the host compiler makes the static locals of inline functions one object
-// across every library loaded (STB_GNU_UNIQUE symbols), so variants of other sizes would share
-// them; host.rs builds with hidden symbols, but a kernel should not rely on it. A barrier that
-// some live thread of the block (or warp) never reaches would hang a GPU; here it ends the
-// launch with an error.
+// Between two switches the threads run in turn, in index order or (`reversed`) the other way: a
+// read of what another thread writes without a barrier between them sees the write in one order
+// and not in the other, so a kernel run both ways finds such a race wherever it changes a
+// result. Shared memory is `static`: one copy, used by one block at a time, and all ones (NaNs in
+// the half types) at each block's start, as undefined as a GPU leaves it. So a kernel declares
+// its shared arrays itself (or in a non-inline function): with default visibility the host
+// compiler makes the static locals of inline functions one object across every library loaded
+// (STB_GNU_UNIQUE symbols), so variants of other sizes would share them; host.rs builds with
+// hidden symbols, but a kernel should not rely on it. A barrier that some live thread of the
+// block (or warp) never reaches would hang a GPU; here it ends the launch with an error.
 //
 // This header has the prelude (the built-in types and functions), the launch and the warp-wide
 // built-ins; host_threads.h the block's threads, barriers and shuffles; host_async.h the
@@ -44,7 +44,9 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __grid_constant__
-#define __shared__ static
+// Static shared arrays are `static`, in a section of their own (na_host_shared) so that each block
+// can start with them undefined (run_block), as with dynamic shared memory.
+#define __shared__ static __attribute__((section("na_host_shared")))
 #define __constant__
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -147,31 +149,8 @@ inline unsigned long long progress(const Block& b) {
 
 // Run every thread of the current block to its end. Returns false on a deadlock: every live
 // thread waits at a barrier that cannot complete.
-inline bool run_block(Block& b) {
+inline bool run_threads(Block& b) {
     const unsigned threads = b.threads;
-    b.sync = Barrier{threads, 0, 0};
-    for (unsigned t = 0; t < threads; ++t) {
-        b.warps[t / kWarp] = Barrier{};
-        b.warpgroups[t / kWarpgroup] = Barrier{};
-    }
-    for (unsigned t = 0; t < threads; ++t) {
-        b.warps[t / kWarp].expected++;
-        b.warpgroups[t / kWarpgroup].expected++;
-        Fiber& f = b.fibers[t];
-        f.done = false;
-        f.pending = 0;  // copies a thread never waited for do not complete
-        f.committed = 0;
-        f.product_count = 0;  // nor do products
-        f.product_groups = 0;
-        f.products_fenced = false;
-        f.unfenced.count = 0;
-        f.fenced.count = 0;
-        prepare(f.context, f.stack, kStack, run_thread);
-    }
-    memset(unfenced_writer, 0, sizeof unfenced_writer);
-    // A block's shared memory starts undefined on a GPU: here all ones (NaNs in the half types),
-    // so that a read of what the block never wrote shows.
-    memset(dynamic_shared, 0xff, sizeof dynamic_shared);
     unsigned live = threads;
     while (live > 0) {
         const unsigned long long before = progress(b);
@@ -202,6 +181,41 @@ inline bool run_block(Block& b) {
         }
     }
     return true;
+}
+
+// Run the current block: its threads (run_threads) from a fresh start, its shared memory
+// undefined. Returns false on a deadlock.
+inline bool run_block(Block& b) {
+    const unsigned threads = b.threads;
+    b.sync = Barrier{threads, 0, 0};
+    for (unsigned t = 0; t < threads; ++t) {
+        b.warps[t / kWarp] = Barrier{};
+        b.warpgroups[t / kWarpgroup] = Barrier{};
+    }
+    for (unsigned t = 0; t < threads; ++t) {
+        b.warps[t / kWarp].expected++;
+        b.warpgroups[t / kWarpgroup].expected++;
+        Fiber& f = b.fibers[t];
+        f.done = false;
+        f.pending = 0;  // copies a thread never waited for do not complete
+        f.committed = 0;
+        f.product_count = 0;  // nor do products
+        f.product_groups = 0;
+        f.products_fenced = false;
+        f.unfenced.count = 0;
+        f.fenced.count = 0;
+        prepare(f.context, f.stack, kStack, run_thread);
+    }
+    memset(unfenced_writer, 0, sizeof unfenced_writer);
+    // A block's shared memory starts undefined on a GPU: here all ones (NaNs in the half types),
+    // so that a read of what the block never wrote shows; its barriers too (mbarrier_check).
+    memset(dynamic_shared, 0xff, sizeof dynamic_shared);
+    if (__start_na_host_shared != nullptr) {
+        memset(__start_na_host_shared, 0xff, __stop_na_host_shared - __start_na_host_shared);
+    }
+    const bool finished = run_threads(b);
+    release_mbarriers(b);
+    return finished;
 }
 
 // Run kernel `body` over a grid of `grid` blocks of `bx` x `by` threads, in reversed turns where
@@ -249,6 +263,7 @@ inline int launch(void (*body)(const void*), const void* params, unsigned grid, 
     delete[] b.lanes;
     delete[] b.wide;
     delete[] b.agree;
+    free(b.mbarriers);
     return status;
 }
 

@@ -258,7 +258,12 @@ struct BulkCopy {
     int writer;  // the thread whose cp.async copy it is, or -1 (a bulk tensor copy)
 };
 
+// Mbarrier::initialised once mbarrier_init has run in this block (shared memory starts as all
+// ones, mbarriers too).
+constexpr unsigned kMbarrierInitialised = 0x6d626172;
+
 struct Mbarrier {
+    unsigned initialised;
     unsigned expected;
     unsigned arrived;
     long long owed;
@@ -275,15 +280,50 @@ inline void mbarrier_drop_copies(Mbarrier& m) {
     m.pending = 0;
 }
 
-inline void mbarrier_init(Mbarrier& m, unsigned count) {
+// Drop `m`'s copies and their list.
+inline void mbarrier_release(Mbarrier& m) {
     mbarrier_drop_copies(m);
     free(m.copies);
-    m = Mbarrier{count, 0, 0, 0, nullptr, 0, 0};
+    m.copies = nullptr;
+    m.capacity = 0;
+}
+
+// mbarrier.init: `count` arrivals expected per phase. The block keeps a list of its barriers, so
+// that their copies are dropped at its end (release_mbarriers): what a barrier held before it
+// was initialised is undefined.
+inline void mbarrier_init(Mbarrier& m, unsigned count) {
+    if (m.initialised == kMbarrierInitialised) {
+        mbarrier_release(m);  // initialised again
+    } else {
+        make_room(block->mbarriers, block->mbarrier_count, block->mbarrier_capacity, 8);
+        block->mbarriers[block->mbarrier_count++] = &m;
+    }
+    m = Mbarrier{kMbarrierInitialised, count, 0, 0, 0, nullptr, 0, 0};
+}
+
+// Whether `m` has been initialised in this block: if not, the launch broke a rule (a GPU's
+// barrier would hold whatever the memory held), and `m` is initialised here for every thread,
+// so that the emulation goes on.
+inline void mbarrier_check(Mbarrier& m, const char* use) {
+    if (m.initialised != kMbarrierInitialised) {
+        fault("thread %u: %s an mbarrier at %p not initialised in this block", block->current, use,
+              (void*)&m);
+        mbarrier_init(m, block->threads);
+    }
+}
+
+// Drop the copies of every barrier the block initialised, at its end.
+inline void release_mbarriers(Block& b) {
+    for (unsigned i = 0; i < b.mbarrier_count; ++i) {
+        mbarrier_release(*b.mbarriers[i]);
+    }
+    b.mbarrier_count = 0;
 }
 
 // Hold `size` bytes (from `src`, or zeros) for `dst`, landing when `m`'s phase completes: a
 // bulk tensor copy's, or (`writer`) a thread's cp.async copy's.
 inline void mbarrier_hold(Mbarrier& m, void* dst, const void* src, size_t size, int writer = -1) {
+    mbarrier_check(m, "copying onto");
     make_room(m.copies, m.pending, m.capacity, 16);
     BulkCopy& c = m.copies[m.pending++];
     c.dst = dst;
@@ -328,6 +368,7 @@ inline bool mbarrier_settle(Mbarrier& m) {
 // arrival past the expected count (a phase whose bytes never added up) would corrupt a GPU's
 // barrier: reported as a deadlock.
 inline bool mbarrier_takes_arrival(Mbarrier& m) {
+    mbarrier_check(m, "arriving at");
     if (m.arrived == m.expected && !mbarrier_settle(m)) {
         block->deadlock = true;
         return false;
@@ -372,6 +413,7 @@ inline void mbarrier_arrive_after_copies(Mbarrier& m) {
 // Wait until `m`'s phase of parity `parity` has completed (the phase now running has the other
 // parity).
 inline void mbarrier_wait(Mbarrier& m, unsigned parity) {
+    mbarrier_check(m, "waiting on");
     while (m.phase % 2 == parity && !block->deadlock) {
         if (!mbarrier_settle(m)) {
             switch_to(block->fibers[block->current].context, block->scheduler);

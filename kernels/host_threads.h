@@ -151,6 +151,8 @@ struct Fiber {
 // The threads of a launch's blocks (one block at a time) and their barriers; arrays of
 // `threads` fibers, `threads / 32` warps and `threads / 128` warpgroups (rounded up) and
 // `2 * threads` shuffle slots.
+struct Mbarrier;
+
 struct Block {
     Context scheduler;
     unsigned threads = 0;
@@ -164,6 +166,9 @@ struct Block {
     unsigned current = 0;
     int count[2] = {0, 0};  // two banks (by barrier phase) of __syncthreads_count's predicates
     unsigned long long arrivals = 0;  // at copy barriers (Mbarrier), counted as progress
+    Mbarrier** mbarriers = nullptr;   // the copy barriers initialised in this block
+    unsigned mbarrier_count = 0;
+    unsigned mbarrier_capacity = 0;
     bool deadlock = false;
     bool reversed = false;  // threads run last first between switches
     void (*body)(const void*) = nullptr;
@@ -175,6 +180,10 @@ inline Block* block = nullptr;
 // Dynamic shared memory (NA_DYNAMIC_SHARED): as much as a block may take on any GPU, used by one
 // block at a time like the static arrays.
 alignas(128) inline unsigned char dynamic_shared[227 * 1024];
+// The bounds of the static arrays' section (`__shared__`), which the linker defines; weak, for a
+// library with none.
+extern "C" unsigned char __start_na_host_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" unsigned char __stop_na_host_shared[] __attribute__((weak, visibility("hidden")));
 constexpr unsigned kWarp = 32;
 constexpr unsigned kWarpgroup = 128;
 constexpr size_t kStack = 256 * 1024;

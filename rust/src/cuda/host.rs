@@ -276,7 +276,8 @@ mod tests {
     use super::*;
 
     /// Kernels that exercise the emulation itself: shuffles, shared memory with barriers,
-    /// threads that leave early, a barrier only half a block reaches, and a missing barrier.
+    /// threads that leave early, a barrier only half a block reaches, a missing barrier, and
+    /// shared memory (arrays, a copy barrier) that a block reads before it writes it.
     const UNIT: &str = r#"
 #include "host.h"
 struct P {
@@ -329,11 +330,34 @@ extern "C" __global__ void unsynchronised(const P p) {
         p.out[0] = s[0];
     }
 }
+// Block 0 writes every thread's entry of a shared array, later blocks only the even threads';
+// each thread reads its own back.
+extern "C" __global__ void unwritten(const P p) {
+    __shared__ float s[64];
+    if (blockIdx.x == 0 || threadIdx.x % 2 == 0) {
+        s[threadIdx.x] = (float)threadIdx.x;
+    }
+    __syncthreads();
+    p.out[blockIdx.x * 64 + threadIdx.x] = s[threadIdx.x];
+}
+// Block 0 initialises a copy barrier, later blocks use it as block 0 left it.
+extern "C" __global__ void uninitialised_barrier(const P p) {
+    __shared__ na_host::Mbarrier full;
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        na_host::mbarrier_init(full, 64);
+    }
+    __syncthreads();
+    na_host::mbarrier_arrive(full, 0);
+    na_host::mbarrier_wait(full, 0);
+    p.out[blockIdx.x * 64 + threadIdx.x] = 1.0f;
+}
 NA_HOST_ENTRY(butterfly, P)
 NA_HOST_ENTRY(reverse, P)
 NA_HOST_ENTRY(early_exit, P)
 NA_HOST_ENTRY(divergent, P)
 NA_HOST_ENTRY(unsynchronised, P)
+NA_HOST_ENTRY(unwritten, P)
+NA_HOST_ENTRY(uninitialised_barrier, P)
 "#;
 
     /// Launches of a library share its globals (host.h's block, shared memory): the tests,
@@ -445,7 +469,7 @@ extern "C" __global__ void proxies(const W w) {
         map.element_strides[0] = map.element_strides[1] = 1;
         map.element_bytes = 2;
         map.rank = 2;
-        static na_host::Mbarrier full;
+        __shared__ na_host::Mbarrier full;
         na_host::mbarrier_init(full, 1);
         na_host::mbarrier_arrive(full, 256);
         for (int chunk = 0; chunk < 2; ++chunk) {
@@ -539,6 +563,25 @@ NA_HOST_ENTRY(proxies, W)
             );
         }
         assert_eq!(launch_proxies(4).unwrap(), (0, [120.0, 376.0]));
+    }
+
+    #[test]
+    fn shared_memory_starts_undefined_in_every_block() {
+        let Some(library) = library() else { return };
+        let mut out = vec![0.0f32; 2 * 64];
+        assert_eq!(launch(&library, "unwritten", 2, &mut out), 0);
+        for (i, &x) in out.iter().enumerate() {
+            let written = i < 64 || i % 2 == 0;
+            // What block 1 did not write reads as all ones (a NaN), not as block 0 left it.
+            assert!(
+                written == (x == (i % 64) as f32) && written != x.is_nan(),
+                "{i}: {x}"
+            );
+        }
+        // A copy barrier too: block 1's use of one it did not initialise is reported.
+        assert_eq!(launch(&library, "uninitialised_barrier", 2, &mut out), 2);
+        assert!(fault(&library).contains("not initialised in this block"));
+        assert!(out.iter().all(|&x| x == 1.0), "the launch ran on");
     }
 
     #[test]
