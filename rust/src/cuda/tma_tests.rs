@@ -190,7 +190,7 @@ fn tensor_maps_take_heads_dense_with_channels_and_strides_growing_outwards() {
 }
 
 #[test]
-fn problems_take_maps_only_where_both_keys_and_values_fit_them() {
+fn problems_take_maps_only_where_the_staged_tensors_fit_them() {
     let shape = [2, 10, 4, 16];
     let q = laid_out(&shape, vec![640, 64, 16, 1], 0x1000);
     let heads_apart = laid_out(&shape, vec![640, 16, 160, 1], 0x2000);
@@ -200,47 +200,22 @@ fn problems_take_maps_only_where_both_keys_and_values_fit_them() {
         dilation: vec![1],
         causal: vec![false],
     };
-    let with = |value: &TensorRef| {
+    let problem = |query: &TensorRef, value: &TensorRef| {
         let inputs = FusedInputs {
-            query: Some(&q),
+            query: Some(query),
             key: Some(&q),
             value: Some(value),
             ..FusedInputs::default()
         };
-        FusedProblem::new(&inputs, &nbhd, 1.0)
-            .unwrap()
-            .kv_tensor_maps
-    };
-    assert!(with(&q));
-    assert!(!with(&heads_apart));
-}
-
-#[test]
-fn problems_take_query_maps_only_where_queries_and_the_output_gradient_fit_them() {
-    let shape = [2, 10, 4, 16];
-    let q = laid_out(&shape, vec![640, 64, 16, 1], 0x1000);
-    let heads_apart = laid_out(&shape, vec![640, 16, 160, 1], 0x2000);
-    let nbhd = Neighborhood {
-        kernel: vec![3],
-        stride: vec![1],
-        dilation: vec![1],
-        causal: vec![false],
-    };
-    let with = |query: &TensorRef| {
-        let inputs = FusedInputs {
-            query: Some(query),
-            key: Some(&q),
-            value: Some(&q),
-            ..FusedInputs::default()
-        };
         FusedProblem::new(&inputs, &nbhd, 1.0).unwrap()
     };
-    assert!(with(&q).query_tensor_maps);
-    assert!(!with(&heads_apart).query_tensor_maps);
-    assert!(with(&q).with_output_gradient(&q).query_tensor_maps);
-    assert!(
-        !with(&q)
-            .with_output_gradient(&heads_apart)
-            .query_tensor_maps
-    );
+    // Keys and values (the forward's and the d_query kernel's slabs): both must fit.
+    assert!(problem(&q, &q).kv_tensor_maps);
+    assert!(!problem(&q, &heads_apart).kv_tensor_maps);
+    // Queries and the output gradient (the key kernel's).
+    assert!(problem(&q, &q).query_tensor_maps);
+    assert!(!problem(&heads_apart, &q).query_tensor_maps);
+    let backward = |d_out: &TensorRef| problem(&q, &q).with_output_gradient(d_out);
+    assert!(backward(&q).query_tensor_maps);
+    assert!(!backward(&heads_apart).query_tensor_maps);
 }
