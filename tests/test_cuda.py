@@ -390,40 +390,38 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype):
     check_fused_forward(case, dtype, "cuda")
 
 
+# The variants of the tensor-core kernels, name -> (NATTEN_RS_WGMMA, NATTEN_RS_TMA): mma.sync and
+# cp.async everywhere; on sm_90a (other devices keep the first) warpgroup products; and those
+# with slabs staged by bulk tensor copies where tensor maps describe what they stage (the
+# forward's and the d_query kernel's keys and values, the key kernel's queries and output
+# gradients; the cases' other layouts keep cp.async).
+TENSOR_CORE_VARIANTS = {"mma": ("0", "0"), "warpgroup": ("1", "0"), "bulk copies": ("1", "1")}
+HOPPER_VARIANTS = ["warpgroup", "bulk copies"]
+
+
+def use_tensor_core_variant(variant, monkeypatch):
+    wgmma, tma = TENSOR_CORE_VARIANTS[variant]
+    monkeypatch.setenv("NATTEN_RS_WGMMA", wgmma)
+    monkeypatch.setenv("NATTEN_RS_TMA", tma)
+
+
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
-def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
-    # NATTEN_RS_WGMMA=1: warpgroup products on sm_90a (mma.sync on other devices).
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
+def test_hopper_forward_variants_match_the_cpu_path_and_the_oracle(
+    case, dtype, variant, monkeypatch
+):
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_forward(case, dtype, "cuda")
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
-def test_bulk_copy_forward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
-    # NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: on sm_90a, the warpgroup forward stages its slabs
-    # by bulk tensor copies where tensor maps describe the keys and values (the cases' other
-    # layouts, and other devices, keep cp.async).
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    monkeypatch.setenv("NATTEN_RS_TMA", "1")
-    check_fused_forward(case, dtype, "cuda")
-
-
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
-def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
-    # NATTEN_RS_WGMMA=1: the backward tile kernels' warpgroup products on sm_90a.
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    check_fused_backward(case, dtype, "cuda")
-
-
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
-def test_bulk_copy_backward_matches_the_cpu_path_and_the_oracle(case, dtype, monkeypatch):
-    # NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: on sm_90a, the d_query kernel's key and value slabs
-    # come by bulk tensor copies where the layout allows.
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+def test_hopper_backward_variants_match_the_cpu_path_and_the_oracle(
+    case, dtype, variant, monkeypatch
+):
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_backward(case, dtype, "cuda")
 
 

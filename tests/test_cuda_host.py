@@ -28,18 +28,21 @@ from test_cuda import (
     CASE_IDS,
     CASES,
     HALF_DTYPES,
+    HOPPER_VARIANTS,
     TENSOR_CORE_BACKWARD_CASE_PARAMS,
     TENSOR_CORE_BACKWARD_CASES,
     TENSOR_CORE_CASE_PARAMS,
     TENSOR_CORE_CASES,
     TENSOR_CORE_UNFUSED_CASES,
     TENSOR_CORE_UNFUSED_PARAMS,
+    TENSOR_CORE_VARIANTS,
     check_dense_attention,
     check_every_output_element_is_written,
     check_fused_backward,
     check_fused_forward,
     check_fused_forward_writes_every_output_element,
     check_unfused,
+    use_tensor_core_variant,
 )
 from test_fused import CASE_PARAMS as FUSED_CASE_PARAMS
 
@@ -131,35 +134,36 @@ def test_tensor_core_forward_matches_the_cpu_path_and_the_oracle(case, dtype, ke
     check_fused_forward(case, dtype, "cpu", kernels)
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
-def test_warpgroup_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
-    # NATTEN_RS_WGMMA=1: the forward's products are warpgroup products (emulated here as the
-    # PTX ISA defines them) reading slabs staged in core matrices, for head dims up to 128.
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    check_fused_forward(case, dtype, "cpu", kernels)
-
-
 def _with_bulk_copies(monkeypatch):
-    """NATTEN_RS_WGMMA=1 and NATTEN_RS_TMA=1: the warpgroup forward and the backward's d_query
-    kernel stage their key and value slabs by bulk tensor copies, and the backward's key kernel
-    its query and output gradient slabs (emulated here as the driver documents them, landing on
-    their barriers as late as a GPU allows), where tensor maps describe those tensors."""
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    monkeypatch.setenv("NATTEN_RS_TMA", "1")
+    """The bulk copies variant (test_cuda.TENSOR_CORE_VARIANTS): the warpgroup forward and the
+    backward's d_query kernel stage their key and value slabs by bulk tensor copies, and the
+    backward's key kernel its query and output gradient slabs (emulated here as the driver
+    documents them, landing on their barriers as late as a GPU allows), where tensor maps
+    describe those tensors."""
+    use_tensor_core_variant("bulk copies", monkeypatch)
 
 
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
-def test_bulk_copy_forward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
-    _with_bulk_copies(monkeypatch)
+def test_hopper_forward_variants_match_the_cpu_path_and_the_oracle(
+    case, dtype, variant, kernels, monkeypatch
+):
+    # Warpgroup products (and bulk copies) emulated as the PTX ISA defines them, reading slabs
+    # staged in core matrices, for head dims up to 128.
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_forward(case, dtype, "cpu", kernels)
 
 
+@pytest.mark.parametrize("variant", HOPPER_VARIANTS)
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
-def test_bulk_copy_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
-    _with_bulk_copies(monkeypatch)
+def test_hopper_backward_variants_match_the_cpu_path_and_the_oracle(
+    case, dtype, variant, kernels, monkeypatch
+):
+    # The d_query and key-row kernels' products, both factors of their logits and dP from
+    # shared memory.
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_backward(case, dtype, "cpu", kernels)
 
 
@@ -222,28 +226,17 @@ def test_tensor_core_backward_matches_the_cpu_path_and_the_oracle(case, dtype, k
     check_fused_backward(case, dtype, "cpu", kernels)
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
-def test_warpgroup_backward_matches_the_cpu_path_and_the_oracle(case, dtype, kernels, monkeypatch):
-    # NATTEN_RS_WGMMA=1: the backward's d_query and key-row kernels take warpgroup products,
-    # both factors of their logits and dP from shared memory.
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    check_fused_backward(case, dtype, "cpu", kernels)
-
-
-@pytest.mark.parametrize("variant", ["mma", "warpgroup", "bulk copies"])
+@pytest.mark.parametrize("variant", TENSOR_CORE_VARIANTS)
 @pytest.mark.parametrize("case", TENSOR_CORE_CASE_PARAMS)
 def test_tensor_core_forward_in_reversed_turns(case, variant, reversed_turns, monkeypatch):
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "0" if variant == "mma" else "1")
-    monkeypatch.setenv("NATTEN_RS_TMA", "1" if variant == "bulk copies" else "0")
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_forward(case, torch.bfloat16, "cpu", reversed_turns)
 
 
-@pytest.mark.parametrize("variant", ["mma", "warpgroup", "bulk copies"])
+@pytest.mark.parametrize("variant", TENSOR_CORE_VARIANTS)
 @pytest.mark.parametrize("case", TENSOR_CORE_BACKWARD_CASE_PARAMS)
 def test_tensor_core_backward_in_reversed_turns(case, variant, reversed_turns, monkeypatch):
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "0" if variant == "mma" else "1")
-    monkeypatch.setenv("NATTEN_RS_TMA", "1" if variant == "bulk copies" else "0")
+    use_tensor_core_variant(variant, monkeypatch)
     check_fused_backward(case, torch.bfloat16, "cpu", reversed_turns)
 
 
@@ -323,13 +316,11 @@ def test_kernels_loop_over_what_a_small_grid_leaves(case, dtype, few_blocks):
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=str(c)) for c in LOOPING_CASES[::2]])
 def test_the_warpgroup_kernels_loop_over_what_a_small_grid_leaves(case, few_blocks, monkeypatch):
-    monkeypatch.setenv("NATTEN_RS_WGMMA", "1")
-    check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
-    check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
-    # The bulk copies' barriers keep their phases from tile to tile.
-    monkeypatch.setenv("NATTEN_RS_TMA", "1")
-    check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
-    check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
+    # (With bulk copies, their barriers keep their phases from tile to tile.)
+    for variant in HOPPER_VARIANTS:
+        use_tensor_core_variant(variant, monkeypatch)
+        check_fused_forward(case, torch.bfloat16, "cpu", few_blocks)
+        check_fused_backward(case, torch.bfloat16, "cpu", few_blocks)
 
 
 @pytest.mark.parametrize("case, dim", TENSOR_CORE_UNFUSED_CASES[:2])
