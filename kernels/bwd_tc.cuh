@@ -35,14 +35,16 @@
 #define NA_TCB_BLOCKS (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM) / 8 : NA_DIM / 8)
 #define NA_TCB_BLOCKS_V (NA_TCB_WGMMA ? NA_TC_PAD(NA_DIM_V) / 8 : NA_DIM_V / 8)
 // Queries per slab of the key-row kernels, whose gradients (d_key and d_value) take the most
-// registers: fewer for wide rows on mma.sync, whose products take the tile's rows as fragments
-// in registers too (warpgroup products read them from shared memory), and more for rows up to
-// 32 channels on warpgroup products, whose registers take them at no cost in blocks per SM (two
-// either way) and whose slabs then take fewer instructions per product.
-#if NA_TCB_WGMMA && NA_DIM <= 32 && NA_DIM_V <= 32
-#define NA_TCB_QUERIES 64
+// registers: on mma.sync fewer for wide rows, whose products take the tile's rows as fragments
+// in registers too; on warpgroup products (which read them from shared memory) the host's
+// choice, which plans the bulk copies' slabs by it (cuda/tma.rs, key_row_slab_queries).
+#if NA_TCB_WGMMA
+#ifndef NA_TCB_WGMMA_QUERIES
+#error "NA_TCB_WGMMA_QUERIES: the host sets it (kernels.rs)"
+#endif
+#define NA_TCB_QUERIES NA_TCB_WGMMA_QUERIES
 #else
-#define NA_TCB_QUERIES (NA_TCB_WIDE && !NA_TCB_WGMMA ? 16 : 32)
+#define NA_TCB_QUERIES (NA_TCB_WIDE ? 16 : 32)
 #endif
 
 // Store this lane's share of rows g and g + 8 (C layout, `BLOCKS` 8-channel blocks) times

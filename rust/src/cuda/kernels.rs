@@ -516,6 +516,10 @@ impl KernelKey {
         if self.source == Source::Qk {
             flags.push(format!("-DNA_BIAS_TILE_ROWS={BIAS_TILE_ROWS}"));
         }
+        if self.source == Source::FusedBwdTc && self.wgmma {
+            let queries = tma::key_row_slab_queries(self.dims);
+            flags.push(format!("-DNA_TCB_WGMMA_QUERIES={queries}"));
+        }
         if self.source == Source::FusedBwdTc {
             let on = u8::from(self.bias_grads_on_tensor_cores());
             flags.push(format!("-DNA_TCB_BIAS_GRADS={on}"));

@@ -108,14 +108,26 @@ pub enum Slabs {
     Queries,
 }
 
+/// Queries per slab of the backward's key-row kernels on warpgroup products, for head dims
+/// `(dim, dim_v)`: 64 for rows up to 32 channels (their registers take them at no cost in
+/// blocks per SM, and such slabs take fewer instructions per product), else 32. The kernels
+/// take it from the host (`KernelKey::defines`: NA_TCB_WGMMA_QUERIES), which plans the bulk
+/// copies' slabs by it.
+pub fn key_row_slab_queries((dim, dim_v): (usize, usize)) -> usize {
+    if dim <= 32 && dim_v <= 32 {
+        64
+    } else {
+        32
+    }
+}
+
 impl Slabs {
-    /// Columns per slab: the kernels' NA_TC_KEYS and NA_TCB_KEYS (`SLAB_KEYS`), or on warpgroup
-    /// products bwd_tc.cuh's NA_TCB_QUERIES (64 for rows up to 32 channels, else 32).
+    /// Columns per slab: the kernels' NA_TC_KEYS and NA_TCB_KEYS (`SLAB_KEYS`), or
+    /// `key_row_slab_queries`.
     fn columns(self, p: &FusedProblem) -> usize {
         match self {
             Slabs::Keys => SLAB_KEYS,
-            Slabs::Queries if p.dim <= 32 && p.dim_v <= 32 => 64,
-            Slabs::Queries => 32,
+            Slabs::Queries => key_row_slab_queries((p.dim, p.dim_v)),
         }
     }
 
