@@ -1,26 +1,28 @@
 //! The query pass of the fused backward: per query, its probabilities are recomputed once and
 //! give `d_query`, and the query's terms of `d_key` and `d_value` are added to float
-//! accumulators of its window's key rows right away, while those rows are in cache (its logit
-//! gradients binned by relative offset too, for `d_rpb`). Keys are
-//! never revisited from their side, so the backward costs five products per (query, key) pair
-//! (logit, `d_out . value`, and the three gradients) instead of seven.
+//! accumulators of its window's key rows right away, while those rows are in cache
+//! (`fused_sums` says where they lie), and its logit gradients binned by relative offset, for
+//! `d_rpb`. Keys are never revisited from their side, so the backward costs five products per
+//! (query, key) pair (logit, `d_out . value`, and the three gradients) instead of seven.
 //!
 //! Several queries add to one key, so work is split into chunks of one `(batch, kv head)`
 //! plane, along one axis inside one dilation group, each at least twice as long as a query's
 //! reach: chunks two apart never share a key. Even chunks run in parallel, then odd ones. The
-//! split depends on the problem alone, so every key's sum runs in one fixed order
-//! (deterministic for any thread count).
+//! split (and whether a chunk's sums are staged) depends on the problem alone, so every key's
+//! sum runs in one fixed order (deterministic for any thread count).
 
 use std::ops::Range;
 use std::sync::{Mutex, MutexGuard};
 
-use super::element::{store, Accum, Element, PairDotsKernels, Run};
+use super::element::{Accum, Element, PairDotsKernels};
 use super::fused_bwd::{Backward, QueryScratch};
+use super::fused_sums::{ChunkStage, KvSums, SumRows};
 use super::grid::{Grid, Row};
-use super::parallel::{for_each_with, par_rows, RowKernel};
+use super::parallel::{par_rows, RowKernel};
 use super::qk::store_bias_grad;
 use super::stage::prefetch_lines;
 use super::view::{Bias, Tokens};
+use crate::window::Span;
 
 /// At most this many chunks per dilation group (more buy no parallelism).
 const MAX_CHUNKS: usize = 64;
@@ -62,6 +64,24 @@ impl ChunkPlan {
         }
         ChunkPlan { axis, phases }
     }
+
+    /// The keys the queries of `chunk` reach along the chunk axis (one dilation group's,
+    /// `dilation` apart).
+    pub(super) fn keys(&self, g: &Grid, chunk: &Chunk) -> Span {
+        let a = g.axes[self.axis];
+        let windows = chunk
+            .range
+            .clone()
+            .map(|j| a.window(chunk.group + j * a.dilation));
+        let (first, last) = windows.fold((usize::MAX, 0), |(first, last), w| {
+            let end = w.first + w.count.saturating_sub(1) * a.dilation;
+            (first.min(w.first), last.max(end))
+        });
+        Span {
+            first,
+            count: (last - first) / a.dilation + 1,
+        }
+    }
 }
 
 /// The largest distance, in steps of the dilation, from a query to a key of its window along
@@ -79,205 +99,15 @@ fn reach(g: &Grid, axis: usize) -> usize {
         .unwrap_or(0)
 }
 
-/// Where `d_key` and `d_value` are summed, in the accumulator type: the gradient tensors
-/// themselves when they hold that type densely (float32, float64), else a buffer of rows of
-/// `dim + dim_v`, `(b, kv head, token)` row-major, rounded into them at the end.
-pub(super) struct KvSums<A> {
-    d_k: Tokens<A>,
-    d_v: Tokens<A>,
-    /// The memory behind `d_k` and `d_v` when they are not the gradient tensors.
-    buffer: Option<Vec<A>>,
-    dims: (usize, usize),
-    lengths: [usize; 3],
-    planes: (usize, usize),
-}
+/// Where a task adds its queries' key-side terms: the rows and the kv head (`None` when key
+/// gradients are not wanted).
+type KeySums<A> = Option<(SumRows<A>, usize)>;
 
-// SAFETY: tasks of one phase add to disjoint rows (chunks of one parity share no key); the
-// clearing and rounding passes touch each row from one task.
-unsafe impl<A: Send> Sync for KvSums<A> {}
-
-impl<A: Accum> KvSums<A> {
-    /// Cleared sums for `d_k`, `d_v` `[B, *spatial, heads_kv, D / Dv]` over the grid `g`.
-    pub(super) fn new<T: Element<Acc = A>>(
-        g: &Grid,
-        heads_kv: usize,
-        dims: (usize, usize),
-        (d_k, d_v): (Tokens<T>, Tokens<T>),
-    ) -> Self {
-        let mut sums = KvSums {
-            d_k: d_k.cast(),
-            d_v: d_v.cast(),
-            buffer: None,
-            dims,
-            lengths: g.axes.map(|a| a.length),
-            planes: (g.batch, heads_kv),
-        };
-        let in_place = T::is_acc() && d_k.inner_stride() == 1 && d_v.inner_stride() == 1;
-        if in_place {
-            sums.for_each_row(|_, dk, dv| {
-                dk.fill(A::ZERO);
-                dv.fill(A::ZERO);
-            });
-            return sums;
-        }
-        let width = dims.0 + dims.1;
-        let [_, l1, l2] = sums.lengths;
-        let tokens = g.tokens();
-        let strides = [heads_kv * tokens, tokens, l1 * l2, l2, 1].map(|s| (s * width) as isize);
-        let strides = [
-            strides[0], strides[1], strides[2], strides[3], strides[4], 1,
-        ];
-        let mut buffer = vec![A::ZERO; g.batch * heads_kv * tokens * width];
-        let ptr = buffer.as_mut_ptr();
-        sums.d_k = Tokens::from_parts(ptr, strides);
-        // SAFETY: `dims.0 < width`, inside the first row.
-        sums.d_v = Tokens::from_parts(unsafe { ptr.add(dims.0) }, strides);
-        sums.buffer = Some(buffer);
-        sums
-    }
-
-    /// Call `f(index, d_key row, d_value row)` for every kv row, in parallel, a line of the
-    /// last axis per task (the index arithmetic once per line: per row, its divisions cost
-    /// more than clearing the row, a twentieth of P1's backward).
-    fn for_each_row(&self, f: impl Fn([usize; 6], &mut [A], &mut [A]) + Sync) {
-        let [l0, l1, l2] = self.lengths;
-        let (batch, heads_kv) = self.planes;
-        let width = self.dims.0 + self.dims.1;
-        for_each_with(
-            (batch * heads_kv * l0 * l1, l2 * width),
-            || (),
-            |r, _| {
-                let (plane, line) = (r / (l0 * l1), r % (l0 * l1));
-                let (b, hk, x0, x1) = (plane / heads_kv, plane % heads_kv, line / l1, line % l1);
-                for x2 in 0..l2 {
-                    let at = [b, hk, x0, x1, x2, 0];
-                    // SAFETY: every row of the kv grid is in shape, dense, and this task's.
-                    unsafe { f(at, self.row(self.d_k, at, 0), self.row(self.d_v, at, 1)) }
-                }
-            },
-        );
-    }
-
-    /// The dense row of `view` at `at` (`dims.0` or `dims.1` long, by `which`).
-    ///
-    /// # Safety
-    /// `at` must be a kv row; no other task may use the row meanwhile.
-    #[inline(always)]
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn row(&self, view: Tokens<A>, at: [usize; 6], which: usize) -> &mut [A] {
-        let len = if which == 0 { self.dims.0 } else { self.dims.1 };
-        // SAFETY: by the caller's contract; rows of `d_k` / `d_v` are dense.
-        unsafe { std::slice::from_raw_parts_mut(view.at(at), len) }
-    }
-
-    /// Call `f(n, key run, value run)` for every run of the window of query `x` in batch `b`,
-    /// kv head `hk` (`n` its first key's index in window order), each run `len` rows long
-    /// from the window's first key along the last axis.
-    #[inline(always)]
-    fn for_each_run(
-        &self,
-        g: &Grid,
-        (b, hk, x): (usize, usize, [usize; 3]),
-        len: usize,
-        mut f: impl FnMut(usize, Run, Run),
-    ) {
-        let w = g.window(x);
-        let d = g.axes.map(|a| a.dilation);
-        let size = std::mem::size_of::<A>() as isize;
-        let run = |view: Tokens<A>, at: [usize; 6]| Run {
-            // SAFETY: keys of a window are kv rows.
-            first: unsafe { view.at(at) } as usize,
-            step: d[2] as isize * view.stride(4) * size,
-            len,
-        };
-        let mut n = 0;
-        for s0 in 0..w[0].count {
-            for s1 in 0..w[1].count {
-                let at = [
-                    b,
-                    hk,
-                    w[0].first + s0 * d[0],
-                    w[1].first + s1 * d[1],
-                    w[2].first,
-                    0,
-                ];
-                f(n, run(self.d_k, at), run(self.d_v, at));
-                n += w[2].count;
-            }
-        }
-    }
-
-    /// Add one query's terms to its window's rows: `d_key_n += ds[n] q`,
-    /// `d_value_n += p[n] d_o` (`n` in window order).
-    ///
-    /// # Safety
-    /// `x` must be a query of `g` in batch `b` of kv head `hk`; no other task may touch its
-    /// window's rows meanwhile.
-    #[inline(always)]
-    unsafe fn add_query(
-        &self,
-        g: &Grid,
-        (b, hk, x): (usize, usize, [usize; 3]),
-        (ds, p): (&[A], &[A]),
-        (q, d_o): (&[A], &[A]),
-    ) {
-        let len = g.window(x)[2].count;
-        self.for_each_run(g, (b, hk, x), len, |n, keys, values| {
-            // SAFETY: the runs' rows are this task's, by the caller's contract.
-            unsafe {
-                A::spread_rows(&ds[n..n + len], q, keys);
-                A::spread_rows(&p[n..n + len], d_o, values);
-            }
-        });
-    }
-
-    /// `add_query` for two consecutive queries `x` of one line whose windows share their runs,
-    /// the second's starting `offset` keys into the first's (`Attention::pair_offset`): each
-    /// row of a run's union is updated once for both.
-    ///
-    /// # Safety
-    /// As `add_query`, for both queries.
-    #[inline(always)]
-    unsafe fn add_pair(
-        &self,
-        g: &Grid,
-        (b, hk, x): (usize, usize, [[usize; 3]; 2]),
-        offset: usize,
-        weights: [(&[A], &[A]); 2],
-        vectors: [(&[A], &[A]); 2],
-    ) {
-        let lens = x.map(|x| g.window(x)[2].count);
-        let union = offset + lens[1];
-        let mut second = 0;
-        self.for_each_run(g, (b, hk, x[0]), union, |n, keys, values| {
-            // Each query's weights of this run, in its own window order.
-            let (own_a, own_b) = (n..n + lens[0], second..second + lens[1]);
-            second += lens[1];
-            let [(ds_a, p_a), (ds_b, p_b)] = weights;
-            let [(q_a, d_o_a), (q_b, d_o_b)] = vectors;
-            let ds = [&ds_a[own_a.clone()], &ds_b[own_b.clone()]];
-            let p = [&p_a[own_a], &p_b[own_b]];
-            // SAFETY: the union rows are keys of one of the queries, this task's rows.
-            unsafe {
-                A::spread_pair(ds, offset, [q_a, q_b], keys);
-                A::spread_pair(p, offset, [d_o_a, d_o_b], values);
-            }
-        });
-    }
-
-    /// Round buffered sums into `d_key` and `d_value` (nothing to do when summed in place).
-    fn finish<T: Element<Acc = A>>(&self, (d_k, d_v): (Tokens<T>, Tokens<T>)) {
-        if self.buffer.is_none() {
-            return;
-        }
-        self.for_each_row(|at, dk, dv| {
-            // SAFETY: every kv row is in shape and stored by this task only.
-            unsafe {
-                store(d_k.at(at), d_k.inner_stride(), dk);
-                store(d_v.at(at), d_v.inner_stride(), dv);
-            }
-        });
-    }
+/// A worker's scratch: two queries' (for the pair kernels) and, where the problem stages its
+/// chunks' key sums, the stage.
+struct ChunkScratch<A> {
+    queries: [QueryScratch<A>; 2],
+    stage: Option<ChunkStage<A>>,
 }
 
 /// One task per chunk of one `(batch, kv head)` plane, for the chunks of one phase: every
@@ -381,27 +211,28 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
     unsafe fn query(
         &self,
         row: Row,
-        hk: usize,
+        key_sums: KeySums<T::Acc>,
         bins: Option<&mut [T::Acc]>,
         s: &mut QueryScratch<T::Acc>,
     ) {
         // SAFETY: forwarded contract.
         unsafe {
             let grads = self.bwd.logit_grads(row, s);
-            self.gradients(row, hk, grads, bins, s);
+            self.gradients(row, key_sums, grads, bins, s);
         }
     }
 
-    /// The queries of batch `b`, head `h` (of kv head `hk`) at leading coordinates `lead` and
-    /// last-axis positions `line`, in order: neighbors whose windows share their runs go
-    /// through the pair kernels, the others one by one.
+    /// The queries of batch `b`, head `h` at leading coordinates `lead` and last-axis
+    /// positions `line`, in order: neighbors whose windows share their runs go through the pair
+    /// kernels, the others one by one.
     ///
     /// # Safety
-    /// Every query must be in this task's chunk.
+    /// Every query must be in this task's chunk, `key_sums` its rows.
     #[inline(always)]
     unsafe fn line(
         &self,
-        (b, h, hk): (usize, usize, usize),
+        (b, h): (usize, usize),
+        key_sums: KeySums<T::Acc>,
         [x0, x1]: [usize; 2],
         line: &[usize],
         mut bins: Option<&mut [T::Acc]>,
@@ -427,11 +258,11 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
             // SAFETY (both arms): queries of this task's chunk, by the caller's contract.
             match pair {
                 Some(pair) => {
-                    unsafe { self.query_pair(pair, hk, bins, [&mut *sa, &mut *sb]) };
+                    unsafe { self.query_pair(pair, key_sums, bins, [&mut *sa, &mut *sb]) };
                     i += 2;
                 }
                 None => {
-                    unsafe { self.query(ra, hk, bins, sa) };
+                    unsafe { self.query(ra, key_sums, bins, sa) };
                     i += 1;
                 }
             }
@@ -463,7 +294,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
     unsafe fn query_pair(
         &self,
         (rows, offset, dots): ([Row; 2], usize, PairDotsKernels<T::Acc>),
-        hk: usize,
+        key_sums: KeySums<T::Acc>,
         mut bins: Option<&mut [T::Acc]>,
         [sa, sb]: [&mut QueryScratch<T::Acc>; 2],
     ) {
@@ -480,7 +311,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
             let dst = [self.d_query_row(rows[0]), self.d_query_row(rows[1])];
             let tails = [&mut sa.row.tail[..], &mut sb.row.tail[..]];
             a.store_weighted_pair(lists, (weights, offset), dst, a.scale, tails);
-            if let Some(sums) = self.sums {
+            if let Some((sums, hk)) = key_sums {
                 let (wa, wb) = (sa.row.keys.window, sb.row.keys.window);
                 let weights = [
                     (&sa.dp[..wa], &sa.row.logits[..wa]),
@@ -502,7 +333,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
     unsafe fn gradients(
         &self,
         row: Row,
-        hk: usize,
+        key_sums: KeySums<T::Acc>,
         grads: (T::Acc, T::Acc),
         bins: Option<&mut [T::Acc]>,
         s: &mut QueryScratch<T::Acc>,
@@ -510,7 +341,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
         // SAFETY (whole block): forwarded contract.
         unsafe {
             self.query_side(row, grads, bins, s);
-            if let Some(sums) = self.sums {
+            if let Some((sums, hk)) = key_sums {
                 let window = s.row.keys.window;
                 let weights = (&s.dp[..window], &s.row.logits[..window]);
                 let a = self.bwd.a;
@@ -582,10 +413,23 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
 }
 
 impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
-    type Scratch = [QueryScratch<T::Acc>; 2];
+    type Scratch = ChunkScratch<T::Acc>;
 
     fn scratch(&self) -> Self::Scratch {
-        [self.bwd.query_scratch(), self.bwd.query_scratch()]
+        let a = self.bwd.a;
+        let plan = self.plan;
+        let stage = self.sums.and_then(|_| {
+            let keys = plan
+                .phases
+                .iter()
+                .flatten()
+                .map(|c| plan.keys(a.g, c).count);
+            ChunkStage::new(a.g, plan.axis, keys.max()?, (a.g.dim, a.dim_v))
+        });
+        ChunkScratch {
+            queries: [self.bwd.query_scratch(), self.bwd.query_scratch()],
+            stage,
+        }
     }
 
     #[inline(always)]
@@ -596,6 +440,14 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
         let (bh, chunk) = (u / chunks.len(), &chunks[u % chunks.len()]);
         let (b, hk) = (bh / heads_kv, bh % heads_kv);
         let mut bins = self.bins.map(|bins| bins.of(self.plan, self.phase, u));
+        let ChunkScratch { queries, stage } = scratch;
+        let staged = match (self.sums, stage.as_mut()) {
+            (Some(_), Some(stage)) => Some(stage.begin(a.g, self.plan.keys(a.g, chunk))),
+            _ => None,
+        };
+        let key_sums = staged
+            .or(self.sums.map(|sums| sums.rows))
+            .map(|rows| (rows, hk));
         let [p0, p1, p2] = [0, 1, 2].map(|axis| self.positions(axis, chunk));
         // The axes after the chunk axis are walked in tiles, each tile along the whole chunk
         // axis: the tile's window box then slides one position at a time, and the key rows
@@ -627,9 +479,13 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
                     }
                     let bins = bins.as_deref_mut().map(|b| &mut b[..]);
                     // SAFETY: queries of this task's chunk.
-                    unsafe { self.line((b, h, hk), [x0, x1], t2, bins, scratch) };
+                    unsafe { self.line((b, h), key_sums, [x0, x1], t2, bins, queries) };
                 }
             }
+        }
+        if let (Some(rows), Some(stage), Some(sums)) = (staged, stage, self.sums) {
+            // SAFETY: the chunk's keys are this task's (no chunk of the phase shares one).
+            unsafe { stage.add_into(rows, sums.rows, (b, hk)) };
         }
     }
 }

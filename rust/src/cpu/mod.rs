@@ -2,9 +2,9 @@
 //! The unfused ops and all their gradients are compositions of four window primitives:
 //! `pairwise` (dots over a window), `gather` (weighted sum over a window), `scatter` (its
 //! transpose, over inverse windows) and the reductions onto extra tokens and the bias. The fused
-//! op (`fused`, `fused_bwd`, `fused_chunks`, `fused_kv`) keeps one query's logits in scratch and
-//! never builds the attention matrix; `simd` holds the explicit SIMD tiers (AVX2, AVX-512) both
-//! families run on.
+//! op (`fused`, `fused_bwd`, `fused_chunks`, `fused_sums`, `fused_kv`) keeps one query's logits
+//! in scratch and never builds the attention matrix; `simd` holds the explicit SIMD tiers (AVX2,
+//! AVX-512) both families run on.
 
 mod av;
 mod element;
@@ -12,6 +12,7 @@ mod fused;
 mod fused_bwd;
 mod fused_chunks;
 mod fused_kv;
+mod fused_sums;
 mod grid;
 mod keys;
 mod math;
