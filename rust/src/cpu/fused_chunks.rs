@@ -318,7 +318,7 @@ impl<T: Element> ChunkPass<'_, '_, '_, T> {
                     (&sb.dp[..wb], &sb.row.logits[..wb]),
                 ];
                 let vectors = [(&sa.row.q[..], &sa.d_o[..]), (&sb.row.q[..], &sb.d_o[..])];
-                let at = (rows[0].b, hk, rows.map(|r| r.x));
+                let at = (rows[0].b, hk, [rows[0].x, rows[1].x]);
                 sums.add_pair(self.bwd.a.g, at, offset, weights, vectors);
             }
         }

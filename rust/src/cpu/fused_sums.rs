@@ -123,7 +123,10 @@ impl<A: Accum> SumRows<A> {
     ) {
         let w = g.window(x);
         let size = std::mem::size_of::<A>() as isize;
-        let step = self.slots.map(|s| s.step);
+        // Arrays are built element by element here and below: `array::map` in this hot path
+        // was called out of line (its closures compiled without the caller's instruction set).
+        let [s0, s1, s2] = self.slots;
+        let step = [s0.step, s1.step, s2.step];
         let run = |view: Tokens<A>, at: [usize; 6]| Run {
             // SAFETY: keys of a window are rows of the views.
             first: unsafe { view.at(at) } as usize,
@@ -132,7 +135,7 @@ impl<A: Accum> SumRows<A> {
         };
         // A window's keys lie one dilation step apart, `step` indices: the first key's index
         // is found once, the others' by counting on.
-        let first = self.slot(b, hk, w.map(|w| w.first));
+        let first = self.slot(b, hk, [w[0].first, w[1].first, w[2].first]);
         let mut n = 0;
         for s0 in 0..w[0].count {
             for s1 in 0..w[1].count {
@@ -184,7 +187,7 @@ impl<A: Accum> SumRows<A> {
         weights: [(&[A], &[A]); 2],
         vectors: [(&[A], &[A]); 2],
     ) {
-        let lens = x.map(|x| g.window(x)[2].count);
+        let lens = [g.span(2, x[0][2]).count, g.span(2, x[1][2]).count];
         let union = offset + lens[1];
         let mut second = 0;
         self.for_each_run(g, (b, hk, x[0]), union, |n, keys, values| {
