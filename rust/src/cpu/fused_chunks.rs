@@ -84,6 +84,14 @@ impl ChunkPlan {
     }
 }
 
+/// `positions` (in dilation-group order) cut into tiles of at most `len`, none holding two
+/// groups' positions: neighbors in a tile then share most keys, and the pair kernels take them
+/// two at a time.
+fn tiles(positions: &[usize], dilation: usize, len: usize) -> impl Iterator<Item = &[usize]> {
+    let groups = positions.chunk_by(move |x, y| x % dilation == y % dilation);
+    groups.flat_map(move |group| group.chunks(len))
+}
+
 /// The largest distance, in steps of the dilation, from a query to a key of its window along
 /// `axis`.
 fn reach(g: &Grid, axis: usize) -> usize {
@@ -452,12 +460,13 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
         // The axes after the chunk axis are walked in tiles, each tile along the whole chunk
         // axis: the tile's window box then slides one position at a time, and the key rows
         // it adds to stay in cache while every query of the tile reaches them.
-        let tile = |axis: usize, len: usize| match axis > self.plan.axis {
-            true => TILE[axis].min(len),
-            false => len.max(1),
+        let tile = |axis: usize| match axis > self.plan.axis {
+            true => TILE[axis],
+            false => usize::MAX,
         };
-        for t1 in p1.chunks(tile(1, p1.len())) {
-            for t2 in p2.chunks(tile(2, p2.len())) {
+        let d = a.g.axes.map(|axis| axis.dilation);
+        for t1 in tiles(&p1, d[1], tile(1)) {
+            for t2 in tiles(&p2, d[2], tile(2)) {
                 let heads = hk * a.group..(hk + 1) * a.group;
                 let mut lines = p0
                     .iter()
@@ -483,9 +492,9 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
                 }
             }
         }
-        if let (Some(rows), Some(stage), Some(sums)) = (staged, stage, self.sums) {
+        if let (Some(_), Some(stage), Some(sums)) = (staged, stage, self.sums) {
             // SAFETY: the chunk's keys are this task's (no chunk of the phase shares one).
-            unsafe { stage.add_into(rows, sums.rows, (b, hk)) };
+            unsafe { stage.add_into(sums, (b, hk)) };
         }
     }
 }

@@ -263,6 +263,24 @@ impl<A: Accum> KvSums<A> {
         sums
     }
 
+    /// The `d_key` and `d_value` rows of token `x` in batch `b`, kv head `hk` (the sums' rows
+    /// lie in the tensors' order).
+    ///
+    /// # Safety
+    /// `x` must be a token of the grid; no other task may use its rows meanwhile, nor may they
+    /// outlive the sums' tensors.
+    #[inline(always)]
+    unsafe fn rows_of<'a>(&self, b: usize, hk: usize, x: [usize; 3]) -> (&'a mut [A], &'a mut [A]) {
+        let at = [b, hk, x[0], x[1], x[2], 0];
+        // SAFETY: forwarded contract.
+        unsafe {
+            (
+                row(self.rows.d_k, at, self.dims.0),
+                row(self.rows.d_v, at, self.dims.1),
+            )
+        }
+    }
+
     /// Call `f(index, d_key row, d_value row)` for every kv row, in parallel, a line of the
     /// last axis per task (the index arithmetic once per line: per row, its divisions cost
     /// more than clearing the row, a twentieth of P1's backward).
@@ -323,11 +341,9 @@ pub(super) struct ChunkStage<A> {
     /// The chunk axis and its dilation.
     axis: usize,
     dilation: usize,
-    /// Per axis, the positions the stage holds (`first, first + step, ...`): the chunk axis's
-    /// set by `begin`, every position of the others.
-    positions: [(Span, usize); 3],
-    /// Per axis, the indices the stage spans.
-    extents: [usize; 3],
+    /// Per axis, the position at each index of the stage (`None`: padding), the chunk
+    /// axis's set by `begin`.
+    positions: [Vec<Option<usize>>; 3],
 }
 
 impl<A: Accum> ChunkStage<A> {
@@ -338,24 +354,24 @@ impl<A: Accum> ChunkStage<A> {
         if g.axes.iter().all(|a| a.dilation == 1) {
             return None;
         }
-        let mut extents = g.axes.map(|a| a.length.div_ceil(a.dilation) * a.dilation);
+        let positions = g.axes.map(|a| {
+            let slots = Slots::grouped(a.length, a.dilation);
+            let mut at = vec![None; a.length.div_ceil(a.dilation) * a.dilation];
+            (0..a.length).for_each(|x| at[slots.of(x)] = Some(x));
+            at
+        });
+        let mut extents = positions.each_ref().map(Vec::len);
         extents[axis] = keys;
-        let width = dims.0 + dims.1;
-        let volume: usize = extents.iter().product();
-        if volume * width * std::mem::size_of::<A>() > STAGE_LIMIT {
+        let volume = extents.iter().product::<usize>() * (dims.0 + dims.1);
+        if volume * std::mem::size_of::<A>() > STAGE_LIMIT {
             return None;
         }
-        let every = |length| Span {
-            first: 0,
-            count: length,
-        };
         Some(ChunkStage {
-            buffer: Aligned::new(volume * width),
+            buffer: Aligned::new(volume),
             dims,
             axis,
             dilation: g.axes[axis].dilation,
-            positions: g.axes.map(|a| (every(a.length), 1)),
-            extents,
+            positions,
         })
     }
 
@@ -363,44 +379,43 @@ impl<A: Accum> ChunkStage<A> {
     /// apart); returns its rows, which take the chunk's queries' terms.
     pub(super) fn begin(&mut self, g: &Grid, keys: Span) -> SumRows<A> {
         let d = self.dilation;
-        self.positions[self.axis] = (keys, d);
-        self.extents[self.axis] = keys.count;
-        let width = self.dims.0 + self.dims.1;
-        let [_, e1, e2] = self.extents;
-        let volume: usize = self.extents.iter().product();
+        let along = &mut self.positions[self.axis];
+        along.clear();
+        along.extend((0..keys.count).map(|j| Some(keys.first + j * d)));
+        let [e0, e1, e2] = self.positions.each_ref().map(Vec::len);
         let ptr = self.buffer.ptr_mut();
+        let volume = e0 * e1 * e2 * (self.dims.0 + self.dims.1);
         // SAFETY: the buffer holds the largest chunk's stage (`new`).
-        unsafe { std::slice::from_raw_parts_mut(ptr, volume * width) }.fill(A::ZERO);
+        unsafe { std::slice::from_raw_parts_mut(ptr, volume) }.fill(A::ZERO);
         let mut slots = g.axes.map(|a| Slots::grouped(a.length, a.dilation));
         slots[self.axis] = Slots::one_group(d, keys.first / d);
         SumRows::interleaved(ptr, self.dims, [0, 0, e1 * e2, e2, 1], slots)
     }
 
-    /// Add the stage begun last (`rows`, from `begin`) into batch `b`, kv head `hk` of `sums`.
+    /// Add the stage begun last into batch `b`, kv head `hk` of `sums`, in the stage's order
+    /// (its rows one after another; no index arithmetic but the sums' strides).
     ///
     /// # Safety
     /// The staged key rows of that plane must be this task's.
-    pub(super) unsafe fn add_into(
-        &self,
-        rows: SumRows<A>,
-        sums: SumRows<A>,
-        (b, hk): (usize, usize),
-    ) {
-        let along = |a: usize| {
-            let (span, step) = self.positions[a];
-            (0..span.count).map(move |i| span.first + i * step)
-        };
-        let dims = self.dims;
-        for x0 in along(0) {
-            for x1 in along(1) {
-                for x2 in along(2) {
-                    let x = [x0, x1, x2];
-                    let (from, to) = (rows.slot(0, 0, x), sums.slot(b, hk, x));
-                    // SAFETY: staged rows are rows of the stage; the sums' are this task's.
-                    unsafe {
-                        add(row(sums.d_k, to, dims.0), row(rows.d_k, from, dims.0));
-                        add(row(sums.d_v, to, dims.1), row(rows.d_v, from, dims.1));
+    #[inline(always)]
+    pub(super) unsafe fn add_into(&self, sums: &KvSums<A>, (b, hk): (usize, usize)) {
+        let (dims, width) = (self.dims, self.dims.0 + self.dims.1);
+        let [p0, p1, p2] = &self.positions;
+        let mut staged = self.buffer.ptr();
+        for &x0 in p0 {
+            for &x1 in p1 {
+                for &x2 in p2 {
+                    if let (Some(x0), Some(x1), Some(x2)) = (x0, x1, x2) {
+                        // SAFETY: `staged` is a row of the stage; the sums' row is this
+                        // task's.
+                        unsafe {
+                            let (to_k, to_v) = sums.rows_of(b, hk, [x0, x1, x2]);
+                            add(to_k, std::slice::from_raw_parts(staged, dims.0));
+                            add(to_v, std::slice::from_raw_parts(staged.add(dims.0), dims.1));
+                        }
                     }
+                    // SAFETY: at most one row past the stage's last.
+                    staged = unsafe { staged.add(width) };
                 }
             }
         }
@@ -483,7 +498,7 @@ mod tests {
             }
             if let Some(stage) = &stage {
                 // SAFETY: one thread.
-                unsafe { stage.add_into(rows, sums.rows, (0, 0)) };
+                unsafe { stage.add_into(&sums, (0, 0)) };
             }
         }
         memory
