@@ -29,6 +29,20 @@ pub struct FusedGrads<'a> {
     pub d_rpb: Option<&'a TensorRef>,
 }
 
+impl FusedGrads<'_> {
+    /// The gradients to write.
+    pub fn all(&self) -> impl Iterator<Item = &TensorRef> {
+        let optional = [
+            self.d_key,
+            self.d_value,
+            self.d_additional_keys,
+            self.d_additional_values,
+            self.d_rpb,
+        ];
+        std::iter::once(self.d_query).chain(optional.into_iter().flatten())
+    }
+}
+
 /// What the forward pass left and the gradients flowing in.
 pub struct Saved<'a> {
     /// `[B, *spatial, heads, Dv]`.

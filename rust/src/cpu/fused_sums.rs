@@ -13,6 +13,7 @@
 
 use super::element::{store, Accum, Aligned, Element, Run};
 use super::grid::Grid;
+use super::pages::prefer_huge_pages_for;
 use super::parallel::for_each_with;
 use super::view::Tokens;
 use crate::window::Span;
@@ -248,6 +249,8 @@ impl<A: Accum> KvSums<A> {
             let [_, l1, l2] = sums.lengths;
             let tokens = g.tokens();
             let mut buffer = Vec::with_capacity(g.batch * heads_kv * tokens * (dims.0 + dims.1));
+            let bytes = buffer.capacity() * std::mem::size_of::<A>();
+            prefer_huge_pages_for(buffer.as_ptr() as usize, bytes);
             let row_strides = [heads_kv * tokens, tokens, l1 * l2, l2, 1];
             let slots = sums.rows.slots;
             sums.rows = SumRows::interleaved(buffer.as_mut_ptr(), dims, row_strides, slots);

@@ -16,6 +16,7 @@ mod fused_sums;
 mod grid;
 mod keys;
 mod math;
+mod pages;
 mod parallel;
 mod qk;
 mod simd;
@@ -28,6 +29,7 @@ use crate::dlpack::{DType, TensorRef};
 use crate::problem::{FusedProblem, Problem};
 use av::{extra_grad, gather, scatter};
 use grid::Grid;
+use pages::prefer_huge_pages;
 use qk::{bias_grad, pairwise, Pairwise};
 use view::{bias, extras, tokens};
 
@@ -79,6 +81,7 @@ pub struct AvTensors<'a> {
 
 /// Forward `qk` into `attn`.
 pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef) {
+    prefer_huge_pages([attn]);
     with_element!(p.dtype, T => {
         let op = Pairwise::<T> {
             a: tokens(t.query),
@@ -93,6 +96,7 @@ pub fn qk(p: &Problem, t: &QkTensors, attn: &TensorRef) {
 
 /// Forward `av` into `out`.
 pub fn av(p: &Problem, t: &AvTensors, out: &TensorRef) {
+    prefer_huge_pages([out]);
     with_element!(p.dtype, T => {
         let extra = t.additional_values.map(extras::<T>);
         gather(&Grid::new(p), tokens(t.attn), tokens(t.value), extra, tokens(out));
@@ -116,6 +120,12 @@ pub struct QkGrads<'a> {
 
 /// Backward of `qk`: `d_query = d_attn . key`, `d_key = d_attn^T . query`, and the reductions.
 pub fn qk_backward(p: &Problem, d_attn: &TensorRef, t: &QkTensors, grads: &QkGrads) {
+    let optional = [grads.d_rpb, grads.d_additional_keys];
+    prefer_huge_pages(
+        [grads.d_query, grads.d_key]
+            .into_iter()
+            .chain(optional.into_iter().flatten()),
+    );
     let g = Grid::new(p);
     with_element!(p.dtype, T => {
         let d_logits = tokens::<T>(d_attn);
@@ -143,6 +153,8 @@ pub struct AvGrads<'a> {
 
 /// Backward of `av`: `d_attn = d_out . value^T` (0 in empty slots), `d_value = attn^T . d_out`.
 pub fn av_backward(p: &Problem, d_out: &TensorRef, t: &AvTensors, grads: &AvGrads) {
+    let optional = grads.d_additional_values;
+    prefer_huge_pages([grads.d_attn, grads.d_value].into_iter().chain(optional));
     let g = Grid::new(p);
     with_element!(p.dtype, T => {
         let op = Pairwise::<T> {
@@ -166,10 +178,12 @@ pub use simd::{detected as detected_isa, isa, set_ceiling as set_isa_ceiling, Is
 
 /// Fused forward into `out` and `lse`.
 pub fn fused_forward(p: &FusedProblem, t: &FusedTensors, out: &TensorRef, lse: &TensorRef) {
+    prefer_huge_pages([out, lse]);
     with_element!(p.dtype, T => fused::forward::<T>(p, t, out, lse))
 }
 
 /// Fused backward: every gradient in `grads`.
 pub fn fused_backward(p: &FusedProblem, t: &FusedTensors, saved: &Saved, grads: &FusedGrads) {
+    prefer_huge_pages(grads.all());
     with_element!(p.dtype, T => fused_bwd::backward::<T>(p, t, saved, grads))
 }
