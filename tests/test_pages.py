@@ -19,12 +19,14 @@ import natten_rs.functional as F
 import pytest
 import torch
 
+SMAPS = pathlib.Path("/proc/self/smaps")
 pytestmark = pytest.mark.skipif(
     not pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").exists()
-    or not pathlib.Path("/proc/self/smaps").exists()
+    or not SMAPS.exists()
+    or "VmFlags:" not in SMAPS.read_text()
     # torch's own switch advises every allocation, which would hide natten_rs's advice.
     or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
-    reason="needs Linux with transparent huge pages, and torch's huge-page switch off",
+    reason="needs Linux with transparent huge pages (and VmFlags in smaps), torch's switch off",
 )
 
 HUGE_PAGE = 2 << 20
@@ -37,7 +39,7 @@ def huge_page_advised(t: torch.Tensor) -> bool:
     address = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
     assert address + HUGE_PAGE <= t.data_ptr() + t.nbytes, "the tensor holds no whole huge page"
     flags, inside = None, False
-    for line in pathlib.Path("/proc/self/smaps").read_text().splitlines():
+    for line in SMAPS.read_text().splitlines():
         head = line.split()[0]
         if "-" in head and ":" not in head:
             lo, hi = (int(x, 16) for x in head.split("-"))
