@@ -47,35 +47,47 @@ pub trait Accum:
         unsafe { spread_rows_portable(w, x, rows) }
     }
 
-    /// `spread_rows` for two queries whose windows share a run: the first's weights `w[0]`
-    /// for rows `0..` of `run`, the second's `w[1]` for rows `offset..` (`offset +
-    /// w[1].len() = run.len`, and `w[0]` no longer), so that rows both weigh are read and
-    /// written once.
+    /// `spread_rows` for two queries whose windows share their runs, over every run of
+    /// `runs`: per run, the first's weights for rows `0..` of the run, the second's for rows
+    /// `offset..` (to the run's end), so that rows both weigh are read and written once. The
+    /// weights `w[k]` go run after run, `w[k].len() / runs.count()` per run.
     ///
     /// # Safety
-    /// As `spread_rows`, for the rows of `run`.
+    /// As `spread_rows`, for the rows of every run.
     #[inline(always)]
-    unsafe fn spread_pair(w: [&[Self]; 2], offset: usize, x: [&[Self]; 2], run: Run) {
+    unsafe fn spread_pair(w: [&[Self]; 2], offset: usize, x: [&[Self]; 2], runs: RunGrid) {
         // SAFETY: forwarded contract.
-        unsafe { spread_pair_by_rows(w, offset, x, run) }
+        unsafe { spread_pair_by_rows(w, offset, x, runs) }
     }
 }
 
-/// `Accum::spread_pair` as two `spread_rows` calls, one per query.
+/// `Accum::spread_pair` as two `spread_rows` calls per run, one per query.
 ///
 /// # Safety
 /// As `Accum::spread_pair`.
 #[inline(always)]
-unsafe fn spread_pair_by_rows<A: Accum>(w: [&[A]; 2], offset: usize, x: [&[A]; 2], run: Run) {
-    let second = Run {
-        first: run.at(offset),
-        len: w[1].len(),
-        ..run
-    };
-    // SAFETY: forwarded contract; both runs are rows of `run`.
-    unsafe {
-        A::spread_rows(w[0], x[0], run);
-        A::spread_rows(w[1], x[1], second);
+unsafe fn spread_pair_by_rows<A: Accum>(w: [&[A]; 2], offset: usize, x: [&[A]; 2], runs: RunGrid) {
+    let lens = run_weights(w, runs);
+    for (n, run) in runs.runs().enumerate() {
+        let second = Run {
+            first: run.at(offset),
+            len: lens[1],
+            ..run
+        };
+        // SAFETY: forwarded contract; both runs are rows of `run`.
+        unsafe {
+            A::spread_rows(&w[0][n * lens[0]..][..lens[0]], x[0], run);
+            A::spread_rows(&w[1][n * lens[1]..][..lens[1]], x[1], second);
+        }
+    }
+}
+
+/// Weights per run of each query of `Accum::spread_pair` (none for no runs).
+#[inline(always)]
+pub fn run_weights<A>(w: [&[A]; 2], runs: RunGrid) -> [usize; 2] {
+    match runs.count() {
+        0 => [0, 0],
+        n => [w[0].len() / n, w[1].len() / n],
     }
 }
 
@@ -122,15 +134,15 @@ impl Accum for f32 {
         unsafe { spread_rows_portable(w, x, rows) }
     }
     #[inline(always)]
-    unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Run) {
+    unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: RunGrid) {
         // Only the AVX-512 tier has a kernel: pairs come from its pair kernels alone.
         #[cfg(target_arch = "x86_64")]
         if super::simd::isa() >= super::simd::Isa::Avx512 {
             // SAFETY: the CPU has the kernel's features; the rest is the caller's.
-            return unsafe { super::simd::spread_pair(w, offset, x, run) };
+            return unsafe { super::simd::spread_pair(w, offset, x, runs) };
         }
         // SAFETY: forwarded contract.
-        unsafe { spread_pair_by_rows(w, offset, x, run) }
+        unsafe { spread_pair_by_rows(w, offset, x, runs) }
     }
 }
 
@@ -193,6 +205,44 @@ impl Rows for Run {
     #[inline(always)]
     fn at(&self, i: usize) -> usize {
         self.first.wrapping_add_signed(i as isize * self.step)
+    }
+}
+
+/// The runs of a window in one tensor: `counts[0] x counts[1]` runs of `len` rows, run
+/// `(s0, s1)` starting `s0 * steps[0] + s1 * steps[1]` bytes past `first`, each run's rows
+/// `row_step` bytes apart.
+#[derive(Clone, Copy, Debug)]
+pub struct RunGrid {
+    pub first: usize,
+    pub steps: [isize; 2],
+    pub counts: [usize; 2],
+    pub row_step: isize,
+    pub len: usize,
+}
+
+impl RunGrid {
+    /// Runs in the grid.
+    #[inline(always)]
+    pub fn count(&self) -> usize {
+        self.counts[0] * self.counts[1]
+    }
+
+    /// Run `(s0, s1)`.
+    #[inline(always)]
+    pub fn run(&self, s0: usize, s1: usize) -> Run {
+        let offset = s0 as isize * self.steps[0] + s1 as isize * self.steps[1];
+        Run {
+            first: self.first.wrapping_add_signed(offset),
+            step: self.row_step,
+            len: self.len,
+        }
+    }
+
+    /// Every run, in window order.
+    #[inline(always)]
+    pub fn runs(self) -> impl Iterator<Item = Run> {
+        let [c0, c1] = self.counts;
+        (0..c0).flat_map(move |s0| (0..c1).map(move |s1| self.run(s0, s1)))
     }
 }
 

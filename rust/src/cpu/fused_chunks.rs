@@ -477,7 +477,7 @@ impl<T: Element> RowKernel for ChunkPass<'_, '_, '_, T> {
             true => TILE[axis],
             false => usize::MAX,
         };
-        let d = a.g.axes.map(|axis| axis.dilation);
+        let d = a.g.dilations();
         for t1 in tiles(&p1, d[1], tile(1)) {
             for t2 in tiles(&p2, d[2], tile(2)) {
                 let heads = hk * a.group..(hk + 1) * a.group;

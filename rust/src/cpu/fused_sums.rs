@@ -11,7 +11,7 @@
 //! (1-D, kernel 127: the backward ran 1.7x slower with dilation 8 than with 7 or 9). In group
 //! order they lie densely, one row after another.
 
-use super::element::{store, Accum, Aligned, Element, Run};
+use super::element::{store, Accum, Aligned, Element, RunGrid};
 use super::grid::Grid;
 use super::pages::prefer_huge_pages_for;
 use super::parallel::for_each_with;
@@ -111,42 +111,34 @@ impl<A: Accum> SumRows<A> {
         [b, hk, s0.of(x[0]), s1.of(x[1]), s2.of(x[2]), 0]
     }
 
-    /// Call `f(n, key run, value run)` for every run of the window of query `x` in batch `b`,
-    /// kv head `hk` (`n` its first key's index in window order), each run `len` rows long
-    /// from the window's first key along the last axis.
+    /// The runs of the window of query `x` in batch `b`, kv head `hk`: in the key sums and in
+    /// the value sums, each run `len` rows long from the window's first key along the last
+    /// axis.
     #[inline(always)]
-    fn for_each_run(
+    fn run_grids(
         &self,
         g: &Grid,
         (b, hk, x): (usize, usize, [usize; 3]),
         len: usize,
-        mut f: impl FnMut(usize, Run, Run),
-    ) {
+    ) -> [RunGrid; 2] {
         let w = g.window(x);
         let size = std::mem::size_of::<A>() as isize;
-        // Arrays are built element by element here and below: `array::map` in this hot path
-        // was called out of line (its closures compiled without the caller's instruction set).
         let [s0, s1, s2] = self.slots;
-        let step = [s0.step, s1.step, s2.step];
-        let run = |view: Tokens<A>, at: [usize; 6]| Run {
-            // SAFETY: keys of a window are rows of the views.
-            first: unsafe { view.at(at) } as usize,
-            step: step[2] as isize * view.stride(4) * size,
-            len,
-        };
         // A window's keys lie one dilation step apart, `step` indices: the first key's index
         // is found once, the others' by counting on.
         let first = self.slot(b, hk, [w[0].first, w[1].first, w[2].first]);
-        let mut n = 0;
-        for s0 in 0..w[0].count {
-            for s1 in 0..w[1].count {
-                let mut at = first;
-                at[2] += s0 * step[0];
-                at[3] += s1 * step[1];
-                f(n, run(self.d_k, at), run(self.d_v, at));
-                n += w[2].count;
-            }
-        }
+        let grid = |view: Tokens<A>| RunGrid {
+            // SAFETY: the window's first key is a row of the view.
+            first: unsafe { view.at(first) } as usize,
+            steps: [
+                s0.step as isize * view.stride(2) * size,
+                s1.step as isize * view.stride(3) * size,
+            ],
+            counts: [w[0].count, w[1].count],
+            row_step: s2.step as isize * view.stride(4) * size,
+            len,
+        };
+        [grid(self.d_k), grid(self.d_v)]
     }
 
     /// Add one query's terms to its window's rows: `d_key_n += ds[n] q`,
@@ -164,13 +156,18 @@ impl<A: Accum> SumRows<A> {
         (q, d_o): (&[A], &[A]),
     ) {
         let len = g.window(x)[2].count;
-        self.for_each_run(g, (b, hk, x), len, |n, keys, values| {
-            // SAFETY: the runs' rows are this task's, by the caller's contract.
-            unsafe {
-                A::spread_rows(&ds[n..n + len], q, keys);
-                A::spread_rows(&p[n..n + len], d_o, values);
+        let [keys, values] = self.run_grids(g, (b, hk, x), len);
+        let mut n = 0;
+        for s0 in 0..keys.counts[0] {
+            for s1 in 0..keys.counts[1] {
+                // SAFETY: the runs' rows are this task's, by the caller's contract.
+                unsafe {
+                    A::spread_rows(&ds[n..n + len], q, keys.run(s0, s1));
+                    A::spread_rows(&p[n..n + len], d_o, values.run(s0, s1));
+                }
+                n += len;
             }
-        });
+        }
     }
 
     /// `add_query` for two consecutive queries `x` of one line whose windows share their runs,
@@ -185,26 +182,16 @@ impl<A: Accum> SumRows<A> {
         g: &Grid,
         (b, hk, x): (usize, usize, [[usize; 3]; 2]),
         offset: usize,
-        weights: [(&[A], &[A]); 2],
-        vectors: [(&[A], &[A]); 2],
+        [(ds_a, p_a), (ds_b, p_b)]: [(&[A], &[A]); 2],
+        [(q_a, d_o_a), (q_b, d_o_b)]: [(&[A], &[A]); 2],
     ) {
-        let lens = [g.span(2, x[0][2]).count, g.span(2, x[1][2]).count];
-        let union = offset + lens[1];
-        let mut second = 0;
-        self.for_each_run(g, (b, hk, x[0]), union, |n, keys, values| {
-            // Each query's weights of this run, in its own window order.
-            let (own_a, own_b) = (n..n + lens[0], second..second + lens[1]);
-            second += lens[1];
-            let [(ds_a, p_a), (ds_b, p_b)] = weights;
-            let [(q_a, d_o_a), (q_b, d_o_b)] = vectors;
-            let ds = [&ds_a[own_a.clone()], &ds_b[own_b.clone()]];
-            let p = [&p_a[own_a], &p_b[own_b]];
-            // SAFETY: the union rows are keys of one of the queries, this task's rows.
-            unsafe {
-                A::spread_pair(ds, offset, [q_a, q_b], keys);
-                A::spread_pair(p, offset, [d_o_a, d_o_b], values);
-            }
-        });
+        let union = offset + g.span(2, x[1][2]).count;
+        let [keys, values] = self.run_grids(g, (b, hk, x[0]), union);
+        // SAFETY: the union rows are keys of one of the queries, this task's rows.
+        unsafe {
+            A::spread_pair([ds_a, ds_b], offset, [q_a, q_b], keys);
+            A::spread_pair([p_a, p_b], offset, [d_o_a, d_o_b], values);
+        }
     }
 }
 

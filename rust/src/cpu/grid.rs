@@ -95,6 +95,12 @@ impl Grid {
         (b * self.heads + h) * self.tokens() + (x[0] * l1 + x[1]) * l2 + x[2]
     }
 
+    /// The dilation of each axis.
+    #[inline(always)]
+    pub fn dilations(&self) -> [usize; 3] {
+        self.axes.map(|a| a.dilation)
+    }
+
     /// Keys seen by the query at `x`, per axis.
     pub fn window(&self, x: [usize; 3]) -> [Span; 3] {
         [
@@ -120,7 +126,7 @@ impl Grid {
     pub fn for_each_slot(&self, x: [usize; 3], mut f: impl FnMut(usize, Option<[usize; 3]>)) {
         let w = self.window(x);
         let [k0, k1, k2] = self.axes.map(|a| a.kernel);
-        let d = self.axes.map(|a| a.dilation);
+        let d = self.dilations();
         for s0 in 0..k0 {
             for s1 in 0..k1 {
                 for s2 in 0..k2 {

@@ -234,7 +234,7 @@ impl Slabs {
 /// Whether a slab that started at point `start` ends before point `p`.
 fn cut_before(g: &Grid, (start, p): (usize, usize), target: usize, line: usize) -> bool {
     let (x, y) = (g.point(p - 1), g.point(p));
-    let d = g.axes.map(|a| a.dilation);
+    let d = g.dilations();
     let new_line = (x[0], x[1]) != (y[0], y[1]);
     if x[0] != y[0] || x[1] % d[1] != y[1] % d[1] {
         return true;

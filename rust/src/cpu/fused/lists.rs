@@ -49,7 +49,7 @@ impl<T: Element> Attention<'_, T> {
                 let w = self.g.window(x);
                 list.run_count = w[0].count * w[1].count;
                 if addresses {
-                    let d = self.g.axes.map(|a| a.dilation);
+                    let d = self.g.dilations();
                     let rows = match stage {
                         Some(stage) => stage.line_rows(&w, d, hk),
                         None => line_rows((k, v), (b, hk), &w, d),

@@ -223,7 +223,7 @@ impl<T: Element> Forward<'_, '_, T> {
             x: g.point(p),
             ..first
         };
-        let d = g.axes.map(|axis| axis.dilation);
+        let d = g.dilations();
         // SAFETY (whole block): rows of the validated problem, ours to write; the stage holds
         // every window it is asked for (`reach` before each use).
         unsafe {

@@ -180,7 +180,7 @@ impl<'g> TileForward<'g> {
         let g = self.g;
         let [x0, x1, _] = g.point(points.start);
         let w = g.window([x0, x1, 0]);
-        let d = g.axes.map(|a| a.dilation);
+        let d = g.dilations();
         let groups = self.groups(kbox);
         s.lines.clear();
         for s0 in 0..w[0].count {

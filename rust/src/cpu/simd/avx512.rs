@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{self, load_partial, mask_past, max8, padded, Format, Wide};
-use crate::cpu::element::{AttendPair, PairDots, Rows, Run};
+use crate::cpu::element::{run_weights, AttendPair, PairDots, Rows, Run, RunGrid};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
 
@@ -785,24 +785,25 @@ macro_rules! by_channel_blocks {
 }
 
 /// `Accum::spread_pair` for float32: both vectors' channels in registers (64 at a time, the
-/// last block's lanes past the rows masked off), each row of the run loaded and stored once
-/// for both.
+/// last block's lanes past the rows masked off) while every run of the window is updated, each
+/// row loaded and stored once for both (one call per window: per run, the call and the
+/// vectors' loads cost about what a run's rows did).
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `Accum::spread_pair`'s contract.
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], run: Run) {
+pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: RunGrid) {
     let dim = x[0].len();
     // SAFETY (whole block): channels `c..` of both vectors and of every row, the tail masked.
     unsafe {
-        by_channel_blocks!(dim, |c| spread_pair_block(w, offset, x, run, c));
+        by_channel_blocks!(dim, |c| spread_pair_block(w, offset, x, runs, c));
     }
 }
 
-/// Channels `c..c + 16 N` of `spread_pair` (those past the rows masked off when `TAIL`). The
-/// union's rows come in three stretches, so that no row asks which windows hold it: the first
+/// Channels `c..c + 16 N` of `spread_pair` (those past the rows masked off when `TAIL`). Each
+/// run's rows come in three stretches, so that no row asks which windows hold it: the first
 /// query's alone (`0..offset`), both queries' (`offset..` the first's end), the second's
-/// alone (to the union's end).
+/// alone (to the run's end).
 ///
 /// # Safety
 /// As `spread_pair`.
@@ -812,13 +813,13 @@ unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
     w: [&[f32]; 2],
     offset: usize,
     x: [&[f32]; 2],
-    run: Run,
+    runs: RunGrid,
     c: usize,
 ) {
     let dim = x[0].len();
     let masks: [__mmask16; N] = std::array::from_fn(|i| lanes_below(dim - (c + 16 * i)));
-    let [wa, wb] = w;
-    let (first_end, union) = (wa.len(), offset + wb.len());
+    let lens = run_weights(w, runs);
+    let (first_end, union) = (lens[0], offset + lens[1]);
     // SAFETY (whole block): by the caller's contract, lanes past the rows masked off.
     unsafe {
         let load = |p: *const f32, i: usize| match TAIL {
@@ -829,8 +830,8 @@ unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
             std::array::from_fn(|i| load(x.as_ptr().add(c + 16 * i), i))
         });
         // `row += sum_k weight_k xs[k]` over the vectors `k` of `which`.
-        let add = |j: usize, weights: [f32; 2], which: [bool; 2]| {
-            let row = (run.at(j) as *mut f32).add(c);
+        let add = |row: usize, weights: [f32; 2], which: [bool; 2]| {
+            let row = (row as *mut f32).add(c);
             let weights = weights.map(|w| _mm512_set1_ps(w));
             for i in 0..N {
                 let r = row.add(16 * i);
@@ -846,14 +847,21 @@ unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
                 }
             }
         };
-        for (j, &weight) in wa[..offset].iter().enumerate() {
-            add(j, [weight, 0.0], [true, false]);
-        }
-        for j in offset..first_end {
-            add(j, [wa[j], wb[j - offset]], [true, true]);
-        }
-        for j in first_end..union {
-            add(j, [0.0, wb[j - offset]], [false, true]);
+        let (mut wa, mut wb) = (w[0].as_ptr(), w[1].as_ptr());
+        for s0 in 0..runs.counts[0] {
+            for s1 in 0..runs.counts[1] {
+                let run = runs.run(s0, s1);
+                for j in 0..offset {
+                    add(run.at(j), [*wa.add(j), 0.0], [true, false]);
+                }
+                for j in offset..first_end {
+                    add(run.at(j), [*wa.add(j), *wb.add(j - offset)], [true, true]);
+                }
+                for j in first_end..union {
+                    add(run.at(j), [0.0, *wb.add(j - offset)], [false, true]);
+                }
+                (wa, wb) = (wa.add(lens[0]), wb.add(lens[1]));
+            }
         }
     }
 }
@@ -1024,43 +1032,53 @@ mod tests {
         }
     }
 
-    /// Every row of the run gets each query's weighted vector exactly where that query's
-    /// window holds it: rows below `offset` the first's only, rows past the first's window
-    /// the second's only, channel tails included.
+    /// Every row of every run gets each query's weighted vector exactly where that query's
+    /// window holds it, with that run's weights: rows below `offset` the first's only, rows
+    /// past the first's window the second's only, channel tails included; rows between runs
+    /// and channels between rows stay untouched.
     #[test]
     fn spread_pair_adds_each_query_to_its_own_rows() {
         if !tier() {
             return;
         }
         let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+        let counts = [2, 3];
+        let runs = counts[0] * counts[1];
         for dim in [8, 16, 24, 32, 40, 64, 72, 136] {
             for (len_a, offset, len_b) in [(7, 1, 7), (7, 0, 7), (5, 2, 6), (3, 3, 4), (9, 1, 8)] {
                 let union = offset + len_b;
-                // Rows two row-lengths apart (a strided run), the gaps must stay untouched.
+                // Rows two row-lengths apart (a strided run), runs a row apart.
                 let pitch = 2 * dim;
-                let mut rows: Vec<f32> = (0..union * pitch).map(|i| value(i + 7)).collect();
+                let run_rows = union + 1;
+                let mut rows: Vec<f32> =
+                    (0..runs * run_rows * pitch).map(|i| value(i + 7)).collect();
                 let mut expected = rows.clone();
                 let x: [Vec<f32>; 2] = [0, 1].map(|k| (0..dim).map(|c| value(c * 3 + k)).collect());
                 let w: [Vec<f32>; 2] =
-                    [len_a, len_b].map(|n| (0..n).map(|j| value(j + n)).collect());
-                for j in 0..union {
-                    for c in 0..dim {
-                        let row = &mut expected[j * pitch + c];
-                        if j < len_a {
-                            *row += w[0][j] * x[0][c];
-                        }
-                        if j >= offset {
-                            *row += w[1][j - offset] * x[1][c];
+                    [len_a, len_b].map(|n| (0..runs * n).map(|j| value(j + n)).collect());
+                for r in 0..runs {
+                    for j in 0..union {
+                        for c in 0..dim {
+                            let row = &mut expected[(r * run_rows + j) * pitch + c];
+                            if j < len_a {
+                                *row += w[0][r * len_a + j] * x[0][c];
+                            }
+                            if j >= offset {
+                                *row += w[1][r * len_b + j - offset] * x[1][c];
+                            }
                         }
                     }
                 }
-                let run = Run {
+                let run_bytes = (run_rows * pitch * 4) as isize;
+                let grid = RunGrid {
                     first: rows.as_mut_ptr() as usize,
-                    step: (pitch * 4) as isize,
+                    steps: [counts[1] as isize * run_bytes, run_bytes],
+                    counts,
+                    row_step: (pitch * 4) as isize,
                     len: union,
                 };
-                // SAFETY: the CPU has the tier; the run's rows hold `dim` floats.
-                unsafe { spread_pair([&w[0], &w[1]], offset, [&x[0], &x[1]], run) };
+                // SAFETY: the CPU has the tier; the runs' rows hold `dim` floats.
+                unsafe { spread_pair([&w[0], &w[1]], offset, [&x[0], &x[1]], grid) };
                 for (i, (got, want)) in rows.iter().zip(&expected).enumerate() {
                     let case = (dim, len_a, offset, len_b, i / pitch, i % pitch);
                     assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{case:?}");
