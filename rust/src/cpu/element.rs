@@ -55,7 +55,7 @@ pub trait Accum:
     /// # Safety
     /// As `spread_rows`, for the rows of every run.
     #[inline(always)]
-    unsafe fn spread_pair(w: [&[Self]; 2], offset: usize, x: [&[Self]; 2], runs: RunGrid) {
+    unsafe fn spread_pair<R: WindowRuns>(w: [&[Self]; 2], offset: usize, x: [&[Self]; 2], runs: R) {
         // SAFETY: forwarded contract.
         unsafe { spread_pair_by_rows(w, offset, x, runs) }
     }
@@ -66,7 +66,12 @@ pub trait Accum:
 /// # Safety
 /// As `Accum::spread_pair`.
 #[inline(always)]
-unsafe fn spread_pair_by_rows<A: Accum>(w: [&[A]; 2], offset: usize, x: [&[A]; 2], runs: RunGrid) {
+unsafe fn spread_pair_by_rows<A: Accum, R: WindowRuns>(
+    w: [&[A]; 2],
+    offset: usize,
+    x: [&[A]; 2],
+    runs: R,
+) {
     let lens = run_weights(w, runs);
     for (n, run) in runs.runs().enumerate() {
         let second = Run {
@@ -82,9 +87,9 @@ unsafe fn spread_pair_by_rows<A: Accum>(w: [&[A]; 2], offset: usize, x: [&[A]; 2
     }
 }
 
-/// Weights per run of each query of `Accum::spread_pair` (none for no runs).
+/// Weights per run of each query of a pair kernel (none for no runs).
 #[inline(always)]
-pub fn run_weights<A>(w: [&[A]; 2], runs: RunGrid) -> [usize; 2] {
+pub fn run_weights<A>(w: [&[A]; 2], runs: impl WindowRuns) -> [usize; 2] {
     match runs.count() {
         0 => [0, 0],
         n => [w[0].len() / n, w[1].len() / n],
@@ -134,7 +139,7 @@ impl Accum for f32 {
         unsafe { spread_rows_portable(w, x, rows) }
     }
     #[inline(always)]
-    unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: RunGrid) {
+    unsafe fn spread_pair<R: WindowRuns>(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: R) {
         // Only the AVX-512 tier has a kernel: pairs come from its pair kernels alone.
         #[cfg(target_arch = "x86_64")]
         if super::simd::isa() >= super::simd::Isa::Avx512 {
@@ -220,13 +225,28 @@ pub struct RunGrid {
     pub len: usize,
 }
 
-impl RunGrid {
-    /// Runs in the grid.
+/// The runs of one window, in window order (the pair kernels take a whole window per call).
+pub trait WindowRuns: Copy {
+    /// Runs in the window.
+    fn count(&self) -> usize;
+    /// Every run, in window order.
+    fn runs(self) -> impl Iterator<Item = Run> + Clone;
+}
+
+impl WindowRuns for RunGrid {
     #[inline(always)]
-    pub fn count(&self) -> usize {
+    fn count(&self) -> usize {
         self.counts[0] * self.counts[1]
     }
 
+    #[inline(always)]
+    fn runs(self) -> impl Iterator<Item = Run> + Clone {
+        let [c0, c1] = self.counts;
+        (0..c0).flat_map(move |s0| (0..c1).map(move |s1| self.run(s0, s1)))
+    }
+}
+
+impl RunGrid {
     /// Run `(s0, s1)`.
     #[inline(always)]
     pub fn run(&self, s0: usize, s1: usize) -> Run {
@@ -236,13 +256,6 @@ impl RunGrid {
             step: self.row_step,
             len: self.len,
         }
-    }
-
-    /// Every run, in window order.
-    #[inline(always)]
-    pub fn runs(self) -> impl Iterator<Item = Run> {
-        let [c0, c1] = self.counts;
-        (0..c0).flat_map(move |s0| (0..c1).map(move |s1| self.run(s0, s1)))
     }
 }
 
@@ -285,16 +298,21 @@ pub trait Element: Copy + Send + Sync + 'static {
         }
     }
 
-    /// `sum_rows` for two queries whose windows share `run` (as `Accum::spread_pair`): the
-    /// first's weights `w[0]` for rows `0..` of the run, the second's `w[1]` for rows
+    /// `sum_rows` for two queries whose windows share their runs (as `Accum::spread_pair`):
+    /// per run, the first's weights for rows `0..` of the run, the second's for rows
     /// `offset..`, into `acc[0]` and `acc[1]`, so that rows both weigh are read once.
     ///
     /// # Safety
-    /// As `sum_rows`, for the rows of `run`.
+    /// As `sum_rows`, for the rows of every run.
     #[inline(always)]
-    unsafe fn sum_pair(w: [&[Self::Acc]; 2], offset: usize, run: Run, acc: [&mut [Self::Acc]; 2]) {
+    unsafe fn sum_pair<R: WindowRuns>(
+        w: [&[Self::Acc]; 2],
+        offset: usize,
+        runs: R,
+        acc: [&mut [Self::Acc]; 2],
+    ) {
         // SAFETY: forwarded contract.
-        unsafe { sum_pair_by_rows::<Self>(w, offset, run, acc) }
+        unsafe { sum_pair_by_rows::<Self, R>(w, offset, runs, acc) }
     }
 
     /// `len` rows of `n` elements, `step` elements apart from `src` on, widened to consecutive
@@ -427,14 +445,19 @@ macro_rules! wide_rows {
                 }
             }
             #[inline(always)]
-            unsafe fn sum_pair(w: [&[f32]; 2], offset: usize, run: Run, acc: [&mut [f32]; 2]) {
+            unsafe fn sum_pair<R: WindowRuns>(
+                w: [&[f32]; 2],
+                offset: usize,
+                runs: R,
+                acc: [&mut [f32]; 2],
+            ) {
                 #[cfg(target_arch = "x86_64")]
                 if super::simd::isa() >= super::simd::Isa::Avx512 {
                     // SAFETY: the CPU has the kernel's features; the rest is the caller's.
-                    return unsafe { super::simd::sum_pair::<$t>(w, offset, run, acc) };
+                    return unsafe { super::simd::sum_pair::<$t, R>(w, offset, runs, acc) };
                 }
                 // SAFETY: forwarded contract.
-                unsafe { sum_pair_by_rows::<Self>(w, offset, run, acc) }
+                unsafe { sum_pair_by_rows::<Self, R>(w, offset, runs, acc) }
             }
             #[inline(always)]
             unsafe fn widen_rows(src: *const Self, step: isize, dst: *mut f32, rows: (usize, usize)) {
@@ -503,30 +526,33 @@ macro_rules! wide_rows {
 
 wide_rows!(f32, f16, bf16);
 
-/// `Element::sum_pair` as two `sum_rows` calls, one per query.
+/// `Element::sum_pair` as two `sum_rows` calls per run, one per query.
 ///
 /// # Safety
 /// As `Element::sum_pair`.
 #[inline(always)]
-unsafe fn sum_pair_by_rows<T: Element>(
+unsafe fn sum_pair_by_rows<T: Element, R: WindowRuns>(
     w: [&[T::Acc]; 2],
     offset: usize,
-    run: Run,
+    runs: R,
     [acc_a, acc_b]: [&mut [T::Acc]; 2],
 ) {
-    let first = Run {
-        len: w[0].len(),
-        ..run
-    };
-    let second = Run {
-        first: run.at(offset),
-        len: w[1].len(),
-        ..run
-    };
-    // SAFETY: forwarded contract; both runs are rows of `run`.
-    unsafe {
-        T::sum_rows(w[0], first, acc_a);
-        T::sum_rows(w[1], second, acc_b);
+    let lens = run_weights(w, runs);
+    for (n, run) in runs.runs().enumerate() {
+        let first = Run {
+            len: lens[0],
+            ..run
+        };
+        let second = Run {
+            first: run.at(offset),
+            len: lens[1],
+            ..run
+        };
+        // SAFETY: forwarded contract; both runs are rows of `run`.
+        unsafe {
+            T::sum_rows(&w[0][n * lens[0]..][..lens[0]], first, &mut *acc_a);
+            T::sum_rows(&w[1][n * lens[1]..][..lens[1]], second, &mut *acc_b);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! axis, then the additional tokens; and weighted sums over them for the portable path.
 
 use super::av::WeightedSum;
-use super::element::{Accum, Element, Rows, Run};
+use super::element::{Accum, Element, Rows, Run, WindowRuns};
 use super::grid::Row;
 use super::stage::WindowRows;
 
@@ -34,6 +34,32 @@ pub struct KeyList<A> {
     pub len: usize,
     /// Number of neighbors (the first `window` keys).
     pub window: usize,
+}
+
+/// A key list's runs, of key rows or of value rows (`KeyList::window_runs`).
+#[derive(Clone, Copy)]
+pub struct ListRuns<'a> {
+    firsts: &'a [(usize, usize)],
+    values: bool,
+    shift: isize,
+    step: isize,
+    len: usize,
+}
+
+impl WindowRuns for ListRuns<'_> {
+    #[inline(always)]
+    fn count(&self) -> usize {
+        self.firsts.len()
+    }
+
+    #[inline(always)]
+    fn runs(self) -> impl Iterator<Item = Run> + Clone {
+        self.firsts.iter().map(move |&(k, v)| Run {
+            first: if self.values { v } else { k }.wrapping_add_signed(self.shift),
+            step: self.step,
+            len: self.len,
+        })
+    }
 }
 
 impl<A: Accum> KeyList<A> {
@@ -79,25 +105,26 @@ impl<A: Accum> KeyList<A> {
     /// The neighbors' key rows (or value rows) as runs, each with the index of its first key.
     #[inline(always)]
     pub fn runs(&self, values: bool) -> impl Iterator<Item = (usize, Run)> + '_ {
+        let runs = self.window_runs(values, self.run_len).runs();
+        runs.enumerate().map(|(i, run)| (i * self.run_len, run))
+    }
+
+    /// The neighbors' key rows (or value rows) as the runs of a window, each `len` rows long
+    /// (from each run's first key: a pair's union is longer than its first query's runs).
+    #[inline(always)]
+    pub fn window_runs(&self, values: bool, len: usize) -> ListRuns<'_> {
         let (step, shift) = if values {
             (self.steps.1, self.shift.1)
         } else {
             (self.steps.0, self.shift.0)
         };
-        self.runs[..self.run_count]
-            .iter()
-            .enumerate()
-            .map(move |(i, &(k, v))| {
-                let first = if values { v } else { k }.wrapping_add_signed(shift);
-                (
-                    i * self.run_len,
-                    Run {
-                        first,
-                        step,
-                        len: self.run_len,
-                    },
-                )
-            })
+        ListRuns {
+            firsts: &self.runs[..self.run_count],
+            values,
+            shift,
+            step,
+            len,
+        }
     }
 
     /// Logit slots of a kernel that gives each run, and the extras, whole groups of

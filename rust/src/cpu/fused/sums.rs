@@ -4,7 +4,7 @@
 
 use super::{token_index, Attention};
 use crate::cpu::av::weighted_sum;
-use crate::cpu::element::{dot, load_scaled, store, Accum, Element, Rows, Run};
+use crate::cpu::element::{dot, load_scaled, store, Accum, Element, Rows};
 use crate::cpu::grid::Row;
 use crate::cpu::keys::{KeyList, KeyTerms};
 
@@ -161,15 +161,12 @@ impl<T: Element> Attention<'_, T> {
         let (acc_a, acc_b) = (&mut tail_a[..dim], &mut tail_b[..dim]);
         acc_a.fill(T::Acc::ZERO);
         acc_b.fill(T::Acc::ZERO);
-        let union = offset + lb.run_len;
+        let union = la.window_runs(false, offset + lb.run_len);
+        let weights = [&w[0][..la.window], &w[1][..lb.window]];
         // SAFETY (whole block): the union rows are keys of one of the rows, of `dim` channels;
         // `dst` is this task's.
         unsafe {
-            for ((na, run), (nb, _)) in la.runs(false).zip(lb.runs(false)) {
-                let weights = [&w[0][na..na + la.run_len], &w[1][nb..nb + lb.run_len]];
-                let union_rows = Run { len: union, ..run };
-                T::sum_pair(weights, offset, union_rows, [&mut *acc_a, &mut *acc_b]);
-            }
+            T::sum_pair(weights, offset, union, [&mut *acc_a, &mut *acc_b]);
             for (acc, (ptr, step, _)) in [(acc_a, dst[0]), (acc_b, dst[1])] {
                 acc.iter_mut().for_each(|a| *a = *a * scale);
                 store(ptr, step, acc);

@@ -9,7 +9,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{self, load_partial, mask_past, max8, padded, Format, Wide};
-use crate::cpu::element::{run_weights, AttendPair, PairDots, Rows, Run, RunGrid};
+use crate::cpu::element::{run_weights, AttendPair, PairDots, Rows, Run, WindowRuns};
 use crate::cpu::keys::{KeyList, LANES};
 use crate::cpu::math::avx512::exp16;
 
@@ -792,11 +792,11 @@ macro_rules! by_channel_blocks {
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `Accum::spread_pair`'s contract.
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: RunGrid) {
+pub unsafe fn spread_pair<R: WindowRuns>(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: R) {
     let dim = x[0].len();
     // SAFETY (whole block): channels `c..` of both vectors and of every row, the tail masked.
     unsafe {
-        by_channel_blocks!(dim, |c| spread_pair_block(w, offset, x, runs, c));
+        by_channel_blocks!(dim, |c| spread_pair_block::<R>(w, offset, x, runs, c));
     }
 }
 
@@ -809,11 +809,11 @@ pub unsafe fn spread_pair(w: [&[f32]; 2], offset: usize, x: [&[f32]; 2], runs: R
 /// As `spread_pair`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
+unsafe fn spread_pair_block<R: WindowRuns, const N: usize, const TAIL: bool>(
     w: [&[f32]; 2],
     offset: usize,
     x: [&[f32]; 2],
-    runs: RunGrid,
+    runs: R,
     c: usize,
 ) {
     let dim = x[0].len();
@@ -848,41 +848,43 @@ unsafe fn spread_pair_block<const N: usize, const TAIL: bool>(
             }
         };
         let (mut wa, mut wb) = (w[0].as_ptr(), w[1].as_ptr());
-        for s0 in 0..runs.counts[0] {
-            for s1 in 0..runs.counts[1] {
-                let run = runs.run(s0, s1);
-                for j in 0..offset {
-                    add(run.at(j), [*wa.add(j), 0.0], [true, false]);
-                }
-                for j in offset..first_end {
-                    add(run.at(j), [*wa.add(j), *wb.add(j - offset)], [true, true]);
-                }
-                for j in first_end..union {
-                    add(run.at(j), [0.0, *wb.add(j - offset)], [false, true]);
-                }
-                (wa, wb) = (wa.add(lens[0]), wb.add(lens[1]));
+        for run in runs.runs() {
+            for j in 0..offset {
+                add(run.at(j), [*wa.add(j), 0.0], [true, false]);
             }
+            for j in offset..first_end {
+                add(run.at(j), [*wa.add(j), *wb.add(j - offset)], [true, true]);
+            }
+            for j in first_end..union {
+                add(run.at(j), [0.0, *wb.add(j - offset)], [false, true]);
+            }
+            (wa, wb) = (wa.add(lens[0]), wb.add(lens[1]));
         }
     }
 }
 
 /// `Element::sum_pair` for rows of `T` (widened as they are loaded): up to 64 channels of both
-/// queries' sums in registers, each union row loaded once for both (a query whose window
-/// misses a row weighs it 0); rows alternate between two sets of sums, so that consecutive
-/// multiply-adds do not wait on each other.
+/// queries' sums in registers over every run of the window, each union row loaded once for
+/// both (a query whose window misses a row weighs it 0); rows alternate between two sets of
+/// sums, so that consecutive multiply-adds do not wait on each other.
 ///
 /// # Safety
 /// The CPU must have the AVX-512 tier; the rest is `Element::sum_pair`'s contract.
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-pub unsafe fn sum_pair<T: Wide>(w: [&[f32]; 2], offset: usize, run: Run, acc: [&mut [f32]; 2]) {
+pub unsafe fn sum_pair<T: Wide, R: WindowRuns>(
+    w: [&[f32]; 2],
+    offset: usize,
+    runs: R,
+    acc: [&mut [f32]; 2],
+) {
     let dim = acc[0].len();
     let [acc_a, acc_b] = acc;
     // SAFETY (whole block): channels `c..` of both sums and of every row, the tail masked.
     unsafe {
-        by_channel_blocks!(dim, |c| sum_pair_block::<T>(
+        by_channel_blocks!(dim, |c| sum_pair_block::<T, R>(
             w,
             offset,
-            run,
+            runs,
             ([&mut *acc_a, &mut *acc_b], c)
         ));
     }
@@ -894,34 +896,38 @@ pub unsafe fn sum_pair<T: Wide>(w: [&[f32]; 2], offset: usize, run: Run, acc: [&
 /// As `sum_pair`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,f16c")]
-unsafe fn sum_pair_block<T: Wide, const N: usize, const TAIL: bool>(
+unsafe fn sum_pair_block<T: Wide, R: WindowRuns, const N: usize, const TAIL: bool>(
     w: [&[f32]; 2],
     offset: usize,
-    run: Run,
+    runs: R,
     (acc, c): ([&mut [f32]; 2], usize),
 ) {
     let dim = acc[0].len();
     let masks: [__mmask16; N] = std::array::from_fn(|i| lanes_below(dim - (c + 16 * i)));
-    let [wa, wb] = w;
-    let union = offset + wb.len();
-    let weight = |j: usize| {
-        let a = wa.get(j).copied().unwrap_or(0.0);
-        let b = j.checked_sub(offset).map_or(0.0, |i| wb[i]);
-        (a, b)
-    };
+    let lens = run_weights(w, runs);
     // Per set: the first query's sums, then the second's.
     let mut even = [[_mm512_setzero_ps(); N]; 2];
     let mut odd = [[_mm512_setzero_ps(); N]; 2];
     // SAFETY (whole block): by the caller's contract, lanes past the rows masked off.
     unsafe {
-        let mut j = 0;
-        while j + 2 <= union {
-            pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
-            pair_row_sums::<T, N, TAIL>(&mut odd, run.at(j + 1), weight(j + 1), (c, masks));
-            j += 2;
-        }
-        if j < union {
-            pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
+        for (n, run) in runs.runs().enumerate() {
+            let wa = &w[0][n * lens[0]..][..lens[0]];
+            let wb = &w[1][n * lens[1]..][..lens[1]];
+            let weight = |j: usize| {
+                let a = wa.get(j).copied().unwrap_or(0.0);
+                let b = j.checked_sub(offset).map_or(0.0, |i| wb[i]);
+                (a, b)
+            };
+            let union = offset + lens[1];
+            let mut j = 0;
+            while j + 2 <= union {
+                pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
+                pair_row_sums::<T, N, TAIL>(&mut odd, run.at(j + 1), weight(j + 1), (c, masks));
+                j += 2;
+            }
+            if j < union {
+                pair_row_sums::<T, N, TAIL>(&mut even, run.at(j), weight(j), (c, masks));
+            }
         }
         for (k, out) in acc.into_iter().enumerate() {
             for i in 0..N {
@@ -1002,6 +1008,7 @@ fn sum_pairs(v: [__m512; 8]) -> __m512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu::element::RunGrid;
 
     fn tier() -> bool {
         super::super::detected() >= super::super::Isa::Avx512
@@ -1097,33 +1104,48 @@ mod tests {
         }
         fn check<T: Wide>(from: fn(f32) -> T) {
             let value = |i: usize| ((i * 37 % 101) as f32 - 50.0) / 16.0;
+            let counts = [3, 2];
+            let runs = counts[0] * counts[1];
             for dim in [8, 16, 24, 32, 40, 64, 72, 136] {
                 for (len_a, offset, len_b) in
                     [(7, 1, 7), (7, 0, 7), (5, 2, 6), (3, 3, 4), (9, 1, 8)]
                 {
                     let union = offset + len_b;
+                    // Rows two row-lengths apart, runs a row apart (gaps of other values).
                     let pitch = 2 * dim;
-                    let rows: Vec<T> = (0..union * pitch).map(|i| from(value(i + 7))).collect();
+                    let run_rows = union + 1;
+                    let rows: Vec<T> = (0..runs * run_rows * pitch)
+                        .map(|i| from(value(i + 7)))
+                        .collect();
                     let w: [Vec<f32>; 2] =
-                        [len_a, len_b].map(|n| (0..n).map(|j| value(j + n)).collect());
+                        [len_a, len_b].map(|n| (0..runs * n).map(|j| value(j + n)).collect());
                     let start: [Vec<f32>; 2] =
                         [0, 1].map(|k| (0..dim).map(|c| value(c * 3 + k)).collect());
                     let [mut acc_a, mut acc_b] = start.clone();
-                    let run = Run {
+                    let size = std::mem::size_of::<T>();
+                    let run_bytes = (run_rows * pitch * size) as isize;
+                    let grid = RunGrid {
                         first: rows.as_ptr() as usize,
-                        step: (pitch * std::mem::size_of::<T>()) as isize,
+                        steps: [counts[1] as isize * run_bytes, run_bytes],
+                        counts,
+                        row_step: (pitch * size) as isize,
                         len: union,
                     };
-                    // SAFETY: the CPU has the tier; the run's rows hold `dim` elements.
-                    unsafe { sum_pair::<T>([&w[0], &w[1]], offset, run, [&mut acc_a, &mut acc_b]) };
+                    let acc = [&mut acc_a[..], &mut acc_b[..]];
+                    // SAFETY: the CPU has the tier; the runs' rows hold `dim` elements.
+                    unsafe { sum_pair::<T, RunGrid>([&w[0], &w[1]], offset, grid, acc) };
                     for c in 0..dim {
-                        let row = |j: usize| rows[j * pitch + c].to_acc() as f64;
-                        let want_a = start[0][c] as f64
-                            + (0..len_a).map(|j| w[0][j] as f64 * row(j)).sum::<f64>();
-                        let want_b = start[1][c] as f64
-                            + (0..len_b)
-                                .map(|j| w[1][j] as f64 * row(offset + j))
-                                .sum::<f64>();
+                        let row = |r: usize, j: usize| {
+                            rows[(r * run_rows + j) * pitch + c].to_acc() as f64
+                        };
+                        let sum = |k: usize, len: usize, from: usize| {
+                            let terms = (0..runs).flat_map(|r| (0..len).map(move |j| (r, j)));
+                            terms
+                                .map(|(r, j)| w[k][r * len + j] as f64 * row(r, from + j))
+                                .sum::<f64>()
+                        };
+                        let want_a = start[0][c] as f64 + sum(0, len_a, 0);
+                        let want_b = start[1][c] as f64 + sum(1, len_b, offset);
                         let case = (dim, len_a, offset, len_b, c);
                         for (got, want) in [(acc_a[c], want_a), (acc_b[c], want_b)] {
                             assert!(
