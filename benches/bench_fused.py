@@ -10,7 +10,7 @@ and, in rounds of their own, the bf16 fused forward against the fp32 one (on the
 the bf16 forward capped at AVX-512, ``bf16 avx512``) and, where the CPU has AVX-512, the fp32
 fused forward capped at the AVX2 tier (``fused avx2``).
 
-    python benches/bench_fused.py [--problems p1 3d 1d] [--rounds 5]
+    python benches/bench_fused.py [--problems p1 3d 1d dinat] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -50,6 +50,13 @@ PROBLEMS = {
     "1d": [
         Problem("1-D L8192 K127 d1", 4, 8, (8192,), 64, 127, 1),
         Problem("1-D L8192 K127 d8", 4, 8, (8192,), 64, 127, 8),
+    ],
+    # Later stages of DiNAT models at 224x224 (head dim 32): small grids, many heads.
+    "dinat": [
+        Problem("28x28 K7 d4 4 heads", 8, 4, (28, 28), 32, 7, 4),
+        Problem("14x14 K7 d2 8 heads", 8, 8, (14, 14), 32, 7, 2),
+        Problem("14x14 K7 24 heads", 8, 24, (14, 14), 32, 7),
+        Problem("7x7 K7 16 heads", 8, 16, (7, 7), 32, 7),
     ],
 }
 
