@@ -28,7 +28,7 @@ __device__ __forceinline__ void na_runs_of_rows(const NaParams& p, AddTerms& add
 
 // na_runs_of_rows with the run the plan chose.
 template <class AddTerms>
-__device__ __forceinline__ void na_each_run(const NaParams& p, AddTerms&& add_terms) {
+__device__ __forceinline__ void na_each_run(const NaParams& p, AddTerms& add_terms) {
     if (p.run == NA_RUN) {
         na_runs_of_rows<NA_RUN>(p, add_terms);
     } else {
@@ -36,19 +36,19 @@ __device__ __forceinline__ void na_each_run(const NaParams& p, AddTerms&& add_te
     }
 }
 
-// The run width of a `sum` that na_runs_of_rows passes (a reference to acc_t[W]).
-#define NA_RUN_OF(sum) ((int)(sizeof(sum) / sizeof(acc_t)))
-
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c]
 //                 + sum_e w[b, h, x, NA_SLOTS + e] extra[b, h, e, c].
 // Addresses are formed once per row and stepped along the window (keys of one axis lie
 // dilation * stride apart), so a slot costs a weight load, a row load and the multiply-adds.
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
-    const long long weight_step = p.w.stride[5];
-    const long long key_step[3] = {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
-                                   p.dilation[2] * p.b.stride[4]};
-    na_each_run(p, [&](const NaRow& r, long long c, auto& sum) {
-        constexpr int W = NA_RUN_OF(sum);
+// (A struct rather than a generic lambda: NVRTC 13.0 takes a generic lambda's call operator
+// for a host function.)
+struct NaGatherTerms {
+    const NaParams& p;
+    long long weight_step;  // between slots' weights
+    long long key_step[3];  // between slots' keys along each axis
+
+    template <int W>
+    __device__ __forceinline__ void operator()(const NaRow& r, long long c, acc_t (&sum)[W]) const {
         const NaWindow w = na_window(p, r.x);
         const long long count[3] = {w.range[0].end - w.range[0].start,
                                     w.range[1].end - w.range[1].start,
@@ -77,7 +77,15 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams 
                 na_add_run<W>(sum, to_acc(weight[e * weight_step]), row);
             }
         }
-    });
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_gather(const NaParams p) {
+    NaGatherTerms terms{p,
+                        p.w.stride[5],
+                        {p.dilation[0] * p.b.stride[2], p.dilation[1] * p.b.stride[3],
+                         p.dilation[2] * p.b.stride[4]}};
+    na_each_run(p, terms);
 }
 
 // Queries that see key position `y` along axis `a`, in group coordinates.
@@ -99,9 +107,11 @@ __device__ __forceinline__ long long na_inverse_slot(const NaInverse& inv, int a
 // out[b, h, y, c] = sum over queries x whose window holds y of w[b, h, x, slot(x, y)] a[b, h, x, c]:
 // the transpose of na_gather, as a gather over inverse windows; addresses are formed per axis
 // as the loops go.
-extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
-    na_each_run(p, [&](const NaRow& r, long long c, auto& sum) {
-        constexpr int W = NA_RUN_OF(sum);
+struct NaScatterTerms {
+    const NaParams& p;
+
+    template <int W>
+    __device__ __forceinline__ void operator()(const NaRow& r, long long c, acc_t (&sum)[W]) const {
         const NaInverse inv[3] = {na_inverse(p, 0, r.x[0]), na_inverse(p, 1, r.x[1]),
                                   na_inverse(p, 2, r.x[2])};
         const elem_t* weights = na_ptr(p.w) + na_offset(p.w, r.b, r.h, 0, 0, 0, 0);
@@ -123,7 +133,12 @@ extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams
                 }
             }
         }
-    });
+    }
+};
+
+extern "C" __global__ void __launch_bounds__(NA_BLOCK) na_scatter(const NaParams p) {
+    NaScatterTerms terms{p};
+    na_each_run(p, terms);
 }
 
 // out[b, h, e, c] = sum over queries x of w[b, h, x, NA_SLOTS + e] a[b, h, x, c].
