@@ -84,7 +84,7 @@ impl Target {
     fn encode_tensor_maps(self, key: &KernelKey, tma: &mut tma::TmaParams) -> Result<()> {
         match self {
             Target::Gpu(device) if key.tma && runtime::device_arch(device)?.number >= 90 => {
-                runtime::encode_tensor_maps(tma)
+                runtime::encode_tensor_maps(device, tma)
             }
             _ => Ok(()),
         }

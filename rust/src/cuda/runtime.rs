@@ -3,7 +3,7 @@
 //! opened at first use, so none of this runs (or needs libcuda) until a CUDA tensor arrives.
 
 use std::collections::HashMap;
-use std::ffi::{c_void, CString};
+use std::ffi::{c_void, CStr, CString};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::sys::{self as cu, CUresult};
@@ -204,7 +204,7 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
         .source
         .functions()
         .iter()
-        .map(|&f| Ok((f, function(module, f)?)))
+        .map(|&f| Ok((f, function(module, &program.cubin, f)?)))
         .collect::<Result<Vec<_>>>()?;
     modules.insert((ordinal, key), Arc::new(Module { functions }));
     Ok(Some(report))
@@ -213,7 +213,7 @@ pub fn load(ordinal: i32, key: KernelKey) -> Result<Option<Report>> {
 /// Kernel `f` of a loaded module. Reading an attribute makes the driver load the kernel now
 /// (with lazy loading it would otherwise load at first launch, which may fall inside a CUDA
 /// graph capture).
-fn function(module: cu::CUmodule, f: Function) -> Result<Kernel> {
+fn function(module: cu::CUmodule, cubin: &[u8], f: Function) -> Result<Kernel> {
     let name = CString::new(f.symbol()).expect("symbols hold no NUL");
     let mut handle = std::ptr::null_mut();
     // SAFETY: a loaded module and a NUL-terminated name.
@@ -229,7 +229,7 @@ fn function(module: cu::CUmodule, f: Function) -> Result<Kernel> {
             handle,
         )
     })?;
-    let dynamic_shared_bytes = dynamic_shared_bytes(module, f)?;
+    let dynamic_shared_bytes = dynamic_shared_bytes(module, cubin, f)?;
     if dynamic_shared_bytes > 0 {
         // SAFETY: a valid function handle; the attribute takes a byte count.
         check("cuFuncSetAttribute", unsafe {
@@ -249,9 +249,13 @@ fn function(module: cu::CUmodule, f: Function) -> Result<Kernel> {
 /// The dynamic shared memory kernel `f` of `module` takes: the size of its
 /// `<symbol>_dynamic_shared` array where the source declares one (NA_DYNAMIC_SHARED in
 /// common.cuh), else 0. The driver reports a symbol's size without a copy, which a CUDA graph
-/// capture in progress would forbid.
-fn dynamic_shared_bytes(module: cu::CUmodule, f: Function) -> Result<u32> {
+/// capture in progress would forbid. The driver is asked only where the CUBIN names the symbol:
+/// a lookup that fails is an API error to compute-sanitizer, though handled here.
+fn dynamic_shared_bytes(module: cu::CUmodule, cubin: &[u8], f: Function) -> Result<u32> {
     let name = CString::new(format!("{}_dynamic_shared", f.symbol())).expect("no NUL");
+    if !names_symbol(cubin, &name) {
+        return Ok(0);
+    }
     let (mut address, mut bytes) = (0, 0);
     // SAFETY: a loaded module, a NUL-terminated name and two out-pointers.
     let found =
@@ -261,6 +265,14 @@ fn dynamic_shared_bytes(module: cu::CUmodule, f: Function) -> Result<u32> {
     }
     check("cuModuleGetGlobal", found)?;
     Ok(u32::try_from(bytes).expect("shared memory sizes fit 32 bits"))
+}
+
+/// Whether `cubin`'s string tables hold `name` (NUL on both sides, as ELF string tables store
+/// their strings). A name found elsewhere by chance only costs the driver lookup.
+fn names_symbol(cubin: &[u8], name: &CStr) -> bool {
+    let mut needle = vec![0];
+    needle.extend_from_slice(name.to_bytes_with_nul());
+    cubin.windows(needle.len()).any(|w| w == needle.as_slice())
 }
 
 /// Enqueue kernel `function` of `key` (loaded on device `ordinal`) on `stream` with grid
@@ -320,8 +332,11 @@ pub unsafe fn enqueue_with<P: Copy>(
 
 /// Encode for the driver the tensor maps of `tma`, planned in the host build's encoding
 /// (`tma::MapPlan`): 2-byte elements, no interleave or swizzle, zeros outside the tensor.
-pub fn encode_tensor_maps(tma: &mut TmaParams) -> Result<()> {
+/// The driver asks for a current context: the calling thread may have none (autograd runs the
+/// backward on a thread of its own), so device `ordinal`'s is pushed for the calls.
+pub fn encode_tensor_maps(ordinal: i32, tma: &mut TmaParams) -> Result<()> {
     ensure_driver()?;
+    let _current = Current::push(device(ordinal)?.context)?;
     for map in &mut tma.maps {
         let plan = MapPlan::from_host(map);
         let mut encoded = cu::CUtensorMap { opaque: [0; 16] };
@@ -365,5 +380,17 @@ mod tests {
             0,
             &super::super::kernels::representative_keys()[0]
         ));
+    }
+
+    #[test]
+    fn a_symbol_is_named_only_as_a_whole_string() {
+        let table = b"\x7fELF\0na_fwd_dynamic_shared\0xna_bwd_dynamic_shared\0";
+        let named = |name: &str| names_symbol(table, &CString::new(name).unwrap());
+        assert!(named("na_fwd_dynamic_shared"));
+        assert!(
+            !named("na_bwd_dynamic_shared"),
+            "a suffix of another string"
+        );
+        assert!(!named("na_fwd_dynamic"), "a prefix of another string");
     }
 }
