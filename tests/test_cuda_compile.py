@@ -6,9 +6,13 @@ $NATTEN_RS_CACHE_DIR, and a missing libnvrtc says what to install."""
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import natten_rs
@@ -89,6 +93,55 @@ def test_kernels_hold_no_generic_lambdas():
         if GENERIC_LAMBDA.search(line)
     ]
     assert found == [], "\n".join(found)
+
+
+# Other NVRTC libraries to compile with ($NATTEN_RS_TEST_NVRTC: paths of libnvrtc.so.<major>,
+# separated as PATH is; .ci/run fetches the oldest of CUDA 12 and of CUDA 13 that torch's wheels
+# ship): users run whichever their torch brings, and an older NVRTC may refuse what this
+# suite's accepts (NVRTC 13.0 refused a generic lambda that 13.2 compiled).
+OTHER_NVRTC = [p for p in os.environ.get("NATTEN_RS_TEST_NVRTC", "").split(os.pathsep) if p]
+# Run in a process of its own without torch, which loads its own libnvrtc first: the core's
+# extension is loaded from its file, and the library found on LD_LIBRARY_PATH.
+OTHER_NVRTC_SCRIPT = """
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("natten_rs._core", sys.argv[1])
+core = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(core)
+rows = []
+for arch in ("sm_80", "sm_90a"):
+    rows += core.precompile(arch, 0, ["float32", "float16", "bfloat16"],
+                            [([7, 7], [False, False])], [(32, 32), (128, 128)], True)
+print(json.dumps({"version": core.nvrtc_version(), "rows": [[r[0], r[2], r[3]] for r in rows]}))
+"""
+
+
+@pytest.mark.skipif(not OTHER_NVRTC, reason="set NATTEN_RS_TEST_NVRTC to other libnvrtc files")
+@pytest.mark.parametrize("library", OTHER_NVRTC or [None])
+def test_a_dinat_layers_kernels_compile_with_other_nvrtc_versions(library, tmp_path):
+    # A DiNAT layer's kernels (unfused, fused, tensor-core with their warpgroup and bulk-copy
+    # variants, a bias, three dtypes, head dims 32 and 128) for sm_80 and sm_90a.
+    major = int(library.rsplit(".so.", 1)[1].split(".")[0])
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "LD_LIBRARY_PATH": os.path.dirname(library),
+        "NATTEN_RS_CACHE_DIR": str(tmp_path),
+        "NATTEN_RS_WGMMA": "1",
+        "NATTEN_RS_TMA": "1",
+    }
+    command = [sys.executable, "-c", OTHER_NVRTC_SCRIPT, _core.__file__]
+    result = subprocess.run(
+        command, check=False, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads(result.stdout)
+    assert report["version"][0] == major, (library, report["version"])
+    names = [name for name, *_ in report["rows"]]
+    assert any(", wgmma, tma]" in n for n in names), names
+    print(f"\nNVRTC {report['version']}: {len(names)} kernels")
+    for name, spills, log in report["rows"]:
+        assert "warning" not in log.lower(), f"{name}:\n{log}"
+        if spills:
+            print(f"{name}: {spills} spill bytes")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
