@@ -258,6 +258,9 @@ def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
         symbols, sections = _elf_sizes(data[data.index(b"\x7fELF") :])
         for name, size in symbols.items():
             if name.endswith("_dynamic_shared"):
+                # The runtime asks the driver for the array's size only where the CUBIN holds
+                # its name as a whole string (runtime.rs, names_symbol).
+                assert b"\0" + name.encode() + b"\0" in data, (entry.name, name)
                 kernel = name.removesuffix("_dynamic_shared")
                 sizes[kernel].append(size)
                 static = sections.get(f".nv.shared.{kernel}", 0)
