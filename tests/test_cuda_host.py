@@ -63,25 +63,38 @@ def _on_host(directory, **options):
     return on_host
 
 
-@pytest.fixture(scope="module")
-def kernels(tmp_path_factory):
-    """A context in which CPU tensors run the CUDA kernels (built once per module)."""
-    return _on_host(tmp_path_factory.mktemp("host_kernels"))
+@pytest.fixture(scope="session")
+def build_dir(tmp_path_factory):
+    """One folder for the run's host builds. The contexts below differ in how launches run, not
+    in what is built, and a library's name hashes all that goes into it, so they share their
+    builds; so do pytest-xdist's workers (each build is renamed into place once complete)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    directory = base / "host_kernels"
+    directory.mkdir(exist_ok=True)
+    return directory
 
 
-@pytest.fixture(scope="module")
-def reversed_turns(tmp_path_factory):
+@pytest.fixture(scope="session")
+def kernels(build_dir):
+    """A context in which CPU tensors run the CUDA kernels."""
+    return _on_host(build_dir)
+
+
+@pytest.fixture(scope="session")
+def reversed_turns(build_dir):
     """As `kernels`, a block's threads taking their turns last first: a read of shared memory
     that lacks the barrier after another thread's write sees the write in one order and not in
     the other, so a race that changes a result fails under one of the two fixtures."""
-    return _on_host(tmp_path_factory.mktemp("host_kernels"), reversed_threads=True)
+    return _on_host(build_dir, reversed_threads=True)
 
 
-@pytest.fixture(scope="module")
-def few_blocks(tmp_path_factory):
+@pytest.fixture(scope="session")
+def few_blocks(build_dir):
     """As `kernels`, each launch on at most two blocks: every block loops over several tasks
     (tiles, rows, bias entries), as on a GPU for a problem past its grid limit."""
-    return _on_host(tmp_path_factory.mktemp("host_kernels"), max_grid=2)
+    return _on_host(build_dir, max_grid=2)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

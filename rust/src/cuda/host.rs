@@ -115,17 +115,12 @@ fn build(dir: &Path, compiler: &str, key: &KernelKey) -> Result<PathBuf> {
     })
 }
 
-/// Compile translation unit `unit` (which includes `files`, written beside it) with `defines`
-/// into a shared library under `dir`, named by a hash of everything that goes in; its path. A
-/// library already there is reused; a new one appears under its name only once complete.
-fn compile(
-    dir: &Path,
-    compiler: &str,
-    files: &[(&str, &str)],
-    unit: &str,
-    defines: &[String],
-) -> Result<PathBuf> {
+/// The name a build of `unit` (with `files`, by `compiler`, with `defines`) takes: a hash of
+/// everything that goes in, the compiler too, as one folder may hold the builds of several
+/// (plain and instrumented, from tests sharing it).
+fn library_stem(compiler: &str, files: &[(&str, &str)], unit: &str, defines: &[String]) -> String {
     let mut hash = StableHasher::new();
+    hash.write_part(compiler.as_bytes());
     for (name, text) in files {
         hash.write_part(name.as_bytes()).write_part(text.as_bytes());
     }
@@ -133,7 +128,20 @@ fn compile(
     for d in defines {
         hash.write_part(d.as_bytes());
     }
-    let stem = format!("{:016x}", hash.finish());
+    format!("{:016x}", hash.finish())
+}
+
+/// Compile translation unit `unit` (which includes `files`, written beside it) with `defines`
+/// into a shared library under `dir` named by `library_stem`; its path. A library already there
+/// is reused; a new one appears under its name only once complete.
+fn compile(
+    dir: &Path,
+    compiler: &str,
+    files: &[(&str, &str)],
+    unit: &str,
+    defines: &[String],
+) -> Result<PathBuf> {
+    let stem = library_stem(compiler, files, unit, defines);
     let library = dir.join(format!("{stem}.so"));
     if library.is_file() {
         return Ok(library);
@@ -395,6 +403,18 @@ NA_HOST_ENTRY(uninitialised_barrier, P)
         // SAFETY: the kernels take `struct P { float* out; }` and write within `grid * 64`
         // floats.
         unsafe { call(library, &symbol, config, &params, reversed) }.unwrap()
+    }
+
+    #[test]
+    fn builds_by_different_compilers_take_different_names() {
+        let defines = ["-DX=1".to_string()];
+        let stem = |compiler| library_stem(compiler, &HOST_HEADERS, UNIT, &defines);
+        assert_eq!(stem("c++"), stem("c++"));
+        assert_ne!(stem("c++"), stem("/tmp/asan-c++"));
+        assert_ne!(
+            stem("c++"),
+            library_stem("c++", &HOST_HEADERS, UNIT, &["-DX=2".to_string()])
+        );
     }
 
     #[test]
