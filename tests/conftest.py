@@ -7,6 +7,7 @@ so that works (and ``import reference``) whatever pytest's import mode.
 from __future__ import annotations
 
 import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -42,6 +43,15 @@ TOLERANCES = {
 }
 
 LAYOUTS = ("contiguous", "permuted", "packed", "sliced", "shifted")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest-xdist): a worker per core this process may run on, at most eight (each
+    holds torch, and most of the suite's time goes to single-threaded compiles of the CUDA
+    kernels for the host, which the workers then share: test_cuda_host.py)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
 
 
 def pytest_configure(config):
