@@ -45,13 +45,26 @@ TOLERANCES = {
 LAYOUTS = ("contiguous", "permuted", "packed", "sliced", "shifted")
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pytest-xdist): a worker per core this process may run on, at most eight (each
-    holds torch, and most of the suite's time goes to single-threaded compiles of the CUDA
-    kernels for the host, which the workers then share: test_cuda_host.py)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, 8))
+    """`-n auto` (pytest-xdist): a worker per core, at most eight (each holds torch, and most of
+    the suite's time goes to single-threaded compiles of the CUDA kernels for the host, which the
+    workers then share: test_cuda_host.py)."""
+    return min(_usable_cores(), 8)
+
+
+# pytest-xdist's workers share the cores: each takes its share of torch's threads, which run
+# natten_rs's CPU kernels too (one OpenMP team), rather than every worker spinning up a thread
+# per core; at least two, so that the kernels' parallel paths still run on several threads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(2, _usable_cores() // _WORKERS))
 
 
 def pytest_configure(config):
