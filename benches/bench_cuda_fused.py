@@ -17,12 +17,15 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
     time and the mma.sync time over it (above 1: the warpgroup products are faster); and
     ``tma``, the same with bulk tensor copies (NATTEN_RS_TMA=1 too: the forward's and the
     d_query kernel's slabs), its time and the wgmma time over it (above 1: the copies pay);
+  * for each ``--tune LABEL=SETTINGS``: the fused op with its forward compiled under those
+    settings (NATTEN_RS_TUNE=SETTINGS, rust/src/cuda/tuning.rs lists them), its time and the
+    default's time over it (above 1: the settings pay);
   * for the forward, the bytes the fused kernel moves at the least (q, k, v read once, out and
     lse written once) over its time, against the device's memory bandwidth.
 
     python benches/bench_cuda_fused.py [--problems flux video vision vision-d4 vision-rpb]
-        [--rounds 10]
-        [--natten path/to/natten/src] [--peak-gbs 3350]
+        [--rounds 10] [--natten path/to/natten/src] [--peak-gbs 3350]
+        [--tune keys32="NA_TC_KEYS=32" --tune blocks4="NA_TC_FORWARD_MIN_BLOCKS=4" ...]
 """
 
 from __future__ import annotations
@@ -164,11 +167,12 @@ def import_natten(path: str | None):
     return natten, None
 
 
-def calls_for(p: Problem, contenders: dict, backward: bool) -> dict:
+def calls_for(p: Problem, contenders: dict, backward: bool, environments: dict) -> dict:
+    """A call per contender, each under its environment (`environments`, by name)."""
     q, k, v, rpb = p.inputs(grad=backward)
 
     def run(name, fn):
-        with environment(ENVIRONMENTS.get(name, {})):
+        with environment(environments.get(name, {})):
             if not backward:
                 with torch.no_grad():
                     return fn(p, q, k, v, rpb)
@@ -179,7 +183,7 @@ def calls_for(p: Problem, contenders: dict, backward: bool) -> dict:
     return {name: (lambda name=name, fn=fn: run(name, fn)) for name, fn in contenders.items()}
 
 
-def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
+def report(p: Problem, backward: bool, times: dict, peak: float | None, tuned: list) -> str:
     ours = times["natten_rs"]
     pass_name = "fwd+bwd" if backward else "fwd"
     share = times["sdpa"] * p.window / p.tokens
@@ -193,6 +197,8 @@ def report(p: Problem, backward: bool, times: dict, peak: float | None) -> str:
         parts.append(f"wgmma {times['wgmma'] * 1e3:9.3f} ms ({ours / times['wgmma']:4.2f}x)")
     if "tma" in times:
         parts.append(f"tma {times['tma'] * 1e3:9.3f} ms ({times['wgmma'] / times['tma']:4.2f}x)")
+    for label in tuned:
+        parts.append(f"{label} {times[label] * 1e3:9.3f} ms ({ours / times[label]:4.2f}x)")
     for name in ("unfused", "natten"):
         if name in times:
             parts.append(f"{name}/natten_rs {times[name] / ours:5.2f}x")
@@ -209,7 +215,16 @@ def main() -> None:
     parser.add_argument("--natten", default=None, help="NATTEN's source tree (its src folder)")
     parser.add_argument("--no-backward", action="store_true", help="forward only")
     parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth, GB/s")
+    parser.add_argument("--tune", action="append", default=[], metavar="LABEL=SETTINGS",
+                        help="also time the fused op under NATTEN_RS_TUNE=SETTINGS")  # fmt: skip
     args = parser.parse_args()
+    environments = dict(ENVIRONMENTS)
+    for item in args.tune:
+        label, _, settings = item.partition("=")
+        if not settings or label in environments or label in ("natten_rs", "sdpa", "unfused"):
+            parser.error(f"--tune: expected a new LABEL=SETTINGS, got {item!r}")
+        environments[label] = {"NATTEN_RS_TUNE": settings}
+    tuned = [item.partition("=")[0] for item in args.tune]
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda_fused: no CUDA device (torch.cuda.is_available() is False)")
     peak = peak_bandwidth(args.peak_gbs)
@@ -219,7 +234,7 @@ def main() -> None:
     print(f"NATTEN: {natten.__version__ if natten else f'not timed ({why})'}")
     for key in args.problems:
         p = PROBLEMS[key]
-        contenders = {"natten_rs": fused, "sdpa": sdpa}
+        contenders = {"natten_rs": fused, "sdpa": sdpa, **{label: fused for label in tuned}}
         if torch.cuda.get_device_capability() == (9, 0) and "NATTEN_RS_WGMMA" not in os.environ:
             contenders["wgmma"] = fused
             contenders["tma"] = fused
@@ -228,14 +243,14 @@ def main() -> None:
         if natten is not None and not p.rpb:  # NATTEN 0.20 on has no rpb
             contenders["natten"] = natten_flex(natten)
             try:
-                calls_for(p, {"natten": contenders["natten"]}, backward=False)["natten"]()
+                calls_for(p, {"natten": contenders["natten"]}, False, environments)["natten"]()
             except Exception as e:  # noqa: BLE001 - NATTEN may not take the problem
                 print(f"{p.name}: NATTEN not timed ({type(e).__name__}: {e})")
                 del contenders["natten"]
         for backward in (False,) if args.no_backward else (False, True):
-            times = interleaved(calls_for(p, contenders, backward), args.rounds, timer=timed,
-                                warmups=2)  # fmt: skip
-            print(report(p, backward, times, peak))
+            calls = calls_for(p, contenders, backward, environments)
+            times = interleaved(calls, args.rounds, timer=timed, warmups=2)
+            print(report(p, backward, times, peak, tuned))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ row's window does without), and loops inside the slab loop as one pass, so they 
 executed ones rather than bound them. A warpgroup product (HGMMA 64xNx16, NATTEN_RS_WGMMA=1 on
 sm_90a) counts as the N / 8 HMMA-sized products it does for each of its four warps' rows. With
 ``--lines N`` the kernels compile with line information (NATTEN_RS_LINEINFO=1) and the N source
-lines with the most instructions in each loop are listed.
+lines with the most instructions in each loop are listed. Under NATTEN_RS_TUNE
+(rust/src/cuda/tuning.rs) the forward compiles with those settings.
 
     python benches/kernel_instructions.py [--problems vision flux video] [--arch sm_90a]
         [--dtype bfloat16] [--lines 12] [--rpb]

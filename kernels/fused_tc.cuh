@@ -515,6 +515,34 @@ __device__ __forceinline__ float na_quad_max(float x) {
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
+// Whether the running softmax below reduces a slab's maxima and sums pairwise, as trees (a few
+// levels of independent operations), rather than in one chain: the same instructions, a
+// shorter wait. As a benchmark sets it (rust/src/cuda/tuning.rs); off by default.
+#ifndef NA_TC_TREE_SOFTMAX
+#define NA_TC_TREE_SOFTMAX 0
+#endif
+
+// `op` over this lane's N values of row r of a slab's logits (N = 2 BLOCKS, a power of two),
+// pairwise: level by level, each value folding in the one `width` after it.
+template <int BLOCKS, class Op>
+__device__ __forceinline__ float na_row_tree(const float logits[BLOCKS][4], int r, Op op) {
+    constexpr int n = 2 * BLOCKS;
+    static_assert((n & (n - 1)) == 0, "a tree takes a power of two of values");
+    float v[n];
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+        v[i] = logits[i / 2][2 * r + i % 2];
+    }
+#pragma unroll
+    for (int width = 1; width < n; width *= 2) {
+#pragma unroll
+        for (int i = 0; i + width < n; i += 2 * width) {
+            v[i] = op(v[i], v[i + width]);
+        }
+    }
+    return v[0];
+}
+
 // Running softmax of this lane's two rows over slabs of `BLOCKS` 8-column blocks: the max and
 // this lane's share of the sum of exp(logit - max) (the quad's four shares add up to the row's),
 // over logits in the units of `exponent` (NaExponent: the products themselves, or the logits).
@@ -533,9 +561,14 @@ struct NaTcSoftmax {
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             float slab_max = neg_inf();
+            if (NA_TC_TREE_SOFTMAX) {
+                slab_max = na_row_tree<BLOCKS>(logits, r,
+                                               [](float a, float b) { return fmaxf(a, b); });
+            } else {
 #pragma unroll
-            for (int kb = 0; kb < BLOCKS; ++kb) {
-                slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
+                for (int kb = 0; kb < BLOCKS; ++kb) {
+                    slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
+                }
             }
             const float top = fmaxf(max[r], na_quad_max(slab_max));
             // exp(logit - max logit) as 2^(l factor - top factor): one fused multiply-add and
@@ -551,8 +584,13 @@ struct NaTcSoftmax {
                 for (int e = 0; e < 2; ++e) {
                     float& l = logits[kb][2 * r + e];
                     l = na_exp2(fmaf(l, factor, -offset));
-                    slab_sum += l;
+                    if (!NA_TC_TREE_SOFTMAX) {
+                        slab_sum += l;
+                    }
                 }
+            }
+            if (NA_TC_TREE_SOFTMAX) {
+                slab_sum = na_row_tree<BLOCKS>(logits, r, [](float a, float b) { return a + b; });
             }
             sum[r] = sum[r] * rescale[r] + slab_sum;
         }

@@ -24,11 +24,21 @@
 // value product runs.
 #include "fused_tc.cuh"
 
-// Keys per slab: fewer for wide rows, whose query and output fragments take more registers.
+// Keys per slab: fewer for wide rows, whose query and output fragments take more registers
+// (or as a benchmark sets it: rust/src/cuda/tuning.rs).
+#ifndef NA_TC_KEYS
 #if NA_DIM > 128 || NA_DIM_V > 128
 #define NA_TC_KEYS 32
 #else
 #define NA_TC_KEYS 64
+#endif
+#endif
+static_assert(NA_TC_KEYS == 16 || NA_TC_KEYS == 32 || NA_TC_KEYS == 64,
+              "slabs take 16, 32 or 64 keys");
+// Blocks per SM the forward's registers are bounded for: the tensor-core kernels' bound, or as a
+// benchmark sets it.
+#ifndef NA_TC_FORWARD_MIN_BLOCKS
+#define NA_TC_FORWARD_MIN_BLOCKS NA_TC_MIN_BLOCKS
 #endif
 // 16-channel steps of a query-key product (key rows padded with zeros to whole steps), 8-key
 // column blocks of a slab's logits, 8-channel column blocks of the output.
@@ -134,8 +144,15 @@ __device__ __forceinline__ bool na_publish_slab(bool warp_sees) {
 // slab j's keys are item 2 j and its values item 2 j + 1, item i lies in buffer i % NA_TC_STAGES,
 // and while item i is read the next NA_TC_STAGES - 1 are on their way (a copy has the products of
 // one item, or of two, to arrive under). Three buffers where they fit beside the bias table
-// (NaForwardBias) in the 48 KiB a block's static shared memory may take, else two.
-#define NA_TC_STAGES (3 * sizeof(NaRingBuffer) + sizeof(NaForwardBias) <= 48 * 1024 ? 3 : 2)
+// (NaForwardBias) in the 48 KiB a block's static shared memory may take, else two. A benchmark
+// may ask for up to four (NA_TC_FORWARD_STAGES: rust/src/cuda/tuning.rs), as many as fit.
+#ifndef NA_TC_FORWARD_STAGES
+#define NA_TC_FORWARD_STAGES 3
+#endif
+#define NA_TC_STAGES_FIT(n) ((n) * sizeof(NaRingBuffer) + sizeof(NaForwardBias) <= 48 * 1024)
+#define NA_TC_STAGES                                    \
+    (NA_TC_FORWARD_STAGES >= 4 && NA_TC_STAGES_FIT(4) ? 4 \
+     : NA_TC_FORWARD_STAGES >= 3 && NA_TC_STAGES_FIT(3) ? 3 : 2)
 #endif
 constexpr int na_tc_buffer = NA_TC_KEYS * (NaKeyRows::per_row > NaValueRows::per_row
                                                ? NaKeyRows::per_row
@@ -473,7 +490,7 @@ __device__ __forceinline__ void na_forward_tile(const NaFusedParams& f, const Na
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_FORWARD_MIN_BLOCKS)
     na_fused_forward_tc(const __grid_constant__ NaFusedTcParams p) {
     const NaFusedParams& f = p.forward;
 #if NA_TC_WGMMA

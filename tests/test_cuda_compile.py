@@ -19,6 +19,7 @@ import natten_rs
 import pytest
 import torch
 from natten_rs import KernelError, _core, _cuda
+from test_cuda import TUNINGS
 
 ARCHS = ["sm_80", "sm_90a"]
 # The kernels are simple enough to live in registers: any spill (or stack frame) is a regression.
@@ -275,6 +276,31 @@ def _check_dynamic_shared_symbols(arch: str, cache_dir, names: list[str]):
             assert 48 * 1024 < max(found) <= 227 * 1024, (kernel, found)
         else:
             assert found == [], (kernel, found)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tuned_forward_variants_compile_without_warnings(arch, cache_dir, monkeypatch):
+    # Each setting NATTEN_RS_TUNE takes (test_cuda.TUNINGS: every value at least once) compiles
+    # into a vision layer's forward (bfloat16, 7x7; head dims 32 and 128), a variant of its own
+    # beside the default one. Spills are printed, not refused: bounding the registers for more
+    # blocks may spill, which is what a benchmark would weigh.
+    def forwards():
+        rows = _core.precompile(arch, 0, ["bfloat16"], [([7, 7], [False, False])],
+                                [(32, 32), (128, 128)], False)  # fmt: skip
+        return [row for row in rows if row[0].endswith("/na_fused_forward_tc")]
+
+    plain = forwards()
+    assert len(plain) == 2, plain
+    for tuning in TUNINGS:
+        monkeypatch.setenv("NATTEN_RS_TUNE", tuning)
+        rows = forwards()
+        assert len(rows) == 2, rows
+        for name, registers, spills, log, origin in rows:
+            settings = name.split("dim ")[1].split("]")[0].split(", ")[1:]
+            assert sorted(settings) == sorted(re.split("[ ,]", tuning)), (name, tuning)
+            assert origin == "compiled", f"{name}: {origin}"
+            assert "warning" not in log.lower(), f"{name}:\n{log}"
+            print(f"{name}: {registers} registers, {spills} spill bytes")
 
 
 def _precompile_f32(arch: str = "sm_80"):

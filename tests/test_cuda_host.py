@@ -36,6 +36,8 @@ from test_cuda import (
     TENSOR_CORE_UNFUSED_CASES,
     TENSOR_CORE_UNFUSED_PARAMS,
     TENSOR_CORE_VARIANTS,
+    TUNED_CASE_PARAMS,
+    TUNINGS,
     check_dense_attention,
     check_every_output_element_is_written,
     check_fused_backward,
@@ -180,6 +182,30 @@ def test_hopper_backward_variants_match_the_cpu_path_and_the_oracle(
     check_fused_backward(case, dtype, "cpu", kernels)
 
 
+@pytest.mark.parametrize("tuning", TUNINGS)
+@pytest.mark.parametrize("case", TUNED_CASE_PARAMS)
+def test_tuned_forward_variants_match_the_cpu_path_and_the_oracle(
+    case, tuning, kernels, monkeypatch
+):
+    monkeypatch.setenv("NATTEN_RS_TUNE", tuning)
+    check_fused_forward(case, torch.bfloat16, "cpu", kernels)
+
+
+@pytest.mark.parametrize(
+    "tuning, message",
+    [
+        ("NA_TC_KEYS", "got NA_TC_KEYS"),
+        ("NA_TC_KEYS=48", r"NA_TC_KEYS takes \[16, 32, 64\]"),
+        ("NA_TC_STAGES=2", "unknown name NA_TC_STAGES"),
+    ],
+)
+def test_a_bad_tuning_is_refused_naming_it(tuning, message, kernels, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_TUNE", tuning)
+    q = torch.randn(1, 10, 2, 16).to(torch.bfloat16)
+    with kernels(), pytest.raises(ValueError, match=f"NATTEN_RS_TUNE.*{message}"):
+        natten_rs.na1d(q, q, q, kernel_size=3)
+
+
 def _tensor_copies(directory) -> int:
     """Bulk tensor copies the host libraries built in `directory` have issued (read while they
     are loaded: turning the host build off closes them)."""
@@ -208,6 +234,18 @@ def test_bulk_copies_are_taken_where_tensor_maps_describe_the_keys(
         out = natten_rs.na1d(q, k, v, kernel_size=9, dilation=dilation)
         assert (_tensor_copies(tmp_path) > 0) == takes
     expected = natten_rs.na1d(q, k, v, kernel_size=9, dilation=dilation)
+    torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_slabs_of_other_sizes_give_up_the_bulk_copies(tmp_path, monkeypatch):
+    # The tensor maps are the host's, shaped for the default slab of 64 keys.
+    _with_bulk_copies(monkeypatch)
+    monkeypatch.setenv("NATTEN_RS_TUNE", "NA_TC_KEYS=32")
+    q, k, v = (torch.randn(2, 200, 4, 32).to(torch.bfloat16) for _ in range(3))
+    with _on_host(tmp_path)():
+        out = natten_rs.na1d(q, k, v, kernel_size=9)
+        assert _tensor_copies(tmp_path) == 0
+    expected = natten_rs.na1d(q, k, v, kernel_size=9)
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 

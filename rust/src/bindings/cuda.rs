@@ -181,7 +181,7 @@ fn precompile(
                 Some(name) => Arch::parse(name)?,
                 None => cuda::device_arch(device)?,
             };
-            cuda::compile(&cuda::variants(&dtypes, &shapes, &dims, rpb, arch), arch)
+            cuda::compile(&cuda::variants(&dtypes, &shapes, &dims, rpb, arch)?, arch)
         })
     })?;
     for report in &reports {

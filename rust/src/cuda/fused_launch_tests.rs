@@ -582,7 +582,8 @@ fn precompiled_fused_variants_are_the_ones_problems_launch() {
     for (dtype, name, sources) in cases {
         let p = self_attention(&[1, 12, 16, 2, 32], dtype, vec![3, 5], vec![1, 1]);
         let shapes = [(p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal))];
-        let keys = crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], false, arch(name));
+        let keys =
+            crate::cuda::variants(&[dtype], &shapes, &[(32, 32)], false, arch(name)).unwrap();
         for &source in sources {
             let key = KernelKey::for_fused(source, &p);
             assert!(
@@ -807,7 +808,7 @@ fn tensor_core_variants_are_specialised_by_the_bias() {
     let shapes = [([1, 7, 7], [false; 3])];
     for rpb in [false, true] {
         let sm_80 = crate::cuda::Arch::parse("sm_80").unwrap();
-        let keys = crate::cuda::variants(&[DType::BF16], &shapes, &[(32, 32)], rpb, sm_80);
+        let keys = crate::cuda::variants(&[DType::BF16], &shapes, &[(32, 32)], rpb, sm_80).unwrap();
         let fused: Vec<bool> = keys
             .iter()
             .filter(|k| matches!(k.source, Source::FusedTc | Source::FusedBwdTc))

@@ -5,6 +5,7 @@
 
 use super::fused_launch::TC_WARPS;
 use super::tma::{self, Slabs};
+use super::tuning::Tuning;
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
 
@@ -334,6 +335,9 @@ pub struct KernelKey {
     /// compile no bias path (NA_BIASED), which would be cold code in their slab loops; false for
     /// every other source.
     pub biased: bool,
+    /// Settings of `NATTEN_RS_TUNE` the variant is compiled with (`tuning::tuned`): none but
+    /// where a benchmark asks for them.
+    pub tuning: Tuning,
 }
 
 /// The widest rows (query/key and value head dims) of the forward's warpgroup products: their
@@ -415,6 +419,7 @@ impl KernelKey {
             tma: false,
             dense_rows: false,
             biased: false,
+            tuning: Tuning::default(),
         }
     }
 
@@ -431,6 +436,7 @@ impl KernelKey {
             tma: false,
             dense_rows: source.stages_dense_rows() && p.rows_dense,
             biased: source.specialises_bias() && p.rpb,
+            tuning: Tuning::default(),
         };
         KernelKey {
             tma: key.takes_bulk_copies(p),
@@ -525,6 +531,11 @@ impl KernelKey {
             flags.push(format!("-DNA_TCB_BIAS_GRADS={on}"));
             flags.push(format!("-DNA_BIAS_SLICE={BIAS_SLICE}"));
         }
+        flags.extend(
+            self.tuning
+                .settings()
+                .map(|(name, value)| format!("-D{name}={value}")),
+        );
         flags
     }
 
@@ -551,7 +562,12 @@ impl KernelKey {
                 (true, false) => ", wgmma",
                 _ => "",
             };
-            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{rpb}{any_rows}{wgmma}")
+            let tuned: String = self
+                .tuning
+                .settings()
+                .map(|(name, value)| format!(", {name}={value}"))
+                .collect();
+            format!(", stride {s0}x{s1}x{s2}, dim {d}/{dv}{rpb}{any_rows}{wgmma}{tuned}")
         } else {
             String::new()
         };
@@ -668,6 +684,7 @@ fn representative_fused_keys() -> Vec<KernelKey> {
                     tma: false,
                     dense_rows: source.stages_dense_rows(),
                     biased: false,
+                    tuning: Tuning::default(),
                 };
                 // With a bias as well, where one may be given (odd kernels, stride 1).
                 let may_be_biased = kernel.iter().all(|k| k % 2 == 1) && stride == [1; 3];
@@ -778,16 +795,9 @@ mod tests {
     #[test]
     fn the_warpgroup_forward_of_wide_rows_takes_two_warpgroups_per_block() {
         let key = |source, wgmma, dims| KernelKey {
-            source,
-            dtype: DType::BF16,
-            kernel: [1, 7, 7],
-            causal: [false; 3],
-            stride: [1; 3],
-            dims,
             wgmma,
-            tma: false,
             dense_rows: true,
-            biased: false,
+            ..KernelKey::stride_one(source, DType::BF16, [1, 7, 7], [false; 3], dims)
         };
         let warps_flag = |k: &KernelKey| {
             k.defines()

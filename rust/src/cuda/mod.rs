@@ -18,6 +18,7 @@ mod programs;
 mod runtime;
 mod tiling;
 mod tma;
+mod tuning;
 
 pub use kernels::{representative_keys, KernelKey, Source, DTYPES, MAX_FUSED_BACKWARD_DIM};
 pub use nvrtc::{version as nvrtc_version, Arch, Resources, INSTALL_HINT};
@@ -185,7 +186,7 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
             p.dim, p.dim_v
         )));
     }
-    Ok(KernelKey::for_fused(source, p))
+    tuning::tuned(KernelKey::for_fused(source, p))
 }
 
 /// The variant the fused forward of problem `p` runs: the tensor-core one where the problem and
@@ -194,7 +195,7 @@ pub fn fused_key(source: Source, p: &FusedProblem) -> Result<KernelKey> {
 pub fn fused_forward_key(p: &FusedProblem) -> Result<KernelKey> {
     let tensor_cores = fused_may_take_tensor_cores(p)?;
     match forward_source(p.dtype, (p.dim, p.dim_v), tensor_cores) {
-        Source::FusedTc => Ok(KernelKey::for_fused(Source::FusedTc, p)),
+        Source::FusedTc => tuning::tuned(KernelKey::for_fused(Source::FusedTc, p)),
         source => fused_key(source, p),
     }
 }
@@ -442,14 +443,14 @@ pub fn compile(keys: &[KernelKey], arch: Arch) -> Result<Vec<Report>> {
 /// head dims in `dims` (query/key, value), the unfused ops' tensor-core source where a head dim
 /// pair of equals takes it (problems without additional tokens), the fused forward the device
 /// would run and the fused backward's sources (stride 1; strided problems compile at first
-/// use).
+/// use), each with the settings of `NATTEN_RS_TUNE` it reads (`tuning::tuned`).
 pub fn variants(
     dtypes: &[DType],
     shapes: &[([usize; 3], [bool; 3])],
     dims: &[(usize, usize)],
     rpb: bool,
     arch: Arch,
-) -> Vec<KernelKey> {
+) -> Result<Vec<KernelKey>> {
     let mut keys = Vec::new();
     for &(kernel, causal) in shapes {
         for &dtype in dtypes {
@@ -491,7 +492,7 @@ pub fn variants(
             }
         }
     }
-    keys
+    keys.into_iter().map(tuning::tuned).collect()
 }
 
 /// Forget the compiled programs held in memory (the disk cache and loaded modules stay).
