@@ -10,16 +10,23 @@ weights written, read and written by softmax, read again) divided by the time, a
 device's memory bandwidth (from its clock and bus width, or ``--peak-gbs``).
 
 With ``--rpb``, natten_rs's logits take a relative positional bias (as NAT/DiNAT models call
-``na2d_qk``; its gradient too in forward + backward); sdpa goes without.
+``na2d_qk``; its gradient too in forward + backward); sdpa goes without. The forward's line ends
+with its three parts timed alone (``qk``, ``softmax``, ``av``; each with its inputs ready), so
+that it says which one to work on. Each ``--tune LABEL=SETTINGS`` also times the unfused ops with
+their tensor-core kernels compiled under those settings (NATTEN_RS_TUNE=SETTINGS,
+rust/src/cuda/tuning.rs), printing its time and the default's over it (above 1: they pay).
 
     python benches/bench_cuda.py [--problems p1 p2] [--rounds 20] [--dilations 1 4] [--rpb]
+        [--tune blocks4="NA_TC_UNFUSED_MIN_BLOCKS=4" ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -86,7 +93,24 @@ def measure(calls: dict, rounds: int) -> dict:
     return interleaved(calls, rounds, timer=timed, warmups=2)
 
 
-def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool) -> dict:
+@contextlib.contextmanager
+def tuned(settings: str | None):
+    """NATTEN_RS_TUNE set to `settings` (None: as it was) for the calls inside."""
+    saved = os.environ.get("NATTEN_RS_TUNE")
+    if settings is not None:
+        os.environ["NATTEN_RS_TUNE"] = settings
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("NATTEN_RS_TUNE", None)
+        else:
+            os.environ["NATTEN_RS_TUNE"] = saved
+
+
+def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool, tunings: dict) -> dict:
+    """natten_rs's unfused ops, under each of `tunings` (label -> settings) too, and sdpa; for
+    the forward also its parts alone."""
     q, k, v = p.inputs(grad=backward)
     side = 2 * p.kernel - 1
     bias = (
@@ -95,16 +119,28 @@ def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool) -> dict:
         else None
     )
 
-    def run(fn):
-        if not backward:
-            with torch.no_grad():
-                return fn(p, q, k, v, dilation)
-        out = fn(p, q, k, v, dilation)
-        out.backward(torch.ones_like(out))
-        return out
+    def run(fn, settings=None):
+        with tuned(settings):
+            if not backward:
+                with torch.no_grad():
+                    return fn(p, q, k, v, dilation)
+            out = fn(p, q, k, v, dilation)
+            out.backward(torch.ones_like(out))
+            return out
 
     ours = functools.partial(natten_rs_fwd, rpb=bias)
-    return {"natten_rs": lambda: run(ours), "sdpa": lambda: run(sdpa_fwd)}
+    calls = {"natten_rs": lambda: run(ours), "sdpa": lambda: run(sdpa_fwd)}
+    for label, settings in tunings.items():
+        calls[label] = lambda settings=settings: run(ours, settings)
+    if not backward:
+        with torch.no_grad():
+            scaled = q * p.dim**-0.5
+            logits = na2d_qk(scaled, k, p.kernel, dilation, rpb=bias)
+            weights = logits.softmax(-1)
+        calls["qk"] = torch.no_grad()(lambda: na2d_qk(scaled, k, p.kernel, dilation, rpb=bias))
+        calls["softmax"] = torch.no_grad()(lambda: logits.softmax(-1))
+        calls["av"] = torch.no_grad()(lambda: na2d_av(weights, v, p.kernel, dilation))
+    return calls
 
 
 def peak_bandwidth(override: float | None) -> float | None:
@@ -126,7 +162,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--peak-gbs", type=float, default=None, help="device bandwidth, GB/s")
     parser.add_argument("--rpb", action="store_true", help="natten_rs's logits take a bias")
+    parser.add_argument("--tune", action="append", default=[], metavar="LABEL=SETTINGS",
+                        help="also time the unfused ops under NATTEN_RS_TUNE=SETTINGS")  # fmt: skip
     args = parser.parse_args()
+    tunings = dict(item.partition("=")[::2] for item in args.tune)
+    reserved = {"natten_rs", "sdpa", "qk", "softmax", "av"}
+    if len(tunings) < len(args.tune) or not all(tunings.values()) or reserved & set(tunings):
+        parser.error(f"--tune: expected distinct new LABEL=SETTINGS items, got {args.tune}")
     if not torch.cuda.is_available():
         raise SystemExit("bench_cuda: no CUDA device (torch.cuda.is_available() is False)")
     peak = peak_bandwidth(args.peak_gbs)
@@ -136,7 +178,8 @@ def main() -> None:
         p = PROBLEMS[key]
         for dilation in args.dilations:
             for backward in (False, True):
-                times = measure(calls_for(p, dilation, backward, args.rpb), args.rounds)
+                calls = calls_for(p, dilation, backward, args.rpb, tunings)
+                times = measure(calls, args.rounds)
                 ours, sdpa = times["natten_rs"], times["sdpa"]
                 line = (
                     f"{p.name:>18}{' rpb' if args.rpb else ''} d{dilation} "
@@ -144,10 +187,14 @@ def main() -> None:
                     f"natten_rs {ours * 1e3:8.3f} ms  sdpa {sdpa * 1e3:8.3f} ms  "
                     f"sdpa/natten_rs {sdpa / ours:6.2f}x"
                 )
+                for label in tunings:
+                    line += f"  {label} {times[label] * 1e3:8.3f} ms ({ours / times[label]:4.2f}x)"
                 if not backward:
                     gbs = p.forward_bytes() / ours / 1e9
                     share = f" ({gbs / peak:.0%} of peak)" if peak else ""
                     line += f"  {gbs:7.0f} GB/s{share}"
+                    parts = ", ".join(f"{n} {times[n] * 1e3:.3f}" for n in ("qk", "softmax", "av"))
+                    line += f"  ({parts} ms)"
                 print(line)
 
 

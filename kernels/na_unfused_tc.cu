@@ -17,6 +17,12 @@
 // `b` the key-side rows (keys, or values), `w` the weights, `out` the result.
 #include "fused_tc.cuh"
 
+// Blocks per SM the window products' registers are bounded for: the tensor-core kernels' bound,
+// or as a benchmark sets it (rust/src/cuda/tuning.rs).
+#ifndef NA_TC_UNFUSED_MIN_BLOCKS
+#define NA_TC_UNFUSED_MIN_BLOCKS NA_TC_MIN_BLOCKS
+#endif
+
 #if NA_DIM != NA_DIM_V
 #error "the unfused tensor-core kernels take one head dim (NA_DIM == NA_DIM_V)"
 #endif
@@ -266,7 +272,7 @@ __device__ __forceinline__ void na_each_seen_slab(const NaFusedParams& f, const 
 
 // out[b, h, x, slot] = a[b, h, x] . b[b, h, key(x, slot)] (+ bias[h, key - x]); slots a causal
 // window lacks hold -inf (neg_inf_fill) or 0.
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_UNFUSED_MIN_BLOCKS)
     na_pairwise_tc(const NaParams p) {
     __shared__ __align__(16) NaUtSlabs keys;
     __shared__ __align__(16) elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];
@@ -337,7 +343,7 @@ extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
 }
 
 // out[b, h, x, c] = sum_slot w[b, h, x, slot] b[b, h, key(x, slot), c].
-extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(NA_TC_THREADS, NA_TC_UNFUSED_MIN_BLOCKS)
     na_gather_tc(const NaParams p) {
     __shared__ __align__(16) NaUtSlabs values;
     __shared__ __align__(16) elem_t slots[NA_TC_ROWS][NA_UT_SLOT_PITCH];

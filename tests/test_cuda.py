@@ -431,17 +431,19 @@ def test_hopper_backward_variants_match_the_cpu_path_and_the_oracle(
     check_fused_backward(case, dtype, "cuda")
 
 
-# Settings of the tensor-core forward that benchmarks may change (NATTEN_RS_TUNE,
+# Settings of the tensor-core kernels that benchmarks may change (NATTEN_RS_TUNE,
 # rust/src/cuda/tuning.rs), each value at least once beside the defaults: register bounds, rings
-# of two and four buffers, slabs of 16 and 32 keys, tree-shaped softmax reductions. Over problems
-# of every rank, a bias with dilation, a strided causal 3-D problem, additional tokens past a slab
-# and slabs inside every query's window.
+# of two and four buffers, slabs of 16 and 32 keys, tree-shaped softmax reductions. The forward's
+# over problems of every rank, a bias with dilation, a strided causal 3-D problem, additional
+# tokens past a slab and slabs inside every query's window; the window products' over a 2-D
+# problem with a bias.
 TUNINGS = [
-    "NA_TC_FORWARD_MIN_BLOCKS=4 NA_TC_FORWARD_STAGES=2",
+    "NA_TC_FORWARD_MIN_BLOCKS=4 NA_TC_FORWARD_STAGES=2 NA_TC_UNFUSED_MIN_BLOCKS=4",
     "NA_TC_KEYS=32 NA_TC_FORWARD_STAGES=4",
     "NA_TC_KEYS=16,NA_TC_TREE_SOFTMAX=1",
 ]
 TUNED_CASE_PARAMS = [TENSOR_CORE_CASE_PARAMS[i] for i in (0, 1, 3, 4, 7)]
+TUNED_UNFUSED_CASE = TENSOR_CORE_UNFUSED_CASES[0]
 
 
 @pytest.mark.parametrize("tuning", TUNINGS)
@@ -449,6 +451,12 @@ TUNED_CASE_PARAMS = [TENSOR_CORE_CASE_PARAMS[i] for i in (0, 1, 3, 4, 7)]
 def test_tuned_forward_variants_match_the_cpu_path_and_the_oracle(case, tuning, monkeypatch):
     monkeypatch.setenv("NATTEN_RS_TUNE", tuning)
     check_fused_forward(case, torch.bfloat16, "cuda")
+
+
+def test_tuned_window_products_match_the_cpu_path_and_the_oracle(monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_TUNE", TUNINGS[0])
+    case, dim = TUNED_UNFUSED_CASE
+    check_unfused(case, torch.bfloat16, "contiguous", "cuda", dim=dim)
 
 
 def check_dense_attention(dtype, device, kernels=contextlib.nullcontext):

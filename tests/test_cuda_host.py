@@ -37,6 +37,7 @@ from test_cuda import (
     TENSOR_CORE_UNFUSED_PARAMS,
     TENSOR_CORE_VARIANTS,
     TUNED_CASE_PARAMS,
+    TUNED_UNFUSED_CASE,
     TUNINGS,
     check_dense_attention,
     check_every_output_element_is_written,
@@ -189,6 +190,12 @@ def test_tuned_forward_variants_match_the_cpu_path_and_the_oracle(
 ):
     monkeypatch.setenv("NATTEN_RS_TUNE", tuning)
     check_fused_forward(case, torch.bfloat16, "cpu", kernels)
+
+
+def test_tuned_window_products_match_the_cpu_path_and_the_oracle(kernels, monkeypatch):
+    monkeypatch.setenv("NATTEN_RS_TUNE", TUNINGS[0])
+    case, dim = TUNED_UNFUSED_CASE
+    check_unfused(case, torch.bfloat16, "contiguous", "cpu", kernels, dim=dim)
 
 
 @pytest.mark.parametrize(

@@ -138,12 +138,18 @@ pub fn keys(p: &Problem, op: UnfusedOp) -> Result<Vec<KernelKey>> {
     };
     let mut keys: Vec<KernelKey> = Vec::new();
     for source in sources {
-        let key = KernelKey::for_problem(source, p);
+        let key = unfused_key(source, p)?;
         if !keys.contains(&key) {
             keys.push(key);
         }
     }
     Ok(keys)
+}
+
+/// The variant of unfused-op source `source` that problem `p` launches (with the settings of
+/// `NATTEN_RS_TUNE` it reads).
+fn unfused_key(source: Source, p: &Problem) -> Result<KernelKey> {
+    tuning::tuned(KernelKey::for_problem(source, p))
 }
 
 /// Whether the unfused ops may take the tensor-core window products (NATTEN's "GEMM NA"; the
@@ -294,7 +300,7 @@ pub fn prepare(device: i32, keys: &[KernelKey]) -> Result<Vec<Report>> {
 unsafe fn run(p: &Problem, launches: &[Launch], stream: Stream) -> Result<()> {
     let target = Target::of(p.device)?;
     for launch in launches {
-        let key = KernelKey::for_problem(launch.function.source(), p);
+        let key = unfused_key(launch.function.source(), p)?;
         let shape = (launch.function, launch.config);
         // SAFETY: forwarded contract; kernels of the unfused ops' sources take one `NaParams`.
         unsafe { target.launch(&key, shape, launch.params, stream)? };

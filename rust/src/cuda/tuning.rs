@@ -1,5 +1,6 @@
-//! Compile-time settings of the tensor-core forward that a benchmark may change, so that
-//! alternatives are timed side by side in one process (benches/bench_cuda_fused.py `--tune`):
+//! Compile-time settings of the tensor-core kernels that a benchmark may change, so that
+//! alternatives are timed side by side in one process (`--tune` of benches/bench_cuda_fused.py
+//! and benches/bench_cuda.py):
 //! `NATTEN_RS_TUNE="NAME=VALUE NAME=VALUE"`, each NAME one of `TUNABLES`. Read at each lookup, as
 //! `NATTEN_RS_WGMMA` is, so a variant follows the variable; the settings are part of the variant's
 //! key, so tuned and untuned variants live side by side. Unset, every setting is the kernels' own
@@ -29,8 +30,12 @@ fn forward_mma_sync(key: &KernelKey) -> bool {
     forward(key) && !key.wgmma
 }
 
+fn window_products(key: &KernelKey) -> bool {
+    key.source == Source::UnfusedTc
+}
+
 /// Every setting. Their meanings are in the kernels, beside their defaults.
-pub const TUNABLES: [Tunable; 4] = [
+pub const TUNABLES: [Tunable; 5] = [
     // Blocks per SM the forward's registers are bounded for (na_fused_tc.cu).
     Tunable {
         name: "NA_TC_FORWARD_MIN_BLOCKS",
@@ -56,6 +61,12 @@ pub const TUNABLES: [Tunable; 4] = [
         name: "NA_TC_TREE_SOFTMAX",
         values: &[0, 1],
         applies: forward,
+    },
+    // Blocks per SM the unfused ops' window products are bounded for (na_unfused_tc.cu).
+    Tunable {
+        name: "NA_TC_UNFUSED_MIN_BLOCKS",
+        values: &[1, 2, 3, 4, 5, 6],
+        applies: window_products,
     },
 ];
 
@@ -212,6 +223,12 @@ mod tests {
         assert_eq!(warpgroup.tuning.get("NA_TC_TREE_SOFTMAX"), Some(1));
         let backward = key(Source::FusedBwdTc, false, false);
         assert_eq!(tuning.apply(backward), backward);
+        let unfused = Tuning::parse("NA_TC_KEYS=32 NA_TC_UNFUSED_MIN_BLOCKS=4").unwrap();
+        let products = unfused.apply(key(Source::UnfusedTc, false, false));
+        assert_eq!(
+            products.tuning.settings().collect::<Vec<_>>(),
+            [("NA_TC_UNFUSED_MIN_BLOCKS", 4)]
+        );
     }
 
     #[test]
@@ -231,7 +248,7 @@ mod tests {
         let sources: String = super::super::kernels::HEADERS
             .iter()
             .map(|(_, text)| *text)
-            .chain([Source::FusedTc.text()])
+            .chain([Source::FusedTc.text(), Source::UnfusedTc.text()])
             .collect();
         for tunable in &TUNABLES {
             let guard = format!("#ifndef {}\n", tunable.name);
