@@ -94,18 +94,30 @@ def measure(calls: dict, rounds: int) -> dict:
 
 
 @contextlib.contextmanager
-def tuned(settings: str | None):
-    """NATTEN_RS_TUNE set to `settings` (None: as it was) for the calls inside."""
-    saved = os.environ.get("NATTEN_RS_TUNE")
-    if settings is not None:
-        os.environ["NATTEN_RS_TUNE"] = settings
+def environment(values: dict):
+    """The environment variables `values` set for the calls inside (read at each call, as
+    natten_rs's NATTEN_RS_TUNE and NATTEN_RS_WGMMA are)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("NATTEN_RS_TUNE", None)
-        else:
-            os.environ["NATTEN_RS_TUNE"] = saved
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def one_pass(call, backward: bool):
+    """`call()`'s output: without autograd for a forward; with the backward of a gradient of
+    ones for forward + backward."""
+    if not backward:
+        with torch.no_grad():
+            return call()
+    out = call()
+    out.backward(torch.ones_like(out))
+    return out
 
 
 def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool, tunings: dict) -> dict:
@@ -120,13 +132,8 @@ def calls_for(p: Problem, dilation: int, backward: bool, rpb: bool, tunings: dic
     )
 
     def run(fn, settings=None):
-        with tuned(settings):
-            if not backward:
-                with torch.no_grad():
-                    return fn(p, q, k, v, dilation)
-            out = fn(p, q, k, v, dilation)
-            out.backward(torch.ones_like(out))
-            return out
+        with environment({} if settings is None else {"NATTEN_RS_TUNE": settings}):
+            return one_pass(lambda: fn(p, q, k, v, dilation), backward)
 
     ours = functools.partial(natten_rs_fwd, rpb=bias)
     calls = {"natten_rs": lambda: run(ours), "sdpa": lambda: run(sdpa_fwd)}

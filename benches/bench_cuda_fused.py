@@ -31,7 +31,6 @@ events (benches/rounds.py). For each problem and pass (forward; forward + backwa
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 import natten_rs
 import torch
 import torch.nn.functional as F
-from bench_cuda import peak_bandwidth, timed
+from bench_cuda import environment, one_pass, peak_bandwidth, timed
 from natten_rs import functional as nf
 from rounds import interleaved
 
@@ -115,20 +114,6 @@ ENVIRONMENTS = {
 }
 
 
-@contextlib.contextmanager
-def environment(values: dict):
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
-
-
 def sdpa(p: Problem, q, k, v, rpb):
     heads_first = [t.flatten(1, p.rank).transpose(1, 2) for t in (q, k, v)]
     return F.scaled_dot_product_attention(*heads_first)
@@ -173,12 +158,7 @@ def calls_for(p: Problem, contenders: dict, backward: bool, environments: dict) 
 
     def run(name, fn):
         with environment(environments.get(name, {})):
-            if not backward:
-                with torch.no_grad():
-                    return fn(p, q, k, v, rpb)
-            out = fn(p, q, k, v, rpb)
-            out.backward(torch.ones_like(out))
-            return out
+            return one_pass(lambda: fn(p, q, k, v, rpb), backward)
 
     return {name: (lambda name=name, fn=fn: run(name, fn)) for name, fn in contenders.items()}
 
