@@ -23,11 +23,11 @@ rust/src/cuda/tuning.rs), printing its time and the default's over it (above 1: 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import os
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -93,20 +93,10 @@ def measure(calls: dict, rounds: int) -> dict:
     return interleaved(calls, rounds, timer=timed, warmups=2)
 
 
-@contextlib.contextmanager
 def environment(values: dict):
-    """The environment variables `values` set for the calls inside (read at each call, as
-    natten_rs's NATTEN_RS_TUNE and NATTEN_RS_WGMMA are)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
+    """The environment variables `values` set for the calls inside, then restored (natten_rs
+    reads NATTEN_RS_TUNE and NATTEN_RS_WGMMA at each call)."""
+    return mock.patch.dict(os.environ, values)
 
 
 def one_pass(call, backward: bool):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import natten_rs
 import natten_rs.functional as F
@@ -83,16 +84,8 @@ def _fused_with(settings: dict, spatial, kernel, dilation, causal, dtype, device
     """`fused` for the half types with the environment `settings` in force, then restored."""
     if dtype not in (torch.float16, torch.bfloat16):
         return
-    before = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
+    with mock.patch.dict(os.environ, settings):
         fused(spatial, kernel, dilation, causal, dtype, device)
-    finally:
-        for name, value in before.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
 
 
 def fused_on_warpgroups(spatial, kernel, dilation, causal, dtype, device) -> None:
