@@ -522,10 +522,12 @@ __device__ __forceinline__ float na_quad_max(float x) {
 #define NA_TC_TREE_SOFTMAX 0
 #endif
 
-// `op` over this lane's N values of row r of a slab's logits (N = 2 BLOCKS, a power of two),
-// pairwise: level by level, each value folding in the one `width` after it.
+// `op` over this lane's 2 BLOCKS values of row r of a slab's logits: in order from `first`, or
+// under NA_TC_TREE_SOFTMAX pairwise, level by level, each value folding in the one `width` after
+// it (2 BLOCKS is a power of two).
 template <int BLOCKS, class Op>
-__device__ __forceinline__ float na_row_tree(const float logits[BLOCKS][4], int r, Op op) {
+__device__ __forceinline__ float na_row_reduce(const float logits[BLOCKS][4], int r, float first,
+                                               Op op) {
     constexpr int n = 2 * BLOCKS;
     static_assert((n & (n - 1)) == 0, "a tree takes a power of two of values");
     float v[n];
@@ -533,14 +535,23 @@ __device__ __forceinline__ float na_row_tree(const float logits[BLOCKS][4], int 
     for (int i = 0; i < n; ++i) {
         v[i] = logits[i / 2][2 * r + i % 2];
     }
+    float x = first;
+    if (NA_TC_TREE_SOFTMAX) {
 #pragma unroll
-    for (int width = 1; width < n; width *= 2) {
+        for (int width = 1; width < n; width *= 2) {
 #pragma unroll
-        for (int i = 0; i + width < n; i += 2 * width) {
-            v[i] = op(v[i], v[i + width]);
+            for (int i = 0; i + width < n; i += 2 * width) {
+                v[i] = op(v[i], v[i + width]);
+            }
+        }
+        x = op(x, v[0]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+            x = op(x, v[i]);
         }
     }
-    return v[0];
+    return x;
 }
 
 // Running softmax of this lane's two rows over slabs of `BLOCKS` 8-column blocks: the max and
@@ -560,16 +571,8 @@ struct NaTcSoftmax {
         const float factor = exponent.factor;
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            float slab_max = neg_inf();
-            if (NA_TC_TREE_SOFTMAX) {
-                slab_max = na_row_tree<BLOCKS>(logits, r,
-                                               [](float a, float b) { return fmaxf(a, b); });
-            } else {
-#pragma unroll
-                for (int kb = 0; kb < BLOCKS; ++kb) {
-                    slab_max = fmaxf(slab_max, fmaxf(logits[kb][2 * r], logits[kb][2 * r + 1]));
-                }
-            }
+            const float slab_max = na_row_reduce<BLOCKS>(
+                logits, r, neg_inf(), [](float a, float b) { return fmaxf(a, b); });
             const float top = fmaxf(max[r], na_quad_max(slab_max));
             // exp(logit - max logit) as 2^(l factor - top factor): one fused multiply-add and
             // one ex2 per logit. Until a row has a finite logit (top -inf) the offset is 0, so
@@ -577,21 +580,16 @@ struct NaTcSoftmax {
             const float offset = top == neg_inf() ? 0.0f : top * factor;
             rescale[r] = na_exp2(fmaf(max[r], factor, -offset));
             max[r] = top;
-            float slab_sum = 0;
 #pragma unroll
             for (int kb = 0; kb < BLOCKS; ++kb) {
 #pragma unroll
                 for (int e = 0; e < 2; ++e) {
                     float& l = logits[kb][2 * r + e];
                     l = na_exp2(fmaf(l, factor, -offset));
-                    if (!NA_TC_TREE_SOFTMAX) {
-                        slab_sum += l;
-                    }
                 }
             }
-            if (NA_TC_TREE_SOFTMAX) {
-                slab_sum = na_row_tree<BLOCKS>(logits, r, [](float a, float b) { return a + b; });
-            }
+            const float slab_sum =
+                na_row_reduce<BLOCKS>(logits, r, 0.0f, [](float a, float b) { return a + b; });
             sum[r] = sum[r] * rescale[r] + slab_sum;
         }
     }
