@@ -416,8 +416,16 @@ __device__ __forceinline__ NaRow na_row(const NaParams& p, long long row) {
 
 // ---- neighborhood math (rust/src/window.rs) -----------------------------------------------------
 
-__device__ __forceinline__ int na_kernel(int axis) {
+__device__ __forceinline__ constexpr int na_kernel(int axis) {
     return axis == 0 ? NA_K0 : (axis == 1 ? NA_K1 : NA_K2);
+}
+// Whether axis `axis` only pads the rank to three: a kernel of 1 there, where another axis takes
+// more (real axes take kernels of 2 or more, rust/src/problem.rs; kernels of 1 on every axis are
+// dense attention's, whose axes have no window and any length). Its length is then 1, so every
+// index and offset along it is 0 and every window holds the whole axis. Known at compile time, so
+// that code may drop the axis's work.
+__device__ __forceinline__ constexpr bool na_unit_axis(int axis) {
+    return na_kernel(axis) == 1 && NA_SLOTS > 1;
 }
 __device__ __forceinline__ bool na_causal(int axis) {
     return axis == 0 ? NA_C0 != 0 : (axis == 1 ? NA_C1 != 0 : NA_C2 != 0);

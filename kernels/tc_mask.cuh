@@ -64,7 +64,8 @@ __device__ __forceinline__ Word na_run_bits(int lo, int hi, int side, int scale)
 // along the last axis (that run's bits, repeated at every line), whose plane position lies in
 // the run along the middle axis (that run, scaled to whole lines, repeated at every plane) and
 // whose plane lies in the run along the first (scaled to whole planes). Ranges are clamped to the
-// box, whose columns past its end a slab may hold.
+// box, whose columns past its end a slab may hold. A unit axis (na_unit_axis) takes no run: every
+// column lies in it, and a run after unit axes alone spans the slab, so it is not repeated.
 template <int BLOCKS>
 __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSlab& s,
                                                  const NaTcRow rows[2], int t) {
@@ -76,7 +77,7 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
     constexpr Word pairs = Word(0x0303030303030303ull);
     const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
     const int scale[3] = {plane, line, 0};
-    const Word lines = (Word)na_every[line], planes = (Word)na_every[plane];
+    const Word every[3] = {Word(1), (Word)na_every[plane], (Word)na_every[line]};
     Word mine = 0;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -85,16 +86,19 @@ __device__ __forceinline__ unsigned na_slab_mask(const NaTcTile& tl, const NaSla
         if (s.extra) {
             in = row.valid ? na_run_bits<Word>(0, s.count(), s.count(), 0) : Word(0);
         } else if (row.valid) {
-            Word run[3];
+            in = ~Word(0);
 #pragma unroll
             for (int a = 0; a < 3; ++a) {
+                if (na_unit_axis(a)) {
+                    continue;
+                }
                 // The row's range from the slab's origin (a range may reach past the box, such
                 // as the additional tokens' ranges, which span every query).
                 const int lo = row.start[a] - tl.box_first[a] - s.origin[a];
                 const int hi = min(row.end[a] - tl.box_first[a], tl.box_len[a]) - s.origin[a];
-                run[a] = na_run_bits<Word>(lo, hi, 1 << tl.slab_shift[a], scale[a]);
+                const Word run = na_run_bits<Word>(lo, hi, 1 << tl.slab_shift[a], scale[a]);
+                in &= a > 0 && !na_unit_axis(a - 1) ? run * every[a] : run;
             }
-            in = run[2] * lines & run[1] * planes & run[0];
         }
         mine |= (in >> (2 * t) & pairs) << (2 * r);
     }
@@ -118,6 +122,9 @@ __device__ __forceinline__ bool na_slab_within(const NaTcTile& tl, const NaSlab&
     bool within = !s.extra;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
+        if (na_unit_axis(a)) {
+            continue;
+        }
         const int lo = s.origin[a] + tl.box_first[a], hi = lo + (1 << tl.slab_shift[a]);
         within = within && hi <= tl.box_len[a] + tl.box_first[a];
 #pragma unroll

@@ -258,7 +258,9 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaTcTiling& tiling, long 
     }
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
-        const NaAxisTile axis = na_axis_tile((unsigned)at[a], tiling.axis[a]);
+        // A unit axis's one tile: its group 0 of length 1, one row (whose coordinate is 0).
+        const NaAxisTile axis =
+            na_unit_axis(a) ? NaAxisTile{0, 1, 0, 1} : na_axis_tile((unsigned)at[a], tiling.axis[a]);
         tl.group[a] = axis.group;
         tl.len[a] = axis.len;
         tl.first[a] = axis.first;
@@ -277,7 +279,7 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaTcTiling& tiling, long 
 // (fused_launch::indices_fit_32_bits); addresses are formed in 64.
 __device__ __forceinline__ int na_tile_position(const NaFusedParams& f, const NaTcTile& tl, int a,
                                                 long long index) {
-    return (int)index * (int)f.dilation[a] + tl.group[a];
+    return na_unit_axis(a) ? 0 : (int)index * (int)f.dilation[a] + tl.group[a];
 }
 
 // Positions `x` of the group indices `index` of the tile's dilation group, every axis.
@@ -341,6 +343,17 @@ __device__ __forceinline__ NaTcTile na_query_tile(const NaTcTiling& tiling, long
     NaTcTile tl = na_tile_rows(tiling, index, warp, g, rows);
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
+        if (na_unit_axis(a)) {
+            // Every window holds the whole axis: constants, which the slab loops fold away.
+            tl.box_first[a] = 0;
+            tl.box_len[a] = 1;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                rows[r].start[a] = 0;
+                rows[r].end[a] = 1;
+            }
+            continue;
+        }
         tl.box_first[a] = (int)na_tile_window(tl, a, tl.first[a]).start;
         tl.box_len[a] =
             (int)(na_tile_window(tl, a, tl.first[a] + tl.count[a] - 1).end - tl.box_first[a]);
@@ -425,6 +438,9 @@ __device__ __forceinline__ NaSlab na_next_slab(const NaTcTile& tl, const NaSlab&
     NaSlab next = s;
 #pragma unroll
     for (int a = 2; a >= 0; --a) {
+        if (na_unit_axis(a)) {
+            continue;  // one slab long, its origin 0
+        }
         next.origin[a] += 1 << tl.slab_shift[a];
         if (next.origin[a] < tl.box_len[a]) {
             return next;
@@ -438,8 +454,8 @@ __device__ __forceinline__ NaSlab na_next_slab(const NaTcTile& tl, const NaSlab&
 // each axis from the slab's origin (row-major over the slab's sides, powers of two).
 __device__ __forceinline__ void na_slab_position(const NaTcTile& tl, int n, int within[3]) {
     const int line = tl.slab_shift[2], plane = tl.slab_shift[1] + line;
-    within[0] = n >> plane;
-    within[1] = (n >> line) & ((1 << tl.slab_shift[1]) - 1);
+    within[0] = na_unit_axis(0) ? 0 : n >> plane;
+    within[1] = na_unit_axis(1) ? 0 : (n >> line) & ((1 << tl.slab_shift[1]) - 1);
     within[2] = n & ((1 << line) - 1);
 }
 
@@ -452,6 +468,10 @@ __device__ __forceinline__ bool na_column(const NaTcTile& tl, const NaSlab& s, i
     bool inside = true;
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
+        if (na_unit_axis(a)) {
+            c[a] = 0;  // (a box slab's origin is 0 there; an additional token's `c` is unused)
+            continue;
+        }
         const int x = s.origin[a] + within[a];
         inside = inside && x < tl.box_len[a];
         c[a] = x + tl.box_first[a];

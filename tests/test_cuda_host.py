@@ -335,9 +335,12 @@ def _run_kernel_check(tmp_path, name: str, constants: dict) -> str:
     return run.stdout
 
 
-# Kernel sizes for the cut's rule: no slab of 32 or 64 columns fits inside a 7x7 window, and
-# some fit inside a 5x9x13 one.
-@pytest.mark.parametrize(("kernel", "fits"), [((1, 7, 7), False), ((5, 9, 13), True)])
+# Kernel sizes for the cut's rule: no slab of 32 or 64 columns fits inside a 7x7 window (or a
+# window of 7), and some fit inside a 5x9x13 one. Kernels of 1 make unit axes, which the masks
+# and the slab walk skip (planar and linear problems).
+@pytest.mark.parametrize(
+    ("kernel", "fits"), [((1, 7, 7), False), ((1, 1, 7), False), ((5, 9, 13), True)]
+)
 def test_slab_masks_match_their_column_by_column_definition(tmp_path, kernel, fits):
     # The tensor-core kernels cut their boxes into sub-box slabs and build each slab's mask from
     # word operations; tests/kernels/slab_masks.cpp checks the cut (fewest slabs, the preferred

@@ -8,6 +8,7 @@ use super::tma::{self, Slabs};
 use super::tuning::Tuning;
 use crate::dlpack::DType;
 use crate::problem::{FusedProblem, Problem};
+use crate::window::Axis;
 
 /// Headers the sources include, as NVRTC sees them: `(include name, text)`. `common.cuh` is
 /// included by every source, `fused.cuh` by the fused ones, `fused_bwd.cuh` by the backward
@@ -383,6 +384,20 @@ pub fn max_tensor_core_bias_span(dims: (usize, usize)) -> usize {
     }
 }
 
+/// The kernel sizes a variant is compiled for. The kernels drop the work of an axis whose size is
+/// 1 where another axis's is more (common.cuh, `na_unit_axis`), taking it for an axis that only
+/// pads the rank, of length 1: real axes take sizes of 2 or more (problem.rs), and dense attention
+/// (no window) takes 1 on every axis.
+fn kernel_sizes(axes: &[Axis; 3]) -> [usize; 3] {
+    let kernel = axes.map(|a| a.kernel);
+    let dense = kernel == [1; 3];
+    assert!(
+        dense || axes.iter().all(|a| a.kernel > 1 || a.length == 1),
+        "an axis of kernel size 1 beside larger ones has length 1: {axes:?}"
+    );
+    kernel
+}
+
 impl KernelKey {
     /// The variant of unfused-op source `source` that problem `p` needs.
     pub fn for_problem(source: Source, p: &Problem) -> KernelKey {
@@ -391,7 +406,7 @@ impl KernelKey {
         } else {
             (0, 0)
         };
-        let (kernel, causal) = (p.axes.map(|a| a.kernel), p.axes.map(|a| a.causal));
+        let (kernel, causal) = (kernel_sizes(&p.axes), p.axes.map(|a| a.causal));
         KernelKey {
             dense_rows: source.stages_dense_rows() && p.rows_dense,
             biased: source.specialises_bias() && p.rpb,
@@ -428,7 +443,7 @@ impl KernelKey {
         let key = KernelKey {
             source,
             dtype: p.dtype,
-            kernel: p.axes.map(|a| a.kernel),
+            kernel: kernel_sizes(&p.axes),
             causal: p.axes.map(|a| a.causal),
             stride: p.axes.map(|a| a.stride),
             dims: (p.dim, p.dim_v),
@@ -745,6 +760,22 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn kernel_sizes_of_1_beside_larger_ones_belong_to_unit_axes() {
+        let axis = |length, kernel| Axis {
+            length,
+            kernel,
+            ..Axis::UNIT
+        };
+        let planar = [Axis::UNIT, axis(9, 3), axis(8, 2)];
+        assert_eq!(kernel_sizes(&planar), [1, 3, 2]);
+        // Dense attention: no window, kernel 1 on axes of any length.
+        assert_eq!(kernel_sizes(&[Axis::UNIT, axis(5, 1), axis(7, 1)]), [1; 3]);
+        let padded_wrongly = [axis(4, 1), axis(9, 3), axis(8, 2)];
+        let refused = std::panic::catch_unwind(|| kernel_sizes(&padded_wrongly));
+        assert!(refused.is_err());
     }
 
     #[test]
