@@ -34,16 +34,21 @@ __device__ __forceinline__ unsigned na_pair_at(const elem_t* at) {
 #endif
 }
 
-// Sixteen bytes from `src` to `dst` (both 16-byte aligned), asynchronously (cp.async, sm_80):
-// the copy bypasses registers, and the thread goes on at once. It is complete after the
+// Sixteen bytes from `src` to `dst` (both 16-byte aligned; `dst` a shared-window address,
+// na_shared), asynchronously (cp.async, sm_80): the copy bypasses registers, and the thread goes
+// on at once. It is complete after the
 // thread's next na_copies_wait, and visible to the block after the barrier that follows it.
-__device__ __forceinline__ void na_copy16_async(elem_t* dst, const elem_t* src) {
+__device__ __forceinline__ void na_copy16_async_at(NaShared dst, const elem_t* src) {
 #ifdef NA_HOST
-    na_host::copy_async(dst, src);
+    na_host::copy_async(const_cast<elem_t*>(dst), src);
 #else
-    const unsigned address = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(address), "l"(src) : "memory");
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 #endif
+}
+
+// The same to a generic address of shared memory.
+__device__ __forceinline__ void na_copy16_async(elem_t* dst, const elem_t* src) {
+    na_copy16_async_at(na_shared(dst), src);
 }
 
 // Eight bytes from `src` to `dst` (both 8-byte aligned), asynchronously, as na_copy16_async.
@@ -105,29 +110,36 @@ __device__ __forceinline__ void na_zero_chunk(elem_t* chunk) {
 }
 
 // This thread's share (`part` of `PARTS`) of staging a row of N channels from `src` (`step`
-// apart; none when null: zeros) into `dst`, zeros up to `padded` channels, its 8-channel chunks
+// apart; none when null: zeros) into `dst`, zeros up to PADDED channels, its 8-channel chunks
 // CHUNK elements apart (NaStaged, chunks 16-byte aligned): 16 bytes at a time, asynchronously,
 // where the row is dense and aligned (every row, under NA_DENSE_ROWS), else one element at a
 // time. The thread must na_copies_wait before the barrier that publishes the row. N is a
 // multiple of 8.
-template <int N, int PARTS, int CHUNK>
+template <int N, int PADDED, int PARTS, int CHUNK>
 __device__ __forceinline__ void na_stage_row(elem_t* dst, const elem_t* src, long long step,
-                                             int padded, int part) {
+                                             int part) {
 #if NA_DENSE_ROWS
     const bool whole = src != nullptr;
 #else
     const bool whole = src != nullptr && step == 1 &&
                        reinterpret_cast<unsigned long long>(src) % 16 == 0;
 #endif
-    // Rolled: a thread copies a few chunks of a row, and unrolled their addresses take registers
-    // (the d_query kernel of dense rows spilled at head dims 128/96).
-#pragma unroll 1
-    for (int c = 8 * part; c < padded; c += 8 * PARTS) {
+    // Two chunks a thread or fewer (narrow rows) unrolled; more rolled, as their unrolled
+    // addresses take registers (the d_query kernel of dense rows spilled at head dims 128/96).
+    constexpr int chunks = (PADDED / 8 + PARTS - 1) / PARTS;
+    constexpr int unrolled = chunks <= 2 ? chunks : 1;
+    const NaShared at = na_shared(dst);  // converted once for the row's copies
+#pragma unroll(unrolled)
+    for (int k = 0; k < chunks; ++k) {
+        const int c = 8 * (part + k * PARTS);
+        if (c >= PADDED) {
+            break;
+        }
         elem_t* const chunk = dst + c / 8 * CHUNK;
         if (src == nullptr || c >= N) {
             na_zero_chunk(chunk);
         } else if (whole) {
-            na_copy16_async(chunk, src + c);
+            na_copy16_async_at(na_shared_plus(at, c / 8 * CHUNK), src + c);
         } else if (!NA_DENSE_ROWS) {
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
@@ -181,12 +193,12 @@ __device__ __forceinline__ void na_stage_pairs(elem_t* dst, elem_t* dst_v, RowOf
         long long step[2] = {0, 0};
         row_of(n, src, step);
         if (dst != nullptr) {
-            na_stage_row<N, parts, Rows::chunk>(dst + Rows::row(n), src[0], step[0], Rows::padded,
-                                                part);
+            na_stage_row<N, Rows::padded, parts, Rows::chunk>(dst + Rows::row(n), src[0], step[0],
+                                                              part);
         }
         if (dst_v != nullptr) {
-            na_stage_row<N_V, parts, RowsV::chunk>(dst_v + RowsV::row(n), src[1], step[1],
-                                                   RowsV::padded, part);
+            na_stage_row<N_V, RowsV::padded, parts, RowsV::chunk>(dst_v + RowsV::row(n), src[1],
+                                                                  step[1], part);
         }
     }
 }
