@@ -36,8 +36,8 @@ __device__ __forceinline__ unsigned na_pair_at(const elem_t* at) {
 
 // Sixteen bytes from `src` to `dst` (both 16-byte aligned; `dst` a shared-window address,
 // na_shared), asynchronously (cp.async, sm_80): the copy bypasses registers, and the thread goes
-// on at once. It is complete after the
-// thread's next na_copies_wait, and visible to the block after the barrier that follows it.
+// on at once. It is complete after the thread's next na_copies_wait, and visible to the block
+// after the barrier that follows it.
 __device__ __forceinline__ void na_copy16_async_at(NaShared dst, const elem_t* src) {
 #ifdef NA_HOST
     na_host::copy_async(const_cast<elem_t*>(dst), src);

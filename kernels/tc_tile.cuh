@@ -259,8 +259,8 @@ __device__ __forceinline__ NaTcTile na_tile_rows(const NaTcTiling& tiling, long 
 #pragma unroll
     for (int a = 0; a < 3; ++a) {
         // A unit axis's one tile: its group 0 of length 1, one row (whose coordinate is 0).
-        const NaAxisTile axis =
-            na_unit_axis(a) ? NaAxisTile{0, 1, 0, 1} : na_axis_tile((unsigned)at[a], tiling.axis[a]);
+        const NaAxisTile axis = na_unit_axis(a) ? NaAxisTile{0, 1, 0, 1}
+                                                : na_axis_tile((unsigned)at[a], tiling.axis[a]);
         tl.group[a] = axis.group;
         tl.len[a] = axis.len;
         tl.first[a] = axis.first;
